@@ -1,0 +1,30 @@
+# megadiff developer targets. `make setup` once, then `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# megatron-core 0.16.1 is the newest release for Python 3.11 (0.17+ need 3.12).
+MCORE_PIN := $(shell $(PYTHON) -c 'import sys; print("megatron-core==0.16.1" if sys.version_info < (3, 12) else "megatron-core")')
+
+.PHONY: setup test test-fast lint demo demo-clean clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q "$(MCORE_PIN)" -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Everything; GPU tests run where CUDA exists and skip cleanly elsewhere.
+test: setup
+	$(PY) -m pytest tests -q
+
+test-fast: setup
+	$(PY) -m pytest tests -q -m "not slow and not dist"
+
+lint: setup
+	$(PY) -m ruff check megadiff checkpoint_converters tools tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

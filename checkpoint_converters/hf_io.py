@@ -1,0 +1,141 @@
+"""Streaming access to Hugging Face safetensors checkpoints (single file or sharded + index).
+
+Tensors are read one at a time with `safe_open`, so memory stays bounded by the largest tensor
+whatever the model size. Every error names the file and, where it applies, the tensor.
+"""
+
+import json
+import os
+from typing import Dict, Iterator, List, Tuple
+
+import torch
+from safetensors import safe_open
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file is missing, inconsistent or corrupt."""
+
+
+def read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def read_hf_config(hf_dir: str) -> dict:
+    if not os.path.isdir(hf_dir):
+        raise CheckpointError(f"{hf_dir}: model directory not found")
+    return read_json(os.path.join(hf_dir, "config.json"))
+
+
+class HFCheckpointReader:
+    """Tensor names, shapes, dtypes and values of an HF checkpoint, read lazily."""
+
+    def __init__(self, hf_dir: str):
+        if not os.path.isdir(hf_dir):
+            raise CheckpointError(f"{hf_dir}: model directory not found")
+        self.hf_dir = hf_dir
+        self._file_of: Dict[str, str] = {}
+        self._handles: Dict[str, object] = {}
+        index_path = os.path.join(hf_dir, INDEX_NAME)
+        single_path = os.path.join(hf_dir, SINGLE_NAME)
+        if os.path.isfile(index_path):
+            weight_map = read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index_path}: no 'weight_map' entries")
+            for shard in sorted(set(weight_map.values())):
+                if not os.path.isfile(os.path.join(hf_dir, shard)):
+                    raise CheckpointError(f"{index_path}: shard '{shard}' is listed but missing")
+            self._file_of = dict(weight_map)
+        elif os.path.isfile(single_path):
+            for name in self._open(SINGLE_NAME).keys():
+                self._file_of[name] = SINGLE_NAME
+        else:
+            raise CheckpointError(f"{hf_dir}: neither {INDEX_NAME} nor {SINGLE_NAME} found")
+        for shard in sorted(set(self._file_of.values())):
+            present = set(self._open(shard).keys())
+            listed = {n for n, f in self._file_of.items() if f == shard}
+            missing = sorted(listed - present)
+            if missing:
+                raise CheckpointError(
+                    f"{os.path.join(hf_dir, shard)}: tensor '{missing[0]}' is listed in the index "
+                    f"but not stored in this shard ({len(missing)} missing)"
+                )
+
+    def _open(self, shard: str):
+        if shard not in self._handles:
+            path = os.path.join(self.hf_dir, shard)
+            try:
+                self._handles[shard] = safe_open(path, framework="pt")
+            except Exception as e:  # safetensors raises several types for corrupt files
+                raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        return self._handles[shard]
+
+    def names(self) -> List[str]:
+        return sorted(self._file_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def file_of(self, name: str) -> str:
+        return self._file_of[name]
+
+    def _slice(self, name: str):
+        if name not in self._file_of:
+            raise CheckpointError(f"{self.hf_dir}: tensor '{name}' not found in the checkpoint")
+        return self._open(self._file_of[name]).get_slice(name)
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def dtype_str(self, name: str) -> str:
+        return self._slice(name).get_dtype()
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._file_of:
+            raise CheckpointError(f"{self.hf_dir}: tensor '{name}' not found in the checkpoint")
+        path = os.path.join(self.hf_dir, self._file_of[name])
+        try:
+            return self._open(self._file_of[name]).get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{path}: tensor '{name}' could not be read ({e})") from None
+
+    def items(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        for name in self.names():
+            yield name, self.get(name)
+
+
+SAFETENSORS_DTYPES = {
+    "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+    "F64": torch.float64, "I64": torch.int64, "I32": torch.int32,
+}
+
+
+def check_tensors_match(reader: HFCheckpointReader, expected: Dict[str, Tuple[int, ...]]) -> None:
+    """Raise naming the first missing, unexpected or wrongly shaped tensor."""
+    names = set(reader.names())
+    missing = sorted(set(expected) - names)
+    if missing:
+        raise CheckpointError(
+            f"{reader.hf_dir}: tensor '{missing[0]}' is missing ({len(missing)} missing in all)"
+        )
+    extra = sorted(names - set(expected))
+    if extra:
+        raise CheckpointError(
+            f"{reader.file_of(extra[0])}: unexpected tensor '{extra[0]}' "
+            f"({len(extra)} unexpected in all); is config.json for this checkpoint?"
+        )
+    for name, shape in sorted(expected.items()):
+        got = reader.shape(name)
+        if tuple(got) != tuple(shape):
+            raise CheckpointError(
+                f"{reader.file_of(name)}: tensor '{name}' has shape {list(got)}, "
+                f"config.json implies {list(shape)}"
+            )

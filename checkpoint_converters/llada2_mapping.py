@@ -1,0 +1,240 @@
+"""LLaDA2 parameter table: HF (split-expert) tensor names <-> megatron-core parameter names.
+
+Read the table top to bottom: each row names a megatron-core parameter (global layer / expert
+index), the HF tensors it is made of, how to transform between the two, and how the full tensor
+is split over tensor parallel ranks. Everything else in this module applies the table:
+
+- `full_mcore_from_hf` / `hf_from_full_mcore`: one row's transform, on whole tensors.
+- `shard` / `unshard`: one row's TP (or expert-TP) split.
+- `global_name` / `local_params`: megatron-core's per-rank names (local layer index within a
+  pipeline chunk, local expert index within an EP rank) -> the global names the table uses.
+- `load_hf_into_model` and `gather_hf_state`: whole-model loading and gathering at any layout.
+"""
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+# How a full megatron-core tensor is divided over its tensor-parallel group.
+REPLICATED, ROWS, COLS, GATED_ROWS = "replicated", "rows", "cols", "gated_rows"
+
+
+@dataclass(frozen=True)
+class Rule:
+    mcore: str                  # global megatron-core name, {layer} / {expert} placeholders
+    hf: Tuple[str, ...]         # HF tensor names it is built from
+    split: str = REPLICATED     # TP split of the megatron-core tensor
+    transform: str = "copy"     # "copy" | "qkv" (regroup per KV group) | "concat" (gate;up)
+    expert: bool = False        # expert weight: split over expert-TP, placed by EP
+    te_mcore: Optional[str] = None  # the name under the Transformer Engine spec, if different
+
+
+L = "decoder.layers.{layer}."
+H = "model.layers.{layer}."
+TABLE: Tuple[Rule, ...] = (
+    Rule("embedding.word_embeddings.weight", ("model.word_embeddings.weight",), ROWS),
+    Rule(L + "input_layernorm.weight", (H + "input_layernorm.weight",),
+         te_mcore=L + "self_attention.linear_qkv.layer_norm_weight"),
+    Rule(L + "self_attention.linear_qkv.weight", (H + "attention.query_key_value.weight",), ROWS, "qkv"),
+    Rule(L + "self_attention.q_layernorm.weight", (H + "attention.query_layernorm.weight",)),
+    Rule(L + "self_attention.k_layernorm.weight", (H + "attention.key_layernorm.weight",)),
+    Rule(L + "self_attention.linear_proj.weight", (H + "attention.dense.weight",), COLS),
+    # Dense layers (first_k_dense_replace): pre-MLP norm fused into fc1 under TE.
+    Rule(L + "pre_mlp_layernorm.weight", (H + "post_attention_layernorm.weight",),
+         te_mcore=L + "mlp.linear_fc1.layer_norm_weight"),
+    Rule(L + "mlp.linear_fc1.weight", (H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"),
+         GATED_ROWS, "concat"),
+    Rule(L + "mlp.linear_fc2.weight", (H + "mlp.down_proj.weight",), COLS),
+    # MoE layers
+    Rule(L + "mlp.router.weight", (H + "mlp.gate.weight",)),
+    Rule(L + "mlp.router.expert_bias", (H + "mlp.gate.expert_bias",)),
+    Rule(L + "mlp.experts.local_experts.{expert}.linear_fc1.weight",
+         (H + "mlp.experts.{expert}.gate_proj.weight", H + "mlp.experts.{expert}.up_proj.weight"),
+         GATED_ROWS, "concat", expert=True, te_mcore=L + "mlp.experts.linear_fc1.weight{expert}"),
+    Rule(L + "mlp.experts.local_experts.{expert}.linear_fc2.weight",
+         (H + "mlp.experts.{expert}.down_proj.weight",), COLS, expert=True,
+         te_mcore=L + "mlp.experts.linear_fc2.weight{expert}"),
+    Rule(L + "mlp.shared_experts.linear_fc1.weight",
+         (H + "mlp.shared_experts.gate_proj.weight", H + "mlp.shared_experts.up_proj.weight"),
+         GATED_ROWS, "concat"),
+    Rule(L + "mlp.shared_experts.linear_fc2.weight", (H + "mlp.shared_experts.down_proj.weight",), COLS),
+    Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
+    Rule("output_layer.weight", ("lm_head.weight",), ROWS),
+)
+
+
+def _pattern(name: str) -> "re.Pattern":
+    escaped = re.escape(name).replace(r"\{layer\}", r"(?P<layer>\d+)")
+    return re.compile("^" + escaped.replace(r"\{expert\}", r"(?P<expert>\d+)") + "$")
+
+
+_MCORE_PATTERNS = [(_pattern(r.mcore), r) for r in TABLE] + [
+    (_pattern(r.te_mcore), r) for r in TABLE if r.te_mcore
+]
+
+
+def rule_for(mcore_name: str) -> Tuple[Rule, Dict[str, int]]:
+    """The table row for a global megatron-core name, with its layer / expert indices."""
+    for pattern, rule in _MCORE_PATTERNS:
+        m = pattern.match(mcore_name)
+        if m:
+            return rule, {k: int(v) for k, v in m.groupdict().items()}
+    raise KeyError(f"no LLaDA2 mapping for megatron-core parameter '{mcore_name}'")
+
+
+def hf_names(rule: Rule, index: Dict[str, int]) -> List[str]:
+    return [n.format(**index) for n in rule.hf]
+
+
+# ---- transforms on whole tensors -------------------------------------------------------------
+
+def _qkv_hf_to_mcore(w, nq, nkv, d):
+    """HF rows [all q | all k | all v] -> megatron-core rows per KV group [q heads, k, v]."""
+    q, k, v = w.split([nq * d, nkv * d, nkv * d])
+    groups = [q.view(nkv, nq // nkv * d, -1), k.view(nkv, d, -1), v.view(nkv, d, -1)]
+    return torch.cat(groups, dim=1).reshape(-1, w.shape[-1])
+
+
+def _qkv_mcore_to_hf(w, nq, nkv, d):
+    q, k, v = w.view(nkv, (nq // nkv + 2) * d, -1).split([nq // nkv * d, d, d], dim=1)
+    return torch.cat([t.reshape(-1, w.shape[-1]) for t in (q, k, v)])
+
+
+def full_mcore_from_hf(rule: Rule, tensors: List[torch.Tensor], cfg) -> torch.Tensor:
+    if rule.transform == "qkv":
+        return _qkv_hf_to_mcore(tensors[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+    if rule.transform == "concat":
+        return torch.cat(tensors, dim=0)
+    return tensors[0]
+
+
+def hf_from_full_mcore(rule: Rule, full: torch.Tensor, cfg) -> List[torch.Tensor]:
+    if rule.transform == "qkv":
+        return [_qkv_mcore_to_hf(full, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)]
+    if rule.transform == "concat":
+        return list(full.chunk(2, dim=0))
+    return [full]
+
+
+# ---- tensor-parallel split -------------------------------------------------------------------
+
+def shard(rule: Rule, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """This rank's piece of a full megatron-core tensor (gated fc1 keeps [gate_r; up_r])."""
+    if size == 1 or rule.split == REPLICATED:
+        return full
+    if rule.split == ROWS:
+        return full.chunk(size, dim=0)[rank]
+    if rule.split == COLS:
+        return full.chunk(size, dim=1)[rank]
+    gate, up = full.chunk(2, dim=0)
+    return torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]])
+
+
+def unshard(rule: Rule, shards: List[torch.Tensor]) -> torch.Tensor:
+    if len(shards) == 1 or rule.split == REPLICATED:
+        return shards[0]
+    if rule.split == ROWS:
+        return torch.cat(shards, dim=0)
+    if rule.split == COLS:
+        return torch.cat(shards, dim=1)
+    halves = [s.chunk(2, dim=0) for s in shards]
+    return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
+
+
+# ---- per-rank names ----------------------------------------------------------------------------
+
+_LOCAL_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_LOCAL_EXPERT = re.compile(r"(local_experts\.|linear_fc[12]\.weight)(\d+)")
+
+
+def global_name(chunk, local_name: str, ep_rank: int, experts_per_rank: int) -> str:
+    """Rename a chunk's parameter from local layer / expert indices to global ones."""
+    m = _LOCAL_LAYER.match(local_name)
+    if not m:
+        return local_name
+    layer = chunk.decoder.layers[int(m.group(1))].layer_number - 1  # layer_number is 1-based
+    name = f"decoder.layers.{layer}." + local_name[m.end():]
+    if ".mlp.experts." in name:
+        name = _LOCAL_EXPERT.sub(
+            lambda e: f"{e.group(1)}{ep_rank * experts_per_rank + int(e.group(2))}", name
+        )
+    return name
+
+
+def local_params(chunks, ep_rank: int, experts_per_rank: int) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(global name, tensor) of every mapped parameter and the expert-bias buffers on this rank."""
+    for chunk in chunks:
+        module = getattr(chunk, "module", chunk)  # unwrap DDP / Float16Module
+        while hasattr(module, "module") and not hasattr(module, "decoder"):
+            module = module.module
+        items = list(module.named_parameters()) + [
+            (n, b) for n, b in module.named_buffers() if n.endswith("router.expert_bias")
+        ]
+        for name, tensor in items:
+            yield global_name(module, name, ep_rank, experts_per_rank), tensor
+
+
+def _ranks():
+    from megatron.core import parallel_state as ps
+
+    return dict(
+        tp=(ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()),
+        etp=(ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()),
+        ep=(ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size()),
+    )
+
+
+def load_hf_into_model(chunks, get_hf: Callable[[str], torch.Tensor], cfg) -> int:
+    """Copy HF tensors (fetched one at a time by name) into this rank's parameters.
+    Returns the number of parameters loaded; every parameter must be covered by the table."""
+    r = _ranks()
+    experts_per_rank = cfg.num_experts // r["ep"][1]
+    count = 0
+    with torch.no_grad():
+        for name, param in local_params(chunks, r["ep"][0], experts_per_rank):
+            rule, index = rule_for(name)
+            full = full_mcore_from_hf(rule, [get_hf(n) for n in hf_names(rule, index)], cfg)
+            rank, size = r["etp"] if rule.expert else r["tp"]
+            piece = shard(rule, full, rank, size)
+            if piece.shape != param.shape:
+                raise ValueError(
+                    f"{name}: HF tensors {hf_names(rule, index)} give shape {list(piece.shape)} on "
+                    f"this rank, the model expects {list(param.shape)}"
+                )
+            param.copy_(piece.to(param.dtype))
+            count += 1
+    return count
+
+
+def gather_hf_state(chunks, cfg, value: Callable[[torch.Tensor], torch.Tensor] = lambda p: p.detach()):
+    """Full HF-named tensors of the whole model, on every rank, from all TP/ETP/EP/PP shards.
+
+    `value(param)` picks what to gather (the weight by default; e.g. `lambda p: p.main_grad`).
+    Meant for tests and small models: it moves every tensor through all_gather_object."""
+    from megatron.core import parallel_state as ps
+
+    r = _ranks()
+    experts_per_rank = cfg.num_experts // r["ep"][1]
+    mine: Dict[str, torch.Tensor] = {}
+    for name, param in local_params(chunks, r["ep"][0], experts_per_rank):
+        rule, index = rule_for(name)
+        group = ps.get_expert_tensor_parallel_group() if rule.expert else ps.get_tensor_model_parallel_group()
+        rank, size = r["etp"] if rule.expert else r["tp"]
+        local = value(param).detach().float().contiguous()
+        if size > 1 and rule.split != REPLICATED:
+            pieces = [torch.empty_like(local) for _ in range(size)]
+            torch.distributed.all_gather(pieces, local, group=group)
+            full = unshard(rule, pieces)
+        else:
+            full = local
+        if rank == 0:
+            for hf_name, tensor in zip(hf_names(rule, index), hf_from_full_mcore(rule, full, cfg)):
+                mine[hf_name] = tensor.clone()
+    everyone: List[Dict[str, torch.Tensor]] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, mine)
+    merged: Dict[str, torch.Tensor] = {}
+    for part in everyone:
+        merged.update(part)
+    return merged

@@ -1,0 +1,144 @@
+"""Build, load and save the plain-PyTorch reference model (HF names) used as megadiff's oracle."""
+
+import json
+import os
+import shutil
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from checkpoint_converters.hf_io import HFCheckpointReader, check_tensors_match, read_hf_config
+
+from .configuration_llada2_moe import LLaDA2MoeConfig
+from .modeling_llada2_moe import LLaDA2MoeModelLM
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REMOTE_CODE_FILES = ("configuration_llada2_moe.py", "modeling_llada2_moe.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig",
+    "AutoModel": "modeling_llada2_moe.LLaDA2MoeModelLM",
+    "AutoModelForCausalLM": "modeling_llada2_moe.LLaDA2MoeModelLM",
+}
+
+
+def register_with_transformers() -> None:
+    """Let AutoConfig / AutoModel / AutoModelForCausalLM load llada2_moe dirs without remote code."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    try:
+        AutoConfig.register("llada2_moe", LLaDA2MoeConfig)
+        AutoModel.register(LLaDA2MoeConfig, LLaDA2MoeModelLM)
+        AutoModelForCausalLM.register(LLaDA2MoeConfig, LLaDA2MoeModelLM)
+    except ValueError:  # already registered in this process
+        pass
+
+
+def expected_hf_shapes(cfg: Dict) -> Dict[str, Tuple[int, ...]]:
+    """Every tensor name of a split-expert LLaDA2 checkpoint with its shape, from config fields."""
+    h, d = cfg["hidden_size"], cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    nq, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    fm, e = cfg["moe_intermediate_size"], cfg["num_experts"]
+    shapes = {
+        "model.word_embeddings.weight": (cfg["vocab_size"], h),
+        "model.norm.weight": (h,),
+        "lm_head.weight": (cfg["vocab_size"], h),
+    }
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,),
+            p + "attention.query_key_value.weight": ((nq + 2 * nkv) * d, h),
+            p + "attention.query_layernorm.weight": (d,),
+            p + "attention.key_layernorm.weight": (d,),
+            p + "attention.dense.weight": (h, nq * d),
+            p + "post_attention_layernorm.weight": (h,),
+        })
+        if i < cfg.get("first_k_dense_replace", 0):
+            f = cfg["intermediate_size"]
+            shapes.update({p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+                           p + "mlp.down_proj.weight": (h, f)})
+            continue
+        shapes.update({p + "mlp.gate.weight": (e, h), p + "mlp.gate.expert_bias": (e,)})
+        for j in range(e):
+            q = f"{p}mlp.experts.{j}."
+            shapes.update({q + "gate_proj.weight": (fm, h), q + "up_proj.weight": (fm, h),
+                           q + "down_proj.weight": (h, fm)})
+        fs = fm * cfg.get("num_shared_experts", 0)
+        if fs:
+            q = p + "mlp.shared_experts."
+            shapes.update({q + "gate_proj.weight": (fs, h), q + "up_proj.weight": (fs, h),
+                           q + "down_proj.weight": (h, fs)})
+    return shapes
+
+
+def build_reference_model(cfg: Dict, seed: Optional[int] = None, dtype=torch.float32) -> LLaDA2MoeModelLM:
+    """A reference model from config fields. With `seed`, every weight is random and non-trivial:
+    norms away from 1 and non-zero expert biases, so a test that ignores them fails."""
+    config = LLaDA2MoeConfig(**{k: v for k, v in cfg.items() if k != "model_type"})
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = LLaDA2MoeModelLM(config).to(dtype).eval()
+    if seed is not None:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "layernorm" in name or name.endswith("norm.weight"):
+                    p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.5 / p.shape[-1] ** 0.5)
+            for _, block in model.moe_blocks():
+                block.gate.expert_bias.copy_(0.05 * torch.randn(block.gate.expert_bias.shape, generator=g))
+    return model
+
+
+def load_reference_model(hf_dir: str, dtype=torch.float32) -> LLaDA2MoeModelLM:
+    """Load config.json + safetensors strictly: a missing, extra or misshapen tensor is an error."""
+    from megadiff.models.llada2.config import LLaDA2ModelConfig
+
+    cfg = read_hf_config(hf_dir)
+    LLaDA2ModelConfig.from_hf_dict(cfg, source=os.path.join(hf_dir, "config.json"))
+    reader = HFCheckpointReader(hf_dir)
+    check_tensors_match(reader, expected_hf_shapes(cfg))
+    with torch.device("meta"):
+        model = build_reference_model(cfg)
+    model = model.to_empty(device="cpu")
+    state = {name: reader.get(name).to(dtype) for name in reader.names()}
+    for name, buf in model.named_buffers():
+        if name.endswith("inv_freq"):
+            state[name] = buf  # recomputed below
+    model.load_state_dict(state, strict=False)
+    for module in model.modules():
+        if hasattr(module, "inv_freq"):
+            module.inv_freq.copy_(type(module)(model.config).inv_freq)
+    for _, block in model.moe_blocks():  # the router bias always stays fp32
+        block.gate.expert_bias.data = block.gate.expert_bias.data.float()
+    return model.to(dtype).eval() if dtype != torch.float32 else model.eval()
+
+
+def write_hf_config(cfg: Dict, out_dir: str) -> None:
+    """config.json with the remote-code `auto_map`, as real LLaDA2 downloads have it."""
+    cfg = dict(cfg, auto_map=AUTO_MAP)
+    cfg.setdefault("architectures", ["LLaDA2MoeModelLM"])
+    cfg["model_type"] = "llada2_moe"
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+
+
+def copy_remote_code(out_dir: str, source_dir: Optional[str] = None) -> None:
+    """Copy configuration/modeling files next to the weights (from source_dir if it has them)."""
+    for name in REMOTE_CODE_FILES:
+        src = os.path.join(source_dir, name) if source_dir else None
+        if not src or not os.path.isfile(src):
+            src = os.path.join(HERE, name)
+        shutil.copyfile(src, os.path.join(out_dir, name))
+
+
+def save_reference_model(model: LLaDA2MoeModelLM, out_dir: str, max_shard_size: str = "5GB") -> None:
+    """save_pretrained (safetensors, sharded when large) + config.json with auto_map + remote code."""
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
+    cfg = model.config.to_dict()
+    for key in ("transformers_version", "_name_or_path", "auto_map"):
+        cfg.pop(key, None)
+    write_hf_config(cfg, out_dir)
+    copy_remote_code(out_dir)

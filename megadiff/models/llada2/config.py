@@ -1,0 +1,282 @@
+"""HF config.json (LLaDA2 / BailingMoeV2) -> validated model config -> megatron-core TransformerConfig.
+
+Every check names the config field and says what to do, and runs before anything is built.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+ACCEPTED_MODEL_TYPES = ("llada2_moe", "bailing_moe_v2", "bailing_moe")
+REQUIRED_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "num_experts", "num_experts_per_tok",
+)
+
+
+class ConfigError(ValueError):
+    """A model config field, or a parallel layout, that megadiff cannot run."""
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Tensor / expert / expert-tensor / pipeline / virtual-pipeline sizes.
+
+    `etp` defaults to `tp` without expert parallelism and to 1 with it. megatron-core treats
+    experts as dense parameters when ep == 1, so their gradients are only reduced correctly
+    when they are split like the dense layers (etp == tp); other combinations are refused."""
+
+    tp: int = 1
+    ep: int = 1
+    etp: Optional[int] = None
+    pp: int = 1
+    vpp: Optional[int] = None  # virtual pipeline chunks per PP rank; None = no interleaving
+
+    def __post_init__(self):
+        if self.etp is None:
+            object.__setattr__(self, "etp", self.tp if self.ep == 1 else 1)
+        for name in ("tp", "ep", "etp", "pp"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.ep == 1 and self.etp != self.tp:
+            raise ConfigError(
+                f"--etp {self.etp} with --ep 1 and --tp {self.tp}: without expert parallelism "
+                f"megatron-core reduces expert gradients like dense ones, so --etp must equal --tp"
+            )
+        if self.vpp is not None and self.vpp < 2:
+            raise ConfigError(f"--vpp must be >= 2 (chunks per pipeline rank) or unset, got {self.vpp}")
+
+    def __str__(self):
+        vpp = f",vpp={self.vpp}" if self.vpp else ""
+        return f"tp={self.tp},ep={self.ep},etp={self.etp},pp={self.pp}{vpp}"
+
+
+@dataclass(frozen=True)
+class LLaDA2ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    num_experts: int
+    num_experts_per_tok: int
+    num_shared_experts: int = 1
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    first_k_dense_replace: int = 0
+    score_function: str = "sigmoid"
+    moe_router_enable_expert_bias: bool = True
+    norm_topk_prob: bool = True
+    use_qk_norm: bool = True
+    partial_rotary_factor: float = 1.0
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    pad_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+    source: str = "config.json"
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def moe_layer_pattern(self) -> List[int]:
+        """0 = dense layer, 1 = MoE layer (megatron-core's moe_layer_freq list)."""
+        k = self.first_k_dense_replace
+        return [0] * k + [1] * (self.num_hidden_layers - k)
+
+    @classmethod
+    def from_hf_dict(cls, cfg: Dict, source: str = "config.json") -> "LLaDA2ModelConfig":
+        def fail(field, why):
+            raise ConfigError(f"{source}: {field}: {why}")
+
+        model_type = cfg.get("model_type")
+        if model_type not in ACCEPTED_MODEL_TYPES:
+            fail("model_type", f"'{model_type}' is not a LLaDA2 model; expected one of {ACCEPTED_MODEL_TYPES}")
+        for field in REQUIRED_FIELDS:
+            if cfg.get(field) is None:
+                fail(field, "required field is missing")
+        eos = cfg.get("eos_token_id")
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        values = dict(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            moe_intermediate_size=cfg["moe_intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=cfg["num_attention_heads"],
+            num_key_value_heads=cfg["num_key_value_heads"],
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+            num_experts=cfg["num_experts"],
+            num_experts_per_tok=cfg["num_experts_per_tok"],
+            num_shared_experts=cfg.get("num_shared_experts") or 0,
+            n_group=cfg.get("n_group") or 1,
+            topk_group=cfg.get("topk_group") or 1,
+            routed_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0),
+            first_k_dense_replace=cfg.get("first_k_dense_replace") or 0,
+            score_function=cfg.get("score_function", "sigmoid"),
+            moe_router_enable_expert_bias=bool(cfg.get("moe_router_enable_expert_bias", True)),
+            norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+            use_qk_norm=bool(cfg.get("use_qk_norm", True)),
+            partial_rotary_factor=float(cfg.get("partial_rotary_factor", 1.0)),
+            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=cfg.get("max_position_embeddings") or 4096,
+            pad_token_id=cfg.get("pad_token_id"),
+            eos_token_id=eos,
+            source=source,
+        )
+        config = cls(**values)
+        config.validate()
+        for field in ("use_bias", "use_qkv_bias", "tie_word_embeddings"):
+            if cfg.get(field):
+                fail(field, "must be false for LLaDA2 (no biases, untied lm_head)")
+        if cfg.get("rope_scaling"):
+            fail("rope_scaling", "RoPE scaling is not supported; set it to null")
+        return config
+
+    def validate(self) -> None:
+        def fail(field, why):
+            raise ConfigError(f"{self.source}: {field}: {why}")
+
+        for f in REQUIRED_FIELDS:
+            if not isinstance(getattr(self, f), int) or getattr(self, f) <= 0:
+                fail(f, f"must be a positive integer, got {getattr(self, f)!r}")
+        if self.score_function != "sigmoid":
+            fail("score_function", f"unknown score function '{self.score_function}'; LLaDA2 uses 'sigmoid'")
+        if self.num_attention_heads % self.num_key_value_heads:
+            fail("num_key_value_heads", f"{self.num_key_value_heads} does not divide "
+                 f"num_attention_heads={self.num_attention_heads}")
+        if self.num_experts % self.n_group:
+            fail("n_group", f"{self.n_group} does not divide num_experts={self.num_experts}")
+        if not 1 <= self.topk_group <= self.n_group:
+            fail("topk_group", f"{self.topk_group} must be in 1..n_group={self.n_group}")
+        if self.num_experts_per_tok > self.num_experts:
+            fail("num_experts_per_tok", f"{self.num_experts_per_tok} > num_experts={self.num_experts}")
+        if self.n_group > 1 and self.num_experts_per_tok != 2 * self.topk_group:
+            fail("num_experts_per_tok", "LLaDA2 scores a group by its top-2 experts and megatron-core by "
+                 "its top num_experts_per_tok/topk_group, so num_experts_per_tok must be 2*topk_group "
+                 f"(got {self.num_experts_per_tok} and topk_group={self.topk_group})")
+        if not self.norm_topk_prob:
+            fail("norm_topk_prob", "megatron-core always normalises sigmoid top-k weights; must be true")
+        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+            fail("first_k_dense_replace", f"{self.first_k_dense_replace} outside 0..num_hidden_layers")
+        if self.rotary_dim % 2 or not 0 < self.partial_rotary_factor <= 1:
+            fail("partial_rotary_factor", f"{self.partial_rotary_factor} gives an odd/empty rotary dim")
+
+    def validate_layout(self, layout: ParallelLayout) -> None:
+        """Raise naming the field a layout does not divide (before any process group is built)."""
+        def fail(msg):
+            raise ConfigError(f"{self.source}: {msg}")
+
+        def options(n, limit=None):
+            return ", ".join(str(d) for d in range(1, (limit or n) + 1) if n % d == 0)
+
+        if self.num_key_value_heads % layout.tp:
+            fail(f"num_key_value_heads={self.num_key_value_heads} is not divisible by --tp {layout.tp}; "
+                 f"use --tp {options(self.num_key_value_heads)}")
+        if self.num_attention_heads % layout.tp:
+            fail(f"num_attention_heads={self.num_attention_heads} is not divisible by --tp {layout.tp}")
+        if self.vocab_size % layout.tp:
+            fail(f"vocab_size={self.vocab_size} is not divisible by --tp {layout.tp}")
+        if self.num_experts % layout.ep:
+            fail(f"num_experts={self.num_experts} is not divisible by --ep {layout.ep}; "
+                 f"use --ep {options(self.num_experts, 64)}")
+        if self.moe_intermediate_size % layout.etp:
+            fail(f"moe_intermediate_size={self.moe_intermediate_size} is not divisible by --etp {layout.etp}")
+        stages = layout.pp * (layout.vpp or 1)
+        if self.num_hidden_layers % stages:
+            fail(f"num_hidden_layers={self.num_hidden_layers} is not divisible by pp*vpp={stages}")
+        if layout.vpp and layout.pp < 2:
+            fail("virtual pipeline parallelism (--vpp) needs --pp >= 2")
+
+    def to_hf_dict(self) -> Dict:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+
+def to_transformer_config(
+    model: LLaDA2ModelConfig,
+    layout: ParallelLayout,
+    params_dtype: torch.dtype = torch.float32,
+    use_te: bool = False,
+    on_cpu: bool = True,
+    **overrides,
+):
+    """megatron-core TransformerConfig for LLaDA2 at `layout` (DESIGN §2)."""
+    from megatron.core.transformer import TransformerConfig
+
+    model.validate_layout(layout)
+    bf16 = params_dtype == torch.bfloat16
+    kwargs = dict(
+        num_layers=model.num_hidden_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.intermediate_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_key_value_heads,
+        kv_channels=model.head_dim,
+        qk_layernorm=model.use_qk_norm,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # RoPE from explicit position ids: megatron-core's multimodal RoPE with all rotary
+        # frequencies in the first section is plain RoPE driven by position_ids (see model.py).
+        mrope_section=[model.rotary_dim // 2, 0, 0],
+        rotary_interleaved=False,
+        apply_rope_fusion=False,
+        # MoE
+        num_moe_experts=model.num_experts,
+        moe_layer_freq=model.moe_layer_pattern,
+        moe_ffn_hidden_size=model.moe_intermediate_size,
+        moe_shared_expert_intermediate_size=(
+            model.moe_intermediate_size * model.num_shared_experts or None
+        ),
+        moe_router_topk=model.num_experts_per_tok,
+        moe_router_score_function=model.score_function,
+        moe_router_enable_expert_bias=model.moe_router_enable_expert_bias,
+        moe_router_bias_update_rate=0.0,  # LLaDA2 fine-tuning keeps the expert bias fixed
+        moe_router_num_groups=model.n_group if model.n_group > 1 else None,
+        moe_router_group_topk=model.topk_group if model.n_group > 1 else None,
+        moe_router_topk_scaling_factor=model.routed_scaling_factor,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=use_te,
+        # parallelism
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
+        sequence_parallel=layout.tp > 1,
+        # numerics
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=bf16,
+        autocast_dtype=params_dtype if bf16 else None,
+        init_method_std=0.02,
+        use_cpu_initialization=on_cpu,
+        # fused kernels exist only on GPU
+        bias_activation_fusion=not on_cpu,
+        masked_softmax_fusion=not on_cpu,
+        bias_dropout_fusion=not on_cpu,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)

@@ -1,0 +1,78 @@
+"""Build LLaDA2 as megatron-core GPTModel chunks for the current rank, and run it.
+
+RoPE follows explicit position ids: GPTModel's multimodal-RoPE path computes rotary frequencies
+from `position_ids` ([3, b, s]); with every frequency in the first section (see
+`to_transformer_config`) it is exactly LLaDA2's partial rotate-half RoPE at arbitrary positions.
+That lets block-diffusion inputs [x_t ; x_0] use positions 0..L-1 in both halves.
+"""
+
+from typing import List, Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+
+from .config import LLaDA2ModelConfig, ParallelLayout, to_transformer_config
+from .spec import llada2_block_spec, transformer_engine_usable
+
+
+def build_model(
+    model_cfg: LLaDA2ModelConfig,
+    layout: ParallelLayout,
+    params_dtype: torch.dtype = torch.float32,
+    use_te: Optional[bool] = None,
+    **config_overrides,
+) -> List[GPTModel]:
+    """One GPTModel per virtual-pipeline chunk held by this rank (a list of one without VPP).
+
+    Process groups must already be initialised for `layout` (platform.initialize_parallel)."""
+    if use_te is None:
+        use_te = transformer_engine_usable()
+    on_cpu = not torch.cuda.is_available()
+    config = to_transformer_config(
+        model_cfg, layout, params_dtype, use_te=use_te, on_cpu=on_cpu, **config_overrides
+    )
+    chunks = []
+    for vp in range(layout.vpp or 1):
+        vp_stage = vp if layout.vpp else None
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=llada2_block_spec(config, use_te, vp_stage=vp_stage),
+            vocab_size=model_cfg.vocab_size,
+            max_sequence_length=model_cfg.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="mrope",
+            rotary_percent=model_cfg.partial_rotary_factor,
+            rotary_base=int(model_cfg.rope_theta),
+            vp_stage=vp_stage,
+        )
+        if not on_cpu:
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    return chunks
+
+
+def mcore_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """[b, s] position ids -> the [3, b, s] form GPTModel's position-id RoPE path takes."""
+    return position_ids.unsqueeze(0).expand(3, -1, -1)
+
+
+def mcore_attention_mask(allowed: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """megadiff masks say True = may attend ([b, q, k] or [b, 1, q, k]); megatron-core's say True =
+    masked out ([b, 1, q, k]). None stays None (full bidirectional attention)."""
+    if allowed is None:
+        return None
+    if allowed.dim() == 3:
+        allowed = allowed.unsqueeze(1)
+    return ~allowed.bool()
+
+
+def forward_chunk(model: GPTModel, input_ids, position_ids, allowed=None):
+    """Run one chunk: returns vocab-parallel logits [b, s, V/tp] on the last stage, else hidden."""
+    return model(
+        input_ids=input_ids,
+        position_ids=mcore_position_ids(position_ids),
+        attention_mask=mcore_attention_mask(allowed),
+    )

@@ -1,0 +1,63 @@
+"""LLaDA2 layer specs: megatron-core's GPT decoder specs with two entries swapped.
+
+- Attention is bidirectional: every self-attention takes an arbitrary (optional) mask instead of
+  megatron-core's default causal mask.
+- Without Transformer Engine, norms are `SequenceParallelRMSNorm` (torch RMSNorm whose weight is
+  marked `sequence_parallel`); megatron-core's torch norm wrapper refuses sequence parallelism,
+  which TP>1 with MoE requires.
+With TE and CUDA, the TE spec (fused norm+linear, grouped-GEMM experts) is used as is.
+"""
+
+import dataclasses
+
+import torch
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+
+class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    """torch RMSNorm built like megatron-core norms: (config, hidden_size, eps)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6, **unused):
+        super().__init__(hidden_size, eps=eps)
+        # finalize_model_grads sums grads of `sequence_parallel` params over the TP group.
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+
+def transformer_engine_usable() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _swap(spec, use_te: bool):
+    """Recursively rewrite a spec tree (ModuleSpec / dataclass submodules / classes)."""
+    if spec is WrappedTorchNorm and not use_te:
+        return SequenceParallelRMSNorm
+    if isinstance(spec, ModuleSpec):
+        params = dict(spec.params)
+        if isinstance(spec.module, type) and issubclass(spec.module, SelfAttention):
+            params["attn_mask_type"] = AttnMaskType.arbitrary
+        submodules = _swap(spec.submodules, use_te)
+        return dataclasses.replace(spec, params=params, submodules=submodules)
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        changes = {f.name: _swap(getattr(spec, f.name), use_te) for f in dataclasses.fields(spec)}
+        return dataclasses.replace(spec, **changes)
+    if isinstance(spec, list):
+        return [_swap(s, use_te) for s in spec]
+    return spec
+
+
+def llada2_block_spec(config, use_te: bool, vp_stage=None):
+    """The decoder block spec (dense layer 0, MoE after) for this pipeline stage / chunk."""
+    spec = get_gpt_decoder_block_spec(
+        config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage
+    )
+    return _swap(spec, use_te)

@@ -1,0 +1,27 @@
+"""Wrap model chunks in megatron-core DDP, with gradient finalisation wired into the schedule."""
+
+from typing import List
+
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import finalize_model_grads
+
+
+def wrap_ddp(chunks: List, use_distributed_optimizer: bool = False, overlap_grad_reduce: bool = False) -> List:
+    """megatron-core DDP around every chunk (fp32 grad buffers). The schedule then calls
+    finalize_model_grads itself: DP/EP gradient reduction, TP sums of sequence-parallel norm
+    grads, and division by the global token count (per-token losses)."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=overlap_grad_reduce,
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+    wrapped = [
+        DistributedDataParallel(
+            config=chunk.config, ddp_config=ddp_config, module=chunk,
+            disable_bucketing=i > 0,  # only the first chunk overlaps its buckets
+        )
+        for i, chunk in enumerate(chunks)
+    ]
+    for chunk in wrapped:
+        chunk.config.finalize_model_grads_func = finalize_model_grads
+    return wrapped

@@ -1,0 +1,47 @@
+"""One call that runs micro-batches through megatron-core's pipeline schedules (PP and VPP included).
+
+Losses follow megatron-core's per-token convention (`calculate_per_token_loss=True`): a loss
+function returns (sum of per-token losses, number of tokens, logged values) and gradients are
+divided by the global token count in finalize_model_grads, so the result does not depend on how
+the batch is split into micro-batches, data-parallel ranks or pipeline stages.
+"""
+
+from functools import partial
+from typing import Callable, Dict, List
+
+import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megadiff.models.llada2.model import forward_chunk
+
+# loss_fn(micro_batch, output) -> (loss_sum, num_tokens, {name: tensor})
+LossFn = Callable[[Dict, torch.Tensor], tuple]
+
+
+def _forward_step(loss_fn: LossFn, data_iterator, model):
+    batch = next(data_iterator)
+    output = forward_chunk(model, batch["input_ids"], batch["position_ids"], batch.get("allowed"))
+    return output, partial(loss_fn, batch)
+
+
+def forward_backward(
+    chunks: List[torch.nn.Module],
+    micro_batches: List[Dict],
+    loss_fn: LossFn,
+    forward_only: bool = False,
+) -> List[Dict]:
+    """Run every micro-batch (dicts of [b, s] tensors: input_ids, position_ids, optional allowed
+    mask [b, s, s]) through the model. Returns the loss functions' logged dicts (last stage only;
+    other stages get []). Every stage needs the full micro-batch: positions and masks are used
+    by every layer."""
+    first = micro_batches[0]
+    iterators = [iter(micro_batches) for _ in chunks]
+    return get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, loss_fn),
+        data_iterator=iterators if len(chunks) > 1 else iterators[0],
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(micro_batches),
+        seq_length=first["input_ids"].shape[1],
+        micro_batch_size=first["input_ids"].shape[0],
+        forward_only=forward_only,
+    )
