@@ -20,11 +20,18 @@ doc_ids, loss_mask, sample_ids) plus `epoch` ([B] long), which noise_batch needs
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
-from megadiff.data.packing import PACK, TRUNCATE, Sample, build_row, collate_rows, plan_packed_rows
+from megadiff.data.packing import (
+    PACK,
+    TRUNCATE,
+    Sample,
+    build_row,
+    collate_rows,
+    plan_packed_rows,
+)
 from megadiff.data.seeding import seeded_generator
 
 SHUFFLE_SEED_DOMAIN = 0  # keeps shuffle seeds apart from noise seeds derived from the same `seed`
@@ -98,7 +105,9 @@ class SFTDataset:
 
     def rows_batch(self, row_indices: Sequence[int], epoch: int) -> dict:
         """Return the collated [len(row_indices), S] batch of those packed rows, with `epoch`."""
-        batch = collate_rows([build_row(self.plans[r], self.samples, self.max_seq_len, self.pad_id, self.mode) for r in row_indices])
+        batch = collate_rows(
+            [build_row(self.plans[r], self.samples, self.max_seq_len, self.pad_id, self.mode) for r in row_indices]
+        )
         batch["epoch"] = torch.full((len(row_indices),), epoch, dtype=torch.long)
         return batch
 

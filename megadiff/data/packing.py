@@ -24,7 +24,7 @@ the plan in memory and build rows on demand.
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -96,7 +96,13 @@ def plan_packed_rows(
         raise ValueError(f"truncation {truncation!r} is not one of {', '.join(TRUNCATIONS)}")
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len={max_seq_len} is too small; need >= 2 (one prompt + one answer token)")
-    stats = dict(samples=len(samples), dropped_too_long=0, dropped_prompt_too_long=0, truncated=0, truncated_tokens=0)
+    stats = {
+        "samples": len(samples),
+        "dropped_too_long": 0,
+        "dropped_prompt_too_long": 0,
+        "truncated": 0,
+        "truncated_tokens": 0,
+    }
     lengths = _kept_lengths(samples, max_seq_len, truncation, stats)
     if mode == PACK:
         plans = [tuple(row) for row in _best_fit_decreasing(lengths, max_seq_len)]

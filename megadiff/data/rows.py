@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 ROLES = ("system", "user", "assistant")
 SUFFIXES = (".jsonl", ".parquet")
@@ -72,7 +72,9 @@ def validation_error(row) -> str | None:
         if not isinstance(content, str):
             return f"messages[{i}].content is {type(content).__name__}, expected str"
     if messages[-1]["role"] != "assistant":
-        return f"last message has role {messages[-1]['role']!r}; the last message must be the assistant turn to train on"
+        return (
+            f"last message has role {messages[-1]['role']!r}; the last message must be the assistant turn to train on"
+        )
     return None
 
 
@@ -105,9 +107,7 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, object, str | None]]:
         yield row_no, row, None
 
 
-def read_sft_rows(
-    source: str | Path | Iterable[str | Path], skip_bad_rows: bool = False
-) -> tuple[list[dict], dict]:
+def read_sft_rows(source: str | Path | Iterable[str | Path], skip_bad_rows: bool = False) -> tuple[list[dict], dict]:
     """Read and validate every SFT row; return (rows, stats).
 
     rows: `[{"messages": [{"role", "content"}, ...], "source": "file:line"}, ...]` in file order; a

@@ -7,8 +7,8 @@ tokens are what gets noised and trained. The answer ends with EOS (`<|endoftext|
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 from megadiff.hf.tokenizer import LLADA2_CHAT_TEMPLATE
 

@@ -32,7 +32,7 @@ def block_diffusion_mask(doc_ids: torch.Tensor, position_ids: torch.Tensor, bloc
     q_block, k_block = block[:, :, None], block[:, None, :]
 
     xt_to_xt = ~q_x0 & ~k_x0 & (q_block == k_block)
-    xt_to_x0 = ~q_x0 & k_x0 & (k_block <= q_block)
+    xt_to_x0 = ~q_x0 & k_x0 & (k_block < q_block)
     x0_to_x0 = q_x0 & k_x0 & (k_block <= q_block)
     same_doc = doc[:, :, None] == doc[:, None, :]
     return same_doc & (xt_to_xt | xt_to_x0 | x0_to_x0)

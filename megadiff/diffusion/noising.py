@@ -65,7 +65,10 @@ def noise_batch(
     masked = loss_mask & (u < t)
     out = dict(batch)
     if complementary:
-        out = {k: torch.cat([v, v]) if torch.is_tensor(v) and v.shape[:1] == input_ids.shape[:1] else v for k, v in batch.items()}
+        out = {
+            k: torch.cat([v, v]) if torch.is_tensor(v) and v.shape[:1] == input_ids.shape[:1] else v
+            for k, v in batch.items()
+        }
         masked = torch.cat([masked, loss_mask & ~masked])
         t = torch.cat([t, torch.where(t > 0, 1.0 - t, t)])
         input_ids = out["input_ids"]

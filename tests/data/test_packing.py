@@ -3,7 +3,12 @@ import random
 import pytest
 import torch
 
-from megadiff.data.packing import build_row, collate_rows, pack_samples, plan_packed_rows
+from megadiff.data.packing import (
+    build_row,
+    collate_rows,
+    pack_samples,
+    plan_packed_rows,
+)
 
 PAD = 9999
 
@@ -128,8 +133,8 @@ def test_collate_rows_stacks_to_batch():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(mode="packed"), "packing mode 'packed' is not one of pack, pad_to_max"),
-        (dict(truncation="cut"), "truncation 'cut' is not one of truncate, drop"),
+        ({"mode": "packed"}, "packing mode 'packed' is not one of pack, pad_to_max"),
+        ({"truncation": "cut"}, "truncation 'cut' is not one of truncate, drop"),
     ],
 )
 def test_bad_packing_options_are_named(kwargs, message):

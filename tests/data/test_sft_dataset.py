@@ -18,12 +18,13 @@ def make_samples(n, prompt_range, answer_range, seed=0):
     lengths = [(rng.randint(*prompt_range), rng.randint(*answer_range)) for _ in range(n)]
     return [([i * 1000 + j for j in range(p + a)], p) for i, (p, a) in enumerate(lengths)]
 
+
 SAMPLES = make_samples(300, (3, 20), (1, 30), seed=7)
 KEYS = ("input_ids", "position_ids", "doc_ids", "loss_mask", "sample_ids", "epoch")
 
 
 def dataset(**kwargs):
-    args = dict(max_seq_len=64, pad_id=PAD, global_batch_size=8, micro_batch_size=2, seed=11)
+    args = {"max_seq_len": 64, "pad_id": PAD, "global_batch_size": 8, "micro_batch_size": 2, "seed": 11}
     args.update(kwargs)
     return SFTDataset(SAMPLES, **args)
 
@@ -46,7 +47,9 @@ def steps_for_layout(dp_size, micro_batch_size, steps, global_batch_size=8):
     """Global batch of each step rebuilt from every rank's micro-batches, ranks in order."""
     per_rank = []
     for rank in range(dp_size):
-        ds = dataset(dp_size=dp_size, dp_rank=rank, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size)
+        ds = dataset(
+            dp_size=dp_size, dp_rank=rank, micro_batch_size=micro_batch_size, global_batch_size=global_batch_size
+        )
         per_rank.append(take(ds, steps * ds.accumulation_steps))
     accum = len(per_rank[0]) // steps
     return [cat([mb for rank in per_rank for mb in rank[s * accum : (s + 1) * accum]]) for s in range(steps)]
@@ -143,7 +146,9 @@ def test_jsonl_to_micro_batches_end_to_end(tmp_path, tiny_tokenizer):
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     samples = tokenize_rows(read_sft_rows(path)[0], tiny_tokenizer)
-    ds = SFTDataset(samples, max_seq_len=64, pad_id=tiny_tokenizer.pad_token_id, global_batch_size=2, micro_batch_size=1)
+    ds = SFTDataset(
+        samples, max_seq_len=64, pad_id=tiny_tokenizer.pad_token_id, global_batch_size=2, micro_batch_size=1
+    )
     batch = next(iter(ds))
     real = batch["sample_ids"][0] >= 0
     answers = batch["input_ids"][0][batch["loss_mask"][0]]

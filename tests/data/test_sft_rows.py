@@ -37,7 +37,10 @@ def write_parquet(path, rows):
             {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 4}]},
             "messages[1].content is int, expected str",
         ),
-        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant"}]}, "messages[1].content is NoneType, expected str"),
+        (
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant"}]},
+            "messages[1].content is NoneType, expected str",
+        ),
         (
             {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}]},
             "last message has role 'user'; the last message must be the assistant turn to train on",
@@ -77,8 +80,20 @@ def test_skip_bad_rows_skips_and_counts_by_reason(tmp_path):
         "{oops",
         {"messages": []},
         GOOD,
-        {"messages": [{"role": "user", "content": "q"}, {"role": "robot", "content": "x"}, {"role": "assistant", "content": "a"}]},
-        {"messages": [{"role": "user", "content": "q"}, {"role": "robot", "content": "x"}, {"role": "assistant", "content": "a"}]},
+        {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "robot", "content": "x"},
+                {"role": "assistant", "content": "a"},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "q"},
+                {"role": "robot", "content": "x"},
+                {"role": "assistant", "content": "a"},
+            ]
+        },
     ]
     path = write_jsonl(tmp_path / "train.jsonl", lines)
     rows, stats = read_sft_rows(path, skip_bad_rows=True)
@@ -95,7 +110,9 @@ def test_skip_bad_rows_skips_and_counts_by_reason(tmp_path):
 
 def test_all_rows_bad_is_an_error_even_when_skipping(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", [{"messages": []}])
-    with pytest.raises(DataError, match=rf"no valid SFT rows \(1 read\); first problem: {path}:1: field 'messages' is empty"):
+    with pytest.raises(
+        DataError, match=rf"no valid SFT rows \(1 read\); first problem: {path}:1: field 'messages' is empty"
+    ):
         read_sft_rows(path, skip_bad_rows=True)
 
 
@@ -128,7 +145,13 @@ def test_list_of_paths_keeps_given_order(tmp_path):
 
 def test_parquet_and_jsonl_give_the_same_rows(tmp_path):
     data = [
-        {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a"},
+            ]
+        },
         GOOD,
     ]
     from_jsonl, _ = read_sft_rows(write_jsonl(tmp_path / "x.jsonl", data))
@@ -140,7 +163,10 @@ def test_parquet_and_jsonl_give_the_same_rows(tmp_path):
     "make, reason",
     [
         (lambda d: d / "missing.jsonl", "no such file or directory"),
-        (lambda d: (d / "x.csv").write_text("a") and d / "x.csv", "unsupported file type '.csv'; expected .jsonl or .parquet"),
+        (
+            lambda d: (d / "x.csv").write_text("a") and d / "x.csv",
+            "unsupported file type '.csv'; expected .jsonl or .parquet",
+        ),
         (lambda d: (d / "empty").mkdir() or d / "empty", "directory has no .jsonl or .parquet files"),
     ],
 )

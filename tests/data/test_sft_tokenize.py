@@ -13,7 +13,9 @@ MESSAGES = [
 
 def test_tokenize_sample_is_prompt_with_generation_prompt_then_answer_then_eos(tiny_tokenizer):
     ids, prompt_len = tokenize_sample(MESSAGES, tiny_tokenizer)
-    prompt = "<role>SYSTEM</role>Be brief.<|role_end|><role>HUMAN</role>What is 6 * 7?<|role_end|><role>ASSISTANT</role>"
+    prompt = (
+        "<role>SYSTEM</role>Be brief.<|role_end|><role>HUMAN</role>What is 6 * 7?<|role_end|><role>ASSISTANT</role>"
+    )
     assert tiny_tokenizer.decode(ids[:prompt_len]) == prompt
     assert ids[:prompt_len] == tiny_tokenizer.encode(prompt, add_special_tokens=False)
     assert ids[prompt_len:] == tiny_tokenizer.encode("6 * 7 = 42.\n#### 42", add_special_tokens=False) + [
@@ -42,7 +44,9 @@ def test_assistant_only_row_gets_just_the_generation_prompt(tiny_tokenizer):
 
 
 def test_empty_answer_is_just_eos(tiny_tokenizer):
-    ids, prompt_len = tokenize_sample([{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}], tiny_tokenizer)
+    ids, prompt_len = tokenize_sample(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}], tiny_tokenizer
+    )
     assert ids[prompt_len:] == [tiny_tokenizer.eos_token_id]
 
 

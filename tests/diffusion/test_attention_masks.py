@@ -3,7 +3,11 @@ import warnings
 
 import pytest
 import torch
-from torch.nn.attention.flex_attention import create_block_mask, create_mask, flex_attention
+from torch.nn.attention.flex_attention import (
+    create_block_mask,
+    create_mask,
+    flex_attention,
+)
 
 from megadiff.data.packing import collate_rows, pack_samples
 from megadiff.diffusion.masks import (

@@ -34,13 +34,13 @@ CE = {(0, 1): ce(0, 1), (0, 3): ce(0, 3), (1, 1): ce(1, 1), (1, 2): ce(1, 2)}
 
 def inputs(requires_grad=False):
     logits = torch.tensor(LOGITS, requires_grad=requires_grad)
-    return dict(
-        logits=logits,
-        targets=torch.tensor(TARGETS),
-        masked=torch.tensor(MASKED),
-        t=torch.tensor(T),
-        loss_mask=torch.tensor(LOSS_MASK),
-    )
+    return {
+        "logits": logits,
+        "targets": torch.tensor(TARGETS),
+        "masked": torch.tensor(MASKED),
+        "t": torch.tensor(T),
+        "loss_mask": torch.tensor(LOSS_MASK),
+    }
 
 
 @pytest.mark.parametrize(
@@ -55,7 +55,9 @@ def inputs(requires_grad=False):
     ],
 )
 def test_loss_options_match_hand_computation(loss_weight, normalize, numerator, denominator):
-    loss, stats = masked_diffusion_loss(**inputs(), doc_ids=torch.tensor(DOC_IDS), loss_weight=loss_weight, normalize=normalize)
+    loss, stats = masked_diffusion_loss(
+        **inputs(), doc_ids=torch.tensor(DOC_IDS), loss_weight=loss_weight, normalize=normalize
+    )
     assert stats["numerator"].item() == pytest.approx(numerator, rel=1e-6)
     assert stats["denominator"].item() == denominator
     assert loss.item() == pytest.approx(numerator / denominator, rel=1e-6)
@@ -83,10 +85,17 @@ def test_micro_batch_sums_combine_to_the_full_batch_loss():
     full = inputs()
     doc_ids = torch.tensor(DOC_IDS)
     for normalize in ("masked_tokens", "answer_tokens", "sequence"):
-        whole, _ = masked_diffusion_loss(**full, doc_ids=doc_ids, loss_weight="inverse_t", normalize=normalize, confidence_beta=2.0)
+        whole, _ = masked_diffusion_loss(
+            **full, doc_ids=doc_ids, loss_weight="inverse_t", normalize=normalize, confidence_beta=2.0
+        )
         parts = [
-            masked_diffusion_loss(**{k: v[r : r + 1] for k, v in full.items()}, doc_ids=doc_ids[r : r + 1],
-                                  loss_weight="inverse_t", normalize=normalize, confidence_beta=2.0)[1]
+            masked_diffusion_loss(
+                **{k: v[r : r + 1] for k, v in full.items()},
+                doc_ids=doc_ids[r : r + 1],
+                loss_weight="inverse_t",
+                normalize=normalize,
+                confidence_beta=2.0,
+            )[1]
             for r in range(2)
         ]
         summed = {k: sum(p[k] for p in parts) for k in ("numerator", "denominator", "cap_numerator", "cap_denominator")}
@@ -112,10 +121,14 @@ def test_no_masked_tokens_gives_zero_loss_with_a_graph():
 @pytest.mark.parametrize(
     "change, kwargs, message",
     [
-        (dict(masked=torch.tensor([[True, False, False, False], [False] * 4])), {}, "masked has positions outside loss_mask"),
-        (dict(t=torch.zeros(2, 4)), dict(loss_weight="inverse_t"), "t must be > 0 at masked positions"),
-        ({}, dict(loss_weight="t"), "loss_weight='t' is not one of none, inverse_t"),
-        ({}, dict(normalize="tokens"), "normalize='tokens' is not one of masked_tokens, answer_tokens, sequence"),
+        (
+            {"masked": torch.tensor([[True, False, False, False], [False] * 4])},
+            {},
+            "masked has positions outside loss_mask",
+        ),
+        ({"t": torch.zeros(2, 4)}, {"loss_weight": "inverse_t"}, "t must be > 0 at masked positions"),
+        ({}, {"loss_weight": "t"}, "loss_weight='t' is not one of none, inverse_t"),
+        ({}, {"normalize": "tokens"}, "normalize='tokens' is not one of masked_tokens, answer_tokens, sequence"),
     ],
 )
 def test_bad_loss_inputs_are_explained(change, kwargs, message):

@@ -81,8 +81,16 @@ def test_noise_of_a_sample_does_not_depend_on_row_batch_mode_or_dp_layout():
     for dp_size, micro in [(1, 4), (2, 1)]:
         got = {}
         for rank in range(dp_size):
-            ds = SFTDataset(SAMPLES, max_seq_len=64, pad_id=PAD, global_batch_size=4, micro_batch_size=micro,
-                            dp_size=dp_size, dp_rank=rank, seed=123)
+            ds = SFTDataset(
+                SAMPLES,
+                max_seq_len=64,
+                pad_id=PAD,
+                global_batch_size=4,
+                micro_batch_size=micro,
+                dp_size=dp_size,
+                dp_rank=rank,
+                seed=123,
+            )
             ds.load_state_dict({"epoch": 1, "consumed_rows": 0})
             for batch in itertools.islice(iter(ds), ds.steps_per_epoch * ds.accumulation_steps):
                 assert (batch["epoch"] == 1).all()

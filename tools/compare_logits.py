@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""Compare megadiff's LLaDA2 (any TP/EP/PP/VPP layout) with the plain-PyTorch reference.
+
+Run under torchrun, one process per rank of the layout, e.g.
+  torchrun --nproc-per-node 4 tools/compare_logits.py --hf-dir MODEL --tp 2 --ep 2 \
+      --input-ids ids.json --tolerance 1e-4
+Prints max |logit difference| per row and exits 1 above --tolerance.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hf-dir", required=True, help="HF LLaDA2 directory (config.json + safetensors): the reference")
+    p.add_argument("--mcore-dir", help="megatron checkpoint to test instead of the HF weights (converted or trained)")
+    p.add_argument("--iteration", type=int, help="checkpoint iteration (default: latest complete)")
+    p.add_argument("--input-ids", required=True, help="JSON file: list of lists of token ids")
+    p.add_argument("--position-ids", help="JSON file: list of lists, same shape (default 0..n-1)")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--etp", type=int, default=None, help="expert TP (default: --tp without EP, else 1)")
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per PP rank")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max |Δ| allowed (fp32)")
+    p.add_argument("--save-logits", help="write megadiff's fp32 logits [batch, seq, vocab] here (rank 0)")
+    return p.parse_args(argv)
+
+
+def read_rows(path, what):
+    try:
+        with open(path) as f:
+            rows = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{path}: cannot read {what}: {e}")
+    if not isinstance(rows, list) or not rows or not all(
+        isinstance(r, list) and r and all(isinstance(x, int) for x in r) for r in rows
+    ):
+        raise SystemExit(f"{path}: {what} must be a non-empty list of non-empty lists of ints")
+    return rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+
+    from checkpoint_converters.hf_io import read_hf_config
+    from checkpoint_converters.llada2_mapping import load_hf_into_model
+    from megadiff.hf import load_reference_model
+    from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout
+    from megadiff.models.llada2.logits import full_logits
+    from megadiff.models.llada2.model import build_model
+    from megadiff.platform import init_distributed, initialize_parallel, print_rank0
+
+    ids_rows = read_rows(args.input_ids, "input ids")
+    pos_rows = read_rows(args.position_ids, "position ids") if args.position_ids else [
+        list(range(len(r))) for r in ids_rows
+    ]
+    if [len(r) for r in pos_rows] != [len(r) for r in ids_rows]:
+        raise SystemExit(f"{args.position_ids}: rows must have the same lengths as {args.input_ids}")
+    cfg_dict = read_hf_config(args.hf_dir)
+    cfg = LLaDA2ModelConfig.from_hf_dict(cfg_dict, source=os.path.join(args.hf_dir, "config.json"))
+    layout = ParallelLayout(tp=args.tp, ep=args.ep, etp=args.etp, pp=args.pp, vpp=args.vpp)
+    cfg.validate_layout(layout)
+    if max(max(r) for r in ids_rows) >= cfg.vocab_size or min(min(r) for r in ids_rows) < 0:
+        raise SystemExit(f"{args.input_ids}: token ids must be in [0, {cfg.vocab_size})")
+
+    init_distributed()
+    initialize_parallel(layout)
+    print_rank0(f"compare_logits: {args.hf_dir} at {layout} ({torch.distributed.get_world_size()} ranks)")
+    reference = load_reference_model(args.hf_dir)
+    chunks = build_model(cfg, layout)
+    if args.mcore_dir:
+        from megadiff.checkpoint import load_model_weights
+
+        load_model_weights(args.mcore_dir, chunks, iteration=args.iteration)
+        print_rank0(f"loaded megatron checkpoint {args.mcore_dir}")
+    else:
+        from checkpoint_converters.hf_io import HFCheckpointReader
+
+        reader = HFCheckpointReader(args.hf_dir)
+        load_hf_into_model(chunks, reader.get, cfg)
+
+    worst, outputs = 0.0, []
+    for i, (ids, pos) in enumerate(zip(ids_rows, pos_rows)):
+        ids_t, pos_t = torch.tensor([ids]), torch.tensor([pos])
+        ours = full_logits(chunks, ids_t, pos_t)
+        with torch.no_grad():
+            ref = reference(ids_t, pos_t).logits.float()
+        diff = float((ours - ref).abs().max())
+        worst = max(worst, diff)
+        outputs.append(ours[0])
+        print_rank0(f"row {i}: {len(ids)} tokens, max |Δ| = {diff:.3e}")
+    ok = worst <= args.tolerance
+    if args.save_logits and torch.distributed.get_rank() == 0:
+        if len({o.shape[0] for o in outputs}) == 1:
+            torch.save(torch.stack(outputs), args.save_logits)
+        else:  # ragged rows: a list of [seq, vocab] tensors
+            torch.save(outputs, args.save_logits)
+        print_rank0(f"logits written to {args.save_logits}")
+    print_rank0(f"{'PASS' if ok else 'FAIL'}: max |Δ| = {worst:.3e} (tolerance {args.tolerance:g})")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
