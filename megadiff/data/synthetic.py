@@ -1,0 +1,36 @@
+"""A synthetic GSM8K-style task a tiny model can learn on a CPU in minutes.
+
+Each problem is one short word problem over small numbers whose answer is a single addition or
+subtraction, written with GSM8K's `#### <answer>` ending, e.g.
+  question: "Tom has 3 apples and gets 4 more. How many apples does Tom have?"
+  answer:   "3 + 4 = 7\n#### 7"
+"""
+
+import random
+from typing import Dict, List
+
+NAMES = ["Tom", "Ann", "Bob", "Eve", "Sam", "Mia"]
+ITEMS = ["apples", "books", "cats", "pens", "cups"]
+
+
+def arithmetic_problem(rng: random.Random) -> Dict[str, str]:
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    if rng.random() < 0.5:
+        question = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have?"
+        answer = f"{a} + {b} = {a + b}\n#### {a + b}"
+    else:
+        a, b = max(a, b), min(a, b)
+        question = f"{name} has {a} {item} and gives away {b}. How many {item} does {name} have?"
+        answer = f"{a} - {b} = {a - b}\n#### {a - b}"
+    return {"question": question, "answer": answer}
+
+
+def arithmetic_problems(n: int, seed: int = 0) -> List[Dict[str, str]]:
+    rng = random.Random(seed)
+    return [arithmetic_problem(rng) for _ in range(n)]
+
+
+def as_messages(row: Dict[str, str]) -> Dict:
+    return {"messages": [{"role": "user", "content": row["question"]},
+                         {"role": "assistant", "content": row["answer"]}]}

@@ -1,0 +1,94 @@
+"""Load what decoding needs from a model directory: the reference model, its tokenizer, the special ids.
+
+A directory is either a Hugging Face LLaDA2 dir (config.json + safetensors) or a megadiff
+megatron-core checkpoint (it has `latest_checkpointed_iteration.txt` or `megadiff.json`); both load
+into the plain-PyTorch reference model, which is what the sampler runs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+MCORE_MARKERS = ("latest_checkpointed_iteration.txt", "megadiff.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def is_mcore_checkpoint(path: str) -> bool:
+    """True when `path` is a megadiff megatron-core checkpoint directory."""
+    return any(os.path.isfile(os.path.join(path, name)) for name in MCORE_MARKERS)
+
+
+def check_model_dir(path: str) -> None:
+    """Raise FileNotFoundError naming `path` when it is not a directory."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"{path}: model directory not found (expected a Hugging Face LLaDA2 dir with config.json "
+            f"or a megadiff megatron-core checkpoint dir)"
+        )
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu", iteration: Optional[int] = None):
+    """The LLaDA2 reference model (eval mode) from an HF dir or an mcore checkpoint dir."""
+    check_model_dir(path)
+    if is_mcore_checkpoint(path):
+        try:
+            from checkpoint_converters.mcore_to_hf import load_reference_from_mcore
+        except ImportError as e:
+            raise ImportError(
+                f"{path} is a megatron-core checkpoint, but checkpoint_converters.mcore_to_hf cannot be "
+                f"imported ({e}); convert the checkpoint to a Hugging Face dir and pass that instead"
+            ) from e
+        model = load_reference_from_mcore(path, iteration=iteration, dtype=dtype)
+    else:
+        from megadiff.hf.reference import load_reference_model
+
+        model = load_reference_model(path, dtype=dtype)
+    return model.to(device).eval()
+
+
+def load_tokenizer(model_path: str, tokenizer_path: Optional[str] = None):
+    """The tokenizer in `tokenizer_path`, else the one stored next to the model."""
+    path = tokenizer_path or model_path
+    if not os.path.isdir(path) or not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        hint = "" if tokenizer_path else "; pass --tokenizer DIR"
+        raise FileNotFoundError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}){hint}")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def special_token_ids(model, tokenizer, mask_id: Optional[int] = None, eos_id: Optional[int] = None) -> tuple[int, int]:
+    """(mask_id, eos_id): overrides first, else `<|mask|>` from the tokenizer and eos from the config
+    (falling back to the tokenizer's eos)."""
+    if mask_id is None:
+        if tokenizer is None:
+            raise ValueError("no tokenizer to read the <|mask|> id from; pass the mask token id explicitly")
+        from megadiff.hf.tokenizer import mask_token_id
+
+        mask_id = mask_token_id(tokenizer)
+    if eos_id is None:
+        eos_id = getattr(model.config, "eos_token_id", None)
+        if isinstance(eos_id, (list, tuple)):
+            eos_id = eos_id[0] if eos_id else None
+        if eos_id is None and tokenizer is not None:
+            eos_id = tokenizer.eos_token_id
+        if eos_id is None:
+            raise ValueError("neither config.json nor the tokenizer names an eos token; pass the eos id explicitly")
+    return int(mask_id), int(eos_id)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_dtype(name: str, device: str) -> torch.dtype:
+    """'auto' is bfloat16 on GPU (as LLaDA2 ships) and float32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"dtype {name!r} is not one of auto, {', '.join(dtypes)}")
+    return dtypes[name]

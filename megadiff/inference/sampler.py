@@ -1,0 +1,304 @@
+"""Block-wise diffusion decoding for LLaDA2: the model card's `generate`, plus a prefix KV cache.
+
+The rule (LLaDA2.0 model card), for one prompt of length P:
+  - The sequence is the prompt followed by `gen_length` mask tokens, padded with mask tokens to a
+    multiple of `block_length`. Blocks are aligned to absolute position 0, so the prompt is cut into
+    blocks too, and attention is block-causal: a position sees its own block and every earlier one.
+  - Decoding starts at block P // block_length and goes block by block. Each block gets up to
+    `steps` iterations (steps = min(steps, gen_length // minimal_topk)). An iteration predicts every
+    still-masked position of the block and commits some of them:
+        quota = block_length // steps, plus one for the first block_length % steps iterations;
+        if at least `quota` masked positions have confidence > threshold, commit ALL of those,
+        else commit the min(quota, still masked) most confident ones.
+    Confidence is the probability of the chosen token. The quotas add up to block_length, so a block
+    is always complete after its iterations; with steps > block_length the later iterations have
+    quota 0 and are never reached (steps > block_length decodes exactly like steps = block_length).
+  - Temperature 0 takes the argmax; temperature > 0 samples after optional top-k / top-p filtering
+    (filters apply at temperature 0 too, where they only change the confidence, as in the card).
+  - After a block, decoding stops if an EOS is among the generated tokens so far. With
+    `eos_early_stop` it stops as soon as an iteration commits an EOS that has no mask before it.
+    The result is the generated tokens up to and including the first EOS (at most gen_length).
+
+Differences from the card's code, each a fix rather than a change of the rule:
+  - temperature 0 is argmax (the card's code samples from the softmax even at 0);
+  - the mask token is never predicted (its logit is removed), so a committed position stays committed;
+  - ties in confidence go to the earlier position (a stable sort), so results are reproducible;
+  - with eos_early_stop only generated tokens are returned (the card returns the prompt too there).
+
+Finished blocks never change, so their keys/values are cached (`use_cache=True`): the cache lags one
+block behind, and the first forward of each block feeds [previous block ; current block] so it also
+writes the previous block's keys/values. The prompt's whole blocks are written by the first forward.
+Cached and uncached decoding compute the same thing; tests pin that they return the same tokens.
+
+Batches: each row keeps its own block grid (no left padding, which would shift the grid). Rows that
+start in the same block run their forward passes together; a row that has finished its block, or its
+generation, simply stops taking part. Sampling uses one generator per row, seeded from (seed, row id),
+so a row's tokens do not depend on which other rows share its batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megadiff.data.seeding import stable_seed
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """Every knob of block-wise decoding; invalid values raise ValueError naming the argument."""
+
+    gen_length: int = 256
+    block_length: int = 32
+    steps: int = 32
+    threshold: float = 0.95
+    temperature: float = 0.0
+    top_k: Optional[int] = None  # None or 0: off
+    top_p: Optional[float] = None  # None or 1.0: off
+    minimal_topk: int = 1
+    eos_early_stop: bool = False
+    use_cache: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("gen_length", "block_length", "steps", "minimal_topk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be >= 1 (or 0/None for off), got {self.top_k!r}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (or None for off), got {self.top_p!r}")
+        if self.gen_length // self.minimal_topk < 1:
+            raise ValueError(
+                f"minimal_topk={self.minimal_topk} > gen_length={self.gen_length} leaves no decoding "
+                f"steps (steps = min(steps, gen_length // minimal_topk)); lower minimal_topk"
+            )
+
+    @property
+    def effective_steps(self) -> int:
+        """Iterations per block, as the card caps them: min(steps, gen_length // minimal_topk)."""
+        return min(self.steps, self.gen_length // self.minimal_topk)
+
+
+@dataclass
+class GenerationResult:
+    """tokens[i]: row i's generated ids up to and including the first EOS.
+    forward_passes[i]: forward passes that predicted row i's tokens (what row-by-row decoding needs).
+    model_calls: model forward calls made (one call serves every row of a batch group)."""
+
+    tokens: list[list[int]]
+    forward_passes: list[int]
+    model_calls: int
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.num_tokens / max(1, sum(self.forward_passes))
+
+
+def transfer_schedule(block_length: int, steps: int) -> list[int]:
+    """Tokens to commit at each iteration of a block: block_length spread evenly, remainder first."""
+    base, remainder = divmod(block_length, steps)
+    return [base + 1 if i < remainder else base for i in range(steps)]
+
+
+def block_causal_mask(q_start: int, end: int, block_length: int, device=None) -> torch.Tensor:
+    """[1, end - q_start, end] bool: query at position q (q_start <= q < end) may attend key k < end
+    iff block(k) <= block(q), with block(p) = p // block_length."""
+    q_block = torch.arange(q_start, end, device=device) // block_length
+    k_block = torch.arange(end, device=device) // block_length
+    return (k_block[None, :] <= q_block[:, None])[None]
+
+
+def filter_logits(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[float]) -> torch.Tensor:
+    """Set logits outside the top-k, then outside the top-p nucleus, to -inf (the card's filters).
+    The nucleus is the smallest set of most likely tokens whose probability reaches top_p."""
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop_sorted = torch.zeros_like(cumulative, dtype=torch.bool)
+        drop_sorted[..., 1:] = cumulative[..., :-1] > top_p  # keep tokens until top_p is reached
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [n, V] -> (tokens [n], confidence [n]): argmax at temperature 0, else a sample; the
+    confidence is the chosen token's probability under the (tempered, filtered) distribution."""
+    logits = logits.float()
+    if temperature > 0:
+        logits = logits / temperature
+    probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
+    if temperature > 0:
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    else:
+        tokens = probs.argmax(dim=-1)
+    return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def select_commits(confidence: torch.Tensor, masked: torch.Tensor, quota: int, threshold: float) -> torch.Tensor:
+    """[block_length] bool: the masked positions to commit this iteration (rule in the module docstring)."""
+    confidence = confidence.masked_fill(~masked, float("-inf"))
+    confident = confidence > threshold
+    if int(confident.sum()) >= quota:
+        return confident
+    k = min(quota, int(masked.sum()))
+    chosen = torch.zeros_like(masked)
+    chosen[torch.sort(confidence, descending=True, stable=True).indices[:k]] = True
+    return chosen
+
+
+def check_token_ids(vocab_size: int, mask_id: int, eos_id: Optional[int], prompts: Sequence[Sequence[int]]) -> None:
+    """Raise ValueError naming the argument when a special id or a prompt token cannot be used."""
+    if not 0 <= mask_id < vocab_size:
+        raise ValueError(f"mask_id={mask_id} is outside the model vocabulary [0, {vocab_size})")
+    if eos_id is not None and not 0 <= eos_id < vocab_size:
+        raise ValueError(f"eos_id={eos_id} is outside the model vocabulary [0, {vocab_size})")
+    if eos_id == mask_id:
+        raise ValueError(f"eos_id and mask_id are both {mask_id}; they must differ")
+    if not prompts:
+        raise ValueError("prompts is empty; pass at least one prompt (a list of token ids)")
+    for i, prompt in enumerate(prompts):
+        for j, token in enumerate(prompt):
+            if token == mask_id:
+                raise ValueError(f"prompts[{i}][{j}] is the mask token {mask_id}; prompts must not contain it")
+            if not 0 <= token < vocab_size:
+                raise ValueError(f"prompts[{i}][{j}]={token} is outside the model vocabulary [0, {vocab_size})")
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    options: DecodingOptions,
+    mask_id: int,
+    eos_id: Optional[int],
+    row_ids: Optional[Sequence[int]] = None,
+) -> GenerationResult:
+    """Decode every prompt (a list of token ids) with the block-wise rule; see the module docstring.
+
+    model: called as model(input_ids, position_ids=, attention_mask=, past_key_values=, use_cache=)
+    -> .logits, .past_key_values (the reference LLaDA2MoeModelLM). row_ids name the rows for
+    seeding (default 0..n-1): row i samples from a generator seeded by (options.seed, row_ids[i]).
+    """
+    prompts = [[int(t) for t in p] for p in prompts]
+    check_token_ids(model.config.vocab_size, mask_id, eos_id, prompts)
+    row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
+    if len(row_ids) != len(prompts):
+        raise ValueError(f"row_ids has {len(row_ids)} entries for {len(prompts)} prompts")
+    device = next(model.parameters()).device
+    generators = [_row_generator(options.seed, r, device) for r in row_ids]
+    result = GenerationResult(tokens=[[] for _ in prompts], forward_passes=[0] * len(prompts), model_calls=0)
+    groups: dict[int, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(len(prompt) // options.block_length, []).append(i)
+    for start_block in sorted(groups):
+        rows = groups[start_block]
+        _decode_group(model, [prompts[i] for i in rows], start_block, options, mask_id, eos_id,
+                      [generators[i] for i in rows], rows, result, device)
+    return result
+
+
+def _row_generator(seed: int, row_id: int, device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(stable_seed(seed, row_id))
+    return generator
+
+
+def _decode_group(model, prompts, start_block, options, mask_id, eos_id, generators, out_rows, result, device):
+    """Decode prompts that all start in `start_block`, in lockstep; write into result[out_rows[i]]."""
+    bl = options.block_length
+    schedule = transfer_schedule(bl, options.effective_steps)
+    num_blocks = [-(-(len(p) + options.gen_length) // bl) for p in prompts]
+    x = torch.full((len(prompts), max(num_blocks) * bl), mask_id, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        x[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
+
+    active = list(range(len(prompts)))  # rows still decoding; the cache's batch rows follow this order
+    cache, cached_len = None, 0
+    for block in range(start_block, max(num_blocks)):
+        active, cache = _keep(active, cache, [block < num_blocks[r] for r in active])
+        begin, end = block * bl, (block + 1) * bl
+        for quota in schedule:
+            masked = x[active, begin:end] == mask_id
+            if not masked.any():
+                break
+            start = cached_len if options.use_cache else 0
+            out = model(
+                x[active, start:end],
+                position_ids=torch.arange(start, end, device=device).expand(len(active), -1),
+                attention_mask=block_causal_mask(start, end, bl, device),
+                past_key_values=cache,
+                use_cache=options.use_cache,
+            )
+            result.model_calls += 1
+            if options.use_cache and cached_len < begin:  # earlier blocks are final: keep their k/v
+                cache = [(k[:, :, :begin], v[:, :, :begin]) for k, v in out.past_key_values]
+                cached_len = begin
+            logits = out.logits[:, -bl:]
+            logits[..., mask_id] = float("-inf")
+            stopped = []
+            for i, r in enumerate(active):
+                if not masked[i].any():
+                    continue
+                result.forward_passes[out_rows[r]] += 1
+                tokens, confidence = sample_tokens(
+                    logits[i], options.temperature, options.top_k, options.top_p, generators[r]
+                )
+                commit = select_commits(confidence, masked[i], quota, options.threshold)
+                x[r, begin:end][commit] = tokens[commit]
+                if options.eos_early_stop and eos_id is not None and bool((tokens[commit] == eos_id).any()):
+                    if _eos_without_mask_before(x[r, len(prompts[r]):end], eos_id, mask_id):
+                        stopped.append(r)
+            active, cache = _keep(active, cache, [r not in stopped for r in active])
+            if not active:
+                break
+        assert not (x[active, begin:end] == mask_id).any(), "a block ended with masks left"
+        generated = [x[r, len(prompts[r]):end] for r in active]
+        active, cache = _keep(active, cache, [eos_id is None or not bool((g == eos_id).any()) for g in generated])
+        if not active:
+            break
+
+    for i, p in enumerate(prompts):
+        tokens = x[i, len(p): len(p) + options.gen_length].tolist()
+        if eos_id is not None and eos_id in tokens:
+            tokens = tokens[: tokens.index(eos_id) + 1]
+        result.tokens[out_rows[i]] = tokens
+
+
+def _eos_without_mask_before(generated: torch.Tensor, eos_id: int, mask_id: int) -> bool:
+    """True when the first EOS in `generated` has no mask token before it."""
+    first_eos = int((generated == eos_id).nonzero()[0, 0])
+    return not bool((generated[:first_eos] == mask_id).any())
+
+
+def _keep(active: list[int], cache, keep: list[bool]):
+    """Drop rows from the active list and the matching batch rows of the cache."""
+    if all(keep):
+        return active, cache
+    index = [i for i, k in enumerate(keep) if k]
+    if cache is not None:
+        idx = torch.tensor(index, device=cache[0][0].device)
+        cache = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in cache]
+    return [active[i] for i in index], cache

@@ -1,0 +1,57 @@
+"""Text in, text out: chat-template prompts, decoded answers and a multi-turn chat session.
+
+Prompts are built with the same code the SFT data path uses (`megadiff.data.tokenize.prompt_text`), so
+the model sees at inference exactly the prompt format it was trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+from megadiff.data.tokenize import prompt_text
+
+from .sampler import DecodingOptions, GenerationResult, generate
+
+
+def encode_chat(messages: Sequence[dict], tokenizer) -> list[int]:
+    """Token ids of `messages` in the chat template, ending with the assistant generation prompt."""
+    # prompt_text renders everything before the final assistant turn; an empty one marks the answer.
+    text = prompt_text(list(messages) + [{"role": "assistant", "content": ""}], tokenizer)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def encode_prompt(text: str, tokenizer, raw: bool = False) -> list[int]:
+    """A user prompt as token ids: wrapped in the chat template, or the bare text when `raw`."""
+    if raw:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    return encode_chat([{"role": "user", "content": text}], tokenizer)
+
+
+def decode_tokens(ids: Sequence[int], tokenizer) -> str:
+    """Generated ids as text, without special tokens (EOS, role markers)."""
+    return tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+class ChatSession:
+    """A multi-turn conversation: each reply sees every earlier turn through the chat template."""
+
+    def __init__(self, model, tokenizer, options: DecodingOptions, mask_id: int, eos_id: int,
+                 system: Optional[str] = None):
+        self.model, self.tokenizer, self.options = model, tokenizer, options
+        self.mask_id, self.eos_id, self.system = mask_id, eos_id, system
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.turns = 0
+
+    def reply(self, user_text: str) -> tuple[str, list[int], GenerationResult]:
+        """(answer text, prompt ids, generation result) for the next user turn; the turn is remembered."""
+        self.messages.append({"role": "user", "content": user_text})
+        prompt_ids = encode_chat(self.messages, self.tokenizer)
+        result = generate(self.model, [prompt_ids], self.options, self.mask_id, self.eos_id, row_ids=[self.turns])
+        answer = decode_tokens(result.tokens[0], self.tokenizer)
+        self.messages.append({"role": "assistant", "content": answer})
+        self.turns += 1
+        return answer, prompt_ids, result

@@ -1,0 +1,250 @@
+"""FlexAttention core attention for megatron-core: block-sparse masks without [b, h, s, s] tensors.
+
+megatron-core's local `DotProductAttention` (and TE's unfused path, the only TE path that takes an
+arbitrary mask) materialises the scores and the mask per head, [b, h, s, s]. Block diffusion on
+[x_t ; x_0] doubles s and leaves ~75% of the score matrix masked. `FlexCoreAttention` is a drop-in
+core attention (same constructor and forward as `DotProductAttention`; selected by
+`build_model(..., attention_backend="flex")`) that runs `flex_attention` with a `BlockMask` passed
+as megatron's `attention_mask`: masked 128x128 tiles are skipped and no dense mask exists.
+
+`block_mask_for` builds that BlockMask once per micro-batch from the mask_mods in
+`megadiff.diffusion.masks` (B = batch, H = 1, shared by every head and layer). megatron-core's
+TransformerBlock / TransformerLayer / SelfAttention pass `attention_mask` through untouched, so the
+BlockMask reaches every layer as is; the exception is activation recompute (`recompute_granularity`
+"full", or "selective" with "core_attn"), whose checkpoint function calls
+`save_for_backward(attention_mask)`, which only takes tensors: `build_model` refuses that
+combination.
+
+Devices:
+- CUDA: `torch.compile(flex_attention)` (fused Triton kernels for forward and backward).
+- CPU: the compiled forward is a fused C++ kernel (needs a C++ compiler; falls back to eager flex,
+  which materialises the scores, if compiling fails). torch's CPU flex has no backward, so when
+  gradients are needed the forward runs under `_CpuFlexAttention`, whose backward recomputes
+  attention one 128-row query tile at a time over only the key tiles the BlockMask lists (memory
+  O(h * 128 * visible keys), like flash attention's backward). Correct, not fast: CPU is for
+  tests and development.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import divide
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from megadiff.diffusion.masks import block_diffusion_mask_mod, full_attention_mask_mod
+
+# Created once: torch.compile is lazy, the first call per input shape compiles (seconds).
+_COMPILED_FLEX = torch.compile(flex_attention)
+_COMPILED_CREATE_BLOCK_MASK = torch.compile(create_block_mask)
+# Eager create_block_mask evaluates the mask_mod on a dense [B, 1, Q, KV] grid (several int64
+# intermediates: ~0.7 GB at 8192^2); compiled it does not, but compiling costs seconds once.
+COMPILE_BLOCK_MASK_MIN_ELEMENTS = 2048 * 2048
+_cpu_compile_failed = False
+
+
+def block_mask_for(
+    doc_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    mode: str,
+    block_size: int = 32,
+    device=None,
+) -> BlockMask:
+    """The BlockMask for one micro-batch ([B, S] doc_ids / position_ids), for FlexCoreAttention.
+
+    mode "full": bidirectional within each document, over S (masked diffusion).
+    mode "bd":   block diffusion over 2S for the input [x_t ; x_0] (both halves share doc_ids and
+                 position_ids; see megadiff.diffusion.masks.block_diffusion_mask).
+    Equal to `~mcore_attention_mask(...)`'s dense masks, without building them per head."""
+    device = torch.device(device) if device is not None else doc_ids.device
+    doc_ids, position_ids = doc_ids.to(device), position_ids.to(device)
+    batch, seq_len = doc_ids.shape
+    if mode == "full":
+        mask_mod, length = full_attention_mask_mod(doc_ids), seq_len
+    elif mode == "bd":
+        mask_mod = block_diffusion_mask_mod(doc_ids, position_ids, block_size, seq_len)
+        length = 2 * seq_len
+    else:
+        raise ValueError(f"block_mask_for: mode must be 'full' or 'bd', got {mode!r}")
+    build = create_block_mask
+    if length * length >= COMPILE_BLOCK_MASK_MIN_ELEMENTS:
+        build = _COMPILED_CREATE_BLOCK_MASK
+    return build(mask_mod, batch, None, length, length, device=device)
+
+
+class FlexCoreAttention(MegatronModule):
+    """Core attention running flex_attention; `attention_mask` is a BlockMask (None = full).
+
+    Drop-in for megatron-core's DotProductAttention: query [sq, b, np, hn], key/value
+    [sk, b, ng, hn] (per TP rank; GQA when ng < np) -> context [sq, b, np * hn]."""
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        where = f"FlexCoreAttention (layer {layer_number})"
+        if config.context_parallel_size != 1:
+            raise ValueError(f"{where}: context parallelism is not supported; use --cp 1")
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ValueError(f"{where}: attention_dropout={dropout} is not supported; set it to 0")
+        if config.softmax_type != "vanilla":
+            raise ValueError(f"{where}: softmax_type={config.softmax_type!r} is not supported")
+        if config.window_size is not None:
+            raise ValueError(f"{where}: window attention is not supported")
+        if pg_collection is None:
+            from megatron.core.process_groups_config import ProcessGroupCollection
+
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.attention_type = attention_type
+        tp = pg_collection.tp.size()
+        self.num_attention_heads_per_partition = divide(config.num_attention_heads, tp)
+        self.num_query_groups_per_partition = divide(config.num_query_groups, tp)
+        self.hidden_size_per_partition = divide(config.kv_channels * config.num_attention_heads, tp)
+        # DotProductAttention's apply_query_key_layer_scaling divides and re-multiplies by the
+        # layer number: the net scale is this one.
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[BlockMask],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("FlexCoreAttention: packed_seq_params and attention_bias are not supported")
+        if attention_mask is not None and not isinstance(attention_mask, BlockMask):
+            raise TypeError(
+                f"FlexCoreAttention needs a BlockMask as attention_mask (see block_mask_for), got "
+                f"{type(attention_mask).__name__}; for dense bool masks build the model with "
+                f"attention_backend='dense'"
+            )
+        # [s, b, n, d] -> [b, n, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        context = flex_attention_bhsd(q, k, v, attention_mask, self.softmax_scale)
+        # [b, np, sq, hn] -> [sq, b, np * hn]
+        sq, b = query.shape[0], query.shape[1]
+        return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+
+def flex_attention_bhsd(q, k, v, block_mask: Optional[BlockMask], scale: float) -> torch.Tensor:
+    """flex_attention on [b, h, s, d] tensors (GQA when k/v have fewer heads), on any device,
+    differentiable on CPU too."""
+    gqa = q.shape[1] != k.shape[1]
+    if q.device.type != "cpu":
+        return _COMPILED_FLEX(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _CpuFlexAttention.apply(q, k, v, block_mask, scale)
+    return _cpu_flex_forward(q, k, v, block_mask, scale)
+
+
+def _cpu_flex_forward(q, k, v, block_mask, scale):
+    """Forward only (torch's CPU flex has no backward): the compiled fused kernel, or eager flex
+    if this machine cannot compile."""
+    global _cpu_compile_failed
+    gqa = q.shape[1] != k.shape[1]
+    q, k, v = q.detach(), k.detach(), v.detach()
+    if not _cpu_compile_failed:
+        try:
+            return _COMPILED_FLEX(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+        except Exception as error:  # no C++ compiler, unsupported shape, ...
+            _cpu_compile_failed = True
+            warnings.warn(f"compiled flex_attention failed on CPU ({type(error).__name__}: "
+                          f"{str(error)[:200]}); using eager flex_attention (materialises scores)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+
+
+class _CpuFlexAttention(torch.autograd.Function):
+    """CPU flex attention with a backward: fused forward, tile-by-tile recomputing backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_mask, scale):
+        ctx.save_for_backward(q, k, v)
+        ctx.block_mask, ctx.scale = block_mask, scale
+        return _cpu_flex_forward(q, k, v, block_mask, scale)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v = ctx.saved_tensors
+        dq, dk, dv = _blockwise_attention_backward(q, k, v, grad_out, ctx.block_mask, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def _tiles(block_mask: Optional[BlockMask], batch: int, q_len: int, kv_len: int):
+    """Yield (b, query rows, visible key rows, mask_mod or None) per query tile."""
+    if block_mask is None:
+        rows = torch.arange(kv_len)
+        for b in range(batch):
+            for start in range(0, q_len, 128):
+                yield b, torch.arange(start, min(start + 128, q_len)), rows, None
+        return
+    if block_mask.kv_num_blocks.shape[1] != 1:
+        raise ValueError("FlexCoreAttention on CPU: per-head BlockMasks are not supported (use H=None)")
+    q_block, kv_block = block_mask.BLOCK_SIZE
+    mask_b = block_mask.kv_num_blocks.shape[0]
+    offsets = torch.arange(kv_block)
+    for b in range(batch):
+        mb = b if mask_b > 1 else 0
+        for i, start in enumerate(range(0, q_len, q_block)):
+            blocks = [block_mask.kv_indices[mb, 0, i, : block_mask.kv_num_blocks[mb, 0, i]]]
+            if block_mask.full_kv_num_blocks is not None:
+                blocks.append(block_mask.full_kv_indices[mb, 0, i, : block_mask.full_kv_num_blocks[mb, 0, i]])
+            blocks = torch.cat(blocks).to("cpu", torch.long)
+            keys = (blocks[:, None] * kv_block + offsets).flatten()
+            yield b, torch.arange(start, min(start + q_block, q_len)), keys[keys < kv_len], block_mask.mask_mod
+
+
+def _blockwise_attention_backward(q, k, v, grad_out, block_mask, scale):
+    """Gradients of softmax(q k^T * scale + mask) v, recomputed per query tile over visible keys.
+
+    q [b, hq, sq, d], k/v [b, hkv, sk, d], query head h uses kv head h // (hq / hkv)."""
+    batch, hq, q_len, dim = q.shape
+    hkv, kv_len = k.shape[1], k.shape[2]
+    group = hq // hkv
+    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    dq = torch.zeros(q.shape, dtype=compute)
+    dk = torch.zeros(k.shape, dtype=compute)
+    dv = torch.zeros(v.shape, dtype=compute)
+    allowed_fn = None
+    for b, rows, keys, mask_mod in _tiles(block_mask, batch, q_len, kv_len):
+        if keys.numel() == 0:
+            continue
+        r, n = rows.numel(), keys.numel()
+        qi = q[b, :, rows].to(compute).reshape(hkv, group * r, dim)
+        doi = grad_out[b, :, rows].to(compute).reshape(hkv, group * r, dim)
+        ks, vs = k[b, :, keys].to(compute), v[b, :, keys].to(compute)
+        scores = (qi @ ks.transpose(1, 2)).mul_(scale)
+        if mask_mod is not None:
+            if allowed_fn is None:
+                allowed_fn = torch.vmap(torch.vmap(mask_mod, in_dims=(None, None, None, 0)),
+                                        in_dims=(None, None, 0, None))
+            allowed = allowed_fn(torch.tensor(b), torch.tensor(0), rows, keys)  # [r, n]
+            scores = scores.view(hkv, group, r, n).masked_fill(~allowed, float("-inf")).view(hkv, group * r, n)
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key -> 0
+        dv[b].index_add_(1, keys, probs.transpose(1, 2) @ doi)
+        dprobs = doi @ vs.transpose(1, 2)
+        dscores = probs * (dprobs - (probs * dprobs).sum(-1, keepdim=True))
+        dq[b, :, rows] = (dscores @ ks).mul_(scale).view(hq, r, dim)
+        dk[b].index_add_(1, keys, (dscores.transpose(1, 2) @ qi).mul_(scale))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

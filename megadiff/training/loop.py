@@ -1,0 +1,270 @@
+"""The diffusion SFT training loop on megatron-core.
+
+    for step in steps:
+        micro-batches of this DP rank -> noise -> [x_t] or [x_t ; x_0] + attention mask
+        global loss denominator (all micro-batches, all DP ranks; known before forward)
+        forward/backward through megatron-core's pipeline schedule
+        skip the step if the loss is NaN/Inf, else clip + AdamW step + LR schedule
+        log, checkpoint (every N steps, at the end, on SIGTERM)
+"""
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from megadiff.training.config import TrainingConfig
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    lr: float
+    grad_norm: Optional[float]
+    tokens: int
+    skipped: bool
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a NaN/Inf loss."""
+
+
+class _Sigterm:
+    """Remembers a SIGTERM so the loop can save a checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.received = False
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        self.received = True
+
+
+def params_dtype(cfg: TrainingConfig) -> torch.dtype:
+    if cfg.model.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
+
+
+def build_optimizer(cfg: TrainingConfig, chunks, dtype):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    t = cfg.train
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad, bf16=dtype == torch.bfloat16, params_dtype=dtype,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(opt_config, chunks)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if t.warmup_steps else t.lr, max_lr=t.lr, min_lr=t.min_lr,
+        lr_warmup_steps=t.warmup_steps, lr_decay_steps=max(t.steps, t.warmup_steps + 1),
+        lr_decay_style=t.lr_schedule, start_wd=t.weight_decay, end_wd=t.weight_decay,
+        wd_incr_steps=t.steps, wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+class Trainer:
+    """Holds everything one run needs; `run()` trains and returns the per-step results."""
+
+    def __init__(self, cfg: TrainingConfig):
+        from megatron.core import parallel_state as ps
+
+        from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout
+        from megadiff.platform import init_distributed, initialize_parallel, print_rank0
+        from megadiff.training.setup import build_dataset, build_model_and_load, load_tokenizer_and_mask_id
+
+        self.cfg = cfg
+        self.log = print_rank0
+        p = cfg.parallel
+        self.layout = ParallelLayout(tp=p.tp, ep=p.ep, etp=p.etp, pp=p.pp, vpp=p.vpp)
+        from checkpoint_converters.hf_io import read_hf_config
+
+        self.hf_config = read_hf_config(cfg.model.hf_dir)
+        self.model_cfg = LLaDA2ModelConfig.from_hf_dict(self.hf_config, os.path.join(cfg.model.hf_dir, "config.json"))
+        self.model_cfg.validate_layout(self.layout)
+        # Cheap checks first: tokenizer and every data row are validated before the model is built.
+        self.tokenizer, self.mask_id = load_tokenizer_and_mask_id(cfg, self.model_cfg)
+        init_distributed()
+        initialize_parallel(self.layout, seed=cfg.train.seed)
+        self.dp_size, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        self.dataset, data_stats = build_dataset(cfg, self.tokenizer, self.dp_size, self.dp_rank)
+        self.log(f"data: {data_stats}")
+        self.dtype = params_dtype(cfg)
+        self.chunks = build_model_and_load(cfg, self.model_cfg, self.layout, self.dtype, self.log)
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.chunks, self.dtype)
+        self._data_iter = iter(self.dataset)
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+        self.skipped_steps = 0
+        if cfg.checkpoint.save_dir and cfg.checkpoint.resume:
+            self._maybe_resume()
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def _sharded_state_dict(self):
+        from megadiff.checkpoint import model_sharded_state_dict
+
+        state = model_sharded_state_dict(self.chunks)
+        state["optimizer"] = self.optimizer.sharded_state_dict(state)
+        state["scheduler"] = self.scheduler.state_dict()
+        state["data"] = self.dataset.state_dict()
+        state["trainer"] = {"step": self.step, "skipped_steps": self.skipped_steps}
+        state["rng"] = {"torch": torch.get_rng_state()}
+        return state
+
+    def save(self) -> str:
+        from megadiff.checkpoint import save_checkpoint
+
+        from megadiff.training.checkpointing import prune_checkpoints
+
+        ck = self.cfg.checkpoint
+        meta = {
+            "hf_config": self.hf_config,
+            "hf_source_dir": os.path.abspath(self.cfg.model.hf_dir),
+            "layout": vars(self.layout),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "extra": {"training_config": self.cfg.to_dict(), "step": self.step},
+        }
+        path = save_checkpoint(ck.save_dir, self.step, self._sharded_state_dict(), meta)
+        prune_checkpoints(ck.save_dir, keep_last=ck.keep_last)
+        self.log(f"saved checkpoint {path}")
+        return path
+
+    def _maybe_resume(self):
+        from megadiff.checkpoint import latest_iteration, load_checkpoint
+
+        root = self.cfg.checkpoint.save_dir
+        iteration = latest_iteration(root) if os.path.isdir(root) else None
+        if iteration is None:
+            return
+        state, _ = load_checkpoint(root, self._sharded_state_dict(), iteration=iteration)
+        from megadiff.training.checkpointing import apply_model_state
+
+        apply_model_state(self.chunks, state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.dataset.load_state_dict(state["data"])
+        self.step = int(state["trainer"]["step"])
+        self.skipped_steps = int(state["trainer"]["skipped_steps"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.log(f"resumed from {root} at step {self.step}")
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    def _micro_batches(self) -> List[dict]:
+        from megadiff.training.batch import prepare_micro_batch
+
+        d = self.cfg.diffusion
+        dense = self.cfg.model.attention_backend == "dense"
+        batches = []
+        for _ in range(self.dataset.accumulation_steps):
+            raw = next(self._data_iter)
+            prepared = prepare_micro_batch(raw, d, self.mask_id, self.cfg.train.seed, with_dense_mask=dense)
+            if not dense:
+                from megadiff.models.llada2.flex_attention import block_mask_for
+
+                mode = "full" if d.mode == "full" else "bd"
+                prepared["allowed"] = block_mask_for(raw["doc_ids"], raw["position_ids"], mode, d.block_size,
+                                                     prepared["input_ids"].device)
+            batches.append(prepared)
+        return batches
+
+    def forward_backward_step(self, micro: List[dict]):
+        """Loss of the global batch (all DP ranks) and its gradients in the DDP grad buffers.
+        Returns (loss, real tokens of the global batch)."""
+        from megatron.core import parallel_state as ps
+
+        from megadiff.training.batch import loss_denominator
+        from megadiff.training.loss import diffusion_loss_sums
+        from megadiff.training.schedule import forward_backward
+
+        d = self.cfg.diffusion
+        denominator = torch.stack([loss_denominator(b, d.normalize) for b in micro]).sum()
+        torch.distributed.all_reduce(denominator, group=ps.get_data_parallel_group())
+        scale = 1.0 / float(denominator) if denominator > 0 else 0.0
+        real_tokens = sum(int((b["sample_ids"] >= 0).sum()) for b in micro)
+
+        def loss_fn(batch, output):
+            sums = diffusion_loss_sums(output, batch, d)
+            loss = (sums["numerator"] + d.confidence_beta * sums["cap_numerator"]) * scale
+            # num_tokens 0: the loss is already divided by the global denominator, so
+            # finalize_model_grads must not rescale; DP gradients are summed.
+            return loss, torch.tensor(0, dtype=torch.int), {"loss": loss.detach().clone()}
+
+        for chunk in self.chunks:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = forward_backward(self.chunks, micro, loss_fn)
+        loss = torch.tensor(sum(float(o["loss"]) for o in outputs), dtype=torch.double)
+        torch.distributed.all_reduce(loss, group=ps.get_data_parallel_group())
+        torch.distributed.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())  # only the last stage has it
+        loss = float(loss)
+        tokens = torch.tensor(real_tokens)
+        torch.distributed.all_reduce(tokens, group=ps.get_data_parallel_group())
+        return loss, int(tokens)
+
+    def train_step(self) -> StepResult:
+        loss, tokens = self.forward_backward_step(self._micro_batches())
+        self.step += 1
+        if not math.isfinite(loss):
+            self.nonfinite_in_a_row += 1
+            self.skipped_steps += 1
+            self.log(f"step {self.step}: loss is {loss}; step skipped ({self.nonfinite_in_a_row} in a row)")
+            if self.nonfinite_in_a_row >= self.cfg.train.max_consecutive_nonfinite:
+                raise NonFiniteLossError(
+                    f"{self.nonfinite_in_a_row} consecutive steps with a non-finite loss; stopping "
+                    f"(train.max_consecutive_nonfinite={self.cfg.train.max_consecutive_nonfinite})"
+                )
+            return StepResult(self.step, loss, self._lr(), None, tokens, True)
+        self.nonfinite_in_a_row = 0
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        return StepResult(self.step, loss, self._lr(), grad_norm, tokens, False)
+
+    def _lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # ---- the run -------------------------------------------------------------------------------
+
+    def run(self) -> List[StepResult]:
+        from megadiff.training.logging import MetricsLogger
+
+        cfg = self.cfg
+        sigterm = _Sigterm()
+        results = []
+        logger = MetricsLogger(cfg, total_steps=cfg.train.steps, initial_step=self.step)
+        try:
+            while self.step < cfg.train.steps:
+                start = time.perf_counter()
+                result = self.train_step()
+                results.append(result)
+                logger.log(result, time.perf_counter() - start)
+                ck = cfg.checkpoint
+                if sigterm.received:
+                    self.log(f"SIGTERM at step {self.step}: saving a checkpoint and exiting")
+                    if ck.save_dir:
+                        self.save()
+                    break
+                if ck.save_dir and ck.save_interval and self.step % ck.save_interval == 0 and self.step < cfg.train.steps:
+                    self.save()
+            else:
+                if cfg.checkpoint.save_dir:
+                    self.save()
+        finally:
+            logger.close()
+        return results
+
+
+def train(cfg: TrainingConfig) -> List[StepResult]:
+    return Trainer(cfg).run()

@@ -1,0 +1,72 @@
+"""Masked-diffusion loss on vocab-parallel logits (never gathers the vocabulary over TP).
+
+The same quantities as megadiff.diffusion.loss (the plain-PyTorch reference), computed with
+megatron-core's vocab-parallel cross entropy. The trainer divides by the GLOBAL denominator of the
+step (all micro-batches, all data-parallel ranks; it only depends on the noise, so it is known
+before the forward pass), which makes the loss and its gradients independent of the layout.
+
+CAP (confidence_beta > 0): beta * sum of predictive entropy at masked positions predicted
+correctly, divided by the same global denominator (not by the number of correct positions, which
+is only known after every forward of the step).
+"""
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+
+def _vocab_parallel_entropy_and_correct(logits: torch.Tensor, targets: torch.Tensor):
+    """Entropy of softmax(logits) and whether argmax == target, for [n, V/tp] vocab shards."""
+    group = ps.get_tensor_model_parallel_group()
+    rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    local_max = logits.detach().max(dim=-1).values
+    global_max = local_max.clone()
+    torch.distributed.all_reduce(global_max, op=torch.distributed.ReduceOp.MAX, group=group)
+    shifted = logits - global_max.unsqueeze(-1)
+    sum_exp = reduce_from_tensor_model_parallel_region(shifted.exp().sum(-1))
+    log_z = sum_exp.log()
+    probs = (shifted - log_z.unsqueeze(-1)).exp()
+    expected_shifted = reduce_from_tensor_model_parallel_region((probs * shifted).sum(-1))
+    entropy = log_z - expected_shifted
+    vocab_start = rank * logits.shape[-1]
+    local = (targets >= vocab_start) & (targets < vocab_start + logits.shape[-1])
+    target_logit = torch.where(
+        local, logits.detach().gather(-1, (targets - vocab_start).clamp(0, logits.shape[-1] - 1)[:, None])[:, 0],
+        torch.zeros_like(local_max),
+    )
+    if size > 1:
+        torch.distributed.all_reduce(target_logit, group=group)
+    return entropy, target_logit >= global_max
+
+
+def diffusion_loss_sums(logits: torch.Tensor, batch: dict, diffusion) -> dict:
+    """Sums over one micro-batch: `numerator` (weighted CE at masked positions, with grad),
+    `cap_numerator` (entropy at correctly predicted masked positions, with grad), and counts.
+
+    logits: [B, S_in, V/tp] from the model; only the first S (the x_t half) is used."""
+    targets, masked = batch["targets"], batch["masked"]
+    x_t_logits = logits[:, : targets.shape[1]]
+    selected = x_t_logits[masked].float()  # [n, V/tp]
+    chosen = targets[masked]
+    ce = vocab_parallel_cross_entropy(selected.clone(), chosen)
+    weight = torch.ones_like(ce)
+    if diffusion.loss_weight == "inverse_t":
+        weight = 1.0 / batch["t"][masked].float()
+    if diffusion.normalize == "sequence":
+        doc = batch["doc_ids"]
+        answer_len = {}
+        for r, c in zip(*[x.tolist() for x in torch.nonzero(batch["loss_mask"], as_tuple=True)]):
+            key = (r, int(doc[r, c]))
+            answer_len[key] = answer_len.get(key, 0) + 1
+        rows, cols = torch.nonzero(masked, as_tuple=True)
+        lengths = torch.tensor([answer_len[(r, int(doc[r, c]))] for r, c in zip(rows.tolist(), cols.tolist())])
+        weight = weight / lengths.to(weight)
+    out = {"numerator": (weight * ce).sum(), "ce_sum": ce.detach().sum(), "masked_tokens": masked.sum()}
+    if diffusion.confidence_beta:
+        entropy, correct = _vocab_parallel_entropy_and_correct(selected, chosen)
+        out["cap_numerator"] = (entropy * correct).sum()
+        out["correct_tokens"] = correct.sum()
+    else:
+        out["cap_numerator"] = selected.sum() * 0.0
+    return out

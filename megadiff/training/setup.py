@@ -1,0 +1,73 @@
+"""Build what a training run needs, cheapest and most error-prone first: tokenizer, data, model."""
+
+import os
+
+import torch
+
+from megadiff.training.config import TrainingConfig
+
+
+def load_tokenizer_and_mask_id(cfg: TrainingConfig, model_cfg):
+    from transformers import AutoTokenizer
+
+    from megadiff.hf.tokenizer import mask_token_id
+
+    tokenizer_dir = cfg.model.tokenizer_dir or cfg.model.hf_dir
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except Exception as e:  # transformers raises several types for a missing/broken tokenizer
+        raise ValueError(f"{tokenizer_dir}: cannot load the tokenizer ({e})") from None
+    mask_id = mask_token_id(tokenizer, cfg.model.mask_token_id)
+    if not 0 <= mask_id < model_cfg.vocab_size:
+        raise ValueError(f"mask token id {mask_id} is outside the model vocabulary ({model_cfg.vocab_size})")
+    return tokenizer, mask_id
+
+
+def build_dataset(cfg: TrainingConfig, tokenizer, dp_size: int, dp_rank: int):
+    from megadiff.data.dataset import SFTDataset
+    from megadiff.data.rows import read_sft_rows
+    from megadiff.data.tokenize import tokenize_rows
+
+    rows, stats = read_sft_rows(cfg.data.train_files, skip_bad_rows=cfg.data.skip_bad_rows)
+    samples = tokenize_rows(rows, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    dataset = SFTDataset(
+        samples, max_seq_len=cfg.data.max_seq_len, pad_id=pad_id,
+        global_batch_size=cfg.train.global_batch_size, micro_batch_size=cfg.train.micro_batch_size,
+        dp_size=dp_size, dp_rank=dp_rank, seed=cfg.train.seed, mode=cfg.data.mode,
+        truncation=cfg.data.truncation,
+    )
+    summary = {
+        **{k: v for k, v in dataset.stats.items() if isinstance(v, (int, float))},
+        "sft_rows": stats.get("rows_kept"), "skipped_bad_rows": stats.get("rows_skipped"),
+        "packed_rows": len(dataset.plans),
+    }
+    return dataset, summary
+
+
+def build_model_and_load(cfg: TrainingConfig, model_cfg, layout, dtype, log):
+    from checkpoint_converters.hf_io import HFCheckpointReader
+    from checkpoint_converters.llada2_mapping import load_hf_into_model
+    from megadiff.models.llada2.model import build_model
+    from megadiff.training.ddp import wrap_ddp
+
+    overrides = dict(calculate_per_token_loss=True)
+    if cfg.model.attention_backend == "flex":
+        chunks = build_model(model_cfg, layout, dtype, attention_backend="flex", **overrides)
+    else:
+        chunks = build_model(model_cfg, layout, dtype, **overrides)
+    if cfg.model.init_from_mcore:
+        from megadiff.checkpoint import load_model_weights
+
+        load_model_weights(cfg.model.init_from_mcore, chunks)
+        log(f"initial weights: megatron checkpoint {cfg.model.init_from_mcore}")
+    else:
+        reader = HFCheckpointReader(cfg.model.hf_dir)
+        from checkpoint_converters.hf_io import check_tensors_match
+        from megadiff.hf.reference import expected_hf_shapes
+        from checkpoint_converters.hf_io import read_hf_config
+
+        check_tensors_match(reader, expected_hf_shapes(read_hf_config(cfg.model.hf_dir)))
+        load_hf_into_model(chunks, reader.get, model_cfg)
+        log(f"initial weights: HF {os.path.abspath(cfg.model.hf_dir)}")
+    return wrap_ddp(chunks, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)

@@ -1,0 +1,94 @@
+"""torchrun worker for the trainer's acceptance checks (several layouts per launch).
+
+--check step_parity: one block-diffusion and one full-attention step at each layout; loss and
+    every parameter gradient vs the reference model computing the same loss on the same noised
+    global batch. Writes {layout: {mode: {"loss_rel": .., "grad_rel": ..}}}.
+--check losses: N training steps at each layout; writes {layout: [loss per step]}.
+"""
+
+import argparse
+import json
+
+import torch
+
+from checkpoint_converters.llada2_mapping import gather_hf_state
+from megadiff.diffusion.loss import masked_diffusion_loss
+from megadiff.hf import load_reference_model
+from megadiff.training.batch import prepare_micro_batch
+from megadiff.training.config import load_config
+from megadiff.training.loop import Trainer
+
+
+def parse_layouts(text):
+    out = []
+    for item in filter(None, text.split(";")):
+        tp, ep, pp, *vpp = item.split(",")
+        out.append([f"parallel.tp={tp}", f"parallel.ep={ep}", f"parallel.pp={pp}"]
+                   + ([f"parallel.vpp={vpp[0]}"] if vpp else []))
+    return out
+
+
+def reference_loss_and_grads(trainer, hf_dir):
+    cfg = trainer.cfg
+    d = cfg.diffusion
+    ref = load_reference_model(hf_dir)
+    batch = prepare_micro_batch(trainer.dataset.global_batch(0, 0), d, trainer.mask_id, cfg.train.seed)
+    logits = torch.cat([
+        ref(batch["input_ids"][i : i + 1], batch["position_ids"][i : i + 1], batch["allowed"][i : i + 1]).logits
+        for i in range(batch["input_ids"].shape[0])
+    ])
+    _, stats = masked_diffusion_loss(
+        logits[:, : batch["targets"].shape[1]], batch["targets"], batch["masked"], batch["t"], batch["loss_mask"],
+        doc_ids=batch["doc_ids"], loss_weight=d.loss_weight, normalize=d.normalize,
+        confidence_beta=d.confidence_beta,
+    )
+    loss = (stats["numerator"] + d.confidence_beta * stats["cap_numerator"]) / stats["denominator"]
+    loss.backward()
+    return float(loss), {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in ref.named_parameters()}
+
+
+def step_parity(base_cfg, overrides, hf_dir):
+    result = {}
+    for mode in ("block_diffusion", "full"):
+        cfg = load_config(base_cfg, overrides + [f"diffusion.mode={mode}", "parallel.use_distributed_optimizer=false",
+                                                 "checkpoint.save_dir=", "logging.progress_bar=false"])
+        trainer = Trainer(cfg)
+        loss, _ = trainer.forward_backward_step(trainer._micro_batches())
+        grads = gather_hf_state(trainer.chunks, trainer.model_cfg, value=lambda p: getattr(p, "main_grad", torch.zeros_like(p)))
+        ref_loss, ref_grads = reference_loss_and_grads(trainer, hf_dir)
+        grad_rel = max(
+            float((grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)) for n, g in ref_grads.items()
+        )
+        result[mode] = {"loss": loss, "ref_loss": ref_loss, "loss_rel": abs(loss - ref_loss) / abs(ref_loss),
+                        "grad_rel": grad_rel}
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--hf-dir", required=True)
+    parser.add_argument("--check", choices=["step_parity", "losses"], required=True)
+    parser.add_argument("--layouts", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    results = {}
+    for layout in parse_layouts(args.layouts):
+        key = ",".join(x.split("=")[1] for x in layout)
+        if args.check == "step_parity":
+            results[key] = step_parity(args.config, list(args.overrides) + layout, args.hf_dir)
+        else:
+            cfg = load_config(args.config, list(args.overrides) + layout + ["logging.progress_bar=false"])
+            results[key] = [r.loss for r in Trainer(cfg).run()]
+        if torch.distributed.get_rank() == 0:
+            print(key, results[key], flush=True)
+    if torch.distributed.get_rank() == 0:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
