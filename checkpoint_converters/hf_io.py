@@ -111,10 +111,34 @@ class HFCheckpointReader:
         for name in self.names():
             yield name, self.get(name)
 
+    def get_index(self, name: str, index: int) -> torch.Tensor:
+        """`tensor[index]` along dim 0 (e.g. one expert of a stacked [E, ...] tensor), reading only
+        those bytes."""
+        path = os.path.join(self.hf_dir, self._file_of.get(name, "?"))
+        piece = self._slice(name)
+        try:
+            return piece[index]
+        except Exception as e:
+            raise CheckpointError(f"{path}: tensor '{name}'[{index}] could not be read ({e})") from None
+
+    def nbytes(self, name: str) -> int:
+        """Size of a tensor's data in bytes, from the header (nothing is read)."""
+        count = 1
+        for s in self.shape(name):
+            count *= s
+        dtype = self.dtype_str(name)
+        if dtype not in SAFETENSORS_DTYPE_BYTES:
+            raise CheckpointError(f"{self.file_of(name)}: tensor '{name}' has unsupported dtype {dtype}")
+        return count * SAFETENSORS_DTYPE_BYTES[dtype]
+
 
 SAFETENSORS_DTYPES = {
     "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
     "F64": torch.float64, "I64": torch.int64, "I32": torch.int32,
+}
+SAFETENSORS_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
 }
 
 

@@ -1,4 +1,7 @@
-"""Shared pytest set-up: GPU tests skip cleanly where CUDA is absent."""
+"""Shared pytest set-up: GPU tests skip cleanly where CUDA is absent; a tiny LLaDA2 HF dir and
+synthetic SFT data are built once per session."""
+
+import json
 
 import pytest
 import torch
@@ -11,3 +14,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tmp_path_factory):
+    from megadiff.data.synthetic import arithmetic_problems, as_messages
+    from megadiff.hf.tiny import write_tiny_model_dir
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    write_tiny_model_dir(str(root / "hf"), seed=0)
+    with open(root / "train.jsonl", "w") as f:
+        for row in arithmetic_problems(64, seed=1):
+            f.write(json.dumps(as_messages(row)) + "\n")
+    with open(root / "memorise.jsonl", "w") as f:
+        for row in arithmetic_problems(16, seed=3):
+            f.write(json.dumps(as_messages(row)) + "\n")
+    (root / "cfg.yaml").write_text(
+        f"model: {{hf_dir: {root / 'hf'}}}\n"
+        f"data: {{train_files: {root / 'train.jsonl'}, max_seq_len: 128}}\n"
+        "train: {steps: 5, global_batch_size: 4, micro_batch_size: 1, lr: 1.0e-3}\n"
+        "diffusion: {mode: block_diffusion, block_size: 8}\n"
+        "logging: {progress_bar: false}\n"
+    )
+    return root

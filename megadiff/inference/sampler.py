@@ -110,7 +110,7 @@ class GenerationResult:
 def transfer_schedule(block_length: int, steps: int) -> list[int]:
     """Tokens to commit at each iteration of a block: block_length spread evenly, remainder first."""
     base, remainder = divmod(block_length, steps)
-    return [base + 1 if i < remainder else base for i in range(steps)]
+    return [base + 1 if i >= steps - remainder else base for i in range(steps)]
 
 
 def block_causal_mask(q_start: int, end: int, block_length: int, device=None) -> torch.Tensor:
@@ -299,6 +299,6 @@ def _keep(active: list[int], cache, keep: list[bool]):
         return active, cache
     index = [i for i, k in enumerate(keep) if k]
     if cache is not None:
-        idx = torch.tensor(index, device=cache[0][0].device)
+        idx = torch.tensor(index, dtype=torch.long, device=cache[0][0].device)
         cache = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in cache]
     return [active[i] for i in index], cache

@@ -138,6 +138,11 @@ def _set(cfg: TrainingConfig, section: str, key: str, value, where: str) -> None
         raise TrainingConfigError(f"{where}: {section}.{key} must be true or false, got {value!r}")
     if isinstance(default, int) and not isinstance(default, bool) and not (isinstance(value, int) and not isinstance(value, bool)):
         raise TrainingConfigError(f"{where}: {section}.{key} must be an integer, got {value!r}")
+    if isinstance(default, float) and isinstance(value, str):
+        try:  # YAML 1.1 reads 2e-5 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            pass
     if isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = float(value)
     elif isinstance(default, float):

@@ -81,7 +81,9 @@ class Trainer:
 
         from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout
         from megadiff.platform import init_distributed, initialize_parallel, print_rank0
-        from megadiff.training.setup import build_dataset, build_model_and_load, load_tokenizer_and_mask_id
+        from megadiff.training.setup import (
+            build_dataset, build_model_and_load, load_samples, load_tokenizer_and_mask_id,
+        )
 
         self.cfg = cfg
         self.log = print_rank0
@@ -94,10 +96,13 @@ class Trainer:
         self.model_cfg.validate_layout(self.layout)
         # Cheap checks first: tokenizer and every data row are validated before the model is built.
         self.tokenizer, self.mask_id = load_tokenizer_and_mask_id(cfg, self.model_cfg)
+        samples, row_stats = load_samples(cfg, self.tokenizer)
         init_distributed()
         initialize_parallel(self.layout, seed=cfg.train.seed)
         self.dp_size, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        self.dataset, data_stats = build_dataset(cfg, self.tokenizer, self.dp_size, self.dp_rank)
+        self.dataset, data_stats = build_dataset(
+            cfg, self.tokenizer, samples, row_stats, self.dp_size, self.dp_rank
+        )
         self.log(f"data: {data_stats}")
         self.dtype = params_dtype(cfg)
         self.chunks = build_model_and_load(cfg, self.model_cfg, self.layout, self.dtype, self.log)

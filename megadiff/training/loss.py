@@ -13,30 +13,45 @@ is only known after every forward of the step).
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+
+class _VocabParallelEntropy(torch.autograd.Function):
+    """Entropy H = log Z - E_p[logit] of softmax over a TP-sharded vocabulary.
+
+    Backward is local: dH/dlogit_i = -p_i * (logit_i - E_p[logit]); no communication needed."""
+
+    @staticmethod
+    def forward(ctx, logits, group):
+        global_max = logits.max(dim=-1).values
+        torch.distributed.all_reduce(global_max, op=torch.distributed.ReduceOp.MAX, group=group)
+        shifted = logits - global_max.unsqueeze(-1)
+        sum_exp = shifted.exp().sum(-1)
+        torch.distributed.all_reduce(sum_exp, group=group)
+        probs = (shifted - sum_exp.log().unsqueeze(-1)).exp()
+        expected = (probs * shifted).sum(-1)
+        torch.distributed.all_reduce(expected, group=group)
+        ctx.save_for_backward(probs, shifted, expected)
+        return sum_exp.log() - expected
+
+    @staticmethod
+    def backward(ctx, grad_entropy):
+        probs, shifted, expected = ctx.saved_tensors
+        grad = -probs * (shifted - expected.unsqueeze(-1)) * grad_entropy.unsqueeze(-1)
+        return grad, None
 
 
 def _vocab_parallel_entropy_and_correct(logits: torch.Tensor, targets: torch.Tensor):
     """Entropy of softmax(logits) and whether argmax == target, for [n, V/tp] vocab shards."""
     group = ps.get_tensor_model_parallel_group()
-    rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-    local_max = logits.detach().max(dim=-1).values
-    global_max = local_max.clone()
+    rank = ps.get_tensor_model_parallel_rank()
+    entropy = _VocabParallelEntropy.apply(logits, group)
+    global_max = logits.detach().max(dim=-1).values
     torch.distributed.all_reduce(global_max, op=torch.distributed.ReduceOp.MAX, group=group)
-    shifted = logits - global_max.unsqueeze(-1)
-    sum_exp = reduce_from_tensor_model_parallel_region(shifted.exp().sum(-1))
-    log_z = sum_exp.log()
-    probs = (shifted - log_z.unsqueeze(-1)).exp()
-    expected_shifted = reduce_from_tensor_model_parallel_region((probs * shifted).sum(-1))
-    entropy = log_z - expected_shifted
     vocab_start = rank * logits.shape[-1]
     local = (targets >= vocab_start) & (targets < vocab_start + logits.shape[-1])
-    target_logit = torch.where(
-        local, logits.detach().gather(-1, (targets - vocab_start).clamp(0, logits.shape[-1] - 1)[:, None])[:, 0],
-        torch.zeros_like(local_max),
-    )
-    if size > 1:
-        torch.distributed.all_reduce(target_logit, group=group)
+    index = (targets - vocab_start).clamp(0, logits.shape[-1] - 1)[:, None]
+    target_logit = torch.where(local, logits.detach().gather(-1, index)[:, 0], torch.zeros_like(global_max))
+    torch.distributed.all_reduce(target_logit, group=group)
     return entropy, target_logit >= global_max
 
 

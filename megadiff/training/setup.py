@@ -23,13 +23,19 @@ def load_tokenizer_and_mask_id(cfg: TrainingConfig, model_cfg):
     return tokenizer, mask_id
 
 
-def build_dataset(cfg: TrainingConfig, tokenizer, dp_size: int, dp_rank: int):
-    from megadiff.data.dataset import SFTDataset
+def load_samples(cfg: TrainingConfig, tokenizer):
+    """Read, validate and tokenise every SFT row (malformed input stops here, before any
+    process group or model exists)."""
     from megadiff.data.rows import read_sft_rows
     from megadiff.data.tokenize import tokenize_rows
 
     rows, stats = read_sft_rows(cfg.data.train_files, skip_bad_rows=cfg.data.skip_bad_rows)
-    samples = tokenize_rows(rows, tokenizer)
+    return tokenize_rows(rows, tokenizer), stats
+
+
+def build_dataset(cfg: TrainingConfig, tokenizer, samples, stats, dp_size: int, dp_rank: int):
+    from megadiff.data.dataset import SFTDataset
+
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dataset = SFTDataset(
         samples, max_seq_len=cfg.data.max_seq_len, pad_id=pad_id,

@@ -77,6 +77,21 @@ def block_mask_for(
     return build(mask_mod, batch, None, length, length, device=device)
 
 
+def check_flex_supported(config) -> None:
+    """Refuse TransformerConfig settings under which a BlockMask attention_mask cannot work."""
+    recompute_attention = config.recompute_granularity == "full" or (
+        config.recompute_granularity == "selective" and "core_attn" in (config.recompute_modules or [])
+    )
+    if recompute_attention:
+        raise ValueError(
+            f"attention_backend='flex' with recompute_granularity={config.recompute_granularity!r} "
+            f"(recompute_modules={config.recompute_modules}): megatron-core's checkpoint function "
+            f"saves attention_mask with save_for_backward, which takes tensors, not a BlockMask. "
+            f"Use selective recompute without 'core_attn' (flex attention keeps no [s, s] "
+            f"activations to recompute), or attention_backend='dense'"
+        )
+
+
 class FlexCoreAttention(MegatronModule):
     """Core attention running flex_attention; `attention_mask` is a BlockMask (None = full).
 
@@ -165,7 +180,10 @@ def _cpu_flex_forward(q, k, v, block_mask, scale):
     q, k, v = q.detach(), k.detach(), v.detach()
     if not _cpu_compile_failed:
         try:
-            return _COMPILED_FLEX(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+            # Without torch-function modes (megadiff.platform.cpu's CUDA->CPU mode): flex needs
+            # none, and dynamo would otherwise also compile the mode's __torch_function__ frames.
+            with torch._C.DisableTorchFunction():
+                return _COMPILED_FLEX(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
         except Exception as error:  # no C++ compiler, unsupported shape, ...
             _cpu_compile_failed = True
             warnings.warn(f"compiled flex_attention failed on CPU ({type(error).__name__}: "

@@ -11,9 +11,12 @@ from typing import List, Optional
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from torch.nn.attention.flex_attention import BlockMask
 
-from .config import LLaDA2ModelConfig, ParallelLayout, to_transformer_config
+from .config import ConfigError, LLaDA2ModelConfig, ParallelLayout, to_transformer_config
 from .spec import llada2_block_spec, transformer_engine_usable
+
+ATTENTION_BACKENDS = ("dense", "flex")
 
 
 def build_model(
@@ -21,23 +24,36 @@ def build_model(
     layout: ParallelLayout,
     params_dtype: torch.dtype = torch.float32,
     use_te: Optional[bool] = None,
+    attention_backend: str = "dense",
     **config_overrides,
 ) -> List[GPTModel]:
     """One GPTModel per virtual-pipeline chunk held by this rank (a list of one without VPP).
 
+    attention_backend: "dense" = the spec's core attention with dense bool masks; "flex" =
+    FlexCoreAttention, whose masks are BlockMasks (flex_attention.block_mask_for).
     Process groups must already be initialised for `layout` (platform.initialize_parallel)."""
+    if attention_backend not in ATTENTION_BACKENDS:
+        raise ConfigError(f"attention_backend={attention_backend!r}; choose one of {ATTENTION_BACKENDS}")
     if use_te is None:
         use_te = transformer_engine_usable()
     on_cpu = not torch.cuda.is_available()
     config = to_transformer_config(
         model_cfg, layout, params_dtype, use_te=use_te, on_cpu=on_cpu, **config_overrides
     )
+    core_attention = None
+    if attention_backend == "flex":
+        from .flex_attention import FlexCoreAttention, check_flex_supported
+
+        check_flex_supported(config)
+        core_attention = FlexCoreAttention
     chunks = []
     for vp in range(layout.vpp or 1):
         vp_stage = vp if layout.vpp else None
         model = GPTModel(
             config=config,
-            transformer_layer_spec=llada2_block_spec(config, use_te, vp_stage=vp_stage),
+            transformer_layer_spec=llada2_block_spec(
+                config, use_te, vp_stage=vp_stage, core_attention=core_attention
+            ),
             vocab_size=model_cfg.vocab_size,
             max_sequence_length=model_cfg.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -70,9 +86,12 @@ def mcore_attention_mask(allowed: Optional[torch.Tensor]) -> Optional[torch.Tens
 
 
 def forward_chunk(model: GPTModel, input_ids, position_ids, allowed=None):
-    """Run one chunk: returns vocab-parallel logits [b, s, V/tp] on the last stage, else hidden."""
+    """Run one chunk: returns vocab-parallel logits [b, s, V/tp] on the last stage, else hidden.
+
+    allowed: a megadiff bool mask (True = may attend; dense backend), a BlockMask (flex
+    backend, passed through as is), or None (full attention)."""
     return model(
         input_ids=input_ids,
         position_ids=mcore_position_ids(position_ids),
-        attention_mask=mcore_attention_mask(allowed),
+        attention_mask=allowed if isinstance(allowed, BlockMask) else mcore_attention_mask(allowed),
     )

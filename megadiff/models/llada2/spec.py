@@ -1,7 +1,8 @@
 """LLaDA2 layer specs: megatron-core's GPT decoder specs with two entries swapped.
 
 - Attention is bidirectional: every self-attention takes an arbitrary (optional) mask instead of
-  megatron-core's default causal mask.
+  megatron-core's default causal mask. `core_attention` optionally replaces the core attention
+  module (e.g. `FlexCoreAttention`, which takes a BlockMask as that mask).
 - Without Transformer Engine, norms are `SequenceParallelRMSNorm` (torch RMSNorm whose weight is
   marked `sequence_parallel`); megatron-core's torch norm wrapper refuses sequence parallelism,
   which TP>1 with MoE requires.
@@ -37,27 +38,31 @@ def transformer_engine_usable() -> bool:
     return True
 
 
-def _swap(spec, use_te: bool):
+def _swap(spec, use_te: bool, core_attention=None):
     """Recursively rewrite a spec tree (ModuleSpec / dataclass submodules / classes)."""
     if spec is WrappedTorchNorm and not use_te:
         return SequenceParallelRMSNorm
     if isinstance(spec, ModuleSpec):
         params = dict(spec.params)
+        submodules = _swap(spec.submodules, use_te, core_attention)
         if isinstance(spec.module, type) and issubclass(spec.module, SelfAttention):
             params["attn_mask_type"] = AttnMaskType.arbitrary
-        submodules = _swap(spec.submodules, use_te)
+            if core_attention is not None:
+                submodules = dataclasses.replace(submodules, core_attention=core_attention)
         return dataclasses.replace(spec, params=params, submodules=submodules)
     if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
-        changes = {f.name: _swap(getattr(spec, f.name), use_te) for f in dataclasses.fields(spec)}
+        changes = {f.name: _swap(getattr(spec, f.name), use_te, core_attention) for f in dataclasses.fields(spec)}
         return dataclasses.replace(spec, **changes)
     if isinstance(spec, list):
-        return [_swap(s, use_te) for s in spec]
+        return [_swap(s, use_te, core_attention) for s in spec]
     return spec
 
 
-def llada2_block_spec(config, use_te: bool, vp_stage=None):
-    """The decoder block spec (dense layer 0, MoE after) for this pipeline stage / chunk."""
+def llada2_block_spec(config, use_te: bool, vp_stage=None, core_attention=None):
+    """The decoder block spec (dense layer 0, MoE after) for this pipeline stage / chunk.
+    `core_attention`: a module class replacing every self-attention's core attention (None: the
+    spec's own, DotProductAttention / TEDotProductAttention)."""
     spec = get_gpt_decoder_block_spec(
         config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage
     )
-    return _swap(spec, use_te)
+    return _swap(spec, use_te, core_attention)

@@ -64,11 +64,55 @@ def step_parity(base_cfg, overrides, hf_dir):
     return result
 
 
+def loss_terms(layout_overrides):
+    """diffusion_loss_sums on vocab-sharded logits vs the plain reference loss (values and d/dlogits),
+    with CAP on and targets that are the argmax at about half of the masked positions."""
+    from types import SimpleNamespace
+
+    from megatron.core import parallel_state as ps
+
+    from megadiff.models.llada2 import ParallelLayout
+    from megadiff.platform import init_distributed, initialize_parallel
+    from megadiff.training.loss import diffusion_loss_sums
+
+    tp = int(layout_overrides[0].split("=")[1])
+    init_distributed()
+    initialize_parallel(ParallelLayout(tp=tp))
+    g = torch.Generator().manual_seed(5)
+    B, S, V = 2, 12, 512
+    logits = torch.randn(B, S, V, generator=g)
+    loss_mask = torch.rand(B, S, generator=g) > 0.3
+    masked = loss_mask & (torch.rand(B, S, generator=g) > 0.4)
+    targets = torch.randint(0, V, (B, S), generator=g)
+    take_argmax = torch.rand(B, S, generator=g) > 0.5
+    targets = torch.where(take_argmax, logits.argmax(-1), targets)
+    t = torch.rand(B, S, generator=g) * 0.5 + 0.3
+    doc_ids = (torch.arange(S) >= S // 2).long().expand(B, S).contiguous()
+    worst = 0.0
+    for normalize, weight in (("masked_tokens", "none"), ("sequence", "inverse_t")):
+        d = SimpleNamespace(loss_weight=weight, normalize=normalize, confidence_beta=2.0)
+        full = logits.clone().requires_grad_(True)
+        _, ref = masked_diffusion_loss(full, targets, masked, t, loss_mask, doc_ids=doc_ids,
+                                       loss_weight=weight, normalize=normalize, confidence_beta=2.0)
+        (ref["numerator"] + 2.0 * ref["cap_numerator"]).backward()
+        rank = ps.get_tensor_model_parallel_rank()
+        part = logits.chunk(tp, dim=-1)[rank].clone().requires_grad_(True)
+        batch = dict(targets=targets, masked=masked, t=t, loss_mask=loss_mask, doc_ids=doc_ids)
+        ours = diffusion_loss_sums(part, batch, d)
+        (ours["numerator"] + 2.0 * ours["cap_numerator"]).backward()
+        assert int(ours["correct_tokens"]) == int(ref["cap_denominator"]) > 0
+        for key in ("numerator", "cap_numerator"):
+            worst = max(worst, abs(float(ours[key]) - float(ref[key])) / abs(float(ref[key])))
+        want = full.grad.chunk(tp, dim=-1)[rank]
+        worst = max(worst, float((part.grad - want).abs().max() / want.abs().max()))
+    return {"rel_err": worst}
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--hf-dir", required=True)
-    parser.add_argument("--check", choices=["step_parity", "losses"], required=True)
+    parser.add_argument("--config")
+    parser.add_argument("--hf-dir")
+    parser.add_argument("--check", choices=["step_parity", "losses", "loss_terms"], required=True)
     parser.add_argument("--layouts", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("overrides", nargs="*")
@@ -76,7 +120,9 @@ def main():
     results = {}
     for layout in parse_layouts(args.layouts):
         key = ",".join(x.split("=")[1] for x in layout)
-        if args.check == "step_parity":
+        if args.check == "loss_terms":
+            results[key] = loss_terms(layout)
+        elif args.check == "step_parity":
             results[key] = step_parity(args.config, list(args.overrides) + layout, args.hf_dir)
         else:
             cfg = load_config(args.config, list(args.overrides) + layout + ["logging.progress_bar=false"])

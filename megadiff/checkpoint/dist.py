@@ -1,0 +1,197 @@
+"""Save and load megadiff checkpoints with megatron-core's dist_checkpointing (collective calls).
+
+A checkpoint holds global tensors keyed by megatron-core's sharded keys, so it can be loaded at any
+TP/EP/ETP/PP/VPP layout whatever layout saved it. `save_checkpoint` is what the trainer calls;
+`save_checkpoint_lazily` writes the same format from tensors computed one at a time (converters);
+`load_model_weights` loads only the model part (an optimizer state next to it is ignored).
+"""
+
+import os
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from checkpoint_converters.hf_io import CheckpointError
+
+from .format import (
+    DCP_METADATA_NAME,
+    build_meta,
+    commit_iteration_dir,
+    iteration_dir_name,
+    new_nonce,
+    read_meta,
+    remove_tree,
+    resolve_checkpoint_dir,
+    staging_path,
+)
+
+
+def unwrap_model(chunk):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    module = chunk
+    while not hasattr(module, "decoder") and hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def model_state_keys(num_chunks: int) -> List[str]:
+    """Megatron-LM's names: 'model' without virtual pipeline, 'model0', 'model1', ... with it."""
+    return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
+
+
+def model_sharded_state_dict(chunks) -> Dict:
+    """{'model': ...} (or {'model0': ..., 'model1': ...} with VPP) of sharded tensors keyed by
+    global names, so a checkpoint can be loaded at any layout."""
+    return {key: unwrap_model(chunk).sharded_state_dict()
+            for key, chunk in zip(model_state_keys(len(chunks)), chunks)}
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank()
+
+
+def _broadcast(obj):
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _save_iteration(root: str, iteration: int, meta: Dict, write: Callable[[str], None]) -> str:
+    """Shared by both savers: stage, write (collective), commit on rank 0, agree on the outcome."""
+    if not torch.distributed.is_initialized():
+        raise RuntimeError("save_checkpoint is collective: call megadiff.platform.init_distributed() first")
+    meta_json = build_meta(iteration, meta, torch.distributed.get_world_size())  # validate before work
+    root = os.path.abspath(root)
+    final = os.path.join(root, iteration_dir_name(iteration))
+    staging = staging_path(final, _broadcast(new_nonce() if _rank() == 0 else None))
+    if _rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        os.makedirs(staging)
+    torch.distributed.barrier()
+    try:
+        write(staging)
+        torch.distributed.barrier()
+        error = None
+        if _rank() == 0:
+            try:
+                commit_iteration_dir(root, iteration, staging, meta_json)
+            except Exception as e:  # tell the other ranks instead of leaving them in a barrier
+                error = f"{type(e).__name__}: {e}"
+        error = _broadcast(error)
+        if error:
+            raise CheckpointError(f"{final}: committing the checkpoint failed on rank 0: {error}")
+    except BaseException:
+        if _rank() == 0:
+            remove_tree(staging)
+        raise
+    return final
+
+
+def save_checkpoint(root: str, iteration: int, sharded_state_dict: Dict, meta: Dict) -> str:
+    """Save `sharded_state_dict` (model, optionally optimizer etc.) as ROOT/iter_XXXXXXX, atomically.
+
+    Collective. `meta`: hf_config (dict), layout (ParallelLayout or dict), dtype, and optionally
+    hf_source_dir and extra (free-form dict); stored as megadiff.json. Returns the iteration dir."""
+    from megatron.core import dist_checkpointing
+
+    return _save_iteration(root, iteration, meta, lambda d: dist_checkpointing.save(sharded_state_dict, d))
+
+
+def save_checkpoint_lazily(
+    root: str, iteration: int, sharded_state_dict: Dict, meta: Dict,
+    materialize: Callable[[str], torch.Tensor], on_tensor: Optional[Callable[[int], None]] = None,
+) -> str:
+    """`save_checkpoint` for a sharded state dict whose tensors are placeholders (e.g. a model
+    built on the meta device): `materialize(path)` returns the real value of the entry at `path`
+    (e.g. 'model.decoder.layers.0.mlp.linear_fc1.weight') when it is written, so memory holds
+    about one tensor at a time. Same files as megatron-core writes, loadable at any layout."""
+    from .lazy import write_lazily
+
+    return _save_iteration(
+        root, iteration, meta, lambda d: write_lazily(sharded_state_dict, d, materialize, on_tensor)
+    )
+
+
+def _checkpoint_tensor_metadata(ckpt_dir: str):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not os.path.isfile(os.path.join(ckpt_dir, DCP_METADATA_NAME)):
+        raise CheckpointError(f"{ckpt_dir}: {DCP_METADATA_NAME} missing; not a dist_checkpointing directory")
+    return FileSystemReader(ckpt_dir).read_metadata().state_dict_metadata
+
+
+def _item_key(item) -> Optional[str]:
+    """The key a ShardedTensor / factory / ShardedObject is stored under (None for other values)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+
+    if isinstance(item, ShardedObject):
+        return item.unique_key
+    if isinstance(item, (ShardedTensor, ShardedTensorFactory)):
+        return item.key
+    return None
+
+
+def missing_sharded_keys(ckpt_dir: str, sharded_state_dict: Dict) -> List[str]:
+    """Sharded keys requested by `sharded_state_dict` that the checkpoint does not hold. Raises
+    CheckpointError on a global-shape mismatch (the checkpoint is for another model config)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    stored = _checkpoint_tensor_metadata(ckpt_dir)
+    missing = []
+    for item in nested_values(sharded_state_dict):
+        key = _item_key(item)
+        if key is None:
+            continue
+        if key not in stored:
+            missing.append(key)
+            continue
+        if isinstance(item, ShardedTensor) and item.flattened_range is None and not item.allow_shape_mismatch:
+            have = tuple(getattr(stored[key], "size", ()))
+            if have != tuple(item.global_shape):
+                raise CheckpointError(
+                    f"{ckpt_dir}: tensor '{key}' has global shape {list(have)}, the model expects "
+                    f"{list(item.global_shape)}; the checkpoint was written for another model config"
+                )
+    return sorted(set(missing))
+
+
+def _missing_error(ckpt_dir: str, missing: List[str]) -> CheckpointError:
+    return CheckpointError(
+        f"{ckpt_dir}: tensor '{missing[0]}' is not in the checkpoint ({len(missing)} missing in all); "
+        f"it was written for another model config or layout family (see its megadiff.json)"
+    )
+
+
+def load_checkpoint(root_or_iter_dir: str, sharded_state_dict: Dict, iteration: Optional[int] = None):
+    """Load what `sharded_state_dict` asks for (collective) -> (state_dict, megadiff.json dict).
+    Tensors in the checkpoint that are not asked for (e.g. optimizer state) are ignored."""
+    from megatron.core import dist_checkpointing
+
+    ckpt_dir = resolve_checkpoint_dir(root_or_iter_dir, iteration)
+    meta = read_meta(ckpt_dir)
+    missing = missing_sharded_keys(ckpt_dir, sharded_state_dict)
+    if missing:
+        raise _missing_error(ckpt_dir, missing)
+    return dist_checkpointing.load(sharded_state_dict, ckpt_dir), meta
+
+
+def load_model_weights(root_or_iter_dir: str, chunks, iteration: Optional[int] = None, strict: bool = True) -> Dict:
+    """Load the model weights of a checkpoint into `chunks` (this rank's model chunks, any layout).
+    Optimizer state in the checkpoint is ignored. With strict=False, parameters the checkpoint lacks
+    keep their values. Collective. Returns the checkpoint's megadiff.json dict."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import extract_matching_values
+
+    ckpt_dir = resolve_checkpoint_dir(root_or_iter_dir, iteration)
+    meta = read_meta(ckpt_dir)
+    sharded = model_sharded_state_dict(chunks)
+    missing = set(missing_sharded_keys(ckpt_dir, sharded))
+    if missing and strict:
+        raise _missing_error(ckpt_dir, sorted(missing))
+    if missing:
+        sharded, _ = extract_matching_values(sharded, lambda item: _item_key(item) not in missing)
+    state = dist_checkpointing.load(sharded, ckpt_dir)
+    for key, chunk in zip(model_state_keys(len(chunks)), chunks):
+        unwrap_model(chunk).load_state_dict(state[key], strict=strict)
+    return meta

@@ -1,0 +1,191 @@
+"""Write a megatron-core dist checkpoint whose tensors are computed one at a time.
+
+Converters build the model on the meta device (no memory), take megatron-core's own sharded state
+dict of it (so keys, global shapes, shard offsets and ShardedObjects are exactly what the trainer
+would save and load), and let this module ask for each real tensor only when its bytes are written.
+
+Memory: torch's FileSystemWriter keeps every tensor of a file alive until the file is closed (it
+collects them for its safetensors mode), so `_StreamingWriter` writes the items itself, one at a
+time, with torch's own `_write_item` (the same helper megatron-core's writer uses): the files and
+`.metadata` are byte-compatible with megatron-core's torch_dist backend.
+"""
+
+import os
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _write_item
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+from torch.futures import Future
+
+
+class _LazyShards(torch.Tensor):
+    """The shards of one global tensor held by this rank, computed when DCP asks for them.
+
+    Implements torch DCP's _Checkpointable protocol (like megatron-core's LocalShardsContainer)."""
+
+    @staticmethod
+    def __new__(cls, key, global_shape, dtype, shards):
+        return torch.Tensor._make_wrapper_subclass(cls, torch.Size(global_shape), dtype=dtype, device="cpu")
+
+    def __init__(self, key, global_shape, dtype, shards: List[Tuple[tuple, tuple, Callable]]):
+        self._key = key
+        self._shards = shards  # (global offsets, sizes, compute)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise NotImplementedError(f"_LazyShards is a placeholder for checkpoint writing, not a tensor ({func})")
+
+    def __repr__(self):
+        return f"_LazyShards({self._key}, {list(self.shape)}, {len(self._shards)} shards)"
+
+    def __create_write_items__(self, fqn, obj):
+        props = TensorProperties(dtype=self.dtype)
+        return [
+            WriteItem(
+                index=MetadataIndex(fqn, torch.Size(offsets), i),
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    chunk=ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)),
+                    properties=props,
+                    size=self.shape,
+                ),
+            )
+            for i, (offsets, sizes, _) in enumerate(self._shards)
+        ]
+
+    def __create_chunk_list__(self):
+        return [ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(s)) for o, s, _ in self._shards]
+
+    def __get_tensor_shard__(self, index):
+        for i, (offsets, sizes, compute) in enumerate(self._shards):
+            if (index.index == i or index.index is None) and torch.Size(offsets) == index.offset:
+                tensor = compute()
+                if tuple(tensor.shape) != tuple(sizes) or tensor.dtype != self.dtype:
+                    raise ValueError(
+                        f"{self._key} at {list(offsets)}: computed {tensor.dtype} {list(tensor.shape)}, "
+                        f"expected {self.dtype} {list(sizes)}"
+                    )
+                return tensor
+        raise ValueError(f"{self._key}: no shard at offset {list(index.offset)}")
+
+
+class _StreamingWriter(FileSystemWriter):
+    """One `__<rank>_0.distcp` file per rank, tensors resolved and written one at a time."""
+
+    def __init__(self, path, on_tensor: Optional[Callable[[int], None]] = None):
+        super().__init__(path, single_file_per_rank=True, sync_files=True, thread_count=1)
+        self._on_tensor = on_tensor
+
+    def write_data(self, plan, planner):
+        from torch.distributed.checkpoint.filesystem import SerializationFormat
+
+        storage_key = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
+        path = self.fs.concat_path(self.path, storage_key)
+        results = []
+        with self.fs.create_stream(path, "wb") as stream:
+            for item in plan.items:
+                data = planner.resolve_data(item)
+                if item.type != WriteItemType.BYTE_IO:
+                    data = data.detach()
+                    if data.untyped_storage().nbytes() != data.nbytes or not data.is_contiguous():
+                        data = data.contiguous().clone()
+                results.append(_write_item(self.transforms, stream, data, item, storage_key,
+                                           SerializationFormat.TORCH_SAVE))
+                if item.type != WriteItemType.BYTE_IO and self._on_tensor:
+                    self._on_tensor(data.nbytes)
+                del data
+            stream.flush()
+            os.fsync(stream.fileno())
+        future: Future = Future()
+        future.set_result(results)
+        return future
+
+
+def _owner(path: str, owners: Dict[str, torch.Tensor]) -> str:
+    """The state-dict entry a (factory-built) shard at `path` came from: its longest prefix."""
+    for candidate in (path, *(path[:i] for i in reversed(range(len(path))) if path[i] == ".")):
+        if candidate in owners:
+            return candidate
+    raise KeyError(f"{path}: no state-dict entry owns this sharded tensor")
+
+
+def _piece(real: torch.Tensor, base: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+    """The part of `real` (the value of `base`) that `view` (a view of `base`) covers."""
+    if view is base:
+        return real
+    return real.as_strided(view.size(), view.stride(), view.storage_offset() - base.storage_offset())
+
+
+def write_lazily(
+    sharded_state_dict: Dict, checkpoint_dir: str, materialize: Callable[[str], torch.Tensor],
+    on_tensor: Optional[Callable[[int], None]] = None,
+) -> None:
+    """Collective. Save `sharded_state_dict` (placeholders; consumed) into `checkpoint_dir` the way
+    dist_checkpointing.save would, calling `materialize(path)` for each entry's real value."""
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
+    from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        _replace_state_dict_keys_with_sharded_keys,
+        flatten_state_dict,
+        mcore_to_pyt_state_dict,
+    )
+
+    # Each entry's placeholder tensor, before factories (e.g. gated fc1 -> [gate; up]) split it.
+    owners = {
+        path: item.data for path, item in flatten_state_dict(sharded_state_dict)[0].items()
+        if isinstance(getattr(item, "data", None), torch.Tensor)
+    }
+    sharded, common = save_preprocess(sharded_state_dict, validate_access_integrity=True)
+    TorchCommonSaveStrategy("torch", 1).save_common(common, checkpoint_dir)
+    groups, _, paths_of = _replace_state_dict_keys_with_sharded_keys(sharded, keep_only_main_replica=True)
+
+    cache: Dict[str, torch.Tensor] = {}
+
+    def value_of(owner: str) -> torch.Tensor:
+        if owner not in cache:
+            cache.clear()  # one entry at a time: bounded memory
+            base = owners[owner]
+            real = materialize(owner)
+            if tuple(real.shape) != tuple(base.shape):
+                raise ValueError(f"{owner}: materialized shape {list(real.shape)}, expected {list(base.shape)}")
+            cache[owner] = real.to(base.dtype).contiguous()
+        return cache[owner]
+
+    to_save = {}
+    for key, items in groups.items():
+        if isinstance(items[0], ShardedObject):
+            to_save.update(mcore_to_pyt_state_dict({key: items}))
+            continue
+        shards = []
+        for path, sh in zip(paths_of[key], items):
+            if sh.flattened_range is not None:
+                raise NotImplementedError(f"{key}: flattened shards cannot be written lazily")
+            owner = _owner(path, owners)
+            base, view = owners[owner], sh.data
+            if not (view is base or view._base is base or (base._base is not None and view._base is base._base)):
+                raise NotImplementedError(f"{path}: shard data is not a view of its entry's tensor")
+            if not base.is_contiguous():
+                raise NotImplementedError(f"{owner}: placeholder tensor must be contiguous")
+            sizes = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
+
+            def compute(owner=owner, base=base, view=view, sizes=sizes):
+                return _piece(value_of(owner), base, view).reshape(sizes)
+
+            shards.append((tuple(sh.global_offset), sizes, compute))
+        to_save[key] = _LazyShards(key, items[0].global_shape, items[0].dtype, shards)
+
+    torch.distributed.checkpoint.save(
+        to_save,
+        storage_writer=_StreamingWriter(checkpoint_dir, on_tensor),
+        planner=MCoreSavePlanner(flatten_state_dict=False),
+    )
+    cache.clear()
+    if torch.distributed.get_rank() == 0:
+        save_config(CheckpointingConfig("torch_dist", 1), checkpoint_dir)
+    torch.distributed.barrier()

@@ -1,0 +1,138 @@
+"""Read tensors, or boxes of them, from a dist checkpoint with torch DCP alone.
+
+No process group, no megatron-core, no writer process: export tools and the sampler read a
+checkpoint in a plain Python process. Whatever layout saved a tensor, a read returns the requested
+box of the global tensor assembled from the stored shards; only the stored items that overlap the
+box are read, so memory stays bounded by what is asked for.
+"""
+
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
+
+from checkpoint_converters.hf_io import CheckpointError
+
+from .format import DCP_METADATA_NAME
+
+Box = Tuple[str, Optional[Sequence[int]], Optional[Sequence[int]]]  # key, offsets, sizes (None = all)
+
+
+class _CachedMetadataReader(FileSystemReader):
+    """FileSystemReader that parses `.metadata` once, not on every load call."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self._metadata = None
+
+    def read_metadata(self, *args, **kwargs):
+        if self._metadata is None:
+            self._metadata = super().read_metadata(*args, **kwargs)
+        return self._metadata
+
+
+class _Boxes(torch.Tensor):
+    """Read targets of one global tensor: buffers at given offsets (DCP _Checkpointable protocol)."""
+
+    @staticmethod
+    def __new__(cls, global_shape, dtype, boxes):
+        return torch.Tensor._make_wrapper_subclass(cls, torch.Size(global_shape), dtype=dtype, device="cpu")
+
+    def __init__(self, global_shape, dtype, boxes: List[Tuple[Tuple[int, ...], torch.Tensor]]):
+        self._boxes = boxes
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise NotImplementedError(f"_Boxes is a read target, not a tensor ({func})")
+
+    def __create_chunk_list__(self):
+        return [ChunkStorageMetadata(offsets=torch.Size(o), sizes=b.shape) for o, b in self._boxes]
+
+    def __get_tensor_shard__(self, index):
+        if index.index is not None and index.index < len(self._boxes):
+            offsets, buffer = self._boxes[index.index]
+            if torch.Size(offsets) == index.offset:
+                return buffer
+        for offsets, buffer in self._boxes:
+            if torch.Size(offsets) == index.offset:
+                return buffer
+        raise ValueError(f"no read target at offset {list(index.offset)}")
+
+
+class DistCheckpointReader:
+    """Tensor keys, global shapes, dtypes and values of a megatron-core torch_dist checkpoint dir.
+
+    The constructor checks that every data file the metadata refers to exists and is long enough,
+    so a truncated or missing `.distcp` file is reported before any conversion starts."""
+
+    def __init__(self, ckpt_dir: str):
+        self.ckpt_dir = ckpt_dir
+        if not os.path.isfile(os.path.join(ckpt_dir, DCP_METADATA_NAME)):
+            raise CheckpointError(f"{ckpt_dir}: {DCP_METADATA_NAME} missing; not a dist_checkpointing directory")
+        self._reader = _CachedMetadataReader(ckpt_dir)
+        try:
+            metadata = self._reader.read_metadata()
+        except Exception as e:
+            raise CheckpointError(f"{os.path.join(ckpt_dir, DCP_METADATA_NAME)}: unreadable ({e})") from None
+        self._tensors: Dict[str, TensorStorageMetadata] = {
+            k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
+        }
+        needed: Dict[str, int] = {}
+        for info in (metadata.storage_data or {}).values():
+            end = info.offset + info.length
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+        for name, end in sorted(needed.items()):
+            path = os.path.join(ckpt_dir, name)
+            if not os.path.isfile(path):
+                raise CheckpointError(f"{path}: data file listed in {DCP_METADATA_NAME} is missing")
+            size = os.path.getsize(path)
+            if size < end:
+                raise CheckpointError(f"{path}: truncated ({size} bytes, the metadata needs {end})")
+
+    def keys(self) -> List[str]:
+        return sorted(self._tensors)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._tensors
+
+    def shape(self, key: str) -> Tuple[int, ...]:
+        return tuple(self._meta(key).size)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._meta(key).properties.dtype
+
+    def _meta(self, key: str) -> TensorStorageMetadata:
+        if key not in self._tensors:
+            raise CheckpointError(f"{self.ckpt_dir}: tensor '{key}' is not in the checkpoint")
+        return self._tensors[key]
+
+    def read_many(self, boxes: Sequence[Box]) -> List[torch.Tensor]:
+        """Read several boxes in one pass; returns one tensor per box, in order."""
+        targets: Dict[str, List[Tuple[Tuple[int, ...], torch.Tensor]]] = {}
+        out = []
+        for key, offsets, sizes in boxes:
+            shape = self.shape(key)
+            offsets = tuple(offsets) if offsets is not None else (0,) * len(shape)
+            sizes = tuple(sizes) if sizes is not None else tuple(s - o for s, o in zip(shape, offsets))
+            if len(offsets) != len(shape) or any(o < 0 or o + s > n for o, s, n in zip(offsets, sizes, shape)):
+                raise ValueError(f"{key}: box at {list(offsets)} of size {list(sizes)} outside {list(shape)}")
+            if any(o == offsets for o, _ in targets.get(key, [])):
+                raise ValueError(f"{key}: two boxes at offset {list(offsets)} in one read")
+            buffer = torch.empty(sizes, dtype=self.dtype(key))
+            targets.setdefault(key, []).append((offsets, buffer))
+            out.append(buffer)
+        state = {key: _Boxes(self.shape(key), self.dtype(key), items) for key, items in targets.items()}
+        try:
+            torch.distributed.checkpoint.load(
+                state, storage_reader=self._reader,
+                planner=DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
+                no_dist=True,
+            )
+        except Exception as e:
+            raise CheckpointError(f"{self.ckpt_dir}: reading {sorted(targets)[:3]} failed ({e})") from None
+        return out
+
+    def read(self, key: str, offsets: Optional[Sequence[int]] = None, sizes: Optional[Sequence[int]] = None) -> torch.Tensor:
+        return self.read_many([(key, offsets, sizes)])[0]

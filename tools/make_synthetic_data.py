@@ -1,0 +1,35 @@
+#!/usr/bin/env python3
+"""Write a synthetic GSM8K-format task (short arithmetic word problems ending in '#### <answer>')
+as jsonl rows with `question` and `answer`; tools/build_gsm8k_dataset.py turns it into SFT data.
+
+  .venv/bin/python tools/make_synthetic_data.py --output demo_out/data/gsm8k_synthetic.jsonl --rows 600
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", required=True, help="jsonl file to write")
+    p.add_argument("--rows", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.rows < 1:
+        raise SystemExit("error: --rows must be >= 1")
+    from megadiff.data.synthetic import arithmetic_problems
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+        for row in arithmetic_problems(args.rows, seed=args.seed):
+            f.write(json.dumps(row) + "\n")
+    print(f"{args.rows} synthetic GSM8K-format rows written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+#!/usr/bin/env python3
+"""Write a tiny random-init LLaDA2 HF directory (tokenizer with LLaDA2's special tokens and chat
+template, config.json with auto_map, remote code, safetensors) — the layout of a real download.
+
+  .venv/bin/python tools/make_tiny_model.py --output demo_out/tiny_hf
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", required=True, help="directory to create")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    if os.path.exists(os.path.join(args.output, "config.json")) and not args.overwrite:
+        raise SystemExit(f"error: {args.output} already holds a model; pass --overwrite to replace it")
+    from megadiff.hf.tiny import write_tiny_model_dir
+
+    write_tiny_model_dir(args.output, seed=args.seed)
+    print(f"tiny LLaDA2 model written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
