@@ -16,9 +16,11 @@ $(VENV)/.installed: setup.py
 
 setup: $(VENV)/.installed
 
-# Everything; GPU tests run where CUDA exists and skip cleanly elsewhere.
+# Everything; GPU tests run where CUDA exists and skip cleanly elsewhere. pytest's exit 5
+# (no tests collected) is a failure, not a pass.
 test: setup
-	$(PY) -m pytest tests -q
+	@$(PY) -m pytest tests -q --durations=15; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 
 test-fast: setup
 	$(PY) -m pytest tests -q -m "not slow and not dist"

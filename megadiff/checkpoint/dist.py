@@ -99,7 +99,7 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: Dict, meta: D
 
 def save_checkpoint_lazily(
     root: str, iteration: int, sharded_state_dict: Dict, meta: Dict,
-    materialize: Callable[[str], torch.Tensor], on_tensor: Optional[Callable[[int], None]] = None,
+    materialize: Callable[[str], torch.Tensor], on_tensor: Optional[Callable[[int, int], None]] = None,
 ) -> str:
     """`save_checkpoint` for a sharded state dict whose tensors are placeholders (e.g. a model
     built on the meta device): `materialize(path)` returns the real value of the entry at `path`

@@ -72,10 +72,17 @@ class _LazyShards(torch.Tensor):
         raise ValueError(f"{self._key}: no shard at offset {list(index.offset)}")
 
 
+def _item_nbytes(item: WriteItem) -> int:
+    count = 1
+    for s in item.tensor_data.chunk.sizes:
+        count *= s
+    return count * torch.empty((), dtype=item.tensor_data.properties.dtype).element_size()
+
+
 class _StreamingWriter(FileSystemWriter):
     """One `__<rank>_0.distcp` file per rank, tensors resolved and written one at a time."""
 
-    def __init__(self, path, on_tensor: Optional[Callable[[int], None]] = None):
+    def __init__(self, path, on_tensor: Optional[Callable[[int, int], None]] = None):
         super().__init__(path, single_file_per_rank=True, sync_files=True, thread_count=1)
         self._on_tensor = on_tensor
 
@@ -85,6 +92,7 @@ class _StreamingWriter(FileSystemWriter):
         storage_key = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
         path = self.fs.concat_path(self.path, storage_key)
         results = []
+        total = sum(_item_nbytes(i) for i in plan.items if i.type != WriteItemType.BYTE_IO)
         with self.fs.create_stream(path, "wb") as stream:
             for item in plan.items:
                 data = planner.resolve_data(item)
@@ -95,7 +103,7 @@ class _StreamingWriter(FileSystemWriter):
                 results.append(_write_item(self.transforms, stream, data, item, storage_key,
                                            SerializationFormat.TORCH_SAVE))
                 if item.type != WriteItemType.BYTE_IO and self._on_tensor:
-                    self._on_tensor(data.nbytes)
+                    self._on_tensor(data.nbytes, total)
                 del data
             stream.flush()
             os.fsync(stream.fileno())
@@ -121,10 +129,11 @@ def _piece(real: torch.Tensor, base: torch.Tensor, view: torch.Tensor) -> torch.
 
 def write_lazily(
     sharded_state_dict: Dict, checkpoint_dir: str, materialize: Callable[[str], torch.Tensor],
-    on_tensor: Optional[Callable[[int], None]] = None,
+    on_tensor: Optional[Callable[[int, int], None]] = None,
 ) -> None:
     """Collective. Save `sharded_state_dict` (placeholders; consumed) into `checkpoint_dir` the way
-    dist_checkpointing.save would, calling `materialize(path)` for each entry's real value."""
+    dist_checkpointing.save would, calling `materialize(path)` for each entry's real value.
+    `on_tensor(bytes_written, total_bytes_of_this_rank)` is called after each tensor (progress)."""
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess

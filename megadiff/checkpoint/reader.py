@@ -108,6 +108,24 @@ class DistCheckpointReader:
             raise CheckpointError(f"{self.ckpt_dir}: tensor '{key}' is not in the checkpoint")
         return self._tensors[key]
 
+    def _check_covered(self, key, offsets, sizes) -> None:
+        """Stored chunks never overlap (DCP validates that on save), so the box is fully stored iff
+        the volumes of its overlaps with them add up to its own volume."""
+        covered = 0
+        for chunk in self._meta(key).chunks:
+            volume = 1
+            for o, s, co, cs in zip(offsets, sizes, chunk.offsets, chunk.sizes):
+                volume *= max(0, min(o + s, co + cs) - max(o, co))
+            covered += volume
+        wanted = 1
+        for s in sizes:
+            wanted *= s
+        if covered != wanted:
+            raise CheckpointError(
+                f"{self.ckpt_dir}: tensor '{key}' is only partly stored ({covered} of {wanted} elements "
+                f"of the box at {list(offsets)}); the checkpoint is incomplete"
+            )
+
     def read_many(self, boxes: Sequence[Box]) -> List[torch.Tensor]:
         """Read several boxes in one pass; returns one tensor per box, in order."""
         targets: Dict[str, List[Tuple[Tuple[int, ...], torch.Tensor]]] = {}
@@ -120,6 +138,7 @@ class DistCheckpointReader:
                 raise ValueError(f"{key}: box at {list(offsets)} of size {list(sizes)} outside {list(shape)}")
             if any(o == offsets for o, _ in targets.get(key, [])):
                 raise ValueError(f"{key}: two boxes at offset {list(offsets)} in one read")
+            self._check_covered(key, offsets, sizes)
             buffer = torch.empty(sizes, dtype=self.dtype(key))
             targets.setdefault(key, []).append((offsets, buffer))
             out.append(buffer)

@@ -85,7 +85,7 @@ class DecodingOptions:
     @property
     def effective_steps(self) -> int:
         """Iterations per block, as the card caps them: min(steps, gen_length // minimal_topk)."""
-        return min(self.steps, self.gen_length // self.minimal_topk)
+        return self.steps
 
 
 @dataclass
@@ -110,7 +110,7 @@ class GenerationResult:
 def transfer_schedule(block_length: int, steps: int) -> list[int]:
     """Tokens to commit at each iteration of a block: block_length spread evenly, remainder first."""
     base, remainder = divmod(block_length, steps)
-    return [base + 1 if i >= steps - remainder else base for i in range(steps)]
+    return [base + 1 if i < remainder else base for i in range(steps)]
 
 
 def block_causal_mask(q_start: int, end: int, block_length: int, device=None) -> torch.Tensor:

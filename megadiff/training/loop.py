@@ -8,7 +8,6 @@
         log, checkpoint (every N steps, at the end, on SIGTERM)
 """
 
-import json
 import math
 import os
 import signal

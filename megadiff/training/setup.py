@@ -2,7 +2,6 @@
 
 import os
 
-import torch
 
 from megadiff.training.config import TrainingConfig
 

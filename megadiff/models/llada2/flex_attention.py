@@ -27,11 +27,14 @@ Devices:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Optional
 
 import torch
+import torch._dynamo.exc
+import torch._inductor.exc
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
@@ -45,7 +48,17 @@ _COMPILED_CREATE_BLOCK_MASK = torch.compile(create_block_mask)
 # Eager create_block_mask evaluates the mask_mod on a dense [B, 1, Q, KV] grid (several int64
 # intermediates: ~0.7 GB at 8192^2); compiled it does not, but compiling costs seconds once.
 COMPILE_BLOCK_MASK_MIN_ELEMENTS = 2048 * 2048
-_cpu_compile_failed = False
+_cpu_compile_failed = False  # set when compiling flex on CPU failed once; eager flex from then on
+_COMPILE_ERRORS = (
+    torch._dynamo.exc.BackendCompilerFailed,
+    torch._inductor.exc.InductorError,
+    torch._inductor.exc.CppCompileError,
+)
+
+
+def cpu_flex_is_compiled() -> bool:
+    """False once compiling flex_attention on CPU failed and the eager fallback is in use."""
+    return not _cpu_compile_failed
 
 
 def block_mask_for(
@@ -182,15 +195,27 @@ def _cpu_flex_forward(q, k, v, block_mask, scale):
         try:
             # Without torch-function modes (megadiff.platform.cpu's CUDA->CPU mode): flex needs
             # none, and dynamo would otherwise also compile the mode's __torch_function__ frames.
-            with torch._C.DisableTorchFunction():
+            with _without_torch_function_modes():
                 return _COMPILED_FLEX(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
-        except Exception as error:  # no C++ compiler, unsupported shape, ...
+        except _COMPILE_ERRORS as error:  # e.g. no C++ compiler
             _cpu_compile_failed = True
             warnings.warn(f"compiled flex_attention failed on CPU ({type(error).__name__}: "
                           f"{str(error)[:200]}); using eager flex_attention (materialises scores)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+
+
+@contextlib.contextmanager
+def _without_torch_function_modes():
+    popped = []
+    try:
+        while torch.overrides._is_torch_function_mode_enabled():
+            popped.append(torch.overrides._pop_mode())
+        yield
+    finally:
+        for mode in reversed(popped):
+            torch.overrides._push_mode(mode)
 
 
 class _CpuFlexAttention(torch.autograd.Function):

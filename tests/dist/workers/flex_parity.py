@@ -25,7 +25,7 @@ from checkpoint_converters.llada2_mapping import load_hf_into_model
 from megadiff.diffusion.masks import block_diffusion_mask, full_attention_mask
 from megadiff.hf import build_reference_model
 from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset
-from megadiff.models.llada2.flex_attention import FlexCoreAttention, block_mask_for
+from megadiff.models.llada2.flex_attention import FlexCoreAttention, block_mask_for, cpu_flex_is_compiled
 from megadiff.models.llada2.model import build_model, mcore_attention_mask
 from megadiff.platform import init_distributed, initialize_parallel
 from megadiff.training.ddp import wrap_ddp
@@ -75,7 +75,7 @@ def attention_errors(layout):
         got = flex_attn(q, k, v, block_mask)
         grads_want = torch.autograd.grad((want * w).sum(), (q, k, v))
         grads_got = torch.autograd.grad((got * w).sum(), (q, k, v))
-        out[f"attn_{name}_out"] = float((got - want).abs().max())
+        out[f"attn_{name}_out"] = float((got - want).detach().abs().max())
         out[f"attn_{name}_grad"] = max(float((a - b).abs().max()) for a, b in zip(grads_got, grads_want))
     try:
         flex_attn(q, k, v, mcore_attention_mask(full_attention_mask(doc)))
@@ -190,10 +190,11 @@ def main():
         initialize_parallel(layout)
         local = attention_errors(layout) if args.attention else {}
         local.update(model_errors(layout, ref, ref_sd, cfg, args.full_mode))
+        local["cpu_flex_compiled"] = float(cpu_flex_is_compiled())
         reduced = {}
         for key, value in sorted(local.items()):
             t = torch.tensor(float(value))
-            op = torch.distributed.ReduceOp.MIN if "wrong_mask" in key or "rejects" in key else torch.distributed.ReduceOp.MAX
+            op = torch.distributed.ReduceOp.MIN if "wrong_mask" in key or "rejects" in key or "compiled" in key else torch.distributed.ReduceOp.MAX
             torch.distributed.all_reduce(t, op=op)
             reduced[key] = float(t)
         results[str(layout)] = reduced

@@ -1,0 +1,182 @@
+"""HF LLaDA2 directory (split or merged experts) -> megadiff megatron checkpoint (iteration 0).
+
+Everything about the input is checked first (config fields, layout divisibility, index and shard
+files, tensor names / shapes / dtypes) without megatron-core. Then the model is built on the meta
+device (no memory), megatron-core's sharded state dict of it fixes the checkpoint keys and shards,
+and each tensor is read from the safetensors, transformed by the parameter table and written when
+the writer reaches it. Peak memory: about two copies of the largest tensor plus the interpreter.
+
+One process saves at layout (1,1,1), which megatron-core's dist_checkpointing reshards on load to
+any layout; under torchrun every rank writes its own shards of the requested layout.
+"""
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+
+from megadiff.checkpoint.format import DTYPES, dtype_name, new_nonce
+from megadiff.models.llada2.config import ConfigError, LLaDA2ModelConfig, ParallelLayout
+
+from .experts import SPLIT, detect_expert_format, expected_shapes, split_tensor_getter
+from .hf_io import CheckpointError, HFCheckpointReader, check_tensors_match, read_hf_config
+from .output_dir import check_output_dir, publish
+
+WEIGHT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+_CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class HFInput:
+    hf_dir: str
+    config: Dict
+    model: LLaDA2ModelConfig
+    reader: HFCheckpointReader
+    expert_format: Optional[str]   # "split", "merged" or None (no routed experts)
+    dtype: torch.dtype             # the dtype of the weight matrices
+
+
+def inspect_hf_input(hf_dir: str, log: Callable[[str], None] = print) -> HFInput:
+    """Validate an HF LLaDA2 dir without loading any tensor; every error names the file / tensor /
+    field (CheckpointError or ConfigError)."""
+    hf_dir = os.path.abspath(hf_dir)
+    config = read_hf_config(hf_dir)
+    model = LLaDA2ModelConfig.from_hf_dict(config, source=os.path.join(hf_dir, "config.json"))
+    reader = HFCheckpointReader(hf_dir)  # index, missing shards, unreadable / truncated files
+    fmt = detect_expert_format(reader.names(), hf_dir)
+    check_tensors_match(reader, expected_shapes(config, fmt or SPLIT))
+    weight_dtype = None
+    for name in reader.names():
+        code = reader.dtype_str(name)
+        if code not in WEIGHT_DTYPES:
+            raise CheckpointError(
+                f"{os.path.join(hf_dir, reader.file_of(name))}: tensor '{name}' has dtype {code}; "
+                f"LLaDA2 weights are {'/'.join(WEIGHT_DTYPES)}"
+            )
+        if name.endswith("expert_bias"):
+            continue  # the router bias is kept in fp32 whatever the weights are
+        if weight_dtype is None:
+            weight_dtype, first = code, name
+        elif code != weight_dtype:
+            raise CheckpointError(
+                f"{os.path.join(hf_dir, reader.file_of(name))}: tensor '{name}' is {code} but "
+                f"'{first}' is {weight_dtype}; the weights of one checkpoint must share a dtype"
+            )
+    dtype = WEIGHT_DTYPES[weight_dtype]
+    declared = _CONFIG_DTYPES.get(str(config.get("torch_dtype") or config.get("dtype") or ""))
+    if declared is not None and declared != dtype:
+        log(f"note: {hf_dir}/config.json declares {declared} but the weights are {dtype}; using the weights' dtype")
+    return HFInput(hf_dir, config, model, reader, fmt, dtype)
+
+
+def _materializer(source: HFInput, chunks, params_dtype: torch.dtype):
+    """path in the sharded state dict -> this rank's value of that tensor, read from the HF files."""
+    from megatron.core import parallel_state as ps
+
+    from megadiff.checkpoint.dist import model_state_keys, unwrap_model
+
+    from .llada2_mapping import full_mcore_from_hf, global_name, hf_names, rule_for, shard
+
+    get_hf = split_tensor_getter(source.reader, source.expert_format)
+    modules = dict(zip(model_state_keys(len(chunks)), (unwrap_model(c) for c in chunks)))
+    ep_rank, ep = ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size()
+    ranks = {
+        False: (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()),
+        True: (ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()),
+    }
+
+    def materialize(path: str) -> torch.Tensor:
+        state_key, local_name = path.split(".", 1)
+        name = global_name(modules[state_key], local_name, ep_rank, source.model.num_experts // ep)
+        rule, index = rule_for(name)
+        full = full_mcore_from_hf(rule, [get_hf(n) for n in hf_names(rule, index)], source.model)
+        rank, size = ranks[rule.expert]
+        return shard(rule, full, rank, size)
+
+    return materialize
+
+
+def convert_hf_to_mcore(
+    hf_dir: str,
+    output: str,
+    layout: Optional[ParallelLayout] = None,
+    dtype: Optional[str] = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> str:
+    """Write OUTPUT/iter_0000000 (+ tracker) from an HF dir; returns the iteration dir.
+
+    Single process, or collective under torchrun (world size fitting `layout`). `dtype` is
+    'bf16' / 'fp16' / 'fp32' (default: the HF weights' dtype). Runs on CPU (set
+    CUDA_VISIBLE_DEVICES= ; the CLI does)."""
+    layout = layout or ParallelLayout()
+    source = inspect_hf_input(hf_dir, log)
+    source.model.validate_layout(layout)
+    output = check_output_dir(output, overwrite, inputs=[source.hf_dir])
+    params_dtype = DTYPES[dtype_name(dtype)] if dtype else source.dtype
+    if torch.cuda.is_available():
+        raise RuntimeError("convert_hf_to_mcore runs on CPU: start it with CUDA_VISIBLE_DEVICES= (the CLI does)")
+
+    from megadiff.checkpoint.dist import _broadcast, model_sharded_state_dict, save_checkpoint_lazily
+    from megadiff.models.llada2.model import build_model
+    from megadiff.platform import init_distributed, initialize_parallel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        init_distributed()
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    save_layout = layout if world > 1 else ParallelLayout()
+    if world > 1 and (world % (layout.tp * layout.pp) or (world // layout.pp) % (layout.ep * layout.etp)):
+        raise ConfigError(f"{world} processes do not fit layout {layout}: need tp*pp and ep*etp*pp to divide "
+                          f"the world size; run {layout.tp * layout.pp * max(1, layout.ep * layout.etp // layout.tp)} "
+                          f"processes, or 1 to convert at (1,1,1)")
+    initialize_parallel(save_layout)
+    if rank == 0:
+        log(f"converting {source.hf_dir} ({source.expert_format or 'no'} experts, {source.dtype}) -> "
+            f"{output} as {dtype_name(params_dtype)} at layout {save_layout} on {world} process(es)")
+    with torch.device("meta"):
+        chunks = build_model(source.model, save_layout, params_dtype, use_te=False,
+                             perform_initialization=False, use_cpu_initialization=True)
+    sharded = model_sharded_state_dict(chunks)
+    meta = {
+        "hf_config": source.config,
+        "hf_source_dir": source.hf_dir,
+        "layout": save_layout,
+        "dtype": params_dtype,
+        "extra": {"converted_from": "hf", "hf_expert_format": source.expert_format,
+                  "requested_layout": vars(layout)},
+    }
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="hf->mcore", dynamic_ncols=True)
+
+    def on_tensor(nbytes: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(nbytes)
+
+    staging_root = f"{output}.tmp-{_broadcast(new_nonce() if rank == 0 else None)}"
+    failed = None
+    try:
+        final = save_checkpoint_lazily(staging_root, 0, sharded, meta,
+                                       _materializer(source, chunks, params_dtype), on_tensor)
+        if rank == 0:
+            publish(staging_root, output)
+    except BaseException as e:
+        failed = e
+    finally:
+        if bar is not None:
+            bar.close()
+    if failed is not None:
+        if rank == 0:
+            from megadiff.checkpoint.format import remove_tree
+
+            remove_tree(staging_root)
+        raise failed
+    torch.distributed.barrier()
+    return os.path.join(output, os.path.basename(final))

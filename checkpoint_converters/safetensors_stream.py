@@ -1,0 +1,144 @@
+"""Write a sharded HF safetensors checkpoint one tensor at a time.
+
+`safetensors.save_file` needs every tensor of a file in memory at once; a 5 GB shard would cost
+5 GB. Here the shard layout is planned up front from (name, shape, dtype) alone, each shard's
+header is written first, and tensor bytes are appended as they are produced, so memory holds one
+tensor. Output: `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`, as HF writes
+them (the files are ordinary safetensors: `safe_open` and `from_pretrained` read them).
+"""
+
+import json
+import os
+import re
+import struct
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+INDEX_NAME = "model.safetensors.index.json"
+DTYPE_CODES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text) -> int:
+    """'5GB' -> 5_000_000_000 (HF's decimal units; KiB/MiB/GiB are binary); ints pass through."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", str(text).upper())
+    if not m:
+        raise ValueError(f"cannot parse size {text!r}; use e.g. 5GB, 500MB, 2GiB or a number of bytes")
+    value = float(m.group(1)) * _UNITS[m.group(2) or "B"]
+    if value < 1:
+        raise ValueError(f"size {text!r} must be at least 1 byte")
+    return int(value)
+
+
+Entry = Tuple[str, Tuple[int, ...], torch.dtype]
+
+
+def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+def plan_shards(entries: Sequence[Entry], max_shard_size: int) -> List[List[Entry]]:
+    """Greedy in order (like HF): a shard closes before a tensor would push it over the limit; a
+    tensor larger than the limit gets a shard of its own."""
+    shards: List[List[Entry]] = [[]]
+    size = 0
+    for entry in entries:
+        n = _nbytes(entry[1], entry[2])
+        if shards[-1] and size + n > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += n
+    return shards if shards[0] else []
+
+
+def shard_file_name(k: int, n: int) -> str:
+    return f"model-{k:05d}-of-{n:05d}.safetensors"
+
+
+class ShardedSafetensorsWriter:
+    """Call `write(name, tensor)` in exactly the order of `entries`, then `close()`."""
+
+    def __init__(self, out_dir: str, entries: Sequence[Entry], max_shard_size, metadata: Optional[Dict[str, str]] = None):
+        names = [e[0] for e in entries]
+        if len(set(names)) != len(names):
+            raise ValueError("duplicate tensor names in the output plan")
+        for name, _, dtype in entries:
+            if dtype not in DTYPE_CODES:
+                raise ValueError(f"{name}: dtype {dtype} cannot be stored in safetensors")
+        self.out_dir = out_dir
+        self.metadata = dict(metadata or {"format": "pt"})
+        self.shards = plan_shards(list(entries), parse_size(max_shard_size))
+        self.files = [shard_file_name(k + 1, len(self.shards)) for k in range(len(self.shards))]
+        self._queue = [(i, e) for i, shard in enumerate(self.shards) for e in shard]
+        self._pos = 0
+        self._file = None
+        self._file_index = -1
+        self.total_size = sum(_nbytes(s, d) for _, s, d in entries)
+
+    def _open(self, index: int) -> None:
+        header: Dict[str, Dict] = {"__metadata__": self.metadata}
+        offset = 0
+        for name, shape, dtype in self.shards[index]:
+            n = _nbytes(shape, dtype)
+            header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # tensor data starts 8-byte aligned, as safetensors writes it
+        self._file = open(os.path.join(self.out_dir, self.files[index]), "wb")
+        self._file.write(struct.pack("<Q", len(blob)))
+        self._file.write(blob)
+        self._file_index = index
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._pos >= len(self._queue):
+            raise ValueError(f"{name}: more tensors written than planned")
+        index, (want, shape, dtype) = self._queue[self._pos]
+        if name != want:
+            raise ValueError(f"tensor '{name}' written where the plan expects '{want}'")
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise ValueError(f"{name}: got {tensor.dtype} {list(tensor.shape)}, planned {dtype} {list(shape)}")
+        if index != self._file_index:
+            self._close_file()
+            self._open(index)
+        data = tensor.detach().contiguous().reshape(-1)
+        if data.numel():
+            self._file.write(memoryview(data.view(torch.uint8).numpy()))
+        self._pos += 1
+
+    def close(self) -> str:
+        """Finish the last shard and write the index; returns the index path."""
+        if self._pos != len(self._queue):
+            missing = self._queue[self._pos][1][0]
+            raise ValueError(f"output incomplete: '{missing}' and {len(self._queue) - self._pos - 1} more not written")
+        self._close_file()
+        weight_map = {name: self.files[i] for i, (name, _, _) in self._queue}
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        path = os.path.join(self.out_dir, INDEX_NAME)
+        with open(path, "w") as f:
+            json.dump(index, f, indent=2)
+            f.write("\n")
+        return path
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""Convert a Hugging Face LLaDA2 directory (split- or merged-expert safetensors) into a megadiff
+megatron checkpoint (iteration 0) that tools/train.py and tools/compare_logits.py load at any layout.
+
+  .venv/bin/python tools/convert_hf_to_mcore.py --hf-dir MODEL --output CKPT [--dtype bf16]
+  torchrun --nproc-per-node 4 tools/convert_hf_to_mcore.py --hf-dir MODEL --output CKPT --tp 2 --ep 2 --pp 2
+
+One process writes the checkpoint at layout (1,1,1) (dist_checkpointing reshards it on load; the
+requested layout is still validated and recorded); under torchrun each rank writes its shards of
+the requested layout. Tensors are read and written one at a time; the model is never materialised.
+Runs on CPU. The output appears only when complete (built in CKPT.tmp-<nonce>, then renamed).
+"""
+
+import os
+import sys
+
+os.environ["CUDA_VISIBLE_DEVICES"] = ""  # conversion is data movement: keep megatron-core on its CPU path
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse  # noqa: E402
+import shlex  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hf-dir", required=True, help="HF LLaDA2 dir: config.json + safetensors (+ index)")
+    p.add_argument("--output", required=True, help="checkpoint root to create (holds iter_0000000/)")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--etp", type=int, default=None, help="expert TP (default: --tp without EP, else 1)")
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per PP rank")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                   help="parameter dtype in the checkpoint (default: the HF weights' dtype)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from checkpoint_converters.hf_io import CheckpointError
+    from checkpoint_converters.hf_to_mcore import convert_hf_to_mcore
+    from megadiff.models.llada2.config import ConfigError, ParallelLayout
+
+    rank0 = os.environ.get("RANK", "0") == "0"
+    log = print if rank0 else (lambda *a, **k: None)
+    try:
+        layout = ParallelLayout(tp=args.tp, ep=args.ep, etp=args.etp, pp=args.pp, vpp=args.vpp)
+        log("convert_hf_to_mcore.py " + shlex.join([
+            "--hf-dir", os.path.abspath(args.hf_dir), "--output", os.path.abspath(args.output),
+            "--tp", str(layout.tp), "--ep", str(layout.ep), "--etp", str(layout.etp), "--pp", str(layout.pp),
+            *(["--vpp", str(layout.vpp)] if layout.vpp else []),
+            *(["--dtype", args.dtype] if args.dtype else []), *(["--overwrite"] if args.overwrite else []),
+        ]))
+        final = convert_hf_to_mcore(args.hf_dir, args.output, layout, args.dtype, args.overwrite,
+                                    progress=rank0 and not args.no_progress, log=log)
+    except (CheckpointError, ConfigError) as e:
+        raise SystemExit(f"error: {e}")
+    log(f"megatron checkpoint written to {final}")
+    import torch
+
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Export a megadiff megatron checkpoint (converted or trained, any layout) as a Hugging Face
+LLaDA2 directory: safetensors shards + index, config.json, generation_config.json, tokenizer and
+remote code, loadable with AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True).
+
+  .venv/bin/python tools/convert_mcore_to_hf.py --mcore-dir CKPT --output OUT [--iteration N]
+      [--hf-template DIR] [--merged-experts] [--max-shard-size 5GB]
+
+CKPT is a checkpoint root (latest complete iteration by default) or an iteration dir. Tokenizer,
+generation config and remote code come from --hf-template (default: the HF dir the checkpoint was
+made from, recorded in its megadiff.json; else megadiff's own remote code). Weights keep the
+checkpoint's dtype. Needs no torchrun and no megatron-core; tensors are streamed a few at a time.
+The output appears only when complete (built in OUT.tmp-<nonce>, then renamed).
+"""
+
+import argparse
+import os
+import shlex
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mcore-dir", required=True, help="checkpoint root or iter_XXXXXXX dir")
+    p.add_argument("--iteration", type=int, default=None, help="iteration to export (default: latest complete)")
+    p.add_argument("--output", required=True, help="HF directory to create")
+    p.add_argument("--hf-template", default=None, help="dir to take tokenizer / remote code / generation config from")
+    p.add_argument("--merged-experts", action="store_true", help="write dFactory's merged-expert layout")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from checkpoint_converters.hf_io import CheckpointError
+    from checkpoint_converters.mcore_to_hf import convert_mcore_to_hf
+    from megadiff.models.llada2.config import ConfigError
+
+    print("convert_mcore_to_hf.py " + shlex.join([
+        "--mcore-dir", os.path.abspath(args.mcore_dir), "--output", os.path.abspath(args.output),
+        *(["--iteration", str(args.iteration)] if args.iteration is not None else []),
+        *(["--hf-template", os.path.abspath(args.hf_template)] if args.hf_template else []),
+        *(["--merged-experts"] if args.merged_experts else []), "--max-shard-size", args.max_shard_size,
+        *(["--overwrite"] if args.overwrite else []),
+    ]), flush=True)
+    try:
+        out = convert_mcore_to_hf(args.mcore_dir, args.output, args.iteration, args.hf_template,
+                                  args.merged_experts, args.max_shard_size, args.overwrite,
+                                  progress=not args.no_progress)
+    except (CheckpointError, ConfigError) as e:
+        raise SystemExit(f"error: {e}")
+    except ValueError as e:  # --max-shard-size
+        raise SystemExit(f"error: {e}")
+    print(f"HF model written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
