@@ -33,6 +33,8 @@ def single_process(tmp_path_factory):
 def test_flex_core_attention_matches_dot_product_attention(single_process, mask):
     assert single_process[f"attn_{mask}_out"] <= ATTN_TOL, single_process
     assert single_process[f"attn_{mask}_grad"] <= ATTN_TOL, single_process
+    if mask != "none":  # both kinds of BlockMask tile are exercised
+        assert single_process[f"attn_{mask}_tiles_full_partial"] > 0, single_process
 
 
 def test_flex_core_attention_rejects_dense_bool_mask(single_process):
@@ -40,6 +42,7 @@ def test_flex_core_attention_rejects_dense_bool_mask(single_process):
 
 
 def _check_model(r):
+    assert r["flex_core_attention_layers"] == 4, r  # every layer of the tiny preset runs flex
     assert r["logits_bd"] <= LOGIT_TOL, r
     assert r["logits_bd_wrong_mask"] >= WRONG_MASK_MIN, r  # the comparison can fail
     assert r["grad_max_abs"] > 1.0, r  # gradients are not trivially zero

@@ -230,17 +230,18 @@ class _CpuFlexAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v = ctx.saved_tensors
-        dq, dk, dv = _blockwise_attention_backward(q, k, v, grad_out, ctx.block_mask, ctx.scale)
+        with _without_torch_function_modes():  # plain CPU tensor code: skip per-op mode dispatch
+            dq, dk, dv = _blockwise_attention_backward(q, k, v, grad_out, ctx.block_mask, ctx.scale)
         return dq, dk, dv, None, None
 
 
 def _tiles(block_mask: Optional[BlockMask], batch: int, q_len: int, kv_len: int):
-    """Yield (b, query rows, visible key rows, mask_mod or None) per query tile."""
+    """Yield (b, query row slice, visible key rows, mask_mod or None) per query tile."""
     if block_mask is None:
-        rows = torch.arange(kv_len)
+        keys = torch.arange(kv_len)
         for b in range(batch):
             for start in range(0, q_len, 128):
-                yield b, torch.arange(start, min(start + 128, q_len)), rows, None
+                yield b, slice(start, min(start + 128, q_len)), keys, None
         return
     if block_mask.kv_num_blocks.shape[1] != 1:
         raise ValueError("FlexCoreAttention on CPU: per-head BlockMasks are not supported (use H=None)")
@@ -255,7 +256,7 @@ def _tiles(block_mask: Optional[BlockMask], batch: int, q_len: int, kv_len: int)
                 blocks.append(block_mask.full_kv_indices[mb, 0, i, : block_mask.full_kv_num_blocks[mb, 0, i]])
             blocks = torch.cat(blocks).to("cpu", torch.long)
             keys = (blocks[:, None] * kv_block + offsets).flatten()
-            yield b, torch.arange(start, min(start + q_block, q_len)), keys[keys < kv_len], block_mask.mask_mod
+            yield b, slice(start, min(start + q_block, q_len)), keys[keys < kv_len], block_mask.mask_mod
 
 
 def _blockwise_attention_backward(q, k, v, grad_out, block_mask, scale):
@@ -273,16 +274,16 @@ def _blockwise_attention_backward(q, k, v, grad_out, block_mask, scale):
     for b, rows, keys, mask_mod in _tiles(block_mask, batch, q_len, kv_len):
         if keys.numel() == 0:
             continue
-        r, n = rows.numel(), keys.numel()
+        r, n = rows.stop - rows.start, keys.numel()
         qi = q[b, :, rows].to(compute).reshape(hkv, group * r, dim)
         doi = grad_out[b, :, rows].to(compute).reshape(hkv, group * r, dim)
-        ks, vs = k[b, :, keys].to(compute), v[b, :, keys].to(compute)
+        ks, vs = k[b].index_select(1, keys).to(compute), v[b].index_select(1, keys).to(compute)
         scores = (qi @ ks.transpose(1, 2)).mul_(scale)
         if mask_mod is not None:
             if allowed_fn is None:
                 allowed_fn = torch.vmap(torch.vmap(mask_mod, in_dims=(None, None, None, 0)),
                                         in_dims=(None, None, 0, None))
-            allowed = allowed_fn(torch.tensor(b), torch.tensor(0), rows, keys)  # [r, n]
+            allowed = allowed_fn(torch.tensor(b), torch.tensor(0), torch.arange(rows.start, rows.stop), keys)
             scores = scores.view(hkv, group, r, n).masked_fill(~allowed, float("-inf")).view(hkv, group * r, n)
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key -> 0
         dv[b].index_add_(1, keys, probs.transpose(1, 2) @ doi)

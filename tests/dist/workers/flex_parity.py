@@ -34,9 +34,9 @@ from megadiff.training.schedule import forward_backward
 B, L, BLOCK = 2, 16, 4  # rows, tokens per half, diffusion block size
 
 
-def packed_rows(length, generator):
-    """doc_ids / position_ids [B, length]: row 0 holds two documents, row 1 three."""
-    cuts = [[length * 3 // 8], [length // 4, length * 5 // 8]]
+def packed_rows(length, single_doc_first_row=False):
+    """doc_ids / position_ids [B, length]: row 0 holds two documents (or one), row 1 three."""
+    cuts = [[] if single_doc_first_row else [length * 3 // 8], [length // 4, length * 5 // 8]]
     doc = torch.zeros(B, length, dtype=torch.long)
     pos = torch.zeros(B, length, dtype=torch.long)
     for row, row_cuts in enumerate(cuts):
@@ -59,12 +59,14 @@ def attention_errors(layout):
     args = dict(config=config, layer_number=1, attn_mask_type=AttnMaskType.arbitrary, attention_type="self")
     dense_attn, flex_attn = DotProductAttention(**args), FlexCoreAttention(**args)
     np_, ng = heads // layout.tp, groups // layout.tp
+    # Lengths span several 128-row tiles; row 0 is one document, so the BlockMasks hold full
+    # tiles (no mask_mod needed) as well as partial ones.
     cases = {}
-    doc, pos = packed_rows(150, g)
+    doc, pos = packed_rows(300, single_doc_first_row=True)
     cases["none"] = (None, None, 300)
-    cases["packed_docs"] = (full_attention_mask(doc), block_mask_for(doc, pos, "full"), 150)
-    doc, pos = packed_rows(200, g)
-    cases["block_diffusion"] = (block_diffusion_mask(doc, pos, BLOCK), block_mask_for(doc, pos, "bd", BLOCK), 400)
+    cases["packed_docs"] = (full_attention_mask(doc), block_mask_for(doc, pos, "full"), 300)
+    doc, pos = packed_rows(320, single_doc_first_row=True)
+    cases["block_diffusion"] = (block_diffusion_mask(doc, pos, BLOCK), block_mask_for(doc, pos, "bd", BLOCK), 640)
     out = {}
     for name, (allowed, block_mask, s) in cases.items():
         q = torch.randn(s, B, np_, dim, generator=g).requires_grad_()
@@ -77,6 +79,9 @@ def attention_errors(layout):
         grads_got = torch.autograd.grad((got * w).sum(), (q, k, v))
         out[f"attn_{name}_out"] = float((got - want).detach().abs().max())
         out[f"attn_{name}_grad"] = max(float((a - b).abs().max()) for a, b in zip(grads_got, grads_want))
+        if block_mask is not None:
+            out[f"attn_{name}_tiles_full_partial"] = float(
+                min(block_mask.full_kv_num_blocks.sum(), block_mask.kv_num_blocks.sum()))
     try:
         flex_attn(q, k, v, mcore_attention_mask(full_attention_mask(doc)))
         out["attn_rejects_dense_mask"] = 0.0
@@ -89,7 +94,7 @@ def attention_errors(layout):
 
 def model_inputs(cfg):
     g = torch.Generator().manual_seed(7)
-    doc, pos = packed_rows(L, g)
+    doc, pos = packed_rows(L)
     x0 = torch.randint(1, cfg.vocab_size, (B, L), generator=g)
     xt = torch.where(torch.rand(B, L, generator=g) < 0.5, torch.zeros_like(x0), x0)  # 0 = "mask"
     return doc, pos, x0, xt
@@ -148,7 +153,8 @@ def model_errors(layout, ref, ref_sd, cfg, full_mode):
         load_hf_into_model(chunks, lambda name: ref_sd[name], cfg)
         built[backend] = wrap_ddp(chunks)
     flex, dense = built["flex"], built["dense"]
-    out = {}
+    out = {"flex_core_attention_layers": float(sum(
+        isinstance(m, FlexCoreAttention) for c in flex for m in c.modules()))}
     for name, ids, pos, allowed, block_masks, wrong in variants(cfg, full_mode):
         with torch.no_grad():
             want = ref(ids, pos, allowed).logits
@@ -194,7 +200,7 @@ def main():
         reduced = {}
         for key, value in sorted(local.items()):
             t = torch.tensor(float(value))
-            op = torch.distributed.ReduceOp.MIN if "wrong_mask" in key or "rejects" in key or "compiled" in key else torch.distributed.ReduceOp.MAX
+            op = torch.distributed.ReduceOp.MIN if "wrong_mask" in key or "rejects" in key or "compiled" in key or "layers" in key or "tiles" in key else torch.distributed.ReduceOp.MAX
             torch.distributed.all_reduce(t, op=op)
             reduced[key] = float(t)
         results[str(layout)] = reduced
