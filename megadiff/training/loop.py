@@ -178,7 +178,9 @@ class Trainer:
                 from megadiff.models.llada2.flex_attention import block_mask_for
 
                 mode = "full" if d.mode == "full" else "bd"
-                prepared["allowed"] = block_mask_for(raw["doc_ids"], raw["position_ids"], mode, d.block_size,
+                doc_ids = prepared["doc_ids"]  # 2B rows with complementary masks
+                positions = prepared["position_ids"][:, : doc_ids.shape[1]]
+                prepared["allowed"] = block_mask_for(doc_ids, positions, mode, d.block_size,
                                                      prepared["input_ids"].device)
             batches.append(prepared)
         return batches

@@ -74,3 +74,11 @@ def test_tiny_model_memorises_small_sft_set(tiny_run_dir):
     assert len(losses) == 200
     first, last = losses[0], sum(losses[-10:]) / 10
     assert last <= 0.2 * first, (first, last)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_flex_attention_and_complementary_masks_step_matches_reference(tiny_run_dir):
+    assert_step_matches_reference(run_check(
+        tiny_run_dir, 1, "step_parity", "1,1,1", "model.attention_backend=flex", "diffusion.complementary_masks=true",
+    ))
