@@ -32,10 +32,12 @@ def write_jsonl(path: str, rows: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    print(f"tools/build_gsm8k_dataset.py --input {' '.join(args.input)} --output-dir {args.output_dir} "
-          f"--test-fraction {args.test_fraction} --seed {args.seed}", flush=True)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from megadiff.inference.cli import command_line
     from megadiff.inference.gsm8k import read_gsm8k_rows, sft_row, split_rows
+
+    print(command_line("tools/build_gsm8k_dataset.py", parser, args), flush=True)
 
     try:
         rows = read_gsm8k_rows(args.input)

@@ -59,7 +59,7 @@ def load_for_decoding(args: argparse.Namespace, need_tokenizer: bool = True):
     missing tokenizer is allowed when --mask-id is given."""
     check_model_dir(args.model)  # before the tokenizer, so a wrong --model is reported as such
     try:
-        tokenizer = load_tokenizer(args.model, args.tokenizer)
+        tokenizer = load_tokenizer(args.model, args.tokenizer, args.iteration)
     except FileNotFoundError:
         if need_tokenizer or args.mask_id is None:
             raise
@@ -80,9 +80,11 @@ def command_line(prog: str, parser: argparse.ArgumentParser, args: argparse.Name
         flag = action.option_strings[-1]
         if isinstance(action, argparse._StoreTrueAction):
             parts += [flag] if value else []
-        elif isinstance(value, list):
-            for item in value:
+        elif isinstance(action, argparse._AppendAction):  # --prompt a --prompt b
+            for item in value or []:
                 parts += [flag, str(item)]
+        elif isinstance(value, list):  # nargs="+": --data a b
+            parts += [flag, *map(str, value)]
         elif value is not None:
             parts += [flag, str(value)]
     return " ".join(shlex.quote(p) for p in parts)

@@ -49,15 +49,26 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     return model.to(device).eval()
 
 
-def load_tokenizer(model_path: str, tokenizer_path: Optional[str] = None):
-    """The tokenizer in `tokenizer_path`, else the one stored next to the model."""
-    path = tokenizer_path or model_path
-    if not os.path.isdir(path) or not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
-        hint = "" if tokenizer_path else "; pass --tokenizer DIR"
-        raise FileNotFoundError(f"{path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}){hint}")
-    from transformers import AutoTokenizer
+def load_tokenizer(model_path: str, tokenizer_path: Optional[str] = None, iteration: Optional[int] = None):
+    """The tokenizer in `tokenizer_path`, else the one stored next to the model; an mcore checkpoint
+    holds none, so there it is the one of the HF dir the checkpoint was converted from (recorded as
+    `hf_source_dir` in its megadiff.json)."""
+    if tokenizer_path:
+        candidates = [tokenizer_path]
+    else:
+        candidates = [model_path]
+        if is_mcore_checkpoint(model_path):
+            from megadiff.checkpoint.format import read_meta, resolve_checkpoint_dir
 
-    return AutoTokenizer.from_pretrained(path)
+            source = read_meta(resolve_checkpoint_dir(model_path, iteration)).get("hf_source_dir")
+            candidates += [source] if source else []
+    for path in candidates:
+        if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(path)
+    hint = "" if tokenizer_path else "; pass --tokenizer DIR"
+    raise FileNotFoundError(f"{' or '.join(candidates)}: no tokenizer files ({', '.join(TOKENIZER_FILES)}){hint}")
 
 
 def special_token_ids(model, tokenizer, mask_id: Optional[int] = None, eos_id: Optional[int] = None) -> tuple[int, int]:

@@ -85,7 +85,7 @@ class DecodingOptions:
     @property
     def effective_steps(self) -> int:
         """Iterations per block, as the card caps them: min(steps, gen_length // minimal_topk)."""
-        return self.steps
+        return min(self.steps, self.gen_length // self.minimal_topk)
 
 
 @dataclass

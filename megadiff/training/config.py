@@ -83,6 +83,7 @@ class CheckpointSection:
     save_interval: int = 0                 # steps between saves; 0 = only at the end
     keep_last: int = 3
     resume: bool = True                    # continue from the latest complete checkpoint in save_dir
+    fully_reshardable_optimizer: bool = False  # optimizer state resumable at another TP/EP/PP layout
 
 
 @dataclass

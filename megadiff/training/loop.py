@@ -115,11 +115,16 @@ class Trainer:
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
-    def _sharded_state_dict(self):
+    def _sharded_state_dict(self, is_loading: bool = False):
         from megadiff.checkpoint import model_sharded_state_dict
 
         state = model_sharded_state_dict(self.chunks)
-        state["optimizer"] = self.optimizer.sharded_state_dict(state)
+        # dp_reshardable: parallel save/load with no gathering; the optimizer state then resumes
+        # only at the same TP/EP/PP layout (any DP). fully_reshardable gathers on DP rank 0.
+        sharding = "fully_reshardable" if self.cfg.checkpoint.fully_reshardable_optimizer else "dp_reshardable"
+        state["optimizer"] = self.optimizer.sharded_state_dict(
+            state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": sharding}
+        )
         state["scheduler"] = self.scheduler.state_dict()
         state["data"] = self.dataset.state_dict()
         state["trainer"] = {"step": self.step, "skipped_steps": self.skipped_steps}
@@ -151,11 +156,17 @@ class Trainer:
         iteration = latest_iteration(root) if os.path.isdir(root) else None
         if iteration is None:
             return
-        state, _ = load_checkpoint(root, self._sharded_state_dict(), iteration=iteration)
-        from megadiff.training.checkpointing import apply_model_state
+        from megadiff.training.checkpointing import (
+            apply_model_state, initialise_optimizer_state, restore_adam_steps,
+        )
 
-        apply_model_state(self.chunks, state)
-        self.optimizer.load_state_dict(state["optimizer"])
+        initialise_optimizer_state(self.optimizer)
+        state, _ = load_checkpoint(root, self._sharded_state_dict(is_loading=True), iteration=iteration)
+
+        with torch.no_grad():  # fp32 main params are views of the model's leaf params
+            apply_model_state(self.chunks, state)
+            self.optimizer.load_state_dict(state["optimizer"])
+        restore_adam_steps(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.dataset.load_state_dict(state["data"])
         self.step = int(state["trainer"]["step"])

@@ -7,7 +7,7 @@ import torch
 from inference_helpers import EOS_ID, MASK_ID, VOCAB
 
 from megadiff.inference import DecodingOptions, block_causal_mask, generate, transfer_schedule
-from megadiff.inference.sampler import filter_logits
+from megadiff.inference.sampler import filter_logits, sample_tokens
 
 
 class Recorder(torch.nn.Module):
@@ -231,6 +231,17 @@ def test_temperature_zero_is_argmax_not_a_sample(flat_model):
     a = run(flat_model, [prompt], gen_length=16, block_length=8, steps=4, seed=1)
     b = run(flat_model, [prompt], gen_length=16, block_length=8, steps=4, seed=2)
     assert a.tokens == b.tokens == [plain_generate(flat_model, prompt, 16, 8, 4, 0.95)]
+
+
+def test_confidence_is_the_chosen_tokens_probability_after_temperature_and_filters():
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
+    tokens, confidence = sample_tokens(logits, 0.5, top_k=10, generator=torch.Generator().manual_seed(1))
+    probs = torch.softmax(filter_logits(logits / 0.5, 10, None), dim=-1)
+    assert torch.allclose(confidence, probs.gather(-1, tokens[:, None]).squeeze(-1))
+    assert all(t in logits[i].topk(10).indices for i, t in enumerate(tokens.tolist()))
+    tokens, confidence = sample_tokens(logits, 0.0)
+    assert torch.equal(tokens, logits.argmax(-1))
+    assert torch.allclose(confidence, torch.softmax(logits, -1).max(-1).values)
 
 
 def test_top_p_keeps_the_smallest_nucleus_reaching_p():
