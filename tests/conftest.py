@@ -7,6 +7,12 @@ import pytest
 import torch
 
 
+def pytest_configure(config):
+    # One thread per test process: on 2-core machines torch's default threads fight with the
+    # torchrun workers that other tests launch, and tiny-model tests slow down many-fold.
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

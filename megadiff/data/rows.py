@@ -83,7 +83,7 @@ def _reason_kind(error: str) -> str:
     return "invalid JSON" if error.startswith("invalid JSON") else re.sub(r"\[\d+\]", "[i]", error)
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, object, str | None]]:
+def jsonl_rows(path: Path) -> Iterator[tuple[int, object, str | None]]:
     """Yield (line number, decoded row or None, decode error or None); blank lines are skipped."""
     with path.open("r", encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
@@ -95,7 +95,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, object, str | None]]:
                 yield line_no, None, f"invalid JSON ({e.msg} at column {e.colno})"
 
 
-def _parquet_rows(path: Path) -> Iterator[tuple[int, object, str | None]]:
+def parquet_rows(path: Path) -> Iterator[tuple[int, object, str | None]]:
     """Yield (1-based row number, row dict, None) for each parquet row."""
     import pyarrow.parquet as pq
 
@@ -122,7 +122,7 @@ def read_sft_rows(source: str | Path | Iterable[str | Path], skip_bad_rows: bool
     errors: list[str] = []
     rows_read = 0
     for path in files:
-        reader = _jsonl_rows if path.suffix == ".jsonl" else _parquet_rows
+        reader = jsonl_rows if path.suffix == ".jsonl" else parquet_rows
         for line_no, row, error in reader(path):
             rows_read += 1
             error = error or validation_error(row)

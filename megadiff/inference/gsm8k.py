@@ -13,7 +13,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Optional
 
-from megadiff.data.rows import DataError, _jsonl_rows, _parquet_rows, list_data_files
+from megadiff.data.rows import DataError, jsonl_rows, parquet_rows, list_data_files
 
 # A number: optional sign (not right after a word character, so "5-3" reads as 5 and 3), optional $,
 # digits with proper thousands commas or plain digits, optional decimals; or a bare ".5".
@@ -63,7 +63,7 @@ def read_gsm8k_rows(source) -> list[dict]:
     ('file:line'). A bad row raises DataError naming its file and line."""
     rows = []
     for path in list_data_files(source):
-        reader = _jsonl_rows if path.suffix == ".jsonl" else _parquet_rows
+        reader = jsonl_rows if path.suffix == ".jsonl" else parquet_rows
         for line_no, row, error in reader(Path(path)):
             if error is None and not isinstance(row, dict):
                 error = f"row is a {type(row).__name__}, expected an object with 'question' and 'answer'"
