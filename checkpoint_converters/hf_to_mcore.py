@@ -4,24 +4,31 @@ Everything about the input is checked first (config fields, layout divisibility,
 files, tensor names / shapes / dtypes) without megatron-core. Then the model is built on the meta
 device (no memory), megatron-core's sharded state dict of it fixes the checkpoint keys and shards,
 and each tensor is read from the safetensors, transformed by the parameter table and written when
-the writer reaches it. Peak memory: about two copies of the largest tensor plus the interpreter.
+the writer reaches it.
+
+Memory does not grow with the model: the interpreter with megatron-core (~0.4 GB), the meta model
+and sharded state dict (~0.2 GB for LLaDA2-flash's 32 x 256 experts), and about two copies of the
+largest tensor (the embedding: 0.64 GB for mini, 1.3 GB for flash, in bf16). Under torchrun every
+rank reads whole HF tensors and keeps its shard, so each rank needs that much.
 
 One process saves at layout (1,1,1), which megatron-core's dist_checkpointing reshards on load to
 any layout; under torchrun every rank writes its own shards of the requested layout.
 """
 
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 import torch
 
-from megadiff.checkpoint.format import DTYPES, dtype_name, new_nonce
+from megadiff.checkpoint.format import DTYPES, dtype_name, new_nonce, remove_tree
 from megadiff.models.llada2.config import ConfigError, LLaDA2ModelConfig, ParallelLayout
 
 from .experts import SPLIT, detect_expert_format, expected_shapes, split_tensor_getter
-from .hf_io import CheckpointError, HFCheckpointReader, check_tensors_match, read_hf_config
+from .hf_direct import DirectHFReader
+from .hf_io import CheckpointError, check_tensors_match, read_hf_config
 from .output_dir import check_output_dir, publish
 
 WEIGHT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
@@ -33,7 +40,7 @@ class HFInput:
     hf_dir: str
     config: Dict
     model: LLaDA2ModelConfig
-    reader: HFCheckpointReader
+    reader: DirectHFReader
     expert_format: Optional[str]   # "split", "merged" or None (no routed experts)
     dtype: torch.dtype             # the dtype of the weight matrices
 
@@ -44,7 +51,7 @@ def inspect_hf_input(hf_dir: str, log: Callable[[str], None] = print) -> HFInput
     hf_dir = os.path.abspath(hf_dir)
     config = read_hf_config(hf_dir)
     model = LLaDA2ModelConfig.from_hf_dict(config, source=os.path.join(hf_dir, "config.json"))
-    reader = HFCheckpointReader(hf_dir)  # index, missing shards, unreadable / truncated files
+    reader = DirectHFReader(hf_dir)  # validates index, missing shards, unreadable / truncated files
     fmt = detect_expert_format(reader.names(), hf_dir)
     check_tensors_match(reader, expected_shapes(config, fmt or SPLIT))
     weight_dtype = None
@@ -71,7 +78,7 @@ def inspect_hf_input(hf_dir: str, log: Callable[[str], None] = print) -> HFInput
     return HFInput(hf_dir, config, model, reader, fmt, dtype)
 
 
-def _materializer(source: HFInput, chunks, params_dtype: torch.dtype):
+def _materializer(source: HFInput, chunks):
     """path in the sharded state dict -> this rank's value of that tensor, read from the HF files."""
     from megatron.core import parallel_state as ps
 
@@ -154,29 +161,32 @@ def convert_hf_to_mcore(
         from tqdm import tqdm
 
         bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="hf->mcore", dynamic_ncols=True)
+    written = [0]
 
     def on_tensor(nbytes: int, total: int) -> None:
+        written[0] += nbytes
         if bar is not None:
             bar.total = total
             bar.update(nbytes)
 
     staging_root = f"{output}.tmp-{_broadcast(new_nonce() if rank == 0 else None)}"
-    failed = None
+    started = time.perf_counter()
     try:
-        final = save_checkpoint_lazily(staging_root, 0, sharded, meta,
-                                       _materializer(source, chunks, params_dtype), on_tensor)
+        final = save_checkpoint_lazily(staging_root, 0, sharded, meta, _materializer(source, chunks), on_tensor)
         if rank == 0:
             publish(staging_root, output)
-    except BaseException as e:
-        failed = e
+    except BaseException:
+        if rank == 0:
+            remove_tree(staging_root)
+        raise
     finally:
         if bar is not None:
             bar.close()
-    if failed is not None:
-        if rank == 0:
-            from megadiff.checkpoint.format import remove_tree
-
-            remove_tree(staging_root)
-        raise failed
     torch.distributed.barrier()
+    if rank == 0:
+        log(_throughput(written[0], time.perf_counter() - started, "wrote" if world == 1 else "rank 0 wrote"))
     return os.path.join(output, os.path.basename(final))
+
+
+def _throughput(nbytes: int, seconds: float, what: str = "wrote") -> str:
+    return f"data: {what} {nbytes / 1e9:.2f} GB in {seconds:.1f} s ({nbytes / 1e9 / max(seconds, 1e-9):.2f} GB/s)"

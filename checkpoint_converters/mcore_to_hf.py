@@ -13,18 +13,20 @@ checkpoint are ignored.
 """
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from megadiff.checkpoint.format import read_meta, resolve_checkpoint_dir
+from megadiff.checkpoint.format import DTYPES, read_meta, resolve_checkpoint_dir
 from megadiff.checkpoint.reader import DistCheckpointReader
 from megadiff.models.llada2.config import LLaDA2ModelConfig
 
 from .dist_keys import Unit, stored_shape, units_for
 from .experts import MERGED, PROJS, SPLIT, merged_name
 from .hf_io import CheckpointError
+from .hf_to_mcore import _throughput
 from .llada2_mapping import hf_from_full_mcore
 
 DEFAULT_BUDGET = 256 * 2**20
@@ -39,6 +41,15 @@ class McoreInput:
     model: LLaDA2ModelConfig
     reader: DistCheckpointReader
     units: List[Unit]
+    dtype: Optional[torch.dtype]  # the checkpoint's parameter dtype (megadiff.json)
+
+    def hf_dtype(self, hf_name: str, stored: torch.dtype) -> torch.dtype:
+        """HF tensors take the checkpoint's parameter dtype (megatron-core may keep norms in fp32
+        inside a bf16 model; LLaDA2 HF checkpoints are uniformly bf16); the router bias stays as
+        stored (fp32, as LLaDA2 ships it)."""
+        if self.dtype is None or hf_name.endswith("expert_bias"):
+            return stored
+        return self.dtype
 
 
 def inspect_mcore_input(mcore_dir: str, iteration: Optional[int] = None) -> McoreInput:
@@ -64,127 +75,101 @@ def inspect_mcore_input(mcore_dir: str, iteration: Optional[int] = None) -> Mcor
                 f"{ckpt_dir}: tensor '{unit.key}' has global shape {list(reader.shape(unit.key))}, the "
                 f"recorded config implies {list(want)}"
             )
-    return McoreInput(ckpt_dir, meta, config, model, reader, units)
+    dtype = DTYPES.get(meta.get("dtype"))
+    return McoreInput(ckpt_dir, meta, config, model, reader, units, dtype)
 
 
-# ---- the output plan: HF names, shapes, dtypes in order, and how to produce them ------------------
+# ---- the output plan: every HF tensor as a box of a stored tensor, in output order ---------------
 
-@dataclass
-class _Step:
-    entries: List[Tuple[str, Tuple[int, ...], torch.dtype]]
-    run: Callable[[], Iterator[Tuple[str, torch.Tensor]]]
+@dataclass(frozen=True)
+class HFItem:
+    """One output tensor: its HF name / shape / dtype and the box of a stored tensor it comes from
+    (`regroup` for the fused QKV, whose HF row order differs from megatron-core's)."""
 
+    name: str
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    key: str
+    offsets: Tuple[int, ...]
+    sizes: Tuple[int, ...]
+    regroup: Optional[Unit] = None
 
-def _nbytes(shape, dtype) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n * torch.empty((), dtype=dtype).element_size()
-
-
-def _plain_steps(src: McoreInput, units: List[Unit], budget: int) -> List[_Step]:
-    """Non-expert units, read a group at a time (one pass over the files per group)."""
-    groups: List[List[Unit]] = [[]]
-    size = 0
-    for unit in units:
-        n = _nbytes(unit.full_shape, src.reader.dtype(unit.key))
-        if groups[-1] and size + n > budget:
-            groups.append([])
-            size = 0
-        groups[-1].append(unit)
-        size += n
-    steps = []
-    for group in filter(None, groups):
-        def run(group=group):
-            tensors = src.reader.read_many([(u.key, None, None) for u in group])
-            for unit, full in zip(group, tensors):
-                yield from zip(unit.hf, hf_from_full_mcore(unit.rule, full, src.model))
-        entries = [(n, s, src.reader.dtype(u.key)) for u in group for n, s in zip(u.hf, u.hf_shapes)]
-        steps.append(_Step(entries, run))
-    return steps
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.sizes:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
 
 
-def _expert_steps_split(src: McoreInput, units: List[Unit], budget: int) -> List[_Step]:
-    """One layer's routed experts, per expert gate/up/down, read in slabs of experts."""
-    by_expert: Dict[int, List[Unit]] = {}
-    for unit in units:
-        by_expert.setdefault(unit.expert, []).append(unit)
-    experts = sorted(by_expert)
-    per_expert = sum(_nbytes(u.full_shape, src.reader.dtype(u.key)) for u in by_expert[experts[0]])
-    slab = max(1, budget // max(per_expert, 1))
-    steps = []
-    for start in range(0, len(experts), slab):
-        chosen = experts[start : start + slab]
-
-        def run(chosen=chosen):
-            group = by_expert[chosen[0]]
-            boxes = []
-            for unit in group:  # one box per stored key covering the slab
-                shape = src.reader.shape(unit.key)
-                boxes.append((unit.key, (chosen[0],) + (0,) * (len(shape) - 1), (len(chosen),) + shape[1:]))
-            slabs = dict(zip([u.key for u in group], src.reader.read_many(boxes)))
-            for i, expert in enumerate(chosen):
-                for unit in by_expert[expert]:
-                    yield from zip(unit.hf, hf_from_full_mcore(unit.rule, slabs[unit.key][i], src.model))
-
-        entries = [(n, s, src.reader.dtype(u.key)) for e in chosen for u in by_expert[e] for n, s in zip(u.hf, u.hf_shapes)]
-        steps.append(_Step(entries, run))
-    return steps
+def _unit_items(src: McoreInput, unit: Unit) -> List[HFItem]:
+    """A unit's HF tensors as boxes: 'copy' = the whole tensor, 'concat' (gated fc1) = consecutive
+    row blocks [gate; up], 'qkv' = the whole tensor, regrouped after reading. Routed experts add
+    their index on the stored tensor's leading axis."""
+    lead, lead_size = ((unit.expert,), (1,)) if unit.expert is not None else ((), ())
+    if unit.rule.transform == "qkv":
+        zeros = (0,) * len(unit.full_shape)
+        return [HFItem(unit.hf[0], unit.hf_shapes[0], src.hf_dtype(unit.hf[0], src.reader.dtype(unit.key)),
+                       unit.key, lead + zeros, lead_size + unit.full_shape, regroup=unit)]
+    items, row = [], 0
+    for name, shape in zip(unit.hf, unit.hf_shapes):
+        offsets = lead + (row,) + (0,) * (len(shape) - 1)
+        items.append(HFItem(name, tuple(shape), src.hf_dtype(name, src.reader.dtype(unit.key)),
+                            unit.key, offsets, lead_size + tuple(shape)))
+        row += shape[0]
+    return items
 
 
-def _expert_steps_merged(src: McoreInput, layer: int, units: List[Unit]) -> List[_Step]:
-    """dFactory's [E, Fm, H] gate/up and [E, H, Fm] down of one layer, one stacked tensor per read."""
-    fc1 = next(u for u in units if u.rule.transform == "concat")
-    fc2 = next(u for u in units if u.rule.transform != "concat")
+def _merged_items(src: McoreInput, layer: int, units: List[Unit]) -> List[HFItem]:
+    """dFactory's [E, Fm, H] gate / up (row blocks of every expert's fc1) and [E, H, Fm] down."""
+    fc1 = next(u for u in units if u.rule.transform == "concat" and u.expert == 0)
+    fc2 = next(u for u in units if u.rule.transform != "concat" and u.expert == 0)
     experts, (two_f, hidden) = src.config["num_experts"], fc1.full_shape
-    dtype1, dtype2 = src.reader.dtype(fc1.key), src.reader.dtype(fc2.key)
     f = two_f // 2
-    boxes = {  # gate rows [0, F) and up rows [F, 2F) of every expert's fc1; fc2 whole
-        "gate_proj": (fc1.key, (0, 0, 0), (experts, f, hidden), dtype1),
-        "up_proj": (fc1.key, (0, f, 0), (experts, f, hidden), dtype1),
-        "down_proj": (fc2.key, None, None, dtype2),
-    }
-    steps = []
+    boxes = {"gate_proj": (fc1.key, (0, 0, 0), (experts, f, hidden)),
+             "up_proj": (fc1.key, (0, f, 0), (experts, f, hidden)),
+             "down_proj": (fc2.key, (0, 0, 0), (experts,) + fc2.full_shape)}
+    items = []
     for proj in PROJS:
-        key, offsets, sizes, dtype = boxes[proj]
+        key, offsets, sizes = boxes[proj]
         name = merged_name(layer, proj)
-        shape = (experts,) + (fc2.full_shape if proj == "down_proj" else (f, hidden))
-
-        def run(name=name, key=key, offsets=offsets, sizes=sizes):
-            yield name, src.reader.read(key, offsets, sizes)
-
-        steps.append(_Step([(name, shape, dtype)], run))
-    return steps
+        items.append(HFItem(name, sizes, src.hf_dtype(name, src.reader.dtype(key)), key, offsets, sizes))
+    return items
 
 
-def plan_hf_output(src: McoreInput, expert_format: str = SPLIT, budget_bytes: int = DEFAULT_BUDGET) -> List[_Step]:
-    """Steps in output order: embedding, each layer (non-expert tensors, then routed experts),
-    final norm and lm_head. Each step knows its HF entries before reading anything."""
-    steps: List[_Step] = []
-    layers: Dict[Optional[int], List[Unit]] = {}
+def plan_hf_output(src: McoreInput, expert_format: str = SPLIT) -> List[HFItem]:
+    """Output order: embedding, each layer's tensors (routed experts in order, or stacked when
+    `expert_format` is merged), final norm, lm_head. Known before anything is read."""
+    items: List[HFItem] = []
+    merged_done = set()
     for unit in src.units:
-        layers.setdefault(unit.layer, []).append(unit)
-    globals_ = layers.pop(None)
-    steps += _plain_steps(src, globals_[:1], budget_bytes)  # embedding
-    for layer in sorted(layers):
-        units = layers[layer]
-        steps += _plain_steps(src, [u for u in units if u.expert is None], budget_bytes)
-        experts = [u for u in units if u.expert is not None]
-        if experts and expert_format == MERGED:
-            steps += _expert_steps_merged(src, layer, [u for u in experts if u.expert == 0])
-        elif experts:
-            steps += _expert_steps_split(src, experts, budget_bytes)
-    steps += _plain_steps(src, globals_[1:], budget_bytes)  # final norm, lm_head
-    return steps
+        if unit.expert is not None and expert_format == MERGED:
+            if unit.layer not in merged_done:
+                merged_done.add(unit.layer)
+                items += _merged_items(src, unit.layer, [u for u in src.units if u.layer == unit.layer])
+            continue
+        items += _unit_items(src, unit)
+    return items
 
 
-def iter_hf_tensors(steps: Sequence[_Step]) -> Iterator[Tuple[str, torch.Tensor]]:
-    for step in steps:
-        for (want, shape, dtype), (name, tensor) in zip(step.entries, step.run()):
-            if name != want or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-                raise CheckpointError(f"internal: produced {name} {tensor.dtype} {list(tensor.shape)}, "
-                                      f"planned {want} {dtype} {list(shape)}")
-            yield name, tensor
+def iter_hf_tensors(src: McoreInput, items: Sequence[HFItem], budget_bytes: int = DEFAULT_BUDGET
+                    ) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(name, tensor) for every item, in order, reading groups of items of up to `budget_bytes`
+    at a time (a larger item alone): memory holds one group."""
+    group: List[HFItem] = []
+    size = 0
+    for item in list(items) + [None]:
+        if item is not None and (not group or size + item.nbytes <= budget_bytes):
+            group.append(item)
+            size += item.nbytes
+            continue
+        tensors = src.reader.read_many([(i.key, i.offsets, i.sizes) for i in group])
+        for i, tensor in zip(group, tensors):
+            if i.regroup is not None:
+                tensor = hf_from_full_mcore(i.regroup.rule, tensor.reshape(i.regroup.full_shape), src.model)[0]
+            yield i.name, tensor.reshape(i.shape).to(i.dtype)
+        tensors = None
+        group, size = ([item], item.nbytes) if item is not None else ([], 0)
 
 
 # ---- HF directory ----------------------------------------------------------------------------------
@@ -235,8 +220,8 @@ def convert_mcore_to_hf(
         template = None
     inputs = [src.ckpt_dir] + ([template] if template else [])
     output = check_output_dir(output, overwrite, inputs=inputs)
-    steps = plan_hf_output(src, MERGED if merged_experts else SPLIT, budget_bytes)
-    entries = [e for step in steps for e in step.entries]
+    items = plan_hf_output(src, MERGED if merged_experts else SPLIT)
+    entries = [(i.name, i.shape, i.dtype) for i in items]
     weights_dtype = entries[0][2]
     log(f"exporting {src.ckpt_dir} (iteration {src.meta['iteration']}, {len(entries)} tensors, "
         f"{'merged' if merged_experts else 'split'} experts) -> {output}")
@@ -245,13 +230,14 @@ def convert_mcore_to_hf(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(_nbytes(s, d) for _, s, d in entries), unit="B", unit_scale=True,
+        bar = tqdm(total=sum(i.nbytes for i in items), unit="B", unit_scale=True,
                    unit_divisor=1024, desc="mcore->hf", dynamic_ncols=True)
+    started = time.perf_counter()
     try:
         with staged_output(output) as staging:
             writer = ShardedSafetensorsWriter(staging, entries, max_shard_size)
             try:
-                for name, tensor in iter_hf_tensors(steps):
+                for name, tensor in iter_hf_tensors(src, items, budget_bytes):
                     writer.write(name, tensor)
                     if bar is not None:
                         bar.update(tensor.nbytes)
@@ -269,6 +255,7 @@ def convert_mcore_to_hf(
         if bar is not None:
             bar.close()
     log(f"files from {template or 'megadiff'}: {', '.join(copied) or 'none'}")
+    log(_throughput(writer.total_size, time.perf_counter() - started))
     return output
 
 
@@ -283,7 +270,7 @@ def load_reference_from_mcore(ckpt_dir: str, iteration: Optional[int] = None, dt
     src = inspect_mcore_input(ckpt_dir, iteration)
     with torch.device("meta"):
         model = build_reference_model(src.config)
-    state = {name: tensor.to(dtype) for name, tensor in iter_hf_tensors(plan_hf_output(src, SPLIT))}
+    state = {name: tensor.to(dtype) for name, tensor in iter_hf_tensors(src, plan_hf_output(src, SPLIT))}
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise CheckpointError(f"{src.ckpt_dir}: '{result.unexpected_keys[0]}' is not a reference model parameter")

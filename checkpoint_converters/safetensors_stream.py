@@ -55,7 +55,7 @@ def plan_shards(entries: Sequence[Entry], max_shard_size: int) -> List[List[Entr
     size = 0
     for entry in entries:
         n = _nbytes(entry[1], entry[2])
-        if shards[-1] and size + n > max_shard_size:
+        if shards[-1] and n and size + n > max_shard_size:
             shards.append([])
             size = 0
         shards[-1].append(entry)

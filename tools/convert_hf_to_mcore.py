@@ -58,12 +58,13 @@ def main(argv=None) -> int:
     except (CheckpointError, ConfigError) as e:
         raise SystemExit(f"error: {e}")
     log(f"megatron checkpoint written to {final}")
-    import torch
-
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    import torch
+
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    sys.exit(rc)

@@ -194,6 +194,8 @@ def resolve_checkpoint_dir(root_or_iter_dir: str, iteration: Optional[int] = Non
     path = os.path.abspath(root_or_iter_dir)
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: checkpoint directory not found")
+    if ".tmp-" in os.path.basename(path):
+        raise CheckpointError(f"{path}: a staging directory of an unfinished save, not a checkpoint")
     if os.path.isfile(os.path.join(path, META_NAME)) or _ITER_DIR.match(os.path.basename(path)):
         if not is_complete_iteration_dir(path):
             raise CheckpointError(
@@ -206,8 +208,6 @@ def resolve_checkpoint_dir(root_or_iter_dir: str, iteration: Optional[int] = Non
                 f"{path}: holds iteration {meta['iteration']}, not the requested --iteration {iteration}"
             )
         return path
-    if ".tmp-" in os.path.basename(path):
-        raise CheckpointError(f"{path}: a staging directory of an unfinished save, not a checkpoint")
     available = complete_iterations(path)
     if iteration is not None:
         candidate = os.path.join(path, iteration_dir_name(iteration))

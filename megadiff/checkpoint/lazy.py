@@ -14,7 +14,7 @@ import os
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
 from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _write_item
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
@@ -60,8 +60,8 @@ class _LazyShards(torch.Tensor):
         return [ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(s)) for o, s, _ in self._shards]
 
     def __get_tensor_shard__(self, index):
-        for i, (offsets, sizes, compute) in enumerate(self._shards):
-            if (index.index == i or index.index is None) and torch.Size(offsets) == index.offset:
+        for offsets, sizes, compute in self._shards:  # index.index is a global hint: match offsets
+            if torch.Size(offsets) == index.offset:
                 tensor = compute()
                 if tuple(tensor.shape) != tuple(sizes) or tensor.dtype != self.dtype:
                     raise ValueError(
@@ -189,11 +189,16 @@ def write_lazily(
             shards.append((tuple(sh.global_offset), sizes, compute))
         to_save[key] = _LazyShards(key, items[0].global_shape, items[0].dtype, shards)
 
-    torch.distributed.checkpoint.save(
-        to_save,
-        storage_writer=_StreamingWriter(checkpoint_dir, on_tensor),
-        planner=MCoreSavePlanner(flatten_state_dict=False),
-    )
+    try:
+        torch.distributed.checkpoint.save(
+            to_save,
+            storage_writer=_StreamingWriter(checkpoint_dir, on_tensor),
+            planner=MCoreSavePlanner(flatten_state_dict=False),
+        )
+    except CheckpointException as e:  # DCP wraps everything, Ctrl-C included: let a Ctrl-C be one
+        if any(isinstance(f[0] if isinstance(f, tuple) else f, KeyboardInterrupt) for f in e.failures.values()):
+            raise KeyboardInterrupt from e
+        raise
     cache.clear()
     if torch.distributed.get_rank() == 0:
         save_config(CheckpointingConfig("torch_dist", 1), checkpoint_dir)

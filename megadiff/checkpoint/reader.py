@@ -3,15 +3,19 @@
 No process group, no megatron-core, no writer process: export tools and the sampler read a
 checkpoint in a plain Python process. Whatever layout saved a tensor, a read returns the requested
 box of the global tensor assembled from the stored shards; only the stored items that overlap the
-box are read, so memory stays bounded by what is asked for.
+box are read, so memory stays bounded by what is asked for. A box that is exactly one stored item
+(the common case when reading HF tensors from a checkpoint saved at TP=1) is returned as loaded,
+without a second buffer; items with DCP stream transforms fall back to torch DCP's own reader.
 """
 
 import os
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
+from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.utils import _create_file_view
 
 from checkpoint_converters.hf_io import CheckpointError
 
@@ -51,10 +55,6 @@ class _Boxes(torch.Tensor):
         return [ChunkStorageMetadata(offsets=torch.Size(o), sizes=b.shape) for o, b in self._boxes]
 
     def __get_tensor_shard__(self, index):
-        if index.index is not None and index.index < len(self._boxes):
-            offsets, buffer = self._boxes[index.index]
-            if torch.Size(offsets) == index.offset:
-                return buffer
         for offsets, buffer in self._boxes:
             if torch.Size(offsets) == index.offset:
                 return buffer
@@ -79,8 +79,15 @@ class DistCheckpointReader:
         self._tensors: Dict[str, TensorStorageMetadata] = {
             k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
         }
+        self._chunk_at = {  # key -> {chunk offsets: chunk sizes}
+            k: {tuple(c.offsets): tuple(c.sizes) for c in v.chunks} for k, v in self._tensors.items()
+        }
+        self._storage = metadata.storage_data or {}
+        # Items written as plain torch.save records (what megatron-core and torch write by default)
+        # are read directly; anything with stream transforms goes through torch DCP's reader.
+        self._direct = all(not getattr(i, "transform_descriptors", None) for i in self._storage.values())
         needed: Dict[str, int] = {}
-        for info in (metadata.storage_data or {}).values():
+        for info in self._storage.values():
             end = info.offset + info.length
             needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
         for name, end in sorted(needed.items()):
@@ -126,31 +133,86 @@ class DistCheckpointReader:
                 f"of the box at {list(offsets)}); the checkpoint is incomplete"
             )
 
+    def _box(self, key, offsets, sizes) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+        shape = self.shape(key)
+        offsets = tuple(offsets) if offsets is not None else (0,) * len(shape)
+        sizes = tuple(sizes) if sizes is not None else tuple(s - o for s, o in zip(shape, offsets))
+        if len(offsets) != len(shape) or any(o < 0 or o + s > n for o, s, n in zip(offsets, sizes, shape)):
+            raise ValueError(f"{key}: box at {list(offsets)} of size {list(sizes)} outside {list(shape)}")
+        if self._chunk_at.get(key, {}).get(offsets) != sizes:  # exactly one stored item: covered
+            self._check_covered(key, offsets, sizes)
+        return offsets, sizes
+
     def read_many(self, boxes: Sequence[Box]) -> List[torch.Tensor]:
-        """Read several boxes in one pass; returns one tensor per box, in order."""
+        """Read boxes (key, offsets, sizes; None = the whole tensor); one tensor per box, in order."""
+        boxes = [(key, *self._box(key, offsets, sizes)) for key, offsets, sizes in boxes]
+        if self._direct:
+            return [self._read_direct(*box) for box in boxes]
+        return self._read_with_dcp(boxes)
+
+    def _read_direct(self, key, offsets, sizes) -> torch.Tensor:
+        """Load the stored items overlapping the box; a box that is exactly one stored item is
+        returned as loaded (no second buffer, no copy), the general case is assembled."""
+        if self._chunk_at[key].get(offsets) == sizes:
+            return self._load_item(key, ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)))
+        parts = []
+        for chunk in self._meta(key).chunks:
+            lo = [max(o, c) for o, c in zip(offsets, chunk.offsets)]
+            hi = [min(o + s, c + n) for o, s, c, n in zip(offsets, sizes, chunk.offsets, chunk.sizes)]
+            if all(h > low for h, low in zip(hi, lo)):
+                parts.append((chunk, lo, hi))
+        if len(parts) == 1 and tuple(parts[0][0].offsets) == offsets and tuple(parts[0][0].sizes) == sizes:
+            return self._load_item(key, parts[0][0])
+        out = torch.empty(sizes, dtype=self.dtype(key))
+        for chunk, lo, hi in parts:
+            stored = self._load_item(key, chunk)
+            src = tuple(slice(low - c, h - c) for low, h, c in zip(lo, hi, chunk.offsets))
+            dst = tuple(slice(low - o, h - o) for low, h, o in zip(lo, hi, offsets))
+            out[dst].copy_(stored[src])
+            del stored
+        return out
+
+    def _load_item(self, key: str, chunk) -> torch.Tensor:
+        info = self._storage.get(MetadataIndex(key, torch.Size(chunk.offsets)))
+        if info is None:
+            raise CheckpointError(f"{self.ckpt_dir}: '{key}' at {list(chunk.offsets)} has no stored data")
+        path = os.path.join(self.ckpt_dir, info.relative_path)
+        try:
+            with open(path, "rb") as f:
+                tensor = torch.load(_create_file_view(f, info.offset, info.length), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{path}: '{key}' at {list(chunk.offsets)} could not be read ({e!r})") from None
+        if tuple(tensor.shape) != tuple(chunk.sizes) or tensor.dtype != self.dtype(key):
+            raise CheckpointError(f"{path}: '{key}' at {list(chunk.offsets)} holds {tensor.dtype} "
+                                  f"{list(tensor.shape)}, the metadata says {self.dtype(key)} {list(chunk.sizes)}")
+        return tensor
+
+    def _read_with_dcp(self, boxes) -> List[torch.Tensor]:
+        """torch DCP's own reader (used when items are stored with stream transforms)."""
         targets: Dict[str, List[Tuple[Tuple[int, ...], torch.Tensor]]] = {}
         out = []
         for key, offsets, sizes in boxes:
-            shape = self.shape(key)
-            offsets = tuple(offsets) if offsets is not None else (0,) * len(shape)
-            sizes = tuple(sizes) if sizes is not None else tuple(s - o for s, o in zip(shape, offsets))
-            if len(offsets) != len(shape) or any(o < 0 or o + s > n for o, s, n in zip(offsets, sizes, shape)):
-                raise ValueError(f"{key}: box at {list(offsets)} of size {list(sizes)} outside {list(shape)}")
             if any(o == offsets for o, _ in targets.get(key, [])):
                 raise ValueError(f"{key}: two boxes at offset {list(offsets)} in one read")
-            self._check_covered(key, offsets, sizes)
             buffer = torch.empty(sizes, dtype=self.dtype(key))
             targets.setdefault(key, []).append((offsets, buffer))
             out.append(buffer)
         state = {key: _Boxes(self.shape(key), self.dtype(key), items) for key, items in targets.items()}
         try:
-            torch.distributed.checkpoint.load(
-                state, storage_reader=self._reader,
-                planner=DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
-                no_dist=True,
-            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process"
+                torch.distributed.checkpoint.load(
+                    state, storage_reader=self._reader,
+                    planner=DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
+                    no_dist=True,
+                )
+        except CheckpointException as e:
+            causes = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
+            if any(isinstance(c, KeyboardInterrupt) for c in causes):
+                raise KeyboardInterrupt from e
+            raise CheckpointError(f"{self.ckpt_dir}: reading {sorted(targets)[:3]} failed ({causes[0]!r})") from None
         except Exception as e:
-            raise CheckpointError(f"{self.ckpt_dir}: reading {sorted(targets)[:3]} failed ({e})") from None
+            raise CheckpointError(f"{self.ckpt_dir}: reading {sorted(targets)[:3]} failed ({e!r})") from None
         return out
 
     def read(self, key: str, offsets: Optional[Sequence[int]] = None, sizes: Optional[Sequence[int]] = None) -> torch.Tensor:

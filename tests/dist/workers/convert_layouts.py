@@ -1,9 +1,12 @@
 """torchrun worker for the converter tests: conversions at a layout and cross-layout loading, in one launch.
 
 1. HF -> megatron at the launch's layout (each rank writes its shards) for every `--convert SRC=DST`.
-2. For every `--load CKPT@tp,ep,pp[,vpp]`: build the model at that layout, `load_model_weights`,
-   and compare full logits of a few rows with the HF reference (`--reference`).
-Rank 0 writes {"CKPT@layout": max |logit diff|} as JSON to --out.
+2. With `--save ROOT=CKPT`: a training-like checkpoint (model + optimizer-like + common state) saved
+   with `save_checkpoint` at the launch's layout, then read back with `load_checkpoint`.
+3. For every `--load CKPT@tp,ep,pp[,vpp]`: build the model at that layout, `load_model_weights`,
+   and compare the weights (gathered back to HF names) and the full logits of a few rows (not with
+   VPP: one row is one micro-batch) with the HF reference (`--reference`).
+Rank 0 writes {"CKPT@layout": {"weights": max |diff|, "logits": max |diff|, ...}} to --out.
 """
 
 import argparse
@@ -13,6 +16,7 @@ import sys
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
+os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the converters run on CPU (gloo), as their CLIs do
 warnings.simplefilter("ignore")
 
 import torch  # noqa: E402
@@ -25,17 +29,49 @@ def parse_layout(text):
     return ParallelLayout(tp=tp, ep=ep, pp=pp, vpp=vpp[0] if vpp else None)
 
 
+def save_training_like_checkpoint(args, cfg, hf_config):
+    """What a trainer writes: model + (here: fake) optimizer state + common state, iteration 7.
+    Then `load_checkpoint` of only the extra state, which must not need the model keys."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    from megadiff.checkpoint import load_checkpoint, load_model_weights, model_sharded_state_dict, save_checkpoint
+    from megadiff.models.llada2.model import build_model
+    from megadiff.platform import initialize_parallel
+
+    root, ckpt = args.save.split("=")
+    layout = parse_layout(args.layout)
+    initialize_parallel(layout)
+    chunks = build_model(cfg, layout)
+    load_model_weights(ckpt, chunks)
+    rank = torch.distributed.get_rank()
+
+    def fake(data):
+        return {"exp_avg": ShardedTensor.from_rank_offsets("optimizer.fake.exp_avg", data, replica_id=rank)}
+
+    state = model_sharded_state_dict(chunks)
+    state["optimizer"] = fake(torch.full((4,), 7.0))
+    state["scheduler"] = {"lr": 0.5}
+    meta = {"hf_config": hf_config, "hf_source_dir": args.reference, "layout": vars(layout),
+            "dtype": "float32", "extra": {"step": 7}}
+    path = save_checkpoint(root, 7, state, meta)
+    loaded, loaded_meta = load_checkpoint(root, {"optimizer": fake(torch.zeros(4))})
+    return {"path": path, "exp_avg": loaded["optimizer"]["exp_avg"].tolist(), "scheduler": loaded["scheduler"],
+            "iteration": loaded_meta["iteration"], "extra": loaded_meta["extra"]}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--layout", required=True, help="tp,ep,pp[,vpp] for the conversions")
     p.add_argument("--convert", action="append", default=[], help="HF_DIR=OUTPUT")
     p.add_argument("--load", action="append", default=[], help="CKPT@tp,ep,pp[,vpp]")
+    p.add_argument("--save", default=None, help="ROOT=CKPT: load CKPT at --layout, save it to ROOT with extra state")
     p.add_argument("--reference", required=True, help="HF dir whose logits the loaded models must give")
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
     from checkpoint_converters.hf_io import read_hf_config
     from checkpoint_converters.hf_to_mcore import convert_hf_to_mcore
+    from checkpoint_converters.llada2_mapping import gather_hf_state
     from megadiff.checkpoint import load_model_weights
     from megadiff.hf.reference import load_reference_model
     from megadiff.models.llada2 import LLaDA2ModelConfig
@@ -49,24 +85,33 @@ def main():
         convert_hf_to_mcore(src, dst, parse_layout(args.layout), progress=False, log=quiet)
 
     init_distributed()
+    hf_config = read_hf_config(args.reference)
+    cfg = LLaDA2ModelConfig.from_hf_dict(hf_config)
+    results = {}
+    if args.save:
+        results["save"] = save_training_like_checkpoint(args, cfg, hf_config)
     reference = load_reference_model(args.reference)
-    cfg = LLaDA2ModelConfig.from_hf_dict(read_hf_config(args.reference))
+    reference_state = {n: t for n, t in reference.state_dict().items() if not n.endswith("inv_freq")}
     g = torch.Generator().manual_seed(3)
     rows = [torch.randint(0, cfg.vocab_size, (1, n), generator=g) for n in (16, 11)]
     with torch.no_grad():
         expected = [reference(ids, torch.arange(ids.shape[1])[None]).logits.float() for ids in rows]
-    results = {}
     for item in args.load:
         ckpt, layout_text = item.split("@")
         layout = parse_layout(layout_text)
         initialize_parallel(layout)
         chunks = build_model(cfg, layout)
         meta = load_model_weights(ckpt, chunks)
-        worst = 0.0
-        for ids, want in zip(rows, expected):
-            got = full_logits(chunks, ids, torch.arange(ids.shape[1])[None])
-            worst = max(worst, float((got - want).abs().max()))
-        results[f"{os.path.basename(ckpt)}@{layout}"] = {"logits": worst, "saved_layout": meta["layout"]}
+        weights = gather_hf_state(chunks, cfg)
+        result = {"saved_layout": meta["layout"], "weights": max(
+            float((weights[name] - tensor.float()).abs().max()) for name, tensor in reference_state.items()
+        )}
+        if not layout.vpp:  # the interleaved schedule needs >= pp micro-batches; one row is one
+            result["logits"] = max(
+                float((full_logits(chunks, ids, torch.arange(ids.shape[1])[None]) - want).abs().max())
+                for ids, want in zip(rows, expected)
+            )
+        results[f"{os.path.basename(ckpt)}@{layout}"] = result
     if torch.distributed.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

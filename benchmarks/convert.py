@@ -1,0 +1,228 @@
+#!/usr/bin/env python3
+"""Converter throughput and peak memory on a synthetic LLaDA2-mini-shaped checkpoint.
+
+  .venv/bin/python benchmarks/convert.py [--layers 2] [--workdir /tmp] [--keep]
+
+Builds a bf16 HF checkpoint with LLaDA2-mini widths (vocab 157184, hidden 2048, 256 experts of
+512, dense layer 0) but only `--layers` layers (2 layers = 3.0 GB) in a temp dir, then runs, each
+as a child process exactly as a user would (CLI, interpreter start-up and imports included):
+
+  copy        shutil.copyfile of the same safetensors files (+ fsync, as the tools fsync), and a
+              user-space copy (bytes read into fresh tensors and written back: the floor of
+              any converter that looks at the data)
+  hf->mcore   tools/convert_hf_to_mcore.py (one process, layout (1,1,1))
+  mcore->hf   tools/convert_mcore_to_hf.py
+  merge       tools/moe_convertor.py --mode merge
+  split       tools/moe_convertor.py --mode split (of the merged output)
+
+and reports bytes of weights / wall time relative to the copy (median of --repeat runs, each after
+`sync` so none pays for the previous one's writeback; "data phase" is the tools' own timing of
+their read-transform-write loop, without interpreter start-up and imports), and the peak resident
+memory of the child process tree (psutil, sampled every 10 ms): total RSS, and anonymous RSS (total minus
+file-backed pages such as safetensors' read-only mmaps, which the kernel can drop at any time).
+Goals: >= 0.5x copy throughput; peak RSS <= 2 GB + 2x the largest tensor. Deletes everything at
+the end unless --keep.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+GB = 10**9
+
+
+def make_checkpoint(out_dir: str, layers: int) -> dict:
+    """Random bf16 weights (fp32 router bias), written one tensor at a time."""
+    import torch
+
+    from checkpoint_converters.experts import expected_shapes
+    from checkpoint_converters.safetensors_stream import ShardedSafetensorsWriter
+    from megadiff.hf.reference import copy_remote_code, write_hf_config
+    from megadiff.models.llada2.presets import preset
+
+    cfg = preset("llada2-mini", num_hidden_layers=layers)
+    os.makedirs(out_dir)
+    shapes = expected_shapes(cfg, "split")
+    entries = [(n, tuple(s), torch.float32 if n.endswith("expert_bias") else torch.bfloat16) for n, s in shapes.items()]
+    writer = ShardedSafetensorsWriter(out_dir, entries, "2GB")
+    g = torch.Generator().manual_seed(0)
+    for name, shape, dtype in entries:
+        writer.write(name, (torch.randn(shape, generator=g) * 0.02).to(dtype))
+    writer.close()
+    write_hf_config(dict(cfg, torch_dtype="bfloat16"), out_dir)
+    copy_remote_code(out_dir)
+    largest = max(entries, key=lambda e: _nbytes(e[1], e[2]))
+    return {"bytes": sum(_nbytes(s, d) for _, s, d in entries), "largest": largest[0],
+            "largest_bytes": _nbytes(largest[1], largest[2]), "tensors": len(entries)}
+
+
+def _nbytes(shape, dtype) -> int:
+    import torch
+
+    n = 1
+    for s in shape:
+        n *= s
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+COPY = """
+import os, shutil, sys
+src, dst = sys.argv[1], sys.argv[2]
+os.makedirs(dst)
+for name in sorted(os.listdir(src)):
+    if name.endswith(".safetensors"):
+        shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+        if sys.argv[3] == "fsync":
+            with open(os.path.join(dst, name), "rb+") as f:
+                os.fsync(f.fileno())
+"""
+
+# The least any user-space converter does: every byte read into a fresh tensor and written back.
+USERSPACE_COPY = """
+import os, sys, time, torch
+src, dst = sys.argv[1], sys.argv[2]
+os.makedirs(dst)
+start, total = time.perf_counter(), 0
+for name in sorted(os.listdir(src)):
+    if name.endswith(".safetensors"):
+        with open(os.path.join(src, name), "rb", buffering=0) as fi, open(os.path.join(dst, name), "wb") as fo:
+            while True:
+                buf = torch.empty(64 * 2**20, dtype=torch.uint8)
+                n = fi.readinto(memoryview(buf.numpy()))
+                if not n:
+                    break
+                fo.write(memoryview(buf.numpy())[:n])
+                total += n
+            fo.flush()
+            os.fsync(fo.fileno())
+print(f"data: copied {total / 1e9:.2f} GB in {time.perf_counter() - start:.1f} s")
+"""
+
+
+def measure(cmd, cleanup, repeat: int) -> dict:
+    """Run `cmd` `repeat` times (median times, max memory), each after flushing dirty pages so no
+    run pays for the previous one's writeback; `cleanup()` removes its output in between."""
+    runs = []
+    for i in range(repeat):
+        os.sync()
+        runs.append(_run_once(cmd))
+        if i + 1 < repeat:
+            cleanup()
+    median = lambda k: statistics.median(r[k] for r in runs)  # noqa: E731
+    return {"wall_s": median("wall_s"), "data_s": median("data_s"), "walls": [r["wall_s"] for r in runs],
+            "peak_rss": max(r["peak_rss"] for r in runs), "peak_anon_rss": max(r["peak_anon_rss"] for r in runs)}
+
+
+def _run_once(cmd) -> dict:
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    root = psutil.Process(proc.pid)
+    peak_rss = peak_anon = 0
+    while proc.poll() is None:
+        rss = anon = 0
+        try:
+            for p in [root] + root.children(recursive=True):
+                info = p.memory_info()
+                rss += info.rss
+                anon += info.rss - info.shared
+        except psutil.Error:
+            pass
+        peak_rss, peak_anon = max(peak_rss, rss), max(peak_anon, anon)
+        time.sleep(0.01)
+    wall = time.perf_counter() - start
+    output = proc.stdout.read()
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-3000:]}")
+    data = re.search(r"^data: .* in ([\d.]+) s", output, re.M)  # the tools time their data phase
+    return {"wall_s": wall, "data_s": float(data.group(1)) if data else wall,
+            "peak_rss": peak_rss, "peak_anon_rss": peak_anon}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=2, help="mini-width layers (layer 0 dense); 2 = 3.0 GB")
+    p.add_argument("--workdir", default=None, help="where the temp dir goes (default: system temp)")
+    p.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    p.add_argument("--repeat", type=int, default=3, help="runs per measurement (median wall time)")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    py = sys.executable
+    work = tempfile.mkdtemp(prefix="megadiff_convert_bench_", dir=args.workdir)
+    d = lambda name: os.path.join(work, name)  # noqa: E731
+    try:
+        t = time.perf_counter()
+        info = make_checkpoint(d("hf"), args.layers)
+        print(f"synthetic checkpoint: {info['bytes'] / GB:.2f} GB in {info['tensors']} tensors, largest "
+              f"{info['largest']} {info['largest_bytes'] / GB:.3f} GB ({time.perf_counter() - t:.0f} s to build)", flush=True)
+        runs = {
+            "copy (copyfile)": [py, "-c", COPY, d("hf"), d("copy1"), "nofsync"],
+            "copy (copyfile+fsync)": [py, "-c", COPY, d("hf"), d("copy2"), "fsync"],
+            "copy (user space)": [py, "-c", USERSPACE_COPY, d("hf"), d("copy3")],
+            "hf->mcore": [py, "tools/convert_hf_to_mcore.py", "--hf-dir", d("hf"), "--output", d("mcore"), "--no-progress"],
+            "mcore->hf": [py, "tools/convert_mcore_to_hf.py", "--mcore-dir", d("mcore"), "--output", d("hf2"), "--no-progress"],
+            "merge": [py, "tools/moe_convertor.py", "--input-path", d("hf"), "--output-path", d("merged"), "--mode", "merge", "--no-progress"],
+            "split": [py, "tools/moe_convertor.py", "--input-path", d("merged"), "--output-path", d("split"), "--mode", "split", "--no-progress"],
+        }
+        outputs = {"copy (copyfile)": d("copy1"), "copy (copyfile+fsync)": d("copy2"),
+                   "copy (user space)": d("copy3"), "hf->mcore": d("mcore"),
+                   "mcore->hf": d("hf2"), "merge": d("merged"), "split": d("split")}
+        results = {}
+        for name, cmd in runs.items():
+            results[name] = measure(cmd, lambda: shutil.rmtree(outputs[name]), args.repeat)
+            r = results[name]
+            print(f"{name:22s} wall {r['wall_s']:6.1f} s ({info['bytes'] / r['wall_s'] / GB:5.3f} GB/s), data phase "
+                  f"{r['data_s']:6.1f} s ({info['bytes'] / r['data_s'] / GB:5.3f} GB/s), peak RSS "
+                  f"{r['peak_rss'] / GB:5.2f} GB (anonymous {r['peak_anon_rss'] / GB:5.2f} GB)", flush=True)
+            if name.startswith("copy"):
+                shutil.rmtree(cmd[4])
+        verify(d("hf"), d("hf2"), d("split"))
+        budget = 2 * GB + 2 * info["largest_bytes"]
+        copy = results["copy (copyfile+fsync)"]["wall_s"]
+        floor = results["copy (user space)"]["data_s"]
+        print(f"\nthroughput relative to copyfile+fsync (the tools fsync too): wall | data phase | data phase vs "
+              f"the user-space copy; RSS budget 2 GB + 2 x largest = {budget / GB:.2f} GB")
+        for name in ("hf->mcore", "mcore->hf", "merge", "split"):
+            r = results[name]
+            print(f"{name:10s} {copy / r['wall_s']:.2f}x | {copy / r['data_s']:.2f}x | {floor / r['data_s']:.2f}x   "
+                  f"peak RSS {r['peak_rss'] / GB:.2f} GB "
+                  f"({r['peak_rss'] / info['largest_bytes']:.1f}x largest), anonymous {r['peak_anon_rss'] / GB:.2f} GB "
+                  f"-> {'within' if r['peak_rss'] <= budget else 'OVER'} budget")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"checkpoint": info, "results": results}, f, indent=1)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def verify(original: str, exported: str, split: str) -> None:
+    """Spot-check that the round trips are exact (a few tensors, every kind)."""
+    import torch
+
+    from checkpoint_converters.hf_io import HFCheckpointReader
+
+    a, b, c = HFCheckpointReader(original), HFCheckpointReader(exported), HFCheckpointReader(split)
+    assert a.names() == b.names() == c.names()
+    for name in ("model.word_embeddings.weight", "model.layers.1.attention.query_key_value.weight",
+                 "model.layers.1.mlp.experts.255.up_proj.weight", "model.layers.1.mlp.gate.expert_bias",
+                 "model.layers.0.mlp.gate_proj.weight", "lm_head.weight"):
+        x = a.get(name)
+        assert torch.equal(x, b.get(name)) and torch.equal(x, c.get(name)) and x.dtype == b.get(name).dtype, name
+    print("round trips spot-checked: exact")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""HF safetensors reads with plain file I/O, for converters that stream whole checkpoints.
+
+`HFCheckpointReader.get` goes through safetensors' mmap: every page read stays mapped, and counted
+in the process's resident memory, until the shard is closed, so streaming a 30 GB checkpoint looks
+like a 30 GB process (the pages are clean and reclaimable, but RSS limits and OOM heuristics see
+them). `DirectHFReader` validates exactly like its parent (index, shards, headers, names) and then
+reads each tensor's bytes with `readinto` into a fresh tensor: resident memory is the tensors the
+converter holds, nothing more.
+"""
+
+import json
+import os
+import struct
+from typing import Dict, Tuple
+
+import torch
+
+from .hf_io import SAFETENSORS_DTYPE_BYTES, CheckpointError, HFCheckpointReader
+
+_TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class DirectHFReader(HFCheckpointReader):
+    def __init__(self, hf_dir: str):
+        super().__init__(hf_dir)
+        self._handles.clear()  # the validation mmaps; headers reopen lazily (shape / dtype queries)
+        self._headers: Dict[str, Tuple[int, Dict]] = {}
+
+    def _header(self, shard: str) -> Tuple[int, Dict]:
+        if shard not in self._headers:
+            path = os.path.join(self.hf_dir, shard)
+            with open(path, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(length))
+            self._headers[shard] = (8 + length, header)
+        return self._headers[shard]
+
+    def _read(self, name: str, skip_rows: int = 0, rows=None, out=None) -> torch.Tensor:
+        if name not in self._file_of:
+            raise CheckpointError(f"{self.hf_dir}: tensor '{name}' not found in the checkpoint")
+        shard = self._file_of[name]
+        path = os.path.join(self.hf_dir, shard)
+        start, header = self._header(shard)
+        entry = header[name]
+        code, shape = entry["dtype"], list(entry["shape"])
+        if code not in _TORCH_DTYPES:
+            raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {code}")
+        begin, _ = entry["data_offsets"]
+        row_bytes = SAFETENSORS_DTYPE_BYTES[code]
+        for s in shape[1:]:
+            row_bytes *= s
+        if rows is not None:  # one index along dim 0
+            if not 0 <= skip_rows < shape[0]:
+                raise CheckpointError(f"{path}: tensor '{name}' has no index {skip_rows} (dim 0 is {shape[0]})")
+            shape = shape[1:]
+        if out is None:
+            tensor = torch.empty(shape, dtype=_TORCH_DTYPES[code])
+        elif tuple(out.shape) != tuple(shape) or out.dtype != _TORCH_DTYPES[code] or not out.is_contiguous():
+            raise ValueError(f"{name}: cannot read {code} {shape} into {out.dtype} {list(out.shape)}")
+        else:
+            tensor = out
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes:
+            view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            with open(path, "rb", buffering=0) as f:
+                f.seek(start + begin + skip_rows * row_bytes)
+                done = 0
+                while done < nbytes:
+                    n = f.readinto(view[done:])
+                    if not n:
+                        raise CheckpointError(f"{path}: tensor '{name}' could not be read (file ends early)")
+                    done += n
+        return tensor
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._read(name)
+
+    def get_index(self, name: str, index: int) -> torch.Tensor:
+        return self._read(name, skip_rows=index, rows=1)
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Read tensor `name` into `out` (contiguous, same shape and dtype), e.g. a row of a stack."""
+        return self._read(name, out=out)

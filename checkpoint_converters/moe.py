@@ -1,0 +1,117 @@
+"""Merge or split the routed experts of an HF LLaDA2 checkpoint (dFactory's moe_convertor, streaming).
+
+merge: model.layers.i.mlp.experts.e.{gate,up,down}_proj.weight (one tensor per expert)
+       -> model.layers.i.mlp.experts.{gate,up,down}_proj (experts stacked on dim 0)
+split: the reverse. Every other tensor is copied unchanged (name, dtype, bytes), and so are the
+non-weight files (config, tokenizer, remote code, generation config). Memory holds one stacked
+tensor (one layer's experts of one projection) at a time, not the checkpoint.
+"""
+
+import os
+import time
+from typing import Callable, Iterator, Tuple
+
+import torch
+
+from megadiff.models.llada2.config import LLaDA2ModelConfig
+
+from .experts import (
+    MERGED, PROJS, SPLIT, detect_expert_format, expected_shapes, merged_name, parse_merged_name,
+    parse_split_name, split_name,
+)
+from .hf_direct import DirectHFReader
+from .hf_to_mcore import _throughput
+from .hf_io import SAFETENSORS_DTYPES, CheckpointError, HFCheckpointReader, check_tensors_match, read_hf_config
+from .output_dir import check_output_dir, copy_non_weight_files, staged_output
+from .safetensors_stream import ShardedSafetensorsWriter, parse_size
+
+MODES = {"merge": (SPLIT, MERGED), "split": (MERGED, SPLIT)}
+
+
+def _dtype(reader: HFCheckpointReader, name: str) -> torch.dtype:
+    code = reader.dtype_str(name)
+    if code not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{os.path.join(reader.hf_dir, reader.file_of(name))}: tensor '{name}' has "
+                              f"unsupported dtype {code}")
+    return SAFETENSORS_DTYPES[code]
+
+
+def convert_expert_layout(
+    input_path: str, output_path: str, mode: str, max_shard_size="5GB", overwrite: bool = False,
+    progress: bool = True, log: Callable[[str], None] = print,
+) -> str:
+    """Write OUTPUT with the experts of INPUT merged (mode='merge') or split (mode='split')."""
+    if mode not in MODES:
+        raise ValueError(f"--mode {mode!r}: choose merge or split")
+    want_in, want_out = MODES[mode]
+    input_path = os.path.abspath(input_path)
+    config = read_hf_config(input_path)
+    model = LLaDA2ModelConfig.from_hf_dict(config, source=os.path.join(input_path, "config.json"))
+    reader = DirectHFReader(input_path)
+    fmt = detect_expert_format(reader.names(), input_path)
+    if fmt is None:
+        raise CheckpointError(f"{input_path}: no routed-expert tensors; nothing to {mode}")
+    if fmt != want_in:
+        raise CheckpointError(f"{input_path}: experts are already {fmt}; --mode {mode} needs {want_in} input")
+    check_tensors_match(reader, expected_shapes(config, fmt))
+    max_shard_size = parse_size(max_shard_size)
+    output_path = check_output_dir(output_path, overwrite, inputs=[input_path])
+    experts = model.num_experts
+
+    def source_dtype(name: str) -> torch.dtype:
+        parsed = parse_merged_name(name) if want_out == MERGED else parse_split_name(name)
+        if parsed is None:
+            return _dtype(reader, name)
+        if want_out == SPLIT:
+            return _dtype(reader, merged_name(parsed[0], parsed[2]))
+        layer, proj = parsed
+        dtypes = {_dtype(reader, split_name(layer, e, proj)) for e in range(experts)}
+        if len(dtypes) > 1:
+            raise CheckpointError(f"{input_path}: experts of layer {layer} {proj} have different dtypes {dtypes}")
+        return dtypes.pop()
+
+    entries = [(n, tuple(s), source_dtype(n)) for n, s in expected_shapes(config, want_out).items()]
+
+    def tensors() -> Iterator[Tuple[str, torch.Tensor]]:
+        for name, shape, dtype in entries:
+            if want_out == MERGED and parse_merged_name(name):
+                layer, proj = parse_merged_name(name)
+                stacked = torch.empty(shape, dtype=dtype)
+                for e in range(experts):
+                    reader.read_into(split_name(layer, e, proj), stacked[e])
+                yield name, stacked
+            elif want_out == SPLIT and parse_split_name(name):
+                layer, e, proj = parse_split_name(name)
+                yield name, reader.get_index(merged_name(layer, proj), e)
+            else:
+                yield name, reader.get(name)
+
+    log(f"{mode}: {input_path} ({fmt} experts) -> {output_path} ({len(entries)} tensors)")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(reader.nbytes(n) for n in reader.names()), unit="B", unit_scale=True,
+                   unit_divisor=1024, desc=f"moe {mode}", dynamic_ncols=True)
+    started = time.perf_counter()
+    try:
+        with staged_output(output_path) as staging:
+            writer = ShardedSafetensorsWriter(staging, entries, max_shard_size)
+            try:
+                for name, tensor in tensors():
+                    writer.write(name, tensor)
+                    if bar is not None:
+                        bar.update(tensor.nbytes)
+                writer.close()
+            finally:
+                writer.abort()
+            copied = copy_non_weight_files(input_path, staging)
+    finally:
+        if bar is not None:
+            bar.close()
+    log(f"copied {', '.join(copied) or 'no other files'}")
+    log(_throughput(writer.total_size, time.perf_counter() - started))
+    return output_path
+
+
+__all__ = ["MODES", "PROJS", "convert_expert_layout"]

@@ -1,0 +1,71 @@
+"""Single-process worker for the converter tests: several tools/convert_hf_to_mcore.py runs in one
+interpreter (megatron-core is imported once), plus an interrupted run.
+
+  --run "ARGS..."        one CLI invocation (shell-style argument string); repeatable
+  --interrupt HF=OUT     a conversion whose 6th tensor read raises KeyboardInterrupt (as Ctrl-C does)
+Writes {"runs": [...], "interrupt": {...}} as JSON to --out.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, REPO)
+
+
+def load_cli():
+    spec = importlib.util.spec_from_file_location("convert_hf_to_mcore", os.path.join(REPO, "tools", "convert_hf_to_mcore.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # hides CUDA before torch is imported, as the CLI does
+    return module
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--run", action="append", default=[])
+    p.add_argument("--interrupt", default=None)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    cli = load_cli()
+    report = {"runs": [], "interrupt": None}
+    for run in args.run:
+        try:
+            report["runs"].append({"args": run, "rc": cli.main(shlex.split(run) + ["--no-progress"])})
+        except SystemExit as e:
+            report["runs"].append({"args": run, "rc": 1, "error": str(e)})
+    if args.interrupt:
+        from checkpoint_converters.hf_direct import DirectHFReader
+
+        src, out = args.interrupt.split("=")
+        calls = {"n": 0}
+        original = DirectHFReader.get
+
+        def get(self, name):
+            calls["n"] += 1
+            if calls["n"] == 6:
+                raise KeyboardInterrupt
+            return original(self, name)
+
+        DirectHFReader.get = get
+        try:
+            cli.main(["--hf-dir", src, "--output", out, "--no-progress"])
+            raised = None
+        except BaseException as e:  # torch DCP re-raises a Ctrl-C inside a save as CheckpointException
+            raised = type(e).__name__
+        finally:
+            DirectHFReader.get = original
+        parent = os.path.dirname(os.path.abspath(out))
+        report["interrupt"] = {
+            "raised": raised, "reads": calls["n"], "output_exists": os.path.exists(out),
+            "leftovers": sorted(n for n in os.listdir(parent) if n.startswith(os.path.basename(out) + ".tmp-")),
+        }
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
