@@ -10,10 +10,10 @@ _ITER_DIR = re.compile(r"^iter_(\d{7})$")
 def apply_model_state(chunks, state: dict) -> None:
     """Load the model part of a loaded dist-checkpoint state dict into the chunks."""
     if len(chunks) == 1:
-        chunks[0].load_state_dict(state["model"], strict=False)
+        chunks[0].load_state_dict(state["model"])
     else:
         for i, chunk in enumerate(chunks):
-            chunk.load_state_dict(state[f"model{i}"], strict=False)
+            chunk.load_state_dict(state[f"model{i}"])
 
 
 def prune_checkpoints(root: str, keep_last: int) -> None:

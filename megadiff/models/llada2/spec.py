@@ -23,7 +23,7 @@ class SequenceParallelRMSNorm(torch.nn.RMSNorm):
     """torch RMSNorm built like megatron-core norms: (config, hidden_size, eps)."""
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-6, **unused):
-        super().__init__(hidden_size, eps=eps)
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         # finalize_model_grads sums grads of `sequence_parallel` params over the TP group.
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
