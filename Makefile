@@ -25,6 +25,13 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest tests -q -m "not slow and not dist"
 
+# The whole pipeline on a built-in tiny LLaDA2 (CPU, no downloads): see tools/demo.py.
+demo: setup
+	OMP_NUM_THREADS=1 $(PY) tools/demo.py --output demo_out
+
+demo-clean:
+	rm -rf demo_out
+
 lint: setup
 	$(PY) -m ruff check megadiff checkpoint_converters tools tests benchmarks
 

@@ -14,15 +14,28 @@ inputs whose two halves both use positions 0..L-1 work.
 """
 
 import math
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_llada2_moe import LLaDA2MoeConfig
+
+
+@dataclass
+class LLaDA2MoeOutput:
+    """logits [b, s, vocab]; past_key_values: per layer (k, v) [b, kv_heads, s_total, head_dim]
+    (keys after QK-norm and RoPE), when use_cache. A plain dataclass: transformers 5's ModelOutput
+    renames `past_key_values` and warns on every access."""
+
+    logits: torch.Tensor
+    past_key_values: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
+
+    def __getitem__(self, index):
+        return (self.logits, self.past_key_values)[index]
 
 
 class LLaDA2MoeRMSNorm(nn.Module):
@@ -309,4 +322,4 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
             input_ids, position_ids, attention_mask, past_key_values, use_cache
         )
         logits = self.lm_head(hidden)
-        return CausalLMOutputWithPast(logits=logits, past_key_values=presents)
+        return LLaDA2MoeOutput(logits=logits, past_key_values=presents)
