@@ -68,3 +68,14 @@ def tokenize_sample(messages: Sequence[dict], tokenizer) -> tuple[list[int], int
 def tokenize_rows(rows: Sequence[dict], tokenizer) -> list[tuple[list[int], int]]:
     """Return tokenize_sample for each row of read_sft_rows, in order (index = global sample index)."""
     return [tokenize_sample(row["messages"], tokenizer) for row in rows]
+
+
+def pad_answers_to_block(samples: Sequence[tuple[list[int], int]], eos_id: int, block_size: int):
+    """Extend every answer with EOS up to a multiple of `block_size` tokens (document length).
+
+    LLaDA2 decodes block by block and stops after the block in which EOS appears, so the model must
+    learn what follows an answer's EOS inside its last block: more EOS. With packing nothing else in
+    the document would teach that (pad_to_max gets it from its EOS pad tail, as dFactory does)."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    return [(list(ids) + [eos_id] * (-len(ids) % block_size), prompt_len) for ids, prompt_len in samples]

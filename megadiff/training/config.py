@@ -35,6 +35,7 @@ class DataSection:
     mode: str = "pack"                     # pack | pad_to_max
     truncation: str = "truncate"           # truncate | drop (over-long samples)
     skip_bad_rows: bool = False
+    pad_answers_to_block: bool = True      # EOS after each answer up to a multiple of diffusion.block_size
 
 
 @dataclass

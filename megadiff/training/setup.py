@@ -26,10 +26,13 @@ def load_samples(cfg: TrainingConfig, tokenizer):
     """Read, validate and tokenise every SFT row (malformed input stops here, before any
     process group or model exists)."""
     from megadiff.data.rows import read_sft_rows
-    from megadiff.data.tokenize import tokenize_rows
+    from megadiff.data.tokenize import pad_answers_to_block, tokenize_rows
 
     rows, stats = read_sft_rows(cfg.data.train_files, skip_bad_rows=cfg.data.skip_bad_rows)
-    return tokenize_rows(rows, tokenizer), stats
+    samples = tokenize_rows(rows, tokenizer)
+    if cfg.data.pad_answers_to_block:
+        samples = pad_answers_to_block(samples, tokenizer.eos_token_id, cfg.diffusion.block_size)
+    return samples, stats
 
 
 def build_dataset(cfg: TrainingConfig, tokenizer, samples, stats, dp_size: int, dp_rank: int):

@@ -58,3 +58,12 @@ def test_tokenize_sample_requires_final_assistant_turn(tiny_tokenizer):
 def test_tokenize_rows_keeps_row_order(tiny_tokenizer):
     rows = [{"messages": MESSAGES}, {"messages": [{"role": "assistant", "content": "x"}]}]
     assert tokenize_rows(rows, tiny_tokenizer) == [tokenize_sample(r["messages"], tiny_tokenizer) for r in rows]
+
+
+def test_answers_are_padded_with_eos_to_whole_blocks():
+    from megadiff.data.tokenize import pad_answers_to_block
+
+    samples = [([1, 2, 3, 9], 2), ([1] * 8, 3), ([5] * 9, 1)]
+    padded = pad_answers_to_block(samples, eos_id=9, block_size=4)
+    assert padded == [([1, 2, 3, 9], 2), ([1] * 8, 3), ([5] * 9 + [9, 9, 9], 1)]
+    assert all(len(ids) % 4 == 0 for ids, _ in padded)
