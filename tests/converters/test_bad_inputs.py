@@ -52,7 +52,7 @@ def make_hf(src, out, tensors=None, config=None, shards=4):
     return out
 
 
-def refuse_hf(hf_dir, tmp_path, match, error=CheckpointError, **kwargs):
+def expect_refusal(hf_dir, tmp_path, match, error=CheckpointError, **kwargs):
     out = tmp_path / "out"
     with pytest.raises(error, match=match):
         convert_hf_to_mcore(hf_dir, str(out), **kwargs, **QUIET)
@@ -66,7 +66,7 @@ def shard_of(hf_dir, name):
 def test_missing_shard_listed_in_index(tiny_hf, tmp_path):
     bad = make_hf(tiny_hf, str(tmp_path / "hf"))
     os.remove(shard_of(bad, QKV))
-    refuse_hf(bad, tmp_path, r"shard 'model-0000\d-of-0000\d.safetensors' is listed but missing")
+    expect_refusal(bad, tmp_path, r"shard 'model-0000\d-of-0000\d.safetensors' is listed but missing")
 
 
 def test_truncated_safetensors(tiny_hf, tmp_path):
@@ -74,7 +74,7 @@ def test_truncated_safetensors(tiny_hf, tmp_path):
     path = shard_of(bad, QKV)
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) - 1000)
-    refuse_hf(bad, tmp_path, rf"{os.path.basename(path)}: not a readable safetensors file")
+    expect_refusal(bad, tmp_path, rf"{os.path.basename(path)}: not a readable safetensors file")
 
 
 def test_corrupt_safetensors(tiny_hf, tmp_path):
@@ -82,41 +82,41 @@ def test_corrupt_safetensors(tiny_hf, tmp_path):
     path = shard_of(bad, QKV)
     with open(path, "r+b") as f:
         f.write(b"\xff" * 64)
-    refuse_hf(bad, tmp_path, rf"{os.path.basename(path)}: not a readable safetensors file")
+    expect_refusal(bad, tmp_path, rf"{os.path.basename(path)}: not a readable safetensors file")
 
 
 def test_wrong_shape_tensor(tiny_hf, tmp_path):
     bad = make_hf(tiny_hf, str(tmp_path / "hf"), tensors={QKV: torch.zeros(100, 64)})
-    refuse_hf(bad, tmp_path, rf"tensor '{QKV}' has shape \[100, 64\], config.json implies \[128, 64\]")
+    expect_refusal(bad, tmp_path, rf"tensor '{QKV}' has shape \[100, 64\], config.json implies \[128, 64\]")
 
 
 def test_missing_tensor(tiny_hf, tmp_path):
     name = "model.layers.2.mlp.experts.5.up_proj.weight"
     bad = make_hf(tiny_hf, str(tmp_path / "hf"), tensors={name: None})
-    refuse_hf(bad, tmp_path, rf"tensor '{name}' is missing")
+    expect_refusal(bad, tmp_path, rf"tensor '{name}' is missing")
 
 
 def test_extra_tensor(tiny_hf, tmp_path):
     name = "model.layers.1.mlp.experts.8.up_proj.weight"  # the config has 8 experts: 0..7
     bad = make_hf(tiny_hf, str(tmp_path / "hf"), tensors={name: torch.zeros(32, 64)})
-    refuse_hf(bad, tmp_path, rf"unexpected tensor '{name}'")
+    expect_refusal(bad, tmp_path, rf"unexpected tensor '{name}'")
 
 
 def test_integer_or_mixed_dtype_tensors(tiny_hf, tmp_path):
     bad = make_hf(tiny_hf, str(tmp_path / "a"), tensors={"model.norm.weight": torch.ones(64, dtype=torch.int32)})
-    refuse_hf(bad, tmp_path, "tensor 'model.norm.weight' has dtype I32")
+    expect_refusal(bad, tmp_path, "tensor 'model.norm.weight' has dtype I32")
     bad = make_hf(tiny_hf, str(tmp_path / "b"), tensors={QKV: torch.zeros(128, 64, dtype=torch.bfloat16)})
-    refuse_hf(bad, tmp_path, rf"tensor '{QKV}' is BF16 but .* is F32")
+    expect_refusal(bad, tmp_path, rf"tensor '{QKV}' is BF16 but .* is F32")
 
 
 def test_unsupported_model_type(tiny_hf, tmp_path):
     bad = make_hf(tiny_hf, str(tmp_path / "hf"), config={"model_type": "llama"})
-    refuse_hf(bad, tmp_path, "model_type: 'llama' is not a LLaDA2 model", error=ConfigError)
+    expect_refusal(bad, tmp_path, "model_type: 'llama' is not a LLaDA2 model", error=ConfigError)
 
 
 def test_missing_config_field(tiny_hf, tmp_path):
     bad = make_hf(tiny_hf, str(tmp_path / "hf"), config={"num_experts": None})
-    refuse_hf(bad, tmp_path, "num_experts: required field is missing", error=ConfigError)
+    expect_refusal(bad, tmp_path, "num_experts: required field is missing", error=ConfigError)
 
 
 @pytest.mark.parametrize("layout, match", [
@@ -125,7 +125,7 @@ def test_missing_config_field(tiny_hf, tmp_path):
     (ParallelLayout(pp=3), r"num_hidden_layers=4 is not divisible by pp\*vpp=3"),
 ])
 def test_layout_that_does_not_divide(tiny_hf, tmp_path, layout, match):
-    refuse_hf(tiny_hf, tmp_path, match, error=ConfigError, layout=layout)
+    expect_refusal(tiny_hf, tmp_path, match, error=ConfigError, layout=layout)
 
 
 def test_output_that_exists_is_refused_without_overwrite(tiny_hf, tiny_hf_merged, tmp_path):

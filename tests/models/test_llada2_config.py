@@ -20,9 +20,10 @@ def test_tiny_preset_has_every_llada2_feature_on():
 
 
 def test_mini_and_flash_presets_validate():
-    for name in ("llada2-mini", "llada2-flash"):
+    for name, layers in (("llada2-mini", 20), ("llada2-flash", 32)):
         cfg = LLaDA2ModelConfig.from_hf_dict(preset(name))
-        cfg.validate_layout(ParallelLayout(tp=4, ep=8))
+        cfg.validate_layout(ParallelLayout(tp=4, ep=8))  # raises if the layout does not fit
+        assert cfg.num_hidden_layers == layers and cfg.rotary_dim == 64 and cfg.moe_layer_pattern[:2] == [0, 1]
 
 
 @pytest.mark.parametrize("layout, field", [

@@ -53,6 +53,6 @@ def test_example_configs_load_and_fit_their_model(path):
     cfg = load_config(path)
     name = "llada2-flash" if "flash" in path else "llada2-mini" if "mini" in path else "tiny"
     p = cfg.parallel
-    LLaDA2ModelConfig.from_hf_dict(preset(name)).validate_layout(
-        ParallelLayout(tp=p.tp, ep=p.ep, etp=p.etp, pp=p.pp, vpp=p.vpp)
-    )
+    layout = ParallelLayout(tp=p.tp, ep=p.ep, etp=p.etp, pp=p.pp, vpp=p.vpp)
+    LLaDA2ModelConfig.from_hf_dict(preset(name)).validate_layout(layout)  # raises if it does not fit
+    assert cfg.model.hf_dir and cfg.data.train_files and cfg.train.steps >= 1
