@@ -82,3 +82,14 @@ def test_flex_attention_and_complementary_masks_step_matches_reference(tiny_run_
     assert_step_matches_reference(run_check(
         tiny_run_dir, 1, "step_parity", "1,1,1", "model.attention_backend=flex", "diffusion.complementary_masks=true",
     ))
+
+
+@pytest.mark.dist
+def test_nonfinite_losses_skip_steps_then_abort(tiny_run_dir):
+    """lr=1e30 blows the weights up: NaN steps are skipped and counted, then the run stops."""
+    with pytest.raises(AssertionError) as failure:  # run_torchrun raises on a non-zero exit
+        run_torchrun(1, "tools/train.py", [tiny_run_dir / "cfg.yaml", "train.steps=20", "train.lr=1e30",
+                                           "train.lr_schedule=constant", "train.max_consecutive_nonfinite=2"])
+    log = str(failure.value)
+    assert "step skipped (1 in a row)" in log and "step skipped (2 in a row)" in log
+    assert "2 consecutive steps with a non-finite loss" in log
