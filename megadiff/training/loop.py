@@ -80,6 +80,7 @@ class Trainer:
 
         from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout
         from megadiff.platform import init_distributed, initialize_parallel, print_rank0
+        from checkpoint_converters.hf_io import read_hf_config
         from megadiff.training.setup import (
             build_dataset, build_model_and_load, load_samples, load_tokenizer_and_mask_id,
         )
@@ -88,8 +89,6 @@ class Trainer:
         self.log = print_rank0
         p = cfg.parallel
         self.layout = ParallelLayout(tp=p.tp, ep=p.ep, etp=p.etp, pp=p.pp, vpp=p.vpp)
-        from checkpoint_converters.hf_io import read_hf_config
-
         self.hf_config = read_hf_config(cfg.model.hf_dir)
         self.model_cfg = LLaDA2ModelConfig.from_hf_dict(self.hf_config, os.path.join(cfg.model.hf_dir, "config.json"))
         self.model_cfg.validate_layout(self.layout)
@@ -104,7 +103,7 @@ class Trainer:
         )
         self.log(f"data: {data_stats}")
         self.dtype = params_dtype(cfg)
-        self.chunks = build_model_and_load(cfg, self.model_cfg, self.layout, self.dtype, self.log)
+        self.chunks = build_model_and_load(cfg, self.model_cfg, self.hf_config, self.layout, self.dtype, self.log)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.chunks, self.dtype)
         self._data_iter = iter(self.dataset)
         self.step = 0

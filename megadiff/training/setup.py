@@ -53,17 +53,16 @@ def build_dataset(cfg: TrainingConfig, tokenizer, samples, stats, dp_size: int, 
     return dataset, summary
 
 
-def build_model_and_load(cfg: TrainingConfig, model_cfg, layout, dtype, log):
-    from checkpoint_converters.hf_io import HFCheckpointReader
+def build_model_and_load(cfg: TrainingConfig, model_cfg, hf_config: dict, layout, dtype, log):
+    """Model chunks for this rank with their initial weights, wrapped in megatron-core DDP."""
+    from checkpoint_converters.hf_io import HFCheckpointReader, check_tensors_match
     from checkpoint_converters.llada2_mapping import load_hf_into_model
+    from megadiff.hf.reference import expected_hf_shapes
     from megadiff.models.llada2.model import build_model
     from megadiff.training.ddp import wrap_ddp
 
-    overrides = dict(calculate_per_token_loss=True)
-    if cfg.model.attention_backend == "flex":
-        chunks = build_model(model_cfg, layout, dtype, attention_backend="flex", **overrides)
-    else:
-        chunks = build_model(model_cfg, layout, dtype, **overrides)
+    chunks = build_model(model_cfg, layout, dtype, attention_backend=cfg.model.attention_backend,
+                         calculate_per_token_loss=True)
     if cfg.model.init_from_mcore:
         from megadiff.checkpoint import load_model_weights
 
@@ -71,11 +70,7 @@ def build_model_and_load(cfg: TrainingConfig, model_cfg, layout, dtype, log):
         log(f"initial weights: megatron checkpoint {cfg.model.init_from_mcore}")
     else:
         reader = HFCheckpointReader(cfg.model.hf_dir)
-        from checkpoint_converters.hf_io import check_tensors_match
-        from megadiff.hf.reference import expected_hf_shapes
-        from checkpoint_converters.hf_io import read_hf_config
-
-        check_tensors_match(reader, expected_hf_shapes(read_hf_config(cfg.model.hf_dir)))
+        check_tensors_match(reader, expected_hf_shapes(hf_config))
         load_hf_into_model(chunks, reader.get, model_cfg)
         log(f"initial weights: HF {os.path.abspath(cfg.model.hf_dir)}")
     return wrap_ddp(chunks, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)

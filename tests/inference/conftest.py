@@ -13,15 +13,6 @@ def tiny_model(seed, lm_head_scale=1.0):
     return model
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine two OpenMP threads
-    wait on each other whenever a neighbour holds a core (tests ran 30x slower that way)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="session")
 def sharp_model():

@@ -6,27 +6,16 @@ import os
 import subprocess
 import sys
 
-import pytest
-import torch
 
 from megadiff.hf.tiny import write_tiny_model_dir
 from megadiff.inference import DecodingOptions, decode_tokens, encode_prompt, generate, load_model, load_tokenizer
 from megadiff.inference.gsm8k import extract_answer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ENV = dict(os.environ, OMP_NUM_THREADS="1")  # see one_torch_thread
+ENV = dict(os.environ, OMP_NUM_THREADS="1")  # one thread per process, as tests/conftest.py does in-process
 QUESTIONS = ["What is 1 + 2?", "Natalia sold 48 clips in April and half as many in May. How many in total?",
              "Weng earns $12 an hour. How much for 50 minutes?"]
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine two OpenMP threads
-    wait on each other whenever a neighbour holds a core (tests ran 30x slower that way)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_eval_gsm8k_cli_scores_three_rows_and_writes_results(tmp_path):

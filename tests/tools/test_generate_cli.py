@@ -8,26 +8,16 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from megadiff.hf.tiny import write_tiny_model_dir
 from megadiff.inference import DecodingOptions, encode_chat, encode_prompt, generate, load_model, load_tokenizer
 from megadiff.inference.cli import command_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ENV = dict(os.environ, OMP_NUM_THREADS="1")  # see one_torch_thread
+ENV = dict(os.environ, OMP_NUM_THREADS="1")  # one thread per process, as tests/conftest.py does in-process
 TOOL = os.path.join("tools", "generate.py")
 DECODING = ["--gen-length", "16", "--block-length", "8", "--steps", "4", "--device", "cpu"]
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine two OpenMP threads
-    wait on each other whenever a neighbour holds a core (tests ran 30x slower that way)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def load_tool():
