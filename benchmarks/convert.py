@@ -15,11 +15,14 @@ as a child process exactly as a user would (CLI, interpreter start-up and import
   merge       tools/moe_convertor.py --mode merge
   split       tools/moe_convertor.py --mode split (of the merged output)
 
-and reports bytes of weights / wall time relative to the copy (median of --repeat runs, each after
-`sync` so none pays for the previous one's writeback; "data phase" is the tools' own timing of
-their read-transform-write loop, without interpreter start-up and imports), and the peak resident
-memory of the child process tree (psutil, sampled every 10 ms): total RSS, and anonymous RSS (total minus
-file-backed pages such as safetensors' read-only mmaps, which the kernel can drop at any time).
+and reports bytes of weights / wall time relative to the copy: --repeat rounds, each running every
+command once in turn (after `sync`, so none pays for the previous one's writeback), so a slow
+spell of this shared machine hits the copy and the tools alike; per command the median over rounds,
+and per tool the median of its per-round ratio to that round's copy. "data phase" is the tools' own
+timing of their read-transform-write loop, without interpreter start-up and imports; the tools
+also say how many bytes they copied file to file in the kernel. Peak resident memory of the child
+process tree (psutil, sampled every 10 ms): total RSS, and anonymous RSS (total minus file-backed
+pages).
 Goals: >= 0.5x copy throughput; peak RSS <= 2 GB + 2x the largest tensor. Deletes everything at
 the end unless --keep.
 """
@@ -110,18 +113,27 @@ print(f"data: copied {total / 1e9:.2f} GB in {time.perf_counter() - start:.1f} s
 """
 
 
-def measure(cmd, cleanup, repeat: int) -> dict:
-    """Run `cmd` `repeat` times (median times, max memory), each after flushing dirty pages so no
-    run pays for the previous one's writeback; `cleanup()` removes its output in between."""
-    runs = []
-    for i in range(repeat):
-        os.sync()
-        runs.append(_run_once(cmd))
-        if i + 1 < repeat:
-            cleanup()
-    median = lambda k: statistics.median(r[k] for r in runs)  # noqa: E731
-    return {"wall_s": median("wall_s"), "data_s": median("data_s"), "walls": [r["wall_s"] for r in runs],
-            "peak_rss": max(r["peak_rss"] for r in runs), "peak_anon_rss": max(r["peak_anon_rss"] for r in runs)}
+def measure_rounds(runs: dict, outputs: dict, repeat: int) -> dict:
+    """Every command once per round, in order, `repeat` rounds; outputs removed before each run
+    (a later command of the round may read an earlier one's output)."""
+    per_run = {name: [] for name in runs}
+    for round_ in range(repeat):
+        for name, cmd in runs.items():
+            shutil.rmtree(outputs[name], ignore_errors=True)
+            os.sync()
+            per_run[name].append(_run_once(cmd))
+            if name.startswith("copy"):  # nothing reads it: free the disk and page cache now
+                shutil.rmtree(outputs[name])
+            r = per_run[name][-1]
+            print(f"round {round_ + 1}: {name:22s} wall {r['wall_s']:6.1f} s, data phase {r['data_s']:6.1f} s"
+                  f"{', ' + r['how'] if r['how'] else ''}", flush=True)
+    results = {}
+    for name, rs in per_run.items():
+        median = lambda k: statistics.median(r[k] for r in rs)  # noqa: E731
+        results[name] = {"wall_s": median("wall_s"), "data_s": median("data_s"), "walls": [r["wall_s"] for r in rs],
+                         "datas": [r["data_s"] for r in rs], "how": rs[-1]["how"],
+                         "peak_rss": max(r["peak_rss"] for r in rs), "peak_anon_rss": max(r["peak_anon_rss"] for r in rs)}
+    return results
 
 
 def _run_once(cmd) -> dict:
@@ -146,7 +158,8 @@ def _run_once(cmd) -> dict:
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-3000:]}")
     data = re.search(r"^data: .* in ([\d.]+) s", output, re.M)  # the tools time their data phase
-    return {"wall_s": wall, "data_s": float(data.group(1)) if data else wall,
+    how = re.search(r"^data: .*; (.* in the kernel, .* through a buffer)", output, re.M)
+    return {"wall_s": wall, "data_s": float(data.group(1)) if data else wall, "how": how.group(1) if how else "",
             "peak_rss": peak_rss, "peak_anon_rss": peak_anon}
 
 
@@ -155,7 +168,7 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=2, help="mini-width layers (layer 0 dense); 2 = 3.0 GB")
     p.add_argument("--workdir", default=None, help="where the temp dir goes (default: system temp)")
     p.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
-    p.add_argument("--repeat", type=int, default=3, help="runs per measurement (median wall time)")
+    p.add_argument("--repeat", type=int, default=5, help="rounds (median over rounds)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     py = sys.executable
@@ -178,27 +191,25 @@ def main(argv=None):
         outputs = {"copy (copyfile)": d("copy1"), "copy (copyfile+fsync)": d("copy2"),
                    "copy (user space)": d("copy3"), "hf->mcore": d("mcore"),
                    "mcore->hf": d("hf2"), "merge": d("merged"), "split": d("split")}
-        results = {}
-        for name, cmd in runs.items():
-            results[name] = measure(cmd, lambda: shutil.rmtree(outputs[name]), args.repeat)
-            r = results[name]
+        results = measure_rounds(runs, outputs, args.repeat)
+        print()
+        for name, r in results.items():
             print(f"{name:22s} wall {r['wall_s']:6.1f} s ({info['bytes'] / r['wall_s'] / GB:5.3f} GB/s), data phase "
                   f"{r['data_s']:6.1f} s ({info['bytes'] / r['data_s'] / GB:5.3f} GB/s), peak RSS "
                   f"{r['peak_rss'] / GB:5.2f} GB (anonymous {r['peak_anon_rss'] / GB:5.2f} GB)", flush=True)
-            if name.startswith("copy"):
-                shutil.rmtree(cmd[4])
         verify(d("hf"), d("hf2"), d("split"))
         budget = 2 * GB + 2 * info["largest_bytes"]
-        copy = results["copy (copyfile+fsync)"]["wall_s"]
-        floor = results["copy (user space)"]["data_s"]
-        print(f"\nthroughput relative to copyfile+fsync (the tools fsync too): wall | data phase | data phase vs "
-              f"the user-space copy; RSS budget 2 GB + 2 x largest = {budget / GB:.2f} GB")
-        for name in ("hf->mcore", "mcore->hf", "merge", "split"):
+        copy = results["copy (copyfile+fsync)"]
+        print(f"\nthroughput relative to copyfile+fsync (the tools fsync too), medians over rounds: wall | data "
+              f"phase | median of per-round wall ratios; RSS budget 2 GB + 2 x largest = {budget / GB:.2f} GB")
+        for name in ("copy (user space)", "hf->mcore", "mcore->hf", "merge", "split"):
             r = results[name]
-            print(f"{name:10s} {copy / r['wall_s']:.2f}x | {copy / r['data_s']:.2f}x | {floor / r['data_s']:.2f}x   "
+            rounds = statistics.median(c / w for c, w in zip(copy["walls"], r["walls"]))
+            r["ratio_wall"], r["ratio_data"], r["ratio_rounds"] = copy["wall_s"] / r["wall_s"], copy["wall_s"] / r["data_s"], rounds
+            print(f"{name:18s} {r['ratio_wall']:.2f}x | {r['ratio_data']:.2f}x | {rounds:.2f}x   "
                   f"peak RSS {r['peak_rss'] / GB:.2f} GB "
                   f"({r['peak_rss'] / info['largest_bytes']:.1f}x largest), anonymous {r['peak_anon_rss'] / GB:.2f} GB "
-                  f"-> {'within' if r['peak_rss'] <= budget else 'OVER'} budget")
+                  f"-> {'within' if r['peak_rss'] <= budget else 'OVER'} budget   {r['how']}")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"checkpoint": info, "results": results}, f, indent=1)

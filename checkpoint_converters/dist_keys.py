@@ -13,7 +13,7 @@ names and checkpoint location: the plan that mcore -> HF conversion reads from.
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from megadiff.hf.reference import expected_hf_shapes
+from .hf_layout import expected_hf_shapes
 
 from .llada2_mapping import TABLE, Rule, hf_names
 

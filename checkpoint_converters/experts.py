@@ -13,7 +13,7 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 
-from megadiff.hf.reference import expected_hf_shapes
+from .hf_layout import expected_hf_shapes
 
 from .hf_io import CheckpointError, HFCheckpointReader
 

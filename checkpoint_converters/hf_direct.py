@@ -5,16 +5,18 @@ in the process's resident memory, until the shard is closed, so streaming a 30 G
 like a 30 GB process (the pages are clean and reclaimable, but RSS limits and OOM heuristics see
 them). `DirectHFReader` validates exactly like its parent (index, shards, headers, names) and then
 reads each tensor's bytes with `readinto` into a fresh tensor: resident memory is the tensors the
-converter holds, nothing more.
+converter holds, nothing more. `spans` / `row_addresses` say where a tensor's bytes are without
+reading them (for converters that copy bytes file to file: byte_spans).
 """
 
 import json
 import os
 import struct
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
+from .byte_spans import FileTable, Span, Spans
 from .hf_io import SAFETENSORS_DTYPE_BYTES, CheckpointError, HFCheckpointReader
 
 _TORCH_DTYPES = {
@@ -39,7 +41,8 @@ class DirectHFReader(HFCheckpointReader):
             self._headers[shard] = (8 + length, header)
         return self._headers[shard]
 
-    def _read(self, name: str, skip_rows: int = 0, rows=None, out=None) -> torch.Tensor:
+    def _location(self, name: str) -> Tuple[str, int, str, list, int]:
+        """(file path, absolute offset of the data, dtype code, shape, bytes per index of dim 0)."""
         if name not in self._file_of:
             raise CheckpointError(f"{self.hf_dir}: tensor '{name}' not found in the checkpoint")
         shard = self._file_of[name]
@@ -49,10 +52,38 @@ class DirectHFReader(HFCheckpointReader):
         code, shape = entry["dtype"], list(entry["shape"])
         if code not in _TORCH_DTYPES:
             raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {code}")
-        begin, _ = entry["data_offsets"]
         row_bytes = SAFETENSORS_DTYPE_BYTES[code]
         for s in shape[1:]:
             row_bytes *= s
+        return path, start + entry["data_offsets"][0], code, shape, row_bytes
+
+    def spans(self, name: str, index=None) -> Spans:
+        """Where tensor `name` (or its `index` along dim 0) lies in its file."""
+        path, begin, code, shape, row_bytes = self._location(name)
+        if index is None:
+            return Spans(tuple(shape), _TORCH_DTYPES[code], (Span(path, begin, row_bytes * (shape[0] if shape else 1)),))
+        if not 0 <= index < shape[0]:
+            raise CheckpointError(f"{path}: tensor '{name}' has no index {index} (dim 0 is {shape[0]})")
+        return Spans(tuple(shape[1:]), _TORCH_DTYPES[code], (Span(path, begin + index * row_bytes, row_bytes),))
+
+    def row_addresses(self, files: FileTable, name: str, index=None) -> Optional[Tuple[torch.Tensor, int, torch.dtype]]:
+        """([rows, 1] byte addresses of the rows of `name` (or of its `index` along dim 0), bytes
+        per row, dtype): the input of byte_spans' transforms-on-addresses. None for a vector."""
+        path, begin, code, shape, row_bytes = self._location(name)
+        if index is not None:
+            if not 0 <= index < shape[0]:
+                raise CheckpointError(f"{path}: tensor '{name}' has no index {index} (dim 0 is {shape[0]})")
+            begin, shape = begin + index * row_bytes, shape[1:]
+        if len(shape) < 2:
+            return None
+        row = SAFETENSORS_DTYPE_BYTES[code] * shape[-1]
+        rows = 1
+        for s in shape[:-1]:
+            rows *= s
+        return files.row_addresses(path, begin, rows, row), row, _TORCH_DTYPES[code]
+
+    def _read(self, name: str, skip_rows: int = 0, rows=None, out=None) -> torch.Tensor:
+        path, begin, code, shape, row_bytes = self._location(name)
         if rows is not None:  # one index along dim 0
             if not 0 <= skip_rows < shape[0]:
                 raise CheckpointError(f"{path}: tensor '{name}' has no index {skip_rows} (dim 0 is {shape[0]})")
@@ -67,7 +98,7 @@ class DirectHFReader(HFCheckpointReader):
         if nbytes:
             view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
             with open(path, "rb", buffering=0) as f:
-                f.seek(start + begin + skip_rows * row_bytes)
+                f.seek(begin + skip_rows * row_bytes)
                 done = 0
                 while done < nbytes:
                     n = f.readinto(view[done:])

@@ -4,7 +4,9 @@ Everything about the input is checked first (config fields, layout divisibility,
 files, tensor names / shapes / dtypes) without megatron-core. Then the model is built on the meta
 device (no memory), megatron-core's sharded state dict of it fixes the checkpoint keys and shards,
 and each tensor is read from the safetensors, transformed by the parameter table and written when
-the writer reaches it.
+the writer reaches it. A matrix kept in its dtype and split over TP by rows, if at all (every one
+at TP=1), is not read at all: the table's transform runs on its row addresses and the writer
+copies those rows file to file in the kernel (byte_spans).
 
 Memory does not grow with the model: the interpreter with megatron-core (~0.4 GB), the meta model
 and sharded state dict (~0.2 GB for LLaDA2-flash's 32 x 256 experts), and about two copies of the
@@ -26,10 +28,12 @@ import torch
 from megadiff.checkpoint.format import DTYPES, dtype_name, new_nonce, remove_tree
 from megadiff.models.llada2.config import ConfigError, LLaDA2ModelConfig, ParallelLayout
 
-from .experts import SPLIT, detect_expert_format, expected_shapes, split_tensor_getter
+from .byte_spans import FileTable, RowAddresses, SpanCopier
+from .experts import MERGED, SPLIT, detect_expert_format, expected_shapes, merged_name, parse_split_name, split_tensor_getter
 from .hf_direct import DirectHFReader
 from .hf_io import CheckpointError, check_tensors_match, read_hf_config
 from .output_dir import check_output_dir, publish
+from .report import data_phase_line
 
 WEIGHT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 _CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -78,15 +82,36 @@ def inspect_hf_input(hf_dir: str, log: Callable[[str], None] = print) -> HFInput
     return HFInput(hf_dir, config, model, reader, fmt, dtype)
 
 
-def _materializer(source: HFInput, chunks):
-    """path in the sharded state dict -> this rank's value of that tensor, read from the HF files."""
+def _materializer(source: HFInput, chunks, params_dtype: torch.dtype):
+    """path in the sharded state dict -> this rank's value of that tensor: `RowAddresses` where its
+    rows can be copied as they are in the HF files, else the tensor, read and transformed."""
     from megatron.core import parallel_state as ps
 
     from megadiff.checkpoint.dist import model_state_keys, unwrap_model
 
-    from .llada2_mapping import full_mcore_from_hf, global_name, hf_names, rule_for, shard
+    from .llada2_mapping import COLS, full_mcore_from_hf, global_name, hf_names, rule_for, shard
 
     get_hf = split_tensor_getter(source.reader, source.expert_format)
+    files = FileTable()
+
+    def hf_rows(name: str):
+        parsed = parse_split_name(name) if source.expert_format == MERGED else None
+        if parsed is None:
+            return source.reader.row_addresses(files, name)
+        layer, expert, proj = parsed
+        return source.reader.row_addresses(files, merged_name(layer, proj), index=expert)
+
+    def as_rows(rule, names, rank, size) -> "RowAddresses | None":
+        if rule.split == COLS and size > 1:
+            return None  # a column split cuts every row
+        parts = [hf_rows(n) for n in names]
+        if any(p is None for p in parts):
+            return None  # a vector (norm, router bias): small, read it
+        if any(p[1] != parts[0][1] or p[2] != params_dtype for p in parts):
+            return None  # mixed row widths or a dtype change: compute on the data
+        addresses = shard(rule, full_mcore_from_hf(rule, [p[0] for p in parts], source.model), rank, size)
+        columns = parts[0][1] // addresses.new_empty((), dtype=params_dtype).element_size()
+        return RowAddresses(addresses.reshape(-1), parts[0][1], (addresses.shape[0], columns), params_dtype, files)
     modules = dict(zip(model_state_keys(len(chunks)), (unwrap_model(c) for c in chunks)))
     ep_rank, ep = ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size()
     ranks = {
@@ -98,8 +123,11 @@ def _materializer(source: HFInput, chunks):
         state_key, local_name = path.split(".", 1)
         name = global_name(modules[state_key], local_name, ep_rank, source.model.num_experts // ep)
         rule, index = rule_for(name)
-        full = full_mcore_from_hf(rule, [get_hf(n) for n in hf_names(rule, index)], source.model)
         rank, size = ranks[rule.expert]
+        rows = as_rows(rule, hf_names(rule, index), rank, size)
+        if rows is not None:
+            return rows
+        full = full_mcore_from_hf(rule, [get_hf(n) for n in hf_names(rule, index)], source.model)
         return shard(rule, full, rank, size)
 
     return materialize
@@ -171,8 +199,10 @@ def convert_hf_to_mcore(
 
     staging_root = f"{output}.tmp-{_broadcast(new_nonce() if rank == 0 else None)}"
     started = time.perf_counter()
+    copier = SpanCopier()
     try:
-        final = save_checkpoint_lazily(staging_root, 0, sharded, meta, _materializer(source, chunks), on_tensor)
+        final = save_checkpoint_lazily(staging_root, 0, sharded, meta, _materializer(source, chunks, params_dtype),
+                                       on_tensor, copier)
         if rank == 0:
             publish(staging_root, output)
     except BaseException:
@@ -184,9 +214,5 @@ def convert_hf_to_mcore(
             bar.close()
     torch.distributed.barrier()
     if rank == 0:
-        log(_throughput(written[0], time.perf_counter() - started, "wrote" if world == 1 else "rank 0 wrote"))
+        log(data_phase_line(written[0], time.perf_counter() - started, "wrote" if world == 1 else "rank 0 wrote", copier))
     return os.path.join(output, os.path.basename(final))
-
-
-def _throughput(nbytes: int, seconds: float, what: str = "wrote") -> str:
-    return f"data: {what} {nbytes / 1e9:.2f} GB in {seconds:.1f} s ({nbytes / 1e9 / max(seconds, 1e-9):.2f} GB/s)"

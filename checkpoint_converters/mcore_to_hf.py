@@ -1,10 +1,12 @@
 """megadiff megatron checkpoint (converted or trained, any layout) -> HF LLaDA2 tensors / directory.
 
 Reads with torch DCP alone (megadiff.checkpoint.DistCheckpointReader): no megatron-core, no process
-group, plain single process. Tensors are read a few at a time (a layer's non-expert weights, a slab
-of experts bounded by `budget_bytes`) and written progressively, so memory stays bounded by the
-largest tensor plus the budget whatever the model size. Optimizer state and other keys in a training
-checkpoint are ignored.
+group, plain single process. An HF tensor whose bytes are stored rows in some order (the same dtype,
+the last dim not split over TP: every tensor of a checkpoint saved at TP=1) is copied file to file
+in the kernel (byte_spans) without being read. Others are read a few at a time (a layer's
+non-expert weights, a slab of experts bounded by `budget_bytes`) and written progressively, so
+memory stays bounded by the largest tensor plus the budget whatever the model size. Optimizer state
+and other keys in a training checkpoint are ignored.
 
 - `convert_mcore_to_hf`: a complete HF dir (shards + index, config.json, generation_config.json,
   tokenizer and remote code from a template) that `AutoModelForCausalLM.from_pretrained(...,
@@ -23,11 +25,12 @@ from megadiff.checkpoint.format import DTYPES, read_meta, resolve_checkpoint_dir
 from megadiff.checkpoint.reader import DistCheckpointReader
 from megadiff.models.llada2.config import LLaDA2ModelConfig
 
+from .byte_spans import FileTable, Spans
 from .dist_keys import Unit, stored_shape, units_for
 from .experts import MERGED, PROJS, SPLIT, merged_name
 from .hf_io import CheckpointError
-from .hf_to_mcore import _throughput
 from .llada2_mapping import hf_from_full_mcore
+from .report import data_phase_line
 
 DEFAULT_BUDGET = 256 * 2**20
 _CONFIG_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -152,24 +155,45 @@ def plan_hf_output(src: McoreInput, expert_format: str = SPLIT) -> List[HFItem]:
     return items
 
 
-def iter_hf_tensors(src: McoreInput, items: Sequence[HFItem], budget_bytes: int = DEFAULT_BUDGET
-                    ) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(name, tensor) for every item, in order, reading groups of items of up to `budget_bytes`
-    at a time (a larger item alone): memory holds one group."""
+def item_spans(src: McoreInput, files: FileTable, item: HFItem) -> Optional[Spans]:
+    """Where an output tensor's bytes already are, when they are whole stored rows of its dtype
+    (the QKV regroup applied to the row addresses); None when it must be read and computed."""
+    if item.dtype != src.reader.dtype(item.key):
+        return None
+    found = src.reader.box_row_addresses(files, item.key, item.offsets, item.sizes)
+    if found is None:
+        return None
+    addresses, row_bytes = found
+    if item.regroup is not None:
+        addresses = hf_from_full_mcore(item.regroup.rule, addresses.reshape(-1, 1), src.model)[0]
+    return files.spans(addresses, row_bytes, item.shape, item.dtype)
+
+
+def iter_hf_tensors(src: McoreInput, items: Sequence[HFItem], budget_bytes: int = DEFAULT_BUDGET,
+                    allow_spans: bool = False) -> Iterator[Tuple[str, "torch.Tensor | Spans"]]:
+    """(name, value) for every item, in order: `Spans` where the bytes can be copied as stored
+    (if `allow_spans`), else a tensor, read in groups of up to `budget_bytes` (a larger item
+    alone): memory holds one group."""
+    files = FileTable()
     group: List[HFItem] = []
     size = 0
     for item in list(items) + [None]:
-        if item is not None and (not group or size + item.nbytes <= budget_bytes):
+        spans = item_spans(src, files, item) if allow_spans and item is not None else None
+        if item is not None and spans is None and (not group or size + item.nbytes <= budget_bytes):
             group.append(item)
             size += item.nbytes
             continue
-        tensors = src.reader.read_many([(i.key, i.offsets, i.sizes) for i in group])
+        tensors = src.reader.read_many([(i.key, i.offsets, i.sizes) for i in group]) if group else []
         for i, tensor in zip(group, tensors):
             if i.regroup is not None:
                 tensor = hf_from_full_mcore(i.regroup.rule, tensor.reshape(i.regroup.full_shape), src.model)[0]
             yield i.name, tensor.reshape(i.shape).to(i.dtype)
         tensors = None
-        group, size = ([item], item.nbytes) if item is not None else ([], 0)
+        group, size = [], 0
+        if spans is not None:
+            yield item.name, spans
+        elif item is not None:
+            group, size = [item], item.nbytes
 
 
 # ---- HF directory ----------------------------------------------------------------------------------
@@ -237,7 +261,7 @@ def convert_mcore_to_hf(
         with staged_output(output) as staging:
             writer = ShardedSafetensorsWriter(staging, entries, max_shard_size)
             try:
-                for name, tensor in iter_hf_tensors(src, items, budget_bytes):
+                for name, tensor in iter_hf_tensors(src, items, budget_bytes, allow_spans=True):
                     writer.write(name, tensor)
                     if bar is not None:
                         bar.update(tensor.nbytes)
@@ -255,7 +279,7 @@ def convert_mcore_to_hf(
         if bar is not None:
             bar.close()
     log(f"files from {template or 'megadiff'}: {', '.join(copied) or 'none'}")
-    log(_throughput(writer.total_size, time.perf_counter() - started))
+    log(data_phase_line(writer.total_size, time.perf_counter() - started, copier=writer.copier))
     return output
 
 

@@ -3,8 +3,9 @@
 merge: model.layers.i.mlp.experts.e.{gate,up,down}_proj.weight (one tensor per expert)
        -> model.layers.i.mlp.experts.{gate,up,down}_proj (experts stacked on dim 0)
 split: the reverse. Every other tensor is copied unchanged (name, dtype, bytes), and so are the
-non-weight files (config, tokenizer, remote code, generation config). Memory holds one stacked
-tensor (one layer's experts of one projection) at a time, not the checkpoint.
+non-weight files (config, tokenizer, remote code, generation config). Every output tensor is input
+bytes in another order, so nothing is read into memory: each is described as byte ranges of the
+input files and copied file to file in the kernel (byte_spans), at the speed of a file copy.
 """
 
 import os
@@ -15,13 +16,14 @@ import torch
 
 from megadiff.models.llada2.config import LLaDA2ModelConfig
 
+from .byte_spans import Spans, concat_spans
 from .experts import (
     MERGED, PROJS, SPLIT, detect_expert_format, expected_shapes, merged_name, parse_merged_name,
     parse_split_name, split_name,
 )
 from .hf_direct import DirectHFReader
-from .hf_to_mcore import _throughput
 from .hf_io import SAFETENSORS_DTYPES, CheckpointError, HFCheckpointReader, check_tensors_match, read_hf_config
+from .report import data_phase_line
 from .output_dir import check_output_dir, copy_non_weight_files, staged_output
 from .safetensors_stream import ShardedSafetensorsWriter, parse_size
 
@@ -72,19 +74,16 @@ def convert_expert_layout(
 
     entries = [(n, tuple(s), source_dtype(n)) for n, s in expected_shapes(config, want_out).items()]
 
-    def tensors() -> Iterator[Tuple[str, torch.Tensor]]:
+    def tensors() -> Iterator[Tuple[str, Spans]]:
         for name, shape, dtype in entries:
             if want_out == MERGED and parse_merged_name(name):
                 layer, proj = parse_merged_name(name)
-                stacked = torch.empty(shape, dtype=dtype)
-                for e in range(experts):
-                    reader.read_into(split_name(layer, e, proj), stacked[e])
-                yield name, stacked
+                yield name, concat_spans([reader.spans(split_name(layer, e, proj)) for e in range(experts)], shape, dtype)
             elif want_out == SPLIT and parse_split_name(name):
                 layer, e, proj = parse_split_name(name)
-                yield name, reader.get_index(merged_name(layer, proj), e)
+                yield name, reader.spans(merged_name(layer, proj), e)
             else:
-                yield name, reader.get(name)
+                yield name, reader.spans(name)
 
     log(f"{mode}: {input_path} ({fmt} experts) -> {output_path} ({len(entries)} tensors)")
     bar = None
@@ -110,7 +109,7 @@ def convert_expert_layout(
         if bar is not None:
             bar.close()
     log(f"copied {', '.join(copied) or 'no other files'}")
-    log(_throughput(writer.total_size, time.perf_counter() - started))
+    log(data_phase_line(writer.total_size, time.perf_counter() - started, copier=writer.copier))
     return output_path
 
 

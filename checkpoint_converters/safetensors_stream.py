@@ -15,6 +15,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .byte_spans import SpanCopier, Spans
+
 INDEX_NAME = "model.safetensors.index.json"
 DTYPE_CODES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -68,7 +70,8 @@ def shard_file_name(k: int, n: int) -> str:
 
 
 class ShardedSafetensorsWriter:
-    """Call `write(name, tensor)` in exactly the order of `entries`, then `close()`."""
+    """Call `write(name, value)` in exactly the order of `entries`, then `close()`. A value is a
+    tensor, or `Spans` (bytes already in files: copied in the kernel, never read into memory)."""
 
     def __init__(self, out_dir: str, entries: Sequence[Entry], max_shard_size, metadata: Optional[Dict[str, str]] = None):
         names = [e[0] for e in entries]
@@ -86,6 +89,7 @@ class ShardedSafetensorsWriter:
         self._file = None
         self._file_index = -1
         self.total_size = sum(_nbytes(s, d) for _, s, d in entries)
+        self.copier = SpanCopier()
 
     def _open(self, index: int) -> None:
         header: Dict[str, Dict] = {"__metadata__": self.metadata}
@@ -96,19 +100,18 @@ class ShardedSafetensorsWriter:
             offset += n
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # tensor data starts 8-byte aligned, as safetensors writes it
-        self._file = open(os.path.join(self.out_dir, self.files[index]), "wb")
+        self._file = open(os.path.join(self.out_dir, self.files[index]), "wb", buffering=0)
         self._file.write(struct.pack("<Q", len(blob)))
         self._file.write(blob)
         self._file_index = index
 
     def _close_file(self) -> None:
         if self._file is not None:
-            self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor) -> None:
         if self._pos >= len(self._queue):
             raise ValueError(f"{name}: more tensors written than planned")
         index, (want, shape, dtype) = self._queue[self._pos]
@@ -119,9 +122,14 @@ class ShardedSafetensorsWriter:
         if index != self._file_index:
             self._close_file()
             self._open(index)
-        data = tensor.detach().contiguous().reshape(-1)
-        if data.numel():
-            self._file.write(memoryview(data.view(torch.uint8).numpy()))
+        if isinstance(tensor, Spans):
+            if tensor.nbytes != _nbytes(shape, dtype):
+                raise ValueError(f"{name}: byte ranges hold {tensor.nbytes} bytes, planned {_nbytes(shape, dtype)}")
+            self.copier.copy(tensor.spans, self._file.fileno())
+        else:
+            data = tensor.detach().contiguous().reshape(-1)
+            if data.numel():
+                _write_all(self._file, memoryview(data.view(torch.uint8).numpy()))
         self._pos += 1
 
     def close(self) -> str:
@@ -130,6 +138,7 @@ class ShardedSafetensorsWriter:
             missing = self._queue[self._pos][1][0]
             raise ValueError(f"output incomplete: '{missing}' and {len(self._queue) - self._pos - 1} more not written")
         self._close_file()
+        self.copier.close()
         weight_map = {name: self.files[i] for i, (name, _, _) in self._queue}
         index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
         path = os.path.join(self.out_dir, INDEX_NAME)
@@ -139,6 +148,14 @@ class ShardedSafetensorsWriter:
         return path
 
     def abort(self) -> None:
+        self.copier.close()
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _write_all(f, data: memoryview) -> None:
+    """An unbuffered file's write may take less than asked (e.g. above 2 GiB on Linux)."""
+    done = 0
+    while done < len(data):
+        done += f.write(data[done:])

@@ -7,7 +7,9 @@ megatron checkpoint (iteration 0) that tools/train.py and tools/compare_logits.p
 
 One process writes the checkpoint at layout (1,1,1) (dist_checkpointing reshards it on load; the
 requested layout is still validated and recorded); under torchrun each rank writes its shards of
-the requested layout. Tensors are read and written one at a time; the model is never materialised.
+the requested layout. Matrices kept in their dtype are copied file to file in the kernel (the
+QKV regroup and gate/up concat done on row addresses); the rest is read and written one tensor at a
+time; the model is never materialised.
 Runs on CPU. The output appears only when complete (built in CKPT.tmp-<nonce>, then renamed).
 """
 

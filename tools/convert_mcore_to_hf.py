@@ -9,7 +9,8 @@ remote code, loadable with AutoModelForCausalLM.from_pretrained(OUT, trust_remot
 CKPT is a checkpoint root (latest complete iteration by default) or an iteration dir. Tokenizer,
 generation config and remote code come from --hf-template (default: the HF dir the checkpoint was
 made from, recorded in its megadiff.json; else megadiff's own remote code). Weights keep the
-checkpoint's dtype. Needs no torchrun and no megatron-core; tensors are streamed a few at a time.
+checkpoint's dtype. Needs no torchrun and no megatron-core; tensors stored as whole rows are copied
+file to file in the kernel, the rest streamed a few at a time.
 The output appears only when complete (built in OUT.tmp-<nonce>, then renamed).
 """
 

@@ -6,8 +6,8 @@
 
 merge: model.layers.i.mlp.experts.e.{gate,up,down}_proj.weight -> model.layers.i.mlp.experts.{gate,up,down}_proj
 ([E, Fm, H] / [E, H, Fm]); split: the reverse. Other tensors and files (config, tokenizer, remote
-code) are copied unchanged. Streams one layer's experts at a time; the output appears only when
-complete (built in OUT.tmp-<nonce>, then renamed).
+code) are copied unchanged. Every tensor is copied file to file in the kernel (nothing is read into
+memory); the output appears only when complete (built in OUT.tmp-<nonce>, then renamed).
 """
 
 import argparse

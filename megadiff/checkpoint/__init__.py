@@ -27,7 +27,16 @@ from .format import (
     read_meta,
     resolve_checkpoint_dir,
 )
-from .reader import DistCheckpointReader
+
+
+def __getattr__(name):
+    # The reader pulls in torch DCP (~0.6 s of imports); tools that only need the path helpers
+    # (moe_convertor) should not pay for it.
+    if name == "DistCheckpointReader":
+        from .reader import DistCheckpointReader
+
+        return DistCheckpointReader
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "META_NAME", "TRACKER_NAME", "DistCheckpointReader", "complete_iterations", "is_complete_iteration_dir",

@@ -8,17 +8,26 @@ Memory: torch's FileSystemWriter keeps every tensor of a file alive until the fi
 collects them for its safetensors mode), so `_StreamingWriter` writes the items itself, one at a
 time, with torch's own `_write_item` (the same helper megatron-core's writer uses): the files and
 `.metadata` are byte-compatible with megatron-core's torch_dist backend.
+
+Speed: a value may also be `byte_spans.RowAddresses` (rows already in files, e.g. HF safetensors):
+its record is written by torch.save with `skip_data` (pickle, zip headers) and the hole torch.save
+leaves for the bytes is filled file to file in the kernel. Records are written without CRC-32:
+torch.load never checks it, and computing it cost more than the copy (0.6 s per GB here).
 """
 
+import io
 import os
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
-from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _write_item
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _StorageInfo, _write_item
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
+
+from checkpoint_converters.byte_spans import RowAddresses, SpanCopier, Spans
 
 
 class _LazyShards(torch.Tensor):
@@ -82,9 +91,11 @@ def _item_nbytes(item: WriteItem) -> int:
 class _StreamingWriter(FileSystemWriter):
     """One `__<rank>_0.distcp` file per rank, tensors resolved and written one at a time."""
 
-    def __init__(self, path, on_tensor: Optional[Callable[[int, int], None]] = None):
+    def __init__(self, path, on_tensor: Optional[Callable[[int, int], None]] = None,
+                 copier: Optional[SpanCopier] = None):
         super().__init__(path, single_file_per_rank=True, sync_files=True, thread_count=1)
         self._on_tensor = on_tensor
+        self.copier = copier or SpanCopier()
 
     def write_data(self, plan, planner):
         from torch.distributed.checkpoint.filesystem import SerializationFormat
@@ -93,23 +104,82 @@ class _StreamingWriter(FileSystemWriter):
         path = self.fs.concat_path(self.path, storage_key)
         results = []
         total = sum(_item_nbytes(i) for i in plan.items if i.type != WriteItemType.BYTE_IO)
-        with self.fs.create_stream(path, "wb") as stream:
-            for item in plan.items:
-                data = planner.resolve_data(item)
-                if item.type != WriteItemType.BYTE_IO:
-                    data = data.detach()
-                    if data.untyped_storage().nbytes() != data.nbytes or not data.is_contiguous():
-                        data = data.contiguous().clone()
-                results.append(_write_item(self.transforms, stream, data, item, storage_key,
-                                           SerializationFormat.TORCH_SAVE))
-                if item.type != WriteItemType.BYTE_IO and self._on_tensor:
-                    self._on_tensor(data.nbytes, total)
-                del data
-            stream.flush()
-            os.fsync(stream.fileno())
+        crc = torch.serialization.get_crc32_options()
+        torch.serialization.set_crc32_options(False)
+        try:
+            with self.fs.create_stream(path, "wb") as stream:
+                for item in plan.items:
+                    data = planner.resolve_data(item)
+                    if isinstance(data, RowAddresses):
+                        results.append(self._write_spans(stream, data.spans(), item, storage_key))
+                    else:
+                        if item.type != WriteItemType.BYTE_IO:
+                            data = data.detach()
+                            if data.untyped_storage().nbytes() != data.nbytes or not data.is_contiguous():
+                                data = data.contiguous().clone()
+                        results.append(_write_item(self.transforms, stream, data, item, storage_key,
+                                                   SerializationFormat.TORCH_SAVE))
+                    if item.type != WriteItemType.BYTE_IO and self._on_tensor:
+                        self._on_tensor(_item_nbytes(item), total)
+                    del data
+                stream.flush()
+                os.fsync(stream.fileno())
+        finally:
+            torch.serialization.set_crc32_options(crc)
+            self.copier.close()
         future: Future = Future()
         future.set_result(results)
         return future
+
+    def _write_spans(self, stream, spans: Spans, item: WriteItem, storage_key: str) -> WriteResult:
+        """One torch.save record whose tensor bytes are copied from `spans` (see the module doc)."""
+        offset = stream.tell()
+        placeholder = torch.empty(spans.shape, dtype=spans.dtype)  # never touched: no memory used
+        with torch.serialization.skip_data():
+            torch.save(placeholder, _HoleFillingStream(stream, lambda n: self._fill(stream, spans, n)))
+        length = stream.tell() - offset
+        return WriteResult(index=item.index, size_in_bytes=length,
+                           storage_data=_StorageInfo(storage_key, offset, length))
+
+    def _fill(self, stream, spans: Spans, nbytes: int) -> None:
+        if nbytes != spans.nbytes:
+            raise ValueError(f"torch.save left {nbytes} bytes for a tensor of {spans.nbytes}")
+        stream.flush()
+        end = stream.tell() + nbytes
+        self.copier.copy(spans.spans, stream.fileno())
+        stream.seek(end)  # the buffered stream learns where the kernel copy left the file
+
+
+class _HoleFillingStream(io.RawIOBase):
+    """The checkpoint file as torch.save sees it under `skip_data`: where it would skip over the
+    tensor bytes (seek forward), `fill(nbytes)` writes them instead. Exactly one hole per record."""
+
+    def __init__(self, stream, fill: Callable[[int], None]):
+        self._stream, self._fill, self._holes = stream, fill, 0
+
+    def writable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def write(self, b):
+        return self._stream.write(b)
+
+    def tell(self):
+        return self._stream.tell()
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        if whence == io.SEEK_CUR and offset > 0 and self._holes == 0:
+            self._holes += 1
+            self._fill(offset)
+            return self._stream.tell()
+        if whence == io.SEEK_CUR and offset == 0:
+            return self._stream.tell()
+        raise io.UnsupportedOperation(f"torch.save seeked ({offset}, {whence}) where a data hole was expected")
+
+    def flush(self):
+        self._stream.flush()
 
 
 def _owner(path: str, owners: Dict[str, torch.Tensor]) -> str:
@@ -120,20 +190,29 @@ def _owner(path: str, owners: Dict[str, torch.Tensor]) -> str:
     raise KeyError(f"{path}: no state-dict entry owns this sharded tensor")
 
 
-def _piece(real: torch.Tensor, base: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
-    """The part of `real` (the value of `base`) that `view` (a view of `base`) covers."""
+def _piece(real, base: torch.Tensor, view: torch.Tensor):
+    """The part of `real` (the value of `base`) that `view` (a view of `base`) covers. For
+    `RowAddresses`, a block of whole rows stays addresses; anything else is read first."""
     if view is base:
         return real
+    if isinstance(real, RowAddresses):
+        row = base[0].numel() if base.dim() == 2 else 0
+        start, rem = divmod(view.storage_offset() - base.storage_offset(), row) if row else (0, 1)
+        if (base.dim() == 2 and rem == 0 and view.dim() == 2 and view.shape[1:] == base.shape[1:]
+                and view.is_contiguous()):
+            return real.rows(start, view.shape[0])
+        real = real.spans().read()
     return real.as_strided(view.size(), view.stride(), view.storage_offset() - base.storage_offset())
 
 
 def write_lazily(
     sharded_state_dict: Dict, checkpoint_dir: str, materialize: Callable[[str], torch.Tensor],
-    on_tensor: Optional[Callable[[int, int], None]] = None,
+    on_tensor: Optional[Callable[[int, int], None]] = None, copier: Optional[SpanCopier] = None,
 ) -> None:
     """Collective. Save `sharded_state_dict` (placeholders; consumed) into `checkpoint_dir` the way
-    dist_checkpointing.save would, calling `materialize(path)` for each entry's real value.
-    `on_tensor(bytes_written, total_bytes_of_this_rank)` is called after each tensor (progress)."""
+    dist_checkpointing.save would, calling `materialize(path)` for each entry's real value (a
+    tensor or `RowAddresses`). `on_tensor(bytes_written, total_bytes_of_this_rank)` is called after
+    each tensor (progress); `copier` counts the bytes copied file to file."""
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
@@ -163,7 +242,9 @@ def write_lazily(
             real = materialize(owner)
             if tuple(real.shape) != tuple(base.shape):
                 raise ValueError(f"{owner}: materialized shape {list(real.shape)}, expected {list(base.shape)}")
-            cache[owner] = real.to(base.dtype).contiguous()
+            if isinstance(real, RowAddresses) and real.dtype != base.dtype:
+                real = real.spans().read()
+            cache[owner] = real if isinstance(real, RowAddresses) else real.to(base.dtype).contiguous()
         return cache[owner]
 
     to_save = {}
@@ -192,7 +273,7 @@ def write_lazily(
     try:
         torch.distributed.checkpoint.save(
             to_save,
-            storage_writer=_StreamingWriter(checkpoint_dir, on_tensor),
+            storage_writer=_StreamingWriter(checkpoint_dir, on_tensor, copier),
             planner=MCoreSavePlanner(flatten_state_dict=False),
         )
     except CheckpointException as e:  # DCP wraps everything, Ctrl-C included: let a Ctrl-C be one

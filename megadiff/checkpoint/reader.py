@@ -8,8 +8,11 @@ box are read, so memory stays bounded by what is asked for. A box that is exactl
 without a second buffer; items with DCP stream transforms fall back to torch DCP's own reader.
 """
 
+import io
 import os
+import struct
 import warnings
+import zipfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -83,6 +86,7 @@ class DistCheckpointReader:
             k: {tuple(c.offsets): tuple(c.sizes) for c in v.chunks} for k, v in self._tensors.items()
         }
         self._storage = metadata.storage_data or {}
+        self._data_at: Dict[MetadataIndex, Optional[Tuple[str, int]]] = {}
         # Items written as plain torch.save records (what megatron-core and torch write by default)
         # are read directly; anything with stream transforms goes through torch DCP's reader.
         self._direct = all(not getattr(i, "transform_descriptors", None) for i in self._storage.values())
@@ -215,5 +219,94 @@ class DistCheckpointReader:
             raise CheckpointError(f"{self.ckpt_dir}: reading {sorted(targets)[:3]} failed ({e!r})") from None
         return out
 
+    # ---- where stored bytes are (for converters that copy them file to file) ----------------
+
+    def data_location(self, key: str, chunk_offsets: Sequence[int]) -> Optional[Tuple[str, int]]:
+        """(file path, absolute offset) of the raw bytes of the item stored at `chunk_offsets`, in
+        C order, when the item is a plain torch.save record of a contiguous tensor (what DCP and
+        megatron-core write); None otherwise (then read it). Reads only the record's metadata."""
+        index = MetadataIndex(key, torch.Size(chunk_offsets))
+        if index not in self._data_at:
+            self._data_at[index] = self._find_data(key, index) if self._direct else None
+        return self._data_at[index]
+
+    def _find_data(self, key: str, index: MetadataIndex) -> Optional[Tuple[str, int]]:
+        info = self._storage.get(index)
+        if info is None:
+            return None
+        path = os.path.join(self.ckpt_dir, info.relative_path)
+        try:
+            with open(path, "rb") as f:
+                record = zipfile.ZipFile(_FileSlice(f, info.offset, info.length))
+                data = [i for i in record.infolist() if i.filename.split("/")[-2:-1] == ["data"]]
+                with torch.serialization.skip_data():  # shape / strides / storage, no bytes read
+                    tensor = torch.load(_FileSlice(f, info.offset, info.length), map_location="cpu", weights_only=True)
+                if (len(data) != 1 or data[0].compress_type != zipfile.ZIP_STORED or not tensor.is_contiguous()
+                        or tensor.storage_offset() != 0 or data[0].file_size != tensor.nbytes
+                        or tensor.dtype != self.dtype(key) or tensor.untyped_storage().nbytes() != tensor.nbytes):
+                    return None
+                f.seek(info.offset + data[0].header_offset)
+                header = f.read(30)
+                if header[:4] != b"PK\x03\x04":
+                    return None
+                name_len, extra_len = struct.unpack("<HH", header[26:30])
+                return path, info.offset + data[0].header_offset + 30 + name_len + extra_len
+        except Exception:  # anything unexpected: this item is simply read the ordinary way
+            return None
+
+    def box_row_addresses(self, files, key: str, offsets: Sequence[int], sizes: Sequence[int]):
+        """([box rows] int64 byte addresses (byte_spans.FileTable), bytes per row) of a box whose
+        rows are contiguous runs in stored items, i.e. every stored item it overlaps holds whole
+        rows (the last dim unsplit); None when that is not so (read the box instead)."""
+        offsets, sizes = self._box(key, offsets, sizes)
+        shape = self.shape(key)
+        if len(shape) < 2 or offsets[-1] != 0 or sizes[-1] != shape[-1]:
+            return None
+        row_bytes = shape[-1] * torch.empty((), dtype=self.dtype(key)).element_size()
+        out = torch.empty(sizes[:-1], dtype=torch.int64)
+        for chunk in self._meta(key).chunks:
+            lo = [max(o, c) for o, c in zip(offsets, chunk.offsets)]
+            hi = [min(o + s, c + n) for o, s, c, n in zip(offsets, sizes, chunk.offsets, chunk.sizes)]
+            if not all(h > low for h, low in zip(hi, lo)):
+                continue
+            location = self.data_location(key, chunk.offsets)
+            if location is None or chunk.sizes[-1] != shape[-1]:
+                return None
+            rows = 1
+            for s in chunk.sizes[:-1]:
+                rows *= s
+            stored = files.row_addresses(location[0], location[1], rows, row_bytes).reshape(tuple(chunk.sizes[:-1]))
+            src = tuple(slice(low - c, h - c) for low, h, c in zip(lo[:-1], hi[:-1], chunk.offsets))
+            dst = tuple(slice(low - o, h - o) for low, h, o in zip(lo[:-1], hi[:-1], offsets))
+            out[dst] = stored[src]
+        return out, row_bytes
+
     def read(self, key: str, offsets: Optional[Sequence[int]] = None, sizes: Optional[Sequence[int]] = None) -> torch.Tensor:
         return self.read_many([(key, offsets, sizes)])[0]
+
+
+class _FileSlice(io.RawIOBase):
+    """A seekable read-only window [offset, offset + length) of an open file (one DCP item)."""
+
+    def __init__(self, f, offset: int, length: int):
+        self._f, self._base, self._length, self._pos = f, offset, length, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self._pos
+
+    def seek(self, offset, whence=0):
+        self._pos = {0: offset, 1: self._pos + offset, 2: self._length + offset}[whence]
+        return self._pos
+
+    def readinto(self, buffer):
+        n = max(0, min(len(buffer), self._length - self._pos))
+        self._f.seek(self._base + self._pos)
+        got = self._f.readinto(memoryview(buffer)[:n])
+        self._pos += got
+        return got

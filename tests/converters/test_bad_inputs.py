@@ -176,7 +176,7 @@ def test_interrupted_mcore_to_hf_and_moe_leave_nothing(single_process_run, tiny_
     with pytest.raises(KeyboardInterrupt):
         convert_mcore_to_hf(single_process_run["ck111"], str(tmp_path / "hf"), max_shard_size="100KB",
                             budget_bytes=4096, **QUIET)
-    _interrupt_after(monkeypatch, DirectHFReader, "get", 20)
+    _interrupt_after(monkeypatch, DirectHFReader, "spans", 20)
     with pytest.raises(KeyboardInterrupt):
         convert_expert_layout(tiny_hf, str(tmp_path / "merged"), "merge", **QUIET)
     assert os.listdir(tmp_path) == []  # no output, no staging dir: nothing an HF loader could pick

@@ -3,7 +3,8 @@ interpreter (megatron-core is imported once), plus an interrupted run.
 
   --run "ARGS..."        one CLI invocation (shell-style argument string); repeatable
   --interrupt HF=OUT     a conversion whose 6th tensor read raises KeyboardInterrupt (as Ctrl-C does)
-Writes {"runs": [...], "interrupt": {...}} as JSON to --out.
+Writes {"runs": [...], "interrupt": {...}} as JSON to --out; each run records how many tensor
+bytes were copied file to file in the kernel and how many were read into memory.
 """
 
 import argparse
@@ -32,11 +33,14 @@ def main():
     args = p.parse_args()
     cli = load_cli()
     report = {"runs": [], "interrupt": None}
+    counts = count_bytes()
     for run in args.run:
+        counts.update(kernel=0, read=0)
         try:
             report["runs"].append({"args": run, "rc": cli.main(shlex.split(run) + ["--no-progress"])})
         except SystemExit as e:
             report["runs"].append({"args": run, "rc": 1, "error": str(e)})
+        report["runs"][-1].update(kernel_bytes=counts["kernel"], read_bytes=counts["read"])
     if args.interrupt:
         from checkpoint_converters.hf_direct import DirectHFReader
 
@@ -65,6 +69,27 @@ def main():
         }
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
+
+
+def count_bytes():
+    """Counts bytes copied by os.copy_file_range and bytes of tensors read from HF files."""
+    from checkpoint_converters.hf_direct import DirectHFReader
+
+    counts = {"kernel": 0, "read": 0}
+    copy_file_range, read = os.copy_file_range, DirectHFReader._read
+
+    def counted_copy(*a, **k):
+        n = copy_file_range(*a, **k)
+        counts["kernel"] += n
+        return n
+
+    def counted_read(self, *a, **k):
+        tensor = read(self, *a, **k)
+        counts["read"] += tensor.nbytes
+        return tensor
+
+    os.copy_file_range, DirectHFReader._read = counted_copy, counted_read
+    return counts
 
 
 if __name__ == "__main__":
