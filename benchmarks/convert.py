@@ -17,7 +17,11 @@ as a child process exactly as a user would (CLI, interpreter start-up and import
 
 and reports bytes of weights / wall time relative to the copy: --repeat rounds, each running every
 command once in turn (after `sync`, so none pays for the previous one's writeback), so a slow
-spell of this shared machine hits the copy and the tools alike; per command the median over rounds,
+spell of this shared machine hits the copy and the tools alike. Before every run the page cache is
+dropped (--cache cold, the default where /proc/sys/vm/drop_caches is writable, e.g. as root): each
+command reads its input from disk and starts with free memory, as when converting a checkpoint
+larger than RAM; with a warm cache the first command after a big write pays for reclaiming its
+pages (copyfile measured 0.9 s in one round, 7.7 s in the next); per command the median over rounds,
 and per tool the median of its per-round ratio to that round's copy. "data phase" is the tools' own
 timing of their read-transform-write loop, without interpreter start-up and imports; the tools
 also say how many bytes they copied file to file in the kernel. Peak resident memory of the child
@@ -113,7 +117,17 @@ print(f"data: copied {total / 1e9:.2f} GB in {time.perf_counter() - start:.1f} s
 """
 
 
-def measure_rounds(runs: dict, outputs: dict, repeat: int) -> dict:
+def drop_page_cache() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def can_drop_page_cache() -> bool:
+    return os.access("/proc/sys/vm/drop_caches", os.W_OK)
+
+
+def measure_rounds(runs: dict, outputs: dict, repeat: int, cold: bool) -> dict:
     """Every command once per round, in order, `repeat` rounds; outputs removed before each run
     (a later command of the round may read an earlier one's output)."""
     per_run = {name: [] for name in runs}
@@ -121,6 +135,8 @@ def measure_rounds(runs: dict, outputs: dict, repeat: int) -> dict:
         for name, cmd in runs.items():
             shutil.rmtree(outputs[name], ignore_errors=True)
             os.sync()
+            if cold:
+                drop_page_cache()
             per_run[name].append(_run_once(cmd))
             if name.startswith("copy"):  # nothing reads it: free the disk and page cache now
                 shutil.rmtree(outputs[name])
@@ -170,6 +186,8 @@ def main(argv=None):
     p.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     p.add_argument("--repeat", type=int, default=5, help="rounds (median over rounds)")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--cache", choices=["cold", "warm"], default="cold" if can_drop_page_cache() else "warm",
+                   help="drop the page cache before each run (needs root; default where possible)")
     args = p.parse_args(argv)
     py = sys.executable
     work = tempfile.mkdtemp(prefix="megadiff_convert_bench_", dir=args.workdir)
@@ -191,7 +209,8 @@ def main(argv=None):
         outputs = {"copy (copyfile)": d("copy1"), "copy (copyfile+fsync)": d("copy2"),
                    "copy (user space)": d("copy3"), "hf->mcore": d("mcore"),
                    "mcore->hf": d("hf2"), "merge": d("merged"), "split": d("split")}
-        results = measure_rounds(runs, outputs, args.repeat)
+        print(f"page cache: {args.cache} before each run", flush=True)
+        results = measure_rounds(runs, outputs, args.repeat, args.cache == "cold")
         print()
         for name, r in results.items():
             print(f"{name:22s} wall {r['wall_s']:6.1f} s ({info['bytes'] / r['wall_s'] / GB:5.3f} GB/s), data phase "
@@ -212,7 +231,7 @@ def main(argv=None):
                   f"-> {'within' if r['peak_rss'] <= budget else 'OVER'} budget   {r['how']}")
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"checkpoint": info, "results": results}, f, indent=1)
+                json.dump({"checkpoint": info, "cache": args.cache, "results": results}, f, indent=1)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -25,7 +25,7 @@ from megadiff.checkpoint.format import DTYPES, read_meta, resolve_checkpoint_dir
 from megadiff.checkpoint.reader import DistCheckpointReader
 from megadiff.models.llada2.config import LLaDA2ModelConfig
 
-from .byte_spans import FileTable, Spans
+from .byte_spans import FileTable, Spans, with_read_ahead
 from .dist_keys import Unit, stored_shape, units_for
 from .experts import MERGED, PROJS, SPLIT, merged_name
 from .hf_io import CheckpointError
@@ -261,7 +261,8 @@ def convert_mcore_to_hf(
         with staged_output(output) as staging:
             writer = ShardedSafetensorsWriter(staging, entries, max_shard_size)
             try:
-                for name, tensor in iter_hf_tensors(src, items, budget_bytes, allow_spans=True):
+                values = iter_hf_tensors(src, items, budget_bytes, allow_spans=True)
+                for name, tensor in with_read_ahead(values, writer.copier):
                     writer.write(name, tensor)
                     if bar is not None:
                         bar.update(tensor.nbytes)

@@ -16,7 +16,7 @@ import torch
 
 from megadiff.models.llada2.config import LLaDA2ModelConfig
 
-from .byte_spans import Spans, concat_spans
+from .byte_spans import Spans, concat_spans, with_read_ahead
 from .experts import (
     MERGED, PROJS, SPLIT, detect_expert_format, expected_shapes, merged_name, parse_merged_name,
     parse_split_name, split_name,
@@ -97,7 +97,7 @@ def convert_expert_layout(
         with staged_output(output_path) as staging:
             writer = ShardedSafetensorsWriter(staging, entries, max_shard_size)
             try:
-                for name, tensor in tensors():
+                for name, tensor in with_read_ahead(tensors(), writer.copier):
                     writer.write(name, tensor)
                     if bar is not None:
                         bar.update(tensor.nbytes)
