@@ -7,23 +7,22 @@ Builds a bf16 HF checkpoint with LLaDA2-mini widths (vocab 157184, hidden 2048, 
 512, dense layer 0) but only `--layers` layers (2 layers = 3.0 GB) in a temp dir, then runs, each
 as a child process exactly as a user would (CLI, interpreter start-up and imports included):
 
-  copy        shutil.copyfile of the same safetensors files (+ fsync, as the tools fsync), and a
-              user-space copy (bytes read into fresh tensors and written back: the floor of
-              any converter that looks at the data)
+  copy        the baseline: shutil.copyfile of the same safetensors files + fsync (the tools
+              fsync too); also, as a reference row, a user-space copy (bytes read into fresh
+              tensors and written back)
   hf->mcore   tools/convert_hf_to_mcore.py (one process, layout (1,1,1))
-  mcore->hf   tools/convert_mcore_to_hf.py
+  mcore->hf   tools/convert_mcore_to_hf.py (of a checkpoint converted beforehand)
   merge       tools/moe_convertor.py --mode merge
-  split       tools/moe_convertor.py --mode split (of the merged output)
+  split       tools/moe_convertor.py --mode split (of a merged checkpoint made beforehand)
 
-and reports bytes of weights / wall time relative to the copy: --repeat rounds, each running every
-command once in turn (after `sync`, so none pays for the previous one's writeback), so a slow
-spell of this shared machine hits the copy and the tools alike. Before every run the page cache is
-dropped (--cache cold, the default where /proc/sys/vm/drop_caches is writable, e.g. as root): each
-command reads its input from disk and starts with free memory, as when converting a checkpoint
-larger than RAM; with a warm cache the first command after a big write pays for reclaiming its
-pages (copyfile measured 0.9 s in one round, 7.7 s in the next); per command the median over rounds,
-and per tool the median of its per-round ratio to that round's copy. "data phase" is the tools' own
-timing of their read-transform-write loop, without interpreter start-up and imports; the tools
+--repeat rounds; in each, every command runs right after its own baseline copy, both from the
+same state: previous output deleted, `sync`, and the page cache dropped (--cache cold, the default
+where /proc/sys/vm/drop_caches is writable, e.g. as root), so each reads its input from disk as
+when converting a checkpoint larger than RAM. Throughput ratio = copy time / tool time within each
+pair, median over rounds: on this shared VM the same copy took 0.9 s in one run and 7.7 s in
+another, depending on what ran before it, so only paired ratios are stable. "data" = the tools' own
+timing of their read-transform-write loop (without interpreter start-up and imports, ~1.5 s for
+moe_convertor and convert_mcore_to_hf, ~5 s with megatron-core for convert_hf_to_mcore); the tools
 also say how many bytes they copied file to file in the kernel. Peak resident memory of the child
 process tree (psutil, sampled every 10 ms): total RSS, and anonymous RSS (total minus file-backed
 pages).
@@ -127,28 +126,41 @@ def can_drop_page_cache() -> bool:
     return os.access("/proc/sys/vm/drop_caches", os.W_OK)
 
 
-def measure_rounds(runs: dict, outputs: dict, repeat: int, cold: bool) -> dict:
-    """Every command once per round, in order, `repeat` rounds; outputs removed before each run
-    (a later command of the round may read an earlier one's output)."""
-    per_run = {name: [] for name in runs}
+def measure_pairs(copy_cmd, copy_out: str, runs: dict, outputs: dict, repeat: int, cold: bool) -> dict:
+    """`repeat` rounds; in each, every command runs right after its own baseline run (copyfile +
+    fsync of the same bytes), both from the same state: inputs prepared beforehand (never the
+    previous command's output), the previous output deleted, dirty pages written and (cold) the
+    page cache dropped; the order of the commands rotates from round to round. Ratios are taken
+    within each pair, then the median over rounds. The last round's outputs are kept for `verify`."""
+    tool_runs = {name: [] for name in runs}
+    copy_runs = {name: [] for name in runs}
+    names = list(runs)
     for round_ in range(repeat):
-        for name, cmd in runs.items():
-            shutil.rmtree(outputs[name], ignore_errors=True)
-            os.sync()
-            if cold:
-                drop_page_cache()
-            per_run[name].append(_run_once(cmd))
-            if name.startswith("copy"):  # nothing reads it: free the disk and page cache now
-                shutil.rmtree(outputs[name])
-            r = per_run[name][-1]
-            print(f"round {round_ + 1}: {name:22s} wall {r['wall_s']:6.1f} s, data phase {r['data_s']:6.1f} s"
-                  f"{', ' + r['how'] if r['how'] else ''}", flush=True)
+        # rotate the order each round: what ran just before changes the copy's time (0.9-7.7 s)
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            cmd = runs[name]
+            for runs_of, command, out in ((copy_runs, copy_cmd, copy_out), (tool_runs, cmd, outputs[name])):
+                os.sync()
+                if cold:
+                    drop_page_cache()
+                runs_of[name].append(_run_once(command))
+                if runs_of is copy_runs or round_ + 1 < repeat:
+                    shutil.rmtree(out)
+            r, c = tool_runs[name][-1], copy_runs[name][-1]
+            print(f"round {round_ + 1}: {name:18s} wall {r['wall_s']:5.1f} s, data phase {r['data_s']:5.1f} s; "
+                  f"its copy {c['wall_s']:4.1f} s{'; ' + r['how'] if r['how'] else ''}", flush=True)
     results = {}
-    for name, rs in per_run.items():
+    for name, rs in tool_runs.items():
+        cs = copy_runs[name]
         median = lambda k: statistics.median(r[k] for r in rs)  # noqa: E731
-        results[name] = {"wall_s": median("wall_s"), "data_s": median("data_s"), "walls": [r["wall_s"] for r in rs],
-                         "datas": [r["data_s"] for r in rs], "how": rs[-1]["how"],
-                         "peak_rss": max(r["peak_rss"] for r in rs), "peak_anon_rss": max(r["peak_anon_rss"] for r in rs)}
+        results[name] = {
+            "wall_s": median("wall_s"), "data_s": median("data_s"), "how": rs[-1]["how"],
+            "walls": [r["wall_s"] for r in rs], "datas": [r["data_s"] for r in rs], "copy_walls": [c["wall_s"] for c in cs],
+            "copy_s": statistics.median(c["wall_s"] for c in cs),
+            "ratio_wall": statistics.median(c["wall_s"] / r["wall_s"] for c, r in zip(cs, rs)),
+            "ratio_data": statistics.median(c["wall_s"] / r["data_s"] for c, r in zip(cs, rs)),
+            "peak_rss": max(r["peak_rss"] for r in rs), "peak_anon_rss": max(r["peak_anon_rss"] for r in rs),
+        }
     return results
 
 
@@ -197,38 +209,32 @@ def main(argv=None):
         info = make_checkpoint(d("hf"), args.layers)
         print(f"synthetic checkpoint: {info['bytes'] / GB:.2f} GB in {info['tensors']} tensors, largest "
               f"{info['largest']} {info['largest_bytes'] / GB:.3f} GB ({time.perf_counter() - t:.0f} s to build)", flush=True)
+        copy_cmd = [py, "-c", COPY, d("hf"), d("copy"), "fsync"]
         runs = {
-            "copy (copyfile)": [py, "-c", COPY, d("hf"), d("copy1"), "nofsync"],
-            "copy (copyfile+fsync)": [py, "-c", COPY, d("hf"), d("copy2"), "fsync"],
-            "copy (user space)": [py, "-c", USERSPACE_COPY, d("hf"), d("copy3")],
+            "copy (user space)": [py, "-c", USERSPACE_COPY, d("hf"), d("copy_user")],
             "hf->mcore": [py, "tools/convert_hf_to_mcore.py", "--hf-dir", d("hf"), "--output", d("mcore"), "--no-progress"],
-            "mcore->hf": [py, "tools/convert_mcore_to_hf.py", "--mcore-dir", d("mcore"), "--output", d("hf2"), "--no-progress"],
+            "mcore->hf": [py, "tools/convert_mcore_to_hf.py", "--mcore-dir", d("mcore_in"), "--output", d("hf2"), "--no-progress"],
             "merge": [py, "tools/moe_convertor.py", "--input-path", d("hf"), "--output-path", d("merged"), "--mode", "merge", "--no-progress"],
-            "split": [py, "tools/moe_convertor.py", "--input-path", d("merged"), "--output-path", d("split"), "--mode", "split", "--no-progress"],
+            "split": [py, "tools/moe_convertor.py", "--input-path", d("merged_in"), "--output-path", d("split"), "--mode", "split", "--no-progress"],
         }
-        outputs = {"copy (copyfile)": d("copy1"), "copy (copyfile+fsync)": d("copy2"),
-                   "copy (user space)": d("copy3"), "hf->mcore": d("mcore"),
-                   "mcore->hf": d("hf2"), "merge": d("merged"), "split": d("split")}
+        outputs = {"copy (user space)": d("copy_user"), "hf->mcore": d("mcore"), "mcore->hf": d("hf2"),
+                   "merge": d("merged"), "split": d("split")}
+        # mcore->hf and split read inputs made once here, never the output of the command before them
+        _run_once([py, "tools/convert_hf_to_mcore.py", "--hf-dir", d("hf"), "--output", d("mcore_in"), "--no-progress"])
+        _run_once([py, "tools/moe_convertor.py", "--input-path", d("hf"), "--output-path", d("merged_in"),
+                   "--mode", "merge", "--no-progress"])
         print(f"page cache: {args.cache} before each run", flush=True)
-        results = measure_rounds(runs, outputs, args.repeat, args.cache == "cold")
-        print()
-        for name, r in results.items():
-            print(f"{name:22s} wall {r['wall_s']:6.1f} s ({info['bytes'] / r['wall_s'] / GB:5.3f} GB/s), data phase "
-                  f"{r['data_s']:6.1f} s ({info['bytes'] / r['data_s'] / GB:5.3f} GB/s), peak RSS "
-                  f"{r['peak_rss'] / GB:5.2f} GB (anonymous {r['peak_anon_rss'] / GB:5.2f} GB)", flush=True)
+        results = measure_pairs(copy_cmd, d("copy"), runs, outputs, args.repeat, args.cache == "cold")
         verify(d("hf"), d("hf2"), d("split"))
         budget = 2 * GB + 2 * info["largest_bytes"]
-        copy = results["copy (copyfile+fsync)"]
-        print(f"\nthroughput relative to copyfile+fsync (the tools fsync too), medians over rounds: wall | data "
-              f"phase | median of per-round wall ratios; RSS budget 2 GB + 2 x largest = {budget / GB:.2f} GB")
-        for name in ("copy (user space)", "hf->mcore", "mcore->hf", "merge", "split"):
-            r = results[name]
-            rounds = statistics.median(c / w for c, w in zip(copy["walls"], r["walls"]))
-            r["ratio_wall"], r["ratio_data"], r["ratio_rounds"] = copy["wall_s"] / r["wall_s"], copy["wall_s"] / r["data_s"], rounds
-            print(f"{name:18s} {r['ratio_wall']:.2f}x | {r['ratio_data']:.2f}x | {rounds:.2f}x   "
-                  f"peak RSS {r['peak_rss'] / GB:.2f} GB "
-                  f"({r['peak_rss'] / info['largest_bytes']:.1f}x largest), anonymous {r['peak_anon_rss'] / GB:.2f} GB "
-                  f"-> {'within' if r['peak_rss'] <= budget else 'OVER'} budget   {r['how']}")
+        print(f"\nmedians over {args.repeat} rounds; ratio = throughput relative to its paired copyfile+fsync run "
+              f"(the tools fsync too); RSS budget 2 GB + 2 x largest = {budget / GB:.2f} GB")
+        print(f"{'':18s} {'wall s':>7s} {'data s':>7s} {'copy s':>7s} {'wall':>6s} {'data':>6s}  peak RSS (anon)")
+        for name, r in results.items():
+            print(f"{name:18s} {r['wall_s']:7.1f} {r['data_s']:7.1f} {r['copy_s']:7.1f} {r['ratio_wall']:5.2f}x "
+                  f"{r['ratio_data']:5.2f}x  {r['peak_rss'] / GB:.2f} GB ({r['peak_anon_rss'] / GB:.2f}) = "
+                  f"{r['peak_rss'] / info['largest_bytes']:.1f}x largest, "
+                  f"{'within' if r['peak_rss'] <= budget else 'OVER'} budget  {r['how']}")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"checkpoint": info, "cache": args.cache, "results": results}, f, indent=1)

@@ -1,10 +1,24 @@
-"""The tensor names and shapes of a split-expert LLaDA2 HF checkpoint, from config.json alone.
+"""What an HF LLaDA2 directory holds besides weights' values: tensor names and shapes (from
+config.json alone) and megadiff's remote-code files with their `auto_map`.
 
-Kept free of the reference model (and so of transformers) so that tools which only move bytes
-start fast.
+Kept free of the reference model (and so of transformers, ~2 s of imports) so that tools which
+only move bytes start fast.
 """
 
+import importlib.util
 from typing import Dict, Tuple
+
+REMOTE_CODE_FILES = ("configuration_llada2_moe.py", "modeling_llada2_moe.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig",
+    "AutoModel": "modeling_llada2_moe.LLaDA2MoeModelLM",
+    "AutoModelForCausalLM": "modeling_llada2_moe.LLaDA2MoeModelLM",
+}
+
+
+def remote_code_dir() -> str:
+    """megadiff/hf, where the remote-code files live, found without importing that package."""
+    return importlib.util.find_spec("megadiff.hf").submodule_search_locations[0]
 
 
 def expected_hf_shapes(cfg: Dict) -> Dict[str, Tuple[int, ...]]:

@@ -14,9 +14,9 @@ from typing import Dict, Iterator, List, Optional, Sequence
 from megadiff.checkpoint.format import fsync_dir, remove_tree, staging_path
 
 from .hf_io import CheckpointError
+from .hf_layout import AUTO_MAP, REMOTE_CODE_FILES, remote_code_dir
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".distcp")
-REMOTE_CODE_FILES = ("configuration_llada2_moe.py", "modeling_llada2_moe.py")
 
 
 def check_output_dir(output: str, overwrite: bool, inputs: Sequence[str] = ()) -> str:
@@ -86,15 +86,13 @@ def ensure_remote_code(out_dir: str, config: Dict) -> List[str]:
     """Make the model classes of `config['auto_map']` loadable from `out_dir`: when a module they
     name is missing (or there is no auto_map), use megadiff's own LLaDA2 remote code for them (other
     entries, e.g. a tokenizer's, are kept). Returns the files copied."""
-    from megadiff.hf.reference import AUTO_MAP, HERE
-
     auto_map = config.get("auto_map") if isinstance(config.get("auto_map"), dict) else {}
     model_entries = [v for k, v in auto_map.items() if k == "AutoConfig" or k.startswith("AutoModel")]
     modules = {str(v).split("--")[-1].rsplit(".", 1)[0] for v in model_entries if isinstance(v, str)}
     if model_entries and all(os.path.isfile(os.path.join(out_dir, m + ".py")) for m in modules):
         return []
     for name in REMOTE_CODE_FILES:
-        shutil.copyfile(os.path.join(HERE, name), os.path.join(out_dir, name))
+        shutil.copyfile(os.path.join(remote_code_dir(), name), os.path.join(out_dir, name))
     config["auto_map"] = {k: v for k, v in auto_map.items() if not (k == "AutoConfig" or k.startswith("AutoModel"))}
     config["auto_map"].update(AUTO_MAP)
     return list(REMOTE_CODE_FILES)

@@ -8,6 +8,7 @@ box are read, so memory stays bounded by what is asked for. A box that is exactl
 without a second buffer; items with DCP stream transforms fall back to torch DCP's own reader.
 """
 
+import bisect
 import io
 import os
 import struct
@@ -85,6 +86,7 @@ class DistCheckpointReader:
         self._chunk_at = {  # key -> {chunk offsets: chunk sizes}
             k: {tuple(c.offsets): tuple(c.sizes) for c in v.chunks} for k, v in self._tensors.items()
         }
+        self._by_lead: Dict[str, tuple] = {}  # key -> chunks grouped by dim-0 offset
         self._storage = metadata.storage_data or {}
         self._data_at: Dict[MetadataIndex, Optional[Tuple[str, int]]] = {}
         # Items written as plain torch.save records (what megatron-core and torch write by default)
@@ -119,11 +121,28 @@ class DistCheckpointReader:
             raise CheckpointError(f"{self.ckpt_dir}: tensor '{key}' is not in the checkpoint")
         return self._tensors[key]
 
+    def _chunks_overlapping(self, key: str, offsets, sizes) -> list:
+        """The stored chunks that may overlap the box: those of the dim-0 groups whose range meets
+        the box's (a stack of 256 experts has 256 chunks; testing each one in Python for every
+        box made reading a checkpoint quadratic in the number of experts)."""
+        if key not in self._by_lead:
+            groups: Dict[int, list] = {}
+            for chunk in self._meta(key).chunks:
+                groups.setdefault(chunk.offsets[0] if len(chunk.offsets) else 0, []).append(chunk)
+            leads = sorted(groups)
+            ends = [max(c.offsets[0] + c.sizes[0] if len(c.offsets) else 1 for c in groups[lead]) for lead in leads]
+            self._by_lead[key] = (leads, ends, [groups[lead] for lead in leads])
+        leads, ends, groups = self._by_lead[key]
+        if not offsets:
+            return [c for g in groups for c in g]
+        last = bisect.bisect_left(leads, offsets[0] + sizes[0])
+        return [c for i in range(last) if ends[i] > offsets[0] for c in groups[i]]
+
     def _check_covered(self, key, offsets, sizes) -> None:
         """Stored chunks never overlap (DCP validates that on save), so the box is fully stored iff
         the volumes of its overlaps with them add up to its own volume."""
         covered = 0
-        for chunk in self._meta(key).chunks:
+        for chunk in self._chunks_overlapping(key, offsets, sizes):
             volume = 1
             for o, s, co, cs in zip(offsets, sizes, chunk.offsets, chunk.sizes):
                 volume *= max(0, min(o + s, co + cs) - max(o, co))
@@ -160,7 +179,7 @@ class DistCheckpointReader:
         if self._chunk_at[key].get(offsets) == sizes:
             return self._load_item(key, ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)))
         parts = []
-        for chunk in self._meta(key).chunks:
+        for chunk in self._chunks_overlapping(key, offsets, sizes):
             lo = [max(o, c) for o, c in zip(offsets, chunk.offsets)]
             hi = [min(o + s, c + n) for o, s, c, n in zip(offsets, sizes, chunk.offsets, chunk.sizes)]
             if all(h > low for h, low in zip(hi, lo)):
@@ -264,7 +283,7 @@ class DistCheckpointReader:
             return None
         row_bytes = shape[-1] * torch.empty((), dtype=self.dtype(key)).element_size()
         out = torch.empty(sizes[:-1], dtype=torch.int64)
-        for chunk in self._meta(key).chunks:
+        for chunk in self._chunks_overlapping(key, offsets, sizes):
             lo = [max(o, c) for o, c in zip(offsets, chunk.offsets)]
             hi = [min(o + s, c + n) for o, s, c, n in zip(offsets, sizes, chunk.offsets, chunk.sizes)]
             if not all(h > low for h, low in zip(hi, lo)):

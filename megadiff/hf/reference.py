@@ -8,18 +8,12 @@ from typing import Dict, Optional
 import torch
 
 from checkpoint_converters.hf_io import HFCheckpointReader, check_tensors_match, read_hf_config
-from checkpoint_converters.hf_layout import expected_hf_shapes  # noqa: F401 (part of this module's API)
+from checkpoint_converters.hf_layout import AUTO_MAP, REMOTE_CODE_FILES, expected_hf_shapes  # noqa: F401 (API)
 
 from .configuration_llada2_moe import LLaDA2MoeConfig
 from .modeling_llada2_moe import LLaDA2MoeModelLM
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REMOTE_CODE_FILES = ("configuration_llada2_moe.py", "modeling_llada2_moe.py")
-AUTO_MAP = {
-    "AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig",
-    "AutoModel": "modeling_llada2_moe.LLaDA2MoeModelLM",
-    "AutoModelForCausalLM": "modeling_llada2_moe.LLaDA2MoeModelLM",
-}
 
 
 def register_with_transformers() -> None:
