@@ -33,6 +33,7 @@ the end unless --keep.
 import argparse
 import json
 import os
+import random
 import re
 import shutil
 import statistics
@@ -130,14 +131,16 @@ def measure_pairs(copy_cmd, copy_out: str, runs: dict, outputs: dict, repeat: in
     """`repeat` rounds; in each, every command runs right after its own baseline run (copyfile +
     fsync of the same bytes), both from the same state: inputs prepared beforehand (never the
     previous command's output), the previous output deleted, dirty pages written and (cold) the
-    page cache dropped; the order of the commands rotates from round to round. Ratios are taken
-    within each pair, then the median over rounds. The last round's outputs are kept for `verify`."""
+    page cache dropped; the order of the commands is shuffled every round. Ratios are taken within
+    each pair, then the median over rounds; also against the median of all copy runs ("pooled").
+    The last round's outputs are kept for `verify`."""
     tool_runs = {name: [] for name in runs}
     copy_runs = {name: [] for name in runs}
-    names = list(runs)
     for round_ in range(repeat):
-        # rotate the order each round: what ran just before changes the copy's time (0.9-7.7 s)
-        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+        # a new order each round: what ran just before changes the copy's time (1.8-5.6 s here)
+        names = list(runs)
+        random.Random(round_).shuffle(names)
+        for name in names:
             cmd = runs[name]
             for runs_of, command, out in ((copy_runs, copy_cmd, copy_out), (tool_runs, cmd, outputs[name])):
                 os.sync()
@@ -150,6 +153,7 @@ def measure_pairs(copy_cmd, copy_out: str, runs: dict, outputs: dict, repeat: in
             print(f"round {round_ + 1}: {name:18s} wall {r['wall_s']:5.1f} s, data phase {r['data_s']:5.1f} s; "
                   f"its copy {c['wall_s']:4.1f} s{'; ' + r['how'] if r['how'] else ''}", flush=True)
     results = {}
+    pooled = statistics.median(c["wall_s"] for cs in copy_runs.values() for c in cs)
     for name, rs in tool_runs.items():
         cs = copy_runs[name]
         median = lambda k: statistics.median(r[k] for r in rs)  # noqa: E731
@@ -159,6 +163,8 @@ def measure_pairs(copy_cmd, copy_out: str, runs: dict, outputs: dict, repeat: in
             "copy_s": statistics.median(c["wall_s"] for c in cs),
             "ratio_wall": statistics.median(c["wall_s"] / r["wall_s"] for c, r in zip(cs, rs)),
             "ratio_data": statistics.median(c["wall_s"] / r["data_s"] for c, r in zip(cs, rs)),
+            "pooled_copy_s": pooled, "pooled_ratio_wall": pooled / statistics.median(r["wall_s"] for r in rs),
+            "pooled_ratio_data": pooled / statistics.median(r["data_s"] for r in rs),
             "peak_rss": max(r["peak_rss"] for r in rs), "peak_anon_rss": max(r["peak_anon_rss"] for r in rs),
         }
     return results
@@ -229,10 +235,12 @@ def main(argv=None):
         budget = 2 * GB + 2 * info["largest_bytes"]
         print(f"\nmedians over {args.repeat} rounds; ratio = throughput relative to its paired copyfile+fsync run "
               f"(the tools fsync too); RSS budget 2 GB + 2 x largest = {budget / GB:.2f} GB")
-        print(f"{'':18s} {'wall s':>7s} {'data s':>7s} {'copy s':>7s} {'wall':>6s} {'data':>6s}  peak RSS (anon)")
+        pooled = next(iter(results.values()))["pooled_copy_s"]
+        print(f"pooled: against the median of all {args.repeat * len(results)} copy runs ({pooled:.1f} s)")
+        print(f"{'':18s} {'wall s':>7s} {'data s':>7s} {'copy s':>7s} {'wall':>6s} {'data':>6s} {'pooled':>13s}  peak RSS (anon)")
         for name, r in results.items():
             print(f"{name:18s} {r['wall_s']:7.1f} {r['data_s']:7.1f} {r['copy_s']:7.1f} {r['ratio_wall']:5.2f}x "
-                  f"{r['ratio_data']:5.2f}x  {r['peak_rss'] / GB:.2f} GB ({r['peak_anon_rss'] / GB:.2f}) = "
+                  f"{r['ratio_data']:5.2f}x {r['pooled_ratio_wall']:5.2f}x/{r['pooled_ratio_data']:5.2f}x  {r['peak_rss'] / GB:.2f} GB ({r['peak_anon_rss'] / GB:.2f}) = "
                   f"{r['peak_rss'] / info['largest_bytes']:.1f}x largest, "
                   f"{'within' if r['peak_rss'] <= budget else 'OVER'} budget  {r['how']}")
         if args.json:

@@ -83,8 +83,9 @@ def inspect_hf_input(hf_dir: str, log: Callable[[str], None] = print) -> HFInput
 
 
 def _materializer(source: HFInput, chunks, params_dtype: torch.dtype):
-    """path in the sharded state dict -> this rank's value of that tensor: `RowAddresses` where its
-    rows can be copied as they are in the HF files, else the tensor, read and transformed."""
+    """(materialize, peek): path in the sharded state dict -> this rank's value of that tensor,
+    `RowAddresses` where its rows can be copied as they are in the HF files, else the tensor, read
+    and transformed; and -> those `RowAddresses` or None, reading nothing (for read-ahead)."""
     from megatron.core import parallel_state as ps
 
     from megadiff.checkpoint.dist import model_state_keys, unwrap_model
@@ -119,18 +120,26 @@ def _materializer(source: HFInput, chunks, params_dtype: torch.dtype):
         True: (ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()),
     }
 
-    def materialize(path: str) -> torch.Tensor:
+    def locate(path: str):
         state_key, local_name = path.split(".", 1)
         name = global_name(modules[state_key], local_name, ep_rank, source.model.num_experts // ep)
         rule, index = rule_for(name)
-        rank, size = ranks[rule.expert]
-        rows = as_rows(rule, hf_names(rule, index), rank, size)
+        return rule, hf_names(rule, index), ranks[rule.expert]
+
+    def peek(path: str) -> "RowAddresses | None":
+        """The rows of the entry at `path` when they can be copied as they are; reads nothing."""
+        rule, names, (rank, size) = locate(path)
+        return as_rows(rule, names, rank, size)
+
+    def materialize(path: str) -> "torch.Tensor | RowAddresses":
+        rule, names, (rank, size) = locate(path)
+        rows = as_rows(rule, names, rank, size)
         if rows is not None:
             return rows
-        full = full_mcore_from_hf(rule, [get_hf(n) for n in hf_names(rule, index)], source.model)
+        full = full_mcore_from_hf(rule, [get_hf(n) for n in names], source.model)
         return shard(rule, full, rank, size)
 
-    return materialize
+    return materialize, peek
 
 
 def convert_hf_to_mcore(
@@ -201,8 +210,8 @@ def convert_hf_to_mcore(
     started = time.perf_counter()
     copier = SpanCopier()
     try:
-        final = save_checkpoint_lazily(staging_root, 0, sharded, meta, _materializer(source, chunks, params_dtype),
-                                       on_tensor, copier)
+        materialize, peek = _materializer(source, chunks, params_dtype)
+        final = save_checkpoint_lazily(staging_root, 0, sharded, meta, materialize, on_tensor, copier, peek)
         if rank == 0:
             publish(staging_root, output)
     except BaseException:

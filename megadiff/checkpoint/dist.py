@@ -100,17 +100,18 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: Dict, meta: D
 def save_checkpoint_lazily(
     root: str, iteration: int, sharded_state_dict: Dict, meta: Dict,
     materialize: Callable[[str], torch.Tensor], on_tensor: Optional[Callable[[int, int], None]] = None,
-    copier=None,
+    copier=None, peek: Optional[Callable[[str], object]] = None,
 ) -> str:
     """`save_checkpoint` for a sharded state dict whose tensors are placeholders (e.g. a model
     built on the meta device): `materialize(path)` returns the real value of the entry at `path`
     (e.g. 'model.decoder.layers.0.mlp.linear_fc1.weight') when it is written, so memory holds
-    about one tensor at a time (or `RowAddresses`: rows copied file to file, counted by `copier`).
+    about one tensor at a time (or `RowAddresses`: rows copied file to file, counted by `copier`;
+    `peek(path)` gives those without reading anything, so the disk can read ahead).
     Same files as megatron-core writes, loadable at any layout."""
     from .lazy import write_lazily
 
     return _save_iteration(
-        root, iteration, meta, lambda d: write_lazily(sharded_state_dict, d, materialize, on_tensor, copier)
+        root, iteration, meta, lambda d: write_lazily(sharded_state_dict, d, materialize, on_tensor, copier, peek)
     )
 
 

@@ -39,9 +39,9 @@ class _LazyShards(torch.Tensor):
     def __new__(cls, key, global_shape, dtype, shards):
         return torch.Tensor._make_wrapper_subclass(cls, torch.Size(global_shape), dtype=dtype, device="cpu")
 
-    def __init__(self, key, global_shape, dtype, shards: List[Tuple[tuple, tuple, Callable]]):
+    def __init__(self, key, global_shape, dtype, shards: List[Tuple[tuple, tuple, Callable, Callable]]):
         self._key = key
-        self._shards = shards  # (global offsets, sizes, compute)
+        self._shards = shards  # (global offsets, sizes, compute, peek)
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
@@ -62,14 +62,22 @@ class _LazyShards(torch.Tensor):
                     size=self.shape,
                 ),
             )
-            for i, (offsets, sizes, _) in enumerate(self._shards)
+            for i, (offsets, sizes, _, _) in enumerate(self._shards)
         ]
 
     def __create_chunk_list__(self):
-        return [ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(s)) for o, s, _ in self._shards]
+        return [ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(s)) for o, s, _, _ in self._shards]
+
+    def peek_spans(self, index) -> Optional[Spans]:
+        """Where the shard's bytes already are, if it will be copied from there; reads nothing."""
+        for offsets, _, _, peek in self._shards:
+            if torch.Size(offsets) == index.offset:
+                rows = peek()
+                return rows.spans() if rows is not None else None
+        return None
 
     def __get_tensor_shard__(self, index):
-        for offsets, sizes, compute in self._shards:  # index.index is a global hint: match offsets
+        for offsets, sizes, compute, _ in self._shards:  # index.index is a global hint: match offsets
             if torch.Size(offsets) == index.offset:
                 tensor = compute()
                 if tuple(tensor.shape) != tuple(sizes) or tensor.dtype != self.dtype:
@@ -106,9 +114,11 @@ class _StreamingWriter(FileSystemWriter):
         total = sum(_item_nbytes(i) for i in plan.items if i.type != WriteItemType.BYTE_IO)
         crc = torch.serialization.get_crc32_options()
         torch.serialization.set_crc32_options(False)
+        read_ahead = self._read_ahead(plan.items, planner)
         try:
             with self.fs.create_stream(path, "wb") as stream:
                 for item in plan.items:
+                    next(read_ahead)
                     data = planner.resolve_data(item)
                     if isinstance(data, RowAddresses):
                         results.append(self._write_spans(stream, data.spans(), item, storage_key))
@@ -130,6 +140,26 @@ class _StreamingWriter(FileSystemWriter):
         future: Future = Future()
         future.set_result(results)
         return future
+
+    def _read_ahead(self, items, planner, window_bytes: int = 256 * 2**20):
+        """Before each item is written (one `next` per item), ask the kernel to read the source
+        ranges of the items up to `window_bytes` ahead: the HF files are read from disk while the
+        current item is copied, not item by item on demand (2.4 s vs 3.5-5.6 s for 3 GB here)."""
+        state = getattr(planner, "state_dict", {})
+        ahead, pending = 0, 0  # next item to look at; bytes looked at but not yet written
+        for i, item in enumerate(items):
+            while ahead < len(items) and (ahead <= i or pending < window_bytes):
+                upcoming = items[ahead]
+                entry = state.get(upcoming.index.fqn)
+                if upcoming.type != WriteItemType.BYTE_IO and isinstance(entry, _LazyShards):
+                    spans = entry.peek_spans(upcoming.index)
+                    if spans is not None:
+                        self.copier.read_ahead(spans.spans)
+                    pending += _item_nbytes(upcoming)
+                ahead += 1
+            yield
+            if item.type != WriteItemType.BYTE_IO:
+                pending -= _item_nbytes(item)
 
     def _write_spans(self, stream, spans: Spans, item: WriteItem, storage_key: str) -> WriteResult:
         """One torch.save record whose tensor bytes are copied from `spans` (see the module doc)."""
@@ -190,17 +220,25 @@ def _owner(path: str, owners: Dict[str, torch.Tensor]) -> str:
     raise KeyError(f"{path}: no state-dict entry owns this sharded tensor")
 
 
+def _row_piece(rows: RowAddresses, base: torch.Tensor, view: torch.Tensor) -> Optional[RowAddresses]:
+    """The rows of `rows` (the value of `base`) that `view` covers, when it is a block of whole rows."""
+    if view is base:
+        return rows
+    if base.dim() != 2 or view.dim() != 2 or view.shape[1:] != base.shape[1:] or not view.is_contiguous():
+        return None
+    start, rem = divmod(view.storage_offset() - base.storage_offset(), base.shape[1])
+    return rows.rows(start, view.shape[0]) if rem == 0 else None
+
+
 def _piece(real, base: torch.Tensor, view: torch.Tensor):
     """The part of `real` (the value of `base`) that `view` (a view of `base`) covers. For
     `RowAddresses`, a block of whole rows stays addresses; anything else is read first."""
     if view is base:
         return real
     if isinstance(real, RowAddresses):
-        row = base[0].numel() if base.dim() == 2 else 0
-        start, rem = divmod(view.storage_offset() - base.storage_offset(), row) if row else (0, 1)
-        if (base.dim() == 2 and rem == 0 and view.dim() == 2 and view.shape[1:] == base.shape[1:]
-                and view.is_contiguous()):
-            return real.rows(start, view.shape[0])
+        rows = _row_piece(real, base, view)
+        if rows is not None:
+            return rows
         real = real.spans().read()
     return real.as_strided(view.size(), view.stride(), view.storage_offset() - base.storage_offset())
 
@@ -208,11 +246,13 @@ def _piece(real, base: torch.Tensor, view: torch.Tensor):
 def write_lazily(
     sharded_state_dict: Dict, checkpoint_dir: str, materialize: Callable[[str], torch.Tensor],
     on_tensor: Optional[Callable[[int, int], None]] = None, copier: Optional[SpanCopier] = None,
+    peek: Optional[Callable[[str], Optional[RowAddresses]]] = None,
 ) -> None:
     """Collective. Save `sharded_state_dict` (placeholders; consumed) into `checkpoint_dir` the way
     dist_checkpointing.save would, calling `materialize(path)` for each entry's real value (a
     tensor or `RowAddresses`). `on_tensor(bytes_written, total_bytes_of_this_rank)` is called after
-    each tensor (progress); `copier` counts the bytes copied file to file."""
+    each tensor (progress); `copier` counts the bytes copied file to file; `peek(path)` returns an
+    entry's `RowAddresses` (or None) without reading anything, for read-ahead."""
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
@@ -267,7 +307,14 @@ def write_lazily(
             def compute(owner=owner, base=base, view=view, sizes=sizes):
                 return _piece(value_of(owner), base, view).reshape(sizes)
 
-            shards.append((tuple(sh.global_offset), sizes, compute))
+            def peek_rows(owner=owner, base=base, view=view, sizes=sizes):
+                rows = peek(owner) if peek is not None else None
+                if rows is None or rows.dtype != base.dtype:
+                    return None
+                rows = _row_piece(rows, base, view)
+                return rows.reshape(sizes) if rows is not None else None
+
+            shards.append((tuple(sh.global_offset), sizes, compute, peek_rows))
         to_save[key] = _LazyShards(key, items[0].global_shape, items[0].dtype, shards)
 
     try:
