@@ -179,3 +179,23 @@ def test_merge_without_kernel_copies_writes_identical_files(tiny_hf, tiny_hf_mer
     assert shards and shards == sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
     for name in shards + ["model.safetensors.index.json"]:
         assert filecmp.cmp(os.path.join(tiny_hf_merged, name), os.path.join(out, name), shallow=False), name
+
+
+def test_read_ahead_yields_everything_in_order_and_asks_for_ranges_ahead(tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(bytes(4000))
+    items = [(f"t{i}", Spans((100,), torch.uint8, (Span(str(src), 100 * i, 100),))) for i in range(10)]
+    items.insert(3, ("tensor", torch.zeros(50, dtype=torch.uint8)))
+    asked = []
+
+    class Recorder(SpanCopier):
+        def read_ahead(self, spans):
+            asked.extend(s.offset for s in spans)
+
+    out = []
+    for name, value in byte_spans.with_read_ahead(items, Recorder(), window_bytes=250):
+        out.append(name)
+        if name == "t0":  # by the time t0 is copied, the ranges up to ~250 bytes ahead were asked for
+            assert asked == [0, 100, 200]
+    assert out == [name for name, _ in items]
+    assert asked == [100 * i for i in range(10)]
