@@ -52,15 +52,23 @@ class Spans:
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
         done = 0
         for span in self.spans:
-            with open(span.path, "rb", buffering=0) as f:
-                f.seek(span.offset)
-                end = done + span.nbytes
-                while done < end:
-                    n = f.readinto(view[done:end])
-                    if not n:
-                        raise ValueError(f"{span.path}: ends before byte {span.offset + span.nbytes}")
-                    done += n
+            if read_range_into(span.path, span.offset, view[done:done + span.nbytes]) < span.nbytes:
+                raise ValueError(f"{span.path}: ends before byte {span.offset + span.nbytes}")
+            done += span.nbytes
         return out
+
+
+def read_range_into(path: str, offset: int, view: memoryview) -> int:
+    """Read file bytes from `offset` into `view`; returns how many (fewer only at end of file)."""
+    done = 0
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        while done < len(view):
+            n = f.readinto(view[done:])
+            if not n:
+                break
+            done += n
+    return done
 
 
 class FileTable:

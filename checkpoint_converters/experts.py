@@ -69,6 +69,16 @@ def expected_shapes(hf_config: Dict, fmt: str) -> "OrderedDict[str, Tuple[int, .
     return out
 
 
+def stored_location(name: str, fmt: Optional[str]) -> Tuple[str, Optional[int]]:
+    """Where split-format tensor `name` is stored in a checkpoint of format `fmt`: (stored tensor
+    name, index along its dim 0, or None for the whole tensor)."""
+    parsed = parse_split_name(name) if fmt == MERGED else None
+    if parsed is None:
+        return name, None
+    layer, expert, proj = parsed
+    return merged_name(layer, proj), expert
+
+
 def split_tensor_getter(reader: HFCheckpointReader, fmt: Optional[str]) -> Callable[[str], torch.Tensor]:
     """get(split-format name) -> tensor, whichever format `reader` holds; a merged expert tensor is
     sliced so only that expert's bytes are read."""
@@ -76,10 +86,7 @@ def split_tensor_getter(reader: HFCheckpointReader, fmt: Optional[str]) -> Calla
         return reader.get
 
     def get(name: str) -> torch.Tensor:
-        parsed = parse_split_name(name)
-        if parsed is None:
-            return reader.get(name)
-        layer, expert, proj = parsed
-        return reader.get_index(merged_name(layer, proj), expert)
+        stored, index = stored_location(name, fmt)
+        return reader.get(stored) if index is None else reader.get_index(stored, index)
 
     return get

@@ -10,13 +10,14 @@ reading them (for converters that copy bytes file to file: byte_spans).
 """
 
 import json
+import math
 import os
 import struct
 from typing import Dict, Optional, Tuple
 
 import torch
 
-from .byte_spans import FileTable, Span, Spans
+from .byte_spans import FileTable, Span, Spans, read_range_into
 from .hf_io import SAFETENSORS_DTYPE_BYTES, CheckpointError, HFCheckpointReader
 
 _TORCH_DTYPES = {
@@ -41,8 +42,9 @@ class DirectHFReader(HFCheckpointReader):
             self._headers[shard] = (8 + length, header)
         return self._headers[shard]
 
-    def _location(self, name: str) -> Tuple[str, int, str, list, int]:
-        """(file path, absolute offset of the data, dtype code, shape, bytes per index of dim 0)."""
+    def _location(self, name: str, index: Optional[int] = None) -> Tuple[str, int, str, list]:
+        """(file path, absolute offset of the data, dtype code, shape) of tensor `name`, or of its
+        `index` along dim 0."""
         if name not in self._file_of:
             raise CheckpointError(f"{self.hf_dir}: tensor '{name}' not found in the checkpoint")
         shard = self._file_of[name]
@@ -52,67 +54,44 @@ class DirectHFReader(HFCheckpointReader):
         code, shape = entry["dtype"], list(entry["shape"])
         if code not in _TORCH_DTYPES:
             raise CheckpointError(f"{path}: tensor '{name}' has unsupported dtype {code}")
-        row_bytes = SAFETENSORS_DTYPE_BYTES[code]
-        for s in shape[1:]:
-            row_bytes *= s
-        return path, start + entry["data_offsets"][0], code, shape, row_bytes
-
-    def spans(self, name: str, index=None) -> Spans:
-        """Where tensor `name` (or its `index` along dim 0) lies in its file."""
-        path, begin, code, shape, row_bytes = self._location(name)
-        if index is None:
-            return Spans(tuple(shape), _TORCH_DTYPES[code], (Span(path, begin, row_bytes * (shape[0] if shape else 1)),))
-        if not 0 <= index < shape[0]:
-            raise CheckpointError(f"{path}: tensor '{name}' has no index {index} (dim 0 is {shape[0]})")
-        return Spans(tuple(shape[1:]), _TORCH_DTYPES[code], (Span(path, begin + index * row_bytes, row_bytes),))
-
-    def row_addresses(self, files: FileTable, name: str, index=None) -> Optional[Tuple[torch.Tensor, int, torch.dtype]]:
-        """([rows, 1] byte addresses of the rows of `name` (or of its `index` along dim 0), bytes
-        per row, dtype): the input of byte_spans' transforms-on-addresses. None for a vector."""
-        path, begin, code, shape, row_bytes = self._location(name)
+        begin = start + entry["data_offsets"][0]
         if index is not None:
             if not 0 <= index < shape[0]:
                 raise CheckpointError(f"{path}: tensor '{name}' has no index {index} (dim 0 is {shape[0]})")
-            begin, shape = begin + index * row_bytes, shape[1:]
+            shape = shape[1:]
+            begin += index * _nbytes(code, shape)
+        return path, begin, code, shape
+
+    def spans(self, name: str, index: Optional[int] = None) -> Spans:
+        """Where tensor `name` (or its `index` along dim 0) lies in its file."""
+        path, begin, code, shape = self._location(name, index)
+        return Spans(tuple(shape), _TORCH_DTYPES[code], (Span(path, begin, _nbytes(code, shape)),))
+
+    def row_addresses(self, files: FileTable, name: str, index: Optional[int] = None
+                      ) -> Optional[Tuple[torch.Tensor, int, torch.dtype]]:
+        """([rows, 1] byte addresses of the rows of `name` (or of its `index` along dim 0), bytes
+        per row, dtype): the input of byte_spans' transforms-on-addresses. None for a vector."""
+        path, begin, code, shape = self._location(name, index)
         if len(shape) < 2:
             return None
-        row = SAFETENSORS_DTYPE_BYTES[code] * shape[-1]
-        rows = 1
-        for s in shape[:-1]:
-            rows *= s
-        return files.row_addresses(path, begin, rows, row), row, _TORCH_DTYPES[code]
+        row = _nbytes(code, shape[-1:])
+        return files.row_addresses(path, begin, math.prod(shape[:-1]), row), row, _TORCH_DTYPES[code]
 
-    def _read(self, name: str, skip_rows: int = 0, rows=None, out=None) -> torch.Tensor:
-        path, begin, code, shape, row_bytes = self._location(name)
-        if rows is not None:  # one index along dim 0
-            if not 0 <= skip_rows < shape[0]:
-                raise CheckpointError(f"{path}: tensor '{name}' has no index {skip_rows} (dim 0 is {shape[0]})")
-            shape = shape[1:]
-        if out is None:
-            tensor = torch.empty(shape, dtype=_TORCH_DTYPES[code])
-        elif tuple(out.shape) != tuple(shape) or out.dtype != _TORCH_DTYPES[code] or not out.is_contiguous():
-            raise ValueError(f"{name}: cannot read {code} {shape} into {out.dtype} {list(out.shape)}")
-        else:
-            tensor = out
-        nbytes = tensor.numel() * tensor.element_size()
-        if nbytes:
+    def _read(self, name: str, index: Optional[int] = None) -> torch.Tensor:
+        path, begin, code, shape = self._location(name, index)
+        tensor = torch.empty(shape, dtype=_TORCH_DTYPES[code])
+        if tensor.numel():
             view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-            with open(path, "rb", buffering=0) as f:
-                f.seek(begin + skip_rows * row_bytes)
-                done = 0
-                while done < nbytes:
-                    n = f.readinto(view[done:])
-                    if not n:
-                        raise CheckpointError(f"{path}: tensor '{name}' could not be read (file ends early)")
-                    done += n
+            if read_range_into(path, begin, view) < len(view):
+                raise CheckpointError(f"{path}: tensor '{name}' could not be read (file ends early)")
         return tensor
 
     def get(self, name: str) -> torch.Tensor:
         return self._read(name)
 
     def get_index(self, name: str, index: int) -> torch.Tensor:
-        return self._read(name, skip_rows=index, rows=1)
+        return self._read(name, index)
 
-    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
-        """Read tensor `name` into `out` (contiguous, same shape and dtype), e.g. a row of a stack."""
-        return self._read(name, out=out)
+
+def _nbytes(code: str, shape) -> int:
+    return SAFETENSORS_DTYPE_BYTES[code] * math.prod(shape)

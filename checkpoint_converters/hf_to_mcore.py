@@ -29,7 +29,7 @@ from megadiff.checkpoint.format import DTYPES, dtype_name, new_nonce, remove_tre
 from megadiff.models.llada2.config import ConfigError, LLaDA2ModelConfig, ParallelLayout
 
 from .byte_spans import FileTable, RowAddresses, SpanCopier
-from .experts import MERGED, SPLIT, detect_expert_format, expected_shapes, merged_name, parse_split_name, split_tensor_getter
+from .experts import SPLIT, detect_expert_format, expected_shapes, split_tensor_getter, stored_location
 from .hf_direct import DirectHFReader
 from .hf_io import CheckpointError, check_tensors_match, read_hf_config
 from .output_dir import check_output_dir, publish
@@ -96,11 +96,7 @@ def _materializer(source: HFInput, chunks, params_dtype: torch.dtype):
     files = FileTable()
 
     def hf_rows(name: str):
-        parsed = parse_split_name(name) if source.expert_format == MERGED else None
-        if parsed is None:
-            return source.reader.row_addresses(files, name)
-        layer, expert, proj = parsed
-        return source.reader.row_addresses(files, merged_name(layer, proj), index=expert)
+        return source.reader.row_addresses(files, *stored_location(name, source.expert_format))
 
     def as_rows(rule, names, rank, size) -> "RowAddresses | None":
         if rule.split == COLS and size > 1:
@@ -111,7 +107,7 @@ def _materializer(source: HFInput, chunks, params_dtype: torch.dtype):
         if any(p[1] != parts[0][1] or p[2] != params_dtype for p in parts):
             return None  # mixed row widths or a dtype change: compute on the data
         addresses = shard(rule, full_mcore_from_hf(rule, [p[0] for p in parts], source.model), rank, size)
-        columns = parts[0][1] // addresses.new_empty((), dtype=params_dtype).element_size()
+        columns = parts[0][1] // torch.empty((), dtype=params_dtype).element_size()
         return RowAddresses(addresses.reshape(-1), parts[0][1], (addresses.shape[0], columns), params_dtype, files)
     modules = dict(zip(model_state_keys(len(chunks)), (unwrap_model(c) for c in chunks)))
     ep_rank, ep = ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size()

@@ -25,7 +25,7 @@ from megadiff.checkpoint.format import DTYPES, read_meta, resolve_checkpoint_dir
 from megadiff.checkpoint.reader import DistCheckpointReader
 from megadiff.models.llada2.config import LLaDA2ModelConfig
 
-from .byte_spans import FileTable, Spans, with_read_ahead
+from .byte_spans import FileTable, Spans
 from .dist_keys import Unit, stored_shape, units_for
 from .experts import MERGED, PROJS, SPLIT, merged_name
 from .hf_io import CheckpointError
@@ -232,7 +232,7 @@ def convert_mcore_to_hf(
     an iteration dir. Tokenizer, generation config and remote code come from `hf_template` (default:
     the checkpoint's recorded hf_source_dir; else megadiff's own remote code). Returns OUTPUT."""
     from .output_dir import check_output_dir, copy_non_weight_files, ensure_remote_code, staged_output, write_json
-    from .safetensors_stream import ShardedSafetensorsWriter, parse_size
+    from .safetensors_stream import parse_size, write_sharded_safetensors
 
     src = inspect_mcore_input(mcore_dir, iteration)
     max_shard_size = parse_size(max_shard_size)
@@ -259,17 +259,8 @@ def convert_mcore_to_hf(
     started = time.perf_counter()
     try:
         with staged_output(output) as staging:
-            writer = ShardedSafetensorsWriter(staging, entries, max_shard_size)
-            try:
-                values = iter_hf_tensors(src, items, budget_bytes, allow_spans=True)
-                for name, tensor in with_read_ahead(values, writer.copier):
-                    writer.write(name, tensor)
-                    if bar is not None:
-                        bar.update(tensor.nbytes)
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
+            values = iter_hf_tensors(src, items, budget_bytes, allow_spans=True)
+            writer = write_sharded_safetensors(staging, entries, max_shard_size, values, bar.update if bar else None)
             copied = copy_non_weight_files(template, staging, skip=("config.json",)) if template else []
             config = _output_config(src, weights_dtype)
             copied += ensure_remote_code(staging, config)

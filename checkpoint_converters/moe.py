@@ -16,7 +16,7 @@ import torch
 
 from megadiff.models.llada2.config import LLaDA2ModelConfig
 
-from .byte_spans import Spans, concat_spans, with_read_ahead
+from .byte_spans import Spans, concat_spans
 from .experts import (
     MERGED, PROJS, SPLIT, detect_expert_format, expected_shapes, merged_name, parse_merged_name,
     parse_split_name, split_name,
@@ -25,7 +25,7 @@ from .hf_direct import DirectHFReader
 from .hf_io import SAFETENSORS_DTYPES, CheckpointError, HFCheckpointReader, check_tensors_match, read_hf_config
 from .report import data_phase_line
 from .output_dir import check_output_dir, copy_non_weight_files, staged_output
-from .safetensors_stream import ShardedSafetensorsWriter, parse_size
+from .safetensors_stream import parse_size, write_sharded_safetensors
 
 MODES = {"merge": (SPLIT, MERGED), "split": (MERGED, SPLIT)}
 
@@ -95,15 +95,7 @@ def convert_expert_layout(
     started = time.perf_counter()
     try:
         with staged_output(output_path) as staging:
-            writer = ShardedSafetensorsWriter(staging, entries, max_shard_size)
-            try:
-                for name, tensor in with_read_ahead(tensors(), writer.copier):
-                    writer.write(name, tensor)
-                    if bar is not None:
-                        bar.update(tensor.nbytes)
-                writer.close()
-            finally:
-                writer.abort()
+            writer = write_sharded_safetensors(staging, entries, max_shard_size, tensors(), bar.update if bar else None)
             copied = copy_non_weight_files(input_path, staging)
     finally:
         if bar is not None:

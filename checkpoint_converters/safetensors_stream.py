@@ -11,11 +11,11 @@ import json
 import os
 import re
 import struct
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .byte_spans import SpanCopier, Spans
+from .byte_spans import SpanCopier, Spans, with_read_ahead
 
 INDEX_NAME = "model.safetensors.index.json"
 DTYPE_CODES = {
@@ -152,6 +152,24 @@ class ShardedSafetensorsWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def write_sharded_safetensors(out_dir: str, entries: Sequence[Entry], max_shard_size, values,
+                              on_value: Optional[Callable[[int], None]] = None) -> ShardedSafetensorsWriter:
+    """Write `values` ((name, tensor or Spans) pairs in the order of `entries`) as shards + index,
+    the byte ranges of coming `Spans` requested from the disk ahead of their copy. `on_value(nbytes)`
+    after each (progress). Returns the closed writer (total_size, copier statistics)."""
+    writer = ShardedSafetensorsWriter(out_dir, entries, max_shard_size)
+    try:
+        for name, value in with_read_ahead(values, writer.copier):
+            writer.write(name, value)
+            if on_value is not None:
+                on_value(value.nbytes)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return writer
 
 
 def _write_all(f, data: memoryview) -> None:

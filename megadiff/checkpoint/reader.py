@@ -10,6 +10,7 @@ without a second buffer; items with DCP stream transforms fall back to torch DCP
 
 import bisect
 import io
+import math
 import os
 import struct
 import warnings
@@ -178,22 +179,27 @@ class DistCheckpointReader:
         returned as loaded (no second buffer, no copy), the general case is assembled."""
         if self._chunk_at[key].get(offsets) == sizes:
             return self._load_item(key, ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)))
+        parts = self._overlaps(key, offsets, sizes)
+        if len(parts) == 1 and tuple(parts[0][0].offsets) == offsets and tuple(parts[0][0].sizes) == sizes:
+            return self._load_item(key, parts[0][0])
+        out = torch.empty(sizes, dtype=self.dtype(key))
+        for chunk, src, dst in parts:
+            stored = self._load_item(key, chunk)
+            out[dst].copy_(stored[src])
+            del stored
+        return out
+
+    def _overlaps(self, key: str, offsets, sizes) -> List[Tuple[ChunkStorageMetadata, tuple, tuple]]:
+        """(stored chunk, its slices, the box's slices) for every chunk overlapping the box."""
         parts = []
         for chunk in self._chunks_overlapping(key, offsets, sizes):
             lo = [max(o, c) for o, c in zip(offsets, chunk.offsets)]
             hi = [min(o + s, c + n) for o, s, c, n in zip(offsets, sizes, chunk.offsets, chunk.sizes)]
             if all(h > low for h, low in zip(hi, lo)):
-                parts.append((chunk, lo, hi))
-        if len(parts) == 1 and tuple(parts[0][0].offsets) == offsets and tuple(parts[0][0].sizes) == sizes:
-            return self._load_item(key, parts[0][0])
-        out = torch.empty(sizes, dtype=self.dtype(key))
-        for chunk, lo, hi in parts:
-            stored = self._load_item(key, chunk)
-            src = tuple(slice(low - c, h - c) for low, h, c in zip(lo, hi, chunk.offsets))
-            dst = tuple(slice(low - o, h - o) for low, h, o in zip(lo, hi, offsets))
-            out[dst].copy_(stored[src])
-            del stored
-        return out
+                src = tuple(slice(low - c, h - c) for low, h, c in zip(lo, hi, chunk.offsets))
+                dst = tuple(slice(low - o, h - o) for low, h, o in zip(lo, hi, offsets))
+                parts.append((chunk, src, dst))
+        return parts
 
     def _load_item(self, key: str, chunk) -> torch.Tensor:
         info = self._storage.get(MetadataIndex(key, torch.Size(chunk.offsets)))
@@ -283,21 +289,13 @@ class DistCheckpointReader:
             return None
         row_bytes = shape[-1] * torch.empty((), dtype=self.dtype(key)).element_size()
         out = torch.empty(sizes[:-1], dtype=torch.int64)
-        for chunk in self._chunks_overlapping(key, offsets, sizes):
-            lo = [max(o, c) for o, c in zip(offsets, chunk.offsets)]
-            hi = [min(o + s, c + n) for o, s, c, n in zip(offsets, sizes, chunk.offsets, chunk.sizes)]
-            if not all(h > low for h, low in zip(hi, lo)):
-                continue
+        for chunk, src, dst in self._overlaps(key, offsets, sizes):
             location = self.data_location(key, chunk.offsets)
             if location is None or chunk.sizes[-1] != shape[-1]:
                 return None
-            rows = 1
-            for s in chunk.sizes[:-1]:
-                rows *= s
+            rows = math.prod(chunk.sizes[:-1])
             stored = files.row_addresses(location[0], location[1], rows, row_bytes).reshape(tuple(chunk.sizes[:-1]))
-            src = tuple(slice(low - c, h - c) for low, h, c in zip(lo[:-1], hi[:-1], chunk.offsets))
-            dst = tuple(slice(low - o, h - o) for low, h, o in zip(lo[:-1], hi[:-1], offsets))
-            out[dst] = stored[src]
+            out[dst[:-1]] = stored[src[:-1]]
         return out, row_bytes
 
     def read(self, key: str, offsets: Optional[Sequence[int]] = None, sizes: Optional[Sequence[int]] = None) -> torch.Tensor:
