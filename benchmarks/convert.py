@@ -10,7 +10,8 @@ as a child process exactly as a user would (CLI, interpreter start-up and import
   copy        the baseline: shutil.copyfile of the same safetensors files + fsync (the tools
               fsync too); also, as a reference row, a user-space copy (bytes read into fresh
               tensors and written back)
-  hf->mcore   tools/convert_hf_to_mcore.py (one process, layout (1,1,1))
+  hf->mcore   tools/convert_hf_to_mcore.py (one process, layout (1,1,1)); weight bytes copied with
+              direct I/O (the default), and again with --io page-cache (copy_file_range)
   mcore->hf   tools/convert_mcore_to_hf.py (of a checkpoint converted beforehand)
   merge       tools/moe_convertor.py --mode merge
   split       tools/moe_convertor.py --mode split (of a merged checkpoint made beforehand)
@@ -22,8 +23,8 @@ when converting a checkpoint larger than RAM. Throughput ratio = copy time / too
 pair, median over rounds: on this shared VM the same copy took 0.9 s in one run and 7.7 s in
 another, depending on what ran before it, so only paired ratios are stable. "data" = the tools' own
 timing of their read-transform-write loop (without interpreter start-up and imports, ~1.5 s for
-moe_convertor and convert_mcore_to_hf, ~5 s with megatron-core for convert_hf_to_mcore); the tools
-also say how many bytes they copied file to file in the kernel. Peak resident memory of the child
+moe_convertor and convert_mcore_to_hf, ~3 s with megatron-core for convert_hf_to_mcore); the tools
+also say how they copied the weight bytes (direct I/O, in the kernel, through a buffer). Peak resident memory of the child
 process tree (psutil, sampled every 10 ms): total RSS, and anonymous RSS (total minus file-backed
 pages).
 Goals: >= 0.5x copy throughput; peak RSS <= 2 GB + 2x the largest tensor. Deletes everything at
@@ -192,7 +193,7 @@ def _run_once(cmd) -> dict:
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-3000:]}")
     data = re.search(r"^data: .* in ([\d.]+) s", output, re.M)  # the tools time their data phase
-    how = re.search(r"^data: .*; (.* in the kernel, .* through a buffer)", output, re.M)
+    how = re.search(r"^data: .*; weight bytes copied: (.*)$", output, re.M)
     return {"wall_s": wall, "data_s": float(data.group(1)) if data else wall, "how": how.group(1) if how else "",
             "peak_rss": peak_rss, "peak_anon_rss": peak_anon}
 
@@ -219,11 +220,14 @@ def main(argv=None):
         runs = {
             "copy (user space)": [py, "-c", USERSPACE_COPY, d("hf"), d("copy_user")],
             "hf->mcore": [py, "tools/convert_hf_to_mcore.py", "--hf-dir", d("hf"), "--output", d("mcore"), "--no-progress"],
+            "hf->mcore page-cache": [py, "tools/convert_hf_to_mcore.py", "--hf-dir", d("hf"), "--output", d("mcore_pc"),
+                                     "--io", "page-cache", "--no-progress"],
             "mcore->hf": [py, "tools/convert_mcore_to_hf.py", "--mcore-dir", d("mcore_in"), "--output", d("hf2"), "--no-progress"],
             "merge": [py, "tools/moe_convertor.py", "--input-path", d("hf"), "--output-path", d("merged"), "--mode", "merge", "--no-progress"],
             "split": [py, "tools/moe_convertor.py", "--input-path", d("merged_in"), "--output-path", d("split"), "--mode", "split", "--no-progress"],
         }
-        outputs = {"copy (user space)": d("copy_user"), "hf->mcore": d("mcore"), "mcore->hf": d("hf2"),
+        outputs = {"copy (user space)": d("copy_user"), "hf->mcore": d("mcore"), "hf->mcore page-cache": d("mcore_pc"),
+                   "mcore->hf": d("hf2"),
                    "merge": d("merged"), "split": d("split")}
         # mcore->hf and split read inputs made once here, never the output of the command before them
         _run_once([py, "tools/convert_hf_to_mcore.py", "--hf-dir", d("hf"), "--output", d("mcore_in"), "--no-progress"])

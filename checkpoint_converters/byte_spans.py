@@ -1,12 +1,9 @@
-"""Tensors as byte ranges of files, copied file to file inside the kernel.
+"""Tensors as byte ranges of files.
 
 Most converter outputs are the input bytes rearranged: a merged expert stack is its experts one
 after another, megatron-core's fused QKV is the HF rows in another order, gated fc1 is [gate; up].
-Such a tensor is described by `Spans` (where its bytes already are, in output order) and written
-with `os.copy_file_range`: the page cache copies to the page cache, as `shutil.copyfile` does, and
-no byte passes through this process's memory. Where the kernel or file system cannot do that
-(cross-device copies on older kernels, some network file systems), the bytes go through one
-reusable buffer instead.
+Such a tensor is described by `Spans` (where its bytes already are, in output order) and copied
+as bytes by `span_copy.SpanCopier`, never made a tensor.
 
 Row addresses: a tensor whose rows (all dims but the last) are contiguous byte runs is described by
 one int64 per row (its file offset, file number in the top bits). The converters' own transforms
@@ -14,8 +11,6 @@ one int64 per row (its file offset, file number in the top bits). The converters
 as on the data, so the parameter table is not written twice.
 """
 
-import errno
-import os
 from collections import deque
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
@@ -23,8 +18,6 @@ from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
 import torch
 
 _FILE_SHIFT = 48  # file offsets below 256 TiB; the file number above
-_FALLBACK_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.EPERM}
-_BUFFER_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -106,70 +99,7 @@ class FileTable:
         return Spans(tuple(shape), dtype, out)
 
 
-class SpanCopier:
-    """Copies spans to the current position of an output file; keeps source files open."""
-
-    def __init__(self):
-        self._sources: Dict[str, int] = {}
-        self._kernel = hasattr(os, "copy_file_range")  # Linux; until the kernel says it cannot
-        self._buffer = None
-        self.kernel_bytes = 0
-        self.buffered_bytes = 0
-
-    def _fd(self, path: str) -> int:
-        if path not in self._sources:
-            self._sources[path] = os.open(path, os.O_RDONLY)
-        return self._sources[path]
-
-    def read_ahead(self, spans: Sequence[Span]) -> None:
-        """Ask the kernel to start reading these ranges now (they are copied soon): a cold
-        checkpoint is read from disk while earlier ranges are copied (25-35% faster here)."""
-        if hasattr(os, "posix_fadvise"):
-            for span in spans:
-                if span.nbytes:
-                    os.posix_fadvise(self._fd(span.path), span.offset, span.nbytes, os.POSIX_FADV_WILLNEED)
-
-    def copy(self, spans: Sequence[Span], out_fd: int) -> int:
-        self.read_ahead(spans)
-        total = 0
-        for span in spans:
-            self._copy_one(span, out_fd)
-            total += span.nbytes
-        return total
-
-    def _copy_one(self, span: Span, out_fd: int) -> None:
-        src, offset, left = self._fd(span.path), span.offset, span.nbytes
-        while left and self._kernel:
-            try:
-                n = os.copy_file_range(src, out_fd, min(left, 1 << 30), offset)
-            except OSError as e:
-                if e.errno not in _FALLBACK_ERRNOS:
-                    raise
-                self._kernel = False
-                break
-            if n == 0:
-                raise ValueError(f"{span.path}: ends before byte {span.offset + span.nbytes}")
-            offset, left = offset + n, left - n
-            self.kernel_bytes += n
-        while left:
-            if self._buffer is None:
-                self._buffer = memoryview(bytearray(_BUFFER_BYTES))
-            n = os.preadv(src, [self._buffer[:min(left, _BUFFER_BYTES)]], offset)
-            if n == 0:
-                raise ValueError(f"{span.path}: ends before byte {span.offset + span.nbytes}")
-            written = 0
-            while written < n:
-                written += os.write(out_fd, self._buffer[written:n])
-            offset, left = offset + n, left - n
-            self.buffered_bytes += n
-
-    def close(self) -> None:
-        for fd in self._sources.values():
-            os.close(fd)
-        self._sources.clear()
-
-
-def with_read_ahead(items: Iterable[Tuple[str, object]], copier: SpanCopier,
+def with_read_ahead(items: Iterable[Tuple[str, object]], copier,
                     window_bytes: int = 256 * 2**20) -> Iterator[Tuple[str, object]]:
     """(name, value) pairs as given, pulled up to `window_bytes` ahead so that the byte ranges of
     the coming `Spans` values are requested from the disk before they are copied. Tensor values

@@ -28,7 +28,8 @@ import torch
 from megadiff.checkpoint.format import DTYPES, dtype_name, new_nonce, remove_tree
 from megadiff.models.llada2.config import ConfigError, LLaDA2ModelConfig, ParallelLayout
 
-from .byte_spans import FileTable, RowAddresses, SpanCopier
+from .byte_spans import FileTable, RowAddresses
+from .span_copy import SpanCopier
 from .experts import SPLIT, detect_expert_format, expected_shapes, split_tensor_getter, stored_location
 from .hf_direct import DirectHFReader
 from .hf_io import CheckpointError, check_tensors_match, read_hf_config
@@ -146,11 +147,13 @@ def convert_hf_to_mcore(
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    io_mode: str = "direct",
 ) -> str:
     """Write OUTPUT/iter_0000000 (+ tracker) from an HF dir; returns the iteration dir.
 
     Single process, or collective under torchrun (world size fitting `layout`). `dtype` is
-    'bf16' / 'fp16' / 'fp32' (default: the HF weights' dtype). Runs on CPU (set
+    'bf16' / 'fp16' / 'fp32' (default: the HF weights' dtype); `io_mode`: how weight bytes are
+    copied ('direct' or 'page-cache', see span_copy). Runs on CPU (set
     CUDA_VISIBLE_DEVICES= ; the CLI does)."""
     layout = layout or ParallelLayout()
     source = inspect_hf_input(hf_dir, log)
@@ -204,7 +207,7 @@ def convert_hf_to_mcore(
 
     staging_root = f"{output}.tmp-{_broadcast(new_nonce() if rank == 0 else None)}"
     started = time.perf_counter()
-    copier = SpanCopier()
+    copier = SpanCopier(io_mode)
     try:
         materialize, peek = _materializer(source, chunks, params_dtype)
         final = save_checkpoint_lazily(staging_root, 0, sharded, meta, materialize, on_tensor, copier, peek)

@@ -227,6 +227,7 @@ def convert_mcore_to_hf(
     progress: bool = True,
     budget_bytes: int = DEFAULT_BUDGET,
     log: Callable[[str], None] = print,
+    io_mode: str = "direct",
 ) -> str:
     """Write an HF LLaDA2 dir from a checkpoint ROOT (latest complete iteration, or `iteration`) or
     an iteration dir. Tokenizer, generation config and remote code come from `hf_template` (default:
@@ -260,7 +261,8 @@ def convert_mcore_to_hf(
     try:
         with staged_output(output) as staging:
             values = iter_hf_tensors(src, items, budget_bytes, allow_spans=True)
-            writer = write_sharded_safetensors(staging, entries, max_shard_size, values, bar.update if bar else None)
+            writer = write_sharded_safetensors(staging, entries, max_shard_size, values, bar.update if bar else None,
+                                               io_mode)
             copied = copy_non_weight_files(template, staging, skip=("config.json",)) if template else []
             config = _output_config(src, weights_dtype)
             copied += ensure_remote_code(staging, config)

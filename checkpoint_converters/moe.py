@@ -40,9 +40,10 @@ def _dtype(reader: HFCheckpointReader, name: str) -> torch.dtype:
 
 def convert_expert_layout(
     input_path: str, output_path: str, mode: str, max_shard_size="5GB", overwrite: bool = False,
-    progress: bool = True, log: Callable[[str], None] = print,
+    progress: bool = True, log: Callable[[str], None] = print, io_mode: str = "direct",
 ) -> str:
-    """Write OUTPUT with the experts of INPUT merged (mode='merge') or split (mode='split')."""
+    """Write OUTPUT with the experts of INPUT merged (mode='merge') or split (mode='split');
+    `io_mode`: how weight bytes are copied ('direct' or 'page-cache', see span_copy)."""
     if mode not in MODES:
         raise ValueError(f"--mode {mode!r}: choose merge or split")
     want_in, want_out = MODES[mode]
@@ -95,7 +96,8 @@ def convert_expert_layout(
     started = time.perf_counter()
     try:
         with staged_output(output_path) as staging:
-            writer = write_sharded_safetensors(staging, entries, max_shard_size, tensors(), bar.update if bar else None)
+            writer = write_sharded_safetensors(staging, entries, max_shard_size, tensors(), bar.update if bar else None,
+                                               io_mode)
             copied = copy_non_weight_files(input_path, staging)
     finally:
         if bar is not None:

@@ -15,7 +15,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .byte_spans import SpanCopier, Spans, with_read_ahead
+from .byte_spans import Spans, with_read_ahead
+from .span_copy import SpanCopier
 
 INDEX_NAME = "model.safetensors.index.json"
 DTYPE_CODES = {
@@ -71,9 +72,10 @@ def shard_file_name(k: int, n: int) -> str:
 
 class ShardedSafetensorsWriter:
     """Call `write(name, value)` in exactly the order of `entries`, then `close()`. A value is a
-    tensor, or `Spans` (bytes already in files: copied in the kernel, never read into memory)."""
+    tensor, or `Spans` (bytes already in files: copied by `copier`, never made a tensor)."""
 
-    def __init__(self, out_dir: str, entries: Sequence[Entry], max_shard_size, metadata: Optional[Dict[str, str]] = None):
+    def __init__(self, out_dir: str, entries: Sequence[Entry], max_shard_size, metadata: Optional[Dict[str, str]] = None,
+                 copier: Optional[SpanCopier] = None):
         names = [e[0] for e in entries]
         if len(set(names)) != len(names):
             raise ValueError("duplicate tensor names in the output plan")
@@ -89,7 +91,7 @@ class ShardedSafetensorsWriter:
         self._file = None
         self._file_index = -1
         self.total_size = sum(_nbytes(s, d) for _, s, d in entries)
-        self.copier = SpanCopier()
+        self.copier = copier or SpanCopier()
 
     def _open(self, index: int) -> None:
         header: Dict[str, Dict] = {"__metadata__": self.metadata}
@@ -100,15 +102,14 @@ class ShardedSafetensorsWriter:
             offset += n
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # tensor data starts 8-byte aligned, as safetensors writes it
-        self._file = open(os.path.join(self.out_dir, self.files[index]), "wb", buffering=0)
+        self._file = self.copier.create(os.path.join(self.out_dir, self.files[index]))
         self._file.write(struct.pack("<Q", len(blob)))
         self._file.write(blob)
         self._file_index = index
 
     def _close_file(self) -> None:
         if self._file is not None:
-            os.fsync(self._file.fileno())
-            self._file.close()
+            self._file.close()  # fsyncs
             self._file = None
 
     def write(self, name: str, tensor) -> None:
@@ -125,11 +126,11 @@ class ShardedSafetensorsWriter:
         if isinstance(tensor, Spans):
             if tensor.nbytes != _nbytes(shape, dtype):
                 raise ValueError(f"{name}: byte ranges hold {tensor.nbytes} bytes, planned {_nbytes(shape, dtype)}")
-            self.copier.copy(tensor.spans, self._file.fileno())
+            self._file.copy(tensor.spans)
         else:
             data = tensor.detach().contiguous().reshape(-1)
             if data.numel():
-                _write_all(self._file, memoryview(data.view(torch.uint8).numpy()))
+                self._file.write(memoryview(data.view(torch.uint8).numpy()))
         self._pos += 1
 
     def close(self) -> str:
@@ -148,18 +149,20 @@ class ShardedSafetensorsWriter:
         return path
 
     def abort(self) -> None:
-        self.copier.close()
         if self._file is not None:
-            self._file.close()
+            self._file.abort()
             self._file = None
+        self.copier.close()
 
 
 def write_sharded_safetensors(out_dir: str, entries: Sequence[Entry], max_shard_size, values,
-                              on_value: Optional[Callable[[int], None]] = None) -> ShardedSafetensorsWriter:
+                              on_value: Optional[Callable[[int], None]] = None,
+                              io_mode: str = "direct") -> ShardedSafetensorsWriter:
     """Write `values` ((name, tensor or Spans) pairs in the order of `entries`) as shards + index,
     the byte ranges of coming `Spans` requested from the disk ahead of their copy. `on_value(nbytes)`
-    after each (progress). Returns the closed writer (total_size, copier statistics)."""
-    writer = ShardedSafetensorsWriter(out_dir, entries, max_shard_size)
+    after each (progress); `io_mode`: see span_copy. Returns the closed writer (total_size, copier
+    statistics)."""
+    writer = ShardedSafetensorsWriter(out_dir, entries, max_shard_size, copier=SpanCopier(io_mode))
     try:
         for name, value in with_read_ahead(values, writer.copier):
             writer.write(name, value)
@@ -170,10 +173,3 @@ def write_sharded_safetensors(out_dir: str, entries: Sequence[Entry], max_shard_
         writer.abort()
         raise
     return writer
-
-
-def _write_all(f, data: memoryview) -> None:
-    """An unbuffered file's write may take less than asked (e.g. above 2 GiB on Linux)."""
-    done = 0
-    while done < len(data):
-        done += f.write(data[done:])

@@ -35,6 +35,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
                    help="parameter dtype in the checkpoint (default: the HF weights' dtype)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--io", choices=["direct", "page-cache"], default="direct",
+                   help="how weight bytes are copied: direct = O_DIRECT reads and writes, bypassing the page "
+                        "cache (default; falls back per file where refused), page-cache = copy_file_range")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -54,9 +57,10 @@ def main(argv=None) -> int:
             "--tp", str(layout.tp), "--ep", str(layout.ep), "--etp", str(layout.etp), "--pp", str(layout.pp),
             *(["--vpp", str(layout.vpp)] if layout.vpp else []),
             *(["--dtype", args.dtype] if args.dtype else []), *(["--overwrite"] if args.overwrite else []),
+            "--io", args.io,
         ]))
         final = convert_hf_to_mcore(args.hf_dir, args.output, layout, args.dtype, args.overwrite,
-                                    progress=rank0 and not args.no_progress, log=log)
+                                    progress=rank0 and not args.no_progress, log=log, io_mode=args.io)
     except (CheckpointError, ConfigError) as e:
         raise SystemExit(f"error: {e}")
     log(f"megatron checkpoint written to {final}")

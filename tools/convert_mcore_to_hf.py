@@ -31,6 +31,9 @@ def parse_args(argv=None):
     p.add_argument("--merged-experts", action="store_true", help="write dFactory's merged-expert layout")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--io", choices=["direct", "page-cache"], default="direct",
+                   help="how weight bytes are copied: direct = O_DIRECT reads and writes, bypassing the page "
+                        "cache (default; falls back per file where refused), page-cache = copy_file_range")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -46,12 +49,12 @@ def main(argv=None) -> int:
         *(["--iteration", str(args.iteration)] if args.iteration is not None else []),
         *(["--hf-template", os.path.abspath(args.hf_template)] if args.hf_template else []),
         *(["--merged-experts"] if args.merged_experts else []), "--max-shard-size", args.max_shard_size,
-        *(["--overwrite"] if args.overwrite else []),
+        *(["--overwrite"] if args.overwrite else []), "--io", args.io,
     ]), flush=True)
     try:
         out = convert_mcore_to_hf(args.mcore_dir, args.output, args.iteration, args.hf_template,
                                   args.merged_experts, args.max_shard_size, args.overwrite,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, io_mode=args.io)
     except (CheckpointError, ConfigError) as e:
         raise SystemExit(f"error: {e}")
     except ValueError as e:  # --max-shard-size

@@ -1,5 +1,6 @@
-"""Converters copy tensor bytes file to file in the kernel where the output is input bytes in
-another order, fall back to reading where it is not, and give the same bytes either way."""
+"""Converters copy tensor bytes as byte ranges of the input files where the output is input bytes
+in another order (never making them tensors), read them where it is not (dtype casts, vectors),
+and give the same bytes either way. The copy engines themselves: test_span_copy.py."""
 
 import errno
 import filecmp
@@ -10,12 +11,13 @@ import pytest
 import torch
 
 from checkpoint_converters import byte_spans
-from checkpoint_converters.byte_spans import FileTable, Span, SpanCopier, Spans
+from checkpoint_converters.byte_spans import FileTable, Span, Spans
 from checkpoint_converters.hf_direct import DirectHFReader
 from checkpoint_converters.hf_io import HFCheckpointReader
 from checkpoint_converters.llada2_mapping import _qkv_hf_to_mcore
 from checkpoint_converters.mcore_to_hf import convert_mcore_to_hf
 from checkpoint_converters.moe import convert_expert_layout
+from checkpoint_converters.span_copy import SpanCopier
 from megadiff.checkpoint.lazy import _HoleFillingStream
 from megadiff.checkpoint.reader import DistCheckpointReader
 from tests.converters.test_moe_convertor import assert_same_checkpoint
@@ -43,68 +45,21 @@ def test_qkv_regroup_on_row_addresses_reads_back_the_regrouped_tensor(tmp_path):
     assert files.spans(rows, 24, tuple(w.shape), w.dtype).spans == (Span(str(tmp_path / "w.bin"), lead, w.nbytes),)
 
 
-def _count_kernel_bytes(monkeypatch):
-    counted = {"kernel": 0}
-    real = os.copy_file_range
-
-    def copy_file_range(*args, **kwargs):
-        n = real(*args, **kwargs)
-        counted["kernel"] += n
-        return n
-
-    monkeypatch.setattr(os, "copy_file_range", copy_file_range)
-    return counted
-
-
-@pytest.mark.parametrize("kernel", [True, False])
-def test_copier_writes_the_same_bytes_through_the_kernel_or_a_buffer(tmp_path, monkeypatch, kernel):
-    src = tmp_path / "src.bin"
-    src.write_bytes(bytes(range(256)) * 1000)
-    if not kernel:
-        def refuse(*a, **k):
-            raise OSError(errno.EXDEV, "Invalid cross-device link")
-
-        monkeypatch.setattr(os, "copy_file_range", refuse)
-    monkeypatch.setattr(byte_spans, "_BUFFER_BYTES", 1000)  # several buffer rounds
-    spans = [Span(str(src), 7, 5000), Span(str(src), 100000, 3), Span(str(src), 0, 0)]
-    copier = SpanCopier()
-    with open(tmp_path / "out.bin", "wb", buffering=0) as out:
-        out.write(b"head")
-        assert copier.copy(spans, out.fileno()) == 5003
-        out.write(b"tail")
-    copier.close()
-    data = src.read_bytes()
-    assert (tmp_path / "out.bin").read_bytes() == b"head" + data[7:5007] + data[100000:100003] + b"tail"
-    assert (copier.kernel_bytes, copier.buffered_bytes) == ((5003, 0) if kernel else (0, 5003))
-
-
-@pytest.mark.parametrize("kernel", [True, False])
-def test_copier_refuses_a_source_that_ends_early(tmp_path, monkeypatch, kernel):
-    src = tmp_path / "short.bin"
-    src.write_bytes(b"0123456789")
-    if not kernel:
-        monkeypatch.setattr(os, "copy_file_range", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSYS, "no")))
-    with open(tmp_path / "out.bin", "wb", buffering=0) as out, pytest.raises(ValueError, match="short.bin: ends before byte 20"):
-        SpanCopier().copy([Span(str(src), 5, 15)], out.fileno())
-    with pytest.raises(ValueError, match="short.bin: ends before byte 20"):
-        Spans((15,), torch.uint8, (Span(str(src), 5, 15),)).read()
-
-
 def test_torch_save_record_with_its_data_hole_filled_loads_as_the_tensor(tmp_path):
     tensor = torch.randn(33, 7).to(torch.bfloat16)
     lead = _write_tensor_file(tmp_path / "src.bin", tensor)
     spans = Spans(tuple(tensor.shape), tensor.dtype, (Span(str(tmp_path / "src.bin"), lead, tensor.nbytes),))
     copier = SpanCopier()
-    with open(tmp_path / "record.pt", "wb") as stream:
-        def fill(n):
-            assert n == tensor.nbytes
-            stream.flush()
-            end = stream.tell() + n
-            copier.copy(spans.spans, stream.fileno())
-            stream.seek(end)
+    stream = copier.create(str(tmp_path / "record.pt"))
 
-        with torch.serialization.skip_data():
-            torch.save(torch.empty(spans.shape, dtype=spans.dtype), _HoleFillingStream(stream, fill))
+    def fill(n):
+        assert n == tensor.nbytes
+        stream.copy(spans.spans)
+
+    with torch.serialization.skip_data():
+        torch.save(torch.empty(spans.shape, dtype=spans.dtype), _HoleFillingStream(stream, fill))
+    stream.close()
+    copier.close()
     loaded = torch.load(tmp_path / "record.pt", weights_only=True)
     assert loaded.dtype == torch.bfloat16 and torch.equal(loaded, tensor)
     with pytest.raises(io.UnsupportedOperation):  # a second hole is not what a one-tensor record has
@@ -120,13 +75,61 @@ def _bytes_by_rank(hf_dir):
     return matrices, vectors
 
 
+def _direct_io_works(directory) -> bool:
+    """Whether this file system takes O_DIRECT writes (ext4 here; tmpfs does not): where it does
+    not, the copier falls back to copy_file_range, and the counts below move accordingly."""
+    from checkpoint_converters.span_copy import _open_direct_output
+
+    fd = _open_direct_output(os.path.join(directory, ".direct_probe"))
+    os.unlink(os.path.join(directory, ".direct_probe"))
+    if fd is None:
+        return False
+    os.close(fd)
+    return True
+
+
+def _how(counts, prefix=""):
+    """(bytes copied with direct I/O, bytes copied by the page-cache paths)."""
+    return counts[f"{prefix}direct_bytes"], counts[f"{prefix}kernel_bytes"] + counts[f"{prefix}buffered_bytes"]
+
+
+@pytest.fixture
+def copied(monkeypatch):
+    """Every SpanCopier's counts, added up when it closes (once per copier)."""
+    counts = {"direct_bytes": 0, "kernel_bytes": 0, "buffered_bytes": 0}
+    close = SpanCopier.close
+
+    def counted_close(self):
+        close(self)
+        if not getattr(self, "_counted", False):
+            self._counted = True
+            for key in counts:
+                counts[key] += getattr(self, key)
+
+    monkeypatch.setattr(SpanCopier, "close", counted_close)
+    return counts
+
+
 @pytest.mark.slow  # shares the single-process megatron run (~10 s)
-def test_hf_to_mcore_copies_every_matrix_in_the_kernel_unless_the_dtype_changes(single_process_run, tiny_hf):
+def test_hf_to_mcore_copies_every_matrix_as_bytes_unless_the_dtype_changes(single_process_run, tiny_hf):
     matrices, vectors = _bytes_by_rank(tiny_hf)
-    split, merged, to_bf16 = single_process_run["report"]["runs"]
-    assert (split["kernel_bytes"], split["read_bytes"]) == (matrices, vectors)
-    assert (merged["kernel_bytes"], merged["read_bytes"]) == (matrices, vectors)
-    assert (to_bf16["kernel_bytes"], to_bf16["read_bytes"]) == (0, matrices + vectors)  # cast: read
+    split, merged, to_bf16, page_cache = single_process_run["report"]["runs"]
+    direct = _direct_io_works(os.path.dirname(single_process_run["ck111"]))
+    want = (matrices, 0) if direct else (0, matrices)
+    assert (_how(split), split["read_bytes"]) == (want, vectors)
+    assert (_how(merged), merged["read_bytes"]) == (want, vectors)
+    assert (_how(to_bf16), to_bf16["read_bytes"]) == ((0, 0), matrices + vectors)  # cast: read
+    assert (_how(page_cache), page_cache["read_bytes"]) == ((0, matrices), vectors)
+
+
+@pytest.mark.slow  # shares the single-process megatron run (~10 s)
+def test_hf_to_mcore_writes_the_same_files_with_direct_io_and_through_the_page_cache(single_process_run):
+    direct = os.path.join(single_process_run["ck111"], "iter_0000000")
+    page_cache = os.path.join(single_process_run["ck111_page_cache"], "iter_0000000")
+    names = sorted(n for n in os.listdir(direct) if n.endswith(".distcp"))  # .metadata names its directory
+    assert names and names == sorted(n for n in os.listdir(page_cache) if n.endswith(".distcp"))
+    for name in names:
+        assert filecmp.cmp(os.path.join(direct, name), os.path.join(page_cache, name), shallow=False), name
 
 
 @pytest.mark.slow  # shares the single-process megatron run (~10 s)
@@ -141,9 +144,10 @@ def test_fp32_input_converted_to_bf16_exports_the_rounded_weights(single_process
 
 
 @pytest.mark.slow  # shares the single-process megatron run (~10 s)
-def test_mcore_to_hf_at_111_copies_every_matrix_in_the_kernel(single_process_run, tiny_hf, tmp_path, monkeypatch):
+@pytest.mark.parametrize("io_mode", ["direct", "page-cache"])
+def test_mcore_to_hf_at_111_copies_every_matrix_as_bytes(single_process_run, tiny_hf, tmp_path, monkeypatch,
+                                                         copied, io_mode):
     matrices, vectors = _bytes_by_rank(tiny_hf)
-    counted = _count_kernel_bytes(monkeypatch)
     read_many = DistCheckpointReader.read_many
     read = {"bytes": 0}
 
@@ -153,32 +157,61 @@ def test_mcore_to_hf_at_111_copies_every_matrix_in_the_kernel(single_process_run
         return tensors
 
     monkeypatch.setattr(DistCheckpointReader, "read_many", counted_read_many)
-    out = convert_mcore_to_hf(single_process_run["ck111"], str(tmp_path / "hf"), max_shard_size="300KB", **QUIET)
+    out = convert_mcore_to_hf(single_process_run["ck111"], str(tmp_path / "hf"), max_shard_size="300KB",
+                              io_mode=io_mode, **QUIET)
     assert_same_checkpoint(tiny_hf, out)
-    assert (counted["kernel"], read["bytes"]) == (matrices, vectors)
+    direct = io_mode == "direct" and _direct_io_works(tmp_path)
+    assert (_how(copied), read["bytes"]) == (((matrices, 0) if direct else (0, matrices)), vectors)
 
 
-def test_merge_and_split_never_read_a_tensor(tiny_hf, tmp_path, monkeypatch):
+def test_merge_and_split_never_read_a_tensor(tiny_hf, tmp_path, monkeypatch, copied):
     def no_reads(*a, **k):
         raise AssertionError("a tensor was read into memory")
 
     monkeypatch.setattr(DirectHFReader, "_read", no_reads)
-    counted = _count_kernel_bytes(monkeypatch)
     merged = convert_expert_layout(tiny_hf, str(tmp_path / "m"), "merge", **QUIET)
     split = convert_expert_layout(merged, str(tmp_path / "s"), "split", max_shard_size="200KB", **QUIET)
     assert_same_checkpoint(tiny_hf, split)
-    matrices, vectors = _bytes_by_rank(tiny_hf)
-    assert counted["kernel"] == 2 * (matrices + vectors)
+    total = 2 * sum(_bytes_by_rank(tiny_hf))
+    assert _how(copied) == ((total, 0) if _direct_io_works(tmp_path) else (0, total))
 
 
-def test_merge_without_kernel_copies_writes_identical_files(tiny_hf, tiny_hf_merged, tmp_path, monkeypatch):
-    """Where copy_file_range is refused (other file systems, older kernels): same output."""
+def _refuse_copy_file_range(monkeypatch):
     monkeypatch.setattr(os, "copy_file_range", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EXDEV, "x")))
-    out = convert_expert_layout(tiny_hf, str(tmp_path / "m"), "merge", **QUIET)
+
+
+def _refuse_o_direct(monkeypatch):
+    real_open = os.open
+
+    def open_(path, flags, *args, **kwargs):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument", path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_)
+
+
+@pytest.mark.parametrize("io_mode,refuse", [("direct", None), ("direct", _refuse_o_direct), ("page-cache", None),
+                                            ("page-cache", _refuse_copy_file_range)],
+                         ids=["direct", "o_direct-refused", "page-cache", "copy_file_range-refused"])
+def test_merge_writes_identical_files_whichever_way_bytes_are_copied(tiny_hf, tiny_hf_merged, tmp_path,
+                                                                     monkeypatch, copied, io_mode, refuse):
+    """Same output with O_DIRECT, through the page cache, and where the file system refuses
+    O_DIRECT (tmpfs) or copy_file_range (other file systems, older kernels)."""
+    if refuse is not None:
+        refuse(monkeypatch)
+    out = convert_expert_layout(tiny_hf, str(tmp_path / "m"), "merge", io_mode=io_mode, **QUIET)
     shards = sorted(f for f in os.listdir(tiny_hf_merged) if f.endswith(".safetensors"))
     assert shards and shards == sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
     for name in shards + ["model.safetensors.index.json"]:
         assert filecmp.cmp(os.path.join(tiny_hf_merged, name), os.path.join(out, name), shallow=False), name
+    total = sum(_bytes_by_rank(tiny_hf))
+    if io_mode == "direct" and refuse is None and _direct_io_works(tmp_path):
+        assert (copied["direct_bytes"], copied["kernel_bytes"], copied["buffered_bytes"]) == (total, 0, 0)
+    elif refuse is _refuse_copy_file_range:
+        assert (copied["direct_bytes"], copied["kernel_bytes"], copied["buffered_bytes"]) == (0, 0, total)
+    else:
+        assert (copied["direct_bytes"], copied["kernel_bytes"], copied["buffered_bytes"]) == (0, total, 0)
 
 
 def test_read_ahead_yields_everything_in_order_and_asks_for_ranges_ahead(tmp_path):

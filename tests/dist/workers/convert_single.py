@@ -3,8 +3,9 @@ interpreter (megatron-core is imported once), plus an interrupted run.
 
   --run "ARGS..."        one CLI invocation (shell-style argument string); repeatable
   --interrupt HF=OUT     a conversion whose 6th tensor read raises KeyboardInterrupt (as Ctrl-C does)
-Writes {"runs": [...], "interrupt": {...}} as JSON to --out; each run records how many tensor
-bytes were copied file to file in the kernel and how many were read into memory.
+Writes {"runs": [...], "interrupt": {...}} as JSON to --out; each run records how many weight
+bytes its SpanCopier copied, and how (direct I/O, in the kernel, through a buffer), and how many
+tensor bytes were read into memory from the HF files.
 """
 
 import argparse
@@ -35,12 +36,13 @@ def main():
     report = {"runs": [], "interrupt": None}
     counts = count_bytes()
     for run in args.run:
-        counts.update(kernel=0, read=0)
+        counts.update(direct=0, kernel=0, buffered=0, read=0)
         try:
             report["runs"].append({"args": run, "rc": cli.main(shlex.split(run) + ["--no-progress"])})
         except SystemExit as e:
             report["runs"].append({"args": run, "rc": 1, "error": str(e)})
-        report["runs"][-1].update(kernel_bytes=counts["kernel"], read_bytes=counts["read"])
+        report["runs"][-1].update(direct_bytes=counts["direct"], kernel_bytes=counts["kernel"],
+                                  buffered_bytes=counts["buffered"], read_bytes=counts["read"])
     if args.interrupt:
         from checkpoint_converters.hf_direct import DirectHFReader
 
@@ -72,23 +74,27 @@ def main():
 
 
 def count_bytes():
-    """Counts bytes copied by os.copy_file_range and bytes of tensors read from HF files."""
+    """Adds up every SpanCopier's byte counts when it closes, and the bytes of tensors read from
+    HF files."""
     from checkpoint_converters.hf_direct import DirectHFReader
+    from checkpoint_converters.span_copy import SpanCopier
 
-    counts = {"kernel": 0, "read": 0}
-    copy_file_range, read = os.copy_file_range, DirectHFReader._read
+    counts = {"direct": 0, "kernel": 0, "buffered": 0, "read": 0}
+    close, read = SpanCopier.close, DirectHFReader._read
 
-    def counted_copy(*a, **k):
-        n = copy_file_range(*a, **k)
-        counts["kernel"] += n
-        return n
+    def counted_close(self):
+        close(self)
+        if not getattr(self, "_counted", False):  # a copier may be closed twice: count it once
+            self._counted = True
+            for how in ("direct", "kernel", "buffered"):
+                counts[how] += getattr(self, f"{how}_bytes")
 
     def counted_read(self, *a, **k):
         tensor = read(self, *a, **k)
         counts["read"] += tensor.nbytes
         return tensor
 
-    os.copy_file_range, DirectHFReader._read = counted_copy, counted_read
+    SpanCopier.close, DirectHFReader._read = counted_close, counted_read
     return counts
 
 
