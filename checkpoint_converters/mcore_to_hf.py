@@ -174,6 +174,8 @@ def iter_hf_tensors(src: McoreInput, items: Sequence[HFItem], budget_bytes: int 
     """(name, value) for every item, in order: `Spans` where the bytes can be copied as stored
     (if `allow_spans`), else a tensor, read in groups of up to `budget_bytes` (a larger item
     alone): memory holds one group."""
+    if allow_spans:
+        src.reader.read_ahead_record_metadata()  # item_spans parses every record's headers
     files = FileTable()
     group: List[HFItem] = []
     size = 0

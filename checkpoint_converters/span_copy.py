@@ -22,6 +22,7 @@ Either way the bytes never become tensors: memory stays at a few buffers whateve
 """
 
 import errno
+import fcntl
 import io
 import mmap
 import os
@@ -62,6 +63,11 @@ class SpanCopier:
     @property
     def copied_bytes(self) -> int:
         return self.direct_bytes + self.kernel_bytes + self.buffered_bytes
+
+    @property
+    def unannounced_bytes(self) -> int:
+        """Direct-I/O bytes copied without read-ahead: announced out of order, or not at all."""
+        return self._prefetch.unannounced_bytes if self._prefetch is not None else 0
 
     def create(self, path: str) -> "OutputFile":
         """A new (truncated) output file, written front to back."""
@@ -302,9 +308,10 @@ class _Prefetcher:
         self._position = None  # (path, file offset) the next take must start at
         self._thread: Optional[threading.Thread] = None
         self._stopped = False
-        self._fds: Dict[str, int] = {}  # the reader thread's
-        self._direct_fds: Dict[str, int] = {}  # the main thread's (reads that were not announced)
+        self._files = _SourceFiles()  # the reader thread's
+        self._own_files = _SourceFiles()  # the main thread's (reads that were not announced)
         self._buffer: Optional[mmap.mmap] = None
+        self.unannounced_bytes = 0  # bytes taken without read-ahead (not announced, or out of order)
 
     def announce(self, spans: Sequence[Span]) -> None:
         if self._stopped:
@@ -337,7 +344,7 @@ class _Prefetcher:
             if self._stopped:
                 return
             try:
-                _read_aligned(self._fds, buffer, *request)
+                self._files.read_aligned(buffer, *request)
                 self._done.put((request, buffer, None))
             except BaseException as e:  # raised where the bytes are taken
                 self._done.put((request, buffer, e))
@@ -349,7 +356,7 @@ class _Prefetcher:
                 yield from self._read_directly(Span(span.path, offset, end - offset))
                 return
             request, buffer, error = self._current
-            if request[0] != span.path or not request[1] <= offset < request[2] or self._position != (span.path, offset):
+            if self._position != (span.path, offset):
                 self.stop()  # not what was announced next: no more read-ahead
                 yield from self._read_directly(Span(span.path, offset, end - offset))
                 return
@@ -388,11 +395,12 @@ class _Prefetcher:
     def _read_directly(self, span: Span) -> Iterator[memoryview]:
         if self._buffer is None:
             self._buffer = mmap.mmap(-1, self._chunk + 2 * ALIGN)
+        self.unannounced_bytes += span.nbytes
         offset, end = span.offset, span.offset + span.nbytes
         while offset < end:
             stop = min(end, offset + self._chunk)
             try:
-                _read_aligned(self._direct_fds, self._buffer, span.path, offset, stop)
+                self._own_files.read_aligned(self._buffer, span.path, offset, stop)
             except EOFError:
                 raise _ends_early(span) from None
             skip = offset % ALIGN
@@ -419,49 +427,58 @@ class _Prefetcher:
 
     def close(self) -> None:
         self.stop()
-        for fds in (self._fds, self._direct_fds):
-            for fd in fds.values():
-                os.close(fd)
-            fds.clear()
+        self._files.close()
+        self._own_files.close()
 
 
-def _read_aligned(fds: Dict[str, int], buffer: mmap.mmap, path: str, start: int, end: int) -> None:
-    """File bytes start..end into `buffer` from its offset start % ALIGN, by an O_DIRECT read of
-    the aligned range around them (a plain read where O_DIRECT is refused). EOFError if the file
-    ends before `end`."""
-    first = start - start % ALIGN
-    length = _round_up(end - first)
-    view = memoryview(buffer)[:length]
-    try:
-        done = 0
-        while first + done < end:
+class _SourceFiles:
+    """Input files open for O_DIRECT reads, or plain ones where the file system refuses O_DIRECT."""
+
+    def __init__(self):
+        self._fds: Dict[str, int] = {}
+
+    def fd(self, path: str) -> int:
+        if path not in self._fds:
             try:
-                n = os.preadv(_source_fd(fds, path), [view[done:]], first + done)
+                self._fds[path] = os.open(path, os.O_RDONLY | os.O_DIRECT)
             except OSError as e:
-                if e.errno not in _DIRECT_REFUSED_ERRNOS or fds.get(path, -1) < 0:
+                if e.errno not in _DIRECT_REFUSED_ERRNOS:
                     raise
-                os.close(fds[path])
-                fds[path] = -1 - os.open(path, os.O_RDONLY)  # negative: a plain fd (see _source_fd)
-                continue
-            if n == 0:
-                raise EOFError(path)
-            done += n
-    finally:
-        view.release()
+                self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
 
+    def refuse_direct(self, path: str) -> bool:
+        """Reopen `path` without O_DIRECT after a read refused it; False if it already was."""
+        if not fcntl.fcntl(self._fds[path], fcntl.F_GETFL) & os.O_DIRECT:
+            return False
+        os.close(self._fds.pop(path))
+        self._fds[path] = os.open(path, os.O_RDONLY)
+        return True
 
-def _source_fd(fds: Dict[str, int], path: str) -> int:
-    """O_DIRECT fd for `path` (stored as is), or a plain one where O_DIRECT was refused (stored
-    as -1 - fd)."""
-    if path not in fds:
+    def read_aligned(self, buffer: mmap.mmap, path: str, start: int, end: int) -> None:
+        """File bytes start..end into `buffer` from its offset start % ALIGN, by reading the
+        aligned range around them. EOFError if the file ends before `end`."""
+        first = start - start % ALIGN
+        view = memoryview(buffer)[:_round_up(end - first)]
         try:
-            fds[path] = os.open(path, os.O_RDONLY | os.O_DIRECT)
-        except OSError as e:
-            if e.errno not in _DIRECT_REFUSED_ERRNOS:
-                raise
-            fds[path] = -1 - os.open(path, os.O_RDONLY)
-    fd = fds[path]
-    return fd if fd >= 0 else -1 - fd
+            done = 0
+            while first + done < end:
+                try:
+                    n = os.preadv(self.fd(path), [view[done:]], first + done)
+                except OSError as e:
+                    if e.errno in _DIRECT_REFUSED_ERRNOS and self.refuse_direct(path):
+                        continue
+                    raise
+                if n == 0:
+                    raise EOFError(path)
+                done += n
+        finally:
+            view.release()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def _open_direct_output(path: str) -> Optional[int]:

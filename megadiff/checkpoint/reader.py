@@ -255,6 +255,24 @@ class DistCheckpointReader:
             self._data_at[index] = self._find_data(key, index) if self._direct else None
         return self._data_at[index]
 
+    def read_ahead_record_metadata(self, window: int = 8192) -> None:
+        """Ask the kernel to read every stored record's head and tail (zip headers, pickle: what
+        `data_location` parses) now, all at once: parsed one by one from a cold disk they were
+        1.3 s of a 3.7 s export of 3 GB here (thousands of small synchronous reads)."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        files: Dict[str, int] = {}
+        try:
+            for info in self._storage.values():
+                path = os.path.join(self.ckpt_dir, info.relative_path)
+                if path not in files:
+                    files[path] = os.open(path, os.O_RDONLY)
+                for start in (info.offset, max(info.offset, info.offset + info.length - window)):
+                    os.posix_fadvise(files[path], start, window, os.POSIX_FADV_WILLNEED)
+        finally:
+            for fd in files.values():
+                os.close(fd)
+
     def _find_data(self, key: str, index: MetadataIndex) -> Optional[Tuple[str, int]]:
         info = self._storage.get(index)
         if info is None:

@@ -96,7 +96,7 @@ def _how(counts, prefix=""):
 @pytest.fixture
 def copied(monkeypatch):
     """Every SpanCopier's counts, added up when it closes (once per copier)."""
-    counts = {"direct_bytes": 0, "kernel_bytes": 0, "buffered_bytes": 0}
+    counts = {"direct_bytes": 0, "kernel_bytes": 0, "buffered_bytes": 0, "unannounced_bytes": 0}
     close = SpanCopier.close
 
     def counted_close(self):
@@ -120,6 +120,7 @@ def test_hf_to_mcore_copies_every_matrix_as_bytes_unless_the_dtype_changes(singl
     assert (_how(merged), merged["read_bytes"]) == (want, vectors)
     assert (_how(to_bf16), to_bf16["read_bytes"]) == ((0, 0), matrices + vectors)  # cast: read
     assert (_how(page_cache), page_cache["read_bytes"]) == ((0, matrices), vectors)
+    assert split["unannounced_bytes"] == merged["unannounced_bytes"] == 0  # every copy was read ahead
 
 
 @pytest.mark.slow  # shares the single-process megatron run (~10 s)
@@ -162,6 +163,7 @@ def test_mcore_to_hf_at_111_copies_every_matrix_as_bytes(single_process_run, tin
     assert_same_checkpoint(tiny_hf, out)
     direct = io_mode == "direct" and _direct_io_works(tmp_path)
     assert (_how(copied), read["bytes"]) == (((matrices, 0) if direct else (0, matrices)), vectors)
+    assert copied["unannounced_bytes"] == 0  # every copy was read ahead
 
 
 def test_merge_and_split_never_read_a_tensor(tiny_hf, tmp_path, monkeypatch, copied):
@@ -174,6 +176,7 @@ def test_merge_and_split_never_read_a_tensor(tiny_hf, tmp_path, monkeypatch, cop
     assert_same_checkpoint(tiny_hf, split)
     total = 2 * sum(_bytes_by_rank(tiny_hf))
     assert _how(copied) == ((total, 0) if _direct_io_works(tmp_path) else (0, total))
+    assert copied["unannounced_bytes"] == 0  # every copy was read ahead
 
 
 def _refuse_copy_file_range(monkeypatch):

@@ -2,6 +2,7 @@
 (announced or not, in order or not), copy_file_range, or a buffer; and fails loudly."""
 
 import errno
+import fcntl
 import os
 
 import pytest
@@ -78,6 +79,8 @@ def test_every_copy_path_writes_exactly_the_asked_bytes(tmp_path, sources, monke
     want = {"direct": total if direct else 0, "kernel": total if mode == "page-cache" or (mode != "buffer" and not direct) else 0,
             "buffer": total if mode == "buffer" else 0}
     assert (copier.direct_bytes, copier.kernel_bytes, copier.buffered_bytes) == (want["direct"], want["kernel"], want["buffer"])
+    if direct:  # read ahead exactly when announced in the order copied
+        assert copier.unannounced_bytes == (total if mode != "direct-announced" else 0)
 
 
 def test_direct_read_ahead_reads_announced_ranges_in_order_in_few_requests(tmp_path, sources, monkeypatch):
@@ -85,13 +88,13 @@ def test_direct_read_ahead_reads_announced_ranges_in_order_in_few_requests(tmp_p
         pytest.skip("this file system refuses O_DIRECT")
     a, b = sources
     reads = []
-    real = span_copy._read_aligned
+    real = span_copy._SourceFiles.read_aligned
 
-    def recorded(fds, buffer, path, start, end):
+    def recorded(self, buffer, path, start, end):
         reads.append((os.path.basename(path), start, end))
-        return real(fds, buffer, path, start, end)
+        return real(self, buffer, path, start, end)
 
-    monkeypatch.setattr(span_copy, "_read_aligned", recorded)
+    monkeypatch.setattr(span_copy._SourceFiles, "read_aligned", recorded)
     copier = SpanCopier("direct", chunk_bytes=4 * ALIGN, read_buffers=8)
     spans = [Span(a, 10, 1000), Span(a, 1010, 2000), Span(b, 5, 100), Span(a, 3010, 20_000)]
     copier.read_ahead(spans)
@@ -103,6 +106,28 @@ def test_direct_read_ahead_reads_announced_ranges_in_order_in_few_requests(tmp_p
     # adjacent ranges of a file share a request; a request holds at most chunk_bytes
     assert reads == [("a.bin", 10, 3010), ("b.bin", 5, 105), ("a.bin", 3010, 3010 + 4 * ALIGN),
                      ("a.bin", 3010 + 4 * ALIGN, 23_010)]
+
+
+def test_sources_whose_o_direct_reads_are_refused_are_read_plainly(tmp_path, sources, monkeypatch):
+    """Some file systems accept O_DIRECT at open and refuse the read (EINVAL): same bytes."""
+    real = os.preadv
+
+    def preadv(fd, buffers, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    spans = _spans(*sources)
+    copier = SpanCopier("direct", **SMALL)
+    copier.read_ahead(spans[:3])  # read-ahead thread and direct reads both
+    out = copier.create(str(tmp_path / "out.bin"))
+    out.write(b"head")
+    out.copy(spans)
+    out.write(b"tail")
+    out.close()
+    copier.close()
+    assert (tmp_path / "out.bin").read_bytes() == _expected(spans)
 
 
 @pytest.mark.parametrize("mode", ["direct-announced", "direct-not-announced", "page-cache", "buffer"])

@@ -36,13 +36,14 @@ def main():
     report = {"runs": [], "interrupt": None}
     counts = count_bytes()
     for run in args.run:
-        counts.update(direct=0, kernel=0, buffered=0, read=0)
+        counts.update(direct=0, kernel=0, buffered=0, unannounced=0, read=0)
         try:
             report["runs"].append({"args": run, "rc": cli.main(shlex.split(run) + ["--no-progress"])})
         except SystemExit as e:
             report["runs"].append({"args": run, "rc": 1, "error": str(e)})
         report["runs"][-1].update(direct_bytes=counts["direct"], kernel_bytes=counts["kernel"],
-                                  buffered_bytes=counts["buffered"], read_bytes=counts["read"])
+                                  buffered_bytes=counts["buffered"], unannounced_bytes=counts["unannounced"],
+                                  read_bytes=counts["read"])
     if args.interrupt:
         from checkpoint_converters.hf_direct import DirectHFReader
 
@@ -79,14 +80,14 @@ def count_bytes():
     from checkpoint_converters.hf_direct import DirectHFReader
     from checkpoint_converters.span_copy import SpanCopier
 
-    counts = {"direct": 0, "kernel": 0, "buffered": 0, "read": 0}
+    counts = {"direct": 0, "kernel": 0, "buffered": 0, "unannounced": 0, "read": 0}
     close, read = SpanCopier.close, DirectHFReader._read
 
     def counted_close(self):
         close(self)
         if not getattr(self, "_counted", False):  # a copier may be closed twice: count it once
             self._counted = True
-            for how in ("direct", "kernel", "buffered"):
+            for how in ("direct", "kernel", "buffered", "unannounced"):
                 counts[how] += getattr(self, f"{how}_bytes")
 
     def counted_read(self, *a, **k):
