@@ -24,9 +24,9 @@ pair, median over rounds: on this shared VM the same copy took 0.9 s in one run 
 another, depending on what ran before it, so only paired ratios are stable. "data" = the tools' own
 timing of their read-transform-write loop (without interpreter start-up and imports, ~1.5 s for
 moe_convertor and convert_mcore_to_hf, ~3 s with megatron-core for convert_hf_to_mcore); the tools
-also say how they copied the weight bytes (direct I/O, in the kernel, through a buffer). Peak resident memory of the child
-process tree (psutil, sampled every 10 ms): total RSS, and anonymous RSS (total minus file-backed
-pages).
+also say how they copied the weight bytes (direct I/O, in the kernel, through a buffer). Peak
+resident memory of the child process tree (psutil, sampled every 10 ms): total RSS, and anonymous
+RSS (total minus file-backed pages).
 Goals: >= 0.5x copy throughput; peak RSS <= 2 GB + 2x the largest tensor. Deletes everything at
 the end unless --keep.
 """

@@ -5,16 +5,16 @@ input files (`byte_spans.Span`: expert matrices, QKV rows, embeddings). `SpanCop
 opens such a file as a stream with `write(bytes)`, `copy(spans)` and `tell()`;
 `SpanCopier.read_ahead(spans)` announces the ranges that will be copied next, in order.
 
-Two ways to move the bytes (`io=`):
+Two ways to move the bytes (`io_mode`, the tools' `--io`):
 
 - "direct" (default): the page cache is bypassed both ways (O_DIRECT). A reader thread reads
   the announced ranges into a few reused aligned buffers, the copy puts them into 32 MiB blocks,
   a writer thread writes each full block. A conversion reads and writes tens to hundreds of GB
-  once; through the page cache that evicts everything else and has the kernel find fresh memory
-  for every page: on this project's VM (free pages go back to the hypervisor) a 9.6 GB
-  `shutil.copyfile` took 14-42 s, the same bytes with direct I/O 7-10 s (benchmarks/RESULTS.md).
-  A file system that refuses O_DIRECT (tmpfs, some network file systems) gets "page-cache" for
-  that file, silently: same bytes, counted apart.
+  once; through the page cache that evicts everything else, and has the kernel find fresh memory
+  for every page: on this project's VM (free pages go back to the hypervisor) `shutil.copyfile`
+  of 9.6 GB took 9-35 s depending on what ran before, the converters with direct I/O 9-20 s
+  (benchmarks/RESULTS.md, convert). Where a file system refuses O_DIRECT (tmpfs, some network
+  file systems) the copier switches to "page-cache" from that output file on: same bytes.
 - "page-cache": os.copy_file_range from page cache to page cache (like shutil.copyfile), with
   posix_fadvise(WILLNEED) read-ahead; one reused buffer where the kernel cannot copy (EXDEV...).
 

@@ -1,6 +1,7 @@
 """Let unmodified megatron-core run on CPU with gloo (DESIGN §4).
 
-This is the only module in megadiff that patches anything. `enable_cpu_support()` is called by
+With megatron_import.py (torch.compile, only while megatron.core.jit is imported) this is the only
+module in megadiff that patches anything. `enable_cpu_support()` is called by
 `init_distributed()` when CUDA is absent and never when it is present, so GPU runs use
 megatron-core untouched. What is redirected, and why:
 

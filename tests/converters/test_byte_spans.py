@@ -21,6 +21,7 @@ from checkpoint_converters.span_copy import SpanCopier
 from megadiff.checkpoint.lazy import _HoleFillingStream
 from megadiff.checkpoint.reader import DistCheckpointReader
 from tests.converters.test_moe_convertor import assert_same_checkpoint
+from tests.converters.test_span_copy import _direct_io_works
 
 QUIET = dict(progress=False, log=lambda *a: None)
 
@@ -73,19 +74,6 @@ def _bytes_by_rank(hf_dir):
     matrices = sum(reader.nbytes(n) for n in reader.names() if len(reader.shape(n)) >= 2)
     vectors = sum(reader.nbytes(n) for n in reader.names() if len(reader.shape(n)) < 2)
     return matrices, vectors
-
-
-def _direct_io_works(directory) -> bool:
-    """Whether this file system takes O_DIRECT writes (ext4 here; tmpfs does not): where it does
-    not, the copier falls back to copy_file_range, and the counts below move accordingly."""
-    from checkpoint_converters.span_copy import _open_direct_output
-
-    fd = _open_direct_output(os.path.join(directory, ".direct_probe"))
-    os.unlink(os.path.join(directory, ".direct_probe"))
-    if fd is None:
-        return False
-    os.close(fd)
-    return True
 
 
 def _how(counts, prefix=""):

@@ -15,6 +15,8 @@ SMALL = dict(chunk_bytes=2 * ALIGN, read_buffers=3, block_bytes=3 * ALIGN)  # ma
 
 
 def _direct_io_works(directory) -> bool:
+    """Whether this file system takes O_DIRECT writes (ext4 here; tmpfs does not): where it does
+    not, the copier falls back to copy_file_range, and the expected counts move accordingly."""
     fd = _open_direct_output(os.path.join(directory, ".probe"))
     os.unlink(os.path.join(directory, ".probe"))
     if fd is not None:
