@@ -55,7 +55,7 @@ class SpanCopier:
         self.io_mode = io_mode if hasattr(os, "O_DIRECT") else "page-cache"
         self.block_bytes = _round_up(block_bytes)
         self.direct_bytes = self.kernel_bytes = self.buffered_bytes = 0
-        self._sources: Dict[str, int] = {}  # page-cache mode's source fds
+        self._sources = _SourceFiles(direct=False)  # page-cache mode's
         self._kernel = hasattr(os, "copy_file_range")  # until the kernel says it cannot
         self._buffer = None
         self._prefetch = _Prefetcher(chunk_bytes, read_buffers) if self.io_mode == "direct" else None
@@ -86,24 +86,18 @@ class SpanCopier:
         elif hasattr(os, "posix_fadvise"):
             for span in spans:
                 if span.nbytes:
-                    os.posix_fadvise(self._fd(span.path), span.offset, span.nbytes, os.POSIX_FADV_WILLNEED)
+                    os.posix_fadvise(self._sources.fd(span.path), span.offset, span.nbytes, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
         if self._prefetch is not None:
             self._prefetch.close()
-        for fd in self._sources.values():
-            os.close(fd)
-        self._sources.clear()
+        self._sources.close()
 
     # page-cache mode
-    def _fd(self, path: str) -> int:
-        if path not in self._sources:
-            self._sources[path] = os.open(path, os.O_RDONLY)
-        return self._sources[path]
 
     def _copy_in_kernel(self, span: Span, out_fd: int) -> None:
         """Append `span` at `out_fd`'s position: copy_file_range, else through one buffer."""
-        src, offset, left = self._fd(span.path), span.offset, span.nbytes
+        src, offset, left = self._sources.fd(span.path), span.offset, span.nbytes
         while left and self._kernel:
             try:
                 n = os.copy_file_range(src, out_fd, min(left, 1 << 30), offset)
@@ -135,21 +129,13 @@ class SpanCopier:
 
 
 class OutputFile(io.RawIOBase):
-    """An output file being written front to back (what `SpanCopier.create` returns)."""
+    """An output file being written front to back, never seeked (what `SpanCopier.create` returns)."""
 
     def __init__(self, fd: int, path: str, copier: SpanCopier):
         self._fd, self.path, self._copier = fd, path, copier
 
     def writable(self):
         return True
-
-    def seekable(self):  # torch.save asks its position with seek(0, SEEK_CUR)
-        return True
-
-    def seek(self, offset, whence=io.SEEK_SET):
-        if (offset, whence) == (0, io.SEEK_CUR) or (whence == io.SEEK_SET and offset == self.tell()):
-            return self.tell()
-        raise io.UnsupportedOperation(f"{self.path} is written front to back; cannot seek")
 
     def copy(self, spans: Sequence[Span]) -> int:
         """Append the bytes of `spans`; returns how many."""
@@ -432,17 +418,19 @@ class _Prefetcher:
 
 
 class _SourceFiles:
-    """Input files open for O_DIRECT reads, or plain ones where the file system refuses O_DIRECT."""
+    """Input files kept open by path: for O_DIRECT reads (`direct`), plain where the file system
+    refuses O_DIRECT, or plain."""
 
-    def __init__(self):
+    def __init__(self, direct: bool = True):
+        self._direct = direct
         self._fds: Dict[str, int] = {}
 
     def fd(self, path: str) -> int:
         if path not in self._fds:
             try:
-                self._fds[path] = os.open(path, os.O_RDONLY | os.O_DIRECT)
+                self._fds[path] = os.open(path, os.O_RDONLY | (os.O_DIRECT if self._direct else 0))
             except OSError as e:
-                if e.errno not in _DIRECT_REFUSED_ERRNOS:
+                if not self._direct or e.errno not in _DIRECT_REFUSED_ERRNOS:
                     raise
                 self._fds[path] = os.open(path, os.O_RDONLY)
         return self._fds[path]
