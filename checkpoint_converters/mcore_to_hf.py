@@ -9,7 +9,7 @@ memory stays bounded by the largest tensor plus the budget whatever the model si
 and other keys in a training checkpoint are ignored.
 
 - `convert_mcore_to_hf`: a complete HF dir (shards + index, config.json, generation_config.json,
-  tokenizer and remote code from a template) that `AutoModelForCausalLM.from_pretrained(...,
+  tokenizer and remote code from a template, allow-listed files only: hf_template.py) that `AutoModelForCausalLM.from_pretrained(...,
   trust_remote_code=True)` loads as is; split experts, or dFactory's merged layout.
 - `load_reference_from_mcore`: the plain-PyTorch reference model in memory (the sampler's loader).
 """
@@ -55,16 +55,17 @@ class McoreInput:
         return self.dtype
 
 
-def inspect_mcore_input(mcore_dir: str, iteration: Optional[int] = None) -> McoreInput:
+def inspect_mcore_input(mcore_dir: str, iteration: Optional[int] = None, trust_checkpoint: bool = False) -> McoreInput:
     """Resolve the iteration dir and check that it holds every tensor the recorded config needs,
-    with the right global shape, and that its data files are all there (nothing read yet)."""
+    with the right global shape, and that its data files are all there (nothing read yet).
+    `trust_checkpoint`: unpickle its metadata without the allow-list (megadiff.checkpoint.untrusted)."""
     ckpt_dir = resolve_checkpoint_dir(mcore_dir, iteration)
     meta = read_meta(ckpt_dir)
     config = meta.get("hf_config")
     if not isinstance(config, dict):
         raise CheckpointError(f"{ckpt_dir}/megadiff.json: 'hf_config' missing")
     model = LLaDA2ModelConfig.from_hf_dict(config, source=f"{ckpt_dir}/megadiff.json:hf_config")
-    reader = DistCheckpointReader(ckpt_dir)
+    reader = DistCheckpointReader(ckpt_dir, trust=trust_checkpoint)
     units = units_for(config)
     for unit in units:
         if unit.key not in reader:
@@ -218,6 +219,17 @@ def _generation_config(config: Dict) -> Dict:
     return out
 
 
+def _same_as_megadiff_code(path: str) -> bool:
+    """True when a remote-code file equals megadiff's own file of that name."""
+    from .hf_layout import REMOTE_CODE_FILES, remote_code_dir
+
+    name = os.path.basename(path)
+    if name not in REMOTE_CODE_FILES:
+        return False
+    with open(path, "rb") as a, open(os.path.join(remote_code_dir(), name), "rb") as b:
+        return a.read() == b.read()
+
+
 def convert_mcore_to_hf(
     mcore_dir: str,
     output: str,
@@ -230,21 +242,24 @@ def convert_mcore_to_hf(
     budget_bytes: int = DEFAULT_BUDGET,
     log: Callable[[str], None] = print,
     io_mode: str = "direct",
+    trust_checkpoint: bool = False,
 ) -> str:
     """Write an HF LLaDA2 dir from a checkpoint ROOT (latest complete iteration, or `iteration`) or
-    an iteration dir. Tokenizer, generation config and remote code come from `hf_template` (default:
-    the checkpoint's recorded hf_source_dir; else megadiff's own remote code). Returns OUTPUT."""
-    from .output_dir import check_output_dir, copy_non_weight_files, ensure_remote_code, staged_output, write_json
+    an iteration dir. Tokenizer, generation config, chat template and remote code come from
+    `hf_template` (default: the checkpoint's recorded hf_source_dir when its config.json matches
+    the checkpoint's; else megadiff's own remote code), allow-listed files only (hf_template.py).
+    Returns OUTPUT."""
+    from .hf_template import copy_template_files, recorded_source_dir
+    from .output_dir import check_output_dir, ensure_remote_code, staged_output, write_json
     from .safetensors_stream import parse_size, write_sharded_safetensors
 
-    src = inspect_mcore_input(mcore_dir, iteration)
+    src = inspect_mcore_input(mcore_dir, iteration, trust_checkpoint)
     max_shard_size = parse_size(max_shard_size)
-    template = hf_template or src.meta.get("hf_source_dir")
     if hf_template and not os.path.isdir(hf_template):
         raise CheckpointError(f"{hf_template}: --hf-template directory not found")
-    if template and not os.path.isdir(template):
-        log(f"note: recorded hf_source_dir {template} no longer exists; using megadiff's remote code, no tokenizer")
-        template = None
+    template, why = (hf_template, "--hf-template") if hf_template else recorded_source_dir(src.meta)
+    if template is None:
+        log(f"note: {why}; using megadiff's remote code and no tokenizer (--hf-template DIR takes them from DIR)")
     inputs = [src.ckpt_dir] + ([template] if template else [])
     output = check_output_dir(output, overwrite, inputs=inputs)
     items = plan_hf_output(src, MERGED if merged_experts else SPLIT)
@@ -265,29 +280,41 @@ def convert_mcore_to_hf(
             values = iter_hf_tensors(src, items, budget_bytes, allow_spans=True)
             writer = write_sharded_safetensors(staging, entries, max_shard_size, values, bar.update if bar else None,
                                                io_mode)
-            copied = copy_non_weight_files(template, staging, skip=("config.json",)) if template else []
             config = _output_config(src, weights_dtype)
-            copied += ensure_remote_code(staging, config)
+            copied, left_out = copy_template_files(template, staging, config) if template else ([], [])
+            megadiff_code = ensure_remote_code(staging, config)
             write_json(os.path.join(staging, "config.json"), config)
             if "generation_config.json" not in copied:
                 write_json(os.path.join(staging, "generation_config.json"), _generation_config(config))
     finally:
         if bar is not None:
             bar.close()
-    log(f"files from {template or 'megadiff'}: {', '.join(copied) or 'none'}")
+    if template:
+        log(f"files from {template} ({why}): {', '.join(copied) or 'none'}")
+    if left_out:
+        log(f"not copied from {template} (not tokenizer, generation config, chat template or remote code "
+            f"named in auto_map): {', '.join(left_out)}")
+    template_code = [name for name in copied if name.endswith(".py")
+                     and not _same_as_megadiff_code(os.path.join(output, name))]
+    if template_code:
+        log(f"remote code from {template}, not megadiff's own: {', '.join(template_code)}; "
+            f"trust_remote_code=True runs it, so check it before loading the model")
+    if megadiff_code:
+        log(f"remote code: megadiff's own {', '.join(megadiff_code)}")
     log(data_phase_line(writer.total_size, time.perf_counter() - started, copier=writer.copier))
     return output
 
 
 # ---- in memory ------------------------------------------------------------------------------------
 
-def load_reference_from_mcore(ckpt_dir: str, iteration: Optional[int] = None, dtype: torch.dtype = torch.float32):
+def load_reference_from_mcore(ckpt_dir: str, iteration: Optional[int] = None, dtype: torch.dtype = torch.float32,
+                              trust_checkpoint: bool = False):
     """The plain-PyTorch reference model (LLaDA2MoeModelLM, eval mode) from a megadiff checkpoint
     ROOT (latest complete iteration, or `iteration`) or iteration dir, in this process: no torchrun,
     no process group. Same dtype handling as `megadiff.hf.reference.load_reference_model`."""
     from megadiff.hf.reference import build_reference_model
 
-    src = inspect_mcore_input(ckpt_dir, iteration)
+    src = inspect_mcore_input(ckpt_dir, iteration, trust_checkpoint)
     with torch.device("meta"):
         model = build_reference_model(src.config)
     state = {name: tensor.to(dtype) for name, tensor in iter_hf_tensors(src, plan_hf_output(src, SPLIT))}

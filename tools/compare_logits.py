@@ -20,6 +20,8 @@ def parse_args(argv=None):
     p.add_argument("--hf-dir", required=True, help="HF LLaDA2 directory (config.json + safetensors): the reference")
     p.add_argument("--mcore-dir", help="megatron checkpoint to test instead of the HF weights (converted or trained)")
     p.add_argument("--iteration", type=int, help="checkpoint iteration (default: latest complete)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load --mcore-dir without vetting its pickles (only for checkpoints you made, e.g. TE FP8)")
     p.add_argument("--input-ids", required=True, help="JSON file: list of lists of token ids")
     p.add_argument("--position-ids", help="JSON file: list of lists, same shape (default 0..n-1)")
     p.add_argument("--tp", type=int, default=1)
@@ -78,7 +80,7 @@ def main(argv=None):
     if args.mcore_dir:
         from megadiff.checkpoint import load_model_weights
 
-        load_model_weights(args.mcore_dir, chunks, iteration=args.iteration)
+        load_model_weights(args.mcore_dir, chunks, iteration=args.iteration, trust=args.trust_checkpoint)
         print_rank0(f"loaded megatron checkpoint {args.mcore_dir}")
     else:
         from checkpoint_converters.hf_io import HFCheckpointReader

@@ -7,8 +7,11 @@ remote code, loadable with AutoModelForCausalLM.from_pretrained(OUT, trust_remot
       [--hf-template DIR] [--merged-experts] [--max-shard-size 5GB]
 
 CKPT is a checkpoint root (latest complete iteration by default) or an iteration dir. Tokenizer,
-generation config and remote code come from --hf-template (default: the HF dir the checkpoint was
-made from, recorded in its megadiff.json; else megadiff's own remote code). Weights keep the
+generation config, chat template and remote code come from --hf-template (default: the HF dir the
+checkpoint was made from, recorded in its megadiff.json, if its config.json still matches the
+checkpoint's; else megadiff's own remote code); only those files are copied, listed at the end.
+A checkpoint is read without running code from it: its pickled metadata is checked first
+(--trust-checkpoint skips that, for checkpoints you made yourself). Weights keep the
 checkpoint's dtype. Needs no torchrun and no megatron-core; tensors stored as whole rows are copied
 file to file in the kernel, the rest streamed a few at a time.
 The output appears only when complete (built in OUT.tmp-<nonce>, then renamed).
@@ -34,6 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--io", choices=["direct", "page-cache"], default="direct",
                    help="how weight bytes are copied: direct = O_DIRECT reads and writes, bypassing the page "
                         "cache (default; falls back per file where refused), page-cache = copy_file_range")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle the checkpoint's metadata without restriction (only for checkpoints you made: "
+                        "a pickle can run code)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -50,11 +56,13 @@ def main(argv=None) -> int:
         *(["--hf-template", os.path.abspath(args.hf_template)] if args.hf_template else []),
         *(["--merged-experts"] if args.merged_experts else []), "--max-shard-size", args.max_shard_size,
         *(["--overwrite"] if args.overwrite else []), "--io", args.io,
+        *(["--trust-checkpoint"] if args.trust_checkpoint else []),
     ]), flush=True)
     try:
         out = convert_mcore_to_hf(args.mcore_dir, args.output, args.iteration, args.hf_template,
                                   args.merged_experts, args.max_shard_size, args.overwrite,
-                                  progress=not args.no_progress, io_mode=args.io)
+                                  progress=not args.no_progress, io_mode=args.io,
+                                  trust_checkpoint=args.trust_checkpoint)
     except (CheckpointError, ConfigError) as e:
         raise SystemExit(f"error: {e}")
     except ValueError as e:  # --max-shard-size

@@ -14,7 +14,6 @@ import torch
 from checkpoint_converters.hf_io import CheckpointError
 
 from .format import (
-    DCP_METADATA_NAME,
     build_meta,
     commit_iteration_dir,
     iteration_dir_name,
@@ -115,12 +114,10 @@ def save_checkpoint_lazily(
     )
 
 
-def _checkpoint_tensor_metadata(ckpt_dir: str):
-    from torch.distributed.checkpoint import FileSystemReader
+def _checkpoint_tensor_metadata(ckpt_dir: str, trust: bool = False):
+    from .untrusted import read_dcp_metadata
 
-    if not os.path.isfile(os.path.join(ckpt_dir, DCP_METADATA_NAME)):
-        raise CheckpointError(f"{ckpt_dir}: {DCP_METADATA_NAME} missing; not a dist_checkpointing directory")
-    return FileSystemReader(ckpt_dir).read_metadata().state_dict_metadata
+    return read_dcp_metadata(ckpt_dir, trust).state_dict_metadata
 
 
 def _item_key(item) -> Optional[str]:
@@ -134,13 +131,13 @@ def _item_key(item) -> Optional[str]:
     return None
 
 
-def missing_sharded_keys(ckpt_dir: str, sharded_state_dict: Dict) -> List[str]:
+def missing_sharded_keys(ckpt_dir: str, sharded_state_dict: Dict, trust: bool = False) -> List[str]:
     """Sharded keys requested by `sharded_state_dict` that the checkpoint does not hold. Raises
     CheckpointError on a global-shape mismatch (the checkpoint is for another model config)."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    stored = _checkpoint_tensor_metadata(ckpt_dir)
+    stored = _checkpoint_tensor_metadata(ckpt_dir, trust)
     missing = []
     for item in nested_values(sharded_state_dict):
         key = _item_key(item)
@@ -166,30 +163,40 @@ def _missing_error(ckpt_dir: str, missing: List[str]) -> CheckpointError:
     )
 
 
-def load_checkpoint(root_or_iter_dir: str, sharded_state_dict: Dict, iteration: Optional[int] = None):
+def load_checkpoint(root_or_iter_dir: str, sharded_state_dict: Dict, iteration: Optional[int] = None,
+                    trust: bool = False):
     """Load what `sharded_state_dict` asks for (collective) -> (state_dict, megadiff.json dict).
-    Tensors in the checkpoint that are not asked for (e.g. optimizer state) are ignored."""
+    Tensors in the checkpoint that are not asked for (e.g. optimizer state) are ignored. Unless
+    `trust`, every pickle megatron-core would unpickle is vetted first (untrusted.vet_checkpoint)."""
     from megatron.core import dist_checkpointing
+
+    from .untrusted import vet_checkpoint
 
     ckpt_dir = resolve_checkpoint_dir(root_or_iter_dir, iteration)
     meta = read_meta(ckpt_dir)
-    missing = missing_sharded_keys(ckpt_dir, sharded_state_dict)
+    vet_checkpoint(ckpt_dir, trust)
+    missing = missing_sharded_keys(ckpt_dir, sharded_state_dict, trust)
     if missing:
         raise _missing_error(ckpt_dir, missing)
     return dist_checkpointing.load(sharded_state_dict, ckpt_dir), meta
 
 
-def load_model_weights(root_or_iter_dir: str, chunks, iteration: Optional[int] = None, strict: bool = True) -> Dict:
+def load_model_weights(root_or_iter_dir: str, chunks, iteration: Optional[int] = None, strict: bool = True,
+                       trust: bool = False) -> Dict:
     """Load the model weights of a checkpoint into `chunks` (this rank's model chunks, any layout).
     Optimizer state in the checkpoint is ignored. With strict=False, parameters the checkpoint lacks
-    keep their values. Collective. Returns the checkpoint's megadiff.json dict."""
+    keep their values. Collective. Returns the checkpoint's megadiff.json dict. `trust`: as in
+    `load_checkpoint`."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.dict_utils import extract_matching_values
 
+    from .untrusted import vet_checkpoint
+
     ckpt_dir = resolve_checkpoint_dir(root_or_iter_dir, iteration)
     meta = read_meta(ckpt_dir)
+    vet_checkpoint(ckpt_dir, trust)
     sharded = model_sharded_state_dict(chunks)
-    missing = set(missing_sharded_keys(ckpt_dir, sharded))
+    missing = set(missing_sharded_keys(ckpt_dir, sharded, trust))
     if missing and strict:
         raise _missing_error(ckpt_dir, sorted(missing))
     if missing:

@@ -18,28 +18,16 @@ import zipfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.utils import _create_file_view
 
 from checkpoint_converters.hf_io import CheckpointError
 
 from .format import DCP_METADATA_NAME
+from .untrusted import SafeFileSystemReader, vet_checkpoint
 
 Box = Tuple[str, Optional[Sequence[int]], Optional[Sequence[int]]]  # key, offsets, sizes (None = all)
-
-
-class _CachedMetadataReader(FileSystemReader):
-    """FileSystemReader that parses `.metadata` once, not on every load call."""
-
-    def __init__(self, path):
-        super().__init__(path)
-        self._metadata = None
-
-    def read_metadata(self, *args, **kwargs):
-        if self._metadata is None:
-            self._metadata = super().read_metadata(*args, **kwargs)
-        return self._metadata
 
 
 class _Boxes(torch.Tensor):
@@ -70,17 +58,18 @@ class DistCheckpointReader:
     """Tensor keys, global shapes, dtypes and values of a megatron-core torch_dist checkpoint dir.
 
     The constructor checks that every data file the metadata refers to exists and is long enough,
-    so a truncated or missing `.distcp` file is reported before any conversion starts."""
+    so a truncated or missing `.distcp` file is reported before any conversion starts. Unless
+    `trust`, `.metadata` is unpickled with an allow-list and a checkpoint whose byte items hold
+    more than tensors is refused (megadiff.checkpoint.untrusted); only tensors are ever read, with
+    torch's weights-only unpickler."""
 
-    def __init__(self, ckpt_dir: str):
+    def __init__(self, ckpt_dir: str, trust: bool = False):
         self.ckpt_dir = ckpt_dir
         if not os.path.isfile(os.path.join(ckpt_dir, DCP_METADATA_NAME)):
             raise CheckpointError(f"{ckpt_dir}: {DCP_METADATA_NAME} missing; not a dist_checkpointing directory")
-        self._reader = _CachedMetadataReader(ckpt_dir)
-        try:
-            metadata = self._reader.read_metadata()
-        except Exception as e:
-            raise CheckpointError(f"{os.path.join(ckpt_dir, DCP_METADATA_NAME)}: unreadable ({e})") from None
+        self._reader = SafeFileSystemReader(ckpt_dir, trust=trust)
+        metadata = self._reader.read_metadata()  # CheckpointError naming the file if refused / unreadable
+        vet_checkpoint(ckpt_dir, trust, metadata, extra_state_is_loaded=False)
         self._tensors: Dict[str, TensorStorageMetadata] = {
             k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
         }

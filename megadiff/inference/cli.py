@@ -21,6 +21,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weights dtype; auto = bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--mask-id", type=int, default=None, help="mask token id (default: <|mask|> of the tokenizer)")
     parser.add_argument("--eos-id", type=int, default=None, help="EOS token id (default: config.json eos_token_id)")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="read an mcore checkpoint's pickled metadata without restriction (only for "
+                             "checkpoints you made: a pickle can run code)")
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser, batch_size: int = 1) -> None:
@@ -65,7 +68,7 @@ def load_for_decoding(args: argparse.Namespace, need_tokenizer: bool = True):
             raise
         tokenizer = None
     model = load_model(args.model, dtype=parse_dtype(args.dtype, args.device), device=args.device,
-                       iteration=args.iteration)
+                       iteration=args.iteration, trust_checkpoint=args.trust_checkpoint)
     mask_id, eos_id = special_token_ids(model, tokenizer, args.mask_id, args.eos_id)
     return model, tokenizer, mask_id, eos_id
 

@@ -30,8 +30,11 @@ def check_model_dir(path: str) -> None:
         )
 
 
-def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu", iteration: Optional[int] = None):
-    """The LLaDA2 reference model (eval mode) from an HF dir or an mcore checkpoint dir."""
+def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu", iteration: Optional[int] = None,
+               trust_checkpoint: bool = False):
+    """The LLaDA2 reference model (eval mode) from an HF dir or an mcore checkpoint dir. An mcore
+    checkpoint is read without running code from its pickles unless `trust_checkpoint`
+    (megadiff.checkpoint.untrusted)."""
     check_model_dir(path)
     if is_mcore_checkpoint(path):
         try:
@@ -41,7 +44,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu
                 f"{path} is a megatron-core checkpoint, but checkpoint_converters.mcore_to_hf cannot be "
                 f"imported ({e}); convert the checkpoint to a Hugging Face dir and pass that instead"
             ) from e
-        model = load_reference_from_mcore(path, iteration=iteration, dtype=dtype)
+        model = load_reference_from_mcore(path, iteration=iteration, dtype=dtype, trust_checkpoint=trust_checkpoint)
     else:
         from megadiff.hf.reference import load_reference_model
 
@@ -52,23 +55,27 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu
 def load_tokenizer(model_path: str, tokenizer_path: Optional[str] = None, iteration: Optional[int] = None):
     """The tokenizer in `tokenizer_path`, else the one stored next to the model; an mcore checkpoint
     holds none, so there it is the one of the HF dir the checkpoint was converted from (recorded as
-    `hf_source_dir` in its megadiff.json)."""
+    `hf_source_dir` in its megadiff.json), if that dir's config.json still matches the checkpoint's
+    (a received checkpoint could name any directory)."""
+    note = ""
     if tokenizer_path:
         candidates = [tokenizer_path]
     else:
         candidates = [model_path]
         if is_mcore_checkpoint(model_path):
+            from checkpoint_converters.hf_template import recorded_source_dir
             from megadiff.checkpoint.format import read_meta, resolve_checkpoint_dir
 
-            source = read_meta(resolve_checkpoint_dir(model_path, iteration)).get("hf_source_dir")
+            source, why = recorded_source_dir(read_meta(resolve_checkpoint_dir(model_path, iteration)))
             candidates += [source] if source else []
+            note = "" if source else f" ({why})"
     for path in candidates:
         if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
             from transformers import AutoTokenizer
 
             return AutoTokenizer.from_pretrained(path)
     hint = "" if tokenizer_path else "; pass --tokenizer DIR"
-    raise FileNotFoundError(f"{' or '.join(candidates)}: no tokenizer files ({', '.join(TOKENIZER_FILES)}){hint}")
+    raise FileNotFoundError(f"{' or '.join(candidates)}: no tokenizer files ({', '.join(TOKENIZER_FILES)}){note}{hint}")
 
 
 def special_token_ids(model, tokenizer, mask_id: Optional[int] = None, eos_id: Optional[int] = None) -> tuple[int, int]:

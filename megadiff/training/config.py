@@ -85,6 +85,7 @@ class CheckpointSection:
     keep_last: int = 3
     resume: bool = True                    # continue from the latest complete checkpoint in save_dir
     fully_reshardable_optimizer: bool = False  # optimizer state resumable at another TP/EP/PP layout
+    trust_checkpoint: bool = False         # resume / init_from_mcore without vetting the checkpoint's pickles
 
 
 @dataclass

@@ -160,7 +160,8 @@ class Trainer:
         )
 
         initialise_optimizer_state(self.optimizer)
-        state, _ = load_checkpoint(root, self._sharded_state_dict(is_loading=True), iteration=iteration)
+        state, _ = load_checkpoint(root, self._sharded_state_dict(is_loading=True), iteration=iteration,
+                                   trust=self.cfg.checkpoint.trust_checkpoint)
 
         with torch.no_grad():  # fp32 main params are views of the model's leaf params
             apply_model_state(self.chunks, state)

@@ -66,7 +66,7 @@ def build_model_and_load(cfg: TrainingConfig, model_cfg, hf_config: dict, layout
     if cfg.model.init_from_mcore:
         from megadiff.checkpoint import load_model_weights
 
-        load_model_weights(cfg.model.init_from_mcore, chunks)
+        load_model_weights(cfg.model.init_from_mcore, chunks, trust=cfg.checkpoint.trust_checkpoint)
         log(f"initial weights: megatron checkpoint {cfg.model.init_from_mcore}")
     else:
         reader = HFCheckpointReader(cfg.model.hf_dir)

@@ -1,0 +1,78 @@
+"""Which files of an HF template dir an export copies, and when a checkpoint's recorded
+`hf_source_dir` may serve as that template.
+
+An export adds tokenizer, generation config, chat template and remote code to the weights. They
+come from a template dir: the one the user names (`--hf-template`), else the HF dir the checkpoint
+was converted or trained from, recorded in its megadiff.json. A received checkpoint controls that
+record, so it is used only when the directory's config.json equals the model config recorded in
+the checkpoint (it is then the model's own HF dir, or one just like it), and from any template
+only an allow-list is copied, never whatever else lies there (keys, credentials, scripts).
+"""
+
+import json
+import os
+import re
+import shutil
+from typing import Dict, List, Optional, Tuple
+
+TEMPLATE_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "generation_config.json", "chat_template.jinja", "chat_template.json",
+)
+_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def auto_map_modules(*configs: Dict) -> List[str]:
+    """The remote-code files ('modeling_x.py') that `auto_map` entries of these configs name in the
+    same directory ('modeling_x.Class'; 'repo--modeling_x.Class' lives in another repo: skipped)."""
+    modules = set()
+    for config in configs:
+        auto_map = config.get("auto_map") if isinstance(config, dict) else None
+        for value in (auto_map.values() if isinstance(auto_map, dict) else ()):
+            for ref in (value if isinstance(value, (list, tuple)) else [value]):  # AutoTokenizer: [slow, fast]
+                if isinstance(ref, str) and "--" not in ref and "." in ref:
+                    module = ref.rsplit(".", 1)[0]
+                    if _MODULE.match(module):
+                        modules.add(module + ".py")
+    return sorted(modules)
+
+
+def _read_json_or_none(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def recorded_source_dir(meta: Dict) -> Tuple[Optional[str], str]:
+    """(the checkpoint's recorded hf_source_dir if it may be used, why or why not)."""
+    source = meta.get("hf_source_dir")
+    if not source:
+        return None, "the checkpoint records no hf_source_dir"
+    if not os.path.isdir(source):
+        return None, f"recorded hf_source_dir {source} no longer exists"
+    config = _read_json_or_none(os.path.join(source, "config.json"))
+    if config is None or config != meta.get("hf_config"):
+        return None, (f"recorded hf_source_dir {source} is not used: its config.json "
+                      f"{'is missing or unreadable' if config is None else 'differs from the config recorded in the checkpoint'}"
+                      f", so it need not be the directory this checkpoint was made from")
+    return source, f"recorded hf_source_dir {source} (its config.json matches the checkpoint's)"
+
+
+def copy_template_files(template: str, dst: str, config: Dict) -> Tuple[List[str], List[str]]:
+    """Copy the allow-listed files of `template` and the remote-code modules that the output
+    `config`'s (or the template tokenizer's) auto_map names. Returns (copied, left out)."""
+    tokenizer_config = _read_json_or_none(os.path.join(template, "tokenizer_config.json"))
+    wanted = set(TEMPLATE_FILES) | set(auto_map_modules(config, tokenizer_config or {}))
+    copied, left_out = [], []
+    for name in sorted(os.listdir(template)):
+        path = os.path.join(template, name)
+        if not os.path.isfile(path) or name == "config.json":
+            continue
+        if name in wanted:
+            shutil.copyfile(path, os.path.join(dst, name))
+            copied.append(name)
+        elif not name.endswith((".safetensors", ".index.json")):
+            left_out.append(name)
+    return copied, left_out
