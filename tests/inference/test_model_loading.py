@@ -1,5 +1,6 @@
 """Loading a model dir for decoding: HF dirs, mcore checkpoint detection, tokenizer and special ids."""
 
+import os
 import sys
 import types
 
@@ -51,8 +52,8 @@ def test_mcore_checkpoint_dir_is_loaded_through_the_converter(tmp_path, monkeypa
     (tmp_path / marker).write_text("7\n" if marker.endswith(".txt") else "{}")
     seen = {}
 
-    def load_reference_from_mcore(ckpt_dir, iteration=None, dtype=torch.float32):
-        seen.update(ckpt_dir=ckpt_dir, iteration=iteration, dtype=dtype)
+    def load_reference_from_mcore(ckpt_dir, iteration=None, dtype=torch.float32, trust_checkpoint=False):
+        seen.update(ckpt_dir=ckpt_dir, iteration=iteration, dtype=dtype, trust=trust_checkpoint)
         return build_reference_model(preset("tiny"))
 
     fake = types.ModuleType("checkpoint_converters.mcore_to_hf")
@@ -60,7 +61,7 @@ def test_mcore_checkpoint_dir_is_loaded_through_the_converter(tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, "checkpoint_converters.mcore_to_hf", fake)
     assert is_mcore_checkpoint(str(tmp_path))
     model = load_model(str(tmp_path), dtype=torch.float64, iteration=7)
-    assert seen == {"ckpt_dir": str(tmp_path), "iteration": 7, "dtype": torch.float64}
+    assert seen == {"ckpt_dir": str(tmp_path), "iteration": 7, "dtype": torch.float64, "trust": False}
     assert not model.training
 
 
@@ -80,11 +81,18 @@ def test_mcore_checkpoint_tokenizer_is_the_recorded_hf_source_dirs(model_dir, tm
     iter_dir.mkdir()
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("7\n")
     (iter_dir / "metadata.json").write_text("{}")
-    meta = build_meta(7, {"hf_config": preset("tiny"), "layout": {"tp": 1}, "dtype": "fp32",
+    hf_config = json.load(open(os.path.join(model_dir, "config.json")))  # what a conversion records
+    meta = build_meta(7, {"hf_config": hf_config, "layout": {"tp": 1}, "dtype": "fp32",
                           "hf_source_dir": model_dir}, world_size=1)
     (iter_dir / "megadiff.json").write_text(json.dumps(meta))
     assert load_tokenizer(str(tmp_path)).get_vocab() == load_tokenizer(model_dir).get_vocab()
     assert load_tokenizer(str(iter_dir), iteration=7).name_or_path == model_dir
+    # A recorded dir whose config.json is not the checkpoint's (a received checkpoint can name any
+    # directory) is not used.
+    meta["hf_config"] = preset("tiny")
+    (iter_dir / "megadiff.json").write_text(json.dumps(meta))
+    with pytest.raises(FileNotFoundError, match="its config.json differs from the config recorded"):
+        load_tokenizer(str(tmp_path))
     meta["hf_source_dir"] = None
     (iter_dir / "megadiff.json").write_text(json.dumps(meta))
     with pytest.raises(FileNotFoundError, match="no tokenizer files.*pass --tokenizer DIR"):
