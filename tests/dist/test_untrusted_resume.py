@@ -1,0 +1,37 @@
+"""Train resume and model.init_from_mcore load a checkpoint through megatron-core, which unpickles
+`.metadata` and byte items without restriction; megadiff vets them first. Planted code is refused
+without running (the marker stays absent), checkpoint.trust_checkpoint=true loads it (and the
+payload runs: it was live), and real trainer- and converter-made checkpoints load by default."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.dist.launch import REPO, run_torchrun
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_resume_and_init_from_mcore_refuse_planted_code_and_trust_loads_it(tiny_run_dir, tmp_path):
+    converted = tmp_path / "converted"
+    subprocess.run([sys.executable, "tools/convert_hf_to_mcore.py", "--hf-dir", str(tiny_run_dir / "hf"),
+                    "--output", str(converted), "--no-progress"], cwd=REPO, check=True, capture_output=True)
+    out = tmp_path / "report.json"
+    run_torchrun(1, "tests/dist/workers/untrusted_load.py", ["--config", tiny_run_dir / "cfg.yaml",
+                                                             "--converted", converted, "--work", tmp_path,
+                                                             "--out", out])
+    report = json.loads(out.read_text())
+    for case in ("resume_real", "init_real_trained", "init_real_converted"):
+        assert report[case]["result"] == "loaded", (case, report[case])
+    for use in ("resume", "init"):
+        refused, trusted = report[f"{use}_metadata"], report[f"{use}_metadata_trusted"]
+        assert refused["result"].startswith("refused: ") and "'posix.system'" in refused["result"], refused
+        assert "checkpoint.trust_checkpoint=true" in refused["result"] and not refused["marker"]
+        assert trusted == {"result": "loaded", "marker": True}, trusted
+        refused, trusted = report[f"{use}_extra_state"], report[f"{use}_extra_state_trusted"]
+        assert "_extra_state" in refused["result"] and "it names exec" in refused["result"], refused
+        assert not refused["marker"]
+        assert trusted == {"result": "loaded", "marker": True}, trusted
