@@ -69,7 +69,6 @@ class DistCheckpointReader:
             raise CheckpointError(f"{ckpt_dir}: {DCP_METADATA_NAME} missing; not a dist_checkpointing directory")
         self._reader = SafeFileSystemReader(ckpt_dir, trust=trust)
         metadata = self._reader.read_metadata()  # CheckpointError naming the file if refused / unreadable
-        vet_checkpoint(ckpt_dir, trust, metadata, extra_state_is_loaded=False)
         self._tensors: Dict[str, TensorStorageMetadata] = {
             k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
         }
@@ -93,6 +92,7 @@ class DistCheckpointReader:
             size = os.path.getsize(path)
             if size < end:
                 raise CheckpointError(f"{path}: truncated ({size} bytes, the metadata needs {end})")
+        vet_checkpoint(ckpt_dir, trust, metadata, extra_state_is_loaded=False)  # byte items: no code
 
     def keys(self) -> List[str]:
         return sorted(self._tensors)
