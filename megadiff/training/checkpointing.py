@@ -1,8 +1,8 @@
 """Trainer-side checkpoint helpers on top of megadiff.checkpoint (the on-disk format).
 
 A run owns its save_dir (`claim_save_dir`: a lock, see megadiff.checkpoint.lock). With the lock held,
-nothing else writes there, so leftovers of earlier runs are judged safely: an interrupted replace is
-put back, staging dirs that cannot be the only copy of an iteration are deleted, and the run either
+nothing else writes there, so leftovers of earlier runs are judged safely: a complete copy of an
+iteration an interrupted save left missing is put back, the other staging leftovers deleted, and the run either
 resumes from the newest complete iteration or stops with an error naming what is damaged and what to
 do (`resume_iteration`). It never starts from scratch while the save_dir or its tracker names a
 checkpoint, and never overwrites a damaged iteration.
@@ -43,38 +43,40 @@ def claim_save_dir(save_dir: str, resume: bool, log: Callable[[str], None]) -> T
 
 
 def restore_interrupted_replaces(root: str, log) -> None:
-    """Rename the `.old-` copy of each iteration whose replace was interrupted back into place (lock held)."""
+    """Put a complete copy back at each `iter_XXXXXXX` an interrupted save left missing (lock held):
+    the `.old-` copy of a two-rename replace, else the newest complete `.tmp-` copy (a save killed
+    after megadiff.json was written but before its rename; or both copies an older megadiff's
+    replace left behind)."""
+    copies = {}
     for name in sorted(os.listdir(root)):
-        if fmt.BACKUP_MARK not in name:
+        m = _ITER.match(name)
+        path = os.path.join(root, name)
+        final = os.path.join(root, name.split(fmt.BACKUP_MARK)[0].split(fmt.STAGING_MARK)[0])
+        if not m or final == path or os.path.lexists(final) or fmt.iteration_dir_problem(path) is not None:
             continue
-        final = os.path.join(root, name.split(fmt.BACKUP_MARK)[0])
-        if _ITER.match(os.path.basename(final)) and not os.path.lexists(final):
-            os.rename(os.path.join(root, name), final)
-            log(f"restored {final} from {name} (a replace of it was interrupted)")
+        rank = (fmt.BACKUP_MARK in name, str(fmt.read_meta(os.path.join(path, fmt.META_NAME)).get("saved_at")), name)
+        copies[final] = max(copies.get(final, (rank, path)), (rank, path))
+    for final, (_, path) in sorted(copies.items()):
+        os.rename(path, final)
+        log(f"restored {final} from {os.path.basename(path)} (a save or replace of it was interrupted)")
+    if copies:
+        fmt.fsync_dir(root)
 
 
 def remove_stale_staging(root: str, log) -> None:
-    """Delete what interrupted saves left in ROOT (lock held, so no writer is alive): tracker temp
-    files, `.old-` copies of replaced iterations, and `.tmp-` dirs that are incomplete or not newer
-    than the newest complete iteration. A complete `.tmp-` dir newer than that may be the only copy
-    of its iteration (an older megadiff's interrupted replace): it is kept, resume_iteration names it."""
-    complete = fmt.complete_iteration_dirs(root)
-    newest = max(complete) if complete else -1
+    """Delete what interrupted saves left in ROOT: tracker temp files, `.tmp-` and `.old-` dirs.
+    With the lock held no writer is alive, and restore_interrupted_replaces has put every copy that
+    could be needed back in place, so all of them are stale."""
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name)
-        m = _ITER.match(name)
-        if name.startswith(fmt.TRACKER_NAME + fmt.STAGING_MARK) or (m and fmt.BACKUP_MARK in name):
-            stale = True
-        elif m and fmt.STAGING_MARK in name:
-            stale = int(m.group(1)) <= newest or fmt.iteration_dir_problem(path) is not None
-        else:
+        if not (name.startswith(fmt.TRACKER_NAME + fmt.STAGING_MARK)
+                or (_ITER.match(name) and (fmt.STAGING_MARK in name or fmt.BACKUP_MARK in name))):
             continue
-        if stale:
-            if os.path.isdir(path):
-                fmt.remove_tree(path)
-            else:
-                os.unlink(path)
-            log(f"removed {path} (left by an interrupted save)")
+        if os.path.isdir(path):
+            fmt.remove_tree(path)
+        else:
+            os.unlink(path)
+        log(f"removed {path} (left by an interrupted save)")
 
 
 def resume_iteration(root: str, log: Callable[[str], None] = print) -> Optional[int]:
@@ -98,11 +100,7 @@ def resume_iteration(root: str, log: Callable[[str], None] = print) -> Optional[
             log(f"warning: {path} is not a complete checkpoint ({problem}); kept, not resumed from")
     tracked = os.path.join(root, fmt.iteration_dir_name(tracker)) if tracker is not None else None
     if tracked and (newest is None or tracker > newest) and not os.path.lexists(tracked):
-        copies = [n for n in sorted(os.listdir(root)) if n.startswith(os.path.basename(tracked) + fmt.STAGING_MARK)
-                  and fmt.iteration_dir_problem(os.path.join(root, n)) is None]
-        hint = (f"; complete copies of it are left by an interrupted replace: {', '.join(copies)} "
-                f"(to resume from one: mv {os.path.join(root, copies[-1])} {tracked})" if copies else "")
-        blocking.append(f"{tracker_path} names iteration {tracker}, but {tracked} is missing{hint}")
+        blocking.append(f"{tracker_path} names iteration {tracker}, but {tracked} is missing")
     if not blocking:
         return newest
     if newest is not None:
