@@ -30,6 +30,9 @@ def claim_save_dir(save_dir: str, resume: bool, log: Callable[[str], None]) -> T
         restore_interrupted_replaces(save_dir, log)
         remove_stale_staging(save_dir, log)
         iteration = resume_iteration(save_dir, log)
+        if iteration is not None and fmt.read_tracker(save_dir) != iteration:  # killed before it was updated
+            fmt.write_text_atomic(os.path.join(save_dir, fmt.TRACKER_NAME), f"{iteration}\n")
+            log(f"{fmt.TRACKER_NAME} now names iteration {iteration}, the newest complete one")
         if iteration is not None and not resume:
             raise CheckpointError(
                 f"{save_dir}: holds checkpoints (latest iteration {iteration}) and checkpoint.resume=false; "
@@ -184,7 +187,7 @@ def check_optimizer_layout(ckpt_dir: str, sharded_state_dict, layout) -> None:
         f"{ckpt_dir}: its optimizer state was saved at layout ({show(meta['layout'])}) with "
         f"checkpoint.fully_reshardable_optimizer={str(bool(reshardable)).lower()}, and cannot be resumed at this "
         f"run's layout ({show(layout)}) ('{missing[0]}' and {len(missing) - 1} more are not in the checkpoint). "
-        f"Resume at the saved layout (any data-parallel size), or resume there once with "
-        f"checkpoint.fully_reshardable_optimizer=true and save: that checkpoint resumes at any layout. "
-        f"To keep only the weights, start a new run with model.init_from_mcore={ckpt_dir}"
+        f"Resume at the saved layout (any data-parallel size); checkpoints saved with "
+        f"checkpoint.fully_reshardable_optimizer=true resume at any layout. To keep only the weights, start a "
+        f"new run with model.init_from_mcore={ckpt_dir} (fresh optimizer)"
     )
