@@ -2,16 +2,21 @@
 
 Every converter writes into `OUT.tmp-<nonce>` next to OUT and renames it to OUT at the end. An
 exception or Ctrl-C removes the staging dir; a hard kill leaves a `.tmp-` dir that neither HF loaders
-(pointed at OUT) nor `latest_iteration` pick up.
+(pointed at OUT) nor `latest_iteration` pick up, and that the next conversion to OUT deletes once
+its writer (recorded in the nonce) is dead. `--overwrite` replaces OUT with
+`megadiff.checkpoint.format.replace_dir`: at every moment OUT is the old or the new output.
 """
 
 import contextlib
 import json
 import os
 import shutil
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
-from megadiff.checkpoint.format import fsync_dir, remove_tree, staging_path
+from megadiff.checkpoint.format import (
+    BACKUP_MARK, STAGING_MARK, fsync_dir, owner_is_dead, remove_tree, replace_dir, restore_interrupted_replace,
+    staging_path,
+)
 
 from .hf_io import CheckpointError
 from .hf_layout import AUTO_MAP, REMOTE_CODE_FILES, remote_code_dir
@@ -19,14 +24,41 @@ from .hf_layout import AUTO_MAP, REMOTE_CODE_FILES, remote_code_dir
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".distcp")
 
 
-def check_output_dir(output: str, overwrite: bool, inputs: Sequence[str] = ()) -> str:
-    """Refuse an existing OUT without --overwrite, and an OUT that is (or contains) an input."""
+def clean_stale_leftovers(output: str, log: Callable[[str], None] = print) -> List[str]:
+    """Delete the `OUT.tmp-*` / `OUT.old-*` dirs next to OUT whose writer is dead (after putting an
+    interrupted --overwrite's old copy back at OUT). Returns what was removed; others are named."""
+    restored = restore_interrupted_replace(output)
+    if restored:
+        log(f"note: restored {output} from {restored} (a replace of it was interrupted)")
+    parent, base = os.path.split(output)
+    removed = []
+    for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        if not (name.startswith(base + STAGING_MARK) or name.startswith(base + BACKUP_MARK)):
+            continue
+        path = os.path.join(parent, name)
+        if owner_is_dead(path):
+            remove_tree(path)
+            removed.append(path)
+        else:
+            log(f"note: {path} is left from another conversion to {output} (still running, or from another "
+                f"host or an older megadiff); delete it yourself once nothing writes it")
+    if removed:
+        log(f"removed {len(removed)} leftover(s) of interrupted conversions: {', '.join(removed)}")
+    return removed
+
+
+def check_output_dir(output: str, overwrite: bool, inputs: Sequence[str] = (),
+                     log: Callable[[str], None] = print) -> str:
+    """Refuse an existing OUT without --overwrite, and an OUT that is (or contains) an input.
+    Leftovers of interrupted conversions to OUT are cleaned first (`clean_stale_leftovers`)."""
     output = os.path.abspath(output)
     for src in inputs:
         src = os.path.realpath(src)
         real = os.path.realpath(output)
         if real == src or real.startswith(src + os.sep) or src.startswith(real + os.sep):
             raise CheckpointError(f"{output}: output overlaps the input {src}; choose another output directory")
+    if os.environ.get("RANK", "0") == "0":  # one cleaner per conversion (ranks of one torchrun share OUT)
+        clean_stale_leftovers(output, log)
     if os.path.exists(output) and not overwrite:
         raise CheckpointError(f"{output}: already exists; pass --overwrite to replace it")
     if os.path.exists(output) and not os.path.isdir(output):
@@ -40,16 +72,9 @@ def check_output_dir(output: str, overwrite: bool, inputs: Sequence[str] = ()) -
 
 
 def publish(staging: str, output: str) -> None:
-    """Rename a finished staging dir to `output`, replacing an existing one (--overwrite)."""
+    """Put a finished staging dir at `output`, atomically replacing an existing one (--overwrite)."""
     fsync_dir(staging)
-    old = None
-    if os.path.exists(output):
-        old = staging_path(output)
-        os.rename(output, old)
-    os.rename(staging, output)
-    fsync_dir(os.path.dirname(output))
-    if old:
-        remove_tree(old)
+    replace_dir(staging, output)
 
 
 @contextlib.contextmanager

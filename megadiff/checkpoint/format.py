@@ -5,16 +5,32 @@
     ROOT/iter_0000010/megadiff.json             our metadata, written LAST: its presence = complete
 
 An iteration is written to `ROOT/iter_0000010.tmp-<nonce>` and renamed into place once complete, so a
-crash leaves either nothing or a `.tmp-` dir that no function here will ever pick. Everything in this
-module is plain file handling: tools that only read checkpoints do not need megatron-core.
+crash leaves either nothing or a `.tmp-` dir that no function here will ever pick. The nonce records
+the writer (`<random>-<pid>@<host>`), so a leftover whose writer is dead is provably stale.
+
+Replacing a complete directory (a re-save of an iteration, a converter's --overwrite) never leaves a
+moment without one (`replace_dir`): on Linux the finished staging dir and the old dir swap names in
+one atomic `renameat2(RENAME_EXCHANGE)`, and the old copy, now under the `.tmp-` name, is deleted.
+Where the filesystem cannot exchange (NFS, non-Linux), the old dir is first renamed to
+`NAME.old-<nonce>` and the new one renamed in; a crash between the two leaves NAME missing and the
+complete `.old-` copy, which every reader here picks in NAME's place (`complete_iteration_dirs`,
+`resolve_checkpoint_dir`) and the next writer renames back (`restore_interrupted_replace`).
+`crash_point` marks each rename and write step so tests can kill the process there.
+
+Everything in this module is plain file handling: tools that only read checkpoints do not need
+megatron-core.
 """
 
+import ctypes
 import datetime
+import errno
 import json
 import os
 import re
 import shutil
+import socket
 import uuid
+import warnings
 from dataclasses import asdict, is_dataclass
 from typing import Dict, List, Optional
 
@@ -29,6 +45,12 @@ TRACKER_NAME = "latest_checkpointed_iteration.txt"
 MCORE_CONFIG_NAME = "metadata.json"  # written last by megatron-core's dist_checkpointing.save
 DCP_METADATA_NAME = ".metadata"
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+STAGING_MARK = ".tmp-"   # NAME.tmp-<nonce>: being written (or, after an exchange, the old copy being deleted)
+BACKUP_MARK = ".old-"    # NAME.old-<nonce>: the old copy during a two-rename replace (no RENAME_EXCHANGE)
+DAMAGED_MARK = ".damaged-"  # NAME.damaged-<nonce>: a damaged dir moved aside instead of being overwritten
+_NONCE_OWNER = re.compile(r"-(\d+)@([A-Za-z0-9._-]+)$")
+CRASH_ENV = "MEGADIFF_CRASH_AT"
+CRASH_EXIT_CODE = 117
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
@@ -39,8 +61,38 @@ def iteration_dir_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "host"
+
+
 def new_nonce() -> str:
-    return uuid.uuid4().hex[:12]
+    """`<random>-<pid>@<host>`: unique, and names the process that owns what carries it."""
+    return f"{uuid.uuid4().hex[:8]}-{os.getpid()}@{_host()}"
+
+
+def owner_is_dead(name: str) -> bool:
+    """True when `name` (a `.tmp-`/`.old-` path) was made by a process of this host that no longer
+    runs. False when the owner runs, is on another host, or is not recorded (older megadiff)."""
+    m = _NONCE_OWNER.search(os.path.basename(os.path.normpath(name)))
+    if not m or m.group(2) != _host():
+        return False
+    pid = int(m.group(1))
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # runs, as another user
+        return False
+    return False
+
+
+def crash_point(step: str) -> None:
+    """Fault injection between the steps of a checkpoint replace: with MEGADIFF_CRASH_AT=<step> the
+    process dies here at once (no cleanup handlers run), as a SIGKILL or power cut would."""
+    if os.environ.get(CRASH_ENV) == step:
+        os._exit(CRASH_EXIT_CODE)
 
 
 def staging_path(final_path: str, nonce: Optional[str] = None) -> str:
@@ -104,24 +156,21 @@ def build_meta(iteration: int, meta: Dict, world_size: int) -> Dict:
     return out
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """Write JSON to `path.tmp-*`, fsync, rename: readers see the old file or the new one, never half."""
-    tmp = f"{path}.tmp-{new_nonce()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{new_nonce()}"
+def write_text_atomic(path: str, text: str, step: str = "file") -> None:
+    """Write to `path.tmp-*`, fsync, rename: readers see the old file or the new one, never half.
+    `step` names the crash points (`<step>-written`, `<step>-renamed`)."""
+    tmp = f"{path}{STAGING_MARK}{new_nonce()}"
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    crash_point(f"{step}-written")
     os.replace(tmp, path)
+    crash_point(f"{step}-renamed")
+
+
+def write_json_atomic(path: str, obj, step: str = "file") -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", step)
 
 
 def fsync_dir(path: str) -> None:
@@ -155,48 +204,118 @@ def _read_meta_file(path: str) -> Dict:
     return meta
 
 
+def iteration_dir_problem(path: str) -> Optional[str]:
+    """Why the iteration dir `path` is not a complete checkpoint (None when it is complete)."""
+    if not os.path.isdir(path):
+        return "not a directory"
+    meta = os.path.join(path, META_NAME)
+    if not os.path.isfile(meta):
+        return f"{META_NAME} missing (the save did not finish)"
+    try:
+        _read_meta_file(meta)
+    except CheckpointError as e:
+        return str(e)
+    if not os.path.isfile(os.path.join(path, MCORE_CONFIG_NAME)):
+        return f"{MCORE_CONFIG_NAME} missing (megatron-core's part of the checkpoint)"
+    return None
+
+
 def is_complete_iteration_dir(path: str) -> bool:
     """True for a finished iteration dir: not a staging dir, megadiff.json (written last) parses."""
     name = os.path.basename(os.path.normpath(path))
-    if ".tmp-" in name or not os.path.isdir(path):
-        return False
-    if not os.path.isfile(os.path.join(path, MCORE_CONFIG_NAME)):
-        return False
+    return STAGING_MARK not in name and iteration_dir_problem(path) is None
+
+
+def interrupted_replace_copy(final: str) -> Optional[str]:
+    """The complete `FINAL.old-<nonce>` copy left by a replace interrupted between its two renames,
+    when FINAL itself is missing (else None)."""
+    parent, base = os.path.split(os.path.abspath(final))
+    if os.path.lexists(final) or not os.path.isdir(parent):
+        return None
+    copies = sorted(n for n in os.listdir(parent) if n.startswith(base + BACKUP_MARK))
+    return os.path.join(parent, copies[-1]) if copies else None
+
+
+def restore_interrupted_replace(final: str) -> Optional[str]:
+    """Rename the old copy of an interrupted replace back to `final` (when FINAL is missing and the
+    process that replaced it is dead). Returns the restored copy's former name, or None."""
+    copy = interrupted_replace_copy(final)
+    if copy is None or not owner_is_dead(copy):
+        return None
     try:
-        _read_meta_file(os.path.join(path, META_NAME))
-    except CheckpointError:
-        return False
-    return True
+        os.rename(copy, final)
+    except FileNotFoundError:  # restored meanwhile by another process
+        return None
+    fsync_dir(os.path.dirname(os.path.abspath(final)))
+    return copy
+
+
+def complete_iteration_dirs(root: str) -> Dict[int, str]:
+    """{iteration: dir} of the complete iterations of ROOT. An `iter_XXXXXXX` dir that is missing
+    because its replace was interrupted is represented by its complete `.old-` copy."""
+    if not os.path.isdir(root):
+        return {}
+    found = {}
+    for name in os.listdir(root):
+        m = _ITER_DIR.match(name)
+        if m and is_complete_iteration_dir(os.path.join(root, name)):
+            found[int(m.group(1))] = os.path.join(root, name)
+        elif BACKUP_MARK in name:
+            base = name.split(BACKUP_MARK)[0]
+            m = _ITER_DIR.match(base)
+            path = os.path.join(root, name)
+            if m and not os.path.lexists(os.path.join(root, base)) and iteration_dir_problem(path) is None:
+                found.setdefault(int(m.group(1)), path)
+    return found
 
 
 def complete_iterations(root: str) -> List[int]:
     """Sorted iterations of ROOT whose `iter_XXXXXXX` dir is complete."""
-    if not os.path.isdir(root):
-        return []
-    found = []
-    for name in os.listdir(root):
-        m = _ITER_DIR.match(name)
-        if m and is_complete_iteration_dir(os.path.join(root, name)):
-            found.append(int(m.group(1)))
-    return sorted(found)
+    return sorted(complete_iteration_dirs(root))
 
 
 def latest_iteration(root: str) -> Optional[int]:
     """The newest COMPLETE iteration under ROOT, or None. `.tmp-` dirs and dirs without
-    megadiff.json (an interrupted save) are never picked, whatever the tracker file says."""
+    megadiff.json (an interrupted save) are never picked, whatever the tracker file says.
+    (The trainer's stricter choice, which stops on damage, is training.checkpointing.resume_iteration.)"""
     its = complete_iterations(root)
     return its[-1] if its else None
+
+
+def iteration_dirs(root: str) -> Dict[int, str]:
+    """{iteration: path} of every `iter_XXXXXXX` dir of ROOT, complete or not."""
+    if not os.path.isdir(root):
+        return {}
+    return {int(m.group(1)): os.path.join(root, n) for n in os.listdir(root) if (m := _ITER_DIR.match(n))}
+
+
+def read_tracker(root: str) -> Optional[int]:
+    """The iteration named by ROOT/latest_checkpointed_iteration.txt (None without one). Raises
+    CheckpointError when it holds something else than an iteration number."""
+    path = os.path.join(root, TRACKER_NAME)
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        return None
+    if not text.isdigit():
+        raise CheckpointError(f"{path}: expected an iteration number, found {text[:40]!r}; "
+                              f"write the iteration to resume from into it (e.g. `echo 10 > {path}`)")
+    return int(text)
 
 
 def resolve_checkpoint_dir(root_or_iter_dir: str, iteration: Optional[int] = None) -> str:
     """The complete iteration dir meant by a checkpoint ROOT (latest, or `iteration`) or by an
     iteration dir itself. Raises CheckpointError saying what is there instead."""
     path = os.path.abspath(root_or_iter_dir)
+    if not os.path.exists(path) and interrupted_replace_copy(path):
+        path = interrupted_replace_copy(path)  # a replace of PATH was interrupted: its old copy
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: checkpoint directory not found")
-    if ".tmp-" in os.path.basename(path):
+    if STAGING_MARK in os.path.basename(path):
         raise CheckpointError(f"{path}: a staging directory of an unfinished save, not a checkpoint")
-    if os.path.isfile(os.path.join(path, META_NAME)) or _ITER_DIR.match(os.path.basename(path)):
+    name = os.path.basename(path).split(BACKUP_MARK)[0]
+    if os.path.isfile(os.path.join(path, META_NAME)) or _ITER_DIR.match(name):
         if not is_complete_iteration_dir(path):
             raise CheckpointError(
                 f"{path}: incomplete checkpoint ({META_NAME} or {MCORE_CONFIG_NAME} missing or invalid); "
@@ -208,7 +327,8 @@ def resolve_checkpoint_dir(root_or_iter_dir: str, iteration: Optional[int] = Non
                 f"{path}: holds iteration {meta['iteration']}, not the requested --iteration {iteration}"
             )
         return path
-    available = complete_iterations(path)
+    dirs = complete_iteration_dirs(path)
+    available = sorted(dirs)
     if iteration is not None:
         candidate = os.path.join(path, iteration_dir_name(iteration))
         if iteration not in available:
@@ -216,13 +336,17 @@ def resolve_checkpoint_dir(root_or_iter_dir: str, iteration: Optional[int] = Non
                 f"{candidate}: no complete checkpoint for iteration {iteration}; "
                 f"complete iterations here: {available or 'none'}"
             )
-        return candidate
+        return dirs[iteration]
     if not available:
         raise CheckpointError(
             f"{path}: no complete checkpoint (looked for iter_XXXXXXX/{META_NAME}); "
             f"a save interrupted before it finished leaves none"
         )
-    return os.path.join(path, iteration_dir_name(available[-1]))
+    newer = {it: p for it, p in iteration_dirs(path).items() if it > available[-1]}
+    for it, p in sorted(newer.items()):  # say so: never skip a newer iteration without a word
+        warnings.warn(f"{p}: skipped, not a complete checkpoint ({iteration_dir_problem(p)}); "
+                      f"using iteration {available[-1]}", stacklevel=2)
+    return dirs[available[-1]]
 
 
 def read_meta(path: str) -> Dict:
@@ -237,20 +361,70 @@ def remove_tree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _exchange(a: str, b: str) -> bool:
+    """Swap the names of `a` and `b` in one atomic step (Linux renameat2 RENAME_EXCHANGE).
+    False where the platform or filesystem cannot."""
+    if not USE_RENAME_EXCHANGE:
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), a, None, b)
+
+
+USE_RENAME_EXCHANGE = True  # tests switch it off to exercise the two-rename fallback
+
+
+def replace_dir(new: str, final: str) -> None:
+    """Put the finished dir `new` at `final`, replacing what is there, with no moment without one
+    (see the module docstring). `new` must be in the same directory as `final`."""
+    parent = os.path.dirname(os.path.abspath(final))
+    crash_point("replace-start")
+    if not os.path.lexists(final):
+        os.rename(new, final)
+        crash_point("replace-renamed")
+        fsync_dir(parent)
+        return
+    if _exchange(new, final):  # `new` now names the old copy
+        crash_point("replace-exchanged")
+        fsync_dir(parent)
+        remove_tree(new)
+        return
+    backup = f"{os.path.abspath(final)}{BACKUP_MARK}{new_nonce()}"
+    os.rename(final, backup)
+    crash_point("replace-old-moved")
+    os.rename(new, final)
+    crash_point("replace-renamed")
+    fsync_dir(parent)
+    remove_tree(backup)
+
+
+def move_aside_damaged(path: str) -> str:
+    """Rename a damaged dir to `PATH.damaged-<nonce>` (kept, never picked) and return the new name."""
+    kept = f"{os.path.abspath(path)}{DAMAGED_MARK}{new_nonce()}"
+    os.rename(path, kept)
+    return kept
+
+
 def commit_iteration_dir(root: str, iteration: int, staging_dir: str, meta_json: Dict) -> str:
     """Finish a saved iteration (single caller, e.g. rank 0): write megadiff.json last inside the
-    staging dir, rename it to `iter_XXXXXXX` (replacing an older save of the same iteration) and
+    staging dir, put it at `iter_XXXXXXX` (`replace_dir`: an older complete save of the same
+    iteration is replaced atomically; a damaged one is moved aside with a warning, not deleted) and
     update the tracker file. Returns the final dir."""
-    write_json_atomic(os.path.join(staging_dir, META_NAME), meta_json)
+    write_json_atomic(os.path.join(staging_dir, META_NAME), meta_json, step="meta")
     fsync_dir(staging_dir)
     final = os.path.join(root, iteration_dir_name(iteration))
-    replaced = None
-    if os.path.exists(final):
-        replaced = staging_path(final)  # a `.tmp-` name: never picked while it is being removed
-        os.rename(final, replaced)
-    os.rename(staging_dir, final)
-    fsync_dir(root)
-    write_text_atomic(os.path.join(root, TRACKER_NAME), f"{iteration}\n")
-    if replaced:
-        remove_tree(replaced)
+    if os.path.lexists(final) and not is_complete_iteration_dir(final):
+        problem = iteration_dir_problem(final)
+        warnings.warn(f"{final}: damaged ({problem}); kept as {move_aside_damaged(final)}", stacklevel=2)
+    replace_dir(staging_dir, final)
+    write_text_atomic(os.path.join(root, TRACKER_NAME), f"{iteration}\n", step="tracker")
     return final

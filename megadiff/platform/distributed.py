@@ -14,7 +14,11 @@ def on_gpu() -> bool:
 
 def init_distributed(timeout_minutes: int = 30) -> None:
     """Start torch.distributed from torchrun's env (or as a 1-process group): nccl on GPU, gloo on
-    CPU. On CPU this also switches on megadiff.platform.cpu so megatron-core runs there."""
+    CPU. On CPU this also switches on megadiff.platform.cpu so megatron-core runs there. Child
+    processes (dist_checkpointing's writers) die with this process from here on."""
+    from megadiff.platform.child_processes import make_children_die_with_parent
+
+    make_children_die_with_parent()
     if not on_gpu():
         from megadiff.platform.cpu import enable_cpu_support
 

@@ -1,10 +1,117 @@
-"""Trainer-side checkpoint helpers on top of megadiff.checkpoint (the on-disk format)."""
+"""Trainer-side checkpoint helpers on top of megadiff.checkpoint (the on-disk format).
+
+A run owns its save_dir (`claim_save_dir`: a lock, see megadiff.checkpoint.lock). With the lock held,
+nothing else writes there, so leftovers of earlier runs are judged safely: a complete copy of an
+iteration an interrupted save left missing is put back, the other staging leftovers deleted, and the run either
+resumes from the newest complete iteration or stops with an error naming what is damaged and what to
+do (`resume_iteration`). It never starts from scratch while the save_dir or its tracker names a
+checkpoint, and never overwrites a damaged iteration.
+"""
 
 import os
 import re
 import shutil
+from typing import Callable, Optional, Tuple
 
-_ITER_DIR = re.compile(r"^iter_(\d{7})$")
+from checkpoint_converters.hf_io import CheckpointError
+from megadiff.checkpoint import format as fmt
+from megadiff.checkpoint.lock import SaveDirLock
+
+_ITER = re.compile(r"^iter_(\d{7,})")
+
+
+def claim_save_dir(save_dir: str, resume: bool, log: Callable[[str], None]) -> Tuple[SaveDirLock, Optional[int]]:
+    """Rank 0, before the model is built: create and lock SAVE_DIR, repair and clean it, and return
+    (lock, iteration to resume from or None for a fresh start). Raises CheckpointError when another
+    run holds it, or when it cannot be resumed as it is."""
+    os.makedirs(save_dir, exist_ok=True)
+    lock = SaveDirLock(save_dir).acquire()
+    try:
+        restore_interrupted_replaces(save_dir, log)
+        remove_stale_staging(save_dir, log)
+        iteration = resume_iteration(save_dir, log)
+        if iteration is not None and fmt.read_tracker(save_dir) != iteration:  # killed before it was updated
+            fmt.write_text_atomic(os.path.join(save_dir, fmt.TRACKER_NAME), f"{iteration}\n")
+            log(f"{fmt.TRACKER_NAME} now names iteration {iteration}, the newest complete one")
+        if iteration is not None and not resume:
+            raise CheckpointError(
+                f"{save_dir}: holds checkpoints (latest iteration {iteration}) and checkpoint.resume=false; "
+                f"starting from scratch would overwrite them. Set checkpoint.resume=true to continue, or "
+                f"use an empty checkpoint.save_dir"
+            )
+    except BaseException:
+        lock.release()
+        raise
+    return lock, iteration
+
+
+def restore_interrupted_replaces(root: str, log) -> None:
+    """Put a complete copy back at each `iter_XXXXXXX` an interrupted save left missing (lock held):
+    the `.old-` copy of a two-rename replace, else the newest complete `.tmp-` copy (a save killed
+    after megadiff.json was written but before its rename; or both copies an older megadiff's
+    replace left behind)."""
+    copies = {}
+    for name in sorted(os.listdir(root)):
+        m = _ITER.match(name)
+        path = os.path.join(root, name)
+        final = os.path.join(root, name.split(fmt.BACKUP_MARK)[0].split(fmt.STAGING_MARK)[0])
+        if not m or final == path or os.path.lexists(final) or fmt.iteration_dir_problem(path) is not None:
+            continue
+        rank = (fmt.BACKUP_MARK in name, str(fmt.read_meta(os.path.join(path, fmt.META_NAME)).get("saved_at")), name)
+        copies[final] = max(copies.get(final, (rank, path)), (rank, path))
+    for final, (_, path) in sorted(copies.items()):
+        os.rename(path, final)
+        log(f"restored {final} from {os.path.basename(path)} (a save or replace of it was interrupted)")
+    if copies:
+        fmt.fsync_dir(root)
+
+
+def remove_stale_staging(root: str, log) -> None:
+    """Delete what interrupted saves left in ROOT: tracker temp files, `.tmp-` and `.old-` dirs.
+    With the lock held no writer is alive, and restore_interrupted_replaces has put every copy that
+    could be needed back in place, so all of them are stale."""
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if not (name.startswith(fmt.TRACKER_NAME + fmt.STAGING_MARK)
+                or (_ITER.match(name) and (fmt.STAGING_MARK in name or fmt.BACKUP_MARK in name))):
+            continue
+        if os.path.isdir(path):
+            fmt.remove_tree(path)
+        else:
+            os.unlink(path)
+        log(f"removed {path} (left by an interrupted save)")
+
+
+def resume_iteration(root: str, log: Callable[[str], None] = print) -> Optional[int]:
+    """The iteration a run with this save_dir resumes from: the newest complete one; None when the
+    dir holds no checkpoint at all. Raises CheckpointError when the tracker's iteration or one newer
+    than the newest complete one is damaged or missing (resuming older would retrain and overwrite
+    it). Older damaged iterations and unfinished saves (no megadiff.json) are reported and kept."""
+    complete = fmt.complete_iteration_dirs(root)
+    newest = max(complete) if complete else None
+    tracker = fmt.read_tracker(root)
+    tracker_path = os.path.join(root, fmt.TRACKER_NAME)
+    blocking = []
+    for it, path in sorted(fmt.iteration_dirs(root).items()):
+        problem = fmt.iteration_dir_problem(path)
+        if problem is None:
+            continue
+        unfinished = not os.path.exists(os.path.join(path, fmt.META_NAME))
+        if (newest is None or it > newest) and (not unfinished or it == tracker):
+            blocking.append(f"{path} is damaged: {problem}")
+        else:
+            log(f"warning: {path} is not a complete checkpoint ({problem}); kept, not resumed from")
+    tracked = os.path.join(root, fmt.iteration_dir_name(tracker)) if tracker is not None else None
+    if tracked and (newest is None or tracker > newest) and not os.path.lexists(tracked):
+        blocking.append(f"{tracker_path} names iteration {tracker}, but {tracked} is missing")
+    if not blocking:
+        return newest
+    if newest is not None:
+        how = (f"to resume from the newest complete iteration {newest} instead, move the damaged iteration "
+               f"out of the way (e.g. mv DIR DIR.damaged) and run `echo {newest} > {tracker_path}`")
+    else:
+        how = "no complete iteration is left to resume from; repair it, or start afresh with another checkpoint.save_dir"
+    raise CheckpointError(f"cannot resume from {root}: {'; '.join(blocking)}. To proceed: {how}")
 
 
 def apply_model_state(chunks, state: dict) -> None:
@@ -17,18 +124,15 @@ def apply_model_state(chunks, state: dict) -> None:
 
 
 def prune_checkpoints(root: str, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete iteration dirs (rank 0; keep_last <= 0 keeps all)."""
+    """Delete all but the newest `keep_last` complete iteration dirs (rank 0; keep_last <= 0 keeps
+    all). Damaged or unfinished dirs are never deleted: they were reported, a person decides."""
     import torch
 
     if keep_last <= 0 or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
         return
-    from megadiff.checkpoint import latest_iteration
-
-    latest = latest_iteration(root)
-    iterations = sorted(int(m.group(1)) for m in map(_ITER_DIR.match, os.listdir(root)) if m)
-    for it in iterations[:-keep_last]:
-        if it != latest:
-            shutil.rmtree(os.path.join(root, f"iter_{it:07d}"), ignore_errors=True)
+    complete = fmt.complete_iteration_dirs(root)
+    for it in sorted(complete)[:-keep_last]:
+        shutil.rmtree(complete[it], ignore_errors=True)
 
 
 def initialise_optimizer_state(optimizer) -> None:
@@ -62,3 +166,28 @@ def restore_adam_steps(optimizer, loaded_optimizer_state) -> None:
         for value in opt.optimizer.state.values():
             if "step" in value:
                 value["step"] = torch.tensor(step)
+
+
+def check_optimizer_layout(ckpt_dir: str, sharded_state_dict, layout, trust: bool = False) -> None:
+    """Raise a CheckpointError naming both layouts and the way out when the checkpoint's optimizer
+    state cannot be resumed at `layout` (dp_reshardable state resumes only at the saving layout)."""
+    from megadiff.checkpoint.dist import missing_sharded_keys
+
+    missing = [k for k in missing_sharded_keys(ckpt_dir, sharded_state_dict, trust) if k.startswith("optimizer")]
+    if not missing:
+        return  # anything else missing is reported by load_checkpoint
+    meta = fmt.read_meta(ckpt_dir)
+    saved_cfg = (meta.get("extra") or {}).get("training_config") or {}
+    reshardable = (saved_cfg.get("checkpoint") or {}).get("fully_reshardable_optimizer")
+
+    def show(lay):
+        return ", ".join(f"{k}={v}" for k, v in fmt.layout_dict(lay).items())
+
+    raise CheckpointError(
+        f"{ckpt_dir}: its optimizer state was saved at layout ({show(meta['layout'])}) with "
+        f"checkpoint.fully_reshardable_optimizer={str(bool(reshardable)).lower()}, and cannot be resumed at this "
+        f"run's layout ({show(layout)}) ('{missing[0]}' and {len(missing) - 1} more are not in the checkpoint). "
+        f"Resume at the saved layout (any data-parallel size); checkpoints saved with "
+        f"checkpoint.fully_reshardable_optimizer=true resume at any layout. To keep only the weights, start a "
+        f"new run with model.init_from_mcore={ckpt_dir} (fresh optimizer)"
+    )

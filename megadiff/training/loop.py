@@ -85,8 +85,11 @@ class Trainer:
             build_dataset, build_model_and_load, load_samples, load_tokenizer_and_mask_id,
         )
 
+        from megadiff.training.preflight import check_outputs
+
         self.cfg = cfg
         self.log = print_rank0
+        check_outputs(cfg)  # every output path writable, before anything is read or built
         p = cfg.parallel
         self.layout = ParallelLayout(tp=p.tp, ep=p.ep, etp=p.etp, pp=p.pp, vpp=p.vpp)
         self.hf_config = read_hf_config(cfg.model.hf_dir)
@@ -95,7 +98,17 @@ class Trainer:
         # Cheap checks first: tokenizer and every data row are validated before the model is built.
         self.tokenizer, self.mask_id = load_tokenizer_and_mask_id(cfg, self.model_cfg)
         samples, row_stats = load_samples(cfg, self.tokenizer)
+        # Rank 0 locks, repairs and inspects save_dir before the others can join the process group.
+        self._save_dir_lock, resume_from = None, None
+        if cfg.checkpoint.save_dir and int(os.environ.get("RANK", "0")) == 0:
+            from megadiff.training.checkpointing import claim_save_dir
+
+            self._save_dir_lock, resume_from = claim_save_dir(cfg.checkpoint.save_dir, cfg.checkpoint.resume, self.log)
         init_distributed()
+        if cfg.checkpoint.save_dir:
+            box = [resume_from]
+            torch.distributed.broadcast_object_list(box, src=0)
+            resume_from = box[0]
         initialize_parallel(self.layout, seed=cfg.train.seed)
         self.dp_size, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.dataset, data_stats = build_dataset(
@@ -109,8 +122,9 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
-        if cfg.checkpoint.save_dir and cfg.checkpoint.resume:
-            self._maybe_resume()
+        self.saved_step = None  # the step the newest checkpoint of save_dir holds
+        if resume_from is not None:
+            self._resume(resume_from)
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
@@ -143,25 +157,37 @@ class Trainer:
             "dtype": str(self.dtype).replace("torch.", ""),
             "extra": {"training_config": self.cfg.to_dict(), "step": self.step},
         }
-        path = save_checkpoint(ck.save_dir, self.step, self._sharded_state_dict(), meta)
+        from megadiff.training.disk_space import checkpoint_bytes, no_space_error
+
+        sharded = self._sharded_state_dict()
+        needed = checkpoint_bytes(sharded)
+        no_space = no_space_error(ck.save_dir, needed)  # checked before writing (rank 0 decides)
+        if no_space:
+            raise no_space
+        try:
+            path = save_checkpoint(ck.save_dir, self.step, sharded, meta)
+        except Exception as e:  # a full disk shows as e.g. torch's "unexpected pos 704 vs 598"
+            no_space = no_space_error(ck.save_dir, needed, error=e)
+            if no_space:
+                raise no_space from e
+            raise
+        self.saved_step = self.step
         prune_checkpoints(ck.save_dir, keep_last=ck.keep_last)
         self.log(f"saved checkpoint {path}")
         return path
 
-    def _maybe_resume(self):
-        from megadiff.checkpoint import latest_iteration, load_checkpoint
-
-        root = self.cfg.checkpoint.save_dir
-        iteration = latest_iteration(root) if os.path.isdir(root) else None
-        if iteration is None:
-            return
+    def _resume(self, iteration: int):
+        from megadiff.checkpoint import load_checkpoint, resolve_checkpoint_dir
         from megadiff.training.checkpointing import (
-            apply_model_state, initialise_optimizer_state, restore_adam_steps,
+            apply_model_state, check_optimizer_layout, initialise_optimizer_state, restore_adam_steps,
         )
 
+        root = self.cfg.checkpoint.save_dir
         initialise_optimizer_state(self.optimizer)
-        state, _ = load_checkpoint(root, self._sharded_state_dict(is_loading=True), iteration=iteration,
-                                   trust=self.cfg.checkpoint.trust_checkpoint)
+        trust = self.cfg.checkpoint.trust_checkpoint
+        sharded = self._sharded_state_dict(is_loading=True)
+        check_optimizer_layout(resolve_checkpoint_dir(root, iteration), sharded, self.layout, trust=trust)
+        state, _ = load_checkpoint(root, sharded, iteration=iteration, trust=trust)
 
         with torch.no_grad():  # fp32 main params are views of the model's leaf params
             apply_model_state(self.chunks, state)
@@ -172,6 +198,7 @@ class Trainer:
         self.step = int(state["trainer"]["step"])
         self.skipped_steps = int(state["trainer"]["skipped_steps"])
         torch.set_rng_state(state["rng"]["torch"])
+        self.saved_step = self.step
         self.log(f"resumed from {root} at step {self.step}")
 
     # ---- one step ------------------------------------------------------------------------------
@@ -270,17 +297,26 @@ class Trainer:
                 ck = cfg.checkpoint
                 if sigterm.received:
                     self.log(f"SIGTERM at step {self.step}: saving a checkpoint and exiting")
-                    if ck.save_dir:
-                        self.save()
+                    self._save_unless_saved()
                     break
                 if ck.save_dir and ck.save_interval and self.step % ck.save_interval == 0 and self.step < cfg.train.steps:
                     self.save()
             else:
-                if cfg.checkpoint.save_dir:
-                    self.save()
+                self._save_unless_saved()  # a relaunch of a finished run trains nothing and saves nothing
         finally:
             logger.close()
+            self.close()
         return results
+
+    def _save_unless_saved(self) -> None:
+        if self.cfg.checkpoint.save_dir and self.step != self.saved_step:
+            self.save()
+
+    def close(self) -> None:
+        """Release the save_dir for the next run (also released when the process ends)."""
+        if self._save_dir_lock is not None:
+            self._save_dir_lock.release()
+            self._save_dir_lock = None
 
 
 def train(cfg: TrainingConfig) -> List[StepResult]:

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from megadiff.checkpoint.format import CRASH_ENV, CRASH_EXIT_CODE
 from tests.dist.launch import REPO, _free_port, run_torchrun
 
 LAYOUT = ["parallel.ep=2"]  # 2 processes: expert + dense optimizers (chained), DP=2 for dense
@@ -83,6 +84,12 @@ def test_sigkill_then_resume_gives_identical_losses(tiny_run_dir, tmp_path):
     assert "resumed from" in out and "at step 3\n" in out, out[-3000:]
     assert losses(first)[:3] == losses(straight)[:3]
     assert losses(resumed) == losses(straight)[3:], (losses(resumed), losses(straight))
+    # At another TP/EP layout the (dp_reshardable) optimizer state cannot follow: the error names
+    # both layouts and the option (the old one said only "optimizer ... not in the checkpoint").
+    with pytest.raises(AssertionError, match=r"saved at layout \(tp=1, ep=2, .*this run's layout \(tp=2, ep=1, "
+                                             r".*fully_reshardable_optimizer=true resume at any layout"):
+        run_torchrun(2, "tools/train.py", [*common, "parallel.tp=2", "parallel.ep=1", "train.steps=7",
+                                           f"checkpoint.save_dir={ckpt}"])
 
 
 @pytest.mark.dist
@@ -100,3 +107,35 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tiny_run_dir, tmp_path):
     assert "SIGTERM at step" in output
     step = int(open(ckpt / "latest_checkpointed_iteration.txt").read())
     assert 2 <= step < 500 and (ckpt / f"iter_{step:07d}" / "megadiff.json").is_file()
+
+
+def train_once(args, crash=None):
+    """tools/train.py in one plain process (no torchrun); MEGADIFF_CRASH_AT kills it at that step."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=REPO)
+    env.pop(CRASH_ENV, None)
+    if crash:
+        env[CRASH_ENV] = crash
+    proc = subprocess.run([sys.executable, "tools/train.py", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_relaunch_and_killed_saves_resume_and_never_restart_from_scratch(tiny_run_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    common = [tiny_run_dir / "cfg.yaml", f"checkpoint.save_dir={ckpt}", "train.lr_schedule=constant"]
+    rc, out = train_once([*common, "train.steps=2"])
+    assert rc == 0, out[-3000:]
+    # A relaunch of the finished run resumes and saves nothing: the old code re-saved iteration 2
+    # here (two renames; killed between them, the next launch started again from step 1).
+    rc, out = train_once([*common, "train.steps=2"], crash="replace-start")
+    assert rc == 0 and "at step 2\n" in out and "saved checkpoint" not in out, out[-3000:]
+    # A save killed after its iteration is in place but before the tracker names it.
+    rc, out = train_once([*common, "train.steps=3"], crash="tracker-written")
+    assert rc == CRASH_EXIT_CODE, out[-3000:]
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    rc, out = train_once([*common, "train.steps=3"])
+    assert rc == 0 and "at step 3\n" in out and "left by an interrupted save" in out, out[-3000:]
+    assert sorted(os.listdir(ckpt)) == [".megadiff.lock", "iter_0000002", "iter_0000003",
+                                        "latest_checkpointed_iteration.txt"]
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "3"

@@ -1,0 +1,193 @@
+"""One run per save_dir, every output path checked before the model is built, a damaged save_dir
+stops the run before it trains, a full disk is named, and child processes die with their parent."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from checkpoint_converters.hf_io import CheckpointError
+from megadiff.checkpoint.format import META_NAME, build_meta
+from megadiff.checkpoint.lock import SaveDirInUseError, SaveDirLock
+from megadiff.training.config import TrainingConfigError, load_config
+from megadiff.training.disk_space import NoSpaceError, no_space_error
+from megadiff.training.loop import Trainer
+from tests.dist.launch import REPO
+
+HOLD_LOCK = ("import sys, time; from megadiff.checkpoint.lock import SaveDirLock; "
+             "lock = SaveDirLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)")
+
+
+def python(*args, **kwargs):
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, text=True, **kwargs)
+
+
+@pytest.fixture
+def other_run_holding(tmp_path):
+    """A live process holding tmp_path/ckpt, as a running trainer does."""
+    save_dir = tmp_path / "ckpt"
+    save_dir.mkdir()
+    proc = python("-c", HOLD_LOCK, save_dir)
+    assert proc.stdout.readline().strip() == "held"
+    yield save_dir, proc
+    proc.kill()
+    proc.wait()
+
+
+def test_second_trainer_on_a_held_save_dir_refuses_before_building(tiny_run_dir, other_run_holding):
+    save_dir, proc = other_run_holding
+    cfg = load_config(str(tiny_run_dir / "cfg.yaml"), [f"checkpoint.save_dir={save_dir}"])
+    with pytest.raises(SaveDirInUseError, match=rf"{save_dir}: in use by another run \(pid {proc.pid} on "):
+        Trainer(cfg)
+    assert not torch.distributed.is_initialized()
+
+
+def test_lock_of_a_killed_run_does_not_block(other_run_holding):
+    save_dir, proc = other_run_holding
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (save_dir / ".megadiff.lock").exists()  # the file stays; the kernel dropped the lock
+    with SaveDirLock(str(save_dir)) as lock:
+        assert lock.held
+        with pytest.raises(SaveDirInUseError, match=f"pid {os.getpid()}"):
+            SaveDirLock(str(save_dir)).acquire()  # and it is exclusive again
+
+
+@pytest.mark.parametrize("override, message", [
+    ("checkpoint.save_dir={file}", r"checkpoint.save_dir=.*afile: exists and is not a directory"),
+    ("checkpoint.save_dir={file}/sub", r"checkpoint.save_dir=.*afile/sub: cannot be created, .*afile is a file"),
+    ("checkpoint.save_dir=/proc/megadiff-ckpt", r"checkpoint.save_dir=/proc/megadiff-ckpt: cannot be created in /proc"),
+    ("logging.metrics_file={tmp}/missing/m.jsonl", r"logging.metrics_file=.*missing/m.jsonl: directory .*missing "
+                                                   r"does not exist"),
+    ("logging.tensorboard_dir={file}", r"logging.tensorboard_dir=.*afile: exists and is not a directory"),
+    ("logging.log_interval=0", r"logging.log_interval must be >= 1"),
+])
+def test_unusable_output_stops_before_anything_is_built(tiny_run_dir, tmp_path, override, message):
+    (tmp_path / "afile").write_text("x")
+    override = override.format(file=tmp_path / "afile", tmp=tmp_path)
+    cfg = load_config(str(tiny_run_dir / "cfg.yaml"), [override])
+    with pytest.raises(TrainingConfigError, match=message):
+        Trainer(cfg)
+    assert not torch.distributed.is_initialized()
+
+
+def fake_checkpoint(save_dir, iteration, meta_text=None):
+    path = save_dir / f"iter_{iteration:07d}"
+    path.mkdir(parents=True)
+    (path / "metadata.json").write_text("{}")
+    meta = {"hf_config": {"model_type": "llada2_moe"}, "layout": {"tp": 1}, "dtype": "fp32"}
+    (path / META_NAME).write_text(meta_text or json.dumps(build_meta(iteration, meta, 1)))
+    (save_dir / "latest_checkpointed_iteration.txt").write_text(f"{iteration}\n")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("damaged", r"cannot resume from .*iter_0000006 is damaged: .*megadiff.json:1: invalid JSON.*iteration 4"),
+    ("resume_false", r"holds checkpoints \(latest iteration 4\) and checkpoint.resume=false"),
+])
+def test_save_dir_that_cannot_be_resumed_stops_before_training(tiny_run_dir, tmp_path, case, message):
+    save_dir = tmp_path / "ckpt"
+    fake_checkpoint(save_dir, 4)
+    if case == "damaged":
+        fake_checkpoint(save_dir, 6, meta_text="{truncated")
+    overrides = [f"checkpoint.save_dir={save_dir}"] + (["checkpoint.resume=false"] if case == "resume_false" else [])
+    with pytest.raises(CheckpointError, match=message):
+        Trainer(load_config(str(tiny_run_dir / "cfg.yaml"), overrides))
+    assert not torch.distributed.is_initialized()
+    assert not SaveDirLock(str(save_dir)).acquire().release()  # the refused run let go of the lock
+
+
+def test_failed_write_on_a_full_disk_is_named(tmp_path, monkeypatch):
+    import shutil
+
+    torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 ** 9, 10 ** 9 - 4096, 4096))
+    error = no_space_error(str(tmp_path), 3 * 10 ** 9, error=torch_error)
+    assert isinstance(error, NoSpaceError)
+    assert "no space left on " in str(error) and "needed ~3.0 GB, 0.0 MB free" in str(error)
+    assert no_space_error(str(tmp_path), 10, error=ValueError("something else")) is None
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 1 MB tmpfs (needs root, as in the CI container); skipped where mount is not allowed."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount
+    subprocess.run(["umount", str(mount)])
+
+
+def test_torch_short_write_on_a_really_full_disk_is_named(tiny_filesystem):
+    with pytest.raises(RuntimeError, match="unexpected pos") as raised:
+        torch.save(torch.zeros(2 ** 20), tiny_filesystem / "x.pt")
+    error = no_space_error(str(tiny_filesystem), 4 * 2 ** 20, error=raised.value)
+    assert str(error).startswith(f"no space left on tmpfs (mounted at {tiny_filesystem}) ")
+    assert "needed ~4.2 MB" in str(error)
+
+
+@pytest.mark.slow
+def test_trainer_save_on_a_full_disk_says_no_space(tiny_run_dir, tiny_filesystem):
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "tools/train.py", str(tiny_run_dir / "cfg.yaml"), "train.steps=1",
+                           f"checkpoint.save_dir={tiny_filesystem / 'ckpt'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"no space left on tmpfs (mounted at {tiny_filesystem})" in out and "needed ~" in out, out[-3000:]
+    assert "unexpected pos" not in out
+    assert sorted(os.listdir(tiny_filesystem / "ckpt")) == [".megadiff.lock"]  # nothing half-written
+
+
+CHILDREN = """
+import multiprocessing as mp, os, sys, time
+from megadiff.platform.child_processes import make_children_die_with_parent
+from megatron.core.dist_checkpointing.strategies.filesystem_async import _get_write_results_queue
+
+def sleep():
+    time.sleep(600)
+
+if __name__ == "__main__":
+    if sys.argv[1] == "on":
+        make_children_die_with_parent()
+    _get_write_results_queue()  # the Manager server dist_checkpointing's writer keeps (spawn)
+    kids = [mp.get_context(m).Process(target=sleep) for m in ("fork", "spawn")]
+    for k in kids:
+        k.start()
+    print(" ".join(str(p.pid) for p in mp.active_children()), flush=True)
+    time.sleep(600)
+"""
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+
+
+@pytest.mark.slow
+def test_children_die_with_a_killed_parent(tmp_path, hook="on"):  # hook="off": all 3 stay behind
+    script = tmp_path / "parent.py"
+    script.write_text(CHILDREN)
+    parent = python(script, hook, start_new_session=True)
+    children = [int(p) for p in parent.stdout.readline().split()]
+    assert len(children) == 3
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(map(alive, children)):
+        time.sleep(0.1)
+    left = [p for p in children if alive(p)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == [] if hook == "on" else left, f"hook {hook}: children left {left}"
