@@ -65,8 +65,9 @@ def encode_text(text: str, tokenizer) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
 
 
-# Private-use code points: stand-ins for the contents while the template is rendered.
-_CONTENT_STANDIN = "\ue000{}\ue001"
+# Stand-ins for the contents while the template is rendered: private-use code points that no text
+# holds, plus letters and outer spaces so that a template that rewrites content (upper, trim) is caught.
+_CONTENT_STANDIN = " \ue000content{}\ue001 "
 
 
 def encode_chat_prompt(context: Sequence[dict], tokenizer) -> list[int]:

@@ -155,7 +155,7 @@ class LLaDA2ModelConfig:
             rope_theta=get("rope_theta", float, 10000.0),
             rms_norm_eps=get("rms_norm_eps", float, 1e-6),
             max_position_embeddings=get("max_position_embeddings", int, 4096, null_is_default=True),
-            pad_token_id=get("pad_token_id", int),
+            pad_token_id=get("pad_token_id", int, null_is_default=True),
             eos_token_id=checked_type(eos, int, lambda why: fail("eos_token_id", why)) if eos is not None else None,
             source=source,
         )
