@@ -57,6 +57,13 @@ def main(argv=None):
 
 
 def compare(args) -> int:
+    # the input files first: a typo there is reported before megatron-core is even imported
+    ids_rows = read_rows(args.input_ids, "input ids")
+    pos_rows = read_rows(args.position_ids, "position ids") if args.position_ids else [
+        list(range(len(r))) for r in ids_rows
+    ]
+    if [len(r) for r in pos_rows] != [len(r) for r in ids_rows]:
+        raise UserError(f"{args.position_ids}: rows must have the same lengths as {args.input_ids}")
     import torch
 
     from checkpoint_converters.hf_io import read_hf_config
@@ -67,12 +74,6 @@ def compare(args) -> int:
     from megadiff.models.llada2.model import build_model
     from megadiff.platform import init_distributed, initialize_parallel, print_rank0
 
-    ids_rows = read_rows(args.input_ids, "input ids")
-    pos_rows = read_rows(args.position_ids, "position ids") if args.position_ids else [
-        list(range(len(r))) for r in ids_rows
-    ]
-    if [len(r) for r in pos_rows] != [len(r) for r in ids_rows]:
-        raise UserError(f"{args.position_ids}: rows must have the same lengths as {args.input_ids}")
     cfg_dict = read_hf_config(args.hf_dir)
     cfg = LLaDA2ModelConfig.from_hf_dict(cfg_dict, source=os.path.join(args.hf_dir, "config.json"))
     layout = ParallelLayout(tp=args.tp, ep=args.ep, etp=args.etp, pp=args.pp, vpp=args.vpp)

@@ -3,6 +3,7 @@
 import os
 
 from megadiff.hf.tokenizer import TokenizerError
+from megadiff.inference.loading import TOKENIZER_FILES
 from megadiff.models.llada2.config import ConfigError
 from megadiff.training.config import TrainingConfig, TrainingConfigError, config_spelling
 
@@ -29,10 +30,15 @@ def load_tokenizer_and_mask_id(cfg: TrainingConfig, model_cfg):
     from megadiff.hf.tokenizer import mask_token_id
 
     tokenizer_dir = cfg.model.tokenizer_dir or cfg.model.hf_dir
+    key = "model.tokenizer_dir" if cfg.model.tokenizer_dir else "model.hf_dir"
+    if not any(os.path.isfile(os.path.join(tokenizer_dir, f)) for f in TOKENIZER_FILES):
+        raise TokenizerError(f"{tokenizer_dir}: cannot load the tokenizer: none of {', '.join(TOKENIZER_FILES)} "
+                             f"is there; point {key} at the model's tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     except Exception as e:  # transformers raises several types for a missing/broken tokenizer
-        raise TokenizerError(f"{tokenizer_dir}: cannot load the tokenizer ({e})") from None
+        reason = " ".join(str(e).split())  # one line: transformers' messages span several
+        raise TokenizerError(f"{tokenizer_dir}: cannot load the tokenizer ({reason})") from None
     mask_id = mask_token_id(tokenizer, cfg.model.mask_token_id)
     if not 0 <= mask_id < model_cfg.vocab_size:
         raise TokenizerError(f"mask token id {mask_id} is outside the model vocabulary ({model_cfg.vocab_size} "
