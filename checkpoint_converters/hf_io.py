@@ -11,11 +11,13 @@ from typing import Dict, Iterator, List, Tuple
 import torch
 from safetensors import safe_open
 
+from megadiff.errors import UserError
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint directory or file is missing, inconsistent or corrupt."""
 
 

@@ -4,7 +4,7 @@
 Run under torchrun, one process per rank of the layout, e.g.
   torchrun --nproc-per-node 4 tools/compare_logits.py --hf-dir MODEL --tp 2 --ep 2 \
       --input-ids ids.json --tolerance 1e-4
-Prints max |logit difference| per row and exits 1 above --tolerance.
+Prints max |logit difference| per row and exits 1 above --tolerance, 2 on bad input.
 """
 
 import argparse
@@ -13,6 +13,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megadiff.errors import UserError, user_error_exit  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -39,16 +41,31 @@ def read_rows(path, what):
         with open(path) as f:
             rows = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"{path}: cannot read {what}: {e}")
+        raise UserError(f"{path}: cannot read {what}: {e}") from None
     if not isinstance(rows, list) or not rows or not all(
         isinstance(r, list) and r and all(isinstance(x, int) for x in r) for r in rows
     ):
-        raise SystemExit(f"{path}: {what} must be a non-empty list of non-empty lists of ints")
+        raise UserError(f"{path}: {what} must be a non-empty list of non-empty lists of ints")
     return rows
 
 
 def main(argv=None):
+    """0: logits match; 1: they differ beyond --tolerance; 2: bad input (one line on stderr)."""
     args = parse_args(argv)
+    try:
+        return compare(args)
+    except UserError as e:
+        return user_error_exit(e)
+
+
+def compare(args) -> int:
+    # the input files first: a typo there is reported before megatron-core is even imported
+    ids_rows = read_rows(args.input_ids, "input ids")
+    pos_rows = read_rows(args.position_ids, "position ids") if args.position_ids else [
+        list(range(len(r))) for r in ids_rows
+    ]
+    if [len(r) for r in pos_rows] != [len(r) for r in ids_rows]:
+        raise UserError(f"{args.position_ids}: rows must have the same lengths as {args.input_ids}")
     import torch
 
     from checkpoint_converters.hf_io import read_hf_config
@@ -59,18 +76,12 @@ def main(argv=None):
     from megadiff.models.llada2.model import build_model
     from megadiff.platform import init_distributed, initialize_parallel, print_rank0
 
-    ids_rows = read_rows(args.input_ids, "input ids")
-    pos_rows = read_rows(args.position_ids, "position ids") if args.position_ids else [
-        list(range(len(r))) for r in ids_rows
-    ]
-    if [len(r) for r in pos_rows] != [len(r) for r in ids_rows]:
-        raise SystemExit(f"{args.position_ids}: rows must have the same lengths as {args.input_ids}")
     cfg_dict = read_hf_config(args.hf_dir)
     cfg = LLaDA2ModelConfig.from_hf_dict(cfg_dict, source=os.path.join(args.hf_dir, "config.json"))
     layout = ParallelLayout(tp=args.tp, ep=args.ep, etp=args.etp, pp=args.pp, vpp=args.vpp)
     cfg.validate_layout(layout)
     if max(max(r) for r in ids_rows) >= cfg.vocab_size or min(min(r) for r in ids_rows) < 0:
-        raise SystemExit(f"{args.input_ids}: token ids must be in [0, {cfg.vocab_size})")
+        raise UserError(f"{args.input_ids}: token ids must be in [0, {cfg.vocab_size})")
 
     init_distributed()
     initialize_parallel(layout)

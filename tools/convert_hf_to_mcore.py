@@ -44,9 +44,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from checkpoint_converters.hf_io import CheckpointError
     from checkpoint_converters.hf_to_mcore import convert_hf_to_mcore
-    from megadiff.models.llada2.config import ConfigError, ParallelLayout
+    from megadiff.errors import UserError, user_error_exit
+    from megadiff.models.llada2.config import ParallelLayout
 
     rank0 = os.environ.get("RANK", "0") == "0"
     log = print if rank0 else (lambda *a, **k: None)
@@ -61,8 +61,8 @@ def main(argv=None) -> int:
         ]))
         final = convert_hf_to_mcore(args.hf_dir, args.output, layout, args.dtype, args.overwrite,
                                     progress=rank0 and not args.no_progress, log=log, io_mode=args.io)
-    except (CheckpointError, ConfigError) as e:
-        raise SystemExit(f"error: {e}")
+    except UserError as e:
+        return user_error_exit(e)
     log(f"megatron checkpoint written to {final}")
     return 0
 

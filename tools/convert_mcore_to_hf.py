@@ -46,9 +46,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from checkpoint_converters.hf_io import CheckpointError
     from checkpoint_converters.mcore_to_hf import convert_mcore_to_hf
-    from megadiff.models.llada2.config import ConfigError
+    from megadiff.errors import UserError, user_error_exit
 
     print("convert_mcore_to_hf.py " + shlex.join([
         "--mcore-dir", os.path.abspath(args.mcore_dir), "--output", os.path.abspath(args.output),
@@ -63,10 +62,10 @@ def main(argv=None) -> int:
                                   args.merged_experts, args.max_shard_size, args.overwrite,
                                   progress=not args.no_progress, io_mode=args.io,
                                   trust_checkpoint=args.trust_checkpoint)
-    except (CheckpointError, ConfigError) as e:
-        raise SystemExit(f"error: {e}")
+    except UserError as e:
+        return user_error_exit(e)
     except ValueError as e:  # --max-shard-size
-        raise SystemExit(f"error: {e}")
+        return user_error_exit(e)
     print(f"HF model written to {out}")
     return 0
 

@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt", action="append", help="a text prompt (repeat for several)")
     source.add_argument("--input-ids", help="JSON file: one list of token ids, or a list of such lists")
     source.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin (/reset, /exit)")
-    parser.add_argument("--raw", action="store_true", help="do not wrap text prompts in the chat template")
+    parser.add_argument("--raw", action="store_true",
+                        help="do not wrap text prompts in the chat template; special-token strings in them "
+                             "(<role>, <|role_end|>) become special tokens (without --raw they stay text)")
     parser.add_argument("--system", default=None, help="system message for --chat")
     parser.add_argument("--output", default=None, help="write one JSON line per generation to this file")
     add_decoding_arguments(parser)

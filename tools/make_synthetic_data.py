@@ -20,7 +20,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.rows < 1:
-        raise SystemExit("error: --rows must be >= 1")
+        from megadiff.errors import user_error_exit
+
+        return user_error_exit("--rows must be >= 1")
     from megadiff.data.synthetic import arithmetic_problems
 
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

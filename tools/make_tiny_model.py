@@ -19,7 +19,9 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     if os.path.exists(os.path.join(args.output, "config.json")) and not args.overwrite:
-        raise SystemExit(f"error: {args.output} already holds a model; pass --overwrite to replace it")
+        from megadiff.errors import user_error_exit
+
+        return user_error_exit(f"{args.output} already holds a model; pass --overwrite to replace it")
     from megadiff.hf.tiny import write_tiny_model_dir
 
     write_tiny_model_dir(args.output, seed=args.seed)

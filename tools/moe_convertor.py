@@ -34,9 +34,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from checkpoint_converters.hf_io import CheckpointError
     from checkpoint_converters.moe import convert_expert_layout
-    from megadiff.models.llada2.config import ConfigError
+    from megadiff.errors import user_error_exit
 
     print("moe_convertor.py " + shlex.join([
         "--input-path", os.path.abspath(args.input_path), "--output-path", os.path.abspath(args.output_path),
@@ -46,8 +45,8 @@ def main(argv=None) -> int:
     try:
         out = convert_expert_layout(args.input_path, args.output_path, args.mode, args.max_shard_size,
                                     args.overwrite, progress=not args.no_progress, io_mode=args.io)
-    except (CheckpointError, ConfigError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    except ValueError as e:  # every UserError, and a bad --max-shard-size
+        return user_error_exit(e)
     done = "merged" if args.mode == "merge" else "split"
     print(f"{done} checkpoint written to {out}")
     return 0

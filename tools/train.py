@@ -5,7 +5,9 @@ examples/pretrain_llada2_sft.sh):
   torchrun --nproc-per-node 2 tools/train.py examples/configs/tiny_bd_sft.yaml parallel.tp=2 train.lr=2e-5
 
 Overrides are section.key=value (sections: model, data, train, parallel, diffusion, checkpoint,
-logging). A SIGTERM saves a checkpoint and exits 0.
+logging); `--help-config` lists every key with its type, default and meaning. A SIGTERM saves a
+checkpoint and exits 0. An error in the input (config, data rows, the model's config.json, tokenizer,
+checkpoint) is printed as one line naming the culprit, and the exit status is 2.
 """
 
 import argparse
@@ -17,21 +19,28 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="YAML training config")
+    parser.add_argument("config", nargs="?", help="YAML training config")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    parser.add_argument("--help-config", action="store_true", help="list every config key with its type and default")
     args = parser.parse_args(argv)
 
-    from megadiff.training.config import TrainingConfigError, load_config
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except TrainingConfigError as e:
-        raise SystemExit(f"error: {e}")
-    from megadiff.platform import print_rank0
+    from megadiff.errors import UserError, user_error_exit
+    from megadiff.training.config import describe_config, load_config
     from megadiff.training.loop import train
 
-    results = train(cfg)
+    if args.help_config:
+        print(describe_config())
+        return 0
+    if args.config is None:
+        parser.error("the YAML config is required (see --help-config for its keys)")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        results = train(cfg)
+    except UserError as e:
+        return user_error_exit(e)
     import torch
+
+    from megadiff.platform import print_rank0
 
     if results:
         print_rank0(f"done: {len(results)} steps, final loss {results[-1].loss:.4f}"

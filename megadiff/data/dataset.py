@@ -32,6 +32,7 @@ from megadiff.data.packing import (
     collate_rows,
     plan_packed_rows,
 )
+from megadiff.data.rows import DataError
 from megadiff.data.seeding import seeded_generator
 
 SHUFFLE_SEED_DOMAIN = 0  # keeps shuffle seeds apart from noise seeds derived from the same `seed`
@@ -57,7 +58,7 @@ class SFTDataset:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} is outside [0, dp_size={dp_size})")
         if global_batch_size % (micro_batch_size * dp_size):
-            raise ValueError(
+            raise DataError(
                 f"global_batch_size={global_batch_size} is not divisible by micro_batch_size={micro_batch_size} "
                 f"* dp_size={dp_size}; pick a global batch that is a multiple of {micro_batch_size * dp_size}"
             )
@@ -73,7 +74,7 @@ class SFTDataset:
         self.accumulation_steps = global_batch_size // (micro_batch_size * dp_size)
         self.plans, self.stats = plan_packed_rows(samples, max_seq_len, mode, truncation)
         if len(self.plans) < global_batch_size:
-            raise ValueError(
+            raise DataError(
                 f"{len(self.plans)} packed rows of {max_seq_len} tokens are fewer than global_batch_size="
                 f"{global_batch_size}; lower the global batch size or add data"
             )

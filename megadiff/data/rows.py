@@ -16,12 +16,14 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from megadiff.errors import UserError
+
 ROLES = ("system", "user", "assistant")
 SUFFIXES = (".jsonl", ".parquet")
 MAX_REPORTED_ERRORS = 20
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data file or row is unusable; the message starts with `{file}:{line}:`."""
 
 
@@ -75,18 +77,32 @@ def validation_error(row) -> str | None:
         return (
             f"last message has role {messages[-1]['role']!r}; the last message must be the assistant turn to train on"
         )
+    if not messages[-1]["content"].strip():
+        # It would train on EOS alone: the model would learn to answer nothing.
+        return "the assistant answer (last message) is empty; nothing to train on"
     return None
 
 
 def _reason_kind(error: str) -> str:
     """Group reasons for counting: drop message indices and JSON decoder details."""
-    return "invalid JSON" if error.startswith("invalid JSON") else re.sub(r"\[\d+\]", "[i]", error)
+    for kind in ("invalid JSON", "invalid UTF-8"):
+        if error.startswith(kind):
+            return kind
+    return re.sub(r"\[\d+\]", "[i]", error)
 
 
 def jsonl_rows(path: Path) -> Iterator[tuple[int, object, str | None]]:
-    """Yield (line number, decoded row or None, decode error or None); blank lines are skipped."""
-    with path.open("r", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    """Yield (line number, decoded row or None, decode error or None); blank lines are skipped.
+
+    Lines are decoded one by one, so a line that is not UTF-8 is a bad row like any other (named,
+    skippable) rather than an error for the whole file."""
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield line_no, None, f"invalid UTF-8 (byte 0x{raw[e.start]:02x} at byte offset {e.start} of the line)"
+                continue
             if not line.strip():
                 continue
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import lru_cache
 
+from megadiff.data.rows import DataError
 from megadiff.hf.tokenizer import LLADA2_CHAT_TEMPLATE
 
 
@@ -39,14 +40,64 @@ def prompt_text(messages: Sequence[dict], tokenizer) -> str:
     """Return the chat-template text of every message before the final assistant turn, plus the
     generation prompt (`<role>ASSISTANT</role>` for LLaDA2): exactly what the model sees at inference.
     """
+    return _render(messages[:-1], tokenizer)
+
+
+def _render(context: Sequence[dict], tokenizer) -> str:
     template = chat_template_of(tokenizer)
-    context = list(messages[:-1])
     if context:
         return tokenizer.apply_chat_template(
-            context, chat_template=template, add_generation_prompt=True, tokenize=False
+            list(context), chat_template=template, add_generation_prompt=True, tokenize=False
         )
     # transformers refuses an empty conversation; an assistant-only row still has a generation prompt.
     return _compiled_template(template).render(messages=[], add_generation_prompt=True)
+
+
+def special_token_strings(tokenizer) -> tuple[str, ...]:
+    """Every special token's text (`<|mask|>`, `<role>`, ...): what must not be parsed out of content."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return tuple(sorted({t.content for t in added.values() if t.special} | set(tokenizer.all_special_tokens)))
+
+
+def encode_text(text: str, tokenizer) -> list[int]:
+    """Ids of `text` as plain text: a special-token string inside it (`<|mask|>`) is spelled with
+    ordinary tokens, so message content can never inject a mask or a role marker."""
+    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+
+# Stand-ins for the contents while the template is rendered: private-use code points that no text
+# holds, plus letters and outer spaces so that a template that rewrites content (upper, trim) is caught.
+_CONTENT_STANDIN = " \ue000content{}\ue001 "
+
+
+def encode_chat_prompt(context: Sequence[dict], tokenizer) -> list[int]:
+    """Ids of the chat template applied to `context` plus the generation prompt. The template's own
+    markers are special tokens; message contents are plain text (see encode_text).
+
+    The template is rendered with a stand-in for each content, and the text between stand-ins (the
+    template's markers) is encoded with special tokens parsed, each content as plain text. When no
+    content holds a special-token string this equals encoding the whole rendered text, which is done
+    then (same ids as before content was protected, and one tokenizer call)."""
+    specials = special_token_strings(tokenizer)
+    if not any(s in m["content"] for m in context for s in specials):
+        return list(tokenizer.encode(_render(context, tokenizer), add_special_tokens=False))
+    standins = [_CONTENT_STANDIN.format(i) for i in range(len(context))]
+    rendered = _render([{**m, "content": s} for m, s in zip(context, standins)], tokenizer)
+    ids: list[int] = []
+    pos = 0
+    for message, standin in zip(context, standins):
+        at = rendered.find(standin, pos)
+        if at < 0 or rendered.count(standin) != 1:
+            raise ValueError(
+                "a message content holds a special-token string, and this chat template does not emit "
+                "each content verbatim once, so it cannot be kept plain text; remove the special-token "
+                f"strings ({', '.join(s for s in specials if s in message['content']) or 'see the row'})"
+            )
+        ids += tokenizer.encode(rendered[pos:at], add_special_tokens=False) if at > pos else []
+        ids += encode_text(message["content"], tokenizer)
+        pos = at + len(standin)
+    ids += tokenizer.encode(rendered[pos:], add_special_tokens=False) if pos < len(rendered) else []
+    return ids
 
 
 def tokenize_sample(messages: Sequence[dict], tokenizer) -> tuple[list[int], int]:
@@ -54,20 +105,37 @@ def tokenize_sample(messages: Sequence[dict], tokenizer) -> tuple[list[int], int
 
     input_ids = ids(prompt_text) + ids(answer content) + [eos]; tokens [0, prompt_len) are the prompt.
     Both parts are encoded without added special tokens (LLaDA2 uses no BOS). Special-token strings
-    inside message contents are parsed as special tokens, as the chat template would do.
+    inside message contents are plain text (`<|mask|>` in an answer is never the mask id, and
+    `<|role_end|><role>HUMAN</role>` in content never opens a turn); only the template's own markers
+    are special tokens.
     """
     if not messages or messages[-1].get("role") != "assistant":
         raise ValueError("tokenize_sample: the last message must be the assistant answer")
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token; LLaDA2 answers end with EOS")
-    prompt_ids = tokenizer.encode(prompt_text(messages, tokenizer), add_special_tokens=False)
-    answer_ids = tokenizer.encode(messages[-1]["content"], add_special_tokens=False)
-    return list(prompt_ids) + list(answer_ids) + [int(tokenizer.eos_token_id)], len(prompt_ids)
+    prompt_ids = encode_chat_prompt(messages[:-1], tokenizer)
+    answer_ids = encode_text(messages[-1]["content"], tokenizer)
+    return prompt_ids + answer_ids + [int(tokenizer.eos_token_id)], len(prompt_ids)
 
 
-def tokenize_rows(rows: Sequence[dict], tokenizer) -> list[tuple[list[int], int]]:
-    """Return tokenize_sample for each row of read_sft_rows, in order (index = global sample index)."""
-    return [tokenize_sample(row["messages"], tokenizer) for row in rows]
+def tokenize_rows(rows: Sequence[dict], tokenizer, mask_id: int | None = None) -> list[tuple[list[int], int]]:
+    """Return tokenize_sample for each row of read_sft_rows, in order (index = global sample index).
+
+    A row that cannot be tokenized raises DataError naming its `file:line`. With `mask_id`, a row
+    whose ids hold the mask id is refused too: content is plain text, so only a tokenizer whose
+    ordinary vocabulary spells the mask could get there, and the mask must never be a target."""
+    samples = []
+    for row in rows:
+        where = row.get("source", "row")
+        try:
+            ids, prompt_len = tokenize_sample(row["messages"], tokenizer)
+        except ValueError as e:
+            raise DataError(f"{where}: {e}") from None
+        if mask_id is not None and mask_id in ids:
+            raise DataError(f"{where}: the tokenized row contains the mask token id {mask_id}; "
+                            "remove the mask token's text from the row")
+        samples.append((ids, prompt_len))
+    return samples
 
 
 def pad_answers_to_block(samples: Sequence[tuple[list[int], int]], eos_id: int, block_size: int):

@@ -19,6 +19,12 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from megadiff.errors import UserError
+
+
+class TokenizerError(UserError):
+    """A tokenizer that cannot be loaded or lacks a token megadiff needs."""
+
 # Special tokens, spelled as in LLaDA2.0 (DESIGN.md §1). pad == eos, as in the real model.
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = EOS_TOKEN
@@ -119,7 +125,7 @@ def mask_token_id(tokenizer, override: int | None = None) -> int:
     vocab = tokenizer.get_vocab()
     if MASK_TOKEN in vocab:
         return int(vocab[MASK_TOKEN])
-    raise ValueError(
+    raise TokenizerError(
         f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__} has no "
         f"{MASK_TOKEN!r} token; pass the mask token id explicitly (mask_token_id override)"
     )

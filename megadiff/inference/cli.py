@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from .loading import check_model_dir, default_device, load_model, load_tokenizer, parse_dtype, special_token_ids
+from .loading import check_device, check_model_dir, default_device, load_model, load_tokenizer, parse_dtype, special_token_ids
 from .sampler import DecodingOptions
 
 
@@ -60,6 +60,7 @@ def decoding_options(args: argparse.Namespace) -> DecodingOptions:
 def load_for_decoding(args: argparse.Namespace, need_tokenizer: bool = True):
     """(model, tokenizer or None, mask_id, eos_id) from the model flags. Without need_tokenizer a
     missing tokenizer is allowed when --mask-id is given."""
+    check_device(args.device)
     check_model_dir(args.model)  # before the tokenizer, so a wrong --model is reported as such
     try:
         tokenizer = load_tokenizer(args.model, args.tokenizer, args.iteration)

@@ -98,6 +98,20 @@ def special_token_ids(model, tokenizer, mask_id: Optional[int] = None, eos_id: O
     return int(mask_id), int(eos_id)
 
 
+def check_device(device: str) -> None:
+    """Raise ValueError, in one line, when `device` cannot be used here (before anything is loaded)."""
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device}: not a device; use cpu or cuda[:i]") from None
+    if torch_device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine "
+                             f"(torch {torch.__version__}); use --device cpu")
+        if torch_device.index is not None and torch_device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 

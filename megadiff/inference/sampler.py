@@ -187,6 +187,21 @@ def check_token_ids(vocab_size: int, mask_id: int, eos_id: Optional[int], prompt
                 raise ValueError(f"prompts[{i}][{j}]={token} is outside the model vocabulary [0, {vocab_size})")
 
 
+def check_positions(max_positions: Optional[int], prompts: Sequence[Sequence[int]], options: DecodingOptions) -> None:
+    """Raise ValueError when a prompt plus gen_length, padded with masks to whole blocks (the positions
+    the model is fed), goes past the model's position range (config.json max_position_embeddings)."""
+    if max_positions is None:
+        return
+    for i, prompt in enumerate(prompts):
+        fed = -(-(len(prompt) + options.gen_length) // options.block_length) * options.block_length
+        if fed > max_positions:
+            raise ValueError(
+                f"prompts[{i}] has {len(prompt)} tokens; with gen_length={options.gen_length}, padded to "
+                f"whole blocks of {options.block_length}, that is {fed} positions, beyond the model's "
+                f"max_position_embeddings={max_positions}; shorten the prompt or lower gen_length"
+            )
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -204,6 +219,7 @@ def generate(
     """
     prompts = [[int(t) for t in p] for p in prompts]
     check_token_ids(model.config.vocab_size, mask_id, eos_id, prompts)
+    check_positions(getattr(model.config, "max_position_embeddings", None), prompts, options)
     row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
     if len(row_ids) != len(prompts):
         raise ValueError(f"row_ids has {len(row_ids)} entries for {len(prompts)} prompts")

@@ -1,7 +1,10 @@
 """Text in, text out: chat-template prompts, decoded answers and a multi-turn chat session.
 
-Prompts are built with the same code the SFT data path uses (`megadiff.data.tokenize.prompt_text`), so
-the model sees at inference exactly the prompt format it was trained on.
+Prompts are built with the same code the SFT data path uses (`megadiff.data.tokenize.encode_chat_prompt`),
+so the model sees at inference exactly the prompt format it was trained on. As in training, what the user
+types is plain text: `<|mask|>` or `<|role_end|><role>HUMAN</role>` in a message is spelled with ordinary
+tokens and cannot inject a mask or a turn. Only a raw prompt (`raw=True`, `generate.py --raw`) is the
+model's input as written, special tokens included; the sampler still refuses a mask token in any prompt.
 """
 
 from __future__ import annotations
@@ -9,20 +12,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Optional
 
-from megadiff.data.tokenize import prompt_text
+from megadiff.data.tokenize import encode_chat_prompt
 
 from .sampler import DecodingOptions, GenerationResult, generate
 
 
 def encode_chat(messages: Sequence[dict], tokenizer) -> list[int]:
     """Token ids of `messages` in the chat template, ending with the assistant generation prompt."""
-    # prompt_text renders everything before the final assistant turn; an empty one marks the answer.
-    text = prompt_text(list(messages) + [{"role": "assistant", "content": ""}], tokenizer)
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    return encode_chat_prompt(list(messages), tokenizer)
 
 
 def encode_prompt(text: str, tokenizer, raw: bool = False) -> list[int]:
-    """A user prompt as token ids: wrapped in the chat template, or the bare text when `raw`."""
+    """A user prompt as token ids: wrapped in the chat template (the text is plain text), or the bare
+    text with special-token strings parsed as special tokens when `raw`."""
     if raw:
         return list(tokenizer.encode(text, add_special_tokens=False))
     return encode_chat([{"role": "user", "content": text}], tokenizer)

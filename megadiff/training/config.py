@@ -2,100 +2,117 @@
 
     cfg = load_config("examples/configs/tiny_bd_sft.yaml", ["train.lr=2e-5", "parallel.tp=2"])
 
-Unknown sections or keys are errors that name the file and the key, so a typo never silently
-falls back to a default.
+Every field is declared once, with its type, its default, its documentation and (for numbers) its
+allowed range, via `setting(...)`. Values are checked against the annotation when they are set:
+`Optional[int]` accepts an integer or null, a `Literal[...]` field one of its choices, a path field a
+string. Unknown sections or keys are errors that name the file and the key, so a typo never silently
+falls back to a default. `describe_config()` is what `tools/train.py --help-config` prints.
 """
 
 import dataclasses
 import difflib
+import math
+import re
 from dataclasses import dataclass, field
-from typing import List, Optional, Union
+from typing import List, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from megadiff.errors import UserError
 
-class TrainingConfigError(ValueError):
+
+class TrainingConfigError(UserError):
     """A training config (YAML or override) that cannot be used."""
+
+
+def setting(default, doc: str, *, min=None, max=None, gt=None, lt=None):
+    """A config field: its default, one line of documentation, and optional bounds for numbers
+    (min/max inclusive, gt/lt exclusive). Floats must also be finite (no NaN/Inf)."""
+    bounds = {k: v for k, v in dict(min=min, max=max, gt=gt, lt=lt).items() if v is not None}
+    return field(default=default, metadata={"doc": doc, "bounds": bounds})
 
 
 @dataclass
 class ModelSection:
-    hf_dir: Optional[str] = None          # HF LLaDA2 dir: config, tokenizer and (unless init_from_mcore) weights
-    init_from_mcore: Optional[str] = None  # start from a megatron checkpoint (converted or trained)
-    tokenizer_dir: Optional[str] = None    # default: hf_dir
-    dtype: str = "auto"                    # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    attention_backend: str = "dense"       # dense (bool mask) | flex (FlexAttention BlockMask)
-    mask_token_id: Optional[int] = None    # default: the tokenizer's <|mask|>
+    hf_dir: Optional[str] = setting(None, "HF LLaDA2 dir: config.json, tokenizer and (unless init_from_mcore) weights")
+    init_from_mcore: Optional[str] = setting(None, "start from this megatron checkpoint (converted or trained)")
+    tokenizer_dir: Optional[str] = setting(None, "tokenizer dir; default: hf_dir")
+    dtype: Literal["auto", "bf16", "fp32"] = setting("auto", "weights dtype; auto = bf16 on GPU, fp32 on CPU")
+    attention_backend: Literal["dense", "flex"] = setting(
+        "dense", "dense (bool mask) or flex (FlexAttention BlockMask)")
+    mask_token_id: Optional[int] = setting(None, "diffusion mask id; default: the tokenizer's <|mask|>", min=0)
 
 
 @dataclass
 class DataSection:
-    train_files: Union[str, List[str], None] = None  # .jsonl / .parquet files or a directory
-    max_seq_len: int = 2048
-    mode: str = "pack"                     # pack | pad_to_max
-    truncation: str = "truncate"           # truncate | drop (over-long samples)
-    skip_bad_rows: bool = False
-    pad_answers_to_block: bool = True      # EOS after each answer up to a multiple of diffusion.block_size
+    train_files: Union[str, List[str], None] = setting(None, ".jsonl / .parquet file, list of files, or a directory")
+    max_seq_len: int = setting(2048, "tokens per packed row (at most config.json max_position_embeddings)", min=1)
+    mode: Literal["pack", "pad_to_max"] = setting("pack", "pack several samples per row, or one padded sample per row")
+    truncation: Literal["truncate", "drop"] = setting("truncate", "what to do with samples longer than max_seq_len")
+    skip_bad_rows: bool = setting(False, "skip (and count) malformed rows instead of stopping at the first")
+    pad_answers_to_block: bool = setting(True, "EOS after each answer up to a multiple of diffusion.block_size")
 
 
 @dataclass
 class TrainSection:
-    steps: int = 100
-    global_batch_size: int = 8             # rows (packed sequences) per optimizer step
-    micro_batch_size: int = 1
-    lr: float = 1e-5
-    min_lr: float = 0.0
-    lr_schedule: str = "cosine"            # cosine | constant
-    warmup_steps: int = 0
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    seed: int = 42
-    max_consecutive_nonfinite: int = 5     # abort after this many NaN/Inf steps in a row
+    steps: int = setting(100, "optimizer steps", min=1)
+    global_batch_size: int = setting(8, "rows (packed sequences) per optimizer step", min=1)
+    micro_batch_size: int = setting(1, "rows per forward/backward on one data-parallel rank", min=1)
+    lr: float = setting(1e-5, "peak learning rate", min=0.0)
+    min_lr: float = setting(0.0, "learning rate at the end of the cosine decay", min=0.0)
+    lr_schedule: Literal["cosine", "constant"] = setting("cosine", "decay after warmup")
+    warmup_steps: int = setting(0, "linear warmup from 0 to lr", min=0)
+    weight_decay: float = setting(0.1, "AdamW weight decay", min=0.0)
+    adam_beta1: float = setting(0.9, "AdamW beta1", min=0.0, lt=1.0)
+    adam_beta2: float = setting(0.95, "AdamW beta2", min=0.0, lt=1.0)
+    adam_eps: float = setting(1e-8, "AdamW epsilon", gt=0.0)
+    clip_grad: float = setting(1.0, "gradient-norm clip; 0 = off", min=0.0)
+    seed: int = setting(42, "seed of shuffling, noise and initialisation", min=0)
+    max_consecutive_nonfinite: int = setting(5, "abort after this many NaN/Inf steps in a row", min=1)
 
 
 @dataclass
 class ParallelSection:
-    tp: int = 1
-    ep: int = 1
-    etp: Optional[int] = None
-    pp: int = 1
-    vpp: Optional[int] = None
-    use_distributed_optimizer: bool = True
+    tp: int = setting(1, "tensor parallel size", min=1)
+    ep: int = setting(1, "expert parallel size", min=1)
+    etp: Optional[int] = setting(None, "expert tensor parallel size; default: tp without EP, 1 with EP", min=1)
+    pp: int = setting(1, "pipeline parallel size", min=1)
+    vpp: Optional[int] = setting(None, "virtual pipeline chunks per PP rank (>= 2); default: none", min=2)
+    use_distributed_optimizer: bool = setting(True, "shard optimizer state over data-parallel ranks")
 
 
 @dataclass
 class DiffusionSection:
-    mode: str = "block_diffusion"          # block_diffusion | full
-    block_size: int = 32
-    t_low: float = 0.3
-    t_high: float = 0.8
-    loss_weight: str = "none"              # none | inverse_t
-    normalize: str = "masked_tokens"       # masked_tokens | answer_tokens | sequence
-    complementary_masks: bool = False
-    confidence_beta: float = 0.0           # CAP loss weight (LLaDA2.0 uses ~2)
+    mode: Literal["block_diffusion", "full"] = setting("block_diffusion", "block diffusion ([x_t ; x_0]) or full attention")
+    block_size: int = setting(32, "block length of block diffusion (and of answer padding)", min=1)
+    t_low: float = setting(0.3, "noise level t ~ U(t_low, t_high)", gt=0.0, max=1.0)
+    t_high: float = setting(0.8, "noise level t ~ U(t_low, t_high)", gt=0.0, max=1.0)
+    loss_weight: Literal["none", "inverse_t"] = setting("none", "per-token loss weight")
+    normalize: Literal["masked_tokens", "answer_tokens", "sequence"] = setting(
+        "masked_tokens", "loss denominator")
+    complementary_masks: bool = setting(False, "also train on the complement of each mask")
+    confidence_beta: float = setting(0.0, "CAP confidence loss weight (LLaDA2.0 uses ~2)", min=0.0)
 
 
 @dataclass
 class CheckpointSection:
-    save_dir: Optional[str] = None
-    save_interval: int = 0                 # steps between saves; 0 = only at the end
-    keep_last: int = 3
-    resume: bool = True                    # continue from the latest complete checkpoint in save_dir
-    fully_reshardable_optimizer: bool = False  # optimizer state resumable at another TP/EP/PP layout
-    trust_checkpoint: bool = False         # resume / init_from_mcore without vetting the checkpoint's pickles
+    save_dir: Optional[str] = setting(None, "directory of the run's megatron checkpoints")
+    save_interval: int = setting(0, "steps between saves; 0 = only at the end", min=0)
+    keep_last: int = setting(3, "complete checkpoints to keep; 0 = all", min=0)
+    resume: bool = setting(True, "continue from the latest complete checkpoint in save_dir")
+    fully_reshardable_optimizer: bool = setting(False, "optimizer state resumable at another TP/EP/PP layout")
+    trust_checkpoint: bool = setting(
+        False, "resume / init_from_mcore without vetting the checkpoint's pickles (only for checkpoints you made)")
 
 
 @dataclass
 class LoggingSection:
-    log_interval: int = 1
-    progress_bar: bool = True
-    metrics_file: Optional[str] = None     # jsonl, one line per step (rank 0)
-    tensorboard_dir: Optional[str] = None
-    wandb_project: Optional[str] = None
-    wandb_mode: str = "offline"
+    log_interval: int = setting(1, "steps between log lines", min=1)
+    progress_bar: bool = setting(True, "show a progress bar")
+    metrics_file: Optional[str] = setting(None, "jsonl file, one line per step (rank 0)")
+    tensorboard_dir: Optional[str] = setting(None, "TensorBoard log dir")
+    wandb_project: Optional[str] = setting(None, "Weights & Biases project")
+    wandb_mode: Literal["offline", "online", "disabled"] = setting("offline", "Weights & Biases mode")
 
 
 @dataclass
@@ -112,16 +129,73 @@ class TrainingConfig:
         return dataclasses.asdict(self)
 
 
-CHOICES = {
-    ("model", "dtype"): ("auto", "bf16", "fp32"),
-    ("model", "attention_backend"): ("dense", "flex"),
-    ("data", "mode"): ("pack", "pad_to_max"),
-    ("data", "truncation"): ("truncate", "drop"),
-    ("train", "lr_schedule"): ("cosine", "constant"),
-    ("diffusion", "mode"): ("block_diffusion", "full"),
-    ("diffusion", "loss_weight"): ("none", "inverse_t"),
-    ("diffusion", "normalize"): ("masked_tokens", "answer_tokens", "sequence"),
-}
+# ---- types ----------------------------------------------------------------------------------------
+
+def describe_type(tp) -> str:
+    """What a value of annotation `tp` looks like, in words for an error message."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Union:
+        parts = [describe_type(a) for a in args if a is not type(None)]
+        parts += ["null"] if type(None) in args else []
+        return ", ".join(parts[:-1]) + " or " + parts[-1]
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin is list:
+        return f"a list of {describe_type(args[0]).removeprefix('a ')}s"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
+
+
+class _WrongType(Exception):
+    pass
+
+
+def typed_value(value, tp):
+    """`value` as annotation `tp` wants it (ints accepted for floats), or _WrongType."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            try:
+                return typed_value(value, arg)
+            except _WrongType:
+                pass
+        raise _WrongType
+    if origin is Literal:
+        if isinstance(value, str) and value in args:
+            return value
+        raise _WrongType
+    if origin is list:
+        if isinstance(value, list):
+            return [typed_value(v, args[0]) for v in value]
+        raise _WrongType
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 2e-5 (no dot) as a string
+            return float(value)
+        except ValueError:
+            raise _WrongType from None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, tp) and not (tp is not bool and isinstance(value, bool)):
+        return value
+    raise _WrongType
+
+
+BOUND_WORDS = {"min": ">=", "max": "<=", "gt": ">", "lt": "<"}
+_BOUND_OK = {"min": lambda v, b: v >= b, "max": lambda v, b: v <= b, "gt": lambda v, b: v > b, "lt": lambda v, b: v < b}
+
+
+def bounds_text(bounds: dict) -> str:
+    return " and ".join(f"{BOUND_WORDS[k]} {b}" for k, b in bounds.items())
+
+
+def bounds_problem(value, bounds: dict) -> Optional[str]:
+    """Why number `value` is outside `bounds` (see `setting`), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"
+    if all(_BOUND_OK[k](value, b) for k, b in bounds.items()):
+        return None
+    return "must be " + bounds_text(bounds)
 
 
 def _set(cfg: TrainingConfig, section: str, key: str, value, where: str) -> None:
@@ -136,23 +210,19 @@ def _set(cfg: TrainingConfig, section: str, key: str, value, where: str) -> None
         raise TrainingConfigError(
             f"{where}: unknown key '{section}.{key}'" + (f"; did you mean '{section}.{hint[0]}'?" if hint else "")
         )
-    default = getattr(type(target)(), key)
-    if isinstance(default, bool) and not isinstance(value, bool):
-        raise TrainingConfigError(f"{where}: {section}.{key} must be true or false, got {value!r}")
-    if isinstance(default, int) and not isinstance(default, bool) and not (isinstance(value, int) and not isinstance(value, bool)):
-        raise TrainingConfigError(f"{where}: {section}.{key} must be an integer, got {value!r}")
-    if isinstance(default, float) and isinstance(value, str):
-        try:  # YAML 1.1 reads 2e-5 (no dot) as a string
-            value = float(value)
-        except ValueError:
-            pass
-    if isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = float(value)
-    elif isinstance(default, float):
-        raise TrainingConfigError(f"{where}: {section}.{key} must be a number, got {value!r}")
-    choices = CHOICES.get((section, key))
-    if choices and value not in choices:
-        raise TrainingConfigError(f"{where}: {section}.{key}={value!r} is not one of {', '.join(choices)}")
+    tp = get_type_hints(type(target))[key]
+    try:
+        value = typed_value(value, tp)
+    except _WrongType:
+        if get_origin(tp) is Literal or (get_origin(tp) is Union and any(get_origin(a) is Literal for a in get_args(tp))):
+            raise TrainingConfigError(f"{where}: {section}.{key}={value!r} is not {describe_type(tp)}") from None
+        quote = " (quote it in YAML to make it a string)" if "a string" in describe_type(tp) else ""
+        raise TrainingConfigError(
+            f"{where}: {section}.{key} must be {describe_type(tp)}, got {value!r}{quote}") from None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        problem = bounds_problem(value, keys[key].metadata.get("bounds", {}))
+        if problem:
+            raise TrainingConfigError(f"{where}: {section}.{key} {problem}, got {value!r}")
     setattr(target, key, value)
 
 
@@ -180,23 +250,65 @@ def load_config(path: Optional[str] = None, overrides: List[str] = ()) -> Traini
             raise TrainingConfigError(f"override '{item}': expected section.key=value, e.g. train.lr=2e-5")
         dotted, raw = item.split("=", 1)
         section, key = dotted.split(".", 1)
-        _set(cfg, section, key, yaml.safe_load(raw) if raw != "" else None, f"override '{item}'")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            raise TrainingConfigError(f"override '{item}': the value is not valid YAML; quote it") from None
+        _set(cfg, section, key, value, f"override '{item}'")
     validate(cfg)
     return cfg
 
 
 def validate(cfg: TrainingConfig) -> None:
+    """Checks that involve several fields (each field's type and range were checked when set)."""
     if not cfg.model.hf_dir:
         raise TrainingConfigError("model.hf_dir is required (config.json and tokenizer of the model)")
     if not cfg.data.train_files:
         raise TrainingConfigError("data.train_files is required (.jsonl/.parquet files or a directory)")
-    t = cfg.train
-    if t.steps < 1 or t.global_batch_size < 1 or t.micro_batch_size < 1:
-        raise TrainingConfigError("train.steps, train.global_batch_size and train.micro_batch_size must be >= 1")
     d = cfg.diffusion
     if not 0.0 < d.t_low <= d.t_high <= 1.0:
         raise TrainingConfigError(f"diffusion: need 0 < t_low <= t_high <= 1, got {d.t_low}, {d.t_high}")
-    if d.block_size < 1:
-        raise TrainingConfigError(f"diffusion.block_size must be >= 1, got {d.block_size}")
+    if cfg.train.min_lr > cfg.train.lr:
+        raise TrainingConfigError(f"train.min_lr={cfg.train.min_lr} is above train.lr={cfg.train.lr}")
     if cfg.checkpoint.save_interval and not cfg.checkpoint.save_dir:
         raise TrainingConfigError("checkpoint.save_interval is set but checkpoint.save_dir is not")
+    parallel_layout(cfg)  # raises naming the parallel.* key
+
+
+# ---- the layout, named as the user wrote it -------------------------------------------------------
+
+def config_spelling(message: str) -> str:
+    """A layout message in config spelling: `--tp 4` -> `parallel.tp=4`, `(--vpp)` -> `(parallel.vpp)`.
+    ParallelLayout and LLaDA2ModelConfig.validate_layout speak in the converters' CLI flags."""
+    message = re.sub(r"--(tp|ep|etp|pp|vpp) (\d+(?:, \d+)*)", r"parallel.\1=\2", message)
+    return re.sub(r"--(tp|ep|etp|pp|vpp)\b", r"parallel.\1", message)
+
+
+def parallel_layout(cfg: TrainingConfig):
+    """The ParallelLayout of cfg.parallel; a bad one raises TrainingConfigError naming parallel.*."""
+    from megadiff.models.llada2.config import ConfigError, ParallelLayout
+
+    p = cfg.parallel
+    try:
+        return ParallelLayout(tp=p.tp, ep=p.ep, etp=p.etp, pp=p.pp, vpp=p.vpp)
+    except ConfigError as e:
+        raise TrainingConfigError(config_spelling(str(e))) from None
+
+
+# ---- documentation --------------------------------------------------------------------------------
+
+def describe_config() -> str:
+    """Every section.key with its type, default and documentation (tools/train.py --help-config)."""
+    lines = []
+    for section in dataclasses.fields(TrainingConfig):
+        cls = section.default_factory
+        hints = get_type_hints(cls)
+        lines.append(f"{section.name}:")
+        for f in dataclasses.fields(cls):
+            bounds = f.metadata.get("bounds", {})
+            bound = f", {bounds_text(bounds)}" if bounds else ""
+            default = "null" if f.default is None else yaml.safe_dump(f.default).strip().removesuffix("\n...")
+            lines.append(f"  {section.name}.{f.name} ({describe_type(hints[f.name])}{bound}; default {default})")
+            if f.metadata.get("doc"):
+                lines.append(f"      {f.metadata['doc']}")
+    return "\n".join(lines)

@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import torch
 
-from megadiff.training.config import TrainingConfig
+from megadiff.training.config import TrainingConfig, parallel_layout
 
 
 @dataclass
@@ -78,11 +78,11 @@ class Trainer:
     def __init__(self, cfg: TrainingConfig):
         from megatron.core import parallel_state as ps
 
-        from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout
+        from megadiff.models.llada2 import LLaDA2ModelConfig
         from megadiff.platform import init_distributed, initialize_parallel, print_rank0
         from checkpoint_converters.hf_io import read_hf_config
         from megadiff.training.setup import (
-            build_dataset, build_model_and_load, load_samples, load_tokenizer_and_mask_id,
+            build_dataset, build_model_and_load, check_config_fits_model, load_samples, load_tokenizer_and_mask_id,
         )
 
         from megadiff.training.preflight import check_outputs
@@ -90,14 +90,13 @@ class Trainer:
         self.cfg = cfg
         self.log = print_rank0
         check_outputs(cfg)  # every output path writable, before anything is read or built
-        p = cfg.parallel
-        self.layout = ParallelLayout(tp=p.tp, ep=p.ep, etp=p.etp, pp=p.pp, vpp=p.vpp)
+        self.layout = parallel_layout(cfg)
         self.hf_config = read_hf_config(cfg.model.hf_dir)
         self.model_cfg = LLaDA2ModelConfig.from_hf_dict(self.hf_config, os.path.join(cfg.model.hf_dir, "config.json"))
-        self.model_cfg.validate_layout(self.layout)
+        check_config_fits_model(cfg, self.model_cfg, self.layout)
         # Cheap checks first: tokenizer and every data row are validated before the model is built.
         self.tokenizer, self.mask_id = load_tokenizer_and_mask_id(cfg, self.model_cfg)
-        samples, row_stats = load_samples(cfg, self.tokenizer)
+        samples, row_stats = load_samples(cfg, self.tokenizer, self.mask_id)
         # Rank 0 locks, repairs and inspects save_dir before the others can join the process group.
         self._save_dir_lock, resume_from = None, None
         if cfg.checkpoint.save_dir and int(os.environ.get("RANK", "0")) == 0:

@@ -2,8 +2,26 @@
 
 import os
 
+from megadiff.hf.tokenizer import TokenizerError
+from megadiff.inference.loading import TOKENIZER_FILES
+from megadiff.models.llada2.config import ConfigError
+from megadiff.training.config import TrainingConfig, TrainingConfigError, config_spelling
 
-from megadiff.training.config import TrainingConfig
+
+def check_config_fits_model(cfg: TrainingConfig, model_cfg, layout) -> None:
+    """Raise naming the config key when the model (its config.json) cannot run this config: a layout
+    that does not divide it, or rows longer than its position range. Block diffusion feeds
+    [x_t ; x_0] (2S tokens) but both halves use positions 0..S-1, so S is what must fit."""
+    try:
+        model_cfg.validate_layout(layout)
+    except ConfigError as e:
+        raise ConfigError(config_spelling(str(e))) from None
+    if cfg.data.max_seq_len > model_cfg.max_position_embeddings:
+        raise TrainingConfigError(
+            f"data.max_seq_len={cfg.data.max_seq_len} is above max_position_embeddings="
+            f"{model_cfg.max_position_embeddings} of {model_cfg.source}; the model has no positions beyond "
+            f"that, so lower data.max_seq_len"
+        )
 
 
 def load_tokenizer_and_mask_id(cfg: TrainingConfig, model_cfg):
@@ -12,24 +30,30 @@ def load_tokenizer_and_mask_id(cfg: TrainingConfig, model_cfg):
     from megadiff.hf.tokenizer import mask_token_id
 
     tokenizer_dir = cfg.model.tokenizer_dir or cfg.model.hf_dir
+    key = "model.tokenizer_dir" if cfg.model.tokenizer_dir else "model.hf_dir"
+    if not any(os.path.isfile(os.path.join(tokenizer_dir, f)) for f in TOKENIZER_FILES):
+        raise TokenizerError(f"{tokenizer_dir}: cannot load the tokenizer: none of {', '.join(TOKENIZER_FILES)} "
+                             f"is there; point {key} at the model's tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     except Exception as e:  # transformers raises several types for a missing/broken tokenizer
-        raise ValueError(f"{tokenizer_dir}: cannot load the tokenizer ({e})") from None
+        reason = " ".join(str(e).split())  # one line: transformers' messages span several
+        raise TokenizerError(f"{tokenizer_dir}: cannot load the tokenizer ({reason})") from None
     mask_id = mask_token_id(tokenizer, cfg.model.mask_token_id)
     if not 0 <= mask_id < model_cfg.vocab_size:
-        raise ValueError(f"mask token id {mask_id} is outside the model vocabulary ({model_cfg.vocab_size})")
+        raise TokenizerError(f"mask token id {mask_id} is outside the model vocabulary ({model_cfg.vocab_size} "
+                             f"in {model_cfg.source}); fix model.mask_token_id")
     return tokenizer, mask_id
 
 
-def load_samples(cfg: TrainingConfig, tokenizer):
+def load_samples(cfg: TrainingConfig, tokenizer, mask_id: int):
     """Read, validate and tokenise every SFT row (malformed input stops here, before any
     process group or model exists)."""
     from megadiff.data.rows import read_sft_rows
     from megadiff.data.tokenize import pad_answers_to_block, tokenize_rows
 
     rows, stats = read_sft_rows(cfg.data.train_files, skip_bad_rows=cfg.data.skip_bad_rows)
-    samples = tokenize_rows(rows, tokenizer)
+    samples = tokenize_rows(rows, tokenizer, mask_id)
     if cfg.data.pad_answers_to_block:
         samples = pad_answers_to_block(samples, tokenizer.eos_token_id, cfg.diffusion.block_size)
     return samples, stats

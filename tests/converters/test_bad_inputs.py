@@ -224,5 +224,5 @@ def test_cli_reports_errors_in_one_line(tmp_path):
          "--mcore-dir", str(tmp_path / "missing"), "--output", str(tmp_path / "o")],
         capture_output=True, text=True, timeout=120,
     )
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'missing'}: checkpoint directory not found"
+    assert proc.returncode == 2  # megadiff.errors.USER_ERROR_EXIT
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'}: checkpoint directory not found"]

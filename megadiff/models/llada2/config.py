@@ -4,10 +4,14 @@ Every check names the config field and says what to do, and runs before anything
 """
 
 import dataclasses
+import json
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
+
+from megadiff.errors import UserError
 
 ACCEPTED_MODEL_TYPES = ("llada2_moe", "bailing_moe_v2", "bailing_moe")
 REQUIRED_FIELDS = (
@@ -16,8 +20,19 @@ REQUIRED_FIELDS = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A model config field, or a parallel layout, that megadiff cannot run."""
+
+
+def checked_type(value, kind, fail):
+    """`value` if it is a `kind` (int, float, bool or str; an int is a float too), else fail(why).
+    JSON numbers keep their spelling: 16.0 is not an integer, "1" is not a number."""
+    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, (int, float) if kind is float else kind):
+        fail(f"must be {words[kind]}, got {json.dumps(value)}")
+    if kind is float and not math.isfinite(value):
+        fail(f"must be a finite number, got {value}")
+    return float(value) if kind is float else value
 
 
 @dataclass(frozen=True)
@@ -103,35 +118,45 @@ class LLaDA2ModelConfig:
         for field in REQUIRED_FIELDS:
             if cfg.get(field) is None:
                 fail(field, "required field is missing")
+
+        def get(field, kind, default=None, null_is_default=False):
+            """cfg[field] checked against `kind` (int, float, bool, str); absent -> default. A null
+            is the default only where HF's own config class treats it so."""
+            value = cfg.get(field, default)
+            if value is None and (null_is_default or field not in cfg):
+                return default
+            return checked_type(value, kind, lambda why: fail(field, why))
+
         eos = cfg.get("eos_token_id")
         if isinstance(eos, list):
             eos = eos[0] if eos else None
+        hidden_size, heads = get("hidden_size", int), get("num_attention_heads", int)
         values = dict(
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            moe_intermediate_size=cfg["moe_intermediate_size"],
-            num_hidden_layers=cfg["num_hidden_layers"],
-            num_attention_heads=cfg["num_attention_heads"],
-            num_key_value_heads=cfg["num_key_value_heads"],
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
-            num_experts=cfg["num_experts"],
-            num_experts_per_tok=cfg["num_experts_per_tok"],
-            num_shared_experts=cfg.get("num_shared_experts") or 0,
-            n_group=cfg.get("n_group") or 1,
-            topk_group=cfg.get("topk_group") or 1,
-            routed_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0),
-            first_k_dense_replace=cfg.get("first_k_dense_replace") or 0,
-            score_function=cfg.get("score_function", "sigmoid"),
-            moe_router_enable_expert_bias=bool(cfg.get("moe_router_enable_expert_bias", True)),
-            norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
-            use_qk_norm=bool(cfg.get("use_qk_norm", True)),
-            partial_rotary_factor=float(cfg.get("partial_rotary_factor", 1.0)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=cfg.get("max_position_embeddings") or 4096,
-            pad_token_id=cfg.get("pad_token_id"),
-            eos_token_id=eos,
+            vocab_size=get("vocab_size", int),
+            hidden_size=hidden_size,
+            intermediate_size=get("intermediate_size", int),
+            moe_intermediate_size=get("moe_intermediate_size", int),
+            num_hidden_layers=get("num_hidden_layers", int),
+            num_attention_heads=heads,
+            num_key_value_heads=get("num_key_value_heads", int),
+            head_dim=get("head_dim", int, null_is_default=True) or hidden_size // max(heads, 1),
+            num_experts=get("num_experts", int),
+            num_experts_per_tok=get("num_experts_per_tok", int),
+            num_shared_experts=get("num_shared_experts", int, 0, null_is_default=True),
+            n_group=get("n_group", int, 1, null_is_default=True),
+            topk_group=get("topk_group", int, 1, null_is_default=True),
+            routed_scaling_factor=get("routed_scaling_factor", float, 1.0, null_is_default=True),
+            first_k_dense_replace=get("first_k_dense_replace", int, 0, null_is_default=True),
+            score_function=get("score_function", str, "sigmoid"),
+            moe_router_enable_expert_bias=get("moe_router_enable_expert_bias", bool, True),
+            norm_topk_prob=get("norm_topk_prob", bool, True),
+            use_qk_norm=get("use_qk_norm", bool, True),
+            partial_rotary_factor=get("partial_rotary_factor", float, 1.0),
+            rope_theta=get("rope_theta", float, 10000.0),
+            rms_norm_eps=get("rms_norm_eps", float, 1e-6),
+            max_position_embeddings=get("max_position_embeddings", int, 4096, null_is_default=True),
+            pad_token_id=get("pad_token_id", int, null_is_default=True),
+            eos_token_id=checked_type(eos, int, lambda why: fail("eos_token_id", why)) if eos is not None else None,
             source=source,
         )
         config = cls(**values)
@@ -147,9 +172,14 @@ class LLaDA2ModelConfig:
         def fail(field, why):
             raise ConfigError(f"{self.source}: {field}: {why}")
 
-        for f in REQUIRED_FIELDS:
+        for f in (*REQUIRED_FIELDS, "head_dim", "n_group", "topk_group", "max_position_embeddings"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) <= 0:
                 fail(f, f"must be a positive integer, got {getattr(self, f)!r}")
+        for f in ("rope_theta", "rms_norm_eps", "routed_scaling_factor"):
+            if not getattr(self, f) > 0:
+                fail(f, f"must be a positive number, got {getattr(self, f)!r}")
+        if self.num_shared_experts < 0:
+            fail("num_shared_experts", f"must be >= 0, got {self.num_shared_experts}")
         if self.score_function != "sigmoid":
             fail("score_function", f"unknown score function '{self.score_function}'; LLaDA2 uses 'sigmoid'")
         if self.num_attention_heads % self.num_key_value_heads:

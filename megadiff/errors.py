@@ -1,0 +1,30 @@
+"""The one base class of every error a user can fix by changing an input (a config key, a data row,
+a file, a flag).
+
+Such an error's message names the culprit (file and line, field, or flag) and says what to do, so the
+tools print it as one line, without a traceback, and exit with status 2 (`USER_ERROR_EXIT`). Anything
+else is a bug in megadiff and keeps its traceback.
+"""
+
+import os
+import sys
+
+USER_ERROR_EXIT = 2
+
+
+class UserError(ValueError):
+    """Bad input; the message names where it is and what to do (see the module docstring)."""
+
+
+def user_error_exit(error) -> int:
+    """Print `error` as one line on stderr and return USER_ERROR_EXIT (for `return` or SystemExit).
+
+    Under torchrun, before the process group exists every rank has read the same inputs and fails
+    alike, so only rank 0 prints; once it exists each rank prints its own line, marked with its rank."""
+    rank = int(os.environ.get("RANK", "0"))
+    torch = sys.modules.get("torch")  # never import torch just to print an error
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        print(f"error (rank {rank}): {error}", file=sys.stderr, flush=True)
+    elif rank == 0:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    return USER_ERROR_EXIT
