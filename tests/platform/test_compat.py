@@ -70,3 +70,21 @@ def test_common_state_is_stored_the_way_the_installed_megatron_core_stores_it(tm
     else:
         assert not (tmp_path / "common.pt").exists()
         assert sharded["common_state"].data == {"args": "a"} and sharded["common_state"].key == "common_state"
+
+
+def test_a_release_that_changes_a_private_signature_fails_the_check(monkeypatch):
+    from torch.distributed.checkpoint import filesystem
+
+    monkeypatch.setattr(filesystem, "_write_item", lambda stream, data, write_item, storage_key: None)
+    [dcp] = [w for w in compat.WORKAROUNDS if w.name == "torch_dcp_writer_internals"]
+    with pytest.raises(compat.CompatError, match="_write_item"):
+        dcp.check()
+
+
+def test_a_release_that_drops_a_private_function_fails_the_check(monkeypatch):
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    monkeypatch.delattr(mcore_random, "_set_cuda_rng_state")
+    [rng] = [w for w in compat.WORKAROUNDS if w.name == "rng_tracker_cpu_states"]
+    with pytest.raises(compat.CompatError, match="_set_cuda_rng_state is gone"):
+        rng.check()
