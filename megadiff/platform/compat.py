@@ -77,7 +77,7 @@ def _params(fn) -> List[str]:
 
 def _global_names(fn) -> set:
     """Names a function (and the functions nested in it) looks up as globals."""
-    code, names, todo = getattr(fn, "__code__", None), set(), []
+    code, names = getattr(fn, "__code__", None), set()
     todo = [code] if code else []
     while todo:
         c = todo.pop()
@@ -366,7 +366,8 @@ def restore_adam_steps(optimizer, loaded_optimizer_state) -> None:
     "optimizer_state_init_and_adam_steps",
     "DistributedOptimizer._init_optimizer_states_with_dummy_values() (no arguments); torch Adam keeps "
     "a per-parameter tensor state['step']; the loaded param groups carry 'step'",
-    "nothing (both need the dummy init; bit-exact resume passes on both with restore_adam_steps)",
+    "nothing seen: bit-exact resume passes on both with both workarounds (whether 0.19's load still "
+    "needs restore_adam_steps was not re-tested; it is a no-op where the steps already agree)",
 )
 def _check_optimizer_state():
     import torch
