@@ -51,7 +51,7 @@ endif
 setup: $(VENV)/.installed
 
 versions: setup
-	@$(PY) -c 'import sys, torch, megatron.core, transformers; print(f"stack: python {sys.version.split()[0]}, torch {torch.__version__}, megatron-core {megatron.core.__version__}, transformers {transformers.__version__}")'
+	@$(PY) -c 'import sys, importlib.metadata as m; print("stack: python " + sys.version.split()[0], *(f"{p} {m.version(p)}" for p in ("torch", "megatron-core", "transformers")), sep=", ")'
 
 # Everything; GPU tests run where CUDA exists and skip cleanly elsewhere. pytest's exit 5
 # (no tests collected) is a failure, not a pass. MEGADIFF_TESTS=light: the lighter set that CI
