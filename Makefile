@@ -1,24 +1,62 @@
 # megadiff developer targets. `make setup` once, then `make test`.
+#
+# Two tested stacks (README "Versions"); the interpreter decides which one a venv gets:
+#   (a) make test                                        Python 3.11: torch 2.13, megatron-core 0.16.1, transformers 5.x
+#   (b) make PYTHON=python3.12 VENV=.venv-py312 test     Python 3.12: torch 2.11, megatron-core 0.19.x, transformers 4.57.6
+# MEGADIFF_SYSTEM_PACKAGES=1 make setup: a venv that sees the interpreter's packages
+# (--system-site-packages) and keeps its torch, Transformer Engine and apex (NGC-style images).
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
-# megatron-core 0.16.1 is the newest release for Python 3.11 (0.17+ need 3.12).
-MCORE_PIN := $(shell $(PYTHON) -c 'import sys; print("megatron-core==0.16.1" if sys.version_info < (3, 12) else "megatron-core")')
+MEGADIFF_SYSTEM_PACKAGES ?= 0
 
-.PHONY: setup test test-fast lint demo demo-clean clean
+# pyenv: a shim such as `python3.12` fails ("command not found") unless PYENV_VERSION names an
+# installed 3.12.x; then take the newest such version, so the commands above work there as is.
+ifeq ($(shell $(PYTHON) -c 'print(1)' 2>/dev/null),)
+PYENV_VERSION ?= $(shell pyenv versions --bare 2>/dev/null | grep -E '^$(subst python,,$(notdir $(PYTHON)))\.[0-9]+$$' | sort -V | tail -1)
+export PYENV_VERSION
+endif
+
+# Pins per stack (megatron-core 0.17+ need Python 3.12; transformers 4.57 is what the official
+# LLaDA2 remote code needs).
+STACK := $(shell PYENV_VERSION=$(PYENV_VERSION) $(PYTHON) -c 'import sys; print("a" if sys.version_info < (3, 12) else "b")' 2>/dev/null)
+ifeq ($(STACK),a)
+TORCH_PIN := torch==2.13.0
+PINS := megatron-core==0.16.1 "transformers>=5,<6"
+else
+TORCH_PIN := torch==2.11.0
+PINS := "megatron-core>=0.19,<0.20" transformers==4.57.6
+endif
+ifeq ($(MEGADIFF_SYSTEM_PACKAGES),1)
+VENV_FLAGS := --system-site-packages
+else
+VENV_FLAGS :=
+endif
+
+.PHONY: setup test test-fast lint demo demo-clean clean versions
 
 $(VENV)/.installed: setup.py
-	$(PYTHON) -m venv $(VENV)
+	@test -n "$(STACK)" || { echo "error: PYTHON=$(PYTHON) does not run; pass PYTHON=python3.11 or python3.12"; exit 1; }
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q "$(MCORE_PIN)" -e ".[dev]"
+ifeq ($(MEGADIFF_SYSTEM_PACKAGES),1)
+	@$(PY) -c 'import torch' 2>/dev/null || { echo "error: MEGADIFF_SYSTEM_PACKAGES=1, but $(PYTHON) has no torch to reuse; unset it to install $(TORCH_PIN)"; exit 1; }
+	$(PY) -c 'import importlib.metadata as m; print("torch==" + m.version("torch"))' > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt $(PINS) -e ".[dev]"
+else
+	$(PY) -m pip install -q $(TORCH_PIN) $(PINS) -e ".[dev]"
+endif
 	touch $@
 
 setup: $(VENV)/.installed
 
+versions: setup
+	@$(PY) -c 'import sys, importlib.metadata as m; print("stack: python " + sys.version.split()[0], *(f"{p} {m.version(p)}" for p in ("torch", "megatron-core", "transformers")), sep=", ")'
+
 # Everything; GPU tests run where CUDA exists and skip cleanly elsewhere. pytest's exit 5
-# (no tests collected) is a failure, not a pass.
-test: setup
+# (no tests collected) is a failure, not a pass. MEGADIFF_TESTS=light: the lighter set that CI
+# runs on its second stack (every layout still runs once; see tests/conftest.py).
+test: versions
 	@$(PY) -m pytest tests -q --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 

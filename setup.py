@@ -5,13 +5,16 @@ setup(
     name="megadiff",
     version="0.1.0",
     description="Megatron-Core trainer for diffusion language models (LLaDA2.0)",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["megadiff", "megadiff.*", "checkpoint_converters", "checkpoint_converters.*"]),
+    # Tested ranges (README "Versions"; megadiff/platform/compat.py records what each workaround
+    # was checked on): stack (a) Python 3.11, torch 2.13, megatron-core 0.16.1, transformers 5.x;
+    # stack (b) Python 3.12, torch 2.11, megatron-core 0.19.x, transformers 4.57.6.
     install_requires=[
-        "megatron-core>=0.16.1",
-        "torch",
+        "megatron-core>=0.16.1,<0.20",
+        "torch>=2.11,<2.14",
         "safetensors",
-        "transformers>=4.51",
+        "transformers>=4.57,<6",
         "sentencepiece",
         "numpy",
         "pyyaml",

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
-from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, _StorageInfo, _write_item
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
@@ -30,6 +30,7 @@ from torch.futures import Future
 
 from checkpoint_converters.byte_spans import RowAddresses, Spans
 from checkpoint_converters.span_copy import SpanCopier
+from megadiff.platform.compat import dcp_storage_info, save_common_state, sharded_items_by_key, write_dcp_item
 
 
 class _LazyShards(torch.Tensor):
@@ -108,8 +109,6 @@ class _StreamingWriter(FileSystemWriter):
         self.copier = copier or SpanCopier()
 
     def write_data(self, plan, planner):
-        from torch.distributed.checkpoint.filesystem import SerializationFormat
-
         storage_key = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
         path = self.fs.concat_path(self.path, storage_key)
         results = []
@@ -129,8 +128,7 @@ class _StreamingWriter(FileSystemWriter):
                         data = data.detach()
                         if data.untyped_storage().nbytes() != data.nbytes or not data.is_contiguous():
                             data = data.contiguous().clone()
-                    results.append(_write_item(self.transforms, stream, data, item, storage_key,
-                                               SerializationFormat.TORCH_SAVE))
+                    results.append(write_dcp_item(self.transforms, stream, data, item, storage_key))
                 if item.type != WriteItemType.BYTE_IO and self._on_tensor:
                     self._on_tensor(_item_nbytes(item), total)
                 del data
@@ -174,7 +172,7 @@ class _StreamingWriter(FileSystemWriter):
             torch.save(placeholder, _HoleFillingStream(stream, lambda n: self._fill(stream, spans, n)))
         length = stream.tell() - offset
         return WriteResult(index=item.index, size_in_bytes=length,
-                           storage_data=_StorageInfo(storage_key, offset, length))
+                           storage_data=dcp_storage_info(storage_key, offset, length))
 
     def _fill(self, stream, spans: Spans, nbytes: int) -> None:
         if nbytes != spans.nbytes:
@@ -258,10 +256,8 @@ def write_lazily(
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
-    from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
     from megatron.core.dist_checkpointing.strategies.torch import (
         MCoreSavePlanner,
-        _replace_state_dict_keys_with_sharded_keys,
         flatten_state_dict,
         mcore_to_pyt_state_dict,
     )
@@ -272,8 +268,8 @@ def write_lazily(
         if isinstance(getattr(item, "data", None), torch.Tensor)
     }
     sharded, common = save_preprocess(sharded_state_dict, validate_access_integrity=True)
-    TorchCommonSaveStrategy("torch", 1).save_common(common, checkpoint_dir)
-    groups, _, paths_of = _replace_state_dict_keys_with_sharded_keys(sharded, keep_only_main_replica=True)
+    sharded = save_common_state(sharded, common, checkpoint_dir)  # common.pt or ShardedObject 'common_state'
+    groups, _, paths_of = sharded_items_by_key(sharded)
 
     cache: Dict[str, torch.Tensor] = {}
 

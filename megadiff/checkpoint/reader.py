@@ -20,9 +20,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
-from torch.distributed.checkpoint.utils import _create_file_view
 
 from checkpoint_converters.hf_io import CheckpointError
+from megadiff.platform.compat import dcp_file_view
 
 from .format import DCP_METADATA_NAME
 from .untrusted import SafeFileSystemReader, vet_checkpoint
@@ -197,7 +197,7 @@ class DistCheckpointReader:
         path = os.path.join(self.ckpt_dir, info.relative_path)
         try:
             with open(path, "rb") as f:
-                tensor = torch.load(_create_file_view(f, info.offset, info.length), map_location="cpu", weights_only=True)
+                tensor = torch.load(dcp_file_view(f, info.offset, info.length), map_location="cpu", weights_only=True)
         except Exception as e:
             raise CheckpointError(f"{path}: '{key}' at {list(chunk.offsets)} could not be read ({e!r})") from None
         if tuple(tensor.shape) != tuple(chunk.sizes) or tensor.dtype != self.dtype(key):

@@ -5,7 +5,7 @@ _DISTRIBUTED = ("init_distributed", "initialize_parallel", "is_rank0", "on_gpu",
 
 def __getattr__(name):
     # `import megadiff` installs the megatron-core import hook from this package
-    # (megatron_import.py); that must not import torch for code that never uses it.
+    # (compat.py); that must not import torch for code that never uses it.
     if name in _DISTRIBUTED:
         from . import distributed
 

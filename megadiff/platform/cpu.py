@@ -1,18 +1,20 @@
 """Let unmodified megatron-core run on CPU with gloo (DESIGN §4).
 
-With megatron_import.py (torch.compile, only while megatron.core.jit is imported) this is the only
-module in megadiff that patches anything. `enable_cpu_support()` is called by
+With compat.py (the version-dependent workarounds, the megatron-core import hook among them) this
+is the only module in megadiff that patches anything. `enable_cpu_support()` is called by
 `init_distributed()` when CUDA is absent and never when it is present, so GPU runs use
 megatron-core untouched. What is redirected, and why:
 
 - `torch.cuda.current_device/Stream/Event/stream/synchronize/...`: megatron-core calls them
   unconditionally; on CPU they become device 0 / no-ops.
-- CUDA RNG state (`tensor_parallel.random`): the tracker forks CPU generator states instead.
+- CUDA RNG state (`tensor_parallel.random`): the tracker forks CPU generator states instead
+  (compat.use_cpu_rng_in_tracker).
 - A TorchFunctionMode maps every CUDA device argument (`device="cuda"`, `device=0`,
   `.cuda()`, `.to("cuda")`, `pin_memory`) to CPU, which catches the hard-coded CUDA tensors in
   schedules, optimizer, DDP buffers and checkpointing in one place. It also reports CPU tensors'
   `type()` as the `torch.cuda.*Tensor` names the (distributed) optimizer insists on.
-- `moe_utils.te_general_gemm` is referenced but undefined without Transformer Engine (0.16.1).
+- `moe_utils.te_general_gemm` is referenced but undefined without Transformer Engine (0.16.1;
+  compat.define_te_general_gemm_without_te, which model building also calls on CUDA).
 - gloo's `all_to_all_single` needs split sizes as lists, the alltoall dispatcher passes tensors.
 """
 
@@ -21,6 +23,8 @@ import functools
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from megadiff.platform import compat
 
 _ENABLED = False
 
@@ -100,20 +104,6 @@ def _patch_torch_cuda():
     cuda.nvtx.range_pop = lambda *a, **k: None
 
 
-def _patch_rng_tracker():
-    from megatron.core.tensor_parallel import random as mcore_random
-
-    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
-    mcore_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
-
-
-def _patch_moe_utils():
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-
-
 def _patch_all_to_all():
     dist = torch.distributed
     original = dist.all_to_all_single
@@ -138,8 +128,8 @@ def enable_cpu_support() -> None:
     if torch.cuda.is_available():
         raise RuntimeError("enable_cpu_support() must not be used when CUDA is available")
     _patch_torch_cuda()
-    _patch_rng_tracker()
-    _patch_moe_utils()
+    compat.use_cpu_rng_in_tracker()
+    compat.define_te_general_gemm_without_te()
     _patch_all_to_all()
     _CudaToCpuMode().__enter__()  # stays active for the life of the process
     _ENABLED = True

@@ -13,6 +13,9 @@ import re
 import shutil
 from typing import Callable, Optional, Tuple
 
+# Version-dependent optimizer workarounds live in compat; the trainer imports restore_adam_steps from here.
+from megadiff.platform.compat import init_optimizer_states_with_dummy_values, restore_adam_steps  # noqa: F401
+
 from checkpoint_converters.hf_io import CheckpointError
 from megadiff.checkpoint import format as fmt
 from megadiff.checkpoint.lock import SaveDirLock
@@ -136,36 +139,12 @@ def prune_checkpoints(root: str, keep_last: int) -> None:
 
 
 def initialise_optimizer_state(optimizer) -> None:
-    """Give every torch Adam state its tensors before a checkpoint is loaded into it.
-
-    Without TE/apex fused Adam, megatron-core's distributed optimizer can only describe its state
-    (and so load it) once a step has created it. megatron-core's own dummy step fills it with
-    zeros; the loaded checkpoint then overwrites parameters and state alike."""
+    """Give every torch Adam state its tensors before a checkpoint is loaded into it (see
+    compat.init_optimizer_states_with_dummy_values); the loaded checkpoint then overwrites
+    parameters and state alike."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         if hasattr(opt, "_init_optimizer_states_with_dummy_values") and not opt.optimizer.state:
-            opt._init_optimizer_states_with_dummy_values()
-
-
-def restore_adam_steps(optimizer, loaded_optimizer_state) -> None:
-    """Set torch Adam's per-parameter `step` to the checkpoint's.
-
-    megatron-core 0.16's dp_reshardable load copies the per-parameter state tensors back after
-    `load_state_dict` has set `step` from the saved param groups, and the copied `step` is the
-    one of the dummy initialisation step (1), which would restart Adam's bias correction."""
-    import torch
-
-    optimizers = getattr(optimizer, "chained_optimizers", [optimizer])
-    states = [loaded_optimizer_state] if len(optimizers) == 1 else [
-        v for _, v in sorted(loaded_optimizer_state.items())
-    ]
-    for opt, state in zip(optimizers, states):
-        steps = {g["step"] for g in state["optimizer"]["param_groups"] if "step" in g}
-        if len(steps) != 1:
-            continue  # fused (TE/apex) Adam keeps its step in the param groups, already loaded
-        step = float(steps.pop())
-        for value in opt.optimizer.state.values():
-            if "step" in value:
-                value["step"] = torch.tensor(step)
+            init_optimizer_states_with_dummy_values(opt)
 
 
 def check_optimizer_layout(ckpt_dir: str, sharded_state_dict, layout, trust: bool = False) -> None:

@@ -30,6 +30,7 @@ def assert_step_matches_reference(results):
             assert r["grad_rel"] <= REL_TOL, (layout, mode, r)
 
 
+@pytest.mark.repeat
 @pytest.mark.dist
 def test_bd_and_full_step_match_reference_single_process(tiny_run_dir):
     assert_step_matches_reference(run_check(tiny_run_dir, 1, "step_parity", "1,1,1"))
@@ -49,6 +50,7 @@ def test_vocab_parallel_loss_and_cap_match_reference_at_tp2(tiny_run_dir):
         assert r["rel_err"] <= REL_TOL, (layout, r)
 
 
+@pytest.mark.repeat
 @pytest.mark.dist
 @pytest.mark.slow
 def test_five_steps_give_the_same_losses_at_every_layout(tiny_run_dir):
@@ -61,6 +63,7 @@ def test_five_steps_give_the_same_losses_at_every_layout(tiny_run_dir):
         assert max(abs(a - b) for a, b in zip(losses, single)) <= REL_TOL, (layout, losses, single)
 
 
+@pytest.mark.repeat
 @pytest.mark.dist
 @pytest.mark.slow
 def test_tiny_model_memorises_small_sft_set(tiny_run_dir):
@@ -84,6 +87,7 @@ def test_flex_attention_and_complementary_masks_step_matches_reference(tiny_run_
     ))
 
 
+@pytest.mark.repeat
 @pytest.mark.dist
 def test_nonfinite_losses_skip_steps_then_abort(tiny_run_dir):
     """lr=1e30 blows the weights up: NaN steps are skipped and counted, then the run stops."""

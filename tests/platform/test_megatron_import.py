@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from megadiff.platform.megatron_import import compile_on_first_call
+from megadiff.platform.compat import compile_on_first_call
 
 
 def test_compile_is_deferred_to_the_first_call_and_done_once():

@@ -27,20 +27,18 @@ Devices:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from typing import Optional
 
 import torch
-import torch._dynamo.exc
-import torch._inductor.exc
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from megadiff.diffusion.masks import block_diffusion_mask_mod, full_attention_mask_mod
+from megadiff.platform.compat import flex_compile_errors, without_torch_function_modes
 
 # Created once: torch.compile is lazy, the first call per input shape compiles (seconds).
 _COMPILED_FLEX = torch.compile(flex_attention)
@@ -49,11 +47,7 @@ _COMPILED_CREATE_BLOCK_MASK = torch.compile(create_block_mask)
 # intermediates: ~0.7 GB at 8192^2); compiled it does not, but compiling costs seconds once.
 COMPILE_BLOCK_MASK_MIN_ELEMENTS = 2048 * 2048
 _cpu_compile_failed = False  # set when compiling flex on CPU failed once; eager flex from then on
-_COMPILE_ERRORS = (
-    torch._dynamo.exc.BackendCompilerFailed,
-    torch._inductor.exc.InductorError,
-    torch._inductor.exc.CppCompileError,
-)
+_COMPILE_ERRORS = flex_compile_errors()
 
 
 def cpu_flex_is_compiled() -> bool:
@@ -195,7 +189,7 @@ def _cpu_flex_forward(q, k, v, block_mask, scale):
         try:
             # Without torch-function modes (megadiff.platform.cpu's CUDA->CPU mode): flex needs
             # none, and dynamo would otherwise also compile the mode's __torch_function__ frames.
-            with _without_torch_function_modes():
+            with without_torch_function_modes():
                 return _COMPILED_FLEX(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
         except _COMPILE_ERRORS as error:  # e.g. no C++ compiler
             _cpu_compile_failed = True
@@ -204,18 +198,6 @@ def _cpu_flex_forward(q, k, v, block_mask, scale):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
-
-
-@contextlib.contextmanager
-def _without_torch_function_modes():
-    popped = []
-    try:
-        while torch.overrides._is_torch_function_mode_enabled():
-            popped.append(torch.overrides._pop_mode())
-        yield
-    finally:
-        for mode in reversed(popped):
-            torch.overrides._push_mode(mode)
 
 
 class _CpuFlexAttention(torch.autograd.Function):
@@ -230,7 +212,7 @@ class _CpuFlexAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v = ctx.saved_tensors
-        with _without_torch_function_modes():  # plain CPU tensor code: skip per-op mode dispatch
+        with without_torch_function_modes():  # plain CPU tensor code: skip per-op mode dispatch
             dq, dk, dv = _blockwise_attention_backward(q, k, v, grad_out, ctx.block_mask, ctx.scale)
         return dq, dk, dv, None, None
 

@@ -13,6 +13,8 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from torch.nn.attention.flex_attention import BlockMask
 
+from megadiff.platform import compat
+
 from .config import ConfigError, LLaDA2ModelConfig, ParallelLayout, to_transformer_config
 from .spec import llada2_block_spec, transformer_engine_usable
 
@@ -36,6 +38,8 @@ def build_model(
         raise ConfigError(f"attention_backend={attention_backend!r}; choose one of {ATTENTION_BACKENDS}")
     if use_te is None:
         use_te = transformer_engine_usable()
+    compat.define_te_general_gemm_without_te()  # the router reads it, on CPU and CUDA without TE
+    compat.silence_gptmodel_deprecation()
     on_cpu = not torch.cuda.is_available()
     config = to_transformer_config(
         model_cfg, layout, params_dtype, use_te=use_te, on_cpu=on_cpu, **config_overrides
