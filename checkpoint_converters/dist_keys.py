@@ -1,13 +1,16 @@
 """Where each row of the LLaDA2 parameter TABLE lives in a megatron-core dist checkpoint.
 
-megatron-core saves under Transformer-Engine-compatible keys whatever spec built the model: the input
-and pre-MLP norms under their fused-linear names, and the routed experts of a layer stacked into one
-[E, ...] tensor per weight. Every other row is stored under its own global name. A stored tensor is
+megatron-core saves under Transformer-Engine-compatible keys whatever spec built the model (the
+input and pre-MLP norms under their fused-linear names, the routed experts of a layer stacked into
+one [E, ...] tensor per weight), except for the pre-MLP norm of MoE layers, which a TE model saves
+under its own name. The table (`Rule.key` / `Rule.te_key`) holds both key sets. A stored tensor is
 the full megatron-core tensor at TP=1 (TP shards concatenated, gated fc1 as [gate; up] over all
 ranks), so `hf_from_full_mcore` applies to it directly, whatever layout wrote it.
 
-`units_for(hf_config)` lists, in output order, every table row instance a config has, with its HF
-names and checkpoint location: the plan that mcore -> HF conversion reads from.
+`units_for(hf_config, spec)` lists, in output order, every table row instance a config has, with
+its HF names and checkpoint location: the plan that mcore -> HF conversion reads from.
+`checkpoint_spec` tells which spec's keys a checkpoint holds; `other_spec_keys` / `key_in_other_spec`
+translate keys (loading a checkpoint written with the other spec, writing TE names).
 """
 
 from dataclasses import dataclass
@@ -15,15 +18,7 @@ from typing import Dict, List, Optional, Tuple
 
 from .hf_layout import expected_hf_shapes
 
-from .llada2_mapping import TABLE, Rule, hf_names
-
-L = "decoder.layers.{layer}."
-CHECKPOINT_KEYS: Dict[str, str] = {  # TABLE mcore name -> dist-checkpoint key, where they differ
-    L + "input_layernorm.weight": L + "self_attention.linear_qkv.layer_norm_weight",
-    L + "pre_mlp_layernorm.weight": L + "mlp.linear_fc1.layer_norm_weight",
-    L + "mlp.experts.local_experts.{expert}.linear_fc1.weight": L + "mlp.experts.experts.linear_fc1.weight",
-    L + "mlp.experts.local_experts.{expert}.linear_fc2.weight": L + "mlp.experts.experts.linear_fc2.weight",
-}
+from .llada2_mapping import DENSE, LOCAL, MOE, SPECS, TABLE, TE, Rule, hf_names
 
 
 @dataclass(frozen=True)
@@ -48,8 +43,8 @@ class Unit:
         return out
 
 
-def checkpoint_key(rule: Rule, layer: Optional[int]) -> str:
-    pattern = CHECKPOINT_KEYS.get(rule.mcore, rule.mcore)
+def checkpoint_key(rule: Rule, layer: Optional[int], spec: str = LOCAL) -> str:
+    pattern = rule.checkpoint_key(spec)
     return pattern.format(layer=layer) if layer is not None else pattern
 
 
@@ -59,16 +54,22 @@ def _full_shape(rule: Rule, shapes: List[Tuple[int, ...]]) -> Tuple[int, ...]:
     return tuple(shapes[0])
 
 
-def units_for(hf_config: Dict) -> List[Unit]:
+def units_for(hf_config: Dict, spec: str = LOCAL) -> List[Unit]:
     """Every table row instance of a config, ordered embedding, layer 0..L-1 (table order, experts
-    in order), final norm, output layer. Together they cover exactly `expected_hf_shapes(config)`."""
+    in order), final norm, output layer, with its checkpoint key under `spec` ("local" or "te").
+    Together they cover exactly `expected_hf_shapes(config)`."""
+    if spec not in SPECS:
+        raise ValueError(f"spec {spec!r} is not one of {', '.join(SPECS)}")
     expected = expected_hf_shapes(hf_config)
+    first_moe = hf_config.get("first_k_dense_replace", 0)
     layers, experts = hf_config["num_hidden_layers"], hf_config["num_experts"]
     global_rules = [r for r in TABLE if "{layer}" not in r.mcore]
     layer_rules = [r for r in TABLE if "{layer}" in r.mcore]
     units: List[Unit] = []
 
     def add(rule, layer=None, expert=None):
+        if layer is not None and rule.layers != "all" and rule.layers != (DENSE if layer < first_moe else MOE):
+            return
         index = {k: v for k, v in (("layer", layer), ("expert", expert)) if v is not None}
         names = hf_names(rule, index)
         present = [n in expected for n in names]
@@ -77,7 +78,7 @@ def units_for(hf_config: Dict) -> List[Unit]:
         if not all(present):
             raise ValueError(f"config gives only some of {names}; the parameter table is inconsistent")
         shapes = tuple(tuple(expected[n]) for n in names)
-        units.append(Unit(rule, layer, expert, tuple(names), shapes, checkpoint_key(rule, layer),
+        units.append(Unit(rule, layer, expert, tuple(names), shapes, checkpoint_key(rule, layer, spec),
                           _full_shape(rule, list(shapes))))
 
     first, last = global_rules[:1], global_rules[1:]  # embedding | final norm, output layer
@@ -103,3 +104,35 @@ def stored_shape(unit: Unit, hf_config: Dict) -> Tuple[int, ...]:
     if unit.expert is not None:
         return (hf_config["num_experts"],) + unit.full_shape
     return unit.full_shape
+
+
+def checkpoint_spec(stored_keys, hf_config: Dict, recorded: Optional[str] = None) -> str:
+    """The spec ("local" / "te") whose tensor keys `stored_keys` hold for this config: the recorded
+    one (megadiff.json 'spec') first, then the other. Raises KeyError naming the first key of the
+    recorded (else local) spec that is missing when neither fits."""
+    order = [recorded] + [s for s in SPECS if s != recorded] if recorded in SPECS else list(SPECS)
+    stored = set(stored_keys)
+    for spec in order:
+        if all(u.key in stored for u in units_for(hf_config, spec)):
+            return spec
+    missing = next(u for u in units_for(hf_config, order[0]) if u.key not in stored)
+    raise KeyError(missing.key)
+
+
+def other_spec_keys(hf_config: Dict) -> Dict[str, str]:
+    """Checkpoint key -> the key of the same tensor under the other spec, for every tensor the two
+    specs name differently (both directions; for LLaDA2 the pre-MLP norm of each MoE layer)."""
+    out: Dict[str, str] = {}
+    for local, te in zip(units_for(hf_config, LOCAL), units_for(hf_config, TE)):
+        if local.key != te.key:
+            out[local.key], out[te.key] = te.key, local.key
+    return out
+
+
+def key_in_other_spec(key: str, renames: Dict[str, str]) -> Optional[str]:
+    """`key` (a model key, or one that embeds it, like an optimizer-state key) under the other spec,
+    from `other_spec_keys(config)`; None when both specs store it under the same key."""
+    at = key.find("decoder.layers.")
+    if at < 0 or key[at:] not in renames:
+        return None
+    return key[:at] + renames[key[at:]]

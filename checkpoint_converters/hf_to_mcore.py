@@ -15,6 +15,12 @@ rank reads whole HF tensors and keeps its shard, so each rank needs that much.
 
 One process saves at layout (1,1,1), which megatron-core's dist_checkpointing reshards on load to
 any layout; under torchrun every rank writes its own shards of the requested layout.
+
+`spec` picks whose names the tensors are stored under: "local" (megatron-core's torch modules) or
+"te" (Transformer Engine: the MoE layers' pre-MLP norm under its own key). The model is always built
+with the local spec (no TE needed here); for "te" its keys are renamed through the parameter table.
+The `_extra_state` objects only TE modules have are not written: megadiff's loaders give a TE
+model its own (see megadiff.checkpoint.dist). The spec is recorded in megadiff.json.
 """
 
 import os
@@ -148,14 +154,18 @@ def convert_hf_to_mcore(
     progress: bool = True,
     log: Callable[[str], None] = print,
     io_mode: str = "direct",
+    spec: str = "local",
 ) -> str:
     """Write OUTPUT/iter_0000000 (+ tracker) from an HF dir; returns the iteration dir.
 
     Single process, or collective under torchrun (world size fitting `layout`). `dtype` is
     'bf16' / 'fp16' / 'fp32' (default: the HF weights' dtype); `io_mode`: how weight bytes are
-    copied ('direct' or 'page-cache', see span_copy). Runs on CPU (set
+    copied ('direct' or 'page-cache', see span_copy); `spec`: 'local' or 'te' names (see the module
+    docstring). Runs on CPU (set
     CUDA_VISIBLE_DEVICES= ; the CLI does)."""
     layout = layout or ParallelLayout()
+    if spec not in ("local", "te"):
+        raise ConfigError(f"spec {spec!r}: expected 'local' or 'te' (megatron-core layer spec whose names to write)")
     source = inspect_hf_input(hf_dir, log)
     source.model.validate_layout(layout)
     output = check_output_dir(output, overwrite, inputs=[source.hf_dir])
@@ -163,7 +173,9 @@ def convert_hf_to_mcore(
     if torch.cuda.is_available():
         raise RuntimeError("convert_hf_to_mcore runs on CPU: start it with CUDA_VISIBLE_DEVICES= (the CLI does)")
 
-    from megadiff.checkpoint.dist import _broadcast, model_sharded_state_dict, save_checkpoint_lazily
+    from megadiff.checkpoint.dist import (
+        _broadcast, model_sharded_state_dict, rename_sharded_keys, save_checkpoint_lazily,
+    )
     from megadiff.models.llada2.model import build_model
     from megadiff.platform import init_distributed, initialize_parallel
 
@@ -179,16 +191,21 @@ def convert_hf_to_mcore(
     initialize_parallel(save_layout)
     if rank == 0:
         log(f"converting {source.hf_dir} ({source.expert_format or 'no'} experts, {source.dtype}) -> "
-            f"{output} as {dtype_name(params_dtype)} at layout {save_layout} on {world} process(es)")
+            f"{output} as {dtype_name(params_dtype)}, {spec} spec names, at layout {save_layout} on {world} process(es)")
     with torch.device("meta"):
         chunks = build_model(source.model, save_layout, params_dtype, use_te=False,
                              perform_initialization=False, use_cpu_initialization=True)
     sharded = model_sharded_state_dict(chunks)
+    if spec == "te":
+        from .dist_keys import other_spec_keys
+
+        rename_sharded_keys(sharded, other_spec_keys(source.config))
     meta = {
         "hf_config": source.config,
         "hf_source_dir": source.hf_dir,
         "layout": save_layout,
         "dtype": params_dtype,
+        "spec": spec,
         "extra": {"converted_from": "hf", "hf_expert_format": source.expert_format,
                   "requested_layout": vars(layout)},
     }

@@ -2,7 +2,13 @@
 
 Read the table top to bottom: each row names a megatron-core parameter (global layer / expert
 index), the HF tensors it is made of, how to transform between the two, and how the full tensor
-is split over tensor parallel ranks. Everything else in this module applies the table:
+is split over tensor parallel ranks. It is also the one source of both name sets megatron-core
+uses, for the local spec (torch modules) and the Transformer Engine spec (fused norm+linear,
+grouped-GEMM experts): the parameter names (`mcore` / `te_mcore`) and the dist-checkpoint keys
+(`key` / `te_key`). The two specs' checkpoints differ in one tensor key, the pre-MLP norm of MoE
+layers (TE keeps the norm module there, the local spec saves it under the fused name), and in the
+`_extra_state` objects only TE modules have (e.g. TE's core attention; see megadiff.checkpoint.dist
+for how loading treats them). Everything else in this module applies the table:
 
 - `full_mcore_from_hf` / `hf_from_full_mcore`: one row's transform, on whole tensors.
 - `shard` / `unshard`: one row's TP (or expert-TP) split.
@@ -29,33 +35,52 @@ class Rule:
     transform: str = "copy"     # "copy" | "qkv" (regroup per KV group) | "concat" (gate;up)
     expert: bool = False        # expert weight: split over expert-TP, placed by EP
     te_mcore: Optional[str] = None  # the name under the Transformer Engine spec, if different
+    key: Optional[str] = None       # dist-checkpoint key under the local spec, if not `mcore`
+    te_key: Optional[str] = None    # dist-checkpoint key under the TE spec, if not `key`
+    layers: str = "all"             # "dense" / "moe": a row of that kind of decoder layer only
+
+    def checkpoint_key(self, spec: str) -> str:
+        """The dist-checkpoint key pattern of this row under `spec` ("local" or "te")."""
+        local = self.key or self.mcore
+        return (self.te_key or local) if spec == TE else local
 
 
+LOCAL, TE = "local", "te"
+SPECS = (LOCAL, TE)
+DENSE, MOE = "dense", "moe"
 L = "decoder.layers.{layer}."
 H = "model.layers.{layer}."
 TABLE: Tuple[Rule, ...] = (
     Rule("embedding.word_embeddings.weight", ("model.word_embeddings.weight",), ROWS),
+    # Both specs save the input norm under its TE (fused into linear_qkv) name.
     Rule(L + "input_layernorm.weight", (H + "input_layernorm.weight",),
-         te_mcore=L + "self_attention.linear_qkv.layer_norm_weight"),
+         te_mcore=L + "self_attention.linear_qkv.layer_norm_weight",
+         key=L + "self_attention.linear_qkv.layer_norm_weight"),
     Rule(L + "self_attention.linear_qkv.weight", (H + "attention.query_key_value.weight",), ROWS, "qkv"),
     Rule(L + "self_attention.q_layernorm.weight", (H + "attention.query_layernorm.weight",)),
     Rule(L + "self_attention.k_layernorm.weight", (H + "attention.key_layernorm.weight",)),
     Rule(L + "self_attention.linear_proj.weight", (H + "attention.dense.weight",), COLS),
-    # Dense layers (first_k_dense_replace): pre-MLP norm fused into fc1 under TE.
-    Rule(L + "pre_mlp_layernorm.weight", (H + "post_attention_layernorm.weight",),
-         te_mcore=L + "mlp.linear_fc1.layer_norm_weight"),
+    # Pre-MLP norm. Dense layers (first_k_dense_replace): fused into fc1 under TE, saved under that
+    # name by both specs. MoE layers: TE keeps a norm module and saves it under its own name; the
+    # local spec maps it to the fused name there too (TransformerLayer sharded_state_dict_keys_map).
+    Rule(L + "pre_mlp_layernorm.weight", (H + "post_attention_layernorm.weight",), layers=DENSE,
+         te_mcore=L + "mlp.linear_fc1.layer_norm_weight", key=L + "mlp.linear_fc1.layer_norm_weight"),
+    Rule(L + "pre_mlp_layernorm.weight", (H + "post_attention_layernorm.weight",), layers=MOE,
+         key=L + "mlp.linear_fc1.layer_norm_weight", te_key=L + "pre_mlp_layernorm.weight"),
     Rule(L + "mlp.linear_fc1.weight", (H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"),
          GATED_ROWS, "concat"),
     Rule(L + "mlp.linear_fc2.weight", (H + "mlp.down_proj.weight",), COLS),
-    # MoE layers
+    # MoE layers. Routed experts: both specs save one [E, ...] tensor per weight of a layer
+    # (SequentialMLP's and TEGroupedMLP's sharded state dicts are interchangeable).
     Rule(L + "mlp.router.weight", (H + "mlp.gate.weight",)),
     Rule(L + "mlp.router.expert_bias", (H + "mlp.gate.expert_bias",)),
     Rule(L + "mlp.experts.local_experts.{expert}.linear_fc1.weight",
          (H + "mlp.experts.{expert}.gate_proj.weight", H + "mlp.experts.{expert}.up_proj.weight"),
-         GATED_ROWS, "concat", expert=True, te_mcore=L + "mlp.experts.linear_fc1.weight{expert}"),
+         GATED_ROWS, "concat", expert=True, te_mcore=L + "mlp.experts.linear_fc1.weight{expert}",
+         key=L + "mlp.experts.experts.linear_fc1.weight"),
     Rule(L + "mlp.experts.local_experts.{expert}.linear_fc2.weight",
          (H + "mlp.experts.{expert}.down_proj.weight",), COLS, expert=True,
-         te_mcore=L + "mlp.experts.linear_fc2.weight{expert}"),
+         te_mcore=L + "mlp.experts.linear_fc2.weight{expert}", key=L + "mlp.experts.experts.linear_fc2.weight"),
     Rule(L + "mlp.shared_experts.linear_fc1.weight",
          (H + "mlp.shared_experts.gate_proj.weight", H + "mlp.shared_experts.up_proj.weight"),
          GATED_ROWS, "concat"),
@@ -76,7 +101,8 @@ _MCORE_PATTERNS = [(_pattern(r.mcore), r) for r in TABLE] + [
 
 
 def rule_for(mcore_name: str) -> Tuple[Rule, Dict[str, int]]:
-    """The table row for a global megatron-core name, with its layer / expert indices."""
+    """The table row for a global megatron-core parameter name (either spec), with its layer /
+    expert indices. (The two pre-MLP norm rows differ only in checkpoint keys; either serves.)"""
     for pattern, rule in _MCORE_PATTERNS:
         m = pattern.match(mcore_name)
         if m:

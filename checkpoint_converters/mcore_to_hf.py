@@ -26,7 +26,7 @@ from megadiff.checkpoint.reader import DistCheckpointReader
 from megadiff.models.llada2.config import LLaDA2ModelConfig
 
 from .byte_spans import FileTable, Spans
-from .dist_keys import Unit, stored_shape, units_for
+from .dist_keys import Unit, checkpoint_spec, stored_shape, units_for
 from .experts import MERGED, PROJS, SPLIT, merged_name
 from .hf_io import CheckpointError
 from .llada2_mapping import hf_from_full_mcore
@@ -45,6 +45,7 @@ class McoreInput:
     reader: DistCheckpointReader
     units: List[Unit]
     dtype: Optional[torch.dtype]  # the checkpoint's parameter dtype (megadiff.json)
+    spec: str = "local"           # whose tensor keys the checkpoint holds: "local" or "te"
 
     def hf_dtype(self, hf_name: str, stored: torch.dtype) -> torch.dtype:
         """HF tensors take the checkpoint's parameter dtype (megatron-core may keep norms in fp32
@@ -58,6 +59,8 @@ class McoreInput:
 def inspect_mcore_input(mcore_dir: str, iteration: Optional[int] = None, trust_checkpoint: bool = False) -> McoreInput:
     """Resolve the iteration dir and check that it holds every tensor the recorded config needs,
     with the right global shape, and that its data files are all there (nothing read yet).
+    Checkpoints written with the local or the Transformer Engine spec are both read: the keys
+    found decide which (TE's `_extra_state` objects are not tensors and are skipped).
     `trust_checkpoint`: unpickle its metadata without the allow-list (megadiff.checkpoint.untrusted)."""
     ckpt_dir = resolve_checkpoint_dir(mcore_dir, iteration)
     meta = read_meta(ckpt_dir)
@@ -66,13 +69,15 @@ def inspect_mcore_input(mcore_dir: str, iteration: Optional[int] = None, trust_c
         raise CheckpointError(f"{ckpt_dir}/megadiff.json: 'hf_config' missing")
     model = LLaDA2ModelConfig.from_hf_dict(config, source=f"{ckpt_dir}/megadiff.json:hf_config")
     reader = DistCheckpointReader(ckpt_dir, trust=trust_checkpoint)
-    units = units_for(config)
+    try:
+        spec = checkpoint_spec(reader.keys(), config, meta.get("spec"))
+    except KeyError as e:
+        raise CheckpointError(
+            f"{ckpt_dir}: tensor '{e.args[0]}' is not in the checkpoint (nor its name under the other "
+            f"megatron-core spec); it does not hold a LLaDA2 model with the recorded config"
+        ) from None
+    units = units_for(config, spec)
     for unit in units:
-        if unit.key not in reader:
-            raise CheckpointError(
-                f"{ckpt_dir}: tensor '{unit.key}' (for {unit.hf[0]}) is not in the checkpoint; "
-                f"it does not hold a LLaDA2 model with the recorded config"
-            )
         want = stored_shape(unit, config)
         if reader.shape(unit.key) != want:
             raise CheckpointError(
@@ -80,7 +85,7 @@ def inspect_mcore_input(mcore_dir: str, iteration: Optional[int] = None, trust_c
                 f"recorded config implies {list(want)}"
             )
     dtype = DTYPES.get(meta.get("dtype"))
-    return McoreInput(ckpt_dir, meta, config, model, reader, units, dtype)
+    return McoreInput(ckpt_dir, meta, config, model, reader, units, dtype, spec)
 
 
 # ---- the output plan: every HF tensor as a box of a stored tensor, in output order ---------------
@@ -265,7 +270,7 @@ def convert_mcore_to_hf(
     items = plan_hf_output(src, MERGED if merged_experts else SPLIT)
     entries = [(i.name, i.shape, i.dtype) for i in items]
     weights_dtype = entries[0][2]
-    log(f"exporting {src.ckpt_dir} (iteration {src.meta['iteration']}, {len(entries)} tensors, "
+    log(f"exporting {src.ckpt_dir} (iteration {src.meta['iteration']}, {src.spec} spec, {len(entries)} tensors, "
         f"{'merged' if merged_experts else 'split'} experts) -> {output}")
 
     bar = None

@@ -10,12 +10,16 @@ requested layout is still validated and recorded); under torchrun each rank writ
 the requested layout. Matrices kept in their dtype are copied file to file in the kernel (the
 QKV regroup and gate/up concat done on row addresses); the rest is read and written one tensor at a
 time; the model is never materialised.
-Runs on CPU. The output appears only when complete (built in CKPT.tmp-<nonce>, then renamed).
+--spec te writes Transformer Engine names (what a TE model saves), --spec local megatron-core's
+local-spec names; the default is what tools/train.py would build on this machine (TE where
+megatron-core can use it, else local). Runs on CPU. The output appears only when complete (built in
+CKPT.tmp-<nonce>, then renamed).
 """
 
 import os
 import sys
 
+_CUDA_VISIBLE_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")  # the machine's, for the --spec default
 os.environ["CUDA_VISIBLE_DEVICES"] = ""  # conversion is data movement: keep megatron-core on its CPU path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -38,8 +42,31 @@ def parse_args(argv=None):
     p.add_argument("--io", choices=["direct", "page-cache"], default="direct",
                    help="how weight bytes are copied: direct = O_DIRECT reads and writes, bypassing the page "
                         "cache (default; falls back per file where refused), page-cache = copy_file_range")
+    p.add_argument("--spec", choices=["local", "te"], default=None,
+                   help="megatron-core layer spec whose tensor names to write (default: the one training "
+                        "would use here: te where Transformer Engine is usable, else local)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
+
+
+def training_spec_here() -> str:
+    """The spec tools/train.py would build on this machine. Asked in a child process that sees the
+    machine's GPUs (this one hides them before importing torch); only where Transformer Engine is
+    installed at all, so CPU machines pay nothing."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("transformer_engine") is None:
+        return "local"
+    env = dict(os.environ)
+    if _CUDA_VISIBLE_DEVICES is None:
+        env.pop("CUDA_VISIBLE_DEVICES")
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = _CUDA_VISIBLE_DEVICES
+    code = "from megadiff.models.llada2.spec import transformer_engine_usable as u; print('te' if u() else 'local')"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() in ("te", "local") else "local"
 
 
 def main(argv=None) -> int:
@@ -52,15 +79,16 @@ def main(argv=None) -> int:
     log = print if rank0 else (lambda *a, **k: None)
     try:
         layout = ParallelLayout(tp=args.tp, ep=args.ep, etp=args.etp, pp=args.pp, vpp=args.vpp)
+        spec = args.spec or training_spec_here()
         log("convert_hf_to_mcore.py " + shlex.join([
             "--hf-dir", os.path.abspath(args.hf_dir), "--output", os.path.abspath(args.output),
             "--tp", str(layout.tp), "--ep", str(layout.ep), "--etp", str(layout.etp), "--pp", str(layout.pp),
             *(["--vpp", str(layout.vpp)] if layout.vpp else []),
             *(["--dtype", args.dtype] if args.dtype else []), *(["--overwrite"] if args.overwrite else []),
-            "--io", args.io,
+            "--io", args.io, "--spec", spec,
         ]))
         final = convert_hf_to_mcore(args.hf_dir, args.output, layout, args.dtype, args.overwrite,
-                                    progress=rank0 and not args.no_progress, log=log, io_mode=args.io)
+                                    progress=rank0 and not args.no_progress, log=log, io_mode=args.io, spec=spec)
     except UserError as e:
         return user_error_exit(e)
     log(f"megatron checkpoint written to {final}")

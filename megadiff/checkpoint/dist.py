@@ -4,6 +4,18 @@ A checkpoint holds global tensors keyed by megatron-core's sharded keys, so it c
 TP/EP/ETP/PP/VPP layout whatever layout saved it. `save_checkpoint` is what the trainer calls;
 `save_checkpoint_lazily` writes the same format from tensors computed one at a time (converters);
 `load_model_weights` loads only the model part (an optimizer state next to it is ignored).
+
+Either megatron-core spec reads a checkpoint written by the other (`match_checkpoint_spec`): keys the
+two specs name differently (the parameter table's `key` / `te_key`) are requested under the name the
+checkpoint holds. Both specs save `_extra_state` objects (FP8 metadata; megatron-core's local linears
+save None there for TE compatibility), but TE modules have more of them (TEDotProductAttention's), which a
+local-spec checkpoint lacks. Left as they are, megatron-core's default strict handling
+(ASSUME_OK_UNEXPECTED: requested-but-absent keys are left to the strategy) lets torch DCP fail on
+them ("Missing key in checkpoint state_dict"), and torch's `load_state_dict(strict=True)` would list
+them as missing keys; so a missing `_extra_state` is requested as a LocalNonpersistentObject of the
+model's own value: a TE model keeps the extra state it was built with (no FP8 history; TE starts one
+on its first FP8 step). A local-spec model loading a TE checkpoint ignores the extra objects
+(nothing asks for them).
 """
 
 import os
@@ -43,6 +55,63 @@ def model_sharded_state_dict(chunks) -> Dict:
     global names, so a checkpoint can be loaded at any layout."""
     return {key: unwrap_model(chunk).sharded_state_dict()
             for key, chunk in zip(model_state_keys(len(chunks)), chunks)}
+
+
+def sharded_state_dict_spec(sharded_state_dict: Dict) -> str:
+    """'te' when the model behind a sharded state dict has Transformer Engine modules (they add
+    `_extra_state` objects), else 'local': the spec recorded in megadiff.json."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    te = any(isinstance(v, ShardedObject) and v.key.endswith("_extra_state") for v in nested_values(sharded_state_dict))
+    return "te" if te else "local"
+
+
+def rename_sharded_keys(sharded_state_dict: Dict, renames: Dict[str, str]) -> int:
+    """Store / request tensors under other keys (in place): `renames` maps a model key to the new one
+    (`checkpoint_converters.dist_keys.other_spec_keys`); keys that embed a model key (optimizer
+    state) follow it. Returns the number of entries renamed."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    from checkpoint_converters.dist_keys import key_in_other_spec
+
+    count = 0
+    for item in nested_values(sharded_state_dict):
+        if isinstance(item, (ShardedTensor, ShardedTensorFactory)):
+            new = key_in_other_spec(item.key, renames)
+            if new is not None:
+                item.key = new
+                count += 1
+    return count
+
+
+def match_checkpoint_spec(ckpt_dir: str, sharded_state_dict: Dict, hf_config: Optional[Dict],
+                          trust: bool = False) -> Dict:
+    """The request `sharded_state_dict` (changed in place) adapted to a checkpoint written with the
+    other megatron-core spec: tensors it holds under the other spec's key are asked for under that
+    key; `_extra_state` objects it lacks become the model's own values (see the module docstring)."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
+    from megatron.core.dist_checkpointing.mapping import (
+        LocalNonpersistentObject, ShardedObject, ShardedTensor, ShardedTensorFactory,
+    )
+
+    from checkpoint_converters.dist_keys import key_in_other_spec, other_spec_keys
+
+    stored = _checkpoint_tensor_metadata(ckpt_dir, trust)
+    renames = other_spec_keys(hf_config) if isinstance(hf_config, dict) else {}
+    for item in nested_values(sharded_state_dict):
+        if isinstance(item, (ShardedTensor, ShardedTensorFactory)) and item.key not in stored:
+            new = key_in_other_spec(item.key, renames)
+            if new is not None and new in stored:
+                item.key = new
+
+    def keep_own_extra_state(item):
+        if isinstance(item, ShardedObject) and item.key.endswith("_extra_state") and item.unique_key not in stored:
+            return LocalNonpersistentObject(item.data)
+        return item
+
+    return dict_list_map_inplace(keep_own_extra_state, sharded_state_dict)
 
 
 def _rank() -> int:
@@ -93,6 +162,7 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: Dict, meta: D
     hf_source_dir and extra (free-form dict); stored as megadiff.json. Returns the iteration dir."""
     from megatron.core import dist_checkpointing
 
+    meta = {**meta, "spec": meta.get("spec") or sharded_state_dict_spec(sharded_state_dict)}
     return _save_iteration(root, iteration, meta, lambda d: dist_checkpointing.save(sharded_state_dict, d))
 
 
@@ -109,6 +179,7 @@ def save_checkpoint_lazily(
     Same files as megatron-core writes, loadable at any layout."""
     from .lazy import write_lazily
 
+    meta = {**meta, "spec": meta.get("spec") or sharded_state_dict_spec(sharded_state_dict)}
     return _save_iteration(
         root, iteration, meta, lambda d: write_lazily(sharded_state_dict, d, materialize, on_tensor, copier, peek)
     )
@@ -166,8 +237,9 @@ def _missing_error(ckpt_dir: str, missing: List[str]) -> CheckpointError:
 def load_checkpoint(root_or_iter_dir: str, sharded_state_dict: Dict, iteration: Optional[int] = None,
                     trust: bool = False):
     """Load what `sharded_state_dict` asks for (collective) -> (state_dict, megadiff.json dict).
-    Tensors in the checkpoint that are not asked for (e.g. optimizer state) are ignored. Unless
-    `trust`, every pickle megatron-core would unpickle is vetted first (untrusted.vet_checkpoint)."""
+    Tensors in the checkpoint that are not asked for (e.g. optimizer state) are ignored; one written
+    with the other megatron-core spec loads too (`match_checkpoint_spec`). Unless `trust`, every
+    pickle megatron-core would unpickle is vetted first (untrusted.vet_checkpoint)."""
     from megatron.core import dist_checkpointing
 
     from .untrusted import vet_checkpoint
@@ -175,6 +247,7 @@ def load_checkpoint(root_or_iter_dir: str, sharded_state_dict: Dict, iteration: 
     ckpt_dir = resolve_checkpoint_dir(root_or_iter_dir, iteration)
     meta = read_meta(ckpt_dir)
     vet_checkpoint(ckpt_dir, trust)
+    sharded_state_dict = match_checkpoint_spec(ckpt_dir, sharded_state_dict, meta.get("hf_config"), trust)
     missing = missing_sharded_keys(ckpt_dir, sharded_state_dict, trust)
     if missing:
         raise _missing_error(ckpt_dir, missing)
@@ -185,7 +258,8 @@ def load_model_weights(root_or_iter_dir: str, chunks, iteration: Optional[int] =
                        trust: bool = False) -> Dict:
     """Load the model weights of a checkpoint into `chunks` (this rank's model chunks, any layout).
     Optimizer state in the checkpoint is ignored. With strict=False, parameters the checkpoint lacks
-    keep their values. Collective. Returns the checkpoint's megadiff.json dict. `trust`: as in
+    keep their values. Either megatron-core spec loads a checkpoint written by the other
+    (`match_checkpoint_spec`). Collective. Returns the checkpoint's megadiff.json dict. `trust`: as in
     `load_checkpoint`."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.dict_utils import extract_matching_values
@@ -195,7 +269,7 @@ def load_model_weights(root_or_iter_dir: str, chunks, iteration: Optional[int] =
     ckpt_dir = resolve_checkpoint_dir(root_or_iter_dir, iteration)
     meta = read_meta(ckpt_dir)
     vet_checkpoint(ckpt_dir, trust)
-    sharded = model_sharded_state_dict(chunks)
+    sharded = match_checkpoint_spec(ckpt_dir, model_sharded_state_dict(chunks), meta.get("hf_config"), trust)
     missing = set(missing_sharded_keys(ckpt_dir, sharded, trust))
     if missing and strict:
         raise _missing_error(ckpt_dir, sorted(missing))

@@ -54,7 +54,8 @@ CRASH_EXIT_CODE = 117
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
-_META_FIELDS = ("hf_config", "hf_source_dir", "layout", "dtype", "extra")
+_META_FIELDS = ("hf_config", "hf_source_dir", "layout", "dtype", "spec", "extra")
+SPECS = ("local", "te")  # megatron-core layer spec whose names the tensors are stored under
 
 
 def iteration_dir_name(iteration: int) -> str:
@@ -127,7 +128,8 @@ def layout_dict(layout) -> Dict:
 
 def build_meta(iteration: int, meta: Dict, world_size: int) -> Dict:
     """The megadiff.json content from the caller's `meta` (hf_config, layout, dtype required;
-    hf_source_dir, extra optional). Raises ValueError naming a missing or unknown field."""
+    hf_source_dir, spec ("local" default, or "te"), extra optional). Raises ValueError naming a
+    missing or unknown field."""
     unknown = sorted(set(meta) - set(_META_FIELDS))
     if unknown:
         raise ValueError(f"checkpoint meta: unknown field(s) {unknown}; put free-form values under 'extra'")
@@ -139,6 +141,9 @@ def build_meta(iteration: int, meta: Dict, world_size: int) -> Dict:
     extra = meta.get("extra") or {}
     if not isinstance(extra, dict):
         raise ValueError("checkpoint meta: 'extra' must be a dict")
+    spec = meta.get("spec") or "local"
+    if spec not in SPECS:
+        raise ValueError(f"checkpoint meta: 'spec' is {spec!r}; expected one of {', '.join(SPECS)}")
     source = meta.get("hf_source_dir")
     out = {
         "format": FORMAT_NAME,
@@ -148,6 +153,7 @@ def build_meta(iteration: int, meta: Dict, world_size: int) -> Dict:
         "hf_source_dir": os.path.abspath(source) if source else None,
         "layout": layout_dict(meta["layout"]),
         "dtype": dtype_name(meta["dtype"]),
+        "spec": spec,
         "world_size": int(world_size),
         "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "extra": extra,

@@ -1,8 +1,11 @@
 """Plain-PyTorch LLaDA2 (llada2_moe) model with the exact Hugging Face weight names.
 
 This is megadiff's oracle: every parallel layout, converter and loss is tested against it, so it is
-written straight from the math (shared/DESIGN.md §1) with no fused tricks: experts run in a Python
-loop, attention is an explicit softmax over a boolean mask.
+written straight from the math (shared/DESIGN.md §1) with no fused tricks: attention is an explicit
+softmax over a boolean mask, and with gradients on the routed experts run in a Python loop (one
+expert at a time, `_routed_experts_loop`). Without gradients (generate, eval) the same math runs
+batched (`_routed_experts_batched`: tokens sorted by expert, one grouped matmul per projection,
+no host sync per expert) so that a 16B model is usable on a GPU; a test holds the two equal.
 
 Self-contained (imports only torch and transformers) so it can be copied next to a checkpoint as the
 `auto_map` remote code.
@@ -139,20 +142,75 @@ class LLaDA2MoeSparseMoeBlock(nn.Module):
             )
         self.last_routing = None  # (indices, weights) of the last forward, for routing tests
 
+    # Batched experts without gradients (inference); False forces the per-expert loop.
+    batched_experts = True
+    _GATHER_ELEMENTS = 1 << 25  # fallback without torch._grouped_mm: gathered weights per chunk
+
     def forward(self, hidden):
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
         indices, weights = self.gate(x)
         self.last_routing = (indices.detach(), weights.detach())
+        if self.batched_experts and not torch.is_grad_enabled():
+            out = self._routed_experts_batched(x, indices, weights)
+        else:
+            out = self._routed_experts_loop(x, indices, weights)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out.view(shape)
+
+    def _routed_experts_loop(self, x, indices, weights):
+        """The plain math: each expert on its tokens, weighted, summed (one host sync per expert)."""
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             token_idx, slot = (indices == e).nonzero(as_tuple=True)
             if token_idx.numel():
                 w = weights[token_idx, slot].unsqueeze(-1).to(x.dtype)
                 out.index_add_(0, token_idx, expert(x[token_idx]) * w)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out.view(shape)
+        return out
+
+    def _routed_experts_batched(self, x, indices, weights):
+        """`_routed_experts_loop` without a host sync: the (token, expert) pairs sorted by expert
+        (stable, so each token's contributions add in the loop's order), both projections as
+        grouped matmuls over the stacked expert weights."""
+        k = indices.shape[1]
+        flat = indices.reshape(-1)
+        order = flat.argsort(stable=True)
+        tokens = order // k
+        experts = flat[order]
+        ends = torch.bincount(flat, minlength=len(self.experts)).cumsum(0).to(torch.int32)
+        gate_up, down = self._stacked_expert_weights()
+        h = self._grouped_matmul(x[tokens], gate_up, experts, ends)
+        gate, up = h.chunk(2, dim=-1)
+        y = self._grouped_matmul(F.silu(gate) * up, down, experts, ends)
+        w = weights.reshape(-1)[order].unsqueeze(-1).to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, tokens, y * w)
+
+    def _grouped_matmul(self, rows, stacked, experts, ends):
+        """rows[i] @ stacked[experts[i]].T for rows sorted by expert (`ends`: cumulative counts)."""
+        if hasattr(torch, "_grouped_mm"):
+            try:
+                return torch._grouped_mm(rows, stacked.transpose(1, 2), offs=ends)
+            except (RuntimeError, NotImplementedError):  # dtype / device / alignment the kernel does not take: fall back
+                pass
+        out = rows.new_empty(rows.shape[0], stacked.shape[1])
+        chunk = max(1, self._GATHER_ELEMENTS // (stacked.shape[1] * stacked.shape[2]))
+        for start in range(0, rows.shape[0], chunk):
+            part = slice(start, start + chunk)
+            out[part] = torch.bmm(stacked[experts[part]], rows[part].unsqueeze(-1)).squeeze(-1)
+        return out
+
+    def _stacked_expert_weights(self):
+        """([E, 2F, H] gate;up, [E, H, F] down), stacked once and kept (outside the state dict, so
+        the HF names stay) until an expert weight changes (in place, dtype or device)."""
+        params = [p for e in self.experts for p in (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight)]
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        cached = self.__dict__.get("_expert_stack")
+        if cached is None or cached[0] != key:
+            gate_up = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts])
+            down = torch.stack([e.down_proj.weight for e in self.experts])
+            self.__dict__["_expert_stack"] = cached = (key, gate_up.detach(), down.detach())
+        return cached[1], cached[2]
 
 
 class LLaDA2MoeAttention(nn.Module):

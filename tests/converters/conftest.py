@@ -54,23 +54,32 @@ def tiny_hf_merged(conv_root, tiny_hf):
 def single_process_run(conv_root, tiny_hf, tiny_hf_merged):
     """tools/convert_hf_to_mcore.py in one plain process: split input, merged input (with a
     requested (2,2,2) layout, saved at (1,1,1)), fp32 input saved as bf16, the split input again
-    through the page cache (--io page-cache), and a conversion interrupted by a Ctrl-C."""
+    through the page cache (--io page-cache), and a conversion interrupted by a Ctrl-C. Then the
+    Transformer Engine name chain: ck111 (local) -> HF -> te1 (--spec te) -> HF -> te2 (--spec te)
+    and -> local2 (--spec local)."""
     out = conv_root / "single.json"
     paths = {"ck111": str(conv_root / "ck111"), "ck111_merged": str(conv_root / "ck111_merged"),
              "ck111_to_bf16": str(conv_root / "ck111_to_bf16"),
-             "ck111_page_cache": str(conv_root / "ck111_page_cache"), "interrupted": str(conv_root / "ck_interrupted")}
+             "ck111_page_cache": str(conv_root / "ck111_page_cache"), "interrupted": str(conv_root / "ck_interrupted"),
+             "te1": str(conv_root / "te1"), "te2": str(conv_root / "te2"), "local2": str(conv_root / "local2")}
+    hf_a, hf_b = conv_root / "hf_from_ck111", conv_root / "hf_from_te1"
     cmd = [sys.executable, os.path.join(WORKERS, "convert_single.py"), "--out", str(out),
            "--run", f"--hf-dir {tiny_hf} --output {paths['ck111']}",
            "--run", f"--hf-dir {tiny_hf_merged} --output {paths['ck111_merged']} --tp 2 --ep 2 --pp 2",
            "--run", f"--hf-dir {tiny_hf} --output {paths['ck111_to_bf16']} --dtype bf16",
            "--run", f"--hf-dir {tiny_hf} --output {paths['ck111_page_cache']} --io page-cache",
+           "--export", f"{paths['ck111']}={hf_a}",
+           "--run", f"--hf-dir {hf_a} --output {paths['te1']} --spec te",
+           "--export", f"{paths['te1']}={hf_b}",
+           "--run", f"--hf-dir {hf_b} --output {paths['te2']} --spec te",
+           "--run", f"--hf-dir {hf_b} --output {paths['local2']} --spec local",
            "--interrupt", f"{tiny_hf}={paths['interrupted']}"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-6000:]}")
     report = json.loads(out.read_text())
-    assert [r["rc"] for r in report["runs"]] == [0, 0, 0, 0], report
+    assert [r["rc"] for r in report["runs"]] == [0] * 7, report
     return dict(paths, report=report, log=proc.stdout)
 
 
@@ -91,6 +100,8 @@ def four_process_run(conv_root, tiny_hf, tiny_hf_bf16, single_process_run):
         "--load", f"{paths['ck222']}@1,1,1",
         "--load", f"{paths['ck222']}@1,1,2,2",
         "--load", f"{paths['trained']}@1,1,1",
+        "--load", f"{single_process_run['te1']}@2,2,2",
+        "--te-request", f"{ck111}@2,2,2",
         "--reference", tiny_hf, "--out", out,
     ])
     return dict(paths, results=json.loads(out.read_text()))

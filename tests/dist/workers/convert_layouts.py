@@ -6,6 +6,9 @@
 3. For every `--load CKPT@tp,ep,pp[,vpp]`: build the model at that layout, `load_model_weights`,
    and compare the weights (gathered back to HF names) and the full logits of a few rows (not with
    VPP: one row is one micro-batch) with the HF reference (`--reference`).
+4. With `--te-request CKPT@layout`: what a Transformer Engine model asks a local-spec checkpoint for
+   (the local model's sharded state dict renamed to TE keys through the table, plus TE-style
+   `_extra_state` objects), through `load_checkpoint`; compared with a plain local load.
 Rank 0 writes {"CKPT@layout": {"weights": max |diff|, "logits": max |diff|, ...}} to --out.
 """
 
@@ -59,12 +62,48 @@ def save_training_like_checkpoint(args, cfg, hf_config):
             "iteration": loaded_meta["iteration"], "extra": loaded_meta["extra"]}
 
 
+def te_request_check(item, cfg, hf_config):
+    """Load a local-spec checkpoint with a TE-named request: every tensor equals a local load's,
+    and each `_extra_state` the checkpoint lacks comes back as the model's own value."""
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    from checkpoint_converters.dist_keys import other_spec_keys
+    from megadiff.checkpoint import load_checkpoint, model_sharded_state_dict
+    from megadiff.checkpoint.dist import rename_sharded_keys
+    from megadiff.models.llada2.model import build_model
+    from megadiff.platform import initialize_parallel
+
+    ckpt, layout_text = item.split("@")
+    layout = parse_layout(layout_text)
+    initialize_parallel(layout)
+    chunks = build_model(cfg, layout)
+    plain, _ = load_checkpoint(ckpt, model_sharded_state_dict(chunks))
+    request = model_sharded_state_dict(chunks)
+    renamed = rename_sharded_keys(request, other_spec_keys(hf_config))
+    own = {}  # megatron-core's local linears save an `_extra_state` (None) too; TE's core attention adds one
+    for name in list(request["model"]):
+        if name.endswith("linear_qkv.weight"):
+            extra = name.replace("linear_qkv.weight", "core_attention._extra_state")
+            own[extra] = f"own extra state of {extra}"
+            key = request["model"][name].key.replace("linear_qkv.weight", "core_attention._extra_state")
+            request["model"][extra] = ShardedObject(key, own[extra], (1,), (0,), replica_id=torch.distributed.get_rank())
+    loaded, _ = load_checkpoint(ckpt, request)
+    return {
+        "renamed": renamed,
+        "max_diff": max(float((loaded["model"][n] - t).abs().max()) for n, t in plain["model"].items()
+                        if torch.is_tensor(t)),
+        "same_keys": sorted(set(loaded["model"]) - set(own)) == sorted(plain["model"]),
+        "extra_state_kept": bool(own) and all(loaded["model"][n] == v for n, v in own.items()),
+    }
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--layout", required=True, help="tp,ep,pp[,vpp] for the conversions")
     p.add_argument("--convert", action="append", default=[], help="HF_DIR=OUTPUT")
     p.add_argument("--load", action="append", default=[], help="CKPT@tp,ep,pp[,vpp]")
     p.add_argument("--save", default=None, help="ROOT=CKPT: load CKPT at --layout, save it to ROOT with extra state")
+    p.add_argument("--te-request", action="append", default=[], help="CKPT@tp,ep,pp (a local-spec checkpoint)")
     p.add_argument("--reference", required=True, help="HF dir whose logits the loaded models must give")
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -90,6 +129,8 @@ def main():
     results = {}
     if args.save:
         results["save"] = save_training_like_checkpoint(args, cfg, hf_config)
+    for item in args.te_request:
+        results[f"te_request:{os.path.basename(item.split('@')[0])}"] = te_request_check(item, cfg, hf_config)
     reference = load_reference_model(args.reference)
     reference_state = {n: t for n, t in reference.state_dict().items() if not n.endswith("inv_freq")}
     g = torch.Generator().manual_seed(3)

@@ -2,6 +2,7 @@
 interpreter (megatron-core is imported once), plus an interrupted run.
 
   --run "ARGS..."        one CLI invocation (shell-style argument string); repeatable
+  --export CKPT=OUT      convert_mcore_to_hf of CKPT to OUT (no megatron-core), in order with the runs
   --interrupt HF=OUT     a conversion whose 6th tensor read raises KeyboardInterrupt (as Ctrl-C does)
 Writes {"runs": [...], "interrupt": {...}} as JSON to --out; each run records how many weight
 bytes its SpanCopier copied, and how (direct I/O, in the kernel, through a buffer), and how many
@@ -28,14 +29,21 @@ def load_cli():
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--run", action="append", default=[])
+    p.add_argument("--run", action="append", dest="steps", default=[], type=lambda s: ("run", s))
+    p.add_argument("--export", action="append", dest="steps", type=lambda s: ("export", s))
     p.add_argument("--interrupt", default=None)
     p.add_argument("--out", required=True)
     args = p.parse_args()
     cli = load_cli()
     report = {"runs": [], "interrupt": None}
     counts = count_bytes()
-    for run in args.run:
+    for kind, run in args.steps:
+        if kind == "export":
+            from checkpoint_converters.mcore_to_hf import convert_mcore_to_hf
+
+            ckpt, out = run.split("=")
+            convert_mcore_to_hf(ckpt, out, progress=False, log=lambda *a: None)
+            continue
         counts.update(direct=0, kernel=0, buffered=0, unannounced=0, read=0)
         try:
             report["runs"].append({"args": run, "rc": cli.main(shlex.split(run) + ["--no-progress"])})
