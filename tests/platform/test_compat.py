@@ -7,6 +7,7 @@ workaround in megadiff/platform/compat.py must be revisited before anything else
 import importlib.metadata
 
 import pytest
+import torch
 
 import megadiff  # noqa: F401  (installs the megatron-core import hook first, as every entry point does)
 from megadiff.platform import compat
@@ -63,8 +64,13 @@ def test_common_state_is_stored_the_way_the_installed_megatron_core_stores_it(tm
 
     from megadiff.platform.distributed import init_distributed
 
+    was_initialized = torch.distributed.is_initialized()
     init_distributed()
-    sharded = compat.save_common_state({"x": 1}, {"args": "a"}, str(tmp_path))
+    try:
+        sharded = compat.save_common_state({"x": 1}, {"args": "a"}, str(tmp_path))
+    finally:  # later in-process tests check that a refused Trainer made no process group
+        if not was_initialized:
+            torch.distributed.destroy_process_group()
     if hasattr(common, "TorchCommonSaveStrategy"):
         assert sharded == {"x": 1} and (tmp_path / "common.pt").is_file()
     else:

@@ -67,7 +67,6 @@ def test_lock_of_a_killed_run_does_not_block(other_run_holding):
     ("logging.metrics_file={tmp}/missing/m.jsonl", r"logging.metrics_file=.*missing/m.jsonl: directory .*missing "
                                                    r"does not exist"),
     ("logging.tensorboard_dir={file}", r"logging.tensorboard_dir=.*afile: exists and is not a directory"),
-    ("logging.log_interval=0", r"logging.log_interval must be >= 1"),
 ])
 def test_unusable_output_stops_before_anything_is_built(tiny_run_dir, tmp_path, override, message):
     (tmp_path / "afile").write_text("x")
@@ -191,3 +190,9 @@ def test_children_die_with_a_killed_parent(tmp_path, hook="on"):  # hook="off": 
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert left == [] if hook == "on" else left, f"hook {hook}: children left {left}"
+
+
+def test_log_interval_zero_is_refused_when_the_config_loads(tiny_run_dir):
+    # was a ZeroDivisionError after step 1; the typed config refuses it before anything exists
+    with pytest.raises(TrainingConfigError, match=r"logging.log_interval must be >= 1, got 0"):
+        load_config(str(tiny_run_dir / "cfg.yaml"), ["logging.log_interval=0"])
