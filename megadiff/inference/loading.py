@@ -92,7 +92,10 @@ def special_token_ids(model, tokenizer, mask_id: Optional[int] = None, eos_id: O
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """The run device (megadiff.platform.device): cuda:LOCAL_RANK on a GPU, else cpu."""
+    from megadiff.platform.device import run_device
+
+    return str(run_device())
 
 
 def parse_dtype(name: str, device: str) -> torch.dtype:
