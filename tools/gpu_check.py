@@ -7,7 +7,9 @@
   3. a tiny end to end on CUDA: tiny HF model -> mcore checkpoint -> 20 block-diffusion SFT steps
      (1 GPU, bf16, flex attention) -> HF -> generate
 and writes OUTPUT/gpu_check.json (plus OUTPUT/pytest.log, OUTPUT/e2e.log); models and checkpoints
-go to --workdir. Exit 0 only when every part passed. Without CUDA it refuses (exit 2).
+go to --workdir. Exit 0 only when every part passed. Without CUDA it refuses (exit 2). Every
+command gets what is left of --budget-s (default 8 minutes) and is killed when that runs out, so
+a hang costs a lent GPU machine no more than the budget; the report then names the stage.
 
 Runs with whatever python has torch + megatron-core (no `make setup` venv needed):
   python3 tools/gpu_check.py --output gpu_check_out
@@ -20,6 +22,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 
@@ -33,6 +36,9 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default=None, help="models and checkpoints (default: OUTPUT/work)")
     p.add_argument("--steps", type=int, default=20, help="SFT steps of the end to end (default: %(default)s)")
     p.add_argument("--skip-tests", action="store_true", help="do not run pytest tests/gpu")
+    p.add_argument("--budget-s", type=float, default=480.0,
+                   help="wall-clock budget of the whole check; a command still running at its end is killed "
+                        "(default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -102,20 +108,45 @@ def child_env() -> dict:
     return env
 
 
+DEADLINE = [float("inf")]  # time.monotonic() at which every command still running is killed
+
+
 def run(cmd, log, env=None) -> dict:
-    """Run one command from the repo root, print it and its output, append both to `log`."""
+    """Run one command from the repo root, print it and its output, append both to `log`; kill it
+    (and its children: own process group) at the deadline."""
     line = "+ " + " ".join(shlex.quote(str(c)) for c in cmd)
     print(line, flush=True)
     start = time.perf_counter()
+    left = DEADLINE[0] - time.monotonic()
+    if left <= 0:
+        return {"command": line[2:], "rc": None, "seconds": 0.0, "timed_out": True}
     proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=env or child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
-    with open(log, "a") as f:
-        f.write(line + "\n")
-        for out in proc.stdout:
-            sys.stdout.write(out)
-            f.write(out)
-    rc = proc.wait()
-    return {"command": line[2:], "rc": rc, "seconds": round(time.perf_counter() - start, 1)}
+                            stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+    expired = threading.Event()
+
+    def kill():
+        expired.set()
+        try:
+            os.killpg(proc.pid, 9)
+        except ProcessLookupError:  # it ended just now
+            pass
+
+    timer = threading.Timer(left, kill)
+    timer.start()
+    try:
+        with open(log, "a") as f:
+            f.write(line + "\n")
+            for out in proc.stdout:
+                sys.stdout.write(out)
+                f.write(out)
+        rc = proc.wait()
+    finally:
+        timer.cancel()
+    result = {"command": line[2:], "rc": rc, "seconds": round(time.perf_counter() - start, 1)}
+    if expired.is_set():
+        print(f"gpu_check: killed at the end of the budget (--budget-s): {line[2:]}", flush=True)
+        result["timed_out"] = True
+    return result
 
 
 def run_gpu_tests(out_dir, work) -> dict:
@@ -182,7 +213,8 @@ def main(argv=None) -> int:
     for name in ("pytest.log", "e2e.log"):
         open(os.path.join(out_dir, name), "w").close()
     start = time.perf_counter()
-    report = {"environment": environment_report()}
+    DEADLINE[0] = time.monotonic() + args.budget_s
+    report = {"budget_s": args.budget_s, "environment": environment_report()}
     print("== environment\n" + json.dumps(report["environment"], indent=1), flush=True)
     if not args.skip_tests:
         print("== pytest tests/gpu", flush=True)
