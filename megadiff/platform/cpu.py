@@ -25,6 +25,7 @@ from torch.overrides import TorchFunctionMode
 from megadiff.platform import device as _device
 
 _ENABLED = False
+_CPU = torch.device("cpu")
 
 
 def _is_cuda_device(device) -> bool:
@@ -82,7 +83,8 @@ def _patch_torch_cuda():
     cuda = torch.cuda
     # A device, not an index: it is used as `device=` also inside autograd backward, where the
     # TorchFunctionMode below is not active.
-    cuda.current_device = lambda: _device.run_device()  # cpu (the audit's cpu:0, see device_audit)
+    # cpu, or device_audit's pretend cpu:0 (read on every call: megatron-core calls this a lot)
+    cuda.current_device = lambda: _device._audit_device or _CPU
     cuda.set_device = lambda device: None
     cuda.synchronize = lambda device=None: None
     cuda.Stream = _NullStream
