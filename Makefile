@@ -75,3 +75,25 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# ---- GPU check (README, "GPU check") ------------------------------------------------------------
+# Runs with the python that has torch + megatron-core (the system one on a GPU node or the lent
+# machine; not the `make setup` venv): `make gpu-check PYTHON=.venv/bin/python` to use that.
+GPU_CHECK_ARGS ?= --output gpu_check_out
+
+.PHONY: gpu-check gpu-wheels
+
+gpu-check:
+	$(PYTHON) tools/gpu_check.py $(GPU_CHECK_ARGS)
+
+# cp312 manylinux wheels of what a bare torch image lacks (megatron-core; its needs torch, numpy
+# and packaging are there), into .whl/ for a machine without network; must stay under 64 MiB.
+GPU_WHEELS := megatron-core==0.19.2
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+	  -d .whl $(GPU_WHEELS)
+	@du -sm .whl | awk '{ if ($$1 > 64) { print "error: .whl is " $$1 " MiB, over the 64 MiB a device call carries"; exit 1 } else print ".whl: " $$1 " MiB" }'
+	@ls .whl

@@ -1,4 +1,5 @@
-"""Shared pytest set-up: GPU tests skip cleanly where CUDA is absent; a tiny LLaDA2 HF dir and
+"""Shared pytest set-up: GPU tests skip cleanly where CUDA is absent; every other test runs with
+the run device pinned to the CPU (fp32, gloo), also on a GPU node; a tiny LLaDA2 HF dir and
 synthetic SFT data are built once per session."""
 
 import json
@@ -33,6 +34,18 @@ def pytest_collection_modifyitems(config, items):
         if "repeat" in item.keywords and test_set == "light":
             item.add_marker(skip_repeat)
 
+
+@pytest.fixture(autouse=True)
+def run_device_for_the_test(request, monkeypatch):
+    """Tests not marked `gpu` compute on the CPU in fp32 even where CUDA exists (their tolerances
+    are fp32 ones, and `dtype: auto` would be bf16 on CUDA); subprocesses inherit the pin, and
+    torchrun workers also hide CUDA (tests/dist/launch.py). `gpu` tests follow CUDA."""
+    from megadiff.platform.device import DEVICE_ENV
+
+    if "gpu" in request.keywords:
+        monkeypatch.delenv(DEVICE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(DEVICE_ENV, "cpu")
 
 
 @pytest.fixture(scope="session")

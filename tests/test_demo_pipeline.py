@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.dist.launch import worker_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -15,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 def test_short_demo_runs_every_stage_and_summary_matches_log(tmp_path):
     out = tmp_path / "demo"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = worker_env()  # the demo is a CPU pipeline, also on a GPU node
     proc = subprocess.run([sys.executable, "tools/demo.py", "--output", str(out), "--steps", "6", "--rows", "200",
                            "--eval-limit", "4"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]

@@ -113,7 +113,10 @@ def check_device(device: str) -> None:
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """The run device (megadiff.platform.device): cuda:LOCAL_RANK on a GPU, else cpu."""
+    from megadiff.platform.device import run_device
+
+    return str(run_device())
 
 
 def parse_dtype(name: str, device: str) -> torch.dtype:

@@ -1,6 +1,8 @@
-"""Where megadiff meets the hardware: process groups, and CPU/gloo support for megatron-core."""
+"""Where megadiff meets the hardware: the run device, process groups, CPU/gloo support for
+megatron-core, and which optional GPU kernels (TE, apex) this process can use."""
 
 _DISTRIBUTED = ("init_distributed", "initialize_parallel", "is_rank0", "on_gpu", "print_rank0")
+_DEVICE = ("run_device", "to_run_device", "uses_cuda", "default_params_dtype")
 
 
 def __getattr__(name):
@@ -10,7 +12,11 @@ def __getattr__(name):
         from . import distributed
 
         return getattr(distributed, name)
+    if name in _DEVICE:
+        from . import device
+
+        return getattr(device, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = list(_DISTRIBUTED)
+__all__ = list(_DISTRIBUTED + _DEVICE)

@@ -2,11 +2,11 @@
 
 With compat.py (the version-dependent workarounds, the megatron-core import hook among them) this
 is the only module in megadiff that patches anything. `enable_cpu_support()` is called by
-`init_distributed()` when CUDA is absent and never when it is present, so GPU runs use
-megatron-core untouched. What is redirected, and why:
+`init_distributed()` when the run device is the CPU (no CUDA, or `MEGADIFF_DEVICE=cpu`) and
+never when it is CUDA, so GPU runs use megatron-core untouched. What is redirected, and why:
 
 - `torch.cuda.current_device/Stream/Event/stream/synchronize/...`: megatron-core calls them
-  unconditionally; on CPU they become device 0 / no-ops.
+  unconditionally; on CPU they become the run device (platform.device) / no-ops.
 - CUDA RNG state (`tensor_parallel.random`): the tracker forks CPU generator states instead
   (compat.use_cpu_rng_in_tracker).
 - A TorchFunctionMode maps every CUDA device argument (`device="cuda"`, `device=0`,
@@ -25,8 +25,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from megadiff.platform import compat
+from megadiff.platform import device as _device
 
 _ENABLED = False
+_CPU = torch.device("cpu")
 
 
 def _is_cuda_device(device) -> bool:
@@ -84,7 +86,8 @@ def _patch_torch_cuda():
     cuda = torch.cuda
     # A device, not an index: it is used as `device=` also inside autograd backward, where the
     # TorchFunctionMode below is not active.
-    cuda.current_device = lambda: torch.device("cpu")
+    # cpu, or device_audit's pretend cpu:0 (read on every call: megatron-core calls this a lot)
+    cuda.current_device = lambda: _device._audit_device or _CPU
     cuda.set_device = lambda device: None
     cuda.synchronize = lambda device=None: None
     cuda.Stream = _NullStream
@@ -121,12 +124,13 @@ def _patch_all_to_all():
 
 
 def enable_cpu_support() -> None:
-    """Idempotent. Refuses to run where CUDA is usable: GPU runs keep megatron-core untouched."""
+    """Idempotent. Refuses to run where CUDA is the run device: GPU runs keep megatron-core untouched."""
     global _ENABLED
     if _ENABLED:
         return
-    if torch.cuda.is_available():
-        raise RuntimeError("enable_cpu_support() must not be used when CUDA is available")
+    if _device.uses_cuda():
+        raise RuntimeError("enable_cpu_support() must not be used when CUDA is the run device "
+                           f"(set {_device.DEVICE_ENV}=cpu to run on the CPU of a GPU node)")
     _patch_torch_cuda()
     compat.use_cpu_rng_in_tracker()
     compat.define_te_general_gemm_without_te()

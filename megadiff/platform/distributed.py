@@ -6,20 +6,23 @@ import os
 import torch
 
 from megadiff.models.llada2.config import ParallelLayout
+from megadiff.platform.device import distributed_backend, run_device, uses_cuda
 
 
 def on_gpu() -> bool:
-    return torch.cuda.is_available()
+    """True when the run device is CUDA (platform.device.uses_cuda)."""
+    return uses_cuda()
 
 
 def init_distributed(timeout_minutes: int = 30) -> None:
-    """Start torch.distributed from torchrun's env (or as a 1-process group): nccl on GPU, gloo on
-    CPU. On CPU this also switches on megadiff.platform.cpu so megatron-core runs there. Child
-    processes (dist_checkpointing's writers) die with this process from here on."""
+    """Start torch.distributed from torchrun's env (or as a 1-process group) on the run device
+    (platform.device): nccl on cuda:LOCAL_RANK, gloo on the CPU. On the CPU this also switches
+    on megadiff.platform.cpu so megatron-core runs there. Child processes (dist_checkpointing's
+    writers) die with this process from here on."""
     from megadiff.platform.child_processes import make_children_die_with_parent
 
     make_children_die_with_parent()
-    if not on_gpu():
+    if not uses_cuda():
         from megadiff.platform.cpu import enable_cpu_support
 
         enable_cpu_support()
@@ -30,10 +33,11 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
-    if on_gpu():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    backend = distributed_backend()
+    if backend == "nccl":
+        torch.cuda.set_device(run_device())
     torch.distributed.init_process_group(
-        backend="nccl" if on_gpu() else "gloo",
+        backend=backend,
         timeout=datetime.timedelta(minutes=timeout_minutes),
     )
 

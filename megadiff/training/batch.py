@@ -51,4 +51,4 @@ def loss_denominator(batch: dict, normalize: str) -> torch.Tensor:
     rows, cols = torch.nonzero(batch["loss_mask"], as_tuple=True)
     for r, c in zip(rows.tolist(), cols.tolist()):
         documents.add((r, int(batch["doc_ids"][r, c])))
-    return torch.tensor(float(len(documents)), dtype=torch.double)
+    return torch.tensor(float(len(documents)), dtype=torch.double, device=batch["doc_ids"].device)

@@ -47,7 +47,9 @@ class _Sigterm:
 
 def params_dtype(cfg: TrainingConfig) -> torch.dtype:
     if cfg.model.dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        from megadiff.platform.device import default_params_dtype
+
+        return default_params_dtype()  # bf16 on a CUDA run device, fp32 on the CPU
     return torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
 
 
@@ -203,6 +205,9 @@ class Trainer:
     # ---- one step ------------------------------------------------------------------------------
 
     def _micro_batches(self) -> List[dict]:
+        """This step's micro-batches, noised on the host, then moved to the run device (inputs,
+        masks, targets; BlockMasks are built there)."""
+        from megadiff.platform.device import to_run_device
         from megadiff.training.batch import prepare_micro_batch
 
         d = self.cfg.diffusion
@@ -211,6 +216,7 @@ class Trainer:
         for _ in range(self.dataset.accumulation_steps):
             raw = next(self._data_iter)
             prepared = prepare_micro_batch(raw, d, self.mask_id, self.cfg.train.seed, with_dense_mask=dense)
+            prepared = to_run_device(prepared)
             if not dense:
                 from megadiff.models.llada2.flex_attention import block_mask_for
 
@@ -227,11 +233,13 @@ class Trainer:
         Returns (loss, real tokens of the global batch)."""
         from megatron.core import parallel_state as ps
 
+        from megadiff.platform.device import run_device
         from megadiff.training.batch import loss_denominator
         from megadiff.training.loss import diffusion_loss_sums
         from megadiff.training.schedule import forward_backward
 
         d = self.cfg.diffusion
+        device = run_device()  # every tensor a collective gets lives here (NCCL takes CUDA only)
         denominator = torch.stack([loss_denominator(b, d.normalize) for b in micro]).sum()
         torch.distributed.all_reduce(denominator, group=ps.get_data_parallel_group())
         scale = 1.0 / float(denominator) if denominator > 0 else 0.0
@@ -242,18 +250,18 @@ class Trainer:
             loss = (sums["numerator"] + d.confidence_beta * sums["cap_numerator"]) * scale
             # num_tokens 0: the loss is already divided by the global denominator, so
             # finalize_model_grads must not rescale; DP gradients are summed.
-            return loss, torch.tensor(0, dtype=torch.int), {"loss": loss.detach().clone()}
+            return loss, torch.zeros((), dtype=torch.int, device=device), {"loss": loss.detach().clone()}
 
         for chunk in self.chunks:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = forward_backward(self.chunks, micro, loss_fn)
-        loss = torch.tensor(sum(float(o["loss"]) for o in outputs), dtype=torch.double)
+        loss = torch.tensor(sum(float(o["loss"]) for o in outputs), dtype=torch.double, device=device)
         torch.distributed.all_reduce(loss, group=ps.get_data_parallel_group())
         torch.distributed.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())  # only the last stage has it
         loss = float(loss)
-        tokens = torch.tensor(real_tokens)
+        tokens = torch.tensor(real_tokens, device=device)
         torch.distributed.all_reduce(tokens, group=ps.get_data_parallel_group())
         return loss, int(tokens)
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tests.dist.launch import REPO, run_torchrun
+from tests.dist.launch import REPO, run_torchrun, worker_env
 
 WORKERS = os.path.join(REPO, "tests", "dist", "workers")
 
@@ -74,7 +74,7 @@ def single_process_run(conv_root, tiny_hf, tiny_hf_merged):
            "--run", f"--hf-dir {hf_b} --output {paths['te2']} --spec te",
            "--run", f"--hf-dir {hf_b} --output {paths['local2']} --spec local",
            "--interrupt", f"{tiny_hf}={paths['interrupted']}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = worker_env()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-6000:]}")

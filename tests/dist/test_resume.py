@@ -11,7 +11,7 @@ import time
 import pytest
 
 from megadiff.checkpoint.format import CRASH_ENV, CRASH_EXIT_CODE
-from tests.dist.launch import REPO, _free_port, run_torchrun
+from tests.dist.launch import REPO, _free_port, run_torchrun, worker_env
 
 LAYOUT = ["parallel.ep=2"]  # 2 processes: expert + dense optimizers (chained), DP=2 for dense
 
@@ -22,7 +22,7 @@ def losses(path):
 
 def start_training(nproc, args):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = worker_env()  # CPU, gloo, fp32 also on a GPU node
     return subprocess.Popen(
         [torchrun, "--nproc-per-node", str(nproc), "--master-port", str(_free_port()), "tools/train.py", *map(str, args)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,

@@ -2,7 +2,8 @@
 
 Tolerances: one step's loss and every parameter gradient within rel. 1e-5 of the reference
 model computing the same loss on the same noised global batch; 5-step losses at different
-layouts within 1e-5 of each other.
+layouts within 1e-5 of each other. Device placement: no tensor reaching the model, the loss or a
+collective is off the run device (megadiff.platform.device_audit), in every mode and backend.
 """
 
 import json
@@ -97,3 +98,15 @@ def test_nonfinite_losses_skip_steps_then_abort(tiny_run_dir):
     log = str(failure.value)
     assert "step skipped (1 in a row)" in log and "step skipped (2 in a row)" in log
     assert "2 consecutive steps with a non-finite loss" in log
+
+
+@pytest.mark.dist
+def test_every_tensor_reaching_model_loss_and_collectives_is_on_the_run_device(tiny_run_dir):
+    """One step per mode/backend under the device audit (a pretend second device on the CPU).
+    On the code before the run device existed it reported the host batch at the embedding, the
+    host attention mask, host targets in the loss and host tensors in the loop's all_reduces."""
+    results = run_check(tiny_run_dir, 1, "device_audit", "1,1,1")["1,1,1"]
+    assert set(results) == {"bd_dense", "bd_flex", "full_flex_cap_sequence"}
+    for case, r in results.items():
+        assert r["build_violations"] == [] and r["violations"] == [], (case, r)
+        assert r["tokens"] > 0 and r["loss"] > 0, (case, r)  # the step really ran

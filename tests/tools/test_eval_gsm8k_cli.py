@@ -10,9 +10,10 @@ import sys
 from megadiff.hf.tiny import write_tiny_model_dir
 from megadiff.inference import DecodingOptions, decode_tokens, encode_prompt, generate, load_model, load_tokenizer
 from megadiff.inference.gsm8k import extract_answer
+from tests.dist.launch import worker_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ENV = dict(os.environ, OMP_NUM_THREADS="1")  # one thread per process, as tests/conftest.py does in-process
+ENV = worker_env()  # one thread, CPU only, as tests/conftest.py pins in-process
 QUESTIONS = ["What is 1 + 2?", "Natalia sold 48 clips in April and half as many in May. How many in total?",
              "Weng earns $12 an hour. How much for 50 minutes?"]
 

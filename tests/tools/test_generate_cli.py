@@ -12,9 +12,10 @@ import pytest
 from megadiff.hf.tiny import write_tiny_model_dir
 from megadiff.inference import DecodingOptions, encode_chat, encode_prompt, generate, load_model, load_tokenizer
 from megadiff.inference.cli import command_line
+from tests.dist.launch import worker_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ENV = dict(os.environ, OMP_NUM_THREADS="1")  # one thread per process, as tests/conftest.py does in-process
+ENV = worker_env()  # one thread, CPU only, as tests/conftest.py pins in-process
 TOOL = os.path.join("tools", "generate.py")
 DECODING = ["--gen-length", "16", "--block-length", "8", "--steps", "4", "--device", "cpu"]
 

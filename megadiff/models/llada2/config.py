@@ -242,8 +242,11 @@ def to_transformer_config(
     on_cpu: bool = True,
     **overrides,
 ):
-    """megatron-core TransformerConfig for LLaDA2 at `layout` (DESIGN §2)."""
+    """megatron-core TransformerConfig for LLaDA2 at `layout` (DESIGN §2). `on_cpu`: a CPU run
+    (CPU initialisation, no fused kernels); False for a CUDA run."""
     from megatron.core.transformer import TransformerConfig
+
+    from megadiff.platform.kernels import fused_kernel_flags
 
     model.validate_layout(layout)
     bf16 = params_dtype == torch.bfloat16
@@ -301,12 +304,8 @@ def to_transformer_config(
         autocast_dtype=params_dtype if bf16 else None,
         init_method_std=0.02,
         use_cpu_initialization=on_cpu,
-        # fused kernels exist only on GPU
-        bias_activation_fusion=not on_cpu,
-        masked_softmax_fusion=not on_cpu,
-        bias_dropout_fusion=not on_cpu,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
+        # fused kernels: what this process can import, on CUDA only (megadiff.platform.kernels)
+        **fused_kernel_flags(on_cuda=not on_cpu),
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)

@@ -175,8 +175,12 @@ def flex_attention_bhsd(q, k, v, block_mask: Optional[BlockMask], scale: float) 
     if q.device.type != "cpu":
         return _COMPILED_FLEX(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return _CpuFlexAttention.apply(q, k, v, block_mask, scale)
-    return _cpu_flex_forward(q, k, v, block_mask, scale)
+        out = _CpuFlexAttention.apply(q, k, v, block_mask, scale)
+    else:
+        out = _cpu_flex_forward(q, k, v, block_mask, scale)
+    # The CPU kernels run without torch-function modes; `.to` (a no-op here) tells a mode such
+    # as megadiff.platform.device_audit that the output lives where q does.
+    return out.to(q.device)
 
 
 def _cpu_flex_forward(q, k, v, block_mask, scale):

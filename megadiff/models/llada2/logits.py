@@ -23,26 +23,33 @@ def pad_for_sequence_parallel(input_ids, position_ids, allowed, tp: int):
     extra = padded - s
     input_ids = torch.cat([input_ids, input_ids.new_zeros(1, extra)], dim=1)
     position_ids = torch.cat([position_ids, position_ids.new_zeros(1, extra)], dim=1)
-    full = torch.zeros(1, padded, padded, dtype=torch.bool)
+    device = input_ids.device
+    full = torch.zeros(1, padded, padded, dtype=torch.bool, device=device)
     full[:, :, :s] = True if allowed is None else False
     if allowed is not None:
         full[:, :s, :s] = allowed
-    full[:, s:, s:] |= torch.eye(extra, dtype=torch.bool)  # padding sees itself only
+    full[:, s:, s:] |= torch.eye(extra, dtype=torch.bool, device=device)  # padding sees itself only
     return input_ids, position_ids, full
 
 
 @torch.no_grad()
 def full_logits(chunks, input_ids, position_ids, allowed: Optional[torch.Tensor] = None):
-    """[1, s, vocab] fp32 logits of one row, returned on every rank."""
+    """[1, s, vocab] fp32 logits of one row, returned on every rank, on the CPU. Inputs may be on
+    the host; the model runs on the run device."""
+    from megadiff.platform.device import run_device, to_run_device
+
     s = input_ids.shape[1]
+    input_ids, position_ids, allowed = to_run_device((input_ids, position_ids, allowed))
     ids, pos, mask = pad_for_sequence_parallel(
         input_ids, position_ids, allowed, ps.get_tensor_model_parallel_world_size()
     )
     collected = []
 
     def loss_fn(batch, output):
-        collected.append(gather_from_tensor_model_parallel_region(output).float()[:, :s])
-        return output.sum() * 0.0, torch.tensor(1), {}
+        # On the CPU before all_gather_object: a pickled CUDA tensor would come back on this
+        # rank's GPU index on every rank.
+        collected.append(gather_from_tensor_model_parallel_region(output).float()[:, :s].cpu())
+        return output.sum() * 0.0, torch.ones((), dtype=torch.int, device=run_device()), {}
 
     for chunk in chunks:
         chunk.eval()

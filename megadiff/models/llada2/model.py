@@ -36,11 +36,17 @@ def build_model(
     Process groups must already be initialised for `layout` (platform.initialize_parallel)."""
     if attention_backend not in ATTENTION_BACKENDS:
         raise ConfigError(f"attention_backend={attention_backend!r}; choose one of {ATTENTION_BACKENDS}")
+    from megadiff.platform.device import run_device
+
     if use_te is None:
         use_te = transformer_engine_usable()
     compat.define_te_general_gemm_without_te()  # the router reads it, on CPU and CUDA without TE
     compat.silence_gptmodel_deprecation()
-    on_cpu = not torch.cuda.is_available()
+    device = run_device()
+    on_cpu = device.type == "cpu"
+    # Parameters are created on the run device (megatron-core's torch.cuda.current_device()),
+    # except on the host CPU, where megatron-core's CPU initialisation is used.
+    config_overrides.setdefault("use_cpu_initialization", device == torch.device("cpu"))
     config = to_transformer_config(
         model_cfg, layout, params_dtype, use_te=use_te, on_cpu=on_cpu, **config_overrides
     )
@@ -69,7 +75,7 @@ def build_model(
             vp_stage=vp_stage,
         )
         if not on_cpu:
-            model.cuda(torch.cuda.current_device())
+            model.cuda(device)
         chunks.append(model)
     return chunks
 

@@ -29,13 +29,11 @@ class SequenceParallelRMSNorm(torch.nn.RMSNorm):
 
 
 def transformer_engine_usable() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """The TE spec is used when the run device is CUDA and megatron-core's own TE flags are set
+    (megadiff.platform.kernels decides)."""
+    from megadiff.platform.kernels import transformer_engine_usable as usable
+
+    return usable()
 
 
 def _swap(spec, use_te: bool, core_attention=None):

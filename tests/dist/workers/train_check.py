@@ -4,6 +4,8 @@
     every parameter gradient vs the reference model computing the same loss on the same noised
     global batch. Writes {layout: {mode: {"loss_rel": .., "grad_rel": ..}}}.
 --check losses: N training steps at each layout; writes {layout: [loss per step]}.
+--check device_audit: one step of each mode/backend under megadiff.platform.device_audit (the
+    run device is a pretend second CPU device); writes {layout: {case: [violations]}}.
 """
 
 import argparse
@@ -56,8 +58,8 @@ def step_parity(base_cfg, overrides, hf_dir):
         loss, _ = trainer.forward_backward_step(trainer._micro_batches())
         grads = gather_hf_state(trainer.chunks, trainer.model_cfg, value=lambda p: getattr(p, "main_grad", torch.zeros_like(p)))
         ref_loss, ref_grads = reference_loss_and_grads(trainer, hf_dir)
-        grad_rel = max(
-            float((grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)) for n, g in ref_grads.items()
+        grad_rel = max(  # the reference runs on the CPU; the trainer on the run device (GPU in tests/gpu)
+            float((grads[n].cpu() - g).abs().max() / g.abs().max().clamp_min(1e-12)) for n, g in ref_grads.items()
         )
         result[mode] = {"loss": loss, "ref_loss": ref_loss, "loss_rel": abs(loss - ref_loss) / abs(ref_loss),
                         "grad_rel": grad_rel}
@@ -108,11 +110,39 @@ def loss_terms(layout_overrides):
     return {"rel_err": worst}
 
 
+AUDIT_CASES = {  # CAP and per-sequence normalisation: the loss's own collectives and tensors
+    "bd_dense": ["diffusion.mode=block_diffusion", "model.attention_backend=dense"],
+    "bd_flex": ["diffusion.mode=block_diffusion", "model.attention_backend=flex"],
+    "full_flex_cap_sequence": ["diffusion.mode=full", "model.attention_backend=flex",
+                               "diffusion.confidence_beta=2.0", "diffusion.normalize=sequence",
+                               "diffusion.loss_weight=inverse_t"],
+}
+
+
+def device_audit(base_cfg, overrides):
+    """Trainer built and stepped (forward, loss, backward, the loop's collectives) under the audit."""
+    from megadiff.platform import init_distributed
+    from megadiff.platform.device_audit import DeviceAudit
+
+    init_distributed()
+    result = {}
+    for case, case_overrides in AUDIT_CASES.items():
+        cfg = load_config(base_cfg, overrides + case_overrides + ["checkpoint.save_dir=", "logging.progress_bar=false"])
+        with DeviceAudit() as audit:
+            trainer = Trainer(cfg)
+            audit.place(*trainer.chunks)  # the model lives on the run device (build_model's job on CUDA)
+            built = len(audit.violations)
+            loss, tokens = trainer.forward_backward_step(trainer._micro_batches())
+        result[case] = {"violations": audit.violations[built:], "build_violations": audit.violations[:built],
+                        "loss": loss, "tokens": tokens}
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--config")
     parser.add_argument("--hf-dir")
-    parser.add_argument("--check", choices=["step_parity", "losses", "loss_terms"], required=True)
+    parser.add_argument("--check", choices=["step_parity", "losses", "loss_terms", "device_audit"], required=True)
     parser.add_argument("--layouts", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("overrides", nargs="*")
@@ -122,6 +152,8 @@ def main():
         key = ",".join(x.split("=")[1] for x in layout)
         if args.check == "loss_terms":
             results[key] = loss_terms(layout)
+        elif args.check == "device_audit":
+            results[key] = device_audit(args.config, list(args.overrides) + layout)
         elif args.check == "step_parity":
             results[key] = step_parity(args.config, list(args.overrides) + layout, args.hf_dir)
         else:

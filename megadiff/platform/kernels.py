@@ -1,0 +1,75 @@
+"""Which optional GPU pieces this process can use: Transformer Engine and apex's fused kernels.
+
+One place decides, from what megatron-core itself can import, so a plain `pip install` on a GPU
+node (no TE, no apex) builds a working model, and nothing meant for CPU runs leaks into CUDA runs:
+
+- Transformer Engine: megatron-core's own `HAVE_TE` flags (the TE spec's module and the TE
+  extension). `import transformer_engine` alone is not enough: with an ABI mismatch it imports
+  while megatron-core's flags stay False, and the TE spec then fails with NameErrors.
+- `masked_softmax_fusion`: megatron-core's FusedScaleMaskSoftmax imports apex's
+  `scaled_masked_softmax_cuda` on the first bf16 softmax; only switched on where it imports.
+- `gradient_accumulation_fusion`: needs apex's `fused_weight_gradient_mlp_cuda`.
+- `bias_activation_fusion` / `bias_dropout_fusion`: megatron-core's own jit-fused torch code;
+  on for CUDA, off on the CPU (fp32 tests compare with the unfused reference).
+- `persist_layer_norm` (apex's persistent LayerNorm) does not apply to LLaDA2's RMSNorm: off.
+"""
+
+import functools
+import importlib
+
+
+@functools.lru_cache(maxsize=None)
+def _imports(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except Exception:  # ImportError, or OSError / RuntimeError from a broken compiled extension
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def megatron_has_te() -> bool:
+    """megatron-core's own verdict: its TE extension and the GPT TE spec both imported TE."""
+    try:
+        from megatron.core.extensions import transformer_engine as te_extension
+        from megatron.core.models.gpt import gpt_layer_specs
+    except Exception:
+        return False
+    return bool(getattr(te_extension, "HAVE_TE", False) and getattr(gpt_layer_specs, "HAVE_TE", False))
+
+
+def transformer_engine_usable() -> bool:
+    """Use the TE spec: the run device is CUDA and megatron-core can use TE."""
+    from megadiff.platform.device import uses_cuda
+
+    return uses_cuda() and megatron_has_te()
+
+
+def apex_fused_softmax_available() -> bool:
+    return _imports("scaled_masked_softmax_cuda")
+
+
+def apex_fused_wgrad_available() -> bool:
+    return _imports("fused_weight_gradient_mlp_cuda")
+
+
+def fused_kernel_flags(on_cuda: bool) -> dict:
+    """TransformerConfig fusion settings for a CPU or a CUDA run (see the module docstring)."""
+    return dict(
+        bias_activation_fusion=on_cuda,
+        bias_dropout_fusion=on_cuda,
+        masked_softmax_fusion=on_cuda and apex_fused_softmax_available(),
+        gradient_accumulation_fusion=on_cuda and apex_fused_wgrad_available(),
+        persist_layer_norm=False,
+    )
+
+
+def kernel_report() -> dict:
+    """What this process can use, for environment reports (tools/gpu_check.py)."""
+    return {
+        "megatron_core_has_te": megatron_has_te(),
+        "transformer_engine_importable": _imports("transformer_engine"),
+        "apex_importable": _imports("apex"),
+        "apex_fused_softmax": apex_fused_softmax_available(),
+        "apex_fused_wgrad": apex_fused_wgrad_available(),
+    }
