@@ -148,7 +148,9 @@ def test_trainer_save_on_a_full_disk_says_no_space(tiny_run_dir, tiny_filesystem
 CHILDREN = """
 import multiprocessing as mp, os, sys, time
 from megadiff.platform.child_processes import make_children_die_with_parent
-from megatron.core.dist_checkpointing.strategies.filesystem_async import _get_write_results_queue
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+# megatron-core 0.16 names it _get_write_results_queue, 0.19 get_write_results_queue
+results_queue = getattr(filesystem_async, "get_write_results_queue", None) or filesystem_async._get_write_results_queue
 
 def sleep():
     time.sleep(600)
@@ -156,7 +158,7 @@ def sleep():
 if __name__ == "__main__":
     if sys.argv[1] == "on":
         make_children_die_with_parent()
-    _get_write_results_queue()  # the Manager server dist_checkpointing's writer keeps (spawn)
+    results_queue()  # the Manager server dist_checkpointing's writer keeps (spawn)
     kids = [mp.get_context(m).Process(target=sleep) for m in ("fork", "spawn")]
     for k in kids:
         k.start()
