@@ -121,6 +121,7 @@ def train_once(args, crash=None):
 
 
 @pytest.mark.slow
+@pytest.mark.repeat  # stack-independent: stack (b) runs it only in the full set
 def test_relaunch_and_killed_saves_resume_and_never_restart_from_scratch(tiny_run_dir, tmp_path):
     ckpt = tmp_path / "ckpt"
     common = [tiny_run_dir / "cfg.yaml", f"checkpoint.save_dir={ckpt}", "train.lr_schedule=constant"]

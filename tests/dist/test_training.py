@@ -101,6 +101,7 @@ def test_nonfinite_losses_skip_steps_then_abort(tiny_run_dir):
 
 
 @pytest.mark.dist
+@pytest.mark.repeat  # stack-independent: stack (b) runs it only in the full set
 def test_every_tensor_reaching_model_loss_and_collectives_is_on_the_run_device(tiny_run_dir):
     """One step per mode/backend under the device audit (a pretend second device on the CPU).
     On the code before the run device existed it reported the host batch at the embedding, the

@@ -133,6 +133,7 @@ def test_torch_short_write_on_a_really_full_disk_is_named(tiny_filesystem):
 
 
 @pytest.mark.slow
+@pytest.mark.repeat  # stack-independent: stack (b) runs it only in the full set
 def test_trainer_save_on_a_full_disk_says_no_space(tiny_run_dir, tiny_filesystem):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, "tools/train.py", str(tiny_run_dir / "cfg.yaml"), "train.steps=1",
