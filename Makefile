@@ -33,7 +33,7 @@ else
 VENV_FLAGS :=
 endif
 
-.PHONY: setup test test-fast lint demo demo-clean clean versions
+.PHONY: setup test test-fast lint format demo demo-clean clean versions
 
 $(VENV)/.installed: setup.py
 	@test -n "$(STACK)" || { echo "error: PYTHON=$(PYTHON) does not run; pass PYTHON=python3.11 or python3.12"; exit 1; }
@@ -70,8 +70,16 @@ demo: setup
 demo-clean:
 	rm -rf demo_out
 
+LINT_PATHS := megadiff checkpoint_converters tools tests benchmarks
+
+# ruff's rules (ruff.toml) and its formatter; `make format` applies the formatter.
 lint: setup
-	$(PY) -m ruff check megadiff checkpoint_converters tools tests benchmarks
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
+
+format: setup
+	$(PY) -m ruff format $(LINT_PATHS)
+	$(PY) -m ruff check --fix $(LINT_PATHS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

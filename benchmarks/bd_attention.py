@@ -50,6 +50,7 @@ def parse_args(argv=None):
 
 # ------------------------------------------------------------------ child: one measurement
 
+
 def _rss_kib(field):
     with open("/proc/self/status") as f:
         for line in f:
@@ -146,8 +147,16 @@ def run_child(cfg):
         if cuda:
             torch.cuda.synchronize()
         mask_s = time.perf_counter() - t0
-        parts = (mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices,
-                 mask.q_num_blocks, mask.q_indices, mask.full_q_num_blocks, mask.full_q_indices)
+        parts = (
+            mask.kv_num_blocks,
+            mask.kv_indices,
+            mask.full_kv_num_blocks,
+            mask.full_kv_indices,
+            mask.q_num_blocks,
+            mask.q_indices,
+            mask.full_q_num_blocks,
+            mask.full_q_indices,
+        )
         mask_bytes = sum(t.numel() * t.element_size() for t in parts if t is not None)
         computed = mask_tile_fraction(mask)
     else:
@@ -156,8 +165,14 @@ def run_child(cfg):
     allowed_fraction = float(block_diffusion_mask(doc, pos, cfg["block_size"]).float().mean())
 
     config = TransformerConfig(
-        num_layers=1, hidden_size=h * d, num_attention_heads=h, num_query_groups=hkv, kv_channels=d,
-        attention_dropout=0.0, params_dtype=dtype, bf16=dtype == torch.bfloat16,
+        num_layers=1,
+        hidden_size=h * d,
+        num_attention_heads=h,
+        num_query_groups=hkv,
+        kv_channels=d,
+        attention_dropout=0.0,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
     )
     args = dict(config=config, layer_number=1, attn_mask_type=AttnMaskType.arbitrary, attention_type="self")
     if path == "flex":
@@ -165,10 +180,11 @@ def run_child(cfg):
     elif path == "dense":
         attn = DotProductAttention(**args)
     else:
+
         def attn(q, k, v, m):  # [s, b, h, d] in and out, like the megatron modules
             o = torch.nn.functional.scaled_dot_product_attention(
-                q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
-                attn_mask=m, enable_gqa=True)
+                q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), attn_mask=m, enable_gqa=True
+            )
             return o.permute(2, 0, 1, 3).reshape(s, b, h * d)
 
     g = torch.Generator(device=device).manual_seed(0)
@@ -196,9 +212,14 @@ def run_child(cfg):
         step()
         times.append(time.perf_counter() - t0)
     return dict(
-        cfg, fwd_bwd_ms=1e3 * statistics.median(times), peak_mib=mem.peak / 2**20,
-        mask_ms=1e3 * mask_s, mask_mib=mask_bytes / 2**20, computed=computed,
-        allowed_fraction=allowed_fraction, warmup_s=warmup_s,
+        cfg,
+        fwd_bwd_ms=1e3 * statistics.median(times),
+        peak_mib=mem.peak / 2**20,
+        mask_ms=1e3 * mask_s,
+        mask_mib=mask_bytes / 2**20,
+        computed=computed,
+        allowed_fraction=allowed_fraction,
+        warmup_s=warmup_s,
         flex_compiled=cpu_flex_is_compiled() if path == "flex" and not cuda else None,
         device=torch.cuda.get_device_name() if cuda else f"CPU x{torch.get_num_threads()} threads",
     )
@@ -206,22 +227,34 @@ def run_child(cfg):
 
 # ------------------------------------------------------------------ parent
 
+
 def measure(cfg):
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", PYTHONWARNINGS="ignore",
-               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(cfg)],
-                          cwd=REPO, env=env, capture_output=True, text=True)
+    env = dict(
+        os.environ,
+        MALLOC_MMAP_THRESHOLD_="131072",
+        PYTHONWARNINGS="ignore",
+        PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--child", json.dumps(cfg)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     tail = (proc.stdout + proc.stderr)[-3000:]
     return dict(cfg, error=f"child exited {proc.returncode}: {tail.strip().splitlines()[-1] if tail.strip() else ''}")
 
 
 def table(results):
-    rows = ["| L (2L tokens) | path | fwd+bwd ms | time vs dense | peak MiB | memory vs dense | "
-            "mask build ms | mask MiB | scores computed |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| L (2L tokens) | path | fwd+bwd ms | time vs dense | peak MiB | memory vs dense | "
+        "mask build ms | mask MiB | scores computed |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for L in sorted({r["length"] for r in results}):
         group = [r for r in results if r["length"] == L]
         dense = next((r for r in group if r["path"] == "dense" and "error" not in r), None)
@@ -232,8 +265,10 @@ def table(results):
                 continue
             t_ratio = f"{r['fwd_bwd_ms'] / dense['fwd_bwd_ms']:.2f}x" if dense else "-"
             m_ratio = f"{r['peak_mib'] / dense['peak_mib']:.3f}x" if dense else "-"
-            rows.append(head + f" {r['fwd_bwd_ms']:,.0f} | {t_ratio} | {r['peak_mib']:,.0f} | {m_ratio} | "
-                        f"{r['mask_ms']:,.1f} | {r['mask_mib']:.3f} | {r['computed']:.3f} |")
+            rows.append(
+                head + f" {r['fwd_bwd_ms']:,.0f} | {t_ratio} | {r['peak_mib']:,.0f} | {m_ratio} | "
+                f"{r['mask_ms']:,.1f} | {r['mask_mib']:.3f} | {r['computed']:.3f} |"
+            )
     return "\n".join(rows)
 
 
@@ -246,27 +281,46 @@ def main(argv=None):
     import torch
 
     dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
-    print("python benchmarks/bd_attention.py " + " ".join(
-        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-        for k, v in vars(args).items() if k != "child" and v is not None), flush=True)
+    print(
+        "python benchmarks/bd_attention.py "
+        + " ".join(
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(args).items()
+            if k != "child" and v is not None
+        ),
+        flush=True,
+    )
     results = []
     for L in args.lengths:
         for path in args.paths:
-            cfg = dict(path=path, length=L, batch=args.batch, heads=args.heads, kv_heads=args.kv_heads,
-                       head_dim=args.head_dim, docs=args.docs, block_size=args.block_size,
-                       repeats=args.repeats, dtype=dtype, threads=args.threads)
+            cfg = dict(
+                path=path,
+                length=L,
+                batch=args.batch,
+                heads=args.heads,
+                kv_heads=args.kv_heads,
+                head_dim=args.head_dim,
+                docs=args.docs,
+                block_size=args.block_size,
+                repeats=args.repeats,
+                dtype=dtype,
+                threads=args.threads,
+            )
             t0 = time.perf_counter()
             r = measure(cfg)
             results.append(r)
-            status = r.get("error") or (f"{r['fwd_bwd_ms']:,.0f} ms, peak {r['peak_mib']:,.0f} MiB "
-                                        f"(warm-up {r['warmup_s']:.1f} s)")
+            status = r.get("error") or (
+                f"{r['fwd_bwd_ms']:,.0f} ms, peak {r['peak_mib']:,.0f} MiB (warm-up {r['warmup_s']:.1f} s)"
+            )
             print(f"  L={L} {path}: {status} [{time.perf_counter() - t0:.0f} s]", flush=True)
     ok = [r for r in results if "error" not in r]
     device = ok[0]["device"] if ok else "?"
     allowed = ", ".join(sorted({f"L={r['length']}: {r['allowed_fraction']:.3f}" for r in ok}))
-    print(f"\n{device}, {dtype}, batch {args.batch}, {args.heads} q heads / {args.kv_heads} kv heads, "
-          f"head_dim {args.head_dim}, block {args.block_size}, {args.docs} doc(s)/row; "
-          f"allowed (query, key) pairs: {allowed}\n")
+    print(
+        f"\n{device}, {dtype}, batch {args.batch}, {args.heads} q heads / {args.kv_heads} kv heads, "
+        f"head_dim {args.head_dim}, block {args.block_size}, {args.docs} doc(s)/row; "
+        f"allowed (query, key) pairs: {allowed}\n"
+    )
     print(table(results))
 
 

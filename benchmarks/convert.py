@@ -71,8 +71,12 @@ def make_checkpoint(out_dir: str, layers: int) -> dict:
     write_hf_config(dict(cfg, torch_dtype="bfloat16"), out_dir)
     copy_remote_code(out_dir)
     largest = max(entries, key=lambda e: _nbytes(e[1], e[2]))
-    return {"bytes": sum(_nbytes(s, d) for _, s, d in entries), "largest": largest[0],
-            "largest_bytes": _nbytes(largest[1], largest[2]), "tensors": len(entries)}
+    return {
+        "bytes": sum(_nbytes(s, d) for _, s, d in entries),
+        "largest": largest[0],
+        "largest_bytes": _nbytes(largest[1], largest[2]),
+        "tensors": len(entries),
+    }
 
 
 def _nbytes(shape, dtype) -> int:
@@ -152,22 +156,31 @@ def measure_pairs(copy_cmd, copy_out: str, runs: dict, outputs: dict, repeat: in
                 if runs_of is copy_runs or round_ + 1 < repeat or name not in keep:
                     shutil.rmtree(out)
             r, c = tool_runs[name][-1], copy_runs[name][-1]
-            print(f"round {round_ + 1}: {name:18s} wall {r['wall_s']:5.1f} s, data phase {r['data_s']:5.1f} s; "
-                  f"its copy {c['wall_s']:4.1f} s{'; ' + r['how'] if r['how'] else ''}", flush=True)
+            print(
+                f"round {round_ + 1}: {name:18s} wall {r['wall_s']:5.1f} s, data phase {r['data_s']:5.1f} s; "
+                f"its copy {c['wall_s']:4.1f} s{'; ' + r['how'] if r['how'] else ''}",
+                flush=True,
+            )
     results = {}
     pooled = statistics.median(c["wall_s"] for cs in copy_runs.values() for c in cs)
     for name, rs in tool_runs.items():
         cs = copy_runs[name]
-        median = lambda k: statistics.median(r[k] for r in rs)  # noqa: E731
+        median = lambda k, rs=rs: statistics.median(r[k] for r in rs)  # noqa: E731
         results[name] = {
-            "wall_s": median("wall_s"), "data_s": median("data_s"), "how": rs[-1]["how"],
-            "walls": [r["wall_s"] for r in rs], "datas": [r["data_s"] for r in rs], "copy_walls": [c["wall_s"] for c in cs],
+            "wall_s": median("wall_s"),
+            "data_s": median("data_s"),
+            "how": rs[-1]["how"],
+            "walls": [r["wall_s"] for r in rs],
+            "datas": [r["data_s"] for r in rs],
+            "copy_walls": [c["wall_s"] for c in cs],
             "copy_s": statistics.median(c["wall_s"] for c in cs),
-            "ratio_wall": statistics.median(c["wall_s"] / r["wall_s"] for c, r in zip(cs, rs)),
-            "ratio_data": statistics.median(c["wall_s"] / r["data_s"] for c, r in zip(cs, rs)),
-            "pooled_copy_s": pooled, "pooled_ratio_wall": pooled / statistics.median(r["wall_s"] for r in rs),
+            "ratio_wall": statistics.median(c["wall_s"] / r["wall_s"] for c, r in zip(cs, rs, strict=True)),
+            "ratio_data": statistics.median(c["wall_s"] / r["data_s"] for c, r in zip(cs, rs, strict=True)),
+            "pooled_copy_s": pooled,
+            "pooled_ratio_wall": pooled / statistics.median(r["wall_s"] for r in rs),
             "pooled_ratio_data": pooled / statistics.median(r["data_s"] for r in rs),
-            "peak_rss": max(r["peak_rss"] for r in rs), "peak_anon_rss": max(r["peak_anon_rss"] for r in rs),
+            "peak_rss": max(r["peak_rss"] for r in rs),
+            "peak_anon_rss": max(r["peak_anon_rss"] for r in rs),
         }
     return results
 
@@ -195,8 +208,13 @@ def _run_once(cmd) -> dict:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-3000:]}")
     data = re.search(r"^data: .* in ([\d.]+) s", output, re.M)  # the tools time their data phase
     how = re.search(r"^data: .*; weight bytes copied: (.*)$", output, re.M)
-    return {"wall_s": wall, "data_s": float(data.group(1)) if data else wall, "how": how.group(1) if how else "",
-            "peak_rss": peak_rss, "peak_anon_rss": peak_anon}
+    return {
+        "wall_s": wall,
+        "data_s": float(data.group(1)) if data else wall,
+        "how": how.group(1) if how else "",
+        "peak_rss": peak_rss,
+        "peak_anon_rss": peak_anon,
+    }
 
 
 def main(argv=None):
@@ -206,8 +224,12 @@ def main(argv=None):
     p.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
     p.add_argument("--repeat", type=int, default=5, help="rounds (median over rounds)")
     p.add_argument("--json", default=None, help="also write the results here")
-    p.add_argument("--cache", choices=["cold", "warm"], default="cold" if can_drop_page_cache() else "warm",
-                   help="drop the page cache before each run (needs root; default where possible)")
+    p.add_argument(
+        "--cache",
+        choices=["cold", "warm"],
+        default="cold" if can_drop_page_cache() else "warm",
+        help="drop the page cache before each run (needs root; default where possible)",
+    )
     args = p.parse_args(argv)
     py = sys.executable
     work = tempfile.mkdtemp(prefix="megadiff_convert_bench_", dir=args.workdir)
@@ -215,40 +237,111 @@ def main(argv=None):
     try:
         t = time.perf_counter()
         info = make_checkpoint(d("hf"), args.layers)
-        print(f"synthetic checkpoint: {info['bytes'] / GB:.2f} GB in {info['tensors']} tensors, largest "
-              f"{info['largest']} {info['largest_bytes'] / GB:.3f} GB ({time.perf_counter() - t:.0f} s to build)", flush=True)
+        print(
+            f"synthetic checkpoint: {info['bytes'] / GB:.2f} GB in {info['tensors']} tensors, largest "
+            f"{info['largest']} {info['largest_bytes'] / GB:.3f} GB ({time.perf_counter() - t:.0f} s to build)",
+            flush=True,
+        )
         copy_cmd = [py, "-c", COPY, d("hf"), d("copy"), "fsync"]
         runs = {
             "copy (user space)": [py, "-c", USERSPACE_COPY, d("hf"), d("copy_user")],
-            "hf->mcore": [py, "tools/convert_hf_to_mcore.py", "--hf-dir", d("hf"), "--output", d("mcore"), "--no-progress"],
-            "hf->mcore page-cache": [py, "tools/convert_hf_to_mcore.py", "--hf-dir", d("hf"), "--output", d("mcore_pc"),
-                                     "--io", "page-cache", "--no-progress"],
-            "mcore->hf": [py, "tools/convert_mcore_to_hf.py", "--mcore-dir", d("mcore_in"), "--output", d("hf2"), "--no-progress"],
-            "merge": [py, "tools/moe_convertor.py", "--input-path", d("hf"), "--output-path", d("merged"), "--mode", "merge", "--no-progress"],
-            "split": [py, "tools/moe_convertor.py", "--input-path", d("merged_in"), "--output-path", d("split"), "--mode", "split", "--no-progress"],
+            "hf->mcore": [
+                py,
+                "tools/convert_hf_to_mcore.py",
+                "--hf-dir",
+                d("hf"),
+                "--output",
+                d("mcore"),
+                "--no-progress",
+            ],
+            "hf->mcore page-cache": [
+                py,
+                "tools/convert_hf_to_mcore.py",
+                "--hf-dir",
+                d("hf"),
+                "--output",
+                d("mcore_pc"),
+                "--io",
+                "page-cache",
+                "--no-progress",
+            ],
+            "mcore->hf": [
+                py,
+                "tools/convert_mcore_to_hf.py",
+                "--mcore-dir",
+                d("mcore_in"),
+                "--output",
+                d("hf2"),
+                "--no-progress",
+            ],
+            "merge": [
+                py,
+                "tools/moe_convertor.py",
+                "--input-path",
+                d("hf"),
+                "--output-path",
+                d("merged"),
+                "--mode",
+                "merge",
+                "--no-progress",
+            ],
+            "split": [
+                py,
+                "tools/moe_convertor.py",
+                "--input-path",
+                d("merged_in"),
+                "--output-path",
+                d("split"),
+                "--mode",
+                "split",
+                "--no-progress",
+            ],
         }
-        outputs = {"copy (user space)": d("copy_user"), "hf->mcore": d("mcore"), "hf->mcore page-cache": d("mcore_pc"),
-                   "mcore->hf": d("hf2"),
-                   "merge": d("merged"), "split": d("split")}
+        outputs = {
+            "copy (user space)": d("copy_user"),
+            "hf->mcore": d("mcore"),
+            "hf->mcore page-cache": d("mcore_pc"),
+            "mcore->hf": d("hf2"),
+            "merge": d("merged"),
+            "split": d("split"),
+        }
         # mcore->hf and split read inputs made once here, never the output of the command before them
         _run_once([py, "tools/convert_hf_to_mcore.py", "--hf-dir", d("hf"), "--output", d("mcore_in"), "--no-progress"])
-        _run_once([py, "tools/moe_convertor.py", "--input-path", d("hf"), "--output-path", d("merged_in"),
-                   "--mode", "merge", "--no-progress"])
+        _run_once(
+            [
+                py,
+                "tools/moe_convertor.py",
+                "--input-path",
+                d("hf"),
+                "--output-path",
+                d("merged_in"),
+                "--mode",
+                "merge",
+                "--no-progress",
+            ]
+        )
         print(f"page cache: {args.cache} before each run", flush=True)
-        results = measure_pairs(copy_cmd, d("copy"), runs, outputs, args.repeat, args.cache == "cold",
-                                keep=("mcore->hf", "split"))
+        results = measure_pairs(
+            copy_cmd, d("copy"), runs, outputs, args.repeat, args.cache == "cold", keep=("mcore->hf", "split")
+        )
         verify(d("hf"), d("hf2"), d("split"))
         budget = 2 * GB + 2 * info["largest_bytes"]
-        print(f"\nmedians over {args.repeat} rounds; ratio = throughput relative to its paired copyfile+fsync run "
-              f"(the tools fsync too); RSS budget 2 GB + 2 x largest = {budget / GB:.2f} GB")
+        print(
+            f"\nmedians over {args.repeat} rounds; ratio = throughput relative to its paired copyfile+fsync run "
+            f"(the tools fsync too); RSS budget 2 GB + 2 x largest = {budget / GB:.2f} GB"
+        )
         pooled = next(iter(results.values()))["pooled_copy_s"]
         print(f"pooled: against the median of all {args.repeat * len(results)} copy runs ({pooled:.1f} s)")
-        print(f"{'':18s} {'wall s':>7s} {'data s':>7s} {'copy s':>7s} {'wall':>6s} {'data':>6s} {'pooled':>13s}  peak RSS (anon)")
+        print(
+            f"{'':18s} {'wall s':>7s} {'data s':>7s} {'copy s':>7s} {'wall':>6s} {'data':>6s} {'pooled':>13s}  peak RSS (anon)"
+        )
         for name, r in results.items():
-            print(f"{name:18s} {r['wall_s']:7.1f} {r['data_s']:7.1f} {r['copy_s']:7.1f} {r['ratio_wall']:5.2f}x "
-                  f"{r['ratio_data']:5.2f}x {r['pooled_ratio_wall']:5.2f}x/{r['pooled_ratio_data']:5.2f}x  {r['peak_rss'] / GB:.2f} GB ({r['peak_anon_rss'] / GB:.2f}) = "
-                  f"{r['peak_rss'] / info['largest_bytes']:.1f}x largest, "
-                  f"{'within' if r['peak_rss'] <= budget else 'OVER'} budget  {r['how']}")
+            print(
+                f"{name:18s} {r['wall_s']:7.1f} {r['data_s']:7.1f} {r['copy_s']:7.1f} {r['ratio_wall']:5.2f}x "
+                f"{r['ratio_data']:5.2f}x {r['pooled_ratio_wall']:5.2f}x/{r['pooled_ratio_data']:5.2f}x  {r['peak_rss'] / GB:.2f} GB ({r['peak_anon_rss'] / GB:.2f}) = "
+                f"{r['peak_rss'] / info['largest_bytes']:.1f}x largest, "
+                f"{'within' if r['peak_rss'] <= budget else 'OVER'} budget  {r['how']}"
+            )
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"checkpoint": info, "cache": args.cache, "results": results}, f, indent=1)
@@ -266,9 +359,14 @@ def verify(original: str, exported: str, split: str) -> None:
 
     a, b, c = HFCheckpointReader(original), HFCheckpointReader(exported), HFCheckpointReader(split)
     assert a.names() == b.names() == c.names()
-    for name in ("model.word_embeddings.weight", "model.layers.1.attention.query_key_value.weight",
-                 "model.layers.1.mlp.experts.255.up_proj.weight", "model.layers.1.mlp.gate.expert_bias",
-                 "model.layers.0.mlp.gate_proj.weight", "lm_head.weight"):
+    for name in (
+        "model.word_embeddings.weight",
+        "model.layers.1.attention.query_key_value.weight",
+        "model.layers.1.mlp.experts.255.up_proj.weight",
+        "model.layers.1.mlp.gate.expert_bias",
+        "model.layers.0.mlp.gate_proj.weight",
+        "lm_head.weight",
+    ):
         x = a.get(name)
         assert torch.equal(x, b.get(name)) and torch.equal(x, c.get(name)) and x.dtype == b.get(name).dtype, name
     print("round trips spot-checked: exact")

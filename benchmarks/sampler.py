@@ -57,13 +57,24 @@ def run(prompt_lengths, gen_length, repeats, lm_head_scale):
         (cached_s, cached), (uncached_s, uncached) = timings[True], timings[False]
         if cached.tokens != uncached.tokens:
             raise SystemExit(f"prompt {n}: cached and uncached decoding returned different tokens")
-        rows.append(dict(prompt=n, cached_s=cached_s, uncached_s=uncached_s, speedup=uncached_s / cached_s,
-                         forwards=cached.model_calls, tokens_per_forward=cached.tokens_per_forward,
-                         tokens_per_s_cached=cached.num_tokens / cached_s,
-                         tokens_per_s_uncached=uncached.num_tokens / uncached_s))
-        print(f"prompt {n:5d}: cached {cached_s:7.3f}s  uncached {uncached_s:7.3f}s  "
-              f"speedup {rows[-1]['speedup']:5.1f}x  forwards {cached.model_calls}  "
-              f"tokens/forward {cached.tokens_per_forward:.2f}", flush=True)
+        rows.append(
+            dict(
+                prompt=n,
+                cached_s=cached_s,
+                uncached_s=uncached_s,
+                speedup=uncached_s / cached_s,
+                forwards=cached.model_calls,
+                tokens_per_forward=cached.tokens_per_forward,
+                tokens_per_s_cached=cached.num_tokens / cached_s,
+                tokens_per_s_uncached=uncached.num_tokens / uncached_s,
+            )
+        )
+        print(
+            f"prompt {n:5d}: cached {cached_s:7.3f}s  uncached {uncached_s:7.3f}s  "
+            f"speedup {rows[-1]['speedup']:5.1f}x  forwards {cached.model_calls}  "
+            f"tokens/forward {cached.tokens_per_forward:.2f}",
+            flush=True,
+        )
     return rows
 
 
@@ -80,14 +91,19 @@ def markdown(rows, gen_length, repeats, lm_head_scale) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['prompt']} | {r['cached_s']:.3f} | {r['uncached_s']:.3f} | {r['speedup']:.1f}x | "
-                     f"{r['forwards']} | {r['tokens_per_forward']:.2f} | {r['tokens_per_s_cached']:.0f} | "
-                     f"{r['tokens_per_s_uncached']:.0f} |")
+        lines.append(
+            f"| {r['prompt']} | {r['cached_s']:.3f} | {r['uncached_s']:.3f} | {r['speedup']:.1f}x | "
+            f"{r['forwards']} | {r['tokens_per_forward']:.2f} | {r['tokens_per_s_cached']:.0f} | "
+            f"{r['tokens_per_s_uncached']:.0f} |"
+        )
     longest = max(rows, key=lambda r: r["prompt"])
-    lines += ["", f"Goal cached >= 3x faster at the longest prompt ({longest['prompt']} tokens): "
-                  f"{'met' if longest['speedup'] >= 3 else 'NOT met'} ({longest['speedup']:.1f}x). The random model is "
-                  f"never 95% sure, so each step commits one token; a trained model commits more per forward, which "
-                  f"changes both paths alike."]
+    lines += [
+        "",
+        f"Goal cached >= 3x faster at the longest prompt ({longest['prompt']} tokens): "
+        f"{'met' if longest['speedup'] >= 3 else 'NOT met'} ({longest['speedup']:.1f}x). The random model is "
+        f"never 95% sure, so each step commits one token; a trained model commits more per forward, which "
+        f"changes both paths alike.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -109,13 +125,17 @@ def main(argv=None) -> int:
     parser.add_argument("--gen-length", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per cell")
     parser.add_argument("--lm-head-scale", type=float, default=1.0, help="sharpen the random model's predictions")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: steadier timings on a shared 2-core machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: steadier timings on a shared 2-core machine)"
+    )
     parser.add_argument("--write-results", action="store_true", help="update the ## sampler section of RESULTS.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"benchmarks/sampler.py --prompt-lengths {' '.join(map(str, args.prompt_lengths))} "
-          f"--gen-length {args.gen_length} --repeats {args.repeats} --lm-head-scale {args.lm_head_scale} --threads {args.threads}" + (" --write-results" if args.write_results else ""))
+    print(
+        f"benchmarks/sampler.py --prompt-lengths {' '.join(map(str, args.prompt_lengths))} "
+        f"--gen-length {args.gen_length} --repeats {args.repeats} --lm-head-scale {args.lm_head_scale} --threads {args.threads}"
+        + (" --write-results" if args.write_results else "")
+    )
     rows = run(args.prompt_lengths, args.gen_length, args.repeats, args.lm_head_scale)
     section = markdown(rows, args.gen_length, args.repeats, args.lm_head_scale)
     print(section)

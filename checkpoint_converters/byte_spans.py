@@ -12,8 +12,8 @@ as on the data, so the parameter table is not written twice.
 """
 
 from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
 
 import torch
 
@@ -31,9 +31,9 @@ class Span:
 class Spans:
     """A tensor's value, as byte ranges of files in order (no data held)."""
 
-    shape: Tuple[int, ...]
+    shape: tuple[int, ...]
     dtype: torch.dtype
-    spans: Tuple[Span, ...]
+    spans: tuple[Span, ...]
 
     @property
     def nbytes(self) -> int:
@@ -45,7 +45,7 @@ class Spans:
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
         done = 0
         for span in self.spans:
-            if read_range_into(span.path, span.offset, view[done:done + span.nbytes]) < span.nbytes:
+            if read_range_into(span.path, span.offset, view[done : done + span.nbytes]) < span.nbytes:
                 raise ValueError(f"{span.path}: ends before byte {span.offset + span.nbytes}")
             done += span.nbytes
         return out
@@ -68,8 +68,8 @@ class FileTable:
     """Numbers files for row addresses (path <-> small int)."""
 
     def __init__(self):
-        self._paths: List[str] = []
-        self._number: Dict[str, int] = {}
+        self._paths: list[str] = []
+        self._number: dict[str, int] = {}
 
     def number(self, path: str) -> int:
         if path not in self._number:
@@ -94,13 +94,16 @@ class FileTable:
         ends = breaks.tolist() + [flat.numel()]
         firsts = flat[starts].tolist()
         mask = (1 << _FILE_SHIFT) - 1
-        out = tuple(Span(self._paths[a >> _FILE_SHIFT], a & mask, (e - s) * row_bytes)
-                    for a, s, e in zip(firsts, starts, ends))
+        out = tuple(
+            Span(self._paths[a >> _FILE_SHIFT], a & mask, (e - s) * row_bytes)
+            for a, s, e in zip(firsts, starts, ends, strict=True)
+        )
         return Spans(tuple(shape), dtype, out)
 
 
-def with_read_ahead(items: Iterable[Tuple[str, object]], copier,
-                    window_bytes: int = 256 * 2**20) -> Iterator[Tuple[str, object]]:
+def with_read_ahead(
+    items: Iterable[tuple[str, object]], copier, window_bytes: int = 256 * 2**20
+) -> Iterator[tuple[str, object]]:
     """(name, value) pairs as given, pulled up to `window_bytes` ahead so that the byte ranges of
     the coming `Spans` values are requested from the disk before they are copied. Tensor values
     pulled ahead stay in memory until yielded (at most the window)."""
@@ -123,7 +126,7 @@ def with_read_ahead(items: Iterable[Tuple[str, object]], copier,
 def concat_spans(parts: Sequence[Spans], shape, dtype) -> Spans:
     """Several tensors' bytes one after another (e.g. experts stacked on a new dim 0), adjacent
     ranges joined."""
-    out: List[Span] = []
+    out: list[Span] = []
     for part in parts:
         for span in part.spans:
             last = out[-1] if out else None
@@ -141,7 +144,7 @@ class RowAddresses:
 
     addresses: torch.Tensor
     row_bytes: int
-    shape: Tuple[int, ...]
+    shape: tuple[int, ...]
     dtype: torch.dtype
     files: FileTable
 
@@ -154,8 +157,13 @@ class RowAddresses:
 
     def rows(self, start: int, count: int) -> "RowAddresses":
         """Rows start .. start+count (of a 2-D shape)."""
-        return RowAddresses(self.addresses[start:start + count], self.row_bytes,
-                            (count,) + tuple(self.shape[1:]), self.dtype, self.files)
+        return RowAddresses(
+            self.addresses[start : start + count],
+            self.row_bytes,
+            (count,) + tuple(self.shape[1:]),
+            self.dtype,
+            self.files,
+        )
 
     def spans(self) -> Spans:
         return self.files.spans(self.addresses, self.row_bytes, self.shape, self.dtype)

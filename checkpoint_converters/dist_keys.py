@@ -14,10 +14,8 @@ translate keys (loading a checkpoint written with the other spec, writing TE nam
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
 
 from .hf_layout import expected_hf_shapes
-
 from .llada2_mapping import DENSE, LOCAL, MOE, SPECS, TABLE, TE, Rule, hf_names
 
 
@@ -26,15 +24,15 @@ class Unit:
     """One table row instance: the HF tensors of one megatron-core tensor and where it is stored."""
 
     rule: Rule
-    layer: Optional[int]
-    expert: Optional[int]
-    hf: Tuple[str, ...]               # HF names, in the row's order
-    hf_shapes: Tuple[Tuple[int, ...], ...]
-    key: str                          # dist-checkpoint key
-    full_shape: Tuple[int, ...]       # the full megatron-core tensor (one expert's, for experts)
+    layer: int | None
+    expert: int | None
+    hf: tuple[str, ...]  # HF names, in the row's order
+    hf_shapes: tuple[tuple[int, ...], ...]
+    key: str  # dist-checkpoint key
+    full_shape: tuple[int, ...]  # the full megatron-core tensor (one expert's, for experts)
 
     @property
-    def index(self) -> Dict[str, int]:
+    def index(self) -> dict[str, int]:
         out = {}
         if self.layer is not None:
             out["layer"] = self.layer
@@ -43,18 +41,18 @@ class Unit:
         return out
 
 
-def checkpoint_key(rule: Rule, layer: Optional[int], spec: str = LOCAL) -> str:
+def checkpoint_key(rule: Rule, layer: int | None, spec: str = LOCAL) -> str:
     pattern = rule.checkpoint_key(spec)
     return pattern.format(layer=layer) if layer is not None else pattern
 
 
-def _full_shape(rule: Rule, shapes: List[Tuple[int, ...]]) -> Tuple[int, ...]:
+def _full_shape(rule: Rule, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
     if rule.transform == "concat":
         return (sum(s[0] for s in shapes),) + tuple(shapes[0][1:])
     return tuple(shapes[0])
 
 
-def units_for(hf_config: Dict, spec: str = LOCAL) -> List[Unit]:
+def units_for(hf_config: dict, spec: str = LOCAL) -> list[Unit]:
     """Every table row instance of a config, ordered embedding, layer 0..L-1 (table order, experts
     in order), final norm, output layer, with its checkpoint key under `spec` ("local" or "te").
     Together they cover exactly `expected_hf_shapes(config)`."""
@@ -65,7 +63,7 @@ def units_for(hf_config: Dict, spec: str = LOCAL) -> List[Unit]:
     layers, experts = hf_config["num_hidden_layers"], hf_config["num_experts"]
     global_rules = [r for r in TABLE if "{layer}" not in r.mcore]
     layer_rules = [r for r in TABLE if "{layer}" in r.mcore]
-    units: List[Unit] = []
+    units: list[Unit] = []
 
     def add(rule, layer=None, expert=None):
         if layer is not None and rule.layers != "all" and rule.layers != (DENSE if layer < first_moe else MOE):
@@ -78,8 +76,17 @@ def units_for(hf_config: Dict, spec: str = LOCAL) -> List[Unit]:
         if not all(present):
             raise ValueError(f"config gives only some of {names}; the parameter table is inconsistent")
         shapes = tuple(tuple(expected[n]) for n in names)
-        units.append(Unit(rule, layer, expert, tuple(names), shapes, checkpoint_key(rule, layer, spec),
-                          _full_shape(rule, list(shapes))))
+        units.append(
+            Unit(
+                rule,
+                layer,
+                expert,
+                tuple(names),
+                shapes,
+                checkpoint_key(rule, layer, spec),
+                _full_shape(rule, list(shapes)),
+            )
+        )
 
     first, last = global_rules[:1], global_rules[1:]  # embedding | final norm, output layer
     for rule in first:
@@ -99,14 +106,14 @@ def units_for(hf_config: Dict, spec: str = LOCAL) -> List[Unit]:
     return units
 
 
-def stored_shape(unit: Unit, hf_config: Dict) -> Tuple[int, ...]:
+def stored_shape(unit: Unit, hf_config: dict) -> tuple[int, ...]:
     """Global shape of the checkpoint tensor holding `unit` (experts stacked on a leading axis)."""
     if unit.expert is not None:
         return (hf_config["num_experts"],) + unit.full_shape
     return unit.full_shape
 
 
-def checkpoint_spec(stored_keys, hf_config: Dict, recorded: Optional[str] = None) -> str:
+def checkpoint_spec(stored_keys, hf_config: dict, recorded: str | None = None) -> str:
     """The spec ("local" / "te") whose tensor keys `stored_keys` hold for this config: the recorded
     one (megadiff.json 'spec') first, then the other. Raises KeyError naming the first key of the
     recorded (else local) spec that is missing when neither fits."""
@@ -119,17 +126,17 @@ def checkpoint_spec(stored_keys, hf_config: Dict, recorded: Optional[str] = None
     raise KeyError(missing.key)
 
 
-def other_spec_keys(hf_config: Dict) -> Dict[str, str]:
+def other_spec_keys(hf_config: dict) -> dict[str, str]:
     """Checkpoint key -> the key of the same tensor under the other spec, for every tensor the two
     specs name differently (both directions; for LLaDA2 the pre-MLP norm of each MoE layer)."""
-    out: Dict[str, str] = {}
-    for local, te in zip(units_for(hf_config, LOCAL), units_for(hf_config, TE)):
+    out: dict[str, str] = {}
+    for local, te in zip(units_for(hf_config, LOCAL), units_for(hf_config, TE), strict=True):
         if local.key != te.key:
             out[local.key], out[te.key] = te.key, local.key
     return out
 
 
-def key_in_other_spec(key: str, renames: Dict[str, str]) -> Optional[str]:
+def key_in_other_spec(key: str, renames: dict[str, str]) -> str | None:
     """`key` (a model key, or one that embeds it, like an optimizer-state key) under the other spec,
     from `other_spec_keys(config)`; None when both specs store it under the same key."""
     at = key.find("decoder.layers.")

@@ -9,13 +9,12 @@ Every other tensor is named and shaped the same in both.
 
 import re
 from collections import OrderedDict
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from collections.abc import Callable, Iterable
 
 import torch
 
-from .hf_layout import expected_hf_shapes
-
 from .hf_io import CheckpointError, HFCheckpointReader
+from .hf_layout import expected_hf_shapes
 
 SPLIT, MERGED = "split", "merged"
 PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -31,17 +30,17 @@ def merged_name(layer: int, proj: str) -> str:
     return f"model.layers.{layer}.mlp.experts.{proj}"
 
 
-def parse_split_name(name: str) -> Optional[Tuple[int, int, str]]:
+def parse_split_name(name: str) -> tuple[int, int, str] | None:
     m = _SPLIT_NAME.match(name)
     return (int(m.group(1)), int(m.group(2)), m.group(3)) if m else None
 
 
-def parse_merged_name(name: str) -> Optional[Tuple[int, str]]:
+def parse_merged_name(name: str) -> tuple[int, str] | None:
     m = _MERGED_NAME.match(name)
     return (int(m.group(1)), m.group(2)) if m else None
 
 
-def detect_expert_format(names: Iterable[str], where: str = "checkpoint") -> Optional[str]:
+def detect_expert_format(names: Iterable[str], where: str = "checkpoint") -> str | None:
     """SPLIT or MERGED from tensor names; None when there are no routed experts at all."""
     names = list(names)
     has_split = any(_SPLIT_NAME.match(n) for n in names)
@@ -52,14 +51,14 @@ def detect_expert_format(names: Iterable[str], where: str = "checkpoint") -> Opt
     return MERGED if has_merged else SPLIT if has_split else None
 
 
-def expected_shapes(hf_config: Dict, fmt: str) -> "OrderedDict[str, Tuple[int, ...]]":
+def expected_shapes(hf_config: dict, fmt: str) -> "OrderedDict[str, tuple[int, ...]]":
     """Every tensor name and shape of a checkpoint in format `fmt`, in a stable order (layer by
     layer; a layer's merged expert tensors where its first split expert would be)."""
     split = expected_hf_shapes(hf_config)
     if fmt == SPLIT:
         return OrderedDict(split)
     experts = hf_config["num_experts"]
-    out: "OrderedDict[str, Tuple[int, ...]]" = OrderedDict()
+    out: OrderedDict[str, tuple[int, ...]] = OrderedDict()
     for name, shape in split.items():
         parsed = parse_split_name(name)
         if parsed is None:
@@ -69,7 +68,7 @@ def expected_shapes(hf_config: Dict, fmt: str) -> "OrderedDict[str, Tuple[int, .
     return out
 
 
-def stored_location(name: str, fmt: Optional[str]) -> Tuple[str, Optional[int]]:
+def stored_location(name: str, fmt: str | None) -> tuple[str, int | None]:
     """Where split-format tensor `name` is stored in a checkpoint of format `fmt`: (stored tensor
     name, index along its dim 0, or None for the whole tensor)."""
     parsed = parse_split_name(name) if fmt == MERGED else None
@@ -79,7 +78,7 @@ def stored_location(name: str, fmt: Optional[str]) -> Tuple[str, Optional[int]]:
     return merged_name(layer, proj), expert
 
 
-def split_tensor_getter(reader: HFCheckpointReader, fmt: Optional[str]) -> Callable[[str], torch.Tensor]:
+def split_tensor_getter(reader: HFCheckpointReader, fmt: str | None) -> Callable[[str], torch.Tensor]:
     """get(split-format name) -> tensor, whichever format `reader` holds; a merged expert tensor is
     sliced so only that expert's bytes are read."""
     if fmt != MERGED:

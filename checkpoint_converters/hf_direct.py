@@ -13,7 +13,6 @@ import json
 import math
 import os
 import struct
-from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -21,8 +20,15 @@ from .byte_spans import FileTable, Span, Spans, read_range_into
 from .hf_io import SAFETENSORS_DTYPE_BYTES, CheckpointError, HFCheckpointReader
 
 _TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 
@@ -31,9 +37,9 @@ class DirectHFReader(HFCheckpointReader):
     def __init__(self, hf_dir: str):
         super().__init__(hf_dir)
         self._handles.clear()  # the validation mmaps; headers reopen lazily (shape / dtype queries)
-        self._headers: Dict[str, Tuple[int, Dict]] = {}
+        self._headers: dict[str, tuple[int, dict]] = {}
 
-    def _header(self, shard: str) -> Tuple[int, Dict]:
+    def _header(self, shard: str) -> tuple[int, dict]:
         if shard not in self._headers:
             path = os.path.join(self.hf_dir, shard)
             with open(path, "rb") as f:
@@ -42,7 +48,7 @@ class DirectHFReader(HFCheckpointReader):
             self._headers[shard] = (8 + length, header)
         return self._headers[shard]
 
-    def _location(self, name: str, index: Optional[int] = None) -> Tuple[str, int, str, list]:
+    def _location(self, name: str, index: int | None = None) -> tuple[str, int, str, list]:
         """(file path, absolute offset of the data, dtype code, shape) of tensor `name`, or of its
         `index` along dim 0."""
         if name not in self._file_of:
@@ -62,13 +68,14 @@ class DirectHFReader(HFCheckpointReader):
             begin += index * _nbytes(code, shape)
         return path, begin, code, shape
 
-    def spans(self, name: str, index: Optional[int] = None) -> Spans:
+    def spans(self, name: str, index: int | None = None) -> Spans:
         """Where tensor `name` (or its `index` along dim 0) lies in its file."""
         path, begin, code, shape = self._location(name, index)
         return Spans(tuple(shape), _TORCH_DTYPES[code], (Span(path, begin, _nbytes(code, shape)),))
 
-    def row_addresses(self, files: FileTable, name: str, index: Optional[int] = None
-                      ) -> Optional[Tuple[torch.Tensor, int, torch.dtype]]:
+    def row_addresses(
+        self, files: FileTable, name: str, index: int | None = None
+    ) -> tuple[torch.Tensor, int, torch.dtype] | None:
         """([rows, 1] byte addresses of the rows of `name` (or of its `index` along dim 0), bytes
         per row, dtype): the input of byte_spans' transforms-on-addresses. None for a vector."""
         path, begin, code, shape = self._location(name, index)
@@ -77,7 +84,7 @@ class DirectHFReader(HFCheckpointReader):
         row = _nbytes(code, shape[-1:])
         return files.row_addresses(path, begin, math.prod(shape[:-1]), row), row, _TORCH_DTYPES[code]
 
-    def _read(self, name: str, index: Optional[int] = None) -> torch.Tensor:
+    def _read(self, name: str, index: int | None = None) -> torch.Tensor:
         path, begin, code, shape = self._location(name, index)
         tensor = torch.empty(shape, dtype=_TORCH_DTYPES[code])
         if tensor.numel():

@@ -6,7 +6,7 @@ whatever the model size. Every error names the file and, where it applies, the t
 
 import json
 import os
-from typing import Dict, Iterator, List, Tuple
+from collections.abc import Iterator
 
 import torch
 from safetensors import safe_open
@@ -44,8 +44,8 @@ class HFCheckpointReader:
         if not os.path.isdir(hf_dir):
             raise CheckpointError(f"{hf_dir}: model directory not found")
         self.hf_dir = hf_dir
-        self._file_of: Dict[str, str] = {}
-        self._handles: Dict[str, object] = {}
+        self._file_of: dict[str, str] = {}
+        self._handles: dict[str, object] = {}
         index_path = os.path.join(hf_dir, INDEX_NAME)
         single_path = os.path.join(hf_dir, SINGLE_NAME)
         if os.path.isfile(index_path):
@@ -80,7 +80,7 @@ class HFCheckpointReader:
                 raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
         return self._handles[shard]
 
-    def names(self) -> List[str]:
+    def names(self) -> list[str]:
         return sorted(self._file_of)
 
     def __contains__(self, name: str) -> bool:
@@ -94,7 +94,7 @@ class HFCheckpointReader:
             raise CheckpointError(f"{self.hf_dir}: tensor '{name}' not found in the checkpoint")
         return self._open(self._file_of[name]).get_slice(name)
 
-    def shape(self, name: str) -> Tuple[int, ...]:
+    def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._slice(name).get_shape())
 
     def dtype_str(self, name: str) -> str:
@@ -109,7 +109,7 @@ class HFCheckpointReader:
         except Exception as e:
             raise CheckpointError(f"{path}: tensor '{name}' could not be read ({e})") from None
 
-    def items(self) -> Iterator[Tuple[str, torch.Tensor]]:
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names():
             yield name, self.get(name)
 
@@ -135,23 +135,35 @@ class HFCheckpointReader:
 
 
 SAFETENSORS_DTYPES = {
-    "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-    "F64": torch.float64, "I64": torch.int64, "I32": torch.int32,
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
 }
 SAFETENSORS_DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
 }
 
 
-def check_tensors_match(reader: HFCheckpointReader, expected: Dict[str, Tuple[int, ...]]) -> None:
+def check_tensors_match(reader: HFCheckpointReader, expected: dict[str, tuple[int, ...]]) -> None:
     """Raise naming the first missing, unexpected or wrongly shaped tensor."""
     names = set(reader.names())
     missing = sorted(set(expected) - names)
     if missing:
-        raise CheckpointError(
-            f"{reader.hf_dir}: tensor '{missing[0]}' is missing ({len(missing)} missing in all)"
-        )
+        raise CheckpointError(f"{reader.hf_dir}: tensor '{missing[0]}' is missing ({len(missing)} missing in all)")
     extra = sorted(names - set(expected))
     if extra:
         raise CheckpointError(
@@ -162,6 +174,5 @@ def check_tensors_match(reader: HFCheckpointReader, expected: Dict[str, Tuple[in
         got = reader.shape(name)
         if tuple(got) != tuple(shape):
             raise CheckpointError(
-                f"{reader.file_of(name)}: tensor '{name}' has shape {list(got)}, "
-                f"config.json implies {list(shape)}"
+                f"{reader.file_of(name)}: tensor '{name}' has shape {list(got)}, config.json implies {list(shape)}"
             )

@@ -13,23 +13,31 @@ import json
 import os
 import re
 import shutil
-from typing import Dict, List, Optional, Tuple
 
 TEMPLATE_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "vocab.txt", "merges.txt", "generation_config.json", "chat_template.jinja", "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def auto_map_modules(*configs: Dict) -> List[str]:
+def auto_map_modules(*configs: dict) -> list[str]:
     """The remote-code files ('modeling_x.py') that `auto_map` entries of these configs name in the
     same directory ('modeling_x.Class'; 'repo--modeling_x.Class' lives in another repo: skipped)."""
     modules = set()
     for config in configs:
         auto_map = config.get("auto_map") if isinstance(config, dict) else None
-        for value in (auto_map.values() if isinstance(auto_map, dict) else ()):
-            for ref in (value if isinstance(value, (list, tuple)) else [value]):  # AutoTokenizer: [slow, fast]
+        for value in auto_map.values() if isinstance(auto_map, dict) else ():
+            for ref in value if isinstance(value, (list, tuple)) else [value]:  # AutoTokenizer: [slow, fast]
                 if isinstance(ref, str) and "--" not in ref and "." in ref:
                     module = ref.rsplit(".", 1)[0]
                     if _MODULE.match(module):
@@ -45,7 +53,7 @@ def _read_json_or_none(path: str):
         return None
 
 
-def recorded_source_dir(meta: Dict) -> Tuple[Optional[str], str]:
+def recorded_source_dir(meta: dict) -> tuple[str | None, str]:
     """(the checkpoint's recorded hf_source_dir if it may be used, why or why not)."""
     source = meta.get("hf_source_dir")
     if not source:
@@ -54,13 +62,15 @@ def recorded_source_dir(meta: Dict) -> Tuple[Optional[str], str]:
         return None, f"recorded hf_source_dir {source} no longer exists"
     config = _read_json_or_none(os.path.join(source, "config.json"))
     if config is None or config != meta.get("hf_config"):
-        return None, (f"recorded hf_source_dir {source} is not used: its config.json "
-                      f"{'is missing or unreadable' if config is None else 'differs from the config recorded in the checkpoint'}"
-                      f", so it need not be the directory this checkpoint was made from")
+        return None, (
+            f"recorded hf_source_dir {source} is not used: its config.json "
+            f"{'is missing or unreadable' if config is None else 'differs from the config recorded in the checkpoint'}"
+            f", so it need not be the directory this checkpoint was made from"
+        )
     return source, f"recorded hf_source_dir {source} (its config.json matches the checkpoint's)"
 
 
-def copy_template_files(template: str, dst: str, config: Dict) -> Tuple[List[str], List[str]]:
+def copy_template_files(template: str, dst: str, config: dict) -> tuple[list[str], list[str]]:
     """Copy the allow-listed files of `template` and the remote-code modules that the output
     `config`'s (or the template tokenizer's) auto_map names. Returns (copied, left out)."""
     tokenizer_config = _read_json_or_none(os.path.join(template, "tokenizer_config.json"))

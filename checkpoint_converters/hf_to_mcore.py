@@ -26,8 +26,8 @@ model its own (see megadiff.checkpoint.dist). The spec is recorded in megadiff.j
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
 
 import torch
 
@@ -35,12 +35,12 @@ from megadiff.checkpoint.format import DTYPES, dtype_name, new_nonce, remove_tre
 from megadiff.models.llada2.config import ConfigError, LLaDA2ModelConfig, ParallelLayout
 
 from .byte_spans import FileTable, RowAddresses
-from .span_copy import SpanCopier
 from .experts import SPLIT, detect_expert_format, expected_shapes, split_tensor_getter, stored_location
 from .hf_direct import DirectHFReader
 from .hf_io import CheckpointError, check_tensors_match, read_hf_config
 from .output_dir import check_output_dir, publish
 from .report import data_phase_line
+from .span_copy import SpanCopier
 
 WEIGHT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 _CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -49,11 +49,11 @@ _CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32
 @dataclass
 class HFInput:
     hf_dir: str
-    config: Dict
+    config: dict
     model: LLaDA2ModelConfig
     reader: DirectHFReader
-    expert_format: Optional[str]   # "split", "merged" or None (no routed experts)
-    dtype: torch.dtype             # the dtype of the weight matrices
+    expert_format: str | None  # "split", "merged" or None (no routed experts)
+    dtype: torch.dtype  # the dtype of the weight matrices
 
 
 def inspect_hf_input(hf_dir: str, log: Callable[[str], None] = print) -> HFInput:
@@ -116,7 +116,8 @@ def _materializer(source: HFInput, chunks, params_dtype: torch.dtype):
         addresses = shard(rule, full_mcore_from_hf(rule, [p[0] for p in parts], source.model), rank, size)
         columns = parts[0][1] // torch.empty((), dtype=params_dtype).element_size()
         return RowAddresses(addresses.reshape(-1), parts[0][1], (addresses.shape[0], columns), params_dtype, files)
-    modules = dict(zip(model_state_keys(len(chunks)), (unwrap_model(c) for c in chunks)))
+
+    modules = dict(zip(model_state_keys(len(chunks)), (unwrap_model(c) for c in chunks), strict=True))
     ep_rank, ep = ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size()
     ranks = {
         False: (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()),
@@ -148,8 +149,8 @@ def _materializer(source: HFInput, chunks, params_dtype: torch.dtype):
 def convert_hf_to_mcore(
     hf_dir: str,
     output: str,
-    layout: Optional[ParallelLayout] = None,
-    dtype: Optional[str] = None,
+    layout: ParallelLayout | None = None,
+    dtype: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -174,7 +175,10 @@ def convert_hf_to_mcore(
         raise RuntimeError("convert_hf_to_mcore runs on CPU: start it with CUDA_VISIBLE_DEVICES= (the CLI does)")
 
     from megadiff.checkpoint.dist import (
-        _broadcast, model_sharded_state_dict, rename_sharded_keys, save_checkpoint_lazily,
+        _broadcast,
+        model_sharded_state_dict,
+        rename_sharded_keys,
+        save_checkpoint_lazily,
     )
     from megadiff.models.llada2.model import build_model
     from megadiff.platform import init_distributed, initialize_parallel
@@ -185,16 +189,26 @@ def convert_hf_to_mcore(
     world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
     save_layout = layout if world > 1 else ParallelLayout()
     if world > 1 and (world % (layout.tp * layout.pp) or (world // layout.pp) % (layout.ep * layout.etp)):
-        raise ConfigError(f"{world} processes do not fit layout {layout}: need tp*pp and ep*etp*pp to divide "
-                          f"the world size; run {layout.tp * layout.pp * max(1, layout.ep * layout.etp // layout.tp)} "
-                          f"processes, or 1 to convert at (1,1,1)")
+        raise ConfigError(
+            f"{world} processes do not fit layout {layout}: need tp*pp and ep*etp*pp to divide "
+            f"the world size; run {layout.tp * layout.pp * max(1, layout.ep * layout.etp // layout.tp)} "
+            f"processes, or 1 to convert at (1,1,1)"
+        )
     initialize_parallel(save_layout)
     if rank == 0:
-        log(f"converting {source.hf_dir} ({source.expert_format or 'no'} experts, {source.dtype}) -> "
-            f"{output} as {dtype_name(params_dtype)}, {spec} spec names, at layout {save_layout} on {world} process(es)")
+        log(
+            f"converting {source.hf_dir} ({source.expert_format or 'no'} experts, {source.dtype}) -> "
+            f"{output} as {dtype_name(params_dtype)}, {spec} spec names, at layout {save_layout} on {world} process(es)"
+        )
     with torch.device("meta"):
-        chunks = build_model(source.model, save_layout, params_dtype, use_te=False,
-                             perform_initialization=False, use_cpu_initialization=True)
+        chunks = build_model(
+            source.model,
+            save_layout,
+            params_dtype,
+            use_te=False,
+            perform_initialization=False,
+            use_cpu_initialization=True,
+        )
     sharded = model_sharded_state_dict(chunks)
     if spec == "te":
         from .dist_keys import other_spec_keys
@@ -206,8 +220,7 @@ def convert_hf_to_mcore(
         "layout": save_layout,
         "dtype": params_dtype,
         "spec": spec,
-        "extra": {"converted_from": "hf", "hf_expert_format": source.expert_format,
-                  "requested_layout": vars(layout)},
+        "extra": {"converted_from": "hf", "hf_expert_format": source.expert_format, "requested_layout": vars(layout)},
     }
     bar = None
     if progress and rank == 0:
@@ -239,5 +252,9 @@ def convert_hf_to_mcore(
             bar.close()
     torch.distributed.barrier()
     if rank == 0:
-        log(data_phase_line(written[0], time.perf_counter() - started, "wrote" if world == 1 else "rank 0 wrote", copier))
+        log(
+            data_phase_line(
+                written[0], time.perf_counter() - started, "wrote" if world == 1 else "rank 0 wrote", copier
+            )
+        )
     return os.path.join(output, os.path.basename(final))

@@ -18,8 +18,8 @@ for how loading treats them). Everything else in this module applies the table:
 """
 
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -29,15 +29,15 @@ REPLICATED, ROWS, COLS, GATED_ROWS = "replicated", "rows", "cols", "gated_rows"
 
 @dataclass(frozen=True)
 class Rule:
-    mcore: str                  # global megatron-core name, {layer} / {expert} placeholders
-    hf: Tuple[str, ...]         # HF tensor names it is built from
-    split: str = REPLICATED     # TP split of the megatron-core tensor
-    transform: str = "copy"     # "copy" | "qkv" (regroup per KV group) | "concat" (gate;up)
-    expert: bool = False        # expert weight: split over expert-TP, placed by EP
-    te_mcore: Optional[str] = None  # the name under the Transformer Engine spec, if different
-    key: Optional[str] = None       # dist-checkpoint key under the local spec, if not `mcore`
-    te_key: Optional[str] = None    # dist-checkpoint key under the TE spec, if not `key`
-    layers: str = "all"             # "dense" / "moe": a row of that kind of decoder layer only
+    mcore: str  # global megatron-core name, {layer} / {expert} placeholders
+    hf: tuple[str, ...]  # HF tensor names it is built from
+    split: str = REPLICATED  # TP split of the megatron-core tensor
+    transform: str = "copy"  # "copy" | "qkv" (regroup per KV group) | "concat" (gate;up)
+    expert: bool = False  # expert weight: split over expert-TP, placed by EP
+    te_mcore: str | None = None  # the name under the Transformer Engine spec, if different
+    key: str | None = None  # dist-checkpoint key under the local spec, if not `mcore`
+    te_key: str | None = None  # dist-checkpoint key under the TE spec, if not `key`
+    layers: str = "all"  # "dense" / "moe": a row of that kind of decoder layer only
 
     def checkpoint_key(self, spec: str) -> str:
         """The dist-checkpoint key pattern of this row under `spec` ("local" or "te")."""
@@ -50,12 +50,15 @@ SPECS = (LOCAL, TE)
 DENSE, MOE = "dense", "moe"
 L = "decoder.layers.{layer}."
 H = "model.layers.{layer}."
-TABLE: Tuple[Rule, ...] = (
+TABLE: tuple[Rule, ...] = (
     Rule("embedding.word_embeddings.weight", ("model.word_embeddings.weight",), ROWS),
     # Both specs save the input norm under its TE (fused into linear_qkv) name.
-    Rule(L + "input_layernorm.weight", (H + "input_layernorm.weight",),
-         te_mcore=L + "self_attention.linear_qkv.layer_norm_weight",
-         key=L + "self_attention.linear_qkv.layer_norm_weight"),
+    Rule(
+        L + "input_layernorm.weight",
+        (H + "input_layernorm.weight",),
+        te_mcore=L + "self_attention.linear_qkv.layer_norm_weight",
+        key=L + "self_attention.linear_qkv.layer_norm_weight",
+    ),
     Rule(L + "self_attention.linear_qkv.weight", (H + "attention.query_key_value.weight",), ROWS, "qkv"),
     Rule(L + "self_attention.q_layernorm.weight", (H + "attention.query_layernorm.weight",)),
     Rule(L + "self_attention.k_layernorm.weight", (H + "attention.key_layernorm.weight",)),
@@ -63,27 +66,49 @@ TABLE: Tuple[Rule, ...] = (
     # Pre-MLP norm. Dense layers (first_k_dense_replace): fused into fc1 under TE, saved under that
     # name by both specs. MoE layers: TE keeps a norm module and saves it under its own name; the
     # local spec maps it to the fused name there too (TransformerLayer sharded_state_dict_keys_map).
-    Rule(L + "pre_mlp_layernorm.weight", (H + "post_attention_layernorm.weight",), layers=DENSE,
-         te_mcore=L + "mlp.linear_fc1.layer_norm_weight", key=L + "mlp.linear_fc1.layer_norm_weight"),
-    Rule(L + "pre_mlp_layernorm.weight", (H + "post_attention_layernorm.weight",), layers=MOE,
-         key=L + "mlp.linear_fc1.layer_norm_weight", te_key=L + "pre_mlp_layernorm.weight"),
-    Rule(L + "mlp.linear_fc1.weight", (H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"),
-         GATED_ROWS, "concat"),
+    Rule(
+        L + "pre_mlp_layernorm.weight",
+        (H + "post_attention_layernorm.weight",),
+        layers=DENSE,
+        te_mcore=L + "mlp.linear_fc1.layer_norm_weight",
+        key=L + "mlp.linear_fc1.layer_norm_weight",
+    ),
+    Rule(
+        L + "pre_mlp_layernorm.weight",
+        (H + "post_attention_layernorm.weight",),
+        layers=MOE,
+        key=L + "mlp.linear_fc1.layer_norm_weight",
+        te_key=L + "pre_mlp_layernorm.weight",
+    ),
+    Rule(L + "mlp.linear_fc1.weight", (H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"), GATED_ROWS, "concat"),
     Rule(L + "mlp.linear_fc2.weight", (H + "mlp.down_proj.weight",), COLS),
     # MoE layers. Routed experts: both specs save one [E, ...] tensor per weight of a layer
     # (SequentialMLP's and TEGroupedMLP's sharded state dicts are interchangeable).
     Rule(L + "mlp.router.weight", (H + "mlp.gate.weight",)),
     Rule(L + "mlp.router.expert_bias", (H + "mlp.gate.expert_bias",)),
-    Rule(L + "mlp.experts.local_experts.{expert}.linear_fc1.weight",
-         (H + "mlp.experts.{expert}.gate_proj.weight", H + "mlp.experts.{expert}.up_proj.weight"),
-         GATED_ROWS, "concat", expert=True, te_mcore=L + "mlp.experts.linear_fc1.weight{expert}",
-         key=L + "mlp.experts.experts.linear_fc1.weight"),
-    Rule(L + "mlp.experts.local_experts.{expert}.linear_fc2.weight",
-         (H + "mlp.experts.{expert}.down_proj.weight",), COLS, expert=True,
-         te_mcore=L + "mlp.experts.linear_fc2.weight{expert}", key=L + "mlp.experts.experts.linear_fc2.weight"),
-    Rule(L + "mlp.shared_experts.linear_fc1.weight",
-         (H + "mlp.shared_experts.gate_proj.weight", H + "mlp.shared_experts.up_proj.weight"),
-         GATED_ROWS, "concat"),
+    Rule(
+        L + "mlp.experts.local_experts.{expert}.linear_fc1.weight",
+        (H + "mlp.experts.{expert}.gate_proj.weight", H + "mlp.experts.{expert}.up_proj.weight"),
+        GATED_ROWS,
+        "concat",
+        expert=True,
+        te_mcore=L + "mlp.experts.linear_fc1.weight{expert}",
+        key=L + "mlp.experts.experts.linear_fc1.weight",
+    ),
+    Rule(
+        L + "mlp.experts.local_experts.{expert}.linear_fc2.weight",
+        (H + "mlp.experts.{expert}.down_proj.weight",),
+        COLS,
+        expert=True,
+        te_mcore=L + "mlp.experts.linear_fc2.weight{expert}",
+        key=L + "mlp.experts.experts.linear_fc2.weight",
+    ),
+    Rule(
+        L + "mlp.shared_experts.linear_fc1.weight",
+        (H + "mlp.shared_experts.gate_proj.weight", H + "mlp.shared_experts.up_proj.weight"),
+        GATED_ROWS,
+        "concat",
+    ),
     Rule(L + "mlp.shared_experts.linear_fc2.weight", (H + "mlp.shared_experts.down_proj.weight",), COLS),
     Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
     Rule("output_layer.weight", ("lm_head.weight",), ROWS),
@@ -95,12 +120,10 @@ def _pattern(name: str) -> "re.Pattern":
     return re.compile("^" + escaped.replace(r"\{expert\}", r"(?P<expert>\d+)") + "$")
 
 
-_MCORE_PATTERNS = [(_pattern(r.mcore), r) for r in TABLE] + [
-    (_pattern(r.te_mcore), r) for r in TABLE if r.te_mcore
-]
+_MCORE_PATTERNS = [(_pattern(r.mcore), r) for r in TABLE] + [(_pattern(r.te_mcore), r) for r in TABLE if r.te_mcore]
 
 
-def rule_for(mcore_name: str) -> Tuple[Rule, Dict[str, int]]:
+def rule_for(mcore_name: str) -> tuple[Rule, dict[str, int]]:
     """The table row for a global megatron-core parameter name (either spec), with its layer /
     expert indices. (The two pre-MLP norm rows differ only in checkpoint keys; either serves.)"""
     for pattern, rule in _MCORE_PATTERNS:
@@ -110,11 +133,12 @@ def rule_for(mcore_name: str) -> Tuple[Rule, Dict[str, int]]:
     raise KeyError(f"no LLaDA2 mapping for megatron-core parameter '{mcore_name}'")
 
 
-def hf_names(rule: Rule, index: Dict[str, int]) -> List[str]:
+def hf_names(rule: Rule, index: dict[str, int]) -> list[str]:
     return [n.format(**index) for n in rule.hf]
 
 
 # ---- transforms on whole tensors -------------------------------------------------------------
+
 
 def _qkv_hf_to_mcore(w, nq, nkv, d):
     """HF rows [all q | all k | all v] -> megatron-core rows per KV group [q heads, k, v]."""
@@ -128,7 +152,7 @@ def _qkv_mcore_to_hf(w, nq, nkv, d):
     return torch.cat([t.reshape(-1, w.shape[-1]) for t in (q, k, v)])
 
 
-def full_mcore_from_hf(rule: Rule, tensors: List[torch.Tensor], cfg) -> torch.Tensor:
+def full_mcore_from_hf(rule: Rule, tensors: list[torch.Tensor], cfg) -> torch.Tensor:
     if rule.transform == "qkv":
         return _qkv_hf_to_mcore(tensors[0], cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
     if rule.transform == "concat":
@@ -136,7 +160,7 @@ def full_mcore_from_hf(rule: Rule, tensors: List[torch.Tensor], cfg) -> torch.Te
     return tensors[0]
 
 
-def hf_from_full_mcore(rule: Rule, full: torch.Tensor, cfg) -> List[torch.Tensor]:
+def hf_from_full_mcore(rule: Rule, full: torch.Tensor, cfg) -> list[torch.Tensor]:
     if rule.transform == "qkv":
         return [_qkv_mcore_to_hf(full, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)]
     if rule.transform == "concat":
@@ -145,6 +169,7 @@ def hf_from_full_mcore(rule: Rule, full: torch.Tensor, cfg) -> List[torch.Tensor
 
 
 # ---- tensor-parallel split -------------------------------------------------------------------
+
 
 def shard(rule: Rule, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     """This rank's piece of a full megatron-core tensor (gated fc1 keeps [gate_r; up_r])."""
@@ -158,7 +183,7 @@ def shard(rule: Rule, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     return torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]])
 
 
-def unshard(rule: Rule, shards: List[torch.Tensor]) -> torch.Tensor:
+def unshard(rule: Rule, shards: list[torch.Tensor]) -> torch.Tensor:
     if len(shards) == 1 or rule.split == REPLICATED:
         return shards[0]
     if rule.split == ROWS:
@@ -181,15 +206,13 @@ def global_name(chunk, local_name: str, ep_rank: int, experts_per_rank: int) -> 
     if not m:
         return local_name
     layer = chunk.decoder.layers[int(m.group(1))].layer_number - 1  # layer_number is 1-based
-    name = f"decoder.layers.{layer}." + local_name[m.end():]
+    name = f"decoder.layers.{layer}." + local_name[m.end() :]
     if ".mlp.experts." in name:
-        name = _LOCAL_EXPERT.sub(
-            lambda e: f"{e.group(1)}{ep_rank * experts_per_rank + int(e.group(2))}", name
-        )
+        name = _LOCAL_EXPERT.sub(lambda e: f"{e.group(1)}{ep_rank * experts_per_rank + int(e.group(2))}", name)
     return name
 
 
-def local_params(chunks, ep_rank: int, experts_per_rank: int) -> Iterator[Tuple[str, torch.Tensor]]:
+def local_params(chunks, ep_rank: int, experts_per_rank: int) -> Iterator[tuple[str, torch.Tensor]]:
     """(global name, tensor) of every mapped parameter and the expert-bias buffers on this rank."""
     for chunk in chunks:
         module = getattr(chunk, "module", chunk)  # unwrap DDP / Float16Module
@@ -243,7 +266,7 @@ def gather_hf_state(chunks, cfg, value: Callable[[torch.Tensor], torch.Tensor] =
 
     r = _ranks()
     experts_per_rank = cfg.num_experts // r["ep"][1]
-    mine: Dict[str, torch.Tensor] = {}
+    mine: dict[str, torch.Tensor] = {}
     for name, param in local_params(chunks, r["ep"][0], experts_per_rank):
         rule, index = rule_for(name)
         group = ps.get_expert_tensor_parallel_group() if rule.expert else ps.get_tensor_model_parallel_group()
@@ -256,11 +279,11 @@ def gather_hf_state(chunks, cfg, value: Callable[[torch.Tensor], torch.Tensor] =
         else:
             full = local
         if rank == 0:
-            for hf_name, tensor in zip(hf_names(rule, index), hf_from_full_mcore(rule, full, cfg)):
+            for hf_name, tensor in zip(hf_names(rule, index), hf_from_full_mcore(rule, full, cfg), strict=True):
                 mine[hf_name] = tensor.clone()
-    everyone: List[Dict[str, torch.Tensor]] = [None] * torch.distributed.get_world_size()
+    everyone: list[dict[str, torch.Tensor]] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(everyone, mine)
-    merged: Dict[str, torch.Tensor] = {}
+    merged: dict[str, torch.Tensor] = {}
     for part in everyone:
         merged.update(part)
     return merged

@@ -16,8 +16,8 @@ and other keys in a training checkpoint are ignored.
 
 import os
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -39,13 +39,13 @@ _CONFIG_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", tor
 @dataclass
 class McoreInput:
     ckpt_dir: str
-    meta: Dict
-    config: Dict
+    meta: dict
+    config: dict
     model: LLaDA2ModelConfig
     reader: DistCheckpointReader
-    units: List[Unit]
-    dtype: Optional[torch.dtype]  # the checkpoint's parameter dtype (megadiff.json)
-    spec: str = "local"           # whose tensor keys the checkpoint holds: "local" or "te"
+    units: list[Unit]
+    dtype: torch.dtype | None  # the checkpoint's parameter dtype (megadiff.json)
+    spec: str = "local"  # whose tensor keys the checkpoint holds: "local" or "te"
 
     def hf_dtype(self, hf_name: str, stored: torch.dtype) -> torch.dtype:
         """HF tensors take the checkpoint's parameter dtype (megatron-core may keep norms in fp32
@@ -56,7 +56,7 @@ class McoreInput:
         return self.dtype
 
 
-def inspect_mcore_input(mcore_dir: str, iteration: Optional[int] = None, trust_checkpoint: bool = False) -> McoreInput:
+def inspect_mcore_input(mcore_dir: str, iteration: int | None = None, trust_checkpoint: bool = False) -> McoreInput:
     """Resolve the iteration dir and check that it holds every tensor the recorded config needs,
     with the right global shape, and that its data files are all there (nothing read yet).
     Checkpoints written with the local or the Transformer Engine spec are both read: the keys
@@ -90,18 +90,19 @@ def inspect_mcore_input(mcore_dir: str, iteration: Optional[int] = None, trust_c
 
 # ---- the output plan: every HF tensor as a box of a stored tensor, in output order ---------------
 
+
 @dataclass(frozen=True)
 class HFItem:
     """One output tensor: its HF name / shape / dtype and the box of a stored tensor it comes from
     (`regroup` for the fused QKV, whose HF row order differs from megatron-core's)."""
 
     name: str
-    shape: Tuple[int, ...]
+    shape: tuple[int, ...]
     dtype: torch.dtype
     key: str
-    offsets: Tuple[int, ...]
-    sizes: Tuple[int, ...]
-    regroup: Optional[Unit] = None
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    regroup: Unit | None = None
 
     @property
     def nbytes(self) -> int:
@@ -111,33 +112,52 @@ class HFItem:
         return n * torch.empty((), dtype=self.dtype).element_size()
 
 
-def _unit_items(src: McoreInput, unit: Unit) -> List[HFItem]:
+def _unit_items(src: McoreInput, unit: Unit) -> list[HFItem]:
     """A unit's HF tensors as boxes: 'copy' = the whole tensor, 'concat' (gated fc1) = consecutive
     row blocks [gate; up], 'qkv' = the whole tensor, regrouped after reading. Routed experts add
     their index on the stored tensor's leading axis."""
     lead, lead_size = ((unit.expert,), (1,)) if unit.expert is not None else ((), ())
     if unit.rule.transform == "qkv":
         zeros = (0,) * len(unit.full_shape)
-        return [HFItem(unit.hf[0], unit.hf_shapes[0], src.hf_dtype(unit.hf[0], src.reader.dtype(unit.key)),
-                       unit.key, lead + zeros, lead_size + unit.full_shape, regroup=unit)]
+        return [
+            HFItem(
+                unit.hf[0],
+                unit.hf_shapes[0],
+                src.hf_dtype(unit.hf[0], src.reader.dtype(unit.key)),
+                unit.key,
+                lead + zeros,
+                lead_size + unit.full_shape,
+                regroup=unit,
+            )
+        ]
     items, row = [], 0
-    for name, shape in zip(unit.hf, unit.hf_shapes):
+    for name, shape in zip(unit.hf, unit.hf_shapes, strict=True):
         offsets = lead + (row,) + (0,) * (len(shape) - 1)
-        items.append(HFItem(name, tuple(shape), src.hf_dtype(name, src.reader.dtype(unit.key)),
-                            unit.key, offsets, lead_size + tuple(shape)))
+        items.append(
+            HFItem(
+                name,
+                tuple(shape),
+                src.hf_dtype(name, src.reader.dtype(unit.key)),
+                unit.key,
+                offsets,
+                lead_size + tuple(shape),
+            )
+        )
         row += shape[0]
     return items
 
 
-def _merged_items(src: McoreInput, layer: int, units: List[Unit]) -> List[HFItem]:
+def _merged_items(src: McoreInput, layer: int, units: list[Unit]) -> list[HFItem]:
     """dFactory's [E, Fm, H] gate / up (row blocks of every expert's fc1) and [E, H, Fm] down."""
     fc1 = next(u for u in units if u.rule.transform == "concat" and u.expert == 0)
     fc2 = next(u for u in units if u.rule.transform != "concat" and u.expert == 0)
     experts, (two_f, hidden) = src.config["num_experts"], fc1.full_shape
     f = two_f // 2
-    boxes = {"gate_proj": (fc1.key, (0, 0, 0), (experts, f, hidden)),
-             "up_proj": (fc1.key, (0, f, 0), (experts, f, hidden)),
-             "down_proj": (fc2.key, (0, 0, 0), (experts,) + fc2.full_shape)}
+    boxes = {
+        "gate_proj": (fc1.key, (0, 0, 0), (experts, f, hidden)),
+        "up_proj": (fc1.key, (0, f, 0), (experts, f, hidden)),
+        "down_proj": (fc2.key, (0, 0, 0), (experts,) + fc2.full_shape),
+    }
     items = []
     for proj in PROJS:
         key, offsets, sizes = boxes[proj]
@@ -146,10 +166,10 @@ def _merged_items(src: McoreInput, layer: int, units: List[Unit]) -> List[HFItem
     return items
 
 
-def plan_hf_output(src: McoreInput, expert_format: str = SPLIT) -> List[HFItem]:
+def plan_hf_output(src: McoreInput, expert_format: str = SPLIT) -> list[HFItem]:
     """Output order: embedding, each layer's tensors (routed experts in order, or stacked when
     `expert_format` is merged), final norm, lm_head. Known before anything is read."""
-    items: List[HFItem] = []
+    items: list[HFItem] = []
     merged_done = set()
     for unit in src.units:
         if unit.expert is not None and expert_format == MERGED:
@@ -161,7 +181,7 @@ def plan_hf_output(src: McoreInput, expert_format: str = SPLIT) -> List[HFItem]:
     return items
 
 
-def item_spans(src: McoreInput, files: FileTable, item: HFItem) -> Optional[Spans]:
+def item_spans(src: McoreInput, files: FileTable, item: HFItem) -> Spans | None:
     """Where an output tensor's bytes already are, when they are whole stored rows of its dtype
     (the QKV regroup applied to the row addresses); None when it must be read and computed."""
     if item.dtype != src.reader.dtype(item.key):
@@ -175,15 +195,16 @@ def item_spans(src: McoreInput, files: FileTable, item: HFItem) -> Optional[Span
     return files.spans(addresses, row_bytes, item.shape, item.dtype)
 
 
-def iter_hf_tensors(src: McoreInput, items: Sequence[HFItem], budget_bytes: int = DEFAULT_BUDGET,
-                    allow_spans: bool = False) -> Iterator[Tuple[str, "torch.Tensor | Spans"]]:
+def iter_hf_tensors(
+    src: McoreInput, items: Sequence[HFItem], budget_bytes: int = DEFAULT_BUDGET, allow_spans: bool = False
+) -> Iterator[tuple[str, "torch.Tensor | Spans"]]:
     """(name, value) for every item, in order: `Spans` where the bytes can be copied as stored
     (if `allow_spans`), else a tensor, read in groups of up to `budget_bytes` (a larger item
     alone): memory holds one group."""
     if allow_spans:
         src.reader.read_ahead_record_metadata()  # item_spans parses every record's headers
     files = FileTable()
-    group: List[HFItem] = []
+    group: list[HFItem] = []
     size = 0
     for item in list(items) + [None]:
         spans = item_spans(src, files, item) if allow_spans and item is not None else None
@@ -192,7 +213,7 @@ def iter_hf_tensors(src: McoreInput, items: Sequence[HFItem], budget_bytes: int 
             size += item.nbytes
             continue
         tensors = src.reader.read_many([(i.key, i.offsets, i.sizes) for i in group]) if group else []
-        for i, tensor in zip(group, tensors):
+        for i, tensor in zip(group, tensors, strict=True):
             if i.regroup is not None:
                 tensor = hf_from_full_mcore(i.regroup.rule, tensor.reshape(i.regroup.full_shape), src.model)[0]
             yield i.name, tensor.reshape(i.shape).to(i.dtype)
@@ -206,7 +227,8 @@ def iter_hf_tensors(src: McoreInput, items: Sequence[HFItem], budget_bytes: int 
 
 # ---- HF directory ----------------------------------------------------------------------------------
 
-def _output_config(src: McoreInput, dtype: torch.dtype) -> Dict:
+
+def _output_config(src: McoreInput, dtype: torch.dtype) -> dict:
     """config.json: the recorded HF config, its dtype field updated when the weights changed dtype."""
     config = dict(src.config)
     name = _CONFIG_DTYPE_NAMES.get(dtype)
@@ -216,7 +238,7 @@ def _output_config(src: McoreInput, dtype: torch.dtype) -> Dict:
     return config
 
 
-def _generation_config(config: Dict) -> Dict:
+def _generation_config(config: dict) -> dict:
     out = {"_from_model_config": True}
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if config.get(key) is not None:
@@ -238,8 +260,8 @@ def _same_as_megadiff_code(path: str) -> bool:
 def convert_mcore_to_hf(
     mcore_dir: str,
     output: str,
-    iteration: Optional[int] = None,
-    hf_template: Optional[str] = None,
+    iteration: int | None = None,
+    hf_template: str | None = None,
     merged_experts: bool = False,
     max_shard_size="5GB",
     overwrite: bool = False,
@@ -270,21 +292,30 @@ def convert_mcore_to_hf(
     items = plan_hf_output(src, MERGED if merged_experts else SPLIT)
     entries = [(i.name, i.shape, i.dtype) for i in items]
     weights_dtype = entries[0][2]
-    log(f"exporting {src.ckpt_dir} (iteration {src.meta['iteration']}, {src.spec} spec, {len(entries)} tensors, "
-        f"{'merged' if merged_experts else 'split'} experts) -> {output}")
+    log(
+        f"exporting {src.ckpt_dir} (iteration {src.meta['iteration']}, {src.spec} spec, {len(entries)} tensors, "
+        f"{'merged' if merged_experts else 'split'} experts) -> {output}"
+    )
 
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(i.nbytes for i in items), unit="B", unit_scale=True,
-                   unit_divisor=1024, desc="mcore->hf", dynamic_ncols=True)
+        bar = tqdm(
+            total=sum(i.nbytes for i in items),
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc="mcore->hf",
+            dynamic_ncols=True,
+        )
     started = time.perf_counter()
     try:
         with staged_output(output) as staging:
             values = iter_hf_tensors(src, items, budget_bytes, allow_spans=True)
-            writer = write_sharded_safetensors(staging, entries, max_shard_size, values, bar.update if bar else None,
-                                               io_mode)
+            writer = write_sharded_safetensors(
+                staging, entries, max_shard_size, values, bar.update if bar else None, io_mode
+            )
             config = _output_config(src, weights_dtype)
             copied, left_out = copy_template_files(template, staging, config) if template else ([], [])
             megadiff_code = ensure_remote_code(staging, config)
@@ -297,13 +328,18 @@ def convert_mcore_to_hf(
     if template:
         log(f"files from {template} ({why}): {', '.join(copied) or 'none'}")
     if left_out:
-        log(f"not copied from {template} (not tokenizer, generation config, chat template or remote code "
-            f"named in auto_map): {', '.join(left_out)}")
-    template_code = [name for name in copied if name.endswith(".py")
-                     and not _same_as_megadiff_code(os.path.join(output, name))]
+        log(
+            f"not copied from {template} (not tokenizer, generation config, chat template or remote code "
+            f"named in auto_map): {', '.join(left_out)}"
+        )
+    template_code = [
+        name for name in copied if name.endswith(".py") and not _same_as_megadiff_code(os.path.join(output, name))
+    ]
     if template_code:
-        log(f"remote code from {template}, not megadiff's own: {', '.join(template_code)}; "
-            f"trust_remote_code=True runs it, so check it before loading the model")
+        log(
+            f"remote code from {template}, not megadiff's own: {', '.join(template_code)}; "
+            f"trust_remote_code=True runs it, so check it before loading the model"
+        )
     if megadiff_code:
         log(f"remote code: megadiff's own {', '.join(megadiff_code)}")
     log(data_phase_line(writer.total_size, time.perf_counter() - started, copier=writer.copier))
@@ -312,8 +348,10 @@ def convert_mcore_to_hf(
 
 # ---- in memory ------------------------------------------------------------------------------------
 
-def load_reference_from_mcore(ckpt_dir: str, iteration: Optional[int] = None, dtype: torch.dtype = torch.float32,
-                              trust_checkpoint: bool = False):
+
+def load_reference_from_mcore(
+    ckpt_dir: str, iteration: int | None = None, dtype: torch.dtype = torch.float32, trust_checkpoint: bool = False
+):
     """The plain-PyTorch reference model (LLaDA2MoeModelLM, eval mode) from a megadiff checkpoint
     ROOT (latest complete iteration, or `iteration`) or iteration dir, in this process: no torchrun,
     no process group. Same dtype handling as `megadiff.hf.reference.load_reference_model`."""

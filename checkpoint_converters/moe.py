@@ -10,7 +10,7 @@ input files and copied file to file in the kernel (byte_spans), at the speed of 
 
 import os
 import time
-from typing import Callable, Iterator, Tuple
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -18,13 +18,20 @@ from megadiff.models.llada2.config import LLaDA2ModelConfig
 
 from .byte_spans import Spans, concat_spans
 from .experts import (
-    MERGED, PROJS, SPLIT, detect_expert_format, expected_shapes, merged_name, parse_merged_name,
-    parse_split_name, split_name,
+    MERGED,
+    PROJS,
+    SPLIT,
+    detect_expert_format,
+    expected_shapes,
+    merged_name,
+    parse_merged_name,
+    parse_split_name,
+    split_name,
 )
 from .hf_direct import DirectHFReader
 from .hf_io import SAFETENSORS_DTYPES, CheckpointError, HFCheckpointReader, check_tensors_match, read_hf_config
-from .report import data_phase_line
 from .output_dir import check_output_dir, copy_non_weight_files, staged_output
+from .report import data_phase_line
 from .safetensors_stream import parse_size, write_sharded_safetensors
 
 MODES = {"merge": (SPLIT, MERGED), "split": (MERGED, SPLIT)}
@@ -33,14 +40,21 @@ MODES = {"merge": (SPLIT, MERGED), "split": (MERGED, SPLIT)}
 def _dtype(reader: HFCheckpointReader, name: str) -> torch.dtype:
     code = reader.dtype_str(name)
     if code not in SAFETENSORS_DTYPES:
-        raise CheckpointError(f"{os.path.join(reader.hf_dir, reader.file_of(name))}: tensor '{name}' has "
-                              f"unsupported dtype {code}")
+        raise CheckpointError(
+            f"{os.path.join(reader.hf_dir, reader.file_of(name))}: tensor '{name}' has unsupported dtype {code}"
+        )
     return SAFETENSORS_DTYPES[code]
 
 
 def convert_expert_layout(
-    input_path: str, output_path: str, mode: str, max_shard_size="5GB", overwrite: bool = False,
-    progress: bool = True, log: Callable[[str], None] = print, io_mode: str = "direct",
+    input_path: str,
+    output_path: str,
+    mode: str,
+    max_shard_size="5GB",
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    io_mode: str = "direct",
 ) -> str:
     """Write OUTPUT with the experts of INPUT merged (mode='merge') or split (mode='split');
     `io_mode`: how weight bytes are copied ('direct' or 'page-cache', see span_copy)."""
@@ -75,11 +89,14 @@ def convert_expert_layout(
 
     entries = [(n, tuple(s), source_dtype(n)) for n, s in expected_shapes(config, want_out).items()]
 
-    def tensors() -> Iterator[Tuple[str, Spans]]:
+    def tensors() -> Iterator[tuple[str, Spans]]:
         for name, shape, dtype in entries:
             if want_out == MERGED and parse_merged_name(name):
                 layer, proj = parse_merged_name(name)
-                yield name, concat_spans([reader.spans(split_name(layer, e, proj)) for e in range(experts)], shape, dtype)
+                yield (
+                    name,
+                    concat_spans([reader.spans(split_name(layer, e, proj)) for e in range(experts)], shape, dtype),
+                )
             elif want_out == SPLIT and parse_split_name(name):
                 layer, e, proj = parse_split_name(name)
                 yield name, reader.spans(merged_name(layer, proj), e)
@@ -91,13 +108,20 @@ def convert_expert_layout(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(reader.nbytes(n) for n in reader.names()), unit="B", unit_scale=True,
-                   unit_divisor=1024, desc=f"moe {mode}", dynamic_ncols=True)
+        bar = tqdm(
+            total=sum(reader.nbytes(n) for n in reader.names()),
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=f"moe {mode}",
+            dynamic_ncols=True,
+        )
     started = time.perf_counter()
     try:
         with staged_output(output_path) as staging:
-            writer = write_sharded_safetensors(staging, entries, max_shard_size, tensors(), bar.update if bar else None,
-                                               io_mode)
+            writer = write_sharded_safetensors(
+                staging, entries, max_shard_size, tensors(), bar.update if bar else None, io_mode
+            )
             copied = copy_non_weight_files(input_path, staging)
     finally:
         if bar is not None:

@@ -11,10 +11,16 @@ import contextlib
 import json
 import os
 import shutil
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from megadiff.checkpoint.format import (
-    BACKUP_MARK, STAGING_MARK, fsync_dir, owner_is_dead, remove_tree, replace_dir, restore_interrupted_replace,
+    BACKUP_MARK,
+    STAGING_MARK,
+    fsync_dir,
+    owner_is_dead,
+    remove_tree,
+    replace_dir,
+    restore_interrupted_replace,
     staging_path,
 )
 
@@ -24,7 +30,7 @@ from .hf_layout import AUTO_MAP, REMOTE_CODE_FILES, remote_code_dir
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".distcp")
 
 
-def clean_stale_leftovers(output: str, log: Callable[[str], None] = print) -> List[str]:
+def clean_stale_leftovers(output: str, log: Callable[[str], None] = print) -> list[str]:
     """Delete the `OUT.tmp-*` / `OUT.old-*` dirs next to OUT whose writer is dead (after putting an
     interrupted --overwrite's old copy back at OUT). Returns what was removed; others are named."""
     restored = restore_interrupted_replace(output)
@@ -40,15 +46,18 @@ def clean_stale_leftovers(output: str, log: Callable[[str], None] = print) -> Li
             remove_tree(path)
             removed.append(path)
         else:
-            log(f"note: {path} is left from another conversion to {output} (still running, or from another "
-                f"host or an older megadiff); delete it yourself once nothing writes it")
+            log(
+                f"note: {path} is left from another conversion to {output} (still running, or from another "
+                f"host or an older megadiff); delete it yourself once nothing writes it"
+            )
     if removed:
         log(f"removed {len(removed)} leftover(s) of interrupted conversions: {', '.join(removed)}")
     return removed
 
 
-def check_output_dir(output: str, overwrite: bool, inputs: Sequence[str] = (),
-                     log: Callable[[str], None] = print) -> str:
+def check_output_dir(
+    output: str, overwrite: bool, inputs: Sequence[str] = (), log: Callable[[str], None] = print
+) -> str:
     """Refuse an existing OUT without --overwrite, and an OUT that is (or contains) an input.
     Leftovers of interrupted conversions to OUT are cleaned first (`clean_stale_leftovers`)."""
     output = os.path.abspath(output)
@@ -78,7 +87,7 @@ def publish(staging: str, output: str) -> None:
 
 
 @contextlib.contextmanager
-def staged_output(output: str, nonce: Optional[str] = None) -> Iterator[str]:
+def staged_output(output: str, nonce: str | None = None) -> Iterator[str]:
     """Yield a fresh staging dir next to `output`; publish it on success, delete it on failure."""
     staging = staging_path(output, nonce)
     os.makedirs(staging)
@@ -94,7 +103,7 @@ def is_weight_file(name: str) -> bool:
     return name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json")
 
 
-def copy_non_weight_files(src: str, dst: str, skip: Sequence[str] = ()) -> List[str]:
+def copy_non_weight_files(src: str, dst: str, skip: Sequence[str] = ()) -> list[str]:
     """Copy the top-level regular files of `src` that are not weights or weight indexes (config,
     tokenizer, remote code, generation config, README, ...). Returns the names copied."""
     copied = []
@@ -107,7 +116,7 @@ def copy_non_weight_files(src: str, dst: str, skip: Sequence[str] = ()) -> List[
     return copied
 
 
-def ensure_remote_code(out_dir: str, config: Dict) -> List[str]:
+def ensure_remote_code(out_dir: str, config: dict) -> list[str]:
     """Make the model classes of `config['auto_map']` loadable from `out_dir`: when a module they
     name is missing (or there is no auto_map), use megadiff's own LLaDA2 remote code for them (other
     entries, e.g. a tokenizer's, are kept). Returns the files copied."""

@@ -11,7 +11,7 @@ import json
 import os
 import re
 import struct
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -20,12 +20,28 @@ from .span_copy import SpanCopier
 
 INDEX_NAME = "model.safetensors.index.json"
 DTYPE_CODES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text) -> int:
@@ -41,7 +57,7 @@ def parse_size(text) -> int:
     return int(value)
 
 
-Entry = Tuple[str, Tuple[int, ...], torch.dtype]
+Entry = tuple[str, tuple[int, ...], torch.dtype]
 
 
 def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
@@ -51,10 +67,10 @@ def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
     return n * torch.empty((), dtype=dtype).element_size()
 
 
-def plan_shards(entries: Sequence[Entry], max_shard_size: int) -> List[List[Entry]]:
+def plan_shards(entries: Sequence[Entry], max_shard_size: int) -> list[list[Entry]]:
     """Greedy in order (like HF): a shard closes before a tensor would push it over the limit; a
     tensor larger than the limit gets a shard of its own."""
-    shards: List[List[Entry]] = [[]]
+    shards: list[list[Entry]] = [[]]
     size = 0
     for entry in entries:
         n = _nbytes(entry[1], entry[2])
@@ -74,8 +90,14 @@ class ShardedSafetensorsWriter:
     """Call `write(name, value)` in exactly the order of `entries`, then `close()`. A value is a
     tensor, or `Spans` (bytes already in files: copied by `copier`, never made a tensor)."""
 
-    def __init__(self, out_dir: str, entries: Sequence[Entry], max_shard_size, metadata: Optional[Dict[str, str]] = None,
-                 copier: Optional[SpanCopier] = None):
+    def __init__(
+        self,
+        out_dir: str,
+        entries: Sequence[Entry],
+        max_shard_size,
+        metadata: dict[str, str] | None = None,
+        copier: SpanCopier | None = None,
+    ):
         names = [e[0] for e in entries]
         if len(set(names)) != len(names):
             raise ValueError("duplicate tensor names in the output plan")
@@ -94,7 +116,7 @@ class ShardedSafetensorsWriter:
         self.copier = copier or SpanCopier()
 
     def _open(self, index: int) -> None:
-        header: Dict[str, Dict] = {"__metadata__": self.metadata}
+        header: dict[str, dict] = {"__metadata__": self.metadata}
         offset = 0
         for name, shape, dtype in self.shards[index]:
             n = _nbytes(shape, dtype)
@@ -155,9 +177,14 @@ class ShardedSafetensorsWriter:
         self.copier.close()
 
 
-def write_sharded_safetensors(out_dir: str, entries: Sequence[Entry], max_shard_size, values,
-                              on_value: Optional[Callable[[int], None]] = None,
-                              io_mode: str = "direct") -> ShardedSafetensorsWriter:
+def write_sharded_safetensors(
+    out_dir: str,
+    entries: Sequence[Entry],
+    max_shard_size,
+    values,
+    on_value: Callable[[int], None] | None = None,
+    io_mode: str = "direct",
+) -> ShardedSafetensorsWriter:
     """Write `values` ((name, tensor or Spans) pairs in the order of `entries`) as shards + index,
     the byte ranges of coming `Spans` requested from the disk ahead of their copy. `on_value(nbytes)`
     after each (progress); `io_mode`: see span_copy. Returns the closed writer (total_size, copier

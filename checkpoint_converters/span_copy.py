@@ -29,7 +29,7 @@ import os
 import queue
 import threading
 from collections import deque
-from typing import Dict, Iterator, List, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 from .byte_spans import Span
 
@@ -48,8 +48,13 @@ class SpanCopier:
     """Opens output files (`create`) and copies spans into them; counts how bytes were moved:
     `direct_bytes` (O_DIRECT), `kernel_bytes` (copy_file_range), `buffered_bytes` (a buffer)."""
 
-    def __init__(self, io_mode: str = "direct", chunk_bytes: int = 8 * 2**20, read_buffers: int = 8,
-                 block_bytes: int = 32 * 2**20):
+    def __init__(
+        self,
+        io_mode: str = "direct",
+        chunk_bytes: int = 8 * 2**20,
+        read_buffers: int = 8,
+        block_bytes: int = 32 * 2**20,
+    ):
         if io_mode not in IO_MODES:
             raise ValueError(f"io mode must be one of {', '.join(IO_MODES)}, not {io_mode!r}")
         self.io_mode = io_mode if hasattr(os, "O_DIRECT") else "page-cache"
@@ -113,7 +118,7 @@ class SpanCopier:
         while left:
             if self._buffer is None:
                 self._buffer = memoryview(bytearray(_BUFFER_BYTES))
-            n = os.preadv(src, [self._buffer[:min(left, _BUFFER_BYTES)]], offset)
+            n = os.preadv(src, [self._buffer[: min(left, _BUFFER_BYTES)]], offset)
             if n == 0:
                 raise _ends_early(span)
             _write_all(out_fd, self._buffer[:n])
@@ -191,14 +196,14 @@ class _DirectOutput(OutputFile):
     def __init__(self, fd: int, path: str, copier: SpanCopier):
         super().__init__(fd, path, copier)
         self._size = copier.block_bytes
-        self._free: "queue.Queue[mmap.mmap]" = queue.Queue()
+        self._free: queue.Queue[mmap.mmap] = queue.Queue()
         for _ in range(2):
             self._free.put(mmap.mmap(-1, self._size))
         self._block = self._free.get()
         self._fill = 0  # bytes in the current block
         self._flushed = 0  # bytes handed to the writer thread (the current block's file offset)
-        self._writes: "queue.Queue" = queue.Queue()
-        self._error: Optional[BaseException] = None
+        self._writes: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._write_blocks, name="megadiff-direct-writer", daemon=True)
         self._thread.start()
 
@@ -234,7 +239,7 @@ class _DirectOutput(OutputFile):
         done = 0
         while done < len(data):
             n = min(len(data) - done, self._size - self._fill)
-            self._block[self._fill:self._fill + n] = data[done:done + n]
+            self._block[self._fill : self._fill + n] = data[done : done + n]
             self._fill += n
             done += n
             if self._fill == self._size:
@@ -254,7 +259,7 @@ class _DirectOutput(OutputFile):
     def _finish(self) -> None:
         size = self.tell()
         padded = _round_up(self._fill)
-        self._block[self._fill:padded] = bytes(padded - self._fill)
+        self._block[self._fill : padded] = bytes(padded - self._fill)
         self._hand_off(padded)
         self._stop_writer()
         self._raise_writer_error()
@@ -283,20 +288,20 @@ class _Prefetcher:
 
     def __init__(self, chunk_bytes: int, buffers: int):
         self._chunk = _round_up(chunk_bytes)
-        self._free: "queue.Queue[mmap.mmap]" = queue.Queue()
+        self._free: queue.Queue[mmap.mmap] = queue.Queue()
         for _ in range(buffers):
             self._free.put(mmap.mmap(-1, self._chunk + 2 * ALIGN))
-        self._requests: "queue.Queue" = queue.Queue()
-        self._done: "queue.Queue" = queue.Queue()
-        self._open: Optional[List] = None  # request being extended: [path, start, end], not sent yet
+        self._requests: queue.Queue = queue.Queue()
+        self._done: queue.Queue = queue.Queue()
+        self._open: list | None = None  # request being extended: [path, start, end], not sent yet
         self._sent: deque = deque()  # requests sent, not yet consumed: [path, start, end]
         self._current = None  # (request, buffer, error) being consumed
         self._position = None  # (path, file offset) the next take must start at
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._stopped = False
         self._files = _SourceFiles()  # the reader thread's
         self._own_files = _SourceFiles()  # the main thread's (reads that were not announced)
-        self._buffer: Optional[mmap.mmap] = None
+        self._buffer: mmap.mmap | None = None
         self.unannounced_bytes = 0  # bytes taken without read-ahead (not announced, or out of order)
 
     def announce(self, spans: Sequence[Span]) -> None:
@@ -352,7 +357,7 @@ class _Prefetcher:
                 raise error
             n = min(end, request[2]) - offset
             skip = offset - request[1] + request[1] % ALIGN
-            view = memoryview(buffer)[skip:skip + n]
+            view = memoryview(buffer)[skip : skip + n]
             yield view
             view.release()
             offset += n
@@ -390,7 +395,7 @@ class _Prefetcher:
             except EOFError:
                 raise _ends_early(span) from None
             skip = offset % ALIGN
-            view = memoryview(self._buffer)[skip:skip + stop - offset]
+            view = memoryview(self._buffer)[skip : skip + stop - offset]
             yield view
             view.release()
             offset = stop
@@ -423,7 +428,7 @@ class _SourceFiles:
 
     def __init__(self, direct: bool = True):
         self._direct = direct
-        self._fds: Dict[str, int] = {}
+        self._fds: dict[str, int] = {}
 
     def fd(self, path: str) -> int:
         if path not in self._fds:
@@ -447,7 +452,7 @@ class _SourceFiles:
         """File bytes start..end into `buffer` from its offset start % ALIGN, by reading the
         aligned range around them. EOFError if the file ends before `end`."""
         first = start - start % ALIGN
-        view = memoryview(buffer)[:_round_up(end - first)]
+        view = memoryview(buffer)[: _round_up(end - first)]
         try:
             done = 0
             while first + done < end:
@@ -469,7 +474,7 @@ class _SourceFiles:
         self._fds.clear()
 
 
-def _open_direct_output(path: str) -> Optional[int]:
+def _open_direct_output(path: str) -> int | None:
     """An O_DIRECT fd for a new `path`, or None where the file system refuses O_DIRECT (tried with
     one block write, as some refuse at the first write rather than at open)."""
     try:

@@ -68,8 +68,11 @@ def replace_byte_item(ckpt: str, key_part: str, value) -> str:
 
     ckpt_dir = _iteration_dir(ckpt)
     metadata = _load_metadata(ckpt_dir)
-    index = next(i for i in metadata.storage_data
-                 if key_part in i.fqn and isinstance(metadata.state_dict_metadata[i.fqn], BytesStorageMetadata))
+    index = next(
+        i
+        for i in metadata.storage_data
+        if key_part in i.fqn and isinstance(metadata.state_dict_metadata[i.fqn], BytesStorageMetadata)
+    )
     info = metadata.storage_data[index]
     buffer = io.BytesIO()
     torch.save(value, buffer)

@@ -18,11 +18,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_short_demo_runs_every_stage_and_summary_matches_log(tmp_path):
     out = tmp_path / "demo"
     env = worker_env()  # the demo is a CPU pipeline, also on a GPU node
-    proc = subprocess.run([sys.executable, "tools/demo.py", "--output", str(out), "--steps", "6", "--rows", "200",
-                           "--eval-limit", "4"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "tools/demo.py", "--output", str(out), "--steps", "6", "--rows", "200", "--eval-limit", "4"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
-    for step in ("make_tiny_model.py", "build_gsm8k_dataset.py", "convert_hf_to_mcore.py", "pretrain_llada2_sft.sh",
-                 "convert_mcore_to_hf.py", "eval_gsm8k.py", "generate.py"):
+    for step in (
+        "make_tiny_model.py",
+        "build_gsm8k_dataset.py",
+        "convert_hf_to_mcore.py",
+        "pretrain_llada2_sft.sh",
+        "convert_mcore_to_hf.py",
+        "eval_gsm8k.py",
+        "generate.py",
+    ):
         printed = [line for line in proc.stdout.splitlines() if line.startswith("+ ")]
         assert any(step in line for line in printed), step  # each command is printed before it runs
     summary = json.loads((out / "summary.json").read_text())
@@ -31,6 +44,8 @@ def test_short_demo_runs_every_stage_and_summary_matches_log(tmp_path):
     assert summary["final_loss"] == metrics[-1]["loss"] and summary["first_loss"] == metrics[0]["loss"]
     assert f"step 6 loss {metrics[-1]['loss']:.4f}" in (out / "train.log").read_text()
     for when in ("before", "after"):
-        assert summary[f"accuracy_{when}"] == json.loads((out / f"eval_{when}" / "summary.json").read_text())["accuracy"]
+        assert (
+            summary[f"accuracy_{when}"] == json.loads((out / f"eval_{when}" / "summary.json").read_text())["accuracy"]
+        )
     assert (out / "loss.png").stat().st_size > 1000
     assert (out / "trained_hf" / "config.json").is_file()

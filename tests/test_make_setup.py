@@ -53,7 +53,8 @@ def test_system_packages_switch_keeps_the_installed_torch(tmp_path):
     assert constraint.read_text().strip() == f"torch=={version}"
     dry = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "-c", str(constraint), "torch>=2.11,<2.14"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert dry.returncode == 0, dry.stderr
     assert "Would install" not in dry.stdout, dry.stdout
@@ -67,7 +68,11 @@ def test_system_packages_switch_refuses_an_interpreter_without_torch(tmp_path):
 
 @pytest.mark.parametrize("python", ["python3.99"])
 def test_setup_refuses_an_interpreter_that_does_not_run(tmp_path, python):
-    out = subprocess.run(["make", "-B", f"PYTHON={python}", f"VENV={tmp_path / 'venv'}", "setup"],
-                         cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        ["make", "-B", f"PYTHON={python}", f"VENV={tmp_path / 'venv'}", "setup"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode != 0 and f"PYTHON={python} does not run" in out.stdout + out.stderr
     assert not (tmp_path / "venv").exists()

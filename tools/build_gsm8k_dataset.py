@@ -20,7 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, nargs="+", help=".jsonl / .parquet file(s) or a directory")
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--test-fraction", type=float, default=0.1, help="share of rows held out (default: %(default)s)")
+    parser.add_argument(
+        "--test-fraction", type=float, default=0.1, help="share of rows held out (default: %(default)s)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed of the split (default: %(default)s)")
     return parser
 
@@ -47,10 +49,14 @@ def main(argv=None) -> int:
         return 2
     os.makedirs(args.output_dir, exist_ok=True)
     write_jsonl(os.path.join(args.output_dir, "train.jsonl"), [sft_row(r) for r in train])
-    write_jsonl(os.path.join(args.output_dir, "test.jsonl"),
-                [dict(sft_row(r), question=r["question"], answer=r["answer"]) for r in test])
-    print(f"{len(rows)} rows -> {len(train)} train, {len(test)} test; written to "
-          f"{os.path.join(args.output_dir, 'train.jsonl')} and {os.path.join(args.output_dir, 'test.jsonl')}")
+    write_jsonl(
+        os.path.join(args.output_dir, "test.jsonl"),
+        [dict(sft_row(r), question=r["question"], answer=r["answer"]) for r in test],
+    )
+    print(
+        f"{len(rows)} rows -> {len(train)} train, {len(test)} test; written to "
+        f"{os.path.join(args.output_dir, 'train.jsonl')} and {os.path.join(args.output_dir, 'test.jsonl')}"
+    )
     return 0
 
 

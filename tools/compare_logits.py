@@ -24,8 +24,11 @@ def parse_args(argv=None):
     p.add_argument("--hf-dir", required=True, help="HF LLaDA2 directory (config.json + safetensors): the reference")
     p.add_argument("--mcore-dir", help="megatron checkpoint to test instead of the HF weights (converted or trained)")
     p.add_argument("--iteration", type=int, help="checkpoint iteration (default: latest complete)")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="load --mcore-dir without vetting its pickles (only for checkpoints you made, e.g. TE FP8)")
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="load --mcore-dir without vetting its pickles (only for checkpoints you made, e.g. TE FP8)",
+    )
     p.add_argument("--input-ids", required=True, help="JSON file: list of lists of token ids")
     p.add_argument("--position-ids", help="JSON file: list of lists, same shape (default 0..n-1)")
     p.add_argument("--tp", type=int, default=1)
@@ -44,8 +47,10 @@ def read_rows(path, what):
             rows = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: cannot read {what}: {e}") from None
-    if not isinstance(rows, list) or not rows or not all(
-        isinstance(r, list) and r and all(isinstance(x, int) for x in r) for r in rows
+    if (
+        not isinstance(rows, list)
+        or not rows
+        or not all(isinstance(r, list) and r and all(isinstance(x, int) for x in r) for r in rows)
     ):
         raise UserError(f"{path}: {what} must be a non-empty list of non-empty lists of ints")
     return rows
@@ -63,9 +68,9 @@ def main(argv=None):
 def compare(args) -> int:
     # the input files first: a typo there is reported before megatron-core is even imported
     ids_rows = read_rows(args.input_ids, "input ids")
-    pos_rows = read_rows(args.position_ids, "position ids") if args.position_ids else [
-        list(range(len(r))) for r in ids_rows
-    ]
+    pos_rows = (
+        read_rows(args.position_ids, "position ids") if args.position_ids else [list(range(len(r))) for r in ids_rows]
+    )
     if [len(r) for r in pos_rows] != [len(r) for r in ids_rows]:
         raise UserError(f"{args.position_ids}: rows must have the same lengths as {args.input_ids}")
     import torch
@@ -103,7 +108,7 @@ def compare(args) -> int:
         load_hf_into_model(chunks, reader.get, cfg)
 
     worst, outputs = 0.0, []
-    for i, (ids, pos) in enumerate(zip(ids_rows, pos_rows)):
+    for i, (ids, pos) in enumerate(zip(ids_rows, pos_rows, strict=True)):
         ids_t, pos_t = torch.tensor([ids]), torch.tensor([pos])
         ours = full_logits(chunks, ids_t, pos_t)  # on every rank
         if not rank0:

@@ -36,15 +36,27 @@ def parse_args(argv=None):
     p.add_argument("--etp", type=int, default=None, help="expert TP (default: --tp without EP, else 1)")
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per PP rank")
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
-                   help="parameter dtype in the checkpoint (default: the HF weights' dtype)")
+    p.add_argument(
+        "--dtype",
+        choices=["bf16", "fp16", "fp32"],
+        default=None,
+        help="parameter dtype in the checkpoint (default: the HF weights' dtype)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    p.add_argument("--io", choices=["direct", "page-cache"], default="direct",
-                   help="how weight bytes are copied: direct = O_DIRECT reads and writes, bypassing the page "
-                        "cache (default; falls back per file where refused), page-cache = copy_file_range")
-    p.add_argument("--spec", choices=["local", "te"], default=None,
-                   help="megatron-core layer spec whose tensor names to write (default: the one training "
-                        "would use here: te where Transformer Engine is usable, else local)")
+    p.add_argument(
+        "--io",
+        choices=["direct", "page-cache"],
+        default="direct",
+        help="how weight bytes are copied: direct = O_DIRECT reads and writes, bypassing the page "
+        "cache (default; falls back per file where refused), page-cache = copy_file_range",
+    )
+    p.add_argument(
+        "--spec",
+        choices=["local", "te"],
+        default=None,
+        help="megatron-core layer spec whose tensor names to write (default: the one training "
+        "would use here: te where Transformer Engine is usable, else local)",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -80,15 +92,43 @@ def main(argv=None) -> int:
     try:
         layout = ParallelLayout(tp=args.tp, ep=args.ep, etp=args.etp, pp=args.pp, vpp=args.vpp)
         spec = args.spec or training_spec_here()
-        log("convert_hf_to_mcore.py " + shlex.join([
-            "--hf-dir", os.path.abspath(args.hf_dir), "--output", os.path.abspath(args.output),
-            "--tp", str(layout.tp), "--ep", str(layout.ep), "--etp", str(layout.etp), "--pp", str(layout.pp),
-            *(["--vpp", str(layout.vpp)] if layout.vpp else []),
-            *(["--dtype", args.dtype] if args.dtype else []), *(["--overwrite"] if args.overwrite else []),
-            "--io", args.io, "--spec", spec,
-        ]))
-        final = convert_hf_to_mcore(args.hf_dir, args.output, layout, args.dtype, args.overwrite,
-                                    progress=rank0 and not args.no_progress, log=log, io_mode=args.io, spec=spec)
+        log(
+            "convert_hf_to_mcore.py "
+            + shlex.join(
+                [
+                    "--hf-dir",
+                    os.path.abspath(args.hf_dir),
+                    "--output",
+                    os.path.abspath(args.output),
+                    "--tp",
+                    str(layout.tp),
+                    "--ep",
+                    str(layout.ep),
+                    "--etp",
+                    str(layout.etp),
+                    "--pp",
+                    str(layout.pp),
+                    *(["--vpp", str(layout.vpp)] if layout.vpp else []),
+                    *(["--dtype", args.dtype] if args.dtype else []),
+                    *(["--overwrite"] if args.overwrite else []),
+                    "--io",
+                    args.io,
+                    "--spec",
+                    spec,
+                ]
+            )
+        )
+        final = convert_hf_to_mcore(
+            args.hf_dir,
+            args.output,
+            layout,
+            args.dtype,
+            args.overwrite,
+            progress=rank0 and not args.no_progress,
+            log=log,
+            io_mode=args.io,
+            spec=spec,
+        )
     except UserError as e:
         return user_error_exit(e)
     log(f"megatron checkpoint written to {final}")

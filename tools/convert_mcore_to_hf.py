@@ -34,12 +34,19 @@ def parse_args(argv=None):
     p.add_argument("--merged-experts", action="store_true", help="write dFactory's merged-expert layout")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    p.add_argument("--io", choices=["direct", "page-cache"], default="direct",
-                   help="how weight bytes are copied: direct = O_DIRECT reads and writes, bypassing the page "
-                        "cache (default; falls back per file where refused), page-cache = copy_file_range")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="unpickle the checkpoint's metadata without restriction (only for checkpoints you made: "
-                        "a pickle can run code)")
+    p.add_argument(
+        "--io",
+        choices=["direct", "page-cache"],
+        default="direct",
+        help="how weight bytes are copied: direct = O_DIRECT reads and writes, bypassing the page "
+        "cache (default; falls back per file where refused), page-cache = copy_file_range",
+    )
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="unpickle the checkpoint's metadata without restriction (only for checkpoints you made: "
+        "a pickle can run code)",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -49,19 +56,40 @@ def main(argv=None) -> int:
     from checkpoint_converters.mcore_to_hf import convert_mcore_to_hf
     from megadiff.errors import UserError, user_error_exit
 
-    print("convert_mcore_to_hf.py " + shlex.join([
-        "--mcore-dir", os.path.abspath(args.mcore_dir), "--output", os.path.abspath(args.output),
-        *(["--iteration", str(args.iteration)] if args.iteration is not None else []),
-        *(["--hf-template", os.path.abspath(args.hf_template)] if args.hf_template else []),
-        *(["--merged-experts"] if args.merged_experts else []), "--max-shard-size", args.max_shard_size,
-        *(["--overwrite"] if args.overwrite else []), "--io", args.io,
-        *(["--trust-checkpoint"] if args.trust_checkpoint else []),
-    ]), flush=True)
+    print(
+        "convert_mcore_to_hf.py "
+        + shlex.join(
+            [
+                "--mcore-dir",
+                os.path.abspath(args.mcore_dir),
+                "--output",
+                os.path.abspath(args.output),
+                *(["--iteration", str(args.iteration)] if args.iteration is not None else []),
+                *(["--hf-template", os.path.abspath(args.hf_template)] if args.hf_template else []),
+                *(["--merged-experts"] if args.merged_experts else []),
+                "--max-shard-size",
+                args.max_shard_size,
+                *(["--overwrite"] if args.overwrite else []),
+                "--io",
+                args.io,
+                *(["--trust-checkpoint"] if args.trust_checkpoint else []),
+            ]
+        ),
+        flush=True,
+    )
     try:
-        out = convert_mcore_to_hf(args.mcore_dir, args.output, args.iteration, args.hf_template,
-                                  args.merged_experts, args.max_shard_size, args.overwrite,
-                                  progress=not args.no_progress, io_mode=args.io,
-                                  trust_checkpoint=args.trust_checkpoint)
+        out = convert_mcore_to_hf(
+            args.mcore_dir,
+            args.output,
+            args.iteration,
+            args.hf_template,
+            args.merged_experts,
+            args.max_shard_size,
+            args.overwrite,
+            progress=not args.no_progress,
+            io_mode=args.io,
+            trust_checkpoint=args.trust_checkpoint,
+        )
     except UserError as e:
         return user_error_exit(e)
     except ValueError as e:  # --max-shard-size

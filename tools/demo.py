@@ -30,8 +30,15 @@ def run(cmd, env=None, log=None):
     """Print the command, run it from the repo root, fail loudly; tee output to `log`."""
     print("\n+ " + " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
     full_env = dict(os.environ, **(env or {}))
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    proc = subprocess.Popen(
+        [str(c) for c in cmd],
+        cwd=REPO,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
     lines = []
     for line in proc.stdout:
         if "warn" in line.lower() and ("Warning" in line or "warnings.warn" in line):
@@ -90,8 +97,18 @@ def main(argv=None):
     run([PY, "tools/make_tiny_model.py", "--output", hf])
     print("== 2. a synthetic GSM8K-style task", flush=True)
     run([PY, "tools/make_synthetic_data.py", "--output", f"{data}/gsm8k_synthetic.jsonl", "--rows", args.rows])
-    run([PY, "tools/build_gsm8k_dataset.py", "--input", f"{data}/gsm8k_synthetic.jsonl", "--output-dir", data,
-         "--test-fraction", "0.05"])
+    run(
+        [
+            PY,
+            "tools/build_gsm8k_dataset.py",
+            "--input",
+            f"{data}/gsm8k_synthetic.jsonl",
+            "--output-dir",
+            data,
+            "--test-fraction",
+            "0.05",
+        ]
+    )
     print("== 3. HF -> megatron checkpoint", flush=True)
     run([PY, "tools/convert_hf_to_mcore.py", "--hf-dir", hf, "--output", mcore_init, "--ep", "2"])
     print("== 4. accuracy before training", flush=True)
@@ -99,17 +116,38 @@ def main(argv=None):
     run([PY, "tools/eval_gsm8k.py", "--model", hf, "--output-dir", f"{out}/eval_before", *eval_args])
     print("== 5. block-diffusion SFT with packing on 2 CPU processes (EP=2)", flush=True)
     train_log = f"{out}/train.log"
-    run(["examples/pretrain_llada2_sft.sh", "examples/configs/tiny_bd_sft.yaml",
-         f"model.hf_dir={hf}", f"model.init_from_mcore={mcore_init}", f"data.train_files={data}/train.jsonl",
-         f"train.steps={args.steps}", f"checkpoint.save_dir={ckpt}", f"logging.metrics_file={metrics}",
-         "logging.progress_bar=false"],
-        env={"GPUS_PER_NODE": "2", "PYTHON": PY}, log=train_log)
+    run(
+        [
+            "examples/pretrain_llada2_sft.sh",
+            "examples/configs/tiny_bd_sft.yaml",
+            f"model.hf_dir={hf}",
+            f"model.init_from_mcore={mcore_init}",
+            f"data.train_files={data}/train.jsonl",
+            f"train.steps={args.steps}",
+            f"checkpoint.save_dir={ckpt}",
+            f"logging.metrics_file={metrics}",
+            "logging.progress_bar=false",
+        ],
+        env={"GPUS_PER_NODE": "2", "PYTHON": PY},
+        log=train_log,
+    )
     print("== 6. megatron checkpoint -> HF", flush=True)
     run([PY, "tools/convert_mcore_to_hf.py", "--mcore-dir", ckpt, "--output", trained])
     print("== 7. accuracy after training, and a chat answer", flush=True)
     run([PY, "tools/eval_gsm8k.py", "--model", trained, "--output-dir", f"{out}/eval_after", *eval_args])
-    run([PY, "tools/generate.py", "--model", trained, "--prompt", CHAT_PROMPT, *decode[:6],
-                "--output", f"{out}/chat.jsonl"])
+    run(
+        [
+            PY,
+            "tools/generate.py",
+            "--model",
+            trained,
+            "--prompt",
+            CHAT_PROMPT,
+            *decode[:6],
+            "--output",
+            f"{out}/chat.jsonl",
+        ]
+    )
 
     print("== 8. loss curve and summary", flush=True)
     records = plot_losses(metrics, f"{out}/loss.png")
@@ -129,9 +167,11 @@ def main(argv=None):
     with open(f"{out}/summary.json", "w") as f:
         json.dump(summary, f, indent=2)
     print(f"chat: {CHAT_PROMPT!r} -> {summary['chat_answer']!r}", flush=True)
-    print(f"\nloss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f} in {summary['steps']} steps; "
-          f"accuracy {summary['accuracy_before']:.1%} before, {summary['accuracy_after']:.1%} after training "
-          f"({summary['wall_time_s']:.0f} s)")
+    print(
+        f"\nloss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f} in {summary['steps']} steps; "
+        f"accuracy {summary['accuracy_before']:.1%} before, {summary['accuracy_after']:.1%} after training "
+        f"({summary['wall_time_s']:.0f} s)"
+    )
     print(f"demo outputs in {out} (summary.json, loss.png, trained_hf/)")
     return 0
 

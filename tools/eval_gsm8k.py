@@ -68,17 +68,23 @@ def main(argv=None) -> int:
     num_tokens = forwards = 0
     start = time.perf_counter()
     for first in range(0, len(order), args.batch_size):
-        batch = order[first: first + args.batch_size]
+        batch = order[first : first + args.batch_size]
         result = generate(model, [prompts[i] for i in batch], options, mask_id, eos_id, row_ids=batch)
         num_tokens += result.num_tokens
         forwards += sum(result.forward_passes)
-        for i, tokens in zip(batch, result.tokens):
+        for i, tokens in zip(batch, result.tokens, strict=True):
             text = decode_tokens(tokens, tokenizer)
             prediction = extract_answer(text)
-            samples[i] = {"index": i, "source": rows[i]["source"], "question": rows[i]["question"],
-                          "gold": golds[i], "prediction": prediction,
-                          "correct": answers_match(prediction, golds[i]), "output": text,
-                          "generated_tokens": len(tokens)}
+            samples[i] = {
+                "index": i,
+                "source": rows[i]["source"],
+                "question": rows[i]["question"],
+                "gold": golds[i],
+                "prediction": prediction,
+                "correct": answers_match(prediction, golds[i]),
+                "output": text,
+                "generated_tokens": len(tokens),
+            }
         done = min(first + args.batch_size, len(order))
         correct = sum(s["correct"] for s in samples if s)
         print(f"[{done}/{len(rows)}] accuracy so far {correct / done:.4f}", flush=True)
@@ -90,11 +96,20 @@ def main(argv=None) -> int:
             f.write(json.dumps(sample) + "\n")
     correct = sum(s["correct"] for s in samples)
     summary = {
-        "accuracy": correct / len(rows), "correct": correct, "total": len(rows),
-        "model": args.model, "data": args.data, "decoding": dataclasses.asdict(options),
-        "mask_id": mask_id, "eos_id": eos_id, "generated_tokens": num_tokens, "forward_passes": forwards,
-        "tokens_per_forward": num_tokens / max(1, forwards), "tokens_per_second": num_tokens / max(seconds, 1e-9),
-        "seconds": seconds, "command": command_line("tools/eval_gsm8k.py", parser, args),
+        "accuracy": correct / len(rows),
+        "correct": correct,
+        "total": len(rows),
+        "model": args.model,
+        "data": args.data,
+        "decoding": dataclasses.asdict(options),
+        "mask_id": mask_id,
+        "eos_id": eos_id,
+        "generated_tokens": num_tokens,
+        "forward_passes": forwards,
+        "tokens_per_forward": num_tokens / max(1, forwards),
+        "tokens_per_second": num_tokens / max(seconds, 1e-9),
+        "seconds": seconds,
+        "command": command_line("tools/eval_gsm8k.py", parser, args),
     }
     summary_path = os.path.join(args.output_dir, "summary.json")
     with open(summary_path, "w") as f:

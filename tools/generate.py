@@ -32,9 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt", action="append", help="a text prompt (repeat for several)")
     source.add_argument("--input-ids", help="JSON file: one list of token ids, or a list of such lists")
     source.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin (/reset, /exit)")
-    parser.add_argument("--raw", action="store_true",
-                        help="do not wrap text prompts in the chat template; special-token strings in them "
-                             "(<role>, <|role_end|>) become special tokens (without --raw they stay text)")
+    parser.add_argument(
+        "--raw",
+        action="store_true",
+        help="do not wrap text prompts in the chat template; special-token strings in them "
+        "(<role>, <|role_end|>) become special tokens (without --raw they stay text)",
+    )
     parser.add_argument("--system", default=None, help="system message for --chat")
     parser.add_argument("--output", default=None, help="write one JSON line per generation to this file")
     add_decoding_arguments(parser)
@@ -52,14 +55,20 @@ def read_input_ids(path: str) -> list[list[int]]:
         raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
     if isinstance(data, list) and data and all(isinstance(t, int) for t in data):
         data = [data]
-    if not (isinstance(data, list) and data and all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in data)):
+    if not (
+        isinstance(data, list)
+        and data
+        and all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in data)
+    ):
         raise ValueError(f"{path}: expected a list of token ids or a list of such lists")
     return data
 
 
 def report_speed(num_tokens: int, forwards: int, seconds: float) -> None:
-    print(f"tokens: {num_tokens}, forward passes: {forwards}, tokens per forward pass: "
-          f"{num_tokens / max(1, forwards):.2f}, tokens/s: {num_tokens / max(seconds, 1e-9):.1f}")
+    print(
+        f"tokens: {num_tokens}, forward passes: {forwards}, tokens per forward pass: "
+        f"{num_tokens / max(1, forwards):.2f}, tokens/s: {num_tokens / max(seconds, 1e-9):.1f}"
+    )
 
 
 def run_prompts(args, model, tokenizer, mask_id, eos_id, options, out) -> None:
@@ -73,9 +82,8 @@ def run_prompts(args, model, tokenizer, mask_id, eos_id, options, out) -> None:
     num_tokens = forwards = 0
     start = time.perf_counter()
     for first in range(0, len(prompts), args.batch_size):
-        batch = prompts[first: first + args.batch_size]
-        result = generate(model, batch, options, mask_id, eos_id,
-                          row_ids=range(first, first + len(batch)))
+        batch = prompts[first : first + args.batch_size]
+        result = generate(model, batch, options, mask_id, eos_id, row_ids=range(first, first + len(batch)))
         num_tokens += result.num_tokens
         forwards += sum(result.forward_passes)
         for i, tokens in enumerate(result.tokens):
@@ -83,8 +91,18 @@ def run_prompts(args, model, tokenizer, mask_id, eos_id, options, out) -> None:
             text = decode_tokens(tokens, tokenizer) if tokenizer is not None else None
             print(f"[{row}] {text if text is not None else tokens}", flush=True)
             if out:
-                out.write(json.dumps({"row": row, "prompt": texts[row] if texts else None,
-                                      "prompt_ids": prompts[row], "generated_ids": tokens, "text": text}) + "\n")
+                out.write(
+                    json.dumps(
+                        {
+                            "row": row,
+                            "prompt": texts[row] if texts else None,
+                            "prompt_ids": prompts[row],
+                            "generated_ids": tokens,
+                            "text": text,
+                        }
+                    )
+                    + "\n"
+                )
     report_speed(num_tokens, forwards, time.perf_counter() - start)
 
 
@@ -116,8 +134,18 @@ def run_chat(args, model, tokenizer, mask_id, eos_id, options, out) -> None:
         forwards += sum(result.forward_passes)
         print(f"assistant> {answer}", flush=True)
         if out:
-            out.write(json.dumps({"turn": session.turns - 1, "user": user_text, "prompt_ids": prompt_ids,
-                                  "generated_ids": result.tokens[0], "text": answer}) + "\n")
+            out.write(
+                json.dumps(
+                    {
+                        "turn": session.turns - 1,
+                        "user": user_text,
+                        "prompt_ids": prompt_ids,
+                        "generated_ids": result.tokens[0],
+                        "text": answer,
+                    }
+                )
+                + "\n"
+            )
             out.flush()
     report_speed(num_tokens, forwards, seconds)
 
@@ -129,8 +157,11 @@ def main(argv=None) -> int:
     try:
         options = decoding_options(args)
         model, tokenizer, mask_id, eos_id = load_for_decoding(args, need_tokenizer=not args.input_ids)
-        print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()):,} parameters, "
-              f"{args.device}), mask_id {mask_id}, eos_id {eos_id}", flush=True)
+        print(
+            f"model: {args.model} ({sum(p.numel() for p in model.parameters()):,} parameters, "
+            f"{args.device}), mask_id {mask_id}, eos_id {eos_id}",
+            flush=True,
+        )
         out = open(args.output, "w") if args.output else None
         try:
             (run_chat if args.chat else run_prompts)(args, model, tokenizer, mask_id, eos_id, options, out)
@@ -140,7 +171,11 @@ def main(argv=None) -> int:
     except (OSError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"generations written to {args.output}" if args.output else "done (pass --output FILE.jsonl to keep the results)")
+    print(
+        f"generations written to {args.output}"
+        if args.output
+        else "done (pass --output FILE.jsonl to keep the results)"
+    )
     return 0
 
 

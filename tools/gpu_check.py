@@ -36,9 +36,13 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default=None, help="models and checkpoints (default: OUTPUT/work)")
     p.add_argument("--steps", type=int, default=20, help="SFT steps of the end to end (default: %(default)s)")
     p.add_argument("--skip-tests", action="store_true", help="do not run pytest tests/gpu")
-    p.add_argument("--budget-s", type=float, default=480.0,
-                   help="wall-clock budget of the whole check; a command still running at its end is killed "
-                        "(default: %(default)s)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=480.0,
+        help="wall-clock budget of the whole check; a command still running at its end is killed "
+        "(default: %(default)s)",
+    )
     return p.parse_args(argv)
 
 
@@ -50,15 +54,19 @@ def refuse_without_cuda():
         print(
             f"gpu_check: torch {torch.__version__} sees no CUDA device (torch.version.cuda="
             f"{torch.version.cuda}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r}); "
-            f"run it on a GPU node (README, 'GPU check'). CPU checks: make test", file=sys.stderr
+            f"run it on a GPU node (README, 'GPU check'). CPU checks: make test",
+            file=sys.stderr,
         )
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     try:
         import megatron.core  # noqa: F401
     except ImportError as e:
-        print(f"gpu_check: megatron-core is not importable ({e}); pip install megatron-core, or install the "
-              f"wheels of `make gpu-wheels` (README, 'GPU check')", file=sys.stderr)
-        raise SystemExit(2)
+        print(
+            f"gpu_check: megatron-core is not importable ({e}); pip install megatron-core, or install the "
+            f"wheels of `make gpu-wheels` (README, 'GPU check')",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
 
 
 def _version(dist):
@@ -120,8 +128,16 @@ def run(cmd, log, env=None) -> dict:
     left = DEADLINE[0] - time.monotonic()
     if left <= 0:
         return {"command": line[2:], "rc": None, "seconds": 0.0, "timed_out": True}
-    proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, env=env or child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(c) for c in cmd],
+        cwd=REPO,
+        env=env or child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        start_new_session=True,
+    )
     expired = threading.Event()
 
     def kill():
@@ -151,8 +167,10 @@ def run(cmd, log, env=None) -> dict:
 
 def run_gpu_tests(out_dir, work) -> dict:
     junit = os.path.join(work, "junit.xml")
-    result = run([sys.executable, "-m", "pytest", "tests/gpu", "-q", "-rs", "-p", "no:cacheprovider",
-                  "--junitxml", junit], os.path.join(out_dir, "pytest.log"))
+    result = run(
+        [sys.executable, "-m", "pytest", "tests/gpu", "-q", "-rs", "-p", "no:cacheprovider", "--junitxml", junit],
+        os.path.join(out_dir, "pytest.log"),
+    )
     if os.path.isfile(junit):
         suite = ET.parse(junit).getroot()
         suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
@@ -169,20 +187,94 @@ def run_end_to_end(out_dir, work, steps) -> dict:
     stages = [
         ("tiny_model", [py, "tools/make_tiny_model.py", "--output", hf, "--overwrite"]),
         ("data", [py, "tools/make_synthetic_data.py", "--output", f"{data}/synthetic.jsonl", "--rows", "400"]),
-        ("sft_rows", [py, "tools/build_gsm8k_dataset.py", "--input", f"{data}/synthetic.jsonl", "--output-dir", data,
-                      "--test-fraction", "0.05"]),
-        ("hf_to_mcore", [py, "tools/convert_hf_to_mcore.py", "--hf-dir", hf, "--output", init, "--dtype", "bf16",
-                         "--overwrite", "--no-progress"]),
-        ("train", [py, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", "29517",
-                   "tools/train.py", "examples/configs/tiny_bd_sft.yaml", f"model.hf_dir={hf}",
-                   f"model.init_from_mcore={init}", "model.dtype=bf16", "model.attention_backend=flex",
-                   f"data.train_files={data}/train.jsonl", "parallel.ep=1", f"train.steps={steps}",
-                   "train.warmup_steps=2", f"checkpoint.save_dir={ckpt}", "checkpoint.save_interval=0",
-                   f"logging.metrics_file={metrics}", "logging.progress_bar=false"]),
-        ("mcore_to_hf", [py, "tools/convert_mcore_to_hf.py", "--mcore-dir", ckpt, "--output", trained,
-                         "--overwrite", "--no-progress"]),
-        ("generate", [py, "tools/generate.py", "--model", trained, "--device", "cuda", "--prompt", PROMPT,
-                      "--gen-length", "32", "--block-length", "32", "--steps", "32", "--output", chat]),
+        (
+            "sft_rows",
+            [
+                py,
+                "tools/build_gsm8k_dataset.py",
+                "--input",
+                f"{data}/synthetic.jsonl",
+                "--output-dir",
+                data,
+                "--test-fraction",
+                "0.05",
+            ],
+        ),
+        (
+            "hf_to_mcore",
+            [
+                py,
+                "tools/convert_hf_to_mcore.py",
+                "--hf-dir",
+                hf,
+                "--output",
+                init,
+                "--dtype",
+                "bf16",
+                "--overwrite",
+                "--no-progress",
+            ],
+        ),
+        (
+            "train",
+            [
+                py,
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node",
+                "1",
+                "--master-port",
+                "29517",
+                "tools/train.py",
+                "examples/configs/tiny_bd_sft.yaml",
+                f"model.hf_dir={hf}",
+                f"model.init_from_mcore={init}",
+                "model.dtype=bf16",
+                "model.attention_backend=flex",
+                f"data.train_files={data}/train.jsonl",
+                "parallel.ep=1",
+                f"train.steps={steps}",
+                "train.warmup_steps=2",
+                f"checkpoint.save_dir={ckpt}",
+                "checkpoint.save_interval=0",
+                f"logging.metrics_file={metrics}",
+                "logging.progress_bar=false",
+            ],
+        ),
+        (
+            "mcore_to_hf",
+            [
+                py,
+                "tools/convert_mcore_to_hf.py",
+                "--mcore-dir",
+                ckpt,
+                "--output",
+                trained,
+                "--overwrite",
+                "--no-progress",
+            ],
+        ),
+        (
+            "generate",
+            [
+                py,
+                "tools/generate.py",
+                "--model",
+                trained,
+                "--device",
+                "cuda",
+                "--prompt",
+                PROMPT,
+                "--gen-length",
+                "32",
+                "--block-length",
+                "32",
+                "--steps",
+                "32",
+                "--output",
+                chat,
+            ],
+        ),
     ]
     result = {"stages": {}}
     for name, cmd in stages:
@@ -193,8 +285,12 @@ def run_end_to_end(out_dir, work, steps) -> dict:
     if os.path.isfile(metrics):
         records = [json.loads(line) for line in open(metrics) if line.strip()]
         if records:
-            result.update(steps=records[-1]["step"], first_loss=records[0]["loss"], final_loss=records[-1]["loss"],
-                          tokens_per_s_last=records[-1]["tokens_per_s"])
+            result.update(
+                steps=records[-1]["step"],
+                first_loss=records[0]["loss"],
+                final_loss=records[-1]["loss"],
+                tokens_per_s_last=records[-1]["tokens_per_s"],
+            )
     if os.path.isfile(chat):
         answer = json.loads(open(chat).readline())
         result.update(prompt=PROMPT, generated_ids=answer.get("generated_ids"), generated_text=answer.get("text"))
@@ -227,10 +323,12 @@ def main(argv=None) -> int:
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
     e2e = report["end_to_end"]
-    print(f"\ngpu_check: {'PASS' if report['ok'] else 'FAIL'} in {report['wall_time_s']:.0f} s; tests "
-          f"{report.get('tests', {}).get('rc', 'skipped')}, end to end "
-          f"{'ok' if e2e['ok'] else 'failed at ' + e2e.get('failed_stage', 'checks')}, "
-          f"loss {e2e.get('first_loss')} -> {e2e.get('final_loss')}; report: {path}")
+    print(
+        f"\ngpu_check: {'PASS' if report['ok'] else 'FAIL'} in {report['wall_time_s']:.0f} s; tests "
+        f"{report.get('tests', {}).get('rc', 'skipped')}, end to end "
+        f"{'ok' if e2e['ok'] else 'failed at ' + e2e.get('failed_stage', 'checks')}, "
+        f"loss {e2e.get('first_loss')} -> {e2e.get('final_loss')}; report: {path}"
+    )
     return 0 if report["ok"] else 1
 
 

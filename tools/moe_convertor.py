@@ -25,9 +25,13 @@ def parse_args(argv=None):
     p.add_argument("--mode", required=True, choices=["merge", "split"])
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output-path")
-    p.add_argument("--io", choices=["direct", "page-cache"], default="direct",
-                   help="how weight bytes are copied: direct = O_DIRECT reads and writes, bypassing the page "
-                        "cache (default; falls back per file where refused), page-cache = copy_file_range")
+    p.add_argument(
+        "--io",
+        choices=["direct", "page-cache"],
+        default="direct",
+        help="how weight bytes are copied: direct = O_DIRECT reads and writes, bypassing the page "
+        "cache (default; falls back per file where refused), page-cache = copy_file_range",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -37,14 +41,35 @@ def main(argv=None) -> int:
     from checkpoint_converters.moe import convert_expert_layout
     from megadiff.errors import user_error_exit
 
-    print("moe_convertor.py " + shlex.join([
-        "--input-path", os.path.abspath(args.input_path), "--output-path", os.path.abspath(args.output_path),
-        "--mode", args.mode, "--max-shard-size", args.max_shard_size, *(["--overwrite"] if args.overwrite else []),
-        "--io", args.io,
-    ]), flush=True)
+    print(
+        "moe_convertor.py "
+        + shlex.join(
+            [
+                "--input-path",
+                os.path.abspath(args.input_path),
+                "--output-path",
+                os.path.abspath(args.output_path),
+                "--mode",
+                args.mode,
+                "--max-shard-size",
+                args.max_shard_size,
+                *(["--overwrite"] if args.overwrite else []),
+                "--io",
+                args.io,
+            ]
+        ),
+        flush=True,
+    )
     try:
-        out = convert_expert_layout(args.input_path, args.output_path, args.mode, args.max_shard_size,
-                                    args.overwrite, progress=not args.no_progress, io_mode=args.io)
+        out = convert_expert_layout(
+            args.input_path,
+            args.output_path,
+            args.mode,
+            args.max_shard_size,
+            args.overwrite,
+            progress=not args.no_progress,
+            io_mode=args.io,
+        )
     except ValueError as e:  # every UserError, and a bad --max-shard-size
         return user_error_exit(e)
     done = "merged" if args.mode == "merge" else "split"

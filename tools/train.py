@@ -43,8 +43,10 @@ def main(argv=None):
     from megadiff.platform import print_rank0
 
     if results:
-        print_rank0(f"done: {len(results)} steps, final loss {results[-1].loss:.4f}"
-                    + (f", checkpoints in {cfg.checkpoint.save_dir}" if cfg.checkpoint.save_dir else ""))
+        print_rank0(
+            f"done: {len(results)} steps, final loss {results[-1].loss:.4f}"
+            + (f", checkpoints in {cfg.checkpoint.save_dir}" if cfg.checkpoint.save_dir else "")
+        )
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

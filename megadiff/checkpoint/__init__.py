@@ -38,8 +38,19 @@ def __getattr__(name):
         return DistCheckpointReader
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 __all__ = [
-    "META_NAME", "TRACKER_NAME", "DistCheckpointReader", "complete_iterations", "is_complete_iteration_dir",
-    "latest_iteration", "load_checkpoint", "load_model_weights", "model_sharded_state_dict", "read_meta",
-    "resolve_checkpoint_dir", "save_checkpoint", "save_checkpoint_lazily",
+    "META_NAME",
+    "TRACKER_NAME",
+    "DistCheckpointReader",
+    "complete_iterations",
+    "is_complete_iteration_dir",
+    "latest_iteration",
+    "load_checkpoint",
+    "load_model_weights",
+    "model_sharded_state_dict",
+    "read_meta",
+    "resolve_checkpoint_dir",
+    "save_checkpoint",
+    "save_checkpoint_lazily",
 ]

@@ -19,7 +19,7 @@ on its first FP8 step). A local-spec model loading a TE checkpoint ignores the e
 """
 
 import os
-from typing import Callable, Dict, List, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -45,19 +45,21 @@ def unwrap_model(chunk):
     return module
 
 
-def model_state_keys(num_chunks: int) -> List[str]:
+def model_state_keys(num_chunks: int) -> list[str]:
     """Megatron-LM's names: 'model' without virtual pipeline, 'model0', 'model1', ... with it."""
     return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
 
 
-def model_sharded_state_dict(chunks) -> Dict:
+def model_sharded_state_dict(chunks) -> dict:
     """{'model': ...} (or {'model0': ..., 'model1': ...} with VPP) of sharded tensors keyed by
     global names, so a checkpoint can be loaded at any layout."""
-    return {key: unwrap_model(chunk).sharded_state_dict()
-            for key, chunk in zip(model_state_keys(len(chunks)), chunks)}
+    return {
+        key: unwrap_model(chunk).sharded_state_dict()
+        for key, chunk in zip(model_state_keys(len(chunks)), chunks, strict=True)
+    }
 
 
-def sharded_state_dict_spec(sharded_state_dict: Dict) -> str:
+def sharded_state_dict_spec(sharded_state_dict: dict) -> str:
     """'te' when the model behind a sharded state dict has Transformer Engine modules (they add
     `_extra_state` objects), else 'local': the spec recorded in megadiff.json."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
@@ -67,7 +69,7 @@ def sharded_state_dict_spec(sharded_state_dict: Dict) -> str:
     return "te" if te else "local"
 
 
-def rename_sharded_keys(sharded_state_dict: Dict, renames: Dict[str, str]) -> int:
+def rename_sharded_keys(sharded_state_dict: dict, renames: dict[str, str]) -> int:
     """Store / request tensors under other keys (in place): `renames` maps a model key to the new one
     (`checkpoint_converters.dist_keys.other_spec_keys`); keys that embed a model key (optimizer
     state) follow it. Returns the number of entries renamed."""
@@ -86,14 +88,16 @@ def rename_sharded_keys(sharded_state_dict: Dict, renames: Dict[str, str]) -> in
     return count
 
 
-def match_checkpoint_spec(ckpt_dir: str, sharded_state_dict: Dict, hf_config: Optional[Dict],
-                          trust: bool = False) -> Dict:
+def match_checkpoint_spec(ckpt_dir: str, sharded_state_dict: dict, hf_config: dict | None, trust: bool = False) -> dict:
     """The request `sharded_state_dict` (changed in place) adapted to a checkpoint written with the
     other megatron-core spec: tensors it holds under the other spec's key are asked for under that
     key; `_extra_state` objects it lacks become the model's own values (see the module docstring)."""
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
     from megatron.core.dist_checkpointing.mapping import (
-        LocalNonpersistentObject, ShardedObject, ShardedTensor, ShardedTensorFactory,
+        LocalNonpersistentObject,
+        ShardedObject,
+        ShardedTensor,
+        ShardedTensorFactory,
     )
 
     from checkpoint_converters.dist_keys import key_in_other_spec, other_spec_keys
@@ -124,7 +128,7 @@ def _broadcast(obj):
     return box[0]
 
 
-def _save_iteration(root: str, iteration: int, meta: Dict, write: Callable[[str], None]) -> str:
+def _save_iteration(root: str, iteration: int, meta: dict, write: Callable[[str], None]) -> str:
     """Shared by both savers: stage, write (collective), commit on rank 0, agree on the outcome."""
     if not torch.distributed.is_initialized():
         raise RuntimeError("save_checkpoint is collective: call megadiff.platform.init_distributed() first")
@@ -155,7 +159,7 @@ def _save_iteration(root: str, iteration: int, meta: Dict, write: Callable[[str]
     return final
 
 
-def save_checkpoint(root: str, iteration: int, sharded_state_dict: Dict, meta: Dict) -> str:
+def save_checkpoint(root: str, iteration: int, sharded_state_dict: dict, meta: dict) -> str:
     """Save `sharded_state_dict` (model, optionally optimizer etc.) as ROOT/iter_XXXXXXX, atomically.
 
     Collective. `meta`: hf_config (dict), layout (ParallelLayout or dict), dtype, and optionally
@@ -167,9 +171,14 @@ def save_checkpoint(root: str, iteration: int, sharded_state_dict: Dict, meta: D
 
 
 def save_checkpoint_lazily(
-    root: str, iteration: int, sharded_state_dict: Dict, meta: Dict,
-    materialize: Callable[[str], torch.Tensor], on_tensor: Optional[Callable[[int, int], None]] = None,
-    copier=None, peek: Optional[Callable[[str], object]] = None,
+    root: str,
+    iteration: int,
+    sharded_state_dict: dict,
+    meta: dict,
+    materialize: Callable[[str], torch.Tensor],
+    on_tensor: Callable[[int, int], None] | None = None,
+    copier=None,
+    peek: Callable[[str], object] | None = None,
 ) -> str:
     """`save_checkpoint` for a sharded state dict whose tensors are placeholders (e.g. a model
     built on the meta device): `materialize(path)` returns the real value of the entry at `path`
@@ -191,7 +200,7 @@ def _checkpoint_tensor_metadata(ckpt_dir: str, trust: bool = False):
     return read_dcp_metadata(ckpt_dir, trust).state_dict_metadata
 
 
-def _item_key(item) -> Optional[str]:
+def _item_key(item) -> str | None:
     """The key a ShardedTensor / factory / ShardedObject is stored under (None for other values)."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
@@ -202,7 +211,7 @@ def _item_key(item) -> Optional[str]:
     return None
 
 
-def missing_sharded_keys(ckpt_dir: str, sharded_state_dict: Dict, trust: bool = False) -> List[str]:
+def missing_sharded_keys(ckpt_dir: str, sharded_state_dict: dict, trust: bool = False) -> list[str]:
     """Sharded keys requested by `sharded_state_dict` that the checkpoint does not hold. Raises
     CheckpointError on a global-shape mismatch (the checkpoint is for another model config)."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
@@ -227,15 +236,14 @@ def missing_sharded_keys(ckpt_dir: str, sharded_state_dict: Dict, trust: bool = 
     return sorted(set(missing))
 
 
-def _missing_error(ckpt_dir: str, missing: List[str]) -> CheckpointError:
+def _missing_error(ckpt_dir: str, missing: list[str]) -> CheckpointError:
     return CheckpointError(
         f"{ckpt_dir}: tensor '{missing[0]}' is not in the checkpoint ({len(missing)} missing in all); "
         f"it was written for another model config or layout family (see its megadiff.json)"
     )
 
 
-def load_checkpoint(root_or_iter_dir: str, sharded_state_dict: Dict, iteration: Optional[int] = None,
-                    trust: bool = False):
+def load_checkpoint(root_or_iter_dir: str, sharded_state_dict: dict, iteration: int | None = None, trust: bool = False):
     """Load what `sharded_state_dict` asks for (collective) -> (state_dict, megadiff.json dict).
     Tensors in the checkpoint that are not asked for (e.g. optimizer state) are ignored; one written
     with the other megatron-core spec loads too (`match_checkpoint_spec`). Unless `trust`, every
@@ -254,8 +262,9 @@ def load_checkpoint(root_or_iter_dir: str, sharded_state_dict: Dict, iteration: 
     return dist_checkpointing.load(sharded_state_dict, ckpt_dir), meta
 
 
-def load_model_weights(root_or_iter_dir: str, chunks, iteration: Optional[int] = None, strict: bool = True,
-                       trust: bool = False) -> Dict:
+def load_model_weights(
+    root_or_iter_dir: str, chunks, iteration: int | None = None, strict: bool = True, trust: bool = False
+) -> dict:
     """Load the model weights of a checkpoint into `chunks` (this rank's model chunks, any layout).
     Optimizer state in the checkpoint is ignored. With strict=False, parameters the checkpoint lacks
     keep their values. Either megatron-core spec loads a checkpoint written by the other
@@ -276,6 +285,6 @@ def load_model_weights(root_or_iter_dir: str, chunks, iteration: Optional[int] =
     if missing:
         sharded, _ = extract_matching_values(sharded, lambda item: _item_key(item) not in missing)
     state = dist_checkpointing.load(sharded, ckpt_dir)
-    for key, chunk in zip(model_state_keys(len(chunks)), chunks):
+    for key, chunk in zip(model_state_keys(len(chunks)), chunks, strict=True):
         unwrap_model(chunk).load_state_dict(state[key], strict=strict)
     return meta

@@ -32,7 +32,6 @@ import socket
 import uuid
 import warnings
 from dataclasses import asdict, is_dataclass
-from typing import Dict, List, Optional
 
 import torch
 
@@ -45,8 +44,8 @@ TRACKER_NAME = "latest_checkpointed_iteration.txt"
 MCORE_CONFIG_NAME = "metadata.json"  # written last by megatron-core's dist_checkpointing.save
 DCP_METADATA_NAME = ".metadata"
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
-STAGING_MARK = ".tmp-"   # NAME.tmp-<nonce>: being written (or, after an exchange, the old copy being deleted)
-BACKUP_MARK = ".old-"    # NAME.old-<nonce>: the old copy during a two-rename replace (no RENAME_EXCHANGE)
+STAGING_MARK = ".tmp-"  # NAME.tmp-<nonce>: being written (or, after an exchange, the old copy being deleted)
+BACKUP_MARK = ".old-"  # NAME.old-<nonce>: the old copy during a two-rename replace (no RENAME_EXCHANGE)
 DAMAGED_MARK = ".damaged-"  # NAME.damaged-<nonce>: a damaged dir moved aside instead of being overwritten
 _NONCE_OWNER = re.compile(r"-(\d+)@([A-Za-z0-9._-]+)$")
 CRASH_ENV = "MEGADIFF_CRASH_AT"
@@ -96,7 +95,7 @@ def crash_point(step: str) -> None:
         os._exit(CRASH_EXIT_CODE)
 
 
-def staging_path(final_path: str, nonce: Optional[str] = None) -> str:
+def staging_path(final_path: str, nonce: str | None = None) -> str:
     """Where a directory is built before being renamed to `final_path` (same parent, `.tmp-` suffix)."""
     final_path = os.path.abspath(final_path)
     return f"{final_path}.tmp-{nonce or new_nonce()}"
@@ -114,7 +113,7 @@ def dtype_name(dtype) -> str:
     raise ValueError(f"unsupported checkpoint dtype {dtype!r}; use one of {sorted(DTYPES)}")
 
 
-def layout_dict(layout) -> Dict:
+def layout_dict(layout) -> dict:
     """A ParallelLayout (or a dict with its fields) as a plain JSON dict."""
     if is_dataclass(layout):
         layout = asdict(layout)
@@ -126,7 +125,7 @@ def layout_dict(layout) -> Dict:
     return {k: layout.get(k) for k in ("tp", "ep", "etp", "pp", "vpp")}
 
 
-def build_meta(iteration: int, meta: Dict, world_size: int) -> Dict:
+def build_meta(iteration: int, meta: dict, world_size: int) -> dict:
     """The megadiff.json content from the caller's `meta` (hf_config, layout, dtype required;
     hf_source_dir, spec ("local" default, or "te"), extra optional). Raises ValueError naming a
     missing or unknown field."""
@@ -155,7 +154,7 @@ def build_meta(iteration: int, meta: Dict, world_size: int) -> Dict:
         "dtype": dtype_name(meta["dtype"]),
         "spec": spec,
         "world_size": int(world_size),
-        "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "saved_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "extra": extra,
     }
     json.dumps(out)  # fail here, before any heavy work, if something is not JSON-serialisable
@@ -192,7 +191,7 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _read_meta_file(path: str) -> Dict:
+def _read_meta_file(path: str) -> dict:
     try:
         with open(path) as f:
             meta = json.load(f)
@@ -210,7 +209,7 @@ def _read_meta_file(path: str) -> Dict:
     return meta
 
 
-def iteration_dir_problem(path: str) -> Optional[str]:
+def iteration_dir_problem(path: str) -> str | None:
     """Why the iteration dir `path` is not a complete checkpoint (None when it is complete)."""
     if not os.path.isdir(path):
         return "not a directory"
@@ -232,7 +231,7 @@ def is_complete_iteration_dir(path: str) -> bool:
     return STAGING_MARK not in name and iteration_dir_problem(path) is None
 
 
-def interrupted_replace_copy(final: str) -> Optional[str]:
+def interrupted_replace_copy(final: str) -> str | None:
     """The complete `FINAL.old-<nonce>` copy left by a replace interrupted between its two renames,
     when FINAL itself is missing (else None)."""
     parent, base = os.path.split(os.path.abspath(final))
@@ -242,7 +241,7 @@ def interrupted_replace_copy(final: str) -> Optional[str]:
     return os.path.join(parent, copies[-1]) if copies else None
 
 
-def restore_interrupted_replace(final: str) -> Optional[str]:
+def restore_interrupted_replace(final: str) -> str | None:
     """Rename the old copy of an interrupted replace back to `final` (when FINAL is missing and the
     process that replaced it is dead). Returns the restored copy's former name, or None."""
     copy = interrupted_replace_copy(final)
@@ -256,7 +255,7 @@ def restore_interrupted_replace(final: str) -> Optional[str]:
     return copy
 
 
-def complete_iteration_dirs(root: str) -> Dict[int, str]:
+def complete_iteration_dirs(root: str) -> dict[int, str]:
     """{iteration: dir} of the complete iterations of ROOT. An `iter_XXXXXXX` dir that is missing
     because its replace was interrupted is represented by its complete `.old-` copy."""
     if not os.path.isdir(root):
@@ -275,12 +274,12 @@ def complete_iteration_dirs(root: str) -> Dict[int, str]:
     return found
 
 
-def complete_iterations(root: str) -> List[int]:
+def complete_iterations(root: str) -> list[int]:
     """Sorted iterations of ROOT whose `iter_XXXXXXX` dir is complete."""
     return sorted(complete_iteration_dirs(root))
 
 
-def latest_iteration(root: str) -> Optional[int]:
+def latest_iteration(root: str) -> int | None:
     """The newest COMPLETE iteration under ROOT, or None. `.tmp-` dirs and dirs without
     megadiff.json (an interrupted save) are never picked, whatever the tracker file says.
     (The trainer's stricter choice, which stops on damage, is training.checkpointing.resume_iteration.)"""
@@ -288,14 +287,14 @@ def latest_iteration(root: str) -> Optional[int]:
     return its[-1] if its else None
 
 
-def iteration_dirs(root: str) -> Dict[int, str]:
+def iteration_dirs(root: str) -> dict[int, str]:
     """{iteration: path} of every `iter_XXXXXXX` dir of ROOT, complete or not."""
     if not os.path.isdir(root):
         return {}
     return {int(m.group(1)): os.path.join(root, n) for n in os.listdir(root) if (m := _ITER_DIR.match(n))}
 
 
-def read_tracker(root: str) -> Optional[int]:
+def read_tracker(root: str) -> int | None:
     """The iteration named by ROOT/latest_checkpointed_iteration.txt (None without one). Raises
     CheckpointError when it holds something else than an iteration number."""
     path = os.path.join(root, TRACKER_NAME)
@@ -305,12 +304,14 @@ def read_tracker(root: str) -> Optional[int]:
     except FileNotFoundError:
         return None
     if not text.isdigit():
-        raise CheckpointError(f"{path}: expected an iteration number, found {text[:40]!r}; "
-                              f"write the iteration to resume from into it (e.g. `echo 10 > {path}`)")
+        raise CheckpointError(
+            f"{path}: expected an iteration number, found {text[:40]!r}; "
+            f"write the iteration to resume from into it (e.g. `echo 10 > {path}`)"
+        )
     return int(text)
 
 
-def resolve_checkpoint_dir(root_or_iter_dir: str, iteration: Optional[int] = None) -> str:
+def resolve_checkpoint_dir(root_or_iter_dir: str, iteration: int | None = None) -> str:
     """The complete iteration dir meant by a checkpoint ROOT (latest, or `iteration`) or by an
     iteration dir itself. Raises CheckpointError saying what is there instead."""
     path = os.path.abspath(root_or_iter_dir)
@@ -349,13 +350,15 @@ def resolve_checkpoint_dir(root_or_iter_dir: str, iteration: Optional[int] = Non
             f"a save interrupted before it finished leaves none"
         )
     newer = {it: p for it, p in iteration_dirs(path).items() if it > available[-1]}
-    for it, p in sorted(newer.items()):  # say so: never skip a newer iteration without a word
-        warnings.warn(f"{p}: skipped, not a complete checkpoint ({iteration_dir_problem(p)}); "
-                      f"using iteration {available[-1]}", stacklevel=2)
+    for _, p in sorted(newer.items()):  # say so: never skip a newer iteration without a word
+        warnings.warn(
+            f"{p}: skipped, not a complete checkpoint ({iteration_dir_problem(p)}); using iteration {available[-1]}",
+            stacklevel=2,
+        )
     return dirs[available[-1]]
 
 
-def read_meta(path: str) -> Dict:
+def read_meta(path: str) -> dict:
     """megadiff.json of a checkpoint: `path` is a ROOT (latest complete iteration), an iteration
     dir, or the megadiff.json file itself."""
     if os.path.isfile(path):
@@ -420,7 +423,7 @@ def move_aside_damaged(path: str) -> str:
     return kept
 
 
-def commit_iteration_dir(root: str, iteration: int, staging_dir: str, meta_json: Dict) -> str:
+def commit_iteration_dir(root: str, iteration: int, staging_dir: str, meta_json: dict) -> str:
     """Finish a saved iteration (single caller, e.g. rank 0): write megadiff.json last inside the
     staging dir, put it at `iter_XXXXXXX` (`replace_dir`: an older complete save of the same
     iteration is replaced atomically; a damaged one is moved aside with a warning, not deleted) and

@@ -18,7 +18,7 @@ checks it, and computing it cost more than the copy (0.6 s per GB here).
 
 import io
 import os
-from typing import Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
 
 import torch
 from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
@@ -42,7 +42,7 @@ class _LazyShards(torch.Tensor):
     def __new__(cls, key, global_shape, dtype, shards):
         return torch.Tensor._make_wrapper_subclass(cls, torch.Size(global_shape), dtype=dtype, device="cpu")
 
-    def __init__(self, key, global_shape, dtype, shards: List[Tuple[tuple, tuple, Callable, Callable]]):
+    def __init__(self, key, global_shape, dtype, shards: list[tuple[tuple, tuple, Callable, Callable]]):
         self._key = key
         self._shards = shards  # (global offsets, sizes, compute, peek)
 
@@ -71,7 +71,7 @@ class _LazyShards(torch.Tensor):
     def __create_chunk_list__(self):
         return [ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(s)) for o, s, _, _ in self._shards]
 
-    def peek_spans(self, index) -> Optional[Spans]:
+    def peek_spans(self, index) -> Spans | None:
         """Where the shard's bytes already are, if it will be copied from there; reads nothing."""
         for offsets, _, _, peek in self._shards:
             if torch.Size(offsets) == index.offset:
@@ -102,8 +102,7 @@ def _item_nbytes(item: WriteItem) -> int:
 class _StreamingWriter(FileSystemWriter):
     """One `__<rank>_0.distcp` file per rank, tensors resolved and written one at a time."""
 
-    def __init__(self, path, on_tensor: Optional[Callable[[int, int], None]] = None,
-                 copier: Optional[SpanCopier] = None):
+    def __init__(self, path, on_tensor: Callable[[int, int], None] | None = None, copier: SpanCopier | None = None):
         super().__init__(path, single_file_per_rank=True, sync_files=True, thread_count=1)
         self._on_tensor = on_tensor
         self.copier = copier or SpanCopier()
@@ -171,8 +170,9 @@ class _StreamingWriter(FileSystemWriter):
         with torch.serialization.skip_data():
             torch.save(placeholder, _HoleFillingStream(stream, lambda n: self._fill(stream, spans, n)))
         length = stream.tell() - offset
-        return WriteResult(index=item.index, size_in_bytes=length,
-                           storage_data=dcp_storage_info(storage_key, offset, length))
+        return WriteResult(
+            index=item.index, size_in_bytes=length, storage_data=dcp_storage_info(storage_key, offset, length)
+        )
 
     def _fill(self, stream, spans: Spans, nbytes: int) -> None:
         if nbytes != spans.nbytes:
@@ -212,7 +212,7 @@ class _HoleFillingStream(io.RawIOBase):
         self._stream.flush()
 
 
-def _owner(path: str, owners: Dict[str, torch.Tensor]) -> str:
+def _owner(path: str, owners: dict[str, torch.Tensor]) -> str:
     """The state-dict entry a (factory-built) shard at `path` came from: its longest prefix."""
     for candidate in (path, *(path[:i] for i in reversed(range(len(path))) if path[i] == ".")):
         if candidate in owners:
@@ -220,7 +220,7 @@ def _owner(path: str, owners: Dict[str, torch.Tensor]) -> str:
     raise KeyError(f"{path}: no state-dict entry owns this sharded tensor")
 
 
-def _row_piece(rows: RowAddresses, base: torch.Tensor, view: torch.Tensor) -> Optional[RowAddresses]:
+def _row_piece(rows: RowAddresses, base: torch.Tensor, view: torch.Tensor) -> RowAddresses | None:
     """The rows of `rows` (the value of `base`) that `view` covers, when it is a block of whole rows."""
     if view is base:
         return rows
@@ -244,9 +244,12 @@ def _piece(real, base: torch.Tensor, view: torch.Tensor):
 
 
 def write_lazily(
-    sharded_state_dict: Dict, checkpoint_dir: str, materialize: Callable[[str], torch.Tensor],
-    on_tensor: Optional[Callable[[int, int], None]] = None, copier: Optional[SpanCopier] = None,
-    peek: Optional[Callable[[str], Optional[RowAddresses]]] = None,
+    sharded_state_dict: dict,
+    checkpoint_dir: str,
+    materialize: Callable[[str], torch.Tensor],
+    on_tensor: Callable[[int, int], None] | None = None,
+    copier: SpanCopier | None = None,
+    peek: Callable[[str], RowAddresses | None] | None = None,
 ) -> None:
     """Collective. Save `sharded_state_dict` (placeholders; consumed) into `checkpoint_dir` the way
     dist_checkpointing.save would, calling `materialize(path)` for each entry's real value (a
@@ -264,14 +267,15 @@ def write_lazily(
 
     # Each entry's placeholder tensor, before factories (e.g. gated fc1 -> [gate; up]) split it.
     owners = {
-        path: item.data for path, item in flatten_state_dict(sharded_state_dict)[0].items()
+        path: item.data
+        for path, item in flatten_state_dict(sharded_state_dict)[0].items()
         if isinstance(getattr(item, "data", None), torch.Tensor)
     }
     sharded, common = save_preprocess(sharded_state_dict, validate_access_integrity=True)
     sharded = save_common_state(sharded, common, checkpoint_dir)  # common.pt or ShardedObject 'common_state'
     groups, _, paths_of = sharded_items_by_key(sharded)
 
-    cache: Dict[str, torch.Tensor] = {}
+    cache: dict[str, torch.Tensor] = {}
 
     def value_of(owner: str) -> torch.Tensor:
         if owner not in cache:
@@ -291,7 +295,7 @@ def write_lazily(
             to_save.update(mcore_to_pyt_state_dict({key: items}))
             continue
         shards = []
-        for path, sh in zip(paths_of[key], items):
+        for path, sh in zip(paths_of[key], items, strict=True):
             if sh.flattened_range is not None:
                 raise NotImplementedError(f"{key}: flattened shards cannot be written lazily")
             owner = _owner(path, owners)

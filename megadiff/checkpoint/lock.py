@@ -11,7 +11,6 @@ import fcntl
 import json
 import os
 import socket
-from typing import Optional
 
 from checkpoint_converters.hf_io import CheckpointError
 
@@ -28,7 +27,7 @@ class SaveDirLock:
     def __init__(self, save_dir: str):
         self.save_dir = os.path.abspath(save_dir)
         self.path = os.path.join(self.save_dir, LOCK_NAME)
-        self._fd: Optional[int] = None
+        self._fd: int | None = None
 
     def acquire(self) -> "SaveDirLock":
         """Take the lock or raise SaveDirInUseError naming the holder. The dir must exist."""
@@ -45,8 +44,11 @@ class SaveDirLock:
         except BaseException:
             os.close(fd)
             raise
-        holder = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "since": datetime.datetime.now().isoformat(timespec="seconds")}
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": datetime.datetime.now().isoformat(timespec="seconds"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         self._fd = fd

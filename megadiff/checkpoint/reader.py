@@ -15,7 +15,7 @@ import os
 import struct
 import warnings
 import zipfile
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner
@@ -27,7 +27,7 @@ from megadiff.platform.compat import dcp_file_view
 from .format import DCP_METADATA_NAME
 from .untrusted import SafeFileSystemReader, vet_checkpoint
 
-Box = Tuple[str, Optional[Sequence[int]], Optional[Sequence[int]]]  # key, offsets, sizes (None = all)
+Box = tuple[str, Sequence[int] | None, Sequence[int] | None]  # key, offsets, sizes (None = all)
 
 
 class _Boxes(torch.Tensor):
@@ -37,7 +37,7 @@ class _Boxes(torch.Tensor):
     def __new__(cls, global_shape, dtype, boxes):
         return torch.Tensor._make_wrapper_subclass(cls, torch.Size(global_shape), dtype=dtype, device="cpu")
 
-    def __init__(self, global_shape, dtype, boxes: List[Tuple[Tuple[int, ...], torch.Tensor]]):
+    def __init__(self, global_shape, dtype, boxes: list[tuple[tuple[int, ...], torch.Tensor]]):
         self._boxes = boxes
 
     @classmethod
@@ -69,19 +69,19 @@ class DistCheckpointReader:
             raise CheckpointError(f"{ckpt_dir}: {DCP_METADATA_NAME} missing; not a dist_checkpointing directory")
         self._reader = SafeFileSystemReader(ckpt_dir, trust=trust)
         metadata = self._reader.read_metadata()  # CheckpointError naming the file if refused / unreadable
-        self._tensors: Dict[str, TensorStorageMetadata] = {
+        self._tensors: dict[str, TensorStorageMetadata] = {
             k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
         }
         self._chunk_at = {  # key -> {chunk offsets: chunk sizes}
             k: {tuple(c.offsets): tuple(c.sizes) for c in v.chunks} for k, v in self._tensors.items()
         }
-        self._by_lead: Dict[str, tuple] = {}  # key -> chunks grouped by dim-0 offset
+        self._by_lead: dict[str, tuple] = {}  # key -> chunks grouped by dim-0 offset
         self._storage = metadata.storage_data or {}
-        self._data_at: Dict[MetadataIndex, Optional[Tuple[str, int]]] = {}
+        self._data_at: dict[MetadataIndex, tuple[str, int] | None] = {}
         # Items written as plain torch.save records (what megatron-core and torch write by default)
         # are read directly; anything with stream transforms goes through torch DCP's reader.
         self._direct = all(not getattr(i, "transform_descriptors", None) for i in self._storage.values())
-        needed: Dict[str, int] = {}
+        needed: dict[str, int] = {}
         for info in self._storage.values():
             end = info.offset + info.length
             needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
@@ -94,13 +94,13 @@ class DistCheckpointReader:
                 raise CheckpointError(f"{path}: truncated ({size} bytes, the metadata needs {end})")
         vet_checkpoint(ckpt_dir, trust, metadata, extra_state_is_loaded=False)  # byte items: no code
 
-    def keys(self) -> List[str]:
+    def keys(self) -> list[str]:
         return sorted(self._tensors)
 
     def __contains__(self, key: str) -> bool:
         return key in self._tensors
 
-    def shape(self, key: str) -> Tuple[int, ...]:
+    def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._meta(key).size)
 
     def dtype(self, key: str) -> torch.dtype:
@@ -116,7 +116,7 @@ class DistCheckpointReader:
         the box's (a stack of 256 experts has 256 chunks; testing each one in Python for every
         box made reading a checkpoint quadratic in the number of experts)."""
         if key not in self._by_lead:
-            groups: Dict[int, list] = {}
+            groups: dict[int, list] = {}
             for chunk in self._meta(key).chunks:
                 groups.setdefault(chunk.offsets[0] if len(chunk.offsets) else 0, []).append(chunk)
             leads = sorted(groups)
@@ -134,7 +134,7 @@ class DistCheckpointReader:
         covered = 0
         for chunk in self._chunks_overlapping(key, offsets, sizes):
             volume = 1
-            for o, s, co, cs in zip(offsets, sizes, chunk.offsets, chunk.sizes):
+            for o, s, co, cs in zip(offsets, sizes, chunk.offsets, chunk.sizes, strict=True):
                 volume *= max(0, min(o + s, co + cs) - max(o, co))
             covered += volume
         wanted = 1
@@ -146,17 +146,17 @@ class DistCheckpointReader:
                 f"of the box at {list(offsets)}); the checkpoint is incomplete"
             )
 
-    def _box(self, key, offsets, sizes) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    def _box(self, key, offsets, sizes) -> tuple[tuple[int, ...], tuple[int, ...]]:
         shape = self.shape(key)
         offsets = tuple(offsets) if offsets is not None else (0,) * len(shape)
-        sizes = tuple(sizes) if sizes is not None else tuple(s - o for s, o in zip(shape, offsets))
-        if len(offsets) != len(shape) or any(o < 0 or o + s > n for o, s, n in zip(offsets, sizes, shape)):
+        sizes = tuple(sizes) if sizes is not None else tuple(s - o for s, o in zip(shape, offsets, strict=True))
+        if len(offsets) != len(shape) or any(o < 0 or o + s > n for o, s, n in zip(offsets, sizes, shape, strict=True)):
             raise ValueError(f"{key}: box at {list(offsets)} of size {list(sizes)} outside {list(shape)}")
         if self._chunk_at.get(key, {}).get(offsets) != sizes:  # exactly one stored item: covered
             self._check_covered(key, offsets, sizes)
         return offsets, sizes
 
-    def read_many(self, boxes: Sequence[Box]) -> List[torch.Tensor]:
+    def read_many(self, boxes: Sequence[Box]) -> list[torch.Tensor]:
         """Read boxes (key, offsets, sizes; None = the whole tensor); one tensor per box, in order."""
         boxes = [(key, *self._box(key, offsets, sizes)) for key, offsets, sizes in boxes]
         if self._direct:
@@ -178,15 +178,15 @@ class DistCheckpointReader:
             del stored
         return out
 
-    def _overlaps(self, key: str, offsets, sizes) -> List[Tuple[ChunkStorageMetadata, tuple, tuple]]:
+    def _overlaps(self, key: str, offsets, sizes) -> list[tuple[ChunkStorageMetadata, tuple, tuple]]:
         """(stored chunk, its slices, the box's slices) for every chunk overlapping the box."""
         parts = []
         for chunk in self._chunks_overlapping(key, offsets, sizes):
-            lo = [max(o, c) for o, c in zip(offsets, chunk.offsets)]
-            hi = [min(o + s, c + n) for o, s, c, n in zip(offsets, sizes, chunk.offsets, chunk.sizes)]
-            if all(h > low for h, low in zip(hi, lo)):
-                src = tuple(slice(low - c, h - c) for low, h, c in zip(lo, hi, chunk.offsets))
-                dst = tuple(slice(low - o, h - o) for low, h, o in zip(lo, hi, offsets))
+            lo = [max(o, c) for o, c in zip(offsets, chunk.offsets, strict=True)]
+            hi = [min(o + s, c + n) for o, s, c, n in zip(offsets, sizes, chunk.offsets, chunk.sizes, strict=True)]
+            if all(h > low for h, low in zip(hi, lo, strict=True)):
+                src = tuple(slice(low - c, h - c) for low, h, c in zip(lo, hi, chunk.offsets, strict=True))
+                dst = tuple(slice(low - o, h - o) for low, h, o in zip(lo, hi, offsets, strict=True))
                 parts.append((chunk, src, dst))
         return parts
 
@@ -201,13 +201,15 @@ class DistCheckpointReader:
         except Exception as e:
             raise CheckpointError(f"{path}: '{key}' at {list(chunk.offsets)} could not be read ({e!r})") from None
         if tuple(tensor.shape) != tuple(chunk.sizes) or tensor.dtype != self.dtype(key):
-            raise CheckpointError(f"{path}: '{key}' at {list(chunk.offsets)} holds {tensor.dtype} "
-                                  f"{list(tensor.shape)}, the metadata says {self.dtype(key)} {list(chunk.sizes)}")
+            raise CheckpointError(
+                f"{path}: '{key}' at {list(chunk.offsets)} holds {tensor.dtype} "
+                f"{list(tensor.shape)}, the metadata says {self.dtype(key)} {list(chunk.sizes)}"
+            )
         return tensor
 
-    def _read_with_dcp(self, boxes) -> List[torch.Tensor]:
+    def _read_with_dcp(self, boxes) -> list[torch.Tensor]:
         """torch DCP's own reader (used when items are stored with stream transforms)."""
-        targets: Dict[str, List[Tuple[Tuple[int, ...], torch.Tensor]]] = {}
+        targets: dict[str, list[tuple[tuple[int, ...], torch.Tensor]]] = {}
         out = []
         for key, offsets, sizes in boxes:
             if any(o == offsets for o, _ in targets.get(key, [])):
@@ -220,7 +222,8 @@ class DistCheckpointReader:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process"
                 torch.distributed.checkpoint.load(
-                    state, storage_reader=self._reader,
+                    state,
+                    storage_reader=self._reader,
                     planner=DefaultLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
                     no_dist=True,
                 )
@@ -235,7 +238,7 @@ class DistCheckpointReader:
 
     # ---- where stored bytes are (for converters that copy them file to file) ----------------
 
-    def data_location(self, key: str, chunk_offsets: Sequence[int]) -> Optional[Tuple[str, int]]:
+    def data_location(self, key: str, chunk_offsets: Sequence[int]) -> tuple[str, int] | None:
         """(file path, absolute offset) of the raw bytes of the item stored at `chunk_offsets`, in
         C order, when the item is a plain torch.save record of a contiguous tensor (what DCP and
         megatron-core write); None otherwise (then read it). Reads only the record's metadata."""
@@ -250,7 +253,7 @@ class DistCheckpointReader:
         1.3 s of a 3.7 s export of 3 GB here (thousands of small synchronous reads)."""
         if not hasattr(os, "posix_fadvise"):
             return
-        files: Dict[str, int] = {}
+        files: dict[str, int] = {}
         try:
             for info in self._storage.values():
                 path = os.path.join(self.ckpt_dir, info.relative_path)
@@ -262,7 +265,7 @@ class DistCheckpointReader:
             for fd in files.values():
                 os.close(fd)
 
-    def _find_data(self, key: str, index: MetadataIndex) -> Optional[Tuple[str, int]]:
+    def _find_data(self, key: str, index: MetadataIndex) -> tuple[str, int] | None:
         info = self._storage.get(index)
         if info is None:
             return None
@@ -273,9 +276,15 @@ class DistCheckpointReader:
                 data = [i for i in record.infolist() if i.filename.split("/")[-2:-1] == ["data"]]
                 with torch.serialization.skip_data():  # shape / strides / storage, no bytes read
                     tensor = torch.load(_FileSlice(f, info.offset, info.length), map_location="cpu", weights_only=True)
-                if (len(data) != 1 or data[0].compress_type != zipfile.ZIP_STORED or not tensor.is_contiguous()
-                        or tensor.storage_offset() != 0 or data[0].file_size != tensor.nbytes
-                        or tensor.dtype != self.dtype(key) or tensor.untyped_storage().nbytes() != tensor.nbytes):
+                if (
+                    len(data) != 1
+                    or data[0].compress_type != zipfile.ZIP_STORED
+                    or not tensor.is_contiguous()
+                    or tensor.storage_offset() != 0
+                    or data[0].file_size != tensor.nbytes
+                    or tensor.dtype != self.dtype(key)
+                    or tensor.untyped_storage().nbytes() != tensor.nbytes
+                ):
                     return None
                 f.seek(info.offset + data[0].header_offset)
                 header = f.read(30)
@@ -305,7 +314,7 @@ class DistCheckpointReader:
             out[dst[:-1]] = stored[src[:-1]]
         return out, row_bytes
 
-    def read(self, key: str, offsets: Optional[Sequence[int]] = None, sizes: Optional[Sequence[int]] = None) -> torch.Tensor:
+    def read(self, key: str, offsets: Sequence[int] | None = None, sizes: Sequence[int] | None = None) -> torch.Tensor:
         return self.read_many([(key, offsets, sizes)])[0]
 
 

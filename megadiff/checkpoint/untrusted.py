@@ -24,7 +24,6 @@ import math
 import os
 import pickle
 import re
-from typing import Dict
 
 import torch
 
@@ -32,8 +31,10 @@ from checkpoint_converters.hf_io import CheckpointError
 
 from .format import DCP_METADATA_NAME
 
-TRUST_HINT = ("if you made this checkpoint yourself (e.g. with Transformer Engine FP8), pass --trust-checkpoint "
-              "(checkpoint.trust_checkpoint=true in a training config) to load it without these checks")
+TRUST_HINT = (
+    "if you made this checkpoint yourself (e.g. with Transformer Engine FP8), pass --trust-checkpoint "
+    "(checkpoint.trust_checkpoint=true in a training config) to load it without these checks"
+)
 COMMON_STATE_NAME = "common.pt"  # megatron-core <= 0.16's non-sharded state
 
 # DCP metadata: every dataclass / enum defined in these modules, and the named classes of others.
@@ -41,13 +42,25 @@ _DCP_MODULES_ALL_CLASSES = ("torch.distributed.checkpoint.metadata",)
 _DCP_CLASSES = {
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.distributed.checkpoint.planner": {
-        "SavePlan", "LoadPlan", "WriteItem", "ReadItem", "WriteItemType", "LoadItemType",
-        "TensorWriteData", "BytesIOWriteData",
+        "SavePlan",
+        "LoadPlan",
+        "WriteItem",
+        "ReadItem",
+        "WriteItemType",
+        "LoadItemType",
+        "TensorWriteData",
+        "BytesIOWriteData",
     },
 }
 _PLAIN_GLOBALS = {
-    ("torch", "Size"), ("collections", "OrderedDict"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
-    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"), ("builtins", "complex"),
+    ("torch", "Size"),
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "slice"),
+    ("builtins", "complex"),
     ("builtins", "bytearray"),
 }
 
@@ -73,8 +86,11 @@ def _allowed_global(module: str, name: str):
     if module in _DCP_MODULES_ALL_CLASSES or name in _DCP_CLASSES.get(module, ()):
         obj = getattr(importlib.import_module(module), name, None)
         # Only classes defined there (not whatever that module imported), and only plain data ones.
-        if (isinstance(obj, type) and obj.__module__ == module
-                and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum))):
+        if (
+            isinstance(obj, type)
+            and obj.__module__ == module
+            and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum))
+        ):
             return obj
     return None
 
@@ -90,7 +106,7 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("persistent ids are not torch DCP metadata")
 
 
-def _class_attributes() -> Dict[type, dict]:
+def _class_attributes() -> dict[type, dict]:
     """The attributes of the allowed Python classes: a pickle's BUILD can set attributes of a
     class object it names, which would outlive the load; compared before and after."""
     import pathlib
@@ -111,9 +127,11 @@ def unpickle_dcp_metadata(data, source: str):
     try:
         metadata = _DCPMetadataUnpickler(data).load()
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{source}: refused to unpickle it ({e}); a checkpoint's {DCP_METADATA_NAME} "
-                              f"holds only torch DCP metadata, this one would run code or build other "
-                              f"objects when loaded; {TRUST_HINT}") from None
+        raise CheckpointError(
+            f"{source}: refused to unpickle it ({e}); a checkpoint's {DCP_METADATA_NAME} "
+            f"holds only torch DCP metadata, this one would run code or build other "
+            f"objects when loaded; {TRUST_HINT}"
+        ) from None
     except Exception as e:
         raise CheckpointError(f"{source}: unreadable ({e!r})") from None
     finally:
@@ -125,8 +143,9 @@ def unpickle_dcp_metadata(data, source: str):
                 if vars(cls).get(key) is not value:
                     setattr(cls, key, value)
     if changed:
-        raise CheckpointError(f"{source}: refused: its pickle sets attributes of {changed[0].__qualname__}; "
-                              f"{TRUST_HINT}")
+        raise CheckpointError(
+            f"{source}: refused: its pickle sets attributes of {changed[0].__qualname__}; {TRUST_HINT}"
+        )
     from torch.distributed.checkpoint.metadata import Metadata
 
     if not isinstance(metadata, Metadata):
@@ -156,8 +175,10 @@ def check_storage_paths(ckpt_dir: str, metadata) -> None:
     for info in (metadata.storage_data or {}).values():
         name = getattr(info, "relative_path", None)
         if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or os.sep in name:
-            raise CheckpointError(f"{os.path.join(ckpt_dir, DCP_METADATA_NAME)}: data file {name!r} is not a "
-                                  f"file name inside the checkpoint directory; refusing to read it")
+            raise CheckpointError(
+                f"{os.path.join(ckpt_dir, DCP_METADATA_NAME)}: data file {name!r} is not a "
+                f"file name inside the checkpoint directory; refusing to read it"
+            )
 
 
 try:
@@ -202,8 +223,10 @@ def _weights_only_load(f, source: str):
     except pickle.UnpicklingError as e:
         named = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = f"it names {named.group(1)}" if named else str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{source}: refused to unpickle it ({what}; only tensors and plain values "
-                              f"are allowed, anything else could run code); {TRUST_HINT}") from None
+        raise CheckpointError(
+            f"{source}: refused to unpickle it ({what}; only tensors and plain values "
+            f"are allowed, anything else could run code); {TRUST_HINT}"
+        ) from None
     except Exception as e:
         raise CheckpointError(f"{source}: unreadable ({e!r})") from None
 
@@ -221,8 +244,10 @@ def vet_checkpoint(ckpt_dir: str, trust: bool = False, metadata=None, extra_stat
     from .reader import _FileSlice
 
     metadata = metadata if metadata is not None else read_dcp_metadata(ckpt_dir)
-    fp8_refusal = ("is non-empty extra state (e.g. Transformer Engine's FP8 metadata, which TE unpickles "
-                   "without restriction when the model takes it)")
+    fp8_refusal = (
+        "is non-empty extra state (e.g. Transformer Engine's FP8 metadata, which TE unpickles "
+        "without restriction when the model takes it)"
+    )
     for index, info in (metadata.storage_data or {}).items():
         item = metadata.state_dict_metadata.get(index.fqn)
         extra_state = extra_state_is_loaded and "_extra_state" in index.fqn
@@ -234,8 +259,10 @@ def vet_checkpoint(ckpt_dir: str, trust: bool = False, metadata=None, extra_stat
             continue
         source = f"{os.path.join(ckpt_dir, info.relative_path)}: item '{index.fqn}'"
         if getattr(info, "transform_descriptors", None):
-            raise CheckpointError(f"{source} is stored with stream transforms {list(info.transform_descriptors)} "
-                                  f"that megadiff cannot check; {TRUST_HINT}")
+            raise CheckpointError(
+                f"{source} is stored with stream transforms {list(info.transform_descriptors)} "
+                f"that megadiff cannot check; {TRUST_HINT}"
+            )
         path = os.path.join(ckpt_dir, info.relative_path)
         if not os.path.isfile(path) or os.path.getsize(path) < info.offset + info.length:
             raise CheckpointError(f"{source}: the data file is missing or shorter than the metadata says")

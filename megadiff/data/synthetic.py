@@ -8,14 +8,13 @@ model to learn in a few hundred CPU steps), written with GSM8K's `#### <answer>`
 """
 
 import random
-from typing import Dict, List
 
 NAMES = ["Tom", "Ann", "Bob", "Eve", "Sam", "Mia"]
 ITEMS = ["apples", "books", "cats", "pens", "cups"]
 MAX_OPERAND = 5
 
 
-def arithmetic_problem(rng: random.Random) -> Dict[str, str]:
+def arithmetic_problem(rng: random.Random) -> dict[str, str]:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     a, b = rng.randint(1, MAX_OPERAND), rng.randint(1, MAX_OPERAND)
     if rng.random() < 0.5:
@@ -28,11 +27,10 @@ def arithmetic_problem(rng: random.Random) -> Dict[str, str]:
     return {"question": question, "answer": answer}
 
 
-def arithmetic_problems(n: int, seed: int = 0) -> List[Dict[str, str]]:
+def arithmetic_problems(n: int, seed: int = 0) -> list[dict[str, str]]:
     rng = random.Random(seed)
     return [arithmetic_problem(rng) for _ in range(n)]
 
 
-def as_messages(row: Dict[str, str]) -> Dict:
-    return {"messages": [{"role": "user", "content": row["question"]},
-                         {"role": "assistant", "content": row["answer"]}]}
+def as_messages(row: dict[str, str]) -> dict:
+    return {"messages": [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}]}

@@ -82,10 +82,10 @@ def encode_chat_prompt(context: Sequence[dict], tokenizer) -> list[int]:
     if not any(s in m["content"] for m in context for s in specials):
         return list(tokenizer.encode(_render(context, tokenizer), add_special_tokens=False))
     standins = [_CONTENT_STANDIN.format(i) for i in range(len(context))]
-    rendered = _render([{**m, "content": s} for m, s in zip(context, standins)], tokenizer)
+    rendered = _render([{**m, "content": s} for m, s in zip(context, standins, strict=True)], tokenizer)
     ids: list[int] = []
     pos = 0
-    for message, standin in zip(context, standins):
+    for message, standin in zip(context, standins, strict=True):
         at = rendered.find(standin, pos)
         if at < 0 or rendered.count(standin) != 1:
             raise ValueError(
@@ -132,8 +132,10 @@ def tokenize_rows(rows: Sequence[dict], tokenizer, mask_id: int | None = None) -
         except ValueError as e:
             raise DataError(f"{where}: {e}") from None
         if mask_id is not None and mask_id in ids:
-            raise DataError(f"{where}: the tokenized row contains the mask token id {mask_id}; "
-                            "remove the mask token's text from the row")
+            raise DataError(
+                f"{where}: the tokenized row contains the mask token id {mask_id}; "
+                "remove the mask token's text from the row"
+            )
         samples.append((ids, prompt_len))
     return samples
 

@@ -18,7 +18,6 @@ inputs whose two halves both use positions 0..L-1 work.
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +34,7 @@ class LLaDA2MoeOutput:
     renames `past_key_values` and warns on every access."""
 
     logits: torch.Tensor
-    past_key_values: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
+    past_key_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __getitem__(self, index):
         return (self.logits, self.past_key_values)[index]
@@ -66,8 +65,7 @@ class LLaDA2MoeRotaryEmbedding(nn.Module):
         super().__init__()
         self.rotary_dim = int(config.head_dim * config.partial_rotary_factor)
         inv_freq = 1.0 / (
-            config.rope_theta
-            ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.float32) / self.rotary_dim)
+            config.rope_theta ** (torch.arange(0, self.rotary_dim, 2, dtype=torch.float32) / self.rotary_dim)
         )
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -137,9 +135,7 @@ class LLaDA2MoeSparseMoeBlock(nn.Module):
         )
         self.shared_experts = None
         if config.num_shared_experts:
-            self.shared_experts = LLaDA2MoeMLP(
-                config, config.moe_intermediate_size * config.num_shared_experts
-            )
+            self.shared_experts = LLaDA2MoeMLP(config, config.moe_intermediate_size * config.num_shared_experts)
         self.last_routing = None  # (indices, weights) of the last forward, for routing tests
 
     # Batched experts without gradients (inference); False forces the per-expert loop.
@@ -191,8 +187,8 @@ class LLaDA2MoeSparseMoeBlock(nn.Module):
         if hasattr(torch, "_grouped_mm"):
             try:
                 return torch._grouped_mm(rows, stacked.transpose(1, 2), offs=ends)
-            except (RuntimeError, NotImplementedError):  # dtype / device / alignment the kernel does not take: fall back
-                pass
+            except (RuntimeError, NotImplementedError):
+                pass  # dtype / device / alignment the kernel does not take: fall back
         out = rows.new_empty(rows.shape[0], stacked.shape[1])
         chunk = max(1, self._GATHER_ELEMENTS // (stacked.shape[1] * stacked.shape[2]))
         for start in range(0, rows.shape[0], chunk):
@@ -308,9 +304,7 @@ class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
     def __init__(self, config: LLaDA2MoeConfig):
         super().__init__(config)
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            LLaDA2MoeDecoderLayer(config, i) for i in range(config.num_hidden_layers)
-        )
+        self.layers = nn.ModuleList(LLaDA2MoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = LLaDA2MoeRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = LLaDA2MoeRotaryEmbedding(config)
         self.post_init()
@@ -324,9 +318,9 @@ class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
     def forward(
         self,
         input_ids: torch.LongTensor,
-        position_ids: Optional[torch.LongTensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        past_key_values: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None,
+        position_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         use_cache: bool = False,
     ):
         b, s = input_ids.shape
@@ -370,14 +364,12 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
     def forward(
         self,
         input_ids: torch.LongTensor,
-        position_ids: Optional[torch.LongTensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        past_key_values: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None,
+        position_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         use_cache: bool = False,
         **unused,
     ):
-        hidden, presents = self.model(
-            input_ids, position_ids, attention_mask, past_key_values, use_cache
-        )
+        hidden, presents = self.model(input_ids, position_ids, attention_mask, past_key_values, use_cache)
         logits = self.lm_head(hidden)
         return LLaDA2MoeOutput(logits=logits, past_key_values=presents)

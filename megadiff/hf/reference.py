@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-from typing import Dict, Optional
 
 import torch
 
@@ -28,7 +27,7 @@ def register_with_transformers() -> None:
         pass
 
 
-def build_reference_model(cfg: Dict, seed: Optional[int] = None, dtype=torch.float32) -> LLaDA2MoeModelLM:
+def build_reference_model(cfg: dict, seed: int | None = None, dtype=torch.float32) -> LLaDA2MoeModelLM:
     """A reference model from config fields. With `seed`, every weight is random and non-trivial:
     norms away from 1 and non-zero expert biases, so a test that ignores them fails."""
     config = LLaDA2MoeConfig(**{k: v for k, v in cfg.items() if k != "model_type"})
@@ -72,7 +71,7 @@ def load_reference_model(hf_dir: str, dtype=torch.float32) -> LLaDA2MoeModelLM:
     return model.to(dtype).eval() if dtype != torch.float32 else model.eval()
 
 
-def write_hf_config(cfg: Dict, out_dir: str) -> None:
+def write_hf_config(cfg: dict, out_dir: str) -> None:
     """config.json with the remote-code `auto_map`, as real LLaDA2 downloads have it."""
     cfg = dict(cfg, auto_map=AUTO_MAP)
     cfg.setdefault("architectures", ["LLaDA2MoeModelLM"])
@@ -81,7 +80,7 @@ def write_hf_config(cfg: Dict, out_dir: str) -> None:
         json.dump(cfg, f, indent=2, sort_keys=True)
 
 
-def copy_remote_code(out_dir: str, source_dir: Optional[str] = None) -> None:
+def copy_remote_code(out_dir: str, source_dir: str | None = None) -> None:
     """Copy configuration/modeling files next to the weights (from source_dir if it has them)."""
     for name in REMOTE_CODE_FILES:
         src = os.path.join(source_dir, name) if source_dir else None

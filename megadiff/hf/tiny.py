@@ -15,8 +15,13 @@ def write_tiny_model_dir(out_dir: str, seed: int = 0, **config_overrides) -> str
     os.makedirs(out_dir, exist_ok=True)
     tokenizer = build_tiny_tokenizer(out_dir)
     eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
-    cfg = preset("tiny", pad_token_id=eos, eos_token_id=eos,
-                 mask_token_id=tokenizer.convert_tokens_to_ids(MASK_TOKEN), **config_overrides)
+    cfg = preset(
+        "tiny",
+        pad_token_id=eos,
+        eos_token_id=eos,
+        mask_token_id=tokenizer.convert_tokens_to_ids(MASK_TOKEN),
+        **config_overrides,
+    )
     if len(tokenizer) > cfg["vocab_size"]:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than vocab_size={cfg['vocab_size']}")
     save_reference_model(build_reference_model(cfg, seed=seed), out_dir)

@@ -25,6 +25,7 @@ from megadiff.errors import UserError
 class TokenizerError(UserError):
     """A tokenizer that cannot be loaded or lacks a token megadiff needs."""
 
+
 # Special tokens, spelled as in LLaDA2.0 (DESIGN.md §1). pad == eos, as in the real model.
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = EOS_TOKEN

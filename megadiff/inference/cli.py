@@ -6,43 +6,75 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from .loading import check_device, check_model_dir, default_device, load_model, load_tokenizer, parse_dtype, special_token_ids
+from .loading import (
+    check_device,
+    check_model_dir,
+    default_device,
+    load_model,
+    load_tokenizer,
+    parse_dtype,
+    special_token_ids,
+)
 from .sampler import DecodingOptions
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
-                        help="Hugging Face LLaDA2 dir, or a megadiff megatron-core checkpoint dir")
-    parser.add_argument("--iteration", type=int, default=None,
-                        help="mcore checkpoint iteration to load (default: the latest)")
+    parser.add_argument(
+        "--model", required=True, help="Hugging Face LLaDA2 dir, or a megadiff megatron-core checkpoint dir"
+    )
+    parser.add_argument(
+        "--iteration", type=int, default=None, help="mcore checkpoint iteration to load (default: the latest)"
+    )
     parser.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the model dir)")
     parser.add_argument("--device", default=default_device(), help="cpu or cuda[:i] (default: %(default)s)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="weights dtype; auto = bfloat16 on GPU, float32 on CPU")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights dtype; auto = bfloat16 on GPU, float32 on CPU",
+    )
     parser.add_argument("--mask-id", type=int, default=None, help="mask token id (default: <|mask|> of the tokenizer)")
     parser.add_argument("--eos-id", type=int, default=None, help="EOS token id (default: config.json eos_token_id)")
-    parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="read an mcore checkpoint's pickled metadata without restriction (only for "
-                             "checkpoints you made: a pickle can run code)")
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="read an mcore checkpoint's pickled metadata without restriction (only for "
+        "checkpoints you made: a pickle can run code)",
+    )
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser, batch_size: int = 1) -> None:
     d = DecodingOptions()
-    parser.add_argument("--gen-length", type=int, default=d.gen_length, help="tokens to generate (default: %(default)s)")
+    parser.add_argument(
+        "--gen-length", type=int, default=d.gen_length, help="tokens to generate (default: %(default)s)"
+    )
     parser.add_argument("--block-length", type=int, default=d.block_length, help="default: %(default)s")
     parser.add_argument("--steps", type=int, default=d.steps, help="iterations per block (default: %(default)s)")
-    parser.add_argument("--threshold", type=float, default=d.threshold,
-                        help="commit every prediction above this confidence (default: %(default)s)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=d.threshold,
+        help="commit every prediction above this confidence (default: %(default)s)",
+    )
     parser.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (default: %(default)s)")
     parser.add_argument("--top-k", type=int, default=d.top_k, help="default: off")
     parser.add_argument("--top-p", type=float, default=d.top_p, help="default: off")
-    parser.add_argument("--minimal-topk", type=int, default=d.minimal_topk,
-                        help="steps = min(steps, gen_length // minimal_topk) (default: %(default)s)")
-    parser.add_argument("--eos-early-stop", action="store_true",
-                        help="stop as soon as an EOS is committed with no mask before it")
-    parser.add_argument("--no-cache", action="store_true", help="recompute finished blocks every step (slow; for checks)")
+    parser.add_argument(
+        "--minimal-topk",
+        type=int,
+        default=d.minimal_topk,
+        help="steps = min(steps, gen_length // minimal_topk) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--eos-early-stop", action="store_true", help="stop as soon as an EOS is committed with no mask before it"
+    )
+    parser.add_argument(
+        "--no-cache", action="store_true", help="recompute finished blocks every step (slow; for checks)"
+    )
     parser.add_argument("--seed", type=int, default=d.seed, help="sampling seed (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=batch_size, help="prompts per generate call (default: %(default)s)")
+    parser.add_argument(
+        "--batch-size", type=int, default=batch_size, help="prompts per generate call (default: %(default)s)"
+    )
 
 
 def decoding_options(args: argparse.Namespace) -> DecodingOptions:
@@ -50,10 +82,17 @@ def decoding_options(args: argparse.Namespace) -> DecodingOptions:
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
     return DecodingOptions(
-        gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
-        threshold=args.threshold, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        minimal_topk=args.minimal_topk, eos_early_stop=args.eos_early_stop,
-        use_cache=not args.no_cache, seed=args.seed,
+        gen_length=args.gen_length,
+        block_length=args.block_length,
+        steps=args.steps,
+        threshold=args.threshold,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        minimal_topk=args.minimal_topk,
+        eos_early_stop=args.eos_early_stop,
+        use_cache=not args.no_cache,
+        seed=args.seed,
     )
 
 
@@ -68,8 +107,13 @@ def load_for_decoding(args: argparse.Namespace, need_tokenizer: bool = True):
         if need_tokenizer or args.mask_id is None:
             raise
         tokenizer = None
-    model = load_model(args.model, dtype=parse_dtype(args.dtype, args.device), device=args.device,
-                       iteration=args.iteration, trust_checkpoint=args.trust_checkpoint)
+    model = load_model(
+        args.model,
+        dtype=parse_dtype(args.dtype, args.device),
+        device=args.device,
+        iteration=args.iteration,
+        trust_checkpoint=args.trust_checkpoint,
+    )
     mask_id, eos_id = special_token_ids(model, tokenizer, args.mask_id, args.eos_id)
     return model, tokenizer, mask_id, eos_id
 

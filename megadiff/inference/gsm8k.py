@@ -11,9 +11,8 @@ import random
 import re
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Optional
 
-from megadiff.data.rows import DataError, jsonl_rows, parquet_rows, list_data_files
+from megadiff.data.rows import DataError, jsonl_rows, list_data_files, parquet_rows
 
 # A number: optional sign (not right after a word character, so "5-3" reads as 5 and 3), optional $,
 # digits with proper thousands commas or plain digits, optional decimals; or a bare ".5".
@@ -21,7 +20,7 @@ NUMBER_RE = re.compile(r"(?:(?<![\w.])[-\u2212])?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?
 FINAL_MARK = "####"
 
 
-def normalize_number(text: str) -> Optional[str]:
+def normalize_number(text: str) -> str | None:
     """'1,234.50' -> '1234.5', '-$3' -> '-3', '72.00' -> '72'; None when `text` is not a number."""
     cleaned = text.replace(",", "").replace("$", "").replace("\u2212", "-").strip()
     try:
@@ -34,11 +33,11 @@ def normalize_number(text: str) -> Optional[str]:
     return "0" if normalized in ("-0", "0") else normalized
 
 
-def extract_answer(text: str) -> Optional[str]:
+def extract_answer(text: str) -> str | None:
     """The normalized number after the last `####` in `text`, else its last number, else None."""
     mark = text.rfind(FINAL_MARK)
     if mark >= 0:
-        after = NUMBER_RE.search(text[mark + len(FINAL_MARK):])
+        after = NUMBER_RE.search(text[mark + len(FINAL_MARK) :])
         if after:
             return normalize_number(after.group())
     numbers = NUMBER_RE.findall(text)
@@ -48,13 +47,13 @@ def extract_answer(text: str) -> Optional[str]:
 def gold_answer(answer: str) -> str:
     """The normalized number after the last `####` of a GSM8K reference answer (ValueError if none)."""
     mark = answer.rfind(FINAL_MARK)
-    found = NUMBER_RE.search(answer[mark + len(FINAL_MARK):]) if mark >= 0 else None
+    found = NUMBER_RE.search(answer[mark + len(FINAL_MARK) :]) if mark >= 0 else None
     if not found:
         raise ValueError(f"answer has no '{FINAL_MARK} <number>' ending: {answer[-80:]!r}")
     return normalize_number(found.group())
 
 
-def answers_match(prediction: Optional[str], gold: str) -> bool:
+def answers_match(prediction: str | None, gold: str) -> bool:
     return prediction is not None and Decimal(prediction) == Decimal(gold)
 
 
@@ -78,8 +77,7 @@ def read_gsm8k_rows(source) -> list[dict]:
 
 def sft_row(row: dict) -> dict:
     """A GSM8K row as an SFT chat row (the format megadiff.data.rows reads)."""
-    return {"messages": [{"role": "user", "content": row["question"]},
-                         {"role": "assistant", "content": row["answer"]}]}
+    return {"messages": [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}]}
 
 
 def split_rows(rows: list, test_fraction: float, seed: int) -> tuple[list, list]:

@@ -8,7 +8,6 @@ into the plain-PyTorch reference model, which is what the sampler runs.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 
@@ -30,8 +29,13 @@ def check_model_dir(path: str) -> None:
         )
 
 
-def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu", iteration: Optional[int] = None,
-               trust_checkpoint: bool = False):
+def load_model(
+    path: str,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    iteration: int | None = None,
+    trust_checkpoint: bool = False,
+):
     """The LLaDA2 reference model (eval mode) from an HF dir or an mcore checkpoint dir. An mcore
     checkpoint is read without running code from its pickles unless `trust_checkpoint`
     (megadiff.checkpoint.untrusted)."""
@@ -52,7 +56,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     return model.to(device).eval()
 
 
-def load_tokenizer(model_path: str, tokenizer_path: Optional[str] = None, iteration: Optional[int] = None):
+def load_tokenizer(model_path: str, tokenizer_path: str | None = None, iteration: int | None = None):
     """The tokenizer in `tokenizer_path`, else the one stored next to the model; an mcore checkpoint
     holds none, so there it is the one of the HF dir the checkpoint was converted from (recorded as
     `hf_source_dir` in its megadiff.json), if that dir's config.json still matches the checkpoint's
@@ -78,7 +82,7 @@ def load_tokenizer(model_path: str, tokenizer_path: Optional[str] = None, iterat
     raise FileNotFoundError(f"{' or '.join(candidates)}: no tokenizer files ({', '.join(TOKENIZER_FILES)}){note}{hint}")
 
 
-def special_token_ids(model, tokenizer, mask_id: Optional[int] = None, eos_id: Optional[int] = None) -> tuple[int, int]:
+def special_token_ids(model, tokenizer, mask_id: int | None = None, eos_id: int | None = None) -> tuple[int, int]:
     """(mask_id, eos_id): overrides first, else `<|mask|>` from the tokenizer and eos from the config
     (falling back to the tokenizer's eos)."""
     if mask_id is None:
@@ -106,8 +110,10 @@ def check_device(device: str) -> None:
         raise ValueError(f"--device {device}: not a device; use cpu or cuda[:i]") from None
     if torch_device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available on this machine "
-                             f"(torch {torch.__version__}); use --device cpu")
+            raise ValueError(
+                f"--device {device}: CUDA is not available on this machine "
+                f"(torch {torch.__version__}); use --device cpu"
+            )
         if torch_device.index is not None and torch_device.index >= torch.cuda.device_count():
             raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 

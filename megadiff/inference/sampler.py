@@ -40,7 +40,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -56,8 +55,8 @@ class DecodingOptions:
     steps: int = 32
     threshold: float = 0.95
     temperature: float = 0.0
-    top_k: Optional[int] = None  # None or 0: off
-    top_p: Optional[float] = None  # None or 1.0: off
+    top_k: int | None = None  # None or 0: off
+    top_p: float | None = None  # None or 1.0: off
     minimal_topk: int = 1
     eos_early_stop: bool = False
     use_cache: bool = True
@@ -121,7 +120,7 @@ def block_causal_mask(q_start: int, end: int, block_length: int, device=None) ->
     return (k_block[None, :] <= q_block[:, None])[None]
 
 
-def filter_logits(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[float]) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """Set logits outside the top-k, then outside the top-p nucleus, to -inf (the card's filters).
     The nucleus is the smallest set of most likely tokens whose probability reaches top_p."""
     if top_k:
@@ -140,9 +139,9 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int], top_p: Optional[fl
 def sample_tokens(
     logits: torch.Tensor,
     temperature: float,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    generator: Optional[torch.Generator] = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [n, V] -> (tokens [n], confidence [n]): argmax at temperature 0, else a sample; the
     confidence is the chosen token's probability under the (tempered, filtered) distribution."""
@@ -169,7 +168,7 @@ def select_commits(confidence: torch.Tensor, masked: torch.Tensor, quota: int, t
     return chosen
 
 
-def check_token_ids(vocab_size: int, mask_id: int, eos_id: Optional[int], prompts: Sequence[Sequence[int]]) -> None:
+def check_token_ids(vocab_size: int, mask_id: int, eos_id: int | None, prompts: Sequence[Sequence[int]]) -> None:
     """Raise ValueError naming the argument when a special id or a prompt token cannot be used."""
     if not 0 <= mask_id < vocab_size:
         raise ValueError(f"mask_id={mask_id} is outside the model vocabulary [0, {vocab_size})")
@@ -187,7 +186,7 @@ def check_token_ids(vocab_size: int, mask_id: int, eos_id: Optional[int], prompt
                 raise ValueError(f"prompts[{i}][{j}]={token} is outside the model vocabulary [0, {vocab_size})")
 
 
-def check_positions(max_positions: Optional[int], prompts: Sequence[Sequence[int]], options: DecodingOptions) -> None:
+def check_positions(max_positions: int | None, prompts: Sequence[Sequence[int]], options: DecodingOptions) -> None:
     """Raise ValueError when a prompt plus gen_length, padded with masks to whole blocks (the positions
     the model is fed), goes past the model's position range (config.json max_position_embeddings)."""
     if max_positions is None:
@@ -208,8 +207,8 @@ def generate(
     prompts: Sequence[Sequence[int]],
     options: DecodingOptions,
     mask_id: int,
-    eos_id: Optional[int],
-    row_ids: Optional[Sequence[int]] = None,
+    eos_id: int | None,
+    row_ids: Sequence[int] | None = None,
 ) -> GenerationResult:
     """Decode every prompt (a list of token ids) with the block-wise rule; see the module docstring.
 
@@ -231,8 +230,18 @@ def generate(
         groups.setdefault(len(prompt) // options.block_length, []).append(i)
     for start_block in sorted(groups):
         rows = groups[start_block]
-        _decode_group(model, [prompts[i] for i in rows], start_block, options, mask_id, eos_id,
-                      [generators[i] for i in rows], rows, result, device)
+        _decode_group(
+            model,
+            [prompts[i] for i in rows],
+            start_block,
+            options,
+            mask_id,
+            eos_id,
+            [generators[i] for i in rows],
+            rows,
+            result,
+            device,
+        )
     return result
 
 
@@ -285,19 +294,19 @@ def _decode_group(model, prompts, start_block, options, mask_id, eos_id, generat
                 commit = select_commits(confidence, masked[i], quota, options.threshold)
                 x[r, begin:end][commit] = tokens[commit]
                 if options.eos_early_stop and eos_id is not None and bool((tokens[commit] == eos_id).any()):
-                    if _eos_without_mask_before(x[r, len(prompts[r]):end], eos_id, mask_id):
+                    if _eos_without_mask_before(x[r, len(prompts[r]) : end], eos_id, mask_id):
                         stopped.append(r)
             active, cache = _keep(active, cache, [r not in stopped for r in active])
             if not active:
                 break
         assert not (x[active, begin:end] == mask_id).any(), "a block ended with masks left"
-        generated = [x[r, len(prompts[r]):end] for r in active]
+        generated = [x[r, len(prompts[r]) : end] for r in active]
         active, cache = _keep(active, cache, [eos_id is None or not bool((g == eos_id).any()) for g in generated])
         if not active:
             break
 
     for i, p in enumerate(prompts):
-        tokens = x[i, len(p): len(p) + options.gen_length].tolist()
+        tokens = x[i, len(p) : len(p) + options.gen_length].tolist()
         if eos_id is not None and eos_id in tokens:
             tokens = tokens[: tokens.index(eos_id) + 1]
         result.tokens[out_rows[i]] = tokens

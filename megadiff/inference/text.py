@@ -10,7 +10,6 @@ model's input as written, special tokens included; the sampler still refuses a m
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
 
 from megadiff.data.tokenize import encode_chat_prompt
 
@@ -38,8 +37,9 @@ def decode_tokens(ids: Sequence[int], tokenizer) -> str:
 class ChatSession:
     """A multi-turn conversation: each reply sees every earlier turn through the chat template."""
 
-    def __init__(self, model, tokenizer, options: DecodingOptions, mask_id: int, eos_id: int,
-                 system: Optional[str] = None):
+    def __init__(
+        self, model, tokenizer, options: DecodingOptions, mask_id: int, eos_id: int, system: str | None = None
+    ):
         self.model, self.tokenizer, self.options = model, tokenizer, options
         self.mask_id, self.eos_id, self.system = mask_id, eos_id, system
         self.reset()

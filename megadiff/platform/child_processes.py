@@ -47,8 +47,10 @@ def _after_fork_in_child():
 
 
 def _spawn_prefix() -> str:
-    return (f"import ctypes,os;ctypes.CDLL(None).prctl({_PR_SET_PDEATHSIG},{int(signal.SIGKILL)},0,0,0);"
-            f"os.getppid()=={os.getpid()} or os._exit(1);")
+    return (
+        f"import ctypes,os;ctypes.CDLL(None).prctl({_PR_SET_PDEATHSIG},{int(signal.SIGKILL)},0,0,0);"
+        f"os.getppid()=={os.getpid()} or os._exit(1);"
+    )
 
 
 def make_children_die_with_parent() -> None:
@@ -67,7 +69,7 @@ def make_children_die_with_parent() -> None:
         cmd = original(**kwds)
         if threading.current_thread() is threading.main_thread() and "-c" in cmd:
             i = cmd.index("-c") + 1
-            cmd = [*cmd[:i], _spawn_prefix() + cmd[i], *cmd[i + 1:]]
+            cmd = [*cmd[:i], _spawn_prefix() + cmd[i], *cmd[i + 1 :]]
         return cmd
 
     spawn.get_command_line = get_command_line

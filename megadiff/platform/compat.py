@@ -25,8 +25,8 @@ import io
 import logging
 import sys
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Dict, List
 
 STACKS = "megatron-core 0.16.1 + torch 2.13 + transformers 5.x; megatron-core 0.19.2 + torch 2.11 + transformers 4.57.6"
 
@@ -44,7 +44,7 @@ class Workaround:
     check: Callable[[], None]
 
 
-WORKAROUNDS: List[Workaround] = []
+WORKAROUNDS: list[Workaround] = []
 
 
 def _workaround(name: str, relies_on: str, changed: str, checked_on: str = STACKS):
@@ -71,7 +71,7 @@ def _require(condition: bool, what: str) -> None:
         raise CompatError(what)
 
 
-def _params(fn) -> List[str]:
+def _params(fn) -> list[str]:
     return list(inspect.signature(fn).parameters)
 
 
@@ -169,14 +169,16 @@ def _check_compile_at_import():
     import megatron.core.jit as jit
 
     # tests/platform/test_megatron_import.py checks the effect (nothing compiles at import)
-    _require("jit_fuser = torch.compile" in inspect.getsource(jit),
-             "megatron.core.jit no longer binds jit_fuser = torch.compile: the import hook defers nothing")
+    _require(
+        "jit_fuser = torch.compile" in inspect.getsource(jit),
+        "megatron.core.jit no longer binds jit_fuser = torch.compile: the import hook defers nothing",
+    )
 
 
 # ---- dist checkpoints written by megadiff.checkpoint.lazy ----------------------------------
 
 
-def save_common_state(sharded_state_dict: Dict, common_state_dict: Dict, checkpoint_dir: str) -> Dict:
+def save_common_state(sharded_state_dict: dict, common_state_dict: dict, checkpoint_dir: str) -> dict:
     """Store the non-sharded part of a dist checkpoint the way the installed megatron-core does,
     and return the sharded state dict to write.
 
@@ -190,15 +192,21 @@ def save_common_state(sharded_state_dict: Dict, common_state_dict: Dict, checkpo
     except ImportError:
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-        return dict(sharded_state_dict, common_state=ShardedObject(
-            key="common_state", data=common_state_dict, global_shape=(1,), global_offset=(0,),
-            replica_id=torch.distributed.get_rank(),
-        ))
+        return dict(
+            sharded_state_dict,
+            common_state=ShardedObject(
+                key="common_state",
+                data=common_state_dict,
+                global_shape=(1,),
+                global_offset=(0,),
+                replica_id=torch.distributed.get_rank(),
+            ),
+        )
     TorchCommonSaveStrategy("torch", 1).save_common(common_state_dict, checkpoint_dir)
     return sharded_state_dict
 
 
-def sharded_items_by_key(sharded_state_dict: Dict):
+def sharded_items_by_key(sharded_state_dict: dict):
     """megatron-core's grouping of a sharded state dict for DCP: (items by key, flat mapping,
     state-dict paths by key), main replicas only (what its torch_dist save writes)."""
     from megatron.core.dist_checkpointing.strategies.torch import _replace_state_dict_keys_with_sharded_keys
@@ -218,20 +226,28 @@ def sharded_items_by_key(sharded_state_dict: Dict):
 def _check_lazy_writer():
     from megatron.core.dist_checkpointing import serialization
     from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
-    from megatron.core.dist_checkpointing.strategies import common, torch as mcore_torch
+    from megatron.core.dist_checkpointing.strategies import common
+    from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
 
-    _require(_params(save_preprocess)[:2] == ["sharded_state_dict", "validate_access_integrity"],
-             f"save_preprocess{inspect.signature(save_preprocess)}")
+    _require(
+        _params(save_preprocess)[:2] == ["sharded_state_dict", "validate_access_integrity"],
+        f"save_preprocess{inspect.signature(save_preprocess)}",
+    )
     grouping = mcore_torch._replace_state_dict_keys_with_sharded_keys
     _require("keep_only_main_replica" in _params(grouping), f"{grouping.__name__}{inspect.signature(grouping)}")
     for name in ("flatten_state_dict", "mcore_to_pyt_state_dict", "MCoreSavePlanner"):
         _require(hasattr(mcore_torch, name), f"megatron.core.dist_checkpointing.strategies.torch.{name} is gone")
-    _require("flatten_state_dict" in _params(mcore_torch.MCoreSavePlanner.__init__) or "kwargs" in str(
-        inspect.signature(mcore_torch.MCoreSavePlanner.__init__)), "MCoreSavePlanner(flatten_state_dict=) is gone")
+    _require(
+        "flatten_state_dict" in _params(mcore_torch.MCoreSavePlanner.__init__)
+        or "kwargs" in str(inspect.signature(mcore_torch.MCoreSavePlanner.__init__)),
+        "MCoreSavePlanner(flatten_state_dict=) is gone",
+    )
     if not hasattr(common, "TorchCommonSaveStrategy"):
         source = inspect.getsource(serialization.save)
-        _require('"common_state"' in source or "'common_state'" in source,
-                 "megatron-core's save no longer stores the common state as ShardedObject 'common_state'")
+        _require(
+            '"common_state"' in source or "'common_state'" in source,
+            "megatron-core's save no longer stores the common state as ShardedObject 'common_state'",
+        )
         _require(hasattr(serialization, "load_common_state_dict"), "load_common_state_dict is gone")
 
 
@@ -270,14 +286,20 @@ def dcp_file_view(f, offset: int, length: int):
 def _check_dcp_internals():
     from torch.distributed.checkpoint import filesystem, utils
 
-    _require(_params(filesystem._write_item) == ["transforms", "stream", "data", "write_item", "storage_key",
-                                                  "serialization_format"],
-             f"_write_item{inspect.signature(filesystem._write_item)}")
+    _require(
+        _params(filesystem._write_item)
+        == ["transforms", "stream", "data", "write_item", "storage_key", "serialization_format"],
+        f"_write_item{inspect.signature(filesystem._write_item)}",
+    )
     _require(hasattr(filesystem.SerializationFormat, "TORCH_SAVE"), "SerializationFormat.TORCH_SAVE is gone")
-    _require(list(filesystem._StorageInfo.__dataclass_fields__)[:3] == ["relative_path", "offset", "length"],
-             f"_StorageInfo fields {list(filesystem._StorageInfo.__dataclass_fields__)}")
-    _require(_params(utils._create_file_view) == ["file", "offset", "length"],
-             f"_create_file_view{inspect.signature(utils._create_file_view)}")
+    _require(
+        list(filesystem._StorageInfo.__dataclass_fields__)[:3] == ["relative_path", "offset", "length"],
+        f"_StorageInfo fields {list(filesystem._StorageInfo.__dataclass_fields__)}",
+    )
+    _require(
+        _params(utils._create_file_view) == ["file", "offset", "length"],
+        f"_create_file_view{inspect.signature(utils._create_file_view)}",
+    )
     _require(filesystem.DEFAULT_SUFFIX == ".distcp", f"DEFAULT_SUFFIX is {filesystem.DEFAULT_SUFFIX!r}")
     writer_params = _params(filesystem.FileSystemWriter.__init__)
     for name in ("single_file_per_rank", "sync_files", "thread_count"):
@@ -307,11 +329,13 @@ def _check_torch_save_layout():
     record = zipfile.ZipFile(io.BytesIO(buffer.getvalue()))
     data = [i for i in record.infolist() if i.filename.split("/")[-2:-1] == ["data"]]
     _require(len(data) == 1 and data[0].compress_type == zipfile.ZIP_STORED, f"data entries {data}")
-    header = buffer.getvalue()[data[0].header_offset:data[0].header_offset + 30]
+    header = buffer.getvalue()[data[0].header_offset : data[0].header_offset + 30]
     _require(header[:4] == b"PK\x03\x04", "no zip local header before the tensor bytes")
     start = data[0].header_offset + 30 + sum(struct.unpack("<HH", header[26:30]))
-    _require(buffer.getvalue()[start:start + tensor.nbytes] == tensor.numpy().tobytes(),
-             "the tensor bytes are not where the zip local header says")
+    _require(
+        buffer.getvalue()[start : start + tensor.nbytes] == tensor.numpy().tobytes(),
+        "the tensor bytes are not where the zip local header says",
+    )
 
     seeks = []
 
@@ -323,10 +347,14 @@ def _check_torch_save_layout():
     with torch.serialization.skip_data():
         torch.save(torch.empty(3, 4), Recorder())
     forward = [s for s in seeks if s[1] == io.SEEK_CUR and s[0] > 0]
-    _require(forward == [(tensor.nbytes, io.SEEK_CUR)],
-             f"torch.save under skip_data seeked {seeks}, expected one forward seek of {tensor.nbytes}")
-    _require(callable(torch.serialization.get_crc32_options) and callable(torch.serialization.set_crc32_options),
-             "torch.serialization.get/set_crc32_options are gone")
+    _require(
+        forward == [(tensor.nbytes, io.SEEK_CUR)],
+        f"torch.save under skip_data seeked {seeks}, expected one forward seek of {tensor.nbytes}",
+    )
+    _require(
+        callable(torch.serialization.get_crc32_options) and callable(torch.serialization.set_crc32_options),
+        "torch.serialization.get/set_crc32_options are gone",
+    )
 
 
 # ---- optimizer state: initialisation before a load, Adam steps after it ---------------------
@@ -349,10 +377,10 @@ def restore_adam_steps(optimizer, loaded_optimizer_state) -> None:
     import torch
 
     optimizers = getattr(optimizer, "chained_optimizers", [optimizer])
-    states = [loaded_optimizer_state] if len(optimizers) == 1 else [
-        v for _, v in sorted(loaded_optimizer_state.items())
-    ]
-    for opt, state in zip(optimizers, states):
+    states = (
+        [loaded_optimizer_state] if len(optimizers) == 1 else [v for _, v in sorted(loaded_optimizer_state.items())]
+    )
+    for opt, state in zip(optimizers, states, strict=True):
         steps = {g["step"] for g in state["optimizer"]["param_groups"] if "step" in g}
         if len(steps) != 1:
             continue  # fused (TE/apex) Adam keeps its step in the param groups, already loaded
@@ -408,8 +436,11 @@ def _check_te_general_gemm():
     members = list(vars(moe_utils).values())
     members += [m for c in members if inspect.isclass(c) for m in vars(c).values()]  # e.g. autograd forward
     functions = [inspect.unwrap(getattr(m, "__func__", m)) for m in members]
-    users = [f for f in functions if inspect.isfunction(f) and f.__module__ == moe_utils.__name__
-             and "te_general_gemm" in _global_names(f)]
+    users = [
+        f
+        for f in functions
+        if inspect.isfunction(f) and f.__module__ == moe_utils.__name__ and "te_general_gemm" in _global_names(f)
+    ]
     _require(users, "moe_utils no longer reads te_general_gemm: the workaround can go")
     define_te_general_gemm_without_te()
     _require(hasattr(moe_utils, "te_general_gemm"), "te_general_gemm still undefined")
@@ -426,8 +457,7 @@ def use_cpu_rng_in_tracker() -> None:
 
 @_workaround(
     "rng_tracker_cpu_states",
-    "tensor_parallel.random._get_cuda_rng_state / _set_cuda_rng_state, read as module globals by "
-    "CudaRNGStatesTracker",
+    "tensor_parallel.random._get_cuda_rng_state / _set_cuda_rng_state, read as module globals by CudaRNGStatesTracker",
     "nothing (0.19 added parameters; the replacements take *args, **kwargs)",
 )
 def _check_rng_tracker():
@@ -437,8 +467,10 @@ def _check_rng_tracker():
         _require(hasattr(mcore_random, name), f"tensor_parallel.random.{name} is gone")
     tracker = mcore_random.CudaRNGStatesTracker
     used = set().union(*(_global_names(f) for f in vars(tracker).values() if inspect.isfunction(f)))
-    _require({"_get_cuda_rng_state", "_set_cuda_rng_state"} <= used,
-             f"CudaRNGStatesTracker no longer calls _get/_set_cuda_rng_state (uses {sorted(used)[:20]})")
+    _require(
+        {"_get_cuda_rng_state", "_set_cuda_rng_state"} <= used,
+        f"CudaRNGStatesTracker no longer calls _get/_set_cuda_rng_state (uses {sorted(used)[:20]})",
+    )
 
 
 _GPTMODEL_DEPRECATION = "GPTModel IS DEPRECATED"
@@ -519,8 +551,11 @@ def flex_compile_errors() -> tuple:
     import torch._dynamo.exc
     import torch._inductor.exc
 
-    return (torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError,
-            torch._inductor.exc.CppCompileError)
+    return (
+        torch._dynamo.exc.BackendCompilerFailed,
+        torch._inductor.exc.InductorError,
+        torch._inductor.exc.CppCompileError,
+    )
 
 
 @_workaround(
@@ -539,5 +574,7 @@ def _check_cpu_flex_backward():
     for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "BLOCK_SIZE", "mask_mod"):
         _require(hasattr(mask, name), f"BlockMask.{name} is gone")
     _require(tuple(mask.BLOCK_SIZE) == (128, 128), f"BlockMask.BLOCK_SIZE is {mask.BLOCK_SIZE}")
-    _require(mask.kv_num_blocks.shape == (1, 1, 2) and mask.kv_indices.dtype == torch.int32,
-             f"BlockMask.kv_num_blocks {tuple(mask.kv_num_blocks.shape)}, kv_indices {mask.kv_indices.dtype}")
+    _require(
+        mask.kv_num_blocks.shape == (1, 1, 2) and mask.kv_indices.dtype == torch.int32,
+        f"BlockMask.kv_num_blocks {tuple(mask.kv_num_blocks.shape)}, kv_indices {mask.kv_indices.dtype}",
+    )

@@ -129,8 +129,10 @@ def enable_cpu_support() -> None:
     if _ENABLED:
         return
     if _device.uses_cuda():
-        raise RuntimeError("enable_cpu_support() must not be used when CUDA is the run device "
-                           f"(set {_device.DEVICE_ENV}=cpu to run on the CPU of a GPU node)")
+        raise RuntimeError(
+            "enable_cpu_support() must not be used when CUDA is the run device "
+            f"(set {_device.DEVICE_ENV}=cpu to run on the CPU of a GPU node)"
+        )
     _patch_torch_cuda()
     compat.use_cpu_rng_in_tracker()
     compat.define_te_general_gemm_without_te()

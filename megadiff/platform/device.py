@@ -11,12 +11,11 @@ builds on the CPU and moves once per micro-batch (`to_run_device`).
 """
 
 import os
-from typing import Optional
 
 import torch
 
 DEVICE_ENV = "MEGADIFF_DEVICE"
-_audit_device: Optional[torch.device] = None  # set only by platform.device_audit
+_audit_device: torch.device | None = None  # set only by platform.device_audit
 
 
 def _pinned() -> str:

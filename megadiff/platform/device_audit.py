@@ -24,7 +24,6 @@ that matter (model inputs, loss inputs, collectives) are. For tests only.
 
 import functools
 import traceback
-from typing import List
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -35,8 +34,16 @@ from megadiff.platform import device as _device
 AUDIT_DEVICE = torch.device("cpu", 0)
 _FLAG = "_megadiff_on_run_device"
 _COLLECTIVES = (
-    "all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
-    "reduce", "all_to_all_single", "all_to_all", "_all_gather_base", "_reduce_scatter_base",
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "reduce",
+    "all_to_all_single",
+    "all_to_all",
+    "_all_gather_base",
+    "_reduce_scatter_base",
 )
 _MOVES = (torch.Tensor.copy_,)
 
@@ -44,15 +51,18 @@ _MOVES = (torch.Tensor.copy_,)
 def _is_accessor(func, kind: str, attribute: str) -> bool:
     """`func` is the `__get__`/`__set__` of a tensor attribute (a fresh method-wrapper each time)."""
     descriptor = getattr(func, "__self__", None)
-    return getattr(func, "__name__", None) == kind and getattr(descriptor, "__name__", None) == attribute \
+    return (
+        getattr(func, "__name__", None) == kind
+        and getattr(descriptor, "__name__", None) == attribute
         and getattr(descriptor, "__objclass__", None) is torch._C.TensorBase
+    )
 
 
 def on_run_device(t: torch.Tensor) -> bool:
     return bool(getattr(t, _FLAG, False))
 
 
-def _tensors(value) -> List[torch.Tensor]:
+def _tensors(value) -> list[torch.Tensor]:
     """Every tensor in a nest of args, BlockMasks' tensors included."""
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -92,7 +102,7 @@ class DeviceAudit(TorchFunctionMode):
 
     def __init__(self):
         super().__init__()
-        self.violations: List[str] = []
+        self.violations: list[str] = []
         self._saved = {}
 
     # ---- set-up --------------------------------------------------------------------------------
@@ -146,7 +156,9 @@ class DeviceAudit(TorchFunctionMode):
             return AUDIT_DEVICE if on_run_device(args[0]) else torch.device("cpu")
         if func in (torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.cpu):
             return self._move(func, args, kwargs)
-        if _is_accessor(func, "__set__", "data"):  # `param.data = buffer_view` (DDP): the tensor now lives where value does
+        if _is_accessor(
+            func, "__set__", "data"
+        ):  # `param.data = buffer_view` (DDP): the tensor now lives where value does
             func(*args, **kwargs)
             setattr(args[0], _FLAG, on_run_device(args[1]))
             return None
@@ -161,8 +173,9 @@ class DeviceAudit(TorchFunctionMode):
         if flagged and func not in _MOVES:
             host = [tuple(t.shape) for t in tensors if not on_run_device(t) and t.dim() > 0]
             if host:
-                self._record(f"{getattr(func, '__qualname__', func)} mixes the run device with host "
-                             f"tensors of shapes {host}")
+                self._record(
+                    f"{getattr(func, '__qualname__', func)} mixes the run device with host tensors of shapes {host}"
+                )
         if "device" in kwargs and kwargs["device"] is not None:
             flagged = _is_run_device(kwargs["device"])
         if not (func in _MOVES or (tensors and out is tensors[0])):  # in place: keeps its device

@@ -51,10 +51,7 @@ def initialize_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
     world = torch.distributed.get_world_size()
     model_parallel = layout.tp * layout.pp
     if world % model_parallel or (world // layout.pp) % (layout.ep * layout.etp):
-        raise ValueError(
-            f"world size {world} does not fit layout {layout}: need tp*pp | world and "
-            f"ep*etp | world/pp"
-        )
+        raise ValueError(f"world size {world} does not fit layout {layout}: need tp*pp | world and ep*etp | world/pp")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

@@ -18,7 +18,7 @@ import functools
 import importlib
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _imports(module: str) -> bool:
     try:
         importlib.import_module(module)
@@ -27,7 +27,7 @@ def _imports(module: str) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def megatron_has_te() -> bool:
     """megatron-core's own verdict: its TE extension and the GPT TE spec both imported TE."""
     try:

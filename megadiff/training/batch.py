@@ -21,14 +21,23 @@ def prepare_micro_batch(micro_batch: dict, diffusion, mask_id: int, seed: int, w
     if epochs.numel() != 1:
         raise ValueError("a micro-batch mixes epochs; the dataset must not do that")
     noised = noise_batch(
-        micro_batch, mask_id, seed, int(epochs[0]), diffusion.t_low, diffusion.t_high,
+        micro_batch,
+        mask_id,
+        seed,
+        int(epochs[0]),
+        diffusion.t_low,
+        diffusion.t_high,
         complementary=diffusion.complementary_masks,
     )
     clean, noisy = noised["input_ids"], noised["noisy_ids"]
     positions, doc_ids = noised["position_ids"], noised["doc_ids"]
     batch = dict(
-        targets=clean, masked=noised["masked"], t=noised["t"], loss_mask=noised["loss_mask"],
-        doc_ids=doc_ids, sample_ids=noised["sample_ids"],
+        targets=clean,
+        masked=noised["masked"],
+        t=noised["t"],
+        loss_mask=noised["loss_mask"],
+        doc_ids=doc_ids,
+        sample_ids=noised["sample_ids"],
     )
     if diffusion.mode == "full":
         batch.update(input_ids=noisy, position_ids=positions)
@@ -49,6 +58,6 @@ def loss_denominator(batch: dict, normalize: str) -> torch.Tensor:
         return batch["loss_mask"].sum().double()
     documents = set()
     rows, cols = torch.nonzero(batch["loss_mask"], as_tuple=True)
-    for r, c in zip(rows.tolist(), cols.tolist()):
+    for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
         documents.add((r, int(batch["doc_ids"][r, c])))
     return torch.tensor(float(len(documents)), dtype=torch.double, device=batch["doc_ids"].device)

@@ -11,19 +11,19 @@ checkpoint, and never overwrites a damaged iteration.
 import os
 import re
 import shutil
-from typing import Callable, Optional, Tuple
-
-# Version-dependent optimizer workarounds live in compat; the trainer imports restore_adam_steps from here.
-from megadiff.platform.compat import init_optimizer_states_with_dummy_values, restore_adam_steps  # noqa: F401
+from collections.abc import Callable
 
 from checkpoint_converters.hf_io import CheckpointError
 from megadiff.checkpoint import format as fmt
 from megadiff.checkpoint.lock import SaveDirLock
 
+# Version-dependent optimizer workarounds live in compat; the trainer imports restore_adam_steps from here.
+from megadiff.platform.compat import init_optimizer_states_with_dummy_values, restore_adam_steps  # noqa: F401
+
 _ITER = re.compile(r"^iter_(\d{7,})")
 
 
-def claim_save_dir(save_dir: str, resume: bool, log: Callable[[str], None]) -> Tuple[SaveDirLock, Optional[int]]:
+def claim_save_dir(save_dir: str, resume: bool, log: Callable[[str], None]) -> tuple[SaveDirLock, int | None]:
     """Rank 0, before the model is built: create and lock SAVE_DIR, repair and clean it, and return
     (lock, iteration to resume from or None for a fresh start). Raises CheckpointError when another
     run holds it, or when it cannot be resumed as it is."""
@@ -75,8 +75,10 @@ def remove_stale_staging(root: str, log) -> None:
     could be needed back in place, so all of them are stale."""
     for name in sorted(os.listdir(root)):
         path = os.path.join(root, name)
-        if not (name.startswith(fmt.TRACKER_NAME + fmt.STAGING_MARK)
-                or (_ITER.match(name) and (fmt.STAGING_MARK in name or fmt.BACKUP_MARK in name))):
+        if not (
+            name.startswith(fmt.TRACKER_NAME + fmt.STAGING_MARK)
+            or (_ITER.match(name) and (fmt.STAGING_MARK in name or fmt.BACKUP_MARK in name))
+        ):
             continue
         if os.path.isdir(path):
             fmt.remove_tree(path)
@@ -85,7 +87,7 @@ def remove_stale_staging(root: str, log) -> None:
         log(f"removed {path} (left by an interrupted save)")
 
 
-def resume_iteration(root: str, log: Callable[[str], None] = print) -> Optional[int]:
+def resume_iteration(root: str, log: Callable[[str], None] = print) -> int | None:
     """The iteration a run with this save_dir resumes from: the newest complete one; None when the
     dir holds no checkpoint at all. Raises CheckpointError when the tracker's iteration or one newer
     than the newest complete one is damaged or missing (resuming older would retrain and overwrite
@@ -110,10 +112,14 @@ def resume_iteration(root: str, log: Callable[[str], None] = print) -> Optional[
     if not blocking:
         return newest
     if newest is not None:
-        how = (f"to resume from the newest complete iteration {newest} instead, move the damaged iteration "
-               f"out of the way (e.g. mv DIR DIR.damaged) and run `echo {newest} > {tracker_path}`")
+        how = (
+            f"to resume from the newest complete iteration {newest} instead, move the damaged iteration "
+            f"out of the way (e.g. mv DIR DIR.damaged) and run `echo {newest} > {tracker_path}`"
+        )
     else:
-        how = "no complete iteration is left to resume from; repair it, or start afresh with another checkpoint.save_dir"
+        how = (
+            "no complete iteration is left to resume from; repair it, or start afresh with another checkpoint.save_dir"
+        )
     raise CheckpointError(f"cannot resume from {root}: {'; '.join(blocking)}. To proceed: {how}")
 
 

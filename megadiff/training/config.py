@@ -14,11 +14,15 @@ import difflib
 import math
 import re
 from dataclasses import dataclass, field
-from typing import List, Literal, Optional, Union, get_args, get_origin, get_type_hints
+from types import UnionType
+from typing import Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from megadiff.errors import UserError
+
+# `Optional[int]` and `int | None` are two spellings of one type with different origins.
+_UNION_TYPES = (Union, UnionType)
 
 
 class TrainingConfigError(UserError):
@@ -34,18 +38,19 @@ def setting(default, doc: str, *, min=None, max=None, gt=None, lt=None):
 
 @dataclass
 class ModelSection:
-    hf_dir: Optional[str] = setting(None, "HF LLaDA2 dir: config.json, tokenizer and (unless init_from_mcore) weights")
-    init_from_mcore: Optional[str] = setting(None, "start from this megatron checkpoint (converted or trained)")
-    tokenizer_dir: Optional[str] = setting(None, "tokenizer dir; default: hf_dir")
+    hf_dir: str | None = setting(None, "HF LLaDA2 dir: config.json, tokenizer and (unless init_from_mcore) weights")
+    init_from_mcore: str | None = setting(None, "start from this megatron checkpoint (converted or trained)")
+    tokenizer_dir: str | None = setting(None, "tokenizer dir; default: hf_dir")
     dtype: Literal["auto", "bf16", "fp32"] = setting("auto", "weights dtype; auto = bf16 on GPU, fp32 on CPU")
     attention_backend: Literal["dense", "flex"] = setting(
-        "dense", "dense (bool mask) or flex (FlexAttention BlockMask)")
-    mask_token_id: Optional[int] = setting(None, "diffusion mask id; default: the tokenizer's <|mask|>", min=0)
+        "dense", "dense (bool mask) or flex (FlexAttention BlockMask)"
+    )
+    mask_token_id: int | None = setting(None, "diffusion mask id; default: the tokenizer's <|mask|>", min=0)
 
 
 @dataclass
 class DataSection:
-    train_files: Union[str, List[str], None] = setting(None, ".jsonl / .parquet file, list of files, or a directory")
+    train_files: str | list[str] | None = setting(None, ".jsonl / .parquet file, list of files, or a directory")
     max_seq_len: int = setting(2048, "tokens per packed row (at most config.json max_position_embeddings)", min=1)
     mode: Literal["pack", "pad_to_max"] = setting("pack", "pack several samples per row, or one padded sample per row")
     truncation: Literal["truncate", "drop"] = setting("truncate", "what to do with samples longer than max_seq_len")
@@ -75,43 +80,45 @@ class TrainSection:
 class ParallelSection:
     tp: int = setting(1, "tensor parallel size", min=1)
     ep: int = setting(1, "expert parallel size", min=1)
-    etp: Optional[int] = setting(None, "expert tensor parallel size; default: tp without EP, 1 with EP", min=1)
+    etp: int | None = setting(None, "expert tensor parallel size; default: tp without EP, 1 with EP", min=1)
     pp: int = setting(1, "pipeline parallel size", min=1)
-    vpp: Optional[int] = setting(None, "virtual pipeline chunks per PP rank (>= 2); default: none", min=2)
+    vpp: int | None = setting(None, "virtual pipeline chunks per PP rank (>= 2); default: none", min=2)
     use_distributed_optimizer: bool = setting(True, "shard optimizer state over data-parallel ranks")
 
 
 @dataclass
 class DiffusionSection:
-    mode: Literal["block_diffusion", "full"] = setting("block_diffusion", "block diffusion ([x_t ; x_0]) or full attention")
+    mode: Literal["block_diffusion", "full"] = setting(
+        "block_diffusion", "block diffusion ([x_t ; x_0]) or full attention"
+    )
     block_size: int = setting(32, "block length of block diffusion (and of answer padding)", min=1)
     t_low: float = setting(0.3, "noise level t ~ U(t_low, t_high)", gt=0.0, max=1.0)
     t_high: float = setting(0.8, "noise level t ~ U(t_low, t_high)", gt=0.0, max=1.0)
     loss_weight: Literal["none", "inverse_t"] = setting("none", "per-token loss weight")
-    normalize: Literal["masked_tokens", "answer_tokens", "sequence"] = setting(
-        "masked_tokens", "loss denominator")
+    normalize: Literal["masked_tokens", "answer_tokens", "sequence"] = setting("masked_tokens", "loss denominator")
     complementary_masks: bool = setting(False, "also train on the complement of each mask")
     confidence_beta: float = setting(0.0, "CAP confidence loss weight (LLaDA2.0 uses ~2)", min=0.0)
 
 
 @dataclass
 class CheckpointSection:
-    save_dir: Optional[str] = setting(None, "directory of the run's megatron checkpoints")
+    save_dir: str | None = setting(None, "directory of the run's megatron checkpoints")
     save_interval: int = setting(0, "steps between saves; 0 = only at the end", min=0)
     keep_last: int = setting(3, "complete checkpoints to keep; 0 = all", min=0)
     resume: bool = setting(True, "continue from the latest complete checkpoint in save_dir")
     fully_reshardable_optimizer: bool = setting(False, "optimizer state resumable at another TP/EP/PP layout")
     trust_checkpoint: bool = setting(
-        False, "resume / init_from_mcore without vetting the checkpoint's pickles (only for checkpoints you made)")
+        False, "resume / init_from_mcore without vetting the checkpoint's pickles (only for checkpoints you made)"
+    )
 
 
 @dataclass
 class LoggingSection:
     log_interval: int = setting(1, "steps between log lines", min=1)
     progress_bar: bool = setting(True, "show a progress bar")
-    metrics_file: Optional[str] = setting(None, "jsonl file, one line per step (rank 0)")
-    tensorboard_dir: Optional[str] = setting(None, "TensorBoard log dir")
-    wandb_project: Optional[str] = setting(None, "Weights & Biases project")
+    metrics_file: str | None = setting(None, "jsonl file, one line per step (rank 0)")
+    tensorboard_dir: str | None = setting(None, "TensorBoard log dir")
+    wandb_project: str | None = setting(None, "Weights & Biases project")
     wandb_mode: Literal["offline", "online", "disabled"] = setting("offline", "Weights & Biases mode")
 
 
@@ -131,10 +138,11 @@ class TrainingConfig:
 
 # ---- types ----------------------------------------------------------------------------------------
 
+
 def describe_type(tp) -> str:
     """What a value of annotation `tp` looks like, in words for an error message."""
     origin, args = get_origin(tp), get_args(tp)
-    if origin is Union:
+    if origin in _UNION_TYPES:
         parts = [describe_type(a) for a in args if a is not type(None)]
         parts += ["null"] if type(None) in args else []
         return ", ".join(parts[:-1]) + " or " + parts[-1]
@@ -152,7 +160,7 @@ class _WrongType(Exception):
 def typed_value(value, tp):
     """`value` as annotation `tp` wants it (ints accepted for floats), or _WrongType."""
     origin, args = get_origin(tp), get_args(tp)
-    if origin is Union:
+    if origin in _UNION_TYPES:
         if value is None and type(None) in args:
             return None
         for arg in args:
@@ -189,7 +197,7 @@ def bounds_text(bounds: dict) -> str:
     return " and ".join(f"{BOUND_WORDS[k]} {b}" for k, b in bounds.items())
 
 
-def bounds_problem(value, bounds: dict) -> Optional[str]:
+def bounds_problem(value, bounds: dict) -> str | None:
     """Why number `value` is outside `bounds` (see `setting`), or None."""
     if isinstance(value, float) and not math.isfinite(value):
         return "must be a finite number"
@@ -202,7 +210,9 @@ def _set(cfg: TrainingConfig, section: str, key: str, value, where: str) -> None
     sections = {f.name for f in dataclasses.fields(TrainingConfig)}
     if section not in sections:
         hint = difflib.get_close_matches(section, sections, 1)
-        raise TrainingConfigError(f"{where}: unknown section '{section}'" + (f"; did you mean '{hint[0]}'?" if hint else ""))
+        raise TrainingConfigError(
+            f"{where}: unknown section '{section}'" + (f"; did you mean '{hint[0]}'?" if hint else "")
+        )
     target = getattr(cfg, section)
     keys = {f.name: f for f in dataclasses.fields(target)}
     if key not in keys:
@@ -214,11 +224,14 @@ def _set(cfg: TrainingConfig, section: str, key: str, value, where: str) -> None
     try:
         value = typed_value(value, tp)
     except _WrongType:
-        if get_origin(tp) is Literal or (get_origin(tp) is Union and any(get_origin(a) is Literal for a in get_args(tp))):
+        if get_origin(tp) is Literal or (
+            get_origin(tp) in _UNION_TYPES and any(get_origin(a) is Literal for a in get_args(tp))
+        ):
             raise TrainingConfigError(f"{where}: {section}.{key}={value!r} is not {describe_type(tp)}") from None
         quote = " (quote it in YAML to make it a string)" if "a string" in describe_type(tp) else ""
         raise TrainingConfigError(
-            f"{where}: {section}.{key} must be {describe_type(tp)}, got {value!r}{quote}") from None
+            f"{where}: {section}.{key} must be {describe_type(tp)}, got {value!r}{quote}"
+        ) from None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         problem = bounds_problem(value, keys[key].metadata.get("bounds", {}))
         if problem:
@@ -226,7 +239,7 @@ def _set(cfg: TrainingConfig, section: str, key: str, value, where: str) -> None
     setattr(target, key, value)
 
 
-def load_config(path: Optional[str] = None, overrides: List[str] = ()) -> TrainingConfig:
+def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainingConfig:
     cfg = TrainingConfig()
     if path:
         try:
@@ -277,6 +290,7 @@ def validate(cfg: TrainingConfig) -> None:
 
 # ---- the layout, named as the user wrote it -------------------------------------------------------
 
+
 def config_spelling(message: str) -> str:
     """A layout message in config spelling: `--tp 4` -> `parallel.tp=4`, `(--vpp)` -> `(parallel.vpp)`.
     ParallelLayout and LLaDA2ModelConfig.validate_layout speak in the converters' CLI flags."""
@@ -296,6 +310,7 @@ def parallel_layout(cfg: TrainingConfig):
 
 
 # ---- documentation --------------------------------------------------------------------------------
+
 
 def describe_config() -> str:
     """Every section.key with its type, default and documentation (tools/train.py --help-config)."""

@@ -1,12 +1,9 @@
 """Wrap model chunks in megatron-core DDP, with gradient finalisation wired into the schedule."""
 
-from typing import List
-
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.distributed import finalize_model_grads
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
 
-def wrap_ddp(chunks: List, use_distributed_optimizer: bool = False, overlap_grad_reduce: bool = False) -> List:
+def wrap_ddp(chunks: list, use_distributed_optimizer: bool = False, overlap_grad_reduce: bool = False) -> list:
     """megatron-core DDP around every chunk (fp32 grad buffers). The schedule then calls
     finalize_model_grads itself: DP/EP gradient reduction, TP sums of sequence-parallel norm
     grads, and division by the global token count (per-token losses)."""
@@ -17,7 +14,9 @@ def wrap_ddp(chunks: List, use_distributed_optimizer: bool = False, overlap_grad
     )
     wrapped = [
         DistributedDataParallel(
-            config=chunk.config, ddp_config=ddp_config, module=chunk,
+            config=chunk.config,
+            ddp_config=ddp_config,
+            module=chunk,
             disable_bucketing=i > 0,  # only the first chunk overlaps its buckets
         )
         for i, chunk in enumerate(chunks)

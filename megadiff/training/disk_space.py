@@ -9,7 +9,6 @@ left on DEVICE (needed ~N GB)".
 import errno
 import os
 import shutil
-from typing import Optional, Tuple
 
 from checkpoint_converters.hf_io import CheckpointError
 
@@ -36,7 +35,7 @@ def checkpoint_bytes(sharded_state_dict) -> int:
     return int(total)
 
 
-def filesystem_of(path: str) -> Tuple[str, str]:
+def filesystem_of(path: str) -> tuple[str, str]:
     """(device, mount point) holding `path` (device from /proc/mounts; the mount point elsewhere)."""
     mount = os.path.realpath(path)
     while not os.path.exists(mount):
@@ -69,7 +68,7 @@ def _is_enospc(error: BaseException) -> bool:
     return False
 
 
-def no_space_error(save_dir: str, needed: int, error: Optional[BaseException] = None) -> Optional[NoSpaceError]:
+def no_space_error(save_dir: str, needed: int, error: BaseException | None = None) -> NoSpaceError | None:
     """The error to raise when a checkpoint of `needed` bytes does not fit in `save_dir` (None
     when it fits). Without `error`: the check before a save (rank 0 decides, collective). With the
     `error` a save raised: whether that was the disk filling up (no collectives)."""

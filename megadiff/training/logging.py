@@ -32,9 +32,13 @@ class MetricsLogger:
             return
         tokens_per_s = result.tokens / max(seconds, 1e-9)
         record = {
-            "step": result.step, "loss": result.loss, "lr": result.lr,
+            "step": result.step,
+            "loss": result.loss,
+            "lr": result.lr,
             "grad_norm": None if result.grad_norm is None else float(result.grad_norm),
-            "tokens": result.tokens, "tokens_per_s": tokens_per_s, "skipped": result.skipped,
+            "tokens": result.tokens,
+            "tokens_per_s": tokens_per_s,
+            "skipped": result.skipped,
         }
         if self.bar is not None:
             gn = "-" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}"

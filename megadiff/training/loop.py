@@ -1,11 +1,11 @@
 """The diffusion SFT training loop on megatron-core.
 
-    for step in steps:
-        micro-batches of this DP rank -> noise -> [x_t] or [x_t ; x_0] + attention mask
-        global loss denominator (all micro-batches, all DP ranks; known before forward)
-        forward/backward through megatron-core's pipeline schedule
-        skip the step if the loss is NaN/Inf, else clip + AdamW step + LR schedule
-        log, checkpoint (every N steps, at the end, on SIGTERM)
+for step in steps:
+    micro-batches of this DP rank -> noise -> [x_t] or [x_t ; x_0] + attention mask
+    global loss denominator (all micro-batches, all DP ranks; known before forward)
+    forward/backward through megatron-core's pipeline schedule
+    skip the step if the loss is NaN/Inf, else clip + AdamW step + LR schedule
+    log, checkpoint (every N steps, at the end, on SIGTERM)
 """
 
 import math
@@ -13,7 +13,6 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import List, Optional
 
 import torch
 
@@ -25,7 +24,7 @@ class StepResult:
     step: int
     loss: float
     lr: float
-    grad_norm: Optional[float]
+    grad_norm: float | None
     tokens: int
     skipped: bool
 
@@ -59,17 +58,31 @@ def build_optimizer(cfg: TrainingConfig, chunks, dtype):
 
     t = cfg.train
     opt_config = OptimizerConfig(
-        optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
-        adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
-        clip_grad=t.clip_grad, bf16=dtype == torch.bfloat16, params_dtype=dtype,
+        optimizer="adam",
+        lr=t.lr,
+        min_lr=t.min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        clip_grad=t.clip_grad,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, chunks)
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if t.warmup_steps else t.lr, max_lr=t.lr, min_lr=t.min_lr,
-        lr_warmup_steps=t.warmup_steps, lr_decay_steps=max(t.steps, t.warmup_steps + 1),
-        lr_decay_style=t.lr_schedule, start_wd=t.weight_decay, end_wd=t.weight_decay,
-        wd_incr_steps=t.steps, wd_incr_style="constant",
+        optimizer,
+        init_lr=0.0 if t.warmup_steps else t.lr,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=t.warmup_steps,
+        lr_decay_steps=max(t.steps, t.warmup_steps + 1),
+        lr_decay_style=t.lr_schedule,
+        start_wd=t.weight_decay,
+        end_wd=t.weight_decay,
+        wd_incr_steps=t.steps,
+        wd_incr_style="constant",
     )
     return optimizer, scheduler
 
@@ -80,14 +93,17 @@ class Trainer:
     def __init__(self, cfg: TrainingConfig):
         from megatron.core import parallel_state as ps
 
+        from checkpoint_converters.hf_io import read_hf_config
         from megadiff.models.llada2 import LLaDA2ModelConfig
         from megadiff.platform import init_distributed, initialize_parallel, print_rank0
-        from checkpoint_converters.hf_io import read_hf_config
-        from megadiff.training.setup import (
-            build_dataset, build_model_and_load, check_config_fits_model, load_samples, load_tokenizer_and_mask_id,
-        )
-
         from megadiff.training.preflight import check_outputs
+        from megadiff.training.setup import (
+            build_dataset,
+            build_model_and_load,
+            check_config_fits_model,
+            load_samples,
+            load_tokenizer_and_mask_id,
+        )
 
         self.cfg = cfg
         self.log = print_rank0
@@ -112,9 +128,7 @@ class Trainer:
             resume_from = box[0]
         initialize_parallel(self.layout, seed=cfg.train.seed)
         self.dp_size, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        self.dataset, data_stats = build_dataset(
-            cfg, self.tokenizer, samples, row_stats, self.dp_size, self.dp_rank
-        )
+        self.dataset, data_stats = build_dataset(cfg, self.tokenizer, samples, row_stats, self.dp_size, self.dp_rank)
         self.log(f"data: {data_stats}")
         self.dtype = params_dtype(cfg)
         self.chunks = build_model_and_load(cfg, self.model_cfg, self.hf_config, self.layout, self.dtype, self.log)
@@ -147,7 +161,6 @@ class Trainer:
 
     def save(self) -> str:
         from megadiff.checkpoint import save_checkpoint
-
         from megadiff.training.checkpointing import prune_checkpoints
 
         ck = self.cfg.checkpoint
@@ -180,7 +193,10 @@ class Trainer:
     def _resume(self, iteration: int):
         from megadiff.checkpoint import load_checkpoint, resolve_checkpoint_dir
         from megadiff.training.checkpointing import (
-            apply_model_state, check_optimizer_layout, initialise_optimizer_state, restore_adam_steps,
+            apply_model_state,
+            check_optimizer_layout,
+            initialise_optimizer_state,
+            restore_adam_steps,
         )
 
         root = self.cfg.checkpoint.save_dir
@@ -204,7 +220,7 @@ class Trainer:
 
     # ---- one step ------------------------------------------------------------------------------
 
-    def _micro_batches(self) -> List[dict]:
+    def _micro_batches(self) -> list[dict]:
         """This step's micro-batches, noised on the host, then moved to the run device (inputs,
         masks, targets; BlockMasks are built there)."""
         from megadiff.platform.device import to_run_device
@@ -223,12 +239,13 @@ class Trainer:
                 mode = "full" if d.mode == "full" else "bd"
                 doc_ids = prepared["doc_ids"]  # 2B rows with complementary masks
                 positions = prepared["position_ids"][:, : doc_ids.shape[1]]
-                prepared["allowed"] = block_mask_for(doc_ids, positions, mode, d.block_size,
-                                                     prepared["input_ids"].device)
+                prepared["allowed"] = block_mask_for(
+                    doc_ids, positions, mode, d.block_size, prepared["input_ids"].device
+                )
             batches.append(prepared)
         return batches
 
-    def forward_backward_step(self, micro: List[dict]):
+    def forward_backward_step(self, micro: list[dict]):
         """Loss of the global batch (all DP ranks) and its gradients in the DDP grad buffers.
         Returns (loss, real tokens of the global batch)."""
         from megatron.core import parallel_state as ps
@@ -288,7 +305,7 @@ class Trainer:
 
     # ---- the run -------------------------------------------------------------------------------
 
-    def run(self) -> List[StepResult]:
+    def run(self) -> list[StepResult]:
         from megadiff.training.logging import MetricsLogger
 
         cfg = self.cfg
@@ -306,7 +323,12 @@ class Trainer:
                     self.log(f"SIGTERM at step {self.step}: saving a checkpoint and exiting")
                     self._save_unless_saved()
                     break
-                if ck.save_dir and ck.save_interval and self.step % ck.save_interval == 0 and self.step < cfg.train.steps:
+                if (
+                    ck.save_dir
+                    and ck.save_interval
+                    and self.step % ck.save_interval == 0
+                    and self.step < cfg.train.steps
+                ):
                     self.save()
             else:
                 self._save_unless_saved()  # a relaunch of a finished run trains nothing and saves nothing
@@ -326,5 +348,5 @@ class Trainer:
             self._save_dir_lock = None
 
 
-def train(cfg: TrainingConfig) -> List[StepResult]:
+def train(cfg: TrainingConfig) -> list[StepResult]:
     return Trainer(cfg).run()

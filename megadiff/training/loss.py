@@ -71,11 +71,13 @@ def diffusion_loss_sums(logits: torch.Tensor, batch: dict, diffusion) -> dict:
     if diffusion.normalize == "sequence":
         doc = batch["doc_ids"]
         answer_len = {}
-        for r, c in zip(*[x.tolist() for x in torch.nonzero(batch["loss_mask"], as_tuple=True)]):
+        for r, c in zip(*[x.tolist() for x in torch.nonzero(batch["loss_mask"], as_tuple=True)], strict=True):
             key = (r, int(doc[r, c]))
             answer_len[key] = answer_len.get(key, 0) + 1
         rows, cols = torch.nonzero(masked, as_tuple=True)
-        lengths = torch.tensor([answer_len[(r, int(doc[r, c]))] for r, c in zip(rows.tolist(), cols.tolist())])
+        lengths = torch.tensor(
+            [answer_len[(r, int(doc[r, c]))] for r, c in zip(rows.tolist(), cols.tolist(), strict=True)]
+        )
         weight = weight / lengths.to(weight)
     out = {"numerator": (weight * ce).sum(), "ce_sum": ce.detach().sum(), "masked_tokens": masked.sum()}
     if diffusion.confidence_beta:

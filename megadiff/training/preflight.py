@@ -8,7 +8,6 @@ nothing for root or read-only mounts).
 
 import os
 import tempfile
-from typing import Optional
 
 from megadiff.training.config import TrainingConfig, TrainingConfigError
 
@@ -20,7 +19,7 @@ def _existing_ancestor(path: str) -> str:
     return path
 
 
-def _probe(directory: str) -> Optional[str]:
+def _probe(directory: str) -> str | None:
     """None when a file can be created in `directory`, else the OS's reason."""
     try:
         fd, name = tempfile.mkstemp(prefix=".megadiff-probe-", dir=directory)

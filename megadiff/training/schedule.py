@@ -6,8 +6,8 @@ divided by the global token count in finalize_model_grads, so the result does no
 the batch is split into micro-batches, data-parallel ranks or pipeline stages.
 """
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable, Dict, List
 
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -15,7 +15,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megadiff.models.llada2.model import forward_chunk
 
 # loss_fn(micro_batch, output) -> (loss_sum, num_tokens, {name: tensor})
-LossFn = Callable[[Dict, torch.Tensor], tuple]
+LossFn = Callable[[dict, torch.Tensor], tuple]
 
 
 def _forward_step(loss_fn: LossFn, data_iterator, model):
@@ -25,11 +25,11 @@ def _forward_step(loss_fn: LossFn, data_iterator, model):
 
 
 def forward_backward(
-    chunks: List[torch.nn.Module],
-    micro_batches: List[Dict],
+    chunks: list[torch.nn.Module],
+    micro_batches: list[dict],
     loss_fn: LossFn,
     forward_only: bool = False,
-) -> List[Dict]:
+) -> list[dict]:
     """Run every micro-batch (dicts of [b, s] tensors: input_ids, position_ids, optional allowed
     mask [b, s, s]) through the model. Returns the loss functions' logged dicts (last stage only;
     other stages get []). Every stage needs the full micro-batch: positions and masks are used

@@ -32,8 +32,10 @@ def load_tokenizer_and_mask_id(cfg: TrainingConfig, model_cfg):
     tokenizer_dir = cfg.model.tokenizer_dir or cfg.model.hf_dir
     key = "model.tokenizer_dir" if cfg.model.tokenizer_dir else "model.hf_dir"
     if not any(os.path.isfile(os.path.join(tokenizer_dir, f)) for f in TOKENIZER_FILES):
-        raise TokenizerError(f"{tokenizer_dir}: cannot load the tokenizer: none of {', '.join(TOKENIZER_FILES)} "
-                             f"is there; point {key} at the model's tokenizer")
+        raise TokenizerError(
+            f"{tokenizer_dir}: cannot load the tokenizer: none of {', '.join(TOKENIZER_FILES)} "
+            f"is there; point {key} at the model's tokenizer"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     except Exception as e:  # transformers raises several types for a missing/broken tokenizer
@@ -41,8 +43,10 @@ def load_tokenizer_and_mask_id(cfg: TrainingConfig, model_cfg):
         raise TokenizerError(f"{tokenizer_dir}: cannot load the tokenizer ({reason})") from None
     mask_id = mask_token_id(tokenizer, cfg.model.mask_token_id)
     if not 0 <= mask_id < model_cfg.vocab_size:
-        raise TokenizerError(f"mask token id {mask_id} is outside the model vocabulary ({model_cfg.vocab_size} "
-                             f"in {model_cfg.source}); fix model.mask_token_id")
+        raise TokenizerError(
+            f"mask token id {mask_id} is outside the model vocabulary ({model_cfg.vocab_size} "
+            f"in {model_cfg.source}); fix model.mask_token_id"
+        )
     return tokenizer, mask_id
 
 
@@ -64,14 +68,21 @@ def build_dataset(cfg: TrainingConfig, tokenizer, samples, stats, dp_size: int, 
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dataset = SFTDataset(
-        samples, max_seq_len=cfg.data.max_seq_len, pad_id=pad_id,
-        global_batch_size=cfg.train.global_batch_size, micro_batch_size=cfg.train.micro_batch_size,
-        dp_size=dp_size, dp_rank=dp_rank, seed=cfg.train.seed, mode=cfg.data.mode,
+        samples,
+        max_seq_len=cfg.data.max_seq_len,
+        pad_id=pad_id,
+        global_batch_size=cfg.train.global_batch_size,
+        micro_batch_size=cfg.train.micro_batch_size,
+        dp_size=dp_size,
+        dp_rank=dp_rank,
+        seed=cfg.train.seed,
+        mode=cfg.data.mode,
         truncation=cfg.data.truncation,
     )
     summary = {
         **{k: v for k, v in dataset.stats.items() if isinstance(v, (int, float))},
-        "sft_rows": stats.get("rows_kept"), "skipped_bad_rows": stats.get("rows_skipped"),
+        "sft_rows": stats.get("rows_kept"),
+        "skipped_bad_rows": stats.get("rows_skipped"),
         "packed_rows": len(dataset.plans),
     }
     return dataset, summary
@@ -85,8 +96,9 @@ def build_model_and_load(cfg: TrainingConfig, model_cfg, hf_config: dict, layout
     from megadiff.models.llada2.model import build_model
     from megadiff.training.ddp import wrap_ddp
 
-    chunks = build_model(model_cfg, layout, dtype, attention_backend=cfg.model.attention_backend,
-                         calculate_per_token_loss=True)
+    chunks = build_model(
+        model_cfg, layout, dtype, attention_backend=cfg.model.attention_backend, calculate_per_token_loss=True
+    )
     if cfg.model.init_from_mcore:
         from megadiff.checkpoint import load_model_weights
 

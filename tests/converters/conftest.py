@@ -47,7 +47,9 @@ def tiny_hf_bf16(conv_root, tiny_hf):
 def tiny_hf_merged(conv_root, tiny_hf):
     from checkpoint_converters.moe import convert_expert_layout
 
-    return convert_expert_layout(tiny_hf, str(conv_root / "tiny_hf_merged"), "merge", progress=False, log=lambda *a: None)
+    return convert_expert_layout(
+        tiny_hf, str(conv_root / "tiny_hf_merged"), "merge", progress=False, log=lambda *a: None
+    )
 
 
 @pytest.fixture(scope="session")
@@ -58,22 +60,43 @@ def single_process_run(conv_root, tiny_hf, tiny_hf_merged):
     Transformer Engine name chain: ck111 (local) -> HF -> te1 (--spec te) -> HF -> te2 (--spec te)
     and -> local2 (--spec local)."""
     out = conv_root / "single.json"
-    paths = {"ck111": str(conv_root / "ck111"), "ck111_merged": str(conv_root / "ck111_merged"),
-             "ck111_to_bf16": str(conv_root / "ck111_to_bf16"),
-             "ck111_page_cache": str(conv_root / "ck111_page_cache"), "interrupted": str(conv_root / "ck_interrupted"),
-             "te1": str(conv_root / "te1"), "te2": str(conv_root / "te2"), "local2": str(conv_root / "local2")}
+    paths = {
+        "ck111": str(conv_root / "ck111"),
+        "ck111_merged": str(conv_root / "ck111_merged"),
+        "ck111_to_bf16": str(conv_root / "ck111_to_bf16"),
+        "ck111_page_cache": str(conv_root / "ck111_page_cache"),
+        "interrupted": str(conv_root / "ck_interrupted"),
+        "te1": str(conv_root / "te1"),
+        "te2": str(conv_root / "te2"),
+        "local2": str(conv_root / "local2"),
+    }
     hf_a, hf_b = conv_root / "hf_from_ck111", conv_root / "hf_from_te1"
-    cmd = [sys.executable, os.path.join(WORKERS, "convert_single.py"), "--out", str(out),
-           "--run", f"--hf-dir {tiny_hf} --output {paths['ck111']}",
-           "--run", f"--hf-dir {tiny_hf_merged} --output {paths['ck111_merged']} --tp 2 --ep 2 --pp 2",
-           "--run", f"--hf-dir {tiny_hf} --output {paths['ck111_to_bf16']} --dtype bf16",
-           "--run", f"--hf-dir {tiny_hf} --output {paths['ck111_page_cache']} --io page-cache",
-           "--export", f"{paths['ck111']}={hf_a}",
-           "--run", f"--hf-dir {hf_a} --output {paths['te1']} --spec te",
-           "--export", f"{paths['te1']}={hf_b}",
-           "--run", f"--hf-dir {hf_b} --output {paths['te2']} --spec te",
-           "--run", f"--hf-dir {hf_b} --output {paths['local2']} --spec local",
-           "--interrupt", f"{tiny_hf}={paths['interrupted']}"]
+    cmd = [
+        sys.executable,
+        os.path.join(WORKERS, "convert_single.py"),
+        "--out",
+        str(out),
+        "--run",
+        f"--hf-dir {tiny_hf} --output {paths['ck111']}",
+        "--run",
+        f"--hf-dir {tiny_hf_merged} --output {paths['ck111_merged']} --tp 2 --ep 2 --pp 2",
+        "--run",
+        f"--hf-dir {tiny_hf} --output {paths['ck111_to_bf16']} --dtype bf16",
+        "--run",
+        f"--hf-dir {tiny_hf} --output {paths['ck111_page_cache']} --io page-cache",
+        "--export",
+        f"{paths['ck111']}={hf_a}",
+        "--run",
+        f"--hf-dir {hf_a} --output {paths['te1']} --spec te",
+        "--export",
+        f"{paths['te1']}={hf_b}",
+        "--run",
+        f"--hf-dir {hf_b} --output {paths['te2']} --spec te",
+        "--run",
+        f"--hf-dir {hf_b} --output {paths['local2']} --spec local",
+        "--interrupt",
+        f"{tiny_hf}={paths['interrupted']}",
+    ]
     env = worker_env()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
@@ -87,21 +110,41 @@ def single_process_run(conv_root, tiny_hf, tiny_hf_merged):
 def four_process_run(conv_root, tiny_hf, tiny_hf_bf16, single_process_run):
     """One 4-process torchrun at TP2/EP2/PP2: converts fp32 and bf16 inputs at that layout, saves a
     training-like checkpoint, and loads checkpoints across layouts, comparing with the reference."""
-    paths = {"ck222": str(conv_root / "ck222"), "ck222_bf16": str(conv_root / "ck222_bf16"),
-             "trained": str(conv_root / "trained")}
+    paths = {
+        "ck222": str(conv_root / "ck222"),
+        "ck222_bf16": str(conv_root / "ck222_bf16"),
+        "trained": str(conv_root / "trained"),
+    }
     out = conv_root / "four.json"
     ck111 = single_process_run["ck111"]
-    run_torchrun(4, os.path.join(WORKERS, "convert_layouts.py"), [
-        "--layout", "2,2,2",
-        "--convert", f"{tiny_hf}={paths['ck222']}",
-        "--convert", f"{tiny_hf_bf16}={paths['ck222_bf16']}",
-        "--save", f"{paths['trained']}={paths['ck222']}",
-        "--load", f"{ck111}@2,2,2",
-        "--load", f"{paths['ck222']}@1,1,1",
-        "--load", f"{paths['ck222']}@1,1,2,2",
-        "--load", f"{paths['trained']}@1,1,1",
-        "--load", f"{single_process_run['te1']}@2,2,2",
-        "--te-request", f"{ck111}@2,2,2",
-        "--reference", tiny_hf, "--out", out,
-    ])
+    run_torchrun(
+        4,
+        os.path.join(WORKERS, "convert_layouts.py"),
+        [
+            "--layout",
+            "2,2,2",
+            "--convert",
+            f"{tiny_hf}={paths['ck222']}",
+            "--convert",
+            f"{tiny_hf_bf16}={paths['ck222_bf16']}",
+            "--save",
+            f"{paths['trained']}={paths['ck222']}",
+            "--load",
+            f"{ck111}@2,2,2",
+            "--load",
+            f"{paths['ck222']}@1,1,1",
+            "--load",
+            f"{paths['ck222']}@1,1,2,2",
+            "--load",
+            f"{paths['trained']}@1,1,1",
+            "--load",
+            f"{single_process_run['te1']}@2,2,2",
+            "--te-request",
+            f"{ck111}@2,2,2",
+            "--reference",
+            tiny_hf,
+            "--out",
+            out,
+        ],
+    )
     return dict(paths, results=json.loads(out.read_text()))

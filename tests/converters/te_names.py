@@ -15,7 +15,11 @@ from megadiff.checkpoint.format import META_NAME, write_json_atomic
 
 
 def local_to_te_keys(hf_config):
-    return {a.key: b.key for a, b in zip(units_for(hf_config, "local"), units_for(hf_config, "te")) if a.key != b.key}
+    return {
+        a.key: b.key
+        for a, b in zip(units_for(hf_config, "local"), units_for(hf_config, "te"), strict=True)
+        if a.key != b.key
+    }
 
 
 def rekey_checkpoint_to_te(src_root, dst_root, iteration=None) -> str:
@@ -35,12 +39,16 @@ def rekey_checkpoint_to_te(src_root, dst_root, iteration=None) -> str:
 
     dst = os.path.join(str(dst_root), os.path.basename(src))
     shutil.copytree(src, dst)
-    shutil.copyfile(os.path.join(str(src_root), "latest_checkpointed_iteration.txt"),
-                    os.path.join(str(dst_root), "latest_checkpointed_iteration.txt"))
+    shutil.copyfile(
+        os.path.join(str(src_root), "latest_checkpointed_iteration.txt"),
+        os.path.join(str(dst_root), "latest_checkpointed_iteration.txt"),
+    )
     metadata = FileSystemReader(src).read_metadata()
     assert any(rename(k) != k for k in metadata.state_dict_metadata), "nothing to rename"
     metadata.state_dict_metadata = {rename(k): v for k, v in metadata.state_dict_metadata.items()}
-    metadata.storage_data = {MetadataIndex(rename(i.fqn), i.offset, i.index): v for i, v in metadata.storage_data.items()}
+    metadata.storage_data = {
+        MetadataIndex(rename(i.fqn), i.offset, i.index): v for i, v in metadata.storage_data.items()
+    }
     with open(os.path.join(dst, ".metadata"), "wb") as f:
         pickle.dump(metadata, f)
     write_json_atomic(os.path.join(dst, META_NAME), dict(meta, spec="te"))

@@ -119,11 +119,14 @@ def test_missing_config_field(tiny_hf, tmp_path):
     expect_refusal(bad, tmp_path, "num_experts: required field is missing", error=ConfigError)
 
 
-@pytest.mark.parametrize("layout, match", [
-    (ParallelLayout(tp=4), r"num_key_value_heads=2 is not divisible by --tp 4; use --tp 1, 2"),
-    (ParallelLayout(ep=3), r"num_experts=8 is not divisible by --ep 3"),
-    (ParallelLayout(pp=3), r"num_hidden_layers=4 is not divisible by pp\*vpp=3"),
-])
+@pytest.mark.parametrize(
+    "layout, match",
+    [
+        (ParallelLayout(tp=4), r"num_key_value_heads=2 is not divisible by --tp 4; use --tp 1, 2"),
+        (ParallelLayout(ep=3), r"num_experts=8 is not divisible by --ep 3"),
+        (ParallelLayout(pp=3), r"num_hidden_layers=4 is not divisible by pp\*vpp=3"),
+    ],
+)
 def test_layout_that_does_not_divide(tiny_hf, tmp_path, layout, match):
     expect_refusal(tiny_hf, tmp_path, match, error=ConfigError, layout=layout)
 
@@ -174,8 +177,9 @@ def test_interrupted_mcore_to_hf_and_moe_leave_nothing(single_process_run, tiny_
 
     _interrupt_after(monkeypatch, DistCheckpointReader, "read_many", 3)
     with pytest.raises(KeyboardInterrupt):
-        convert_mcore_to_hf(single_process_run["ck111"], str(tmp_path / "hf"), max_shard_size="100KB",
-                            budget_bytes=4096, **QUIET)
+        convert_mcore_to_hf(
+            single_process_run["ck111"], str(tmp_path / "hf"), max_shard_size="100KB", budget_bytes=4096, **QUIET
+        )
     _interrupt_after(monkeypatch, DirectHFReader, "spans", 20)
     with pytest.raises(KeyboardInterrupt):
         convert_expert_layout(tiny_hf, str(tmp_path / "merged"), "merge", **QUIET)
@@ -187,9 +191,9 @@ def test_crashed_save_is_never_latest(single_process_run, tmp_path):
     """A hard kill (no cleanup) leaves a staging dir or an iteration without megadiff.json."""
     root = tmp_path / "root"
     shutil.copytree(single_process_run["ck111"], root)
-    shutil.copytree(root / "iter_0000000", root / "iter_0000009.tmp-deadbeef")   # killed before rename
+    shutil.copytree(root / "iter_0000000", root / "iter_0000009.tmp-deadbeef")  # killed before rename
     shutil.copytree(root / "iter_0000000", root / "iter_0000008")
-    os.remove(root / "iter_0000008" / "megadiff.json")                              # killed before megadiff.json
+    os.remove(root / "iter_0000008" / "megadiff.json")  # killed before megadiff.json
     (root / "latest_checkpointed_iteration.txt").write_text("9\n")
     assert latest_iteration(str(root)) == 0
     with pytest.raises(CheckpointError, match="incomplete checkpoint"):
@@ -213,16 +217,26 @@ def test_bad_megatron_checkpoints_are_refused_before_export(single_process_run, 
     meta = json.loads(meta_path.read_text())
     meta["hf_config"]["num_experts"] = 16
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match=r"router.weight' has global shape \[8, 64\], the recorded config implies \[16, 64\]"):
+    with pytest.raises(
+        CheckpointError, match=r"router.weight' has global shape \[8, 64\], the recorded config implies \[16, 64\]"
+    ):
         convert_mcore_to_hf(str(other), str(tmp_path / "hf"), **QUIET)
     assert not (tmp_path / "hf").exists()
 
 
 def test_cli_reports_errors_in_one_line(tmp_path):
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "convert_mcore_to_hf.py"),
-         "--mcore-dir", str(tmp_path / "missing"), "--output", str(tmp_path / "o")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            os.path.join(REPO, "tools", "convert_mcore_to_hf.py"),
+            "--mcore-dir",
+            str(tmp_path / "missing"),
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2  # megadiff.errors.USER_ERROR_EXIT
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'}: checkpoint directory not found"]

@@ -134,8 +134,9 @@ def test_fp32_input_converted_to_bf16_exports_the_rounded_weights(single_process
 
 @pytest.mark.slow  # shares the single-process megatron run (~10 s)
 @pytest.mark.parametrize("io_mode", ["direct", "page-cache"])
-def test_mcore_to_hf_at_111_copies_every_matrix_as_bytes(single_process_run, tiny_hf, tmp_path, monkeypatch,
-                                                         copied, io_mode):
+def test_mcore_to_hf_at_111_copies_every_matrix_as_bytes(
+    single_process_run, tiny_hf, tmp_path, monkeypatch, copied, io_mode
+):
     matrices, vectors = _bytes_by_rank(tiny_hf)
     read_many = DistCheckpointReader.read_many
     read = {"bytes": 0}
@@ -146,8 +147,9 @@ def test_mcore_to_hf_at_111_copies_every_matrix_as_bytes(single_process_run, tin
         return tensors
 
     monkeypatch.setattr(DistCheckpointReader, "read_many", counted_read_many)
-    out = convert_mcore_to_hf(single_process_run["ck111"], str(tmp_path / "hf"), max_shard_size="300KB",
-                              io_mode=io_mode, **QUIET)
+    out = convert_mcore_to_hf(
+        single_process_run["ck111"], str(tmp_path / "hf"), max_shard_size="300KB", io_mode=io_mode, **QUIET
+    )
     assert_same_checkpoint(tiny_hf, out)
     direct = io_mode == "direct" and _direct_io_works(tmp_path)
     assert (_how(copied), read["bytes"]) == (((matrices, 0) if direct else (0, matrices)), vectors)
@@ -182,11 +184,14 @@ def _refuse_o_direct(monkeypatch):
     monkeypatch.setattr(os, "open", open_)
 
 
-@pytest.mark.parametrize("io_mode,refuse", [("direct", None), ("direct", _refuse_o_direct), ("page-cache", None),
-                                            ("page-cache", _refuse_copy_file_range)],
-                         ids=["direct", "o_direct-refused", "page-cache", "copy_file_range-refused"])
-def test_merge_writes_identical_files_whichever_way_bytes_are_copied(tiny_hf, tiny_hf_merged, tmp_path,
-                                                                     monkeypatch, copied, io_mode, refuse):
+@pytest.mark.parametrize(
+    "io_mode,refuse",
+    [("direct", None), ("direct", _refuse_o_direct), ("page-cache", None), ("page-cache", _refuse_copy_file_range)],
+    ids=["direct", "o_direct-refused", "page-cache", "copy_file_range-refused"],
+)
+def test_merge_writes_identical_files_whichever_way_bytes_are_copied(
+    tiny_hf, tiny_hf_merged, tmp_path, monkeypatch, copied, io_mode, refuse
+):
     """Same output with O_DIRECT, through the page cache, and where the file system refuses
     O_DIRECT (tmpfs) or copy_file_range (other file systems, older kernels)."""
     if refuse is not None:
@@ -217,7 +222,7 @@ def test_read_ahead_yields_everything_in_order_and_asks_for_ranges_ahead(tmp_pat
             asked.extend(s.offset for s in spans)
 
     out = []
-    for name, value in byte_spans.with_read_ahead(items, Recorder(), window_bytes=250):
+    for name, _value in byte_spans.with_read_ahead(items, Recorder(), window_bytes=250):
         out.append(name)
         if name == "t0":  # by the time t0 is copied, the ranges up to ~250 bytes ahead were asked for
             assert asked == [0, 100, 200]

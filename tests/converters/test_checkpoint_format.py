@@ -8,12 +8,22 @@ import pytest
 from checkpoint_converters.hf_io import CheckpointError
 from megadiff.checkpoint import latest_iteration, read_meta, resolve_checkpoint_dir
 from megadiff.checkpoint.format import (
-    META_NAME, MCORE_CONFIG_NAME, TRACKER_NAME, build_meta, commit_iteration_dir, iteration_dir_name,
+    MCORE_CONFIG_NAME,
+    META_NAME,
+    TRACKER_NAME,
+    build_meta,
+    commit_iteration_dir,
+    iteration_dir_name,
 )
 from megadiff.models.llada2 import ParallelLayout, preset
 
-META = {"hf_config": preset("tiny"), "layout": ParallelLayout(tp=2), "dtype": "bfloat16",
-        "hf_source_dir": "relative/hf", "extra": {"step": 3}}
+META = {
+    "hf_config": preset("tiny"),
+    "layout": ParallelLayout(tp=2),
+    "dtype": "bfloat16",
+    "hf_source_dir": "relative/hf",
+    "extra": {"step": 3},
+}
 
 
 def fake_iteration(root, iteration, complete=True, name=None):
@@ -32,9 +42,9 @@ def test_latest_iteration_picks_newest_complete_dir_only(tmp_path):
     root = str(tmp_path)
     fake_iteration(root, 10)
     fake_iteration(root, 20)
-    fake_iteration(root, 30, complete=False)                      # interrupted before megadiff.json
-    fake_iteration(root, 40, name="iter_0000040.tmp-abc123")      # staging dir of a crashed save
-    (tmp_path / TRACKER_NAME).write_text("40\n")                  # a tracker never overrides completeness
+    fake_iteration(root, 30, complete=False)  # interrupted before megadiff.json
+    fake_iteration(root, 40, name="iter_0000040.tmp-abc123")  # staging dir of a crashed save
+    (tmp_path / TRACKER_NAME).write_text("40\n")  # a tracker never overrides completeness
     assert latest_iteration(root) == 20
     assert resolve_checkpoint_dir(root) == os.path.join(root, "iter_0000020")
     assert resolve_checkpoint_dir(root, 10) == os.path.join(root, "iter_0000010")
@@ -74,12 +84,15 @@ def test_meta_records_absolute_source_layout_and_dtype():
     assert meta["format_version"] == 1
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"optimizer": {}}, "unknown field"),
-    ({"hf_config": None}, "'hf_config' is required"),
-    ({"dtype": "int8"}, "unsupported checkpoint dtype"),
-    ({"layout": {"tp": 2, "zz": 1}}, "unknown field"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"optimizer": {}}, "unknown field"),
+        ({"hf_config": None}, "'hf_config' is required"),
+        ({"dtype": "int8"}, "unsupported checkpoint dtype"),
+        ({"layout": {"tp": 2, "zz": 1}}, "unknown field"),
+    ],
+)
 def test_meta_is_validated_before_any_work(change, message):
     with pytest.raises(ValueError, match=message):
         build_meta(1, dict(META, **change), world_size=1)

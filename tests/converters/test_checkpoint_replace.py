@@ -12,8 +12,17 @@ from checkpoint_converters.hf_io import CheckpointError
 from checkpoint_converters.output_dir import check_output_dir, clean_stale_leftovers, publish
 from megadiff.checkpoint import format as fmt
 from megadiff.checkpoint.format import (
-    CRASH_ENV, CRASH_EXIT_CODE, MCORE_CONFIG_NAME, META_NAME, TRACKER_NAME, build_meta, commit_iteration_dir,
-    iteration_dir_name, read_meta, resolve_checkpoint_dir, staging_path,
+    CRASH_ENV,
+    CRASH_EXIT_CODE,
+    MCORE_CONFIG_NAME,
+    META_NAME,
+    TRACKER_NAME,
+    build_meta,
+    commit_iteration_dir,
+    iteration_dir_name,
+    read_meta,
+    resolve_checkpoint_dir,
+    staging_path,
 )
 from megadiff.models.llada2 import ParallelLayout, preset
 from megadiff.training.checkpointing import claim_save_dir, prune_checkpoints, resume_iteration
@@ -21,13 +30,28 @@ from megadiff.training.checkpointing import claim_save_dir, prune_checkpoints, r
 META = {"hf_config": preset("tiny"), "layout": ParallelLayout(), "dtype": "fp32"}
 NEW_SAVE = ["meta-written", "meta-renamed", "replace-start", "replace-renamed", "tracker-written", "tracker-renamed"]
 RESAVE = {  # the steps of a save that replaces an existing complete iteration
-    "exchange": ["meta-written", "meta-renamed", "replace-start", "replace-exchanged", "tracker-written",
-                 "tracker-renamed"],
-    "two-renames": ["meta-written", "meta-renamed", "replace-start", "replace-old-moved", "replace-renamed",
-                    "tracker-written", "tracker-renamed"],
+    "exchange": [
+        "meta-written",
+        "meta-renamed",
+        "replace-start",
+        "replace-exchanged",
+        "tracker-written",
+        "tracker-renamed",
+    ],
+    "two-renames": [
+        "meta-written",
+        "meta-renamed",
+        "replace-start",
+        "replace-old-moved",
+        "replace-renamed",
+        "tracker-written",
+        "tracker-renamed",
+    ],
 }
-OVERWRITE = {"exchange": ["replace-start", "replace-exchanged"],
-             "two-renames": ["replace-start", "replace-old-moved", "replace-renamed"]}
+OVERWRITE = {
+    "exchange": ["replace-start", "replace-exchanged"],
+    "two-renames": ["replace-start", "replace-old-moved", "replace-renamed"],
+}
 
 
 def quiet(*_):
@@ -82,8 +106,9 @@ def loaded_copy(ckpt_dir):
 
 
 def save(root, iteration, copy):
-    staging = write_iteration(staging_path(os.path.join(root, iteration_dir_name(iteration))), iteration, copy,
-                              with_meta=False)
+    staging = write_iteration(
+        staging_path(os.path.join(root, iteration_dir_name(iteration))), iteration, copy, with_meta=False
+    )
     commit_iteration_dir(root, iteration, staging, build_meta(iteration, dict(META, extra={"copy": copy}), 1))
 
 
@@ -156,8 +181,10 @@ def test_overwrite_of_a_real_hf_export_killed_between_renames(tiny_hf, tiny_hf_m
     out = str(tmp_path / "hf")
     convert_expert_layout(tiny_hf, out, "merge", progress=False, log=quiet)
     before = sorted(os.listdir(out))
-    assert killed_at("replace-old-moved", lambda: convert_expert_layout(
-        tiny_hf_merged, out, "split", overwrite=True, progress=False, log=quiet))
+    assert killed_at(
+        "replace-old-moved",
+        lambda: convert_expert_layout(tiny_hf_merged, out, "split", overwrite=True, progress=False, log=quiet),
+    )
     assert not os.path.exists(out)  # the window the fallback has (no RENAME_EXCHANGE) ...
     notes = []
     clean_stale_leftovers(out, notes.append)  # ... is closed by the next conversion
@@ -170,7 +197,7 @@ def test_overwrite_of_a_real_hf_export_killed_between_renames(tiny_hf, tiny_hf_m
 def test_staging_left_by_a_dead_converter_is_removed_a_live_or_unknown_one_kept(tmp_path):
     out = str(tmp_path / "out")
     dead = tmp_path / "out.tmp-0badcafe-999999@host"
-    dead_here = f"{out}.tmp-0badcafe-{2 ** 22 + 1}@{fmt._host()}"  # pid above pid_max: not running
+    dead_here = f"{out}.tmp-0badcafe-{2**22 + 1}@{fmt._host()}"  # pid above pid_max: not running
     live = staging_path(out)  # this process
     unknown = tmp_path / "out.tmp-deadbeef"  # an older megadiff's name: owner not recorded
     for path in (dead, dead_here, live, unknown):
@@ -185,10 +212,10 @@ def test_staging_left_by_a_dead_converter_is_removed_a_live_or_unknown_one_kept(
 def test_trainer_restart_puts_back_a_finished_unrenamed_save_and_removes_stale_staging(tmp_path):
     root = str(tmp_path)
     save(root, 5, "five")
-    write_iteration(os.path.join(root, "iter_0000005.tmp-aaaa"), 5, "replaced")     # iter 5 exists: stale
-    os.makedirs(os.path.join(root, "iter_0000009.tmp-bbbb"))                        # incomplete: stale
-    open(os.path.join(root, TRACKER_NAME + ".tmp-cccc"), "w").close()               # tracker temp: stale
-    write_iteration(os.path.join(root, "iter_0000007.tmp-dddd"), 7, "seven")        # complete, not renamed
+    write_iteration(os.path.join(root, "iter_0000005.tmp-aaaa"), 5, "replaced")  # iter 5 exists: stale
+    os.makedirs(os.path.join(root, "iter_0000009.tmp-bbbb"))  # incomplete: stale
+    open(os.path.join(root, TRACKER_NAME + ".tmp-cccc"), "w").close()  # tracker temp: stale
+    write_iteration(os.path.join(root, "iter_0000007.tmp-dddd"), 7, "seven")  # complete, not renamed
     logs = []
     lock, iteration = claim_save_dir(root, resume=True, log=logs.append)
     lock.release()
@@ -222,10 +249,13 @@ def test_tracker_naming_a_missing_iteration_stops_the_resume(tmp_path):
         resume_iteration(root, quiet)
 
 
-@pytest.mark.parametrize("damage, problem", [
-    ("corrupt_meta", r"megadiff.json:1: invalid JSON"),
-    ("missing_mcore_metadata", r"metadata.json missing"),
-])
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        ("corrupt_meta", r"megadiff.json:1: invalid JSON"),
+        ("missing_mcore_metadata", r"metadata.json missing"),
+    ],
+)
 def test_damaged_latest_iteration_stops_the_resume_and_is_never_overwritten(tmp_path, damage, problem):
     root = str(tmp_path)
     save(root, 4, "four")
@@ -235,8 +265,11 @@ def test_damaged_latest_iteration_stops_the_resume_and_is_never_overwritten(tmp_
         open(os.path.join(it6, META_NAME), "w").write("{not json")
     else:
         os.unlink(os.path.join(it6, MCORE_CONFIG_NAME))
-    with pytest.raises(CheckpointError, match=rf"cannot resume from .*iter_0000006 is damaged: .*{problem}.*"
-                                              rf"resume from the newest complete iteration 4.*echo 4 >"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"cannot resume from .*iter_0000006 is damaged: .*{problem}.*"
+        rf"resume from the newest complete iteration 4.*echo 4 >",
+    ):
         resume_iteration(root, quiet)
     # Pruning never deletes it, and a save of that iteration moves it aside instead of over it.
     prune_checkpoints(root, keep_last=1)

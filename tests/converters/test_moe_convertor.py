@@ -36,16 +36,23 @@ def test_merged_layout_has_dfactory_names_and_shapes(tiny_hf, tiny_hf_merged):
     assert {n: reader.shape(n) for n in reader.names()} == dict(expected_shapes(config, "merged"))
     split = HFCheckpointReader(tiny_hf)
     for j in range(e):
-        assert torch.equal(reader.get("model.layers.2.mlp.experts.down_proj")[j],
-                           split.get(f"model.layers.2.mlp.experts.{j}.down_proj.weight"))
+        assert torch.equal(
+            reader.get("model.layers.2.mlp.experts.down_proj")[j],
+            split.get(f"model.layers.2.mlp.experts.{j}.down_proj.weight"),
+        )
 
 
 def test_merge_then_split_is_bit_identical_and_copies_files(tiny_hf, tiny_hf_merged, tmp_path):
     out = convert_expert_layout(tiny_hf_merged, str(tmp_path / "split"), "split", max_shard_size="200KB", **QUIET)
     assert_same_checkpoint(tiny_hf, out)
     files = set(os.listdir(out))
-    assert {"tokenizer.json", "tokenizer_config.json", "configuration_llada2_moe.py",
-            "modeling_llada2_moe.py", "model.safetensors.index.json"} <= files
+    assert {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "configuration_llada2_moe.py",
+        "modeling_llada2_moe.py",
+        "model.safetensors.index.json",
+    } <= files
     assert len([f for f in files if f.endswith(".safetensors")]) > 1
 
 

@@ -120,15 +120,28 @@ torch.save({"logits": logits, "module": type(model).__module__}, sys.argv[2])
 def test_export_loads_with_transformers_remote_code(single_process_run, tiny_hf, tmp_path):
     out = export(single_process_run["ck111"], tmp_path / "hf")
     files = set(os.listdir(out))
-    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "configuration_llada2_moe.py", "modeling_llada2_moe.py", "model.safetensors.index.json"} <= files
+    assert {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "configuration_llada2_moe.py",
+        "modeling_llada2_moe.py",
+        "model.safetensors.index.json",
+    } <= files
     with open(os.path.join(out, "config.json")) as f, open(os.path.join(tiny_hf, "config.json")) as g:
         assert json.load(f) == json.load(g)
     result = tmp_path / "auto.pt"
     env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), PYTHONWARNINGS="ignore")
     # a fresh interpreter that never imports megadiff: only the copied remote code can build the model
-    proc = subprocess.run([sys.executable, "-c", AUTO_LOAD, out, str(result)], capture_output=True,
-                          text=True, timeout=300, cwd=str(tmp_path), env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", AUTO_LOAD, out, str(result)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(tmp_path),
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(result)
     assert got["module"].startswith("transformers_modules"), got["module"]
@@ -163,11 +176,13 @@ def test_export_without_template_uses_megadiff_remote_code(single_process_run, t
 def test_reader_boxes_across_shards_match_torch_dcp(four_process_run):
     """Boxes spanning TP / EP shards of a (2,2,2) checkpoint: the direct reader equals torch DCP's."""
     reader = DistCheckpointReader(os.path.join(four_process_run["ck222"], "iter_0000000"))
-    boxes = [("embedding.word_embeddings.weight", None, None),
-             ("decoder.layers.1.mlp.experts.experts.linear_fc1.weight", (2, 10, 0), (4, 40, 64)),
-             ("decoder.layers.3.self_attention.linear_qkv.weight", (5, 3), (100, 20)),
-             ("decoder.layers.2.mlp.router.expert_bias", (1,), (6,))]
+    boxes = [
+        ("embedding.word_embeddings.weight", None, None),
+        ("decoder.layers.1.mlp.experts.experts.linear_fc1.weight", (2, 10, 0), (4, 40, 64)),
+        ("decoder.layers.3.self_attention.linear_qkv.weight", (5, 3), (100, 20)),
+        ("decoder.layers.2.mlp.router.expert_bias", (1,), (6,)),
+    ]
     direct = reader.read_many(boxes)
     reader._direct = False
-    for a, b in zip(direct, reader.read_many(boxes)):
+    for a, b in zip(direct, reader.read_many(boxes), strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b)

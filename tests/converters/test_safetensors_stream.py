@@ -14,17 +14,19 @@ from checkpoint_converters.safetensors_stream import INDEX_NAME, ShardedSafetens
 def tensors():
     g = torch.Generator().manual_seed(0)
     return {
-        "a": torch.randn(100, 10, generator=g),                        # 4000 B
-        "b": torch.randn(7, generator=g).to(torch.bfloat16),           # 14 B: odd size, alignment of the next
-        "c": torch.randint(0, 9, (3, 5), generator=g),                 # int64
-        "d": torch.randn(50, 20, generator=g).to(torch.float16),       # 2000 B
-        "e": torch.zeros(0, 4),                                        # empty
+        "a": torch.randn(100, 10, generator=g),  # 4000 B
+        "b": torch.randn(7, generator=g).to(torch.bfloat16),  # 14 B: odd size, alignment of the next
+        "c": torch.randint(0, 9, (3, 5), generator=g),  # int64
+        "d": torch.randn(50, 20, generator=g).to(torch.float16),  # 2000 B
+        "e": torch.zeros(0, 4),  # empty
     }
 
 
 def write(out_dir, max_shard_size):
     ts = tensors()
-    writer = ShardedSafetensorsWriter(str(out_dir), [(n, tuple(t.shape), t.dtype) for n, t in ts.items()], max_shard_size)
+    writer = ShardedSafetensorsWriter(
+        str(out_dir), [(n, tuple(t.shape), t.dtype) for n, t in ts.items()], max_shard_size
+    )
     for name, t in ts.items():
         writer.write(name, t)
     writer.close()
@@ -65,7 +67,9 @@ def test_writes_out_of_plan_order_or_shape_are_refused(tmp_path):
     writer.abort()
 
 
-@pytest.mark.parametrize("text, value", [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), (123, 123), ("1.5kb", 1500)])
+@pytest.mark.parametrize(
+    "text, value", [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30), (123, 123), ("1.5kb", 1500)]
+)
 def test_parse_size_uses_hf_units(text, value):
     assert parse_size(text) == value
 

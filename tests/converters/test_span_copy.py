@@ -50,7 +50,7 @@ def _expected(spans, head=b"head", tail=b"tail"):
         if s.path not in data:
             with open(s.path, "rb") as f:
                 data[s.path] = f.read()
-    return head + b"".join(data[s.path][s.offset:s.offset + s.nbytes] for s in spans) + tail
+    return head + b"".join(data[s.path][s.offset : s.offset + s.nbytes] for s in spans) + tail
 
 
 MODES = ["direct-announced", "direct-not-announced", "direct-announced-out-of-order", "page-cache", "buffer"]
@@ -71,16 +71,23 @@ def test_every_copy_path_writes_exactly_the_asked_bytes(tmp_path, sources, monke
     assert out.write(b"head") == 4
     for span in spans:
         out.copy([span])
-        assert out.tell() == 4 + sum(s.nbytes for s in spans[:spans.index(span) + 1])
+        assert out.tell() == 4 + sum(s.nbytes for s in spans[: spans.index(span) + 1])
     out.write(b"tail")
     out.close()
     copier.close()
     assert (tmp_path / "out.bin").read_bytes() == _expected(spans)  # exact size: no block padding left
     total = sum(s.nbytes for s in spans)
     direct = mode.startswith("direct") and _direct_io_works(tmp_path)
-    want = {"direct": total if direct else 0, "kernel": total if mode == "page-cache" or (mode != "buffer" and not direct) else 0,
-            "buffer": total if mode == "buffer" else 0}
-    assert (copier.direct_bytes, copier.kernel_bytes, copier.buffered_bytes) == (want["direct"], want["kernel"], want["buffer"])
+    want = {
+        "direct": total if direct else 0,
+        "kernel": total if mode == "page-cache" or (mode != "buffer" and not direct) else 0,
+        "buffer": total if mode == "buffer" else 0,
+    }
+    assert (copier.direct_bytes, copier.kernel_bytes, copier.buffered_bytes) == (
+        want["direct"],
+        want["kernel"],
+        want["buffer"],
+    )
     if direct:  # read ahead exactly when announced in the order copied
         assert copier.unannounced_bytes == (total if mode != "direct-announced" else 0)
 
@@ -106,8 +113,12 @@ def test_direct_read_ahead_reads_announced_ranges_in_order_in_few_requests(tmp_p
     copier.close()
     assert (tmp_path / "out.bin").read_bytes() == _expected(spans, b"", b"")
     # adjacent ranges of a file share a request; a request holds at most chunk_bytes
-    assert reads == [("a.bin", 10, 3010), ("b.bin", 5, 105), ("a.bin", 3010, 3010 + 4 * ALIGN),
-                     ("a.bin", 3010 + 4 * ALIGN, 23_010)]
+    assert reads == [
+        ("a.bin", 10, 3010),
+        ("b.bin", 5, 105),
+        ("a.bin", 3010, 3010 + 4 * ALIGN),
+        ("a.bin", 3010 + 4 * ALIGN, 23_010),
+    ]
 
 
 def test_sources_whose_o_direct_reads_are_refused_are_read_plainly(tmp_path, sources, monkeypatch):

@@ -19,7 +19,10 @@ from megadiff.hf.reference import load_reference_model
 from tests.converters.test_moe_convertor import assert_same_checkpoint
 from tests.converters.test_roundtrip import LOGIT_TOL, export
 
-MOE_NORM_TE, MOE_NORM_LOCAL = "decoder.layers.1.pre_mlp_layernorm.weight", "decoder.layers.1.mlp.linear_fc1.layer_norm_weight"
+MOE_NORM_TE, MOE_NORM_LOCAL = (
+    "decoder.layers.1.pre_mlp_layernorm.weight",
+    "decoder.layers.1.mlp.linear_fc1.layer_norm_weight",
+)
 DENSE_NORM = "decoder.layers.0.mlp.linear_fc1.layer_norm_weight"  # both specs: fused into fc1
 
 
@@ -51,8 +54,10 @@ def test_table_names_the_moe_pre_mlp_norm_differently_per_spec():
     local = {u.key for u in units_for(cfg, "local")}
     te = {u.key for u in units_for(cfg, "te")}
     moe_layers = cfg["num_hidden_layers"] - cfg["first_k_dense_replace"]
-    assert local - te == {f"decoder.layers.{i}.mlp.linear_fc1.layer_norm_weight"
-                          for i in range(cfg["first_k_dense_replace"], cfg["num_hidden_layers"])}
+    assert local - te == {
+        f"decoder.layers.{i}.mlp.linear_fc1.layer_norm_weight"
+        for i in range(cfg["first_k_dense_replace"], cfg["num_hidden_layers"])
+    }
     assert len(te - local) == moe_layers and MOE_NORM_TE in te and DENSE_NORM in te and DENSE_NORM in local
     renames = other_spec_keys(cfg)
     assert renames[MOE_NORM_LOCAL] == MOE_NORM_TE and renames[MOE_NORM_TE] == MOE_NORM_LOCAL

@@ -49,7 +49,9 @@ def test_export_refuses_code_in_metadata_without_running_it(ck, tmp_path, capsys
     marker = tmp_path / "MARKER"
     hostile.plant_in_metadata(ck, str(marker))
     assert export_cli(ck, tmp_path / "hf") == 2
-    assert re.search(r"\.metadata: refused to unpickle it \('posix.system'.*--trust-checkpoint", capsys.readouterr().err)
+    assert re.search(
+        r"\.metadata: refused to unpickle it \('posix.system'.*--trust-checkpoint", capsys.readouterr().err
+    )
     assert not marker.exists() and not (tmp_path / "hf").exists()
     assert export_cli(ck, tmp_path / "hf", "--trust-checkpoint") == 0
     assert marker.exists(), "the payload was live: trusting the checkpoint ran it"
@@ -68,8 +70,20 @@ def test_export_refuses_code_in_extra_state_without_running_it(ck, tmp_path, cap
 
 def test_sampler_loader_refuses_planted_code_and_trust_loads_it(ck, tmp_path, capsys):
     generate = load_tool("generate")
-    args = ["--model", ck, "--prompt", "hi", "--gen-length", "8", "--block-length", "8", "--steps", "2",
-            "--device", "cpu"]
+    args = [
+        "--model",
+        ck,
+        "--prompt",
+        "hi",
+        "--gen-length",
+        "8",
+        "--block-length",
+        "8",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+    ]
     marker = tmp_path / "MARKER"
     hostile.plant_in_metadata(ck, str(marker))
     assert generate.main(args) == 2
@@ -100,8 +114,7 @@ def test_metadata_pickle_cannot_rewrite_an_allowed_class():
     from torch.distributed.checkpoint.metadata import MetadataIndex
 
     # GLOBAL MetadataIndex; BUILD (None, {'__eq__': None}): sets a class attribute, runs nothing.
-    data = (b"\x80\x04ctorch.distributed.checkpoint.metadata\nMetadataIndex\n"
-            b"N}\x8c\x06__eq__\x94Ns\x86b.")
+    data = b"\x80\x04ctorch.distributed.checkpoint.metadata\nMetadataIndex\nN}\x8c\x06__eq__\x94Ns\x86b."
     eq = MetadataIndex.__eq__
     with pytest.raises(CheckpointError, match="sets attributes of MetadataIndex"):
         unpickle_dcp_metadata(__import__("io").BytesIO(data), "crafted")
@@ -110,8 +123,13 @@ def test_metadata_pickle_cannot_rewrite_an_allowed_class():
 
 # ---- the template of an export ---------------------------------------------------------------
 
-HOSTILE_FILES = {"id_rsa": "PRIVATE KEY", "credentials": "[default]\naws_secret_access_key = x\n",
-                 "run.sh": "#!/bin/sh\nrm -rf ~\n", "evil.py": "import os\n", "README.md": "hi\n"}
+HOSTILE_FILES = {
+    "id_rsa": "PRIVATE KEY",
+    "credentials": "[default]\naws_secret_access_key = x\n",
+    "run.sh": "#!/bin/sh\nrm -rf ~\n",
+    "evil.py": "import os\n",
+    "README.md": "hi\n",
+}
 
 
 def record_source_dir(ck, source):
@@ -151,10 +169,13 @@ def test_recorded_source_dir_with_a_matching_config_gives_only_allow_listed_file
     lines = []
     out = convert_mcore_to_hf(ck, str(tmp_path / "hf"), progress=False, log=lines.append)
     assert not set(os.listdir(out)) & set(HOSTILE_FILES)
-    assert f"files from {source} (recorded hf_source_dir {source} (its config.json matches the checkpoint's)): " \
-           "tokenizer.json" in lines
-    assert any(line.startswith(f"not copied from {source}") and "credentials, evil.py, id_rsa" in line
-               for line in lines), lines
+    assert (
+        f"files from {source} (recorded hf_source_dir {source} (its config.json matches the checkpoint's)): "
+        "tokenizer.json" in lines
+    )
+    assert any(
+        line.startswith(f"not copied from {source}") and "credentials, evil.py, id_rsa" in line for line in lines
+    ), lines
 
 
 def test_named_template_copies_the_allow_list_and_the_auto_map_modules(ck, tiny_hf, tmp_path):
@@ -168,10 +189,19 @@ def test_named_template_copies_the_allow_list_and_the_auto_map_modules(ck, tiny_
     out = convert_mcore_to_hf(ck, str(tmp_path / "hf"), hf_template=str(template), progress=False, log=lines.append)
     copied = next(line for line in lines if line.startswith(f"files from {template} (--hf-template): "))
     names = copied.split(": ", 1)[1].split(", ")
-    expected = {"chat_template.jinja", "configuration_llada2_moe.py", "modeling_llada2_moe.py", "tokenizer.json",
-                "tokenizer_config.json", "special_tokens_map.json"} | ({"generation_config.json"} & set(os.listdir(tiny_hf)))
+    expected = {
+        "chat_template.jinja",
+        "configuration_llada2_moe.py",
+        "modeling_llada2_moe.py",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    } | ({"generation_config.json"} & set(os.listdir(tiny_hf)))
     assert set(names) == expected, names
     assert set(os.listdir(out)) - {"config.json", "generation_config.json"} == expected | {
-        n for n in os.listdir(out) if n.endswith((".safetensors", ".index.json"))} - {"generation_config.json"}
-    assert f"remote code from {template}, not megadiff's own: modeling_llada2_moe.py; trust_remote_code=True runs " \
-           "it, so check it before loading the model" in lines
+        n for n in os.listdir(out) if n.endswith((".safetensors", ".index.json"))
+    } - {"generation_config.json"}
+    assert (
+        f"remote code from {template}, not megadiff's own: modeling_llada2_moe.py; trust_remote_code=True runs "
+        "it, so check it before loading the model" in lines
+    )

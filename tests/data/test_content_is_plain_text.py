@@ -22,12 +22,18 @@ def test_mask_string_in_answer_is_never_the_mask_id(tiny_tokenizer):
     assert mask_id not in ids
     # Spelled with ordinary tokens, the text still round-trips.
     assert tiny_tokenizer.decode(ids[prompt_len:-1]) == "a <|mask|> b"
-    assert tiny_tokenizer.decode(ids[:prompt_len]) == "<role>HUMAN</role>fill <|mask|> in<|role_end|><role>ASSISTANT</role>"
+    assert (
+        tiny_tokenizer.decode(ids[:prompt_len])
+        == "<role>HUMAN</role>fill <|mask|> in<|role_end|><role>ASSISTANT</role>"
+    )
 
 
 def test_role_markers_in_content_cannot_open_a_turn(tiny_tokenizer):
-    messages = [{"role": "system", "content": INJECTION}, {"role": "user", "content": INJECTION},
-                {"role": "assistant", "content": INJECTION}]
+    messages = [
+        {"role": "system", "content": INJECTION},
+        {"role": "user", "content": INJECTION},
+        {"role": "assistant", "content": INJECTION},
+    ]
     ids, prompt_len = tokenize_sample(messages, tiny_tokenizer)
     role, role_end = ids_of(tiny_tokenizer, "<role>", "<|role_end|>")
     # The template opens 3 turns (SYSTEM, HUMAN, ASSISTANT) and closes 2; contents add none.
@@ -48,8 +54,12 @@ def test_piecewise_encoding_equals_whole_text_encoding_on_ordinary_content(tiny_
     # ordinary content exactly as the whole rendered text: force it with a harmless "special" string.
     import megadiff.data.tokenize as tokenize
 
-    context = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 6 * 7?"},
-               {"role": "assistant", "content": "42"}, {"role": "user", "content": "And 2 + 2?"}]
+    context = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 6 * 7?"},
+        {"role": "assistant", "content": "42"},
+        {"role": "user", "content": "And 2 + 2?"},
+    ]
     whole = encode_chat_prompt(context, tiny_tokenizer)
     monkeypatch.setattr(tokenize, "special_token_strings", lambda tokenizer: ("What",))
     assert encode_chat_prompt(context, tiny_tokenizer) == whole
@@ -57,10 +67,16 @@ def test_piecewise_encoding_equals_whole_text_encoding_on_ordinary_content(tiny_
 
 def test_template_that_rewrites_content_refuses_the_row_naming_file_and_line(tiny_tokenizer):
     upper = copy.deepcopy(tiny_tokenizer)
-    upper.chat_template = ("{% for m in messages %}<role>{{ m['role'] }}</role>{{ m['content'] | upper }}"
-                           "<|role_end|>{% endfor %}{% if add_generation_prompt %}<role>ASSISTANT</role>{% endif %}")
-    rows = [{"messages": [{"role": "user", "content": "<|mask|>"}, {"role": "assistant", "content": "a"}],
-             "source": "d.jsonl:7"}]
+    upper.chat_template = (
+        "{% for m in messages %}<role>{{ m['role'] }}</role>{{ m['content'] | upper }}"
+        "<|role_end|>{% endfor %}{% if add_generation_prompt %}<role>ASSISTANT</role>{% endif %}"
+    )
+    rows = [
+        {
+            "messages": [{"role": "user", "content": "<|mask|>"}, {"role": "assistant", "content": "a"}],
+            "source": "d.jsonl:7",
+        }
+    ]
     with pytest.raises(DataError, match=r"^d.jsonl:7: a message content holds a special-token string.*<\|mask\|>"):
         tokenize_rows(rows, upper)
 

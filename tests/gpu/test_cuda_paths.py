@@ -35,9 +35,24 @@ def cuda_check(tmp_path, check):
 
 def step_parity_on_gpus(tiny_run_dir, nproc, layouts):
     out = tiny_run_dir / f"gpu_step_{nproc}.json"
-    run_torchrun(nproc, TRAIN_WORKER, ["--config", tiny_run_dir / "cfg.yaml", "--hf-dir", tiny_run_dir / "hf",
-                                       "--check", "step_parity", "--layouts", layouts, "--out", out,
-                                       "model.dtype=fp32"], gpu=True)
+    run_torchrun(
+        nproc,
+        TRAIN_WORKER,
+        [
+            "--config",
+            tiny_run_dir / "cfg.yaml",
+            "--hf-dir",
+            tiny_run_dir / "hf",
+            "--check",
+            "step_parity",
+            "--layouts",
+            layouts,
+            "--out",
+            out,
+            "model.dtype=fp32",
+        ],
+        gpu=True,
+    )
     results = json.loads(out.read_text())
     assert len(results) == len(layouts.split(";"))
     for layout, modes in results.items():
@@ -65,8 +80,10 @@ def test_transformer_engine_spec_is_chosen_whenever_megatron_core_can_use_te():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is None,
-                    reason="Transformer Engine is not installed (pip install -e .[gpu])")
+@pytest.mark.skipif(
+    importlib.util.find_spec("transformer_engine") is None,
+    reason="Transformer Engine is not installed (pip install -e .[gpu])",
+)
 def test_parameter_table_te_keys_are_a_te_models_sharded_state_dict_keys():
     """The TE checkpoint keys the converters write (parameter table, spec "te") are exactly the
     tensor keys a real TE-spec model saves, at layout (1,1,1); TE's extra objects are `_extra_state`."""

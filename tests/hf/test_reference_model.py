@@ -25,7 +25,9 @@ def test_router_keeps_best_groups_and_normalises_unbiased_scores(model):
     biased = scores + gate.expert_bias
     per_group = model.config.num_experts // model.config.n_group
     for t in range(x.shape[0]):
-        group_score = [sorted(biased[t, g * per_group:(g + 1) * per_group].tolist())[-2:] for g in range(model.config.n_group)]
+        group_score = [
+            sorted(biased[t, g * per_group : (g + 1) * per_group].tolist())[-2:] for g in range(model.config.n_group)
+        ]
         best = sorted(range(model.config.n_group), key=lambda g: -sum(group_score[g]))[: model.config.topk_group]
         allowed = [e for e in range(model.config.num_experts) if e // per_group in best]
         chosen = sorted(allowed, key=lambda e: -biased[t, e].item())[: model.config.num_experts_per_tok]
@@ -124,7 +126,10 @@ def test_wrongly_shaped_tensor_is_named(model, tmp_path):
     tensors = load_file(path)
     tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(3, 64)
     save_file(tensors, path)
-    with pytest.raises(CheckpointError, match=r"'model.layers.0.mlp.up_proj.weight' has shape \[3, 64\], config.json implies \[128, 64\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"'model.layers.0.mlp.up_proj.weight' has shape \[3, 64\], config.json implies \[128, 64\]",
+    ):
         load_reference_model(str(tmp_path))
 
 

@@ -13,7 +13,6 @@ def tiny_model(seed, lm_head_scale=1.0):
     return model
 
 
-
 @pytest.fixture(scope="session")
 def sharp_model():
     """Tiny random model whose predictions are sharp enough that some clear the 0.95 threshold and

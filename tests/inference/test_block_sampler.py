@@ -20,8 +20,13 @@ class Recorder(torch.nn.Module):
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, past_key_values=None, use_cache=False):
         self.calls.append((input_ids.clone(), position_ids.clone()))
-        out = self.model(input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                         past_key_values=past_key_values, use_cache=use_cache)
+        out = self.model(
+            input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
         for position in self.eos_at:
             out.logits[position_ids == position, EOS_ID] = 1e4
         return out
@@ -43,8 +48,9 @@ def plain_generate(model, prompt, gen_length, block_length, steps, threshold, mi
                 break
             allowed = [[k // block_length <= q // block_length for k in range(hi)] for q in range(hi)]
             with torch.no_grad():
-                logits = model(torch.tensor([x[:hi]]), position_ids=torch.arange(hi)[None],
-                               attention_mask=torch.tensor([allowed])).logits[0]
+                logits = model(
+                    torch.tensor([x[:hi]]), position_ids=torch.arange(hi)[None], attention_mask=torch.tensor([allowed])
+                ).logits[0]
             choice = {}
             for p in masked:
                 scores = logits[p].float().clone()
@@ -66,7 +72,7 @@ def plain_generate(model, prompt, gen_length, block_length, steps, threshold, mi
                     return generated[: first + 1]
         if EOS_ID in x[n:hi]:
             break
-    generated = x[n: n + gen_length]
+    generated = x[n : n + gen_length]
     return generated[: generated.index(EOS_ID) + 1] if EOS_ID in generated else generated
 
 
@@ -125,7 +131,11 @@ def test_comparison_with_plain_implementation_covers_both_commit_branches(sharp_
     """The sharp model commits more than the quota in some steps and exactly the quota in others."""
     recorder = Recorder(sharp_model)
     run(recorder, [prompt_of(8, seed=8)], gen_length=24, block_length=8, steps=8, threshold=0.6, use_cache=False)
-    drops = [a - b for counts in mask_counts_per_block(recorder, 8).values() for a, b in zip(counts, counts[1:])]
+    drops = [
+        a - b
+        for counts in mask_counts_per_block(recorder, 8).values()
+        for a, b in zip(counts, counts[1:], strict=False)
+    ]
     assert 1 in drops and max(drops) > 1
 
 
@@ -193,8 +203,11 @@ def test_eos_inside_the_prompt_does_not_stop_generation(flat_model):
     assert len(result.tokens[0]) == 20 and EOS_ID not in result.tokens[0]
 
 
-@pytest.mark.parametrize("sampling", [dict(threshold=0.9), dict(temperature=0.8, top_p=0.9), dict(temperature=1.0, top_k=20)],
-                         ids=["greedy", "top_p", "top_k"])
+@pytest.mark.parametrize(
+    "sampling",
+    [dict(threshold=0.9), dict(temperature=0.8, top_p=0.9), dict(temperature=1.0, top_k=20)],
+    ids=["greedy", "top_p", "top_k"],
+)
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_batched_generation_equals_one_by_one(sharp_model, sampling, use_cache):
     prompts = [prompt_of(n, seed=n) for n in (3, 10, 17, 20, 33, 10)]
@@ -263,32 +276,38 @@ def test_block_causal_mask_matches_bruteforce():
     assert mask.shape == (1, 8, 13) and mask[0].tolist() == expected
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(block_length=0), "block_length"),
-    (dict(block_length=-8), "block_length"),
-    (dict(steps=0), "steps"),
-    (dict(gen_length=0), "gen_length"),
-    (dict(threshold=1.5), "threshold"),
-    (dict(threshold=-0.1), "threshold"),
-    (dict(temperature=-1.0), "temperature"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_k=-1), "top_k"),
-    (dict(gen_length=4, minimal_topk=5), "minimal_topk"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(block_length=0), "block_length"),
+        (dict(block_length=-8), "block_length"),
+        (dict(steps=0), "steps"),
+        (dict(gen_length=0), "gen_length"),
+        (dict(threshold=1.5), "threshold"),
+        (dict(threshold=-0.1), "threshold"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(gen_length=4, minimal_topk=5), "minimal_topk"),
+    ],
+)
 def test_bad_decoding_options_raise_value_error_naming_them(kwargs, name):
     with pytest.raises(ValueError, match=name):
         DecodingOptions(**kwargs)
 
 
-@pytest.mark.parametrize("mask_id, eos_id, prompts, message", [
-    (VOCAB, EOS_ID, [[1, 2]], "mask_id=512 is outside"),
-    (-1, EOS_ID, [[1, 2]], "mask_id=-1 is outside"),
-    (MASK_ID, VOCAB + 3, [[1, 2]], "eos_id=515 is outside"),
-    (MASK_ID, MASK_ID, [[1, 2]], "eos_id and mask_id"),
-    (MASK_ID, EOS_ID, [], "prompts is empty"),
-    (MASK_ID, EOS_ID, [[1, 2], [3, MASK_ID]], r"prompts\[1\]\[1\] is the mask token"),
-    (MASK_ID, EOS_ID, [[1, 9999]], r"prompts\[0\]\[1\]=9999 is outside"),
-])
+@pytest.mark.parametrize(
+    "mask_id, eos_id, prompts, message",
+    [
+        (VOCAB, EOS_ID, [[1, 2]], "mask_id=512 is outside"),
+        (-1, EOS_ID, [[1, 2]], "mask_id=-1 is outside"),
+        (MASK_ID, VOCAB + 3, [[1, 2]], "eos_id=515 is outside"),
+        (MASK_ID, MASK_ID, [[1, 2]], "eos_id and mask_id"),
+        (MASK_ID, EOS_ID, [], "prompts is empty"),
+        (MASK_ID, EOS_ID, [[1, 2], [3, MASK_ID]], r"prompts\[1\]\[1\] is the mask token"),
+        (MASK_ID, EOS_ID, [[1, 9999]], r"prompts\[0\]\[1\]=9999 is outside"),
+    ],
+)
 def test_bad_token_ids_raise_value_error_naming_them(flat_model, mask_id, eos_id, prompts, message):
     with pytest.raises(ValueError, match=message):
         generate(flat_model, prompts, DecodingOptions(gen_length=8), mask_id, eos_id)

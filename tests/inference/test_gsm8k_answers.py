@@ -15,22 +15,25 @@ from megadiff.inference.gsm8k import (
 )
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("She pays 1000 + 234 = 1,234 dollars.\n#### 1,234", "1234"),
-    ("#### -5", "-5"),
-    ("The change is -12 degrees", "-12"),
-    ("#### 3.50", "3.5"),
-    ("It costs $2.25 each", "2.25"),
-    ("#### $1,000,000", "1000000"),
-    ("first 3, then 4 #### 7 and later 9", "7"),  # the last #### wins over later numbers
-    ("#### 2 then #### 5", "5"),
-    ("5-3=2", "2"),  # a minus between numbers is not a sign
-    ("The answer is 72.", "72"),
-    ("#### 72.00", "72"),
-    ("#### no number, but 41 earlier", "41"),
-    ("no number at all", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("She pays 1000 + 234 = 1,234 dollars.\n#### 1,234", "1234"),
+        ("#### -5", "-5"),
+        ("The change is -12 degrees", "-12"),
+        ("#### 3.50", "3.5"),
+        ("It costs $2.25 each", "2.25"),
+        ("#### $1,000,000", "1000000"),
+        ("first 3, then 4 #### 7 and later 9", "7"),  # the last #### wins over later numbers
+        ("#### 2 then #### 5", "5"),
+        ("5-3=2", "2"),  # a minus between numbers is not a sign
+        ("The answer is 72.", "72"),
+        ("#### 72.00", "72"),
+        ("#### no number, but 41 earlier", "41"),
+        ("no number at all", None),
+        ("", None),
+    ],
+)
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
 
@@ -77,4 +80,5 @@ def test_split_rows_is_seeded_disjoint_and_sized_by_fraction():
 
 def test_sft_row_is_a_user_question_and_assistant_answer():
     assert sft_row({"question": "q?", "answer": "a\n#### 1"}) == {
-        "messages": [{"role": "user", "content": "q?"}, {"role": "assistant", "content": "a\n#### 1"}]}
+        "messages": [{"role": "user", "content": "q?"}, {"role": "assistant", "content": "a\n#### 1"}]
+    }

@@ -82,8 +82,9 @@ def test_mcore_checkpoint_tokenizer_is_the_recorded_hf_source_dirs(model_dir, tm
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("7\n")
     (iter_dir / "metadata.json").write_text("{}")
     hf_config = json.load(open(os.path.join(model_dir, "config.json")))  # what a conversion records
-    meta = build_meta(7, {"hf_config": hf_config, "layout": {"tp": 1}, "dtype": "fp32",
-                          "hf_source_dir": model_dir}, world_size=1)
+    meta = build_meta(
+        7, {"hf_config": hf_config, "layout": {"tp": 1}, "dtype": "fp32", "hf_source_dir": model_dir}, world_size=1
+    )
     (iter_dir / "megadiff.json").write_text(json.dumps(meta))
     assert load_tokenizer(str(tmp_path)).get_vocab() == load_tokenizer(model_dir).get_vocab()
     assert load_tokenizer(str(iter_dir), iteration=7).name_or_path == model_dir
@@ -114,13 +115,20 @@ def test_chat_session_prompt_holds_every_earlier_turn(model_dir):
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir)
     mask_id, eos_id = special_token_ids(model, tokenizer)
-    session = ChatSession(model, tokenizer, DecodingOptions(gen_length=16, block_length=8), mask_id, eos_id,
-                          system="Be brief.")
+    session = ChatSession(
+        model, tokenizer, DecodingOptions(gen_length=16, block_length=8), mask_id, eos_id, system="Be brief."
+    )
     first, _, _ = session.reply("Hello")
     _, prompt_ids, _ = session.reply("And then?")
-    expected = encode_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"},
-                            {"role": "assistant", "content": first}, {"role": "user", "content": "And then?"}],
-                           tokenizer)
+    expected = encode_chat(
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "And then?"},
+        ],
+        tokenizer,
+    )
     assert prompt_ids == expected
     session.reset()
     _, prompt_ids, _ = session.reply("Hello")

@@ -22,8 +22,11 @@ def test_prompt_beyond_the_position_range_is_refused_before_decoding(flat_model)
     calls = []
     hook = flat_model.register_forward_hook(lambda *a: calls.append(1))
     try:
-        with pytest.raises(ValueError, match=rf"prompts\[0\] has {limit - 4} tokens; .* that is {limit + 8} "
-                                             rf"positions, beyond the model's max_position_embeddings={limit}"):
+        with pytest.raises(
+            ValueError,
+            match=rf"prompts\[0\] has {limit - 4} tokens; .* that is {limit + 8} "
+            rf"positions, beyond the model's max_position_embeddings={limit}",
+        ):
             generate(flat_model, [[5] * (limit - 4)], OPTIONS, MASK_ID, EOS_ID)
     finally:
         hook.remove()

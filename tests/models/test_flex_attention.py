@@ -76,8 +76,10 @@ def test_flex_backend_refuses_recompute_of_core_attention():
     base = dict(num_layers=2, hidden_size=64, num_attention_heads=4)
     check_flex_supported(TransformerConfig(**base))
     check_flex_supported(TransformerConfig(**base, recompute_granularity="selective", recompute_modules=["moe"]))
-    for bad in (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
-                dict(recompute_granularity="selective", recompute_modules=["core_attn"])):
+    for bad in (
+        dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+        dict(recompute_granularity="selective", recompute_modules=["core_attn"]),
+    ):
         with pytest.raises(ValueError, match="BlockMask"):
             check_flex_supported(TransformerConfig(**base, **bad))
 

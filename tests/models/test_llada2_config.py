@@ -26,12 +26,15 @@ def test_mini_and_flash_presets_validate():
         assert cfg.num_hidden_layers == layers and cfg.rotary_dim == 64 and cfg.moe_layer_pattern[:2] == [0, 1]
 
 
-@pytest.mark.parametrize("layout, field", [
-    (ParallelLayout(tp=4), "num_key_value_heads=2 is not divisible by --tp 4"),
-    (ParallelLayout(ep=3), "num_experts=8 is not divisible by --ep 3"),
-    (ParallelLayout(pp=3), "num_hidden_layers=4 is not divisible by pp*vpp=3"),
-    (ParallelLayout(pp=2, vpp=4), "num_hidden_layers=4 is not divisible by pp*vpp=8"),
-])
+@pytest.mark.parametrize(
+    "layout, field",
+    [
+        (ParallelLayout(tp=4), "num_key_value_heads=2 is not divisible by --tp 4"),
+        (ParallelLayout(ep=3), "num_experts=8 is not divisible by --ep 3"),
+        (ParallelLayout(pp=3), "num_hidden_layers=4 is not divisible by pp*vpp=3"),
+        (ParallelLayout(pp=2, vpp=4), "num_hidden_layers=4 is not divisible by pp*vpp=8"),
+    ],
+)
 def test_layout_not_dividing_model_names_field(layout, field):
     with pytest.raises(ConfigError, match=field.replace("*", r"\*")):
         load().validate_layout(layout)
@@ -48,15 +51,18 @@ def test_etp_must_equal_tp_without_expert_parallelism():
     assert ParallelLayout(tp=2).etp == 2 and ParallelLayout(tp=2, ep=2).etp == 1
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(n_group=3), "n_group: 3 does not divide num_experts=8"),
-    (dict(score_function="softmax"), "score_function: unknown score function 'softmax'"),
-    (dict(model_type="llama"), "model_type: 'llama' is not a LLaDA2 model"),
-    (dict(num_key_value_heads=3), "num_key_value_heads: 3 does not divide num_attention_heads=4"),
-    (dict(topk_group=3, n_group=2), "topk_group: 3 must be in 1..n_group=2"),
-    (dict(num_experts_per_tok=6), "num_experts_per_tok: .* must be 2\\*topk_group"),
-    (dict(tie_word_embeddings=True), "tie_word_embeddings: must be false"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(n_group=3), "n_group: 3 does not divide num_experts=8"),
+        (dict(score_function="softmax"), "score_function: unknown score function 'softmax'"),
+        (dict(model_type="llama"), "model_type: 'llama' is not a LLaDA2 model"),
+        (dict(num_key_value_heads=3), "num_key_value_heads: 3 does not divide num_attention_heads=4"),
+        (dict(topk_group=3, n_group=2), "topk_group: 3 must be in 1..n_group=2"),
+        (dict(num_experts_per_tok=6), "num_experts_per_tok: .* must be 2\\*topk_group"),
+        (dict(tie_word_embeddings=True), "tie_word_embeddings: must be false"),
+    ],
+)
 def test_bad_field_is_named(overrides, message):
     with pytest.raises(ConfigError, match="my/config.json: " + message):
         load(**overrides)

@@ -36,8 +36,13 @@ def test_init_distributed_patches_when_the_cpu_is_pinned_on_a_gpu_node(monkeypat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr("megadiff.platform.cpu.enable_cpu_support", lambda: called.append(1))
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
-    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29999"), ("RANK", "0"),
-                        ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+    for name, value in (
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "29999"),
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_RANK", "0"),
+    ):
         monkeypatch.setenv(name, value)  # init_distributed sets defaults; keep them out of later tests
     backends = []
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: backends.append(backend))

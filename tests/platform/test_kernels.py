@@ -26,8 +26,13 @@ def test_cuda_without_apex_keeps_megatrons_own_fusions_only(fresh_import_cache, 
     for name in ("scaled_masked_softmax_cuda", "fused_weight_gradient_mlp_cuda"):
         monkeypatch.setitem(sys.modules, name, None)  # import fails
     flags = kernels.fused_kernel_flags(on_cuda=True)
-    assert flags == dict(bias_activation_fusion=True, bias_dropout_fusion=True, masked_softmax_fusion=False,
-                         gradient_accumulation_fusion=False, persist_layer_norm=False)
+    assert flags == dict(
+        bias_activation_fusion=True,
+        bias_dropout_fusion=True,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
 
 
 def test_cuda_with_apex_kernels_uses_them(fresh_import_cache, monkeypatch):

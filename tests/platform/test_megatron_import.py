@@ -19,7 +19,7 @@ def test_compile_is_deferred_to_the_first_call_and_done_once():
     assert square(3) == ("compiled", 9) and square(4) == ("compiled", 16)
     assert calls == [{}]
 
-    cube = deferred(mode="max-autotune")(lambda x: x ** 3)  # the @torch.compile(**options) form
+    cube = deferred(mode="max-autotune")(lambda x: x**3)  # the @torch.compile(**options) form
     assert calls == [{}] and cube(2) == ("compiled", 8) and calls == [{}, {"mode": "max-autotune"}]
 
 

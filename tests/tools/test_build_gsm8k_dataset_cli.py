@@ -19,16 +19,26 @@ def load_tool():
 
 
 def write_rows(path, n, start=0):
-    path.write_text("".join(json.dumps({"question": f"q{i}?", "answer": f"step\n#### {i}"}) + "\n"
-                            for i in range(start, start + n)))
+    path.write_text(
+        "".join(json.dumps({"question": f"q{i}?", "answer": f"step\n#### {i}"}) + "\n" for i in range(start, start + n))
+    )
 
 
 def test_build_gsm8k_dataset_splits_rows_into_train_and_test_chats(tmp_path, capsys):
     write_rows(tmp_path / "a.jsonl", 12)
     write_rows(tmp_path / "b.jsonl", 8, start=12)
     out = tmp_path / "out"
-    args = ["--input", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--output-dir", str(out),
-            "--test-fraction", "0.25", "--seed", "3"]
+    args = [
+        "--input",
+        str(tmp_path / "a.jsonl"),
+        str(tmp_path / "b.jsonl"),
+        "--output-dir",
+        str(out),
+        "--test-fraction",
+        "0.25",
+        "--seed",
+        "3",
+    ]
     assert load_tool().main(args) == 0
     train = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     test = [json.loads(line) for line in (out / "test.jsonl").read_text().splitlines()]
@@ -40,7 +50,9 @@ def test_build_gsm8k_dataset_splits_rows_into_train_and_test_chats(tmp_path, cap
         assert user["role"] == "user" and assistant["role"] == "assistant"
         assert assistant["content"] == f"step\n#### {user['content'][1:-1]}"
     assert all(set(r) == {"messages"} for r in train)
-    assert all(r["question"] == r["messages"][0]["content"] and r["answer"] == r["messages"][1]["content"] for r in test)
+    assert all(
+        r["question"] == r["messages"][0]["content"] and r["answer"] == r["messages"][1]["content"] for r in test
+    )
     # the trainer's reader accepts train.jsonl; eval_gsm8k's reader accepts test.jsonl
     assert read_sft_rows(str(out / "train.jsonl"))[1]["rows_kept"] == 15
     assert len(read_gsm8k_rows(str(out / "test.jsonl"))) == 5

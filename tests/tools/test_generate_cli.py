@@ -20,7 +20,6 @@ TOOL = os.path.join("tools", "generate.py")
 DECODING = ["--gen-length", "16", "--block-length", "8", "--steps", "4", "--device", "cpu"]
 
 
-
 def load_tool():
     spec = importlib.util.spec_from_file_location("generate_tool", os.path.join(REPO, TOOL))
     module = importlib.util.module_from_spec(spec)
@@ -29,8 +28,9 @@ def load_tool():
 
 
 def run_tool(args, stdin=None):
-    return subprocess.run([sys.executable, TOOL, *args], cwd=REPO, input=stdin, capture_output=True,
-                          text=True, timeout=120, env=ENV)
+    return subprocess.run(
+        [sys.executable, TOOL, *args], cwd=REPO, input=stdin, capture_output=True, text=True, timeout=120, env=ENV
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +40,32 @@ def model_dir(tmp_path_factory):
 
 def test_generate_cli_writes_the_library_generations_to_output(model_dir, tmp_path):
     out = tmp_path / "gen.jsonl"
-    proc = run_tool(["--model", model_dir, "--prompt", "What is 2 + 2?", "--prompt", "Hello there",
-                     "--batch-size", "2", "--output", str(out), *DECODING])
+    proc = run_tool(
+        [
+            "--model",
+            model_dir,
+            "--prompt",
+            "What is 2 + 2?",
+            "--prompt",
+            "Hello there",
+            "--batch-size",
+            "2",
+            "--output",
+            str(out),
+            *DECODING,
+        ]
+    )
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
     prompts = [encode_prompt(p, tokenizer) for p in ("What is 2 + 2?", "Hello there")]
-    expected = generate(model, prompts, DecodingOptions(gen_length=16, block_length=8, steps=4),
-                        tokenizer.convert_tokens_to_ids("<|mask|>"), tokenizer.eos_token_id)
+    expected = generate(
+        model,
+        prompts,
+        DecodingOptions(gen_length=16, block_length=8, steps=4),
+        tokenizer.convert_tokens_to_ids("<|mask|>"),
+        tokenizer.eos_token_id,
+    )
     assert [r["prompt_ids"] for r in rows] == prompts
     assert [r["generated_ids"] for r in rows] == expected.tokens
     assert rows[0]["text"] == tokenizer.decode(expected.tokens[0], skip_special_tokens=True)
@@ -57,15 +75,20 @@ def test_generate_cli_writes_the_library_generations_to_output(model_dir, tmp_pa
 
 def test_generate_cli_chat_keeps_the_conversation_across_turns(model_dir, tmp_path):
     out = tmp_path / "chat.jsonl"
-    proc = run_tool(["--model", model_dir, "--chat", "--output", str(out), *DECODING],
-                    stdin="Hello\nWhat is 3 + 4?\n/exit\nnever read\n")
+    proc = run_tool(
+        ["--model", model_dir, "--chat", "--output", str(out), *DECODING],
+        stdin="Hello\nWhat is 3 + 4?\n/exit\nnever read\n",
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("assistant> ") == 2
     turns = [json.loads(line) for line in out.read_text().splitlines()]
     assert [t["user"] for t in turns] == ["Hello", "What is 3 + 4?"]
     tokenizer = load_tokenizer(model_dir)
-    history = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": turns[0]["text"]},
-               {"role": "user", "content": "What is 3 + 4?"}]
+    history = [
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": turns[0]["text"]},
+        {"role": "user", "content": "What is 3 + 4?"},
+    ]
     assert turns[1]["prompt_ids"] == encode_chat(history, tokenizer)
 
 
@@ -76,7 +99,9 @@ def test_generate_cli_reads_input_ids_and_raw_prompts(model_dir, tmp_path, capsy
     assert load_tool().main(["--model", model_dir, "--input-ids", str(ids_file), "--output", str(out), *DECODING]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["prompt_ids"] for r in rows] == [[5, 6, 7], [8, 9]] and all(r["generated_ids"] for r in rows)
-    assert load_tool().main(["--model", model_dir, "--prompt", "2 + 2 =", "--raw", "--output", str(out), *DECODING]) == 0
+    assert (
+        load_tool().main(["--model", model_dir, "--prompt", "2 + 2 =", "--raw", "--output", str(out), *DECODING]) == 0
+    )
     tokenizer = load_tokenizer(model_dir)
     assert json.loads(out.read_text())["prompt_ids"] == tokenizer.encode("2 + 2 =", add_special_tokens=False)
 
@@ -97,9 +122,25 @@ def test_generate_cli_help_lists_the_flags(capsys):
         load_tool().main(["--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    for flag in ("--model", "--prompt", "--input-ids", "--chat", "--raw", "--gen-length", "--block-length", "--steps",
-                 "--threshold", "--temperature", "--top-k", "--top-p", "--seed", "--batch-size", "--mask-id",
-                 "--eos-id", "--output"):
+    for flag in (
+        "--model",
+        "--prompt",
+        "--input-ids",
+        "--chat",
+        "--raw",
+        "--gen-length",
+        "--block-length",
+        "--steps",
+        "--threshold",
+        "--temperature",
+        "--top-k",
+        "--top-p",
+        "--seed",
+        "--batch-size",
+        "--mask-id",
+        "--eos-id",
+        "--output",
+    ):
         assert flag in help_text
 
 

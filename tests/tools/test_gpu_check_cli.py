@@ -42,8 +42,14 @@ def test_a_command_still_running_at_the_end_of_the_budget_is_killed_with_its_chi
 
 def test_gpu_check_refuses_without_cuda_with_exit_2_and_a_clear_message(tmp_path):
     out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, TOOL, "--output", str(out)], cwd=REPO, env=worker_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, TOOL, "--output", str(out)],
+        cwd=REPO,
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "gpu_check: torch" in proc.stderr and "sees no CUDA device" in proc.stderr
     assert "run it on a GPU node" in proc.stderr

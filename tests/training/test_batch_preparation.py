@@ -17,8 +17,14 @@ def micro_batch():
     pos = torch.tensor([list(range(8)) + list(range(8)) + [0, 1]])
     loss_mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1] * 2 + [0, 0]], dtype=torch.bool)
     sample_ids = torch.tensor([[4] * 8 + [7] * 8 + [-1] * 2])
-    return dict(input_ids=ids, position_ids=pos, doc_ids=doc, loss_mask=loss_mask,
-                sample_ids=sample_ids, epoch=torch.tensor([0]))
+    return dict(
+        input_ids=ids,
+        position_ids=pos,
+        doc_ids=doc,
+        loss_mask=loss_mask,
+        sample_ids=sample_ids,
+        epoch=torch.tensor([0]),
+    )
 
 
 def diffusion(mode, **kw):

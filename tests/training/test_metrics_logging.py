@@ -8,8 +8,16 @@ from megadiff.training.loop import StepResult
 
 
 def test_metrics_file_and_tensorboard_get_every_step(tmp_path):
-    cfg = load_config(None, ["model.hf_dir=m", "data.train_files=d", "logging.progress_bar=false",
-                             f"logging.metrics_file={tmp_path / 'm.jsonl'}", f"logging.tensorboard_dir={tmp_path / 'tb'}"])
+    cfg = load_config(
+        None,
+        [
+            "model.hf_dir=m",
+            "data.train_files=d",
+            "logging.progress_bar=false",
+            f"logging.metrics_file={tmp_path / 'm.jsonl'}",
+            f"logging.tensorboard_dir={tmp_path / 'tb'}",
+        ],
+    )
     logger = MetricsLogger(cfg, total_steps=2)
     logger.log(StepResult(1, 2.5, 1e-3, 0.7, 1000, False), seconds=0.5)
     logger.log(StepResult(2, float("nan"), 1e-3, None, 1000, True), seconds=0.5)

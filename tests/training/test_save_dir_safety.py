@@ -19,14 +19,17 @@ from megadiff.training.disk_space import NoSpaceError, no_space_error
 from megadiff.training.loop import Trainer
 from tests.dist.launch import REPO
 
-HOLD_LOCK = ("import sys, time; from megadiff.checkpoint.lock import SaveDirLock; "
-             "lock = SaveDirLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)")
+HOLD_LOCK = (
+    "import sys, time; from megadiff.checkpoint.lock import SaveDirLock; "
+    "lock = SaveDirLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)"
+)
 
 
 def python(*args, **kwargs):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, *map(str, args)], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True, **kwargs
+    )
 
 
 @pytest.fixture
@@ -60,14 +63,23 @@ def test_lock_of_a_killed_run_does_not_block(other_run_holding):
             SaveDirLock(str(save_dir)).acquire()  # and it is exclusive again
 
 
-@pytest.mark.parametrize("override, message", [
-    ("checkpoint.save_dir={file}", r"checkpoint.save_dir=.*afile: exists and is not a directory"),
-    ("checkpoint.save_dir={file}/sub", r"checkpoint.save_dir=.*afile/sub: cannot be created, .*afile is a file"),
-    ("checkpoint.save_dir=/proc/megadiff-ckpt", r"checkpoint.save_dir=/proc/megadiff-ckpt: cannot be created in /proc"),
-    ("logging.metrics_file={tmp}/missing/m.jsonl", r"logging.metrics_file=.*missing/m.jsonl: directory .*missing "
-                                                   r"does not exist"),
-    ("logging.tensorboard_dir={file}", r"logging.tensorboard_dir=.*afile: exists and is not a directory"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("checkpoint.save_dir={file}", r"checkpoint.save_dir=.*afile: exists and is not a directory"),
+        ("checkpoint.save_dir={file}/sub", r"checkpoint.save_dir=.*afile/sub: cannot be created, .*afile is a file"),
+        (
+            "checkpoint.save_dir=/proc/megadiff-ckpt",
+            r"checkpoint.save_dir=/proc/megadiff-ckpt: cannot be created in /proc",
+        ),
+        (
+            "logging.metrics_file={tmp}/missing/m.jsonl",
+            r"logging.metrics_file=.*missing/m.jsonl: directory .*missing "
+            r"does not exist",
+        ),
+        ("logging.tensorboard_dir={file}", r"logging.tensorboard_dir=.*afile: exists and is not a directory"),
+    ],
+)
 def test_unusable_output_stops_before_anything_is_built(tiny_run_dir, tmp_path, override, message):
     (tmp_path / "afile").write_text("x")
     override = override.format(file=tmp_path / "afile", tmp=tmp_path)
@@ -86,10 +98,13 @@ def fake_checkpoint(save_dir, iteration, meta_text=None):
     (save_dir / "latest_checkpointed_iteration.txt").write_text(f"{iteration}\n")
 
 
-@pytest.mark.parametrize("case, message", [
-    ("damaged", r"cannot resume from .*iter_0000006 is damaged: .*megadiff.json:1: invalid JSON.*iteration 4"),
-    ("resume_false", r"holds checkpoints \(latest iteration 4\) and checkpoint.resume=false"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("damaged", r"cannot resume from .*iter_0000006 is damaged: .*megadiff.json:1: invalid JSON.*iteration 4"),
+        ("resume_false", r"holds checkpoints \(latest iteration 4\) and checkpoint.resume=false"),
+    ],
+)
 def test_save_dir_that_cannot_be_resumed_stops_before_training(tiny_run_dir, tmp_path, case, message):
     save_dir = tmp_path / "ckpt"
     fake_checkpoint(save_dir, 4)
@@ -106,8 +121,8 @@ def test_failed_write_on_a_full_disk_is_named(tmp_path, monkeypatch):
     import shutil
 
     torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 ** 9, 10 ** 9 - 4096, 4096))
-    error = no_space_error(str(tmp_path), 3 * 10 ** 9, error=torch_error)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
+    error = no_space_error(str(tmp_path), 3 * 10**9, error=torch_error)
     assert isinstance(error, NoSpaceError)
     assert "no space left on " in str(error) and "needed ~3.0 GB, 0.0 MB free" in str(error)
     assert no_space_error(str(tmp_path), 10, error=ValueError("something else")) is None
@@ -126,8 +141,8 @@ def tiny_filesystem(tmp_path):
 
 def test_torch_short_write_on_a_really_full_disk_is_named(tiny_filesystem):
     with pytest.raises(RuntimeError, match="unexpected pos") as raised:
-        torch.save(torch.zeros(2 ** 20), tiny_filesystem / "x.pt")
-    error = no_space_error(str(tiny_filesystem), 4 * 2 ** 20, error=raised.value)
+        torch.save(torch.zeros(2**20), tiny_filesystem / "x.pt")
+    error = no_space_error(str(tiny_filesystem), 4 * 2**20, error=raised.value)
     assert str(error).startswith(f"no space left on tmpfs (mounted at {tiny_filesystem}) ")
     assert "needed ~4.2 MB" in str(error)
 
@@ -136,9 +151,20 @@ def test_torch_short_write_on_a_really_full_disk_is_named(tiny_filesystem):
 @pytest.mark.repeat  # stack-independent: stack (b) runs it only in the full set
 def test_trainer_save_on_a_full_disk_says_no_space(tiny_run_dir, tiny_filesystem):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "tools/train.py", str(tiny_run_dir / "cfg.yaml"), "train.steps=1",
-                           f"checkpoint.save_dir={tiny_filesystem / 'ckpt'}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "tools/train.py",
+            str(tiny_run_dir / "cfg.yaml"),
+            "train.steps=1",
+            f"checkpoint.save_dir={tiny_filesystem / 'ckpt'}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert f"no space left on tmpfs (mounted at {tiny_filesystem})" in out and "needed ~" in out, out[-3000:]

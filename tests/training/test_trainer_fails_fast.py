@@ -23,6 +23,8 @@ def test_malformed_row_stops_before_model_is_built(tiny_run_dir, tmp_path):
 
 def test_layout_not_dividing_model_stops_before_model_is_built(tiny_run_dir):
     cfg = load_config(str(tiny_run_dir / "cfg.yaml"), ["parallel.tp=4"])
-    with pytest.raises(ConfigError, match="num_key_value_heads=2 is not divisible by parallel.tp=4; use parallel.tp=1, 2"):
+    with pytest.raises(
+        ConfigError, match="num_key_value_heads=2 is not divisible by parallel.tp=4; use parallel.tp=1, 2"
+    ):
         Trainer(cfg)
     assert not torch.distributed.is_initialized()

@@ -15,13 +15,16 @@ def test_overrides_parse_numbers_written_without_a_dot():
     assert cfg.parallel.tp == 2 and cfg.diffusion.complementary_masks is True
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.lrr=1", "unknown key 'train.lrr'; did you mean 'train.lr'"),
-    ("trian.lr=1", "unknown section 'trian'; did you mean 'train'"),
-    ("parallel.tp=two", "parallel.tp must be an integer"),
-    ("diffusion.mode=causal", "diffusion.mode='causal' is not one of block_diffusion, full"),
-    ("train.lr", "expected section.key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=1", "unknown key 'train.lrr'; did you mean 'train.lr'"),
+        ("trian.lr=1", "unknown section 'trian'; did you mean 'train'"),
+        ("parallel.tp=two", "parallel.tp must be an integer"),
+        ("diffusion.mode=causal", "diffusion.mode='causal' is not one of block_diffusion, full"),
+        ("train.lr", "expected section.key=value"),
+    ],
+)
 def test_bad_override_is_named(override, message):
     with pytest.raises(TrainingConfigError, match=message):
         load_config(None, BASE + [override])

@@ -15,37 +15,51 @@ BASE = ["model.hf_dir=m", "data.train_files=d.jsonl"]
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.mask_token_id=abc", "model.mask_token_id must be an integer or null, got 'abc'"),
-    ("model.mask_token_id=1.5", "model.mask_token_id must be an integer or null, got 1.5"),
-    ("model.mask_token_id=-1", "model.mask_token_id must be >= 0, got -1"),
-    ("data.train_files=123", "data.train_files must be a string, a list of strings or null, got 123"),
-    ("data.train_files=[a, 3]", r"data.train_files must be a string, a list of strings or null, got \['a', 3\]"),
-    ("model.hf_dir=[x,y]", r"model.hf_dir must be a string or null, got \['x', 'y'\]"),
-    ("parallel.etp=abc", "parallel.etp must be an integer or null, got 'abc'"),
-    ("parallel.vpp=[1,2]", r"parallel.vpp must be an integer or null, got \[1, 2\]"),
-    ("parallel.vpp=1", "parallel.vpp must be >= 2, got 1"),
-    ("checkpoint.save_dir=3", "checkpoint.save_dir must be a string or null, got 3 .quote it"),
-    ("train.lr=.nan", "train.lr must be a finite number, got nan"),
-    ("train.lr=inf", "train.lr must be a finite number, got inf"),
-    ("train.lr=-1e-5", "train.lr must be >= 0.0, got -1e-05"),
-    ("train.warmup_steps=-5", "train.warmup_steps must be >= 0, got -5"),
-    ("train.adam_beta2=1.0", "train.adam_beta2 must be >= 0.0 and < 1.0, got 1.0"),
-    ("train.steps=0", "train.steps must be >= 1, got 0"),
-    ("logging.log_interval=0", "logging.log_interval must be >= 1, got 0"),
-    ("data.skip_bad_rows=yes please", "data.skip_bad_rows must be true or false"),
-    ("model.dtype=fp16", "model.dtype='fp16' is not one of auto, bf16, fp32"),
-    ("train.min_lr=1", r"train.min_lr=1.0 is above train.lr=1e-05"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.mask_token_id=abc", "model.mask_token_id must be an integer or null, got 'abc'"),
+        ("model.mask_token_id=1.5", "model.mask_token_id must be an integer or null, got 1.5"),
+        ("model.mask_token_id=-1", "model.mask_token_id must be >= 0, got -1"),
+        ("data.train_files=123", "data.train_files must be a string, a list of strings or null, got 123"),
+        ("data.train_files=[a, 3]", r"data.train_files must be a string, a list of strings or null, got \['a', 3\]"),
+        ("model.hf_dir=[x,y]", r"model.hf_dir must be a string or null, got \['x', 'y'\]"),
+        ("parallel.etp=abc", "parallel.etp must be an integer or null, got 'abc'"),
+        ("parallel.vpp=[1,2]", r"parallel.vpp must be an integer or null, got \[1, 2\]"),
+        ("parallel.vpp=1", "parallel.vpp must be >= 2, got 1"),
+        ("checkpoint.save_dir=3", "checkpoint.save_dir must be a string or null, got 3 .quote it"),
+        ("train.lr=.nan", "train.lr must be a finite number, got nan"),
+        ("train.lr=inf", "train.lr must be a finite number, got inf"),
+        ("train.lr=-1e-5", "train.lr must be >= 0.0, got -1e-05"),
+        ("train.warmup_steps=-5", "train.warmup_steps must be >= 0, got -5"),
+        ("train.adam_beta2=1.0", "train.adam_beta2 must be >= 0.0 and < 1.0, got 1.0"),
+        ("train.steps=0", "train.steps must be >= 1, got 0"),
+        ("logging.log_interval=0", "logging.log_interval must be >= 1, got 0"),
+        ("data.skip_bad_rows=yes please", "data.skip_bad_rows must be true or false"),
+        ("model.dtype=fp16", "model.dtype='fp16' is not one of auto, bf16, fp32"),
+        ("train.min_lr=1", r"train.min_lr=1.0 is above train.lr=1e-05"),
+    ],
+)
 def test_wrong_type_or_range_is_refused_naming_the_key(override, message):
     with pytest.raises(TrainingConfigError, match=message):
         load_config(None, BASE + [override])
 
 
 def test_good_values_of_optional_and_union_fields_load():
-    cfg = load_config(None, BASE[:1] + ["data.train_files=[a.jsonl, b.jsonl]", "model.mask_token_id=7",
-                                        "parallel.etp=null", "parallel.pp=2", "parallel.vpp=2",
-                                        "checkpoint.save_dir='3'", "train.lr=3", "train.warmup_steps=5"])
+    cfg = load_config(
+        None,
+        BASE[:1]
+        + [
+            "data.train_files=[a.jsonl, b.jsonl]",
+            "model.mask_token_id=7",
+            "parallel.etp=null",
+            "parallel.pp=2",
+            "parallel.vpp=2",
+            "checkpoint.save_dir='3'",
+            "train.lr=3",
+            "train.warmup_steps=5",
+        ],
+    )
     assert cfg.data.train_files == ["a.jsonl", "b.jsonl"] and cfg.model.mask_token_id == 7
     assert cfg.parallel.etp is None and cfg.parallel.vpp == 2 and cfg.checkpoint.save_dir == "3"
     assert cfg.train.lr == 3.0 and isinstance(cfg.train.lr, float) and cfg.train.warmup_steps == 5
@@ -80,8 +94,14 @@ def test_every_choice_is_a_literal_and_every_field_is_documented():
 
 
 def test_help_config_prints_every_key_with_type_default_and_doc():
-    proc = subprocess.run([sys.executable, "tools/train.py", "--help-config"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"))
+    proc = subprocess.run(
+        [sys.executable, "tools/train.py", "--help-config"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"),
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == describe_config()
     for section in dataclasses.fields(TrainingConfig):

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
 
 import torch
 
@@ -15,8 +14,15 @@ from megadiff.errors import UserError
 
 ACCEPTED_MODEL_TYPES = ("llada2_moe", "bailing_moe_v2", "bailing_moe")
 REQUIRED_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads", "num_experts", "num_experts_per_tok",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "num_experts",
+    "num_experts_per_tok",
 )
 
 
@@ -45,9 +51,9 @@ class ParallelLayout:
 
     tp: int = 1
     ep: int = 1
-    etp: Optional[int] = None
+    etp: int | None = None
     pp: int = 1
-    vpp: Optional[int] = None  # virtual pipeline chunks per PP rank; None = no interleaving
+    vpp: int | None = None  # virtual pipeline chunks per PP rank; None = no interleaving
 
     def __post_init__(self):
         if self.etp is None:
@@ -93,8 +99,8 @@ class LLaDA2ModelConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 4096
-    pad_token_id: Optional[int] = None
-    eos_token_id: Optional[int] = None
+    pad_token_id: int | None = None
+    eos_token_id: int | None = None
     source: str = "config.json"
 
     @property
@@ -102,13 +108,13 @@ class LLaDA2ModelConfig:
         return int(self.head_dim * self.partial_rotary_factor)
 
     @property
-    def moe_layer_pattern(self) -> List[int]:
+    def moe_layer_pattern(self) -> list[int]:
         """0 = dense layer, 1 = MoE layer (megatron-core's moe_layer_freq list)."""
         k = self.first_k_dense_replace
         return [0] * k + [1] * (self.num_hidden_layers - k)
 
     @classmethod
-    def from_hf_dict(cls, cfg: Dict, source: str = "config.json") -> "LLaDA2ModelConfig":
+    def from_hf_dict(cls, cfg: dict, source: str = "config.json") -> "LLaDA2ModelConfig":
         def fail(field, why):
             raise ConfigError(f"{source}: {field}: {why}")
 
@@ -183,8 +189,10 @@ class LLaDA2ModelConfig:
         if self.score_function != "sigmoid":
             fail("score_function", f"unknown score function '{self.score_function}'; LLaDA2 uses 'sigmoid'")
         if self.num_attention_heads % self.num_key_value_heads:
-            fail("num_key_value_heads", f"{self.num_key_value_heads} does not divide "
-                 f"num_attention_heads={self.num_attention_heads}")
+            fail(
+                "num_key_value_heads",
+                f"{self.num_key_value_heads} does not divide num_attention_heads={self.num_attention_heads}",
+            )
         if self.num_experts % self.n_group:
             fail("n_group", f"{self.n_group} does not divide num_experts={self.num_experts}")
         if not 1 <= self.topk_group <= self.n_group:
@@ -192,9 +200,12 @@ class LLaDA2ModelConfig:
         if self.num_experts_per_tok > self.num_experts:
             fail("num_experts_per_tok", f"{self.num_experts_per_tok} > num_experts={self.num_experts}")
         if self.n_group > 1 and self.num_experts_per_tok != 2 * self.topk_group:
-            fail("num_experts_per_tok", "LLaDA2 scores a group by its top-2 experts and megatron-core by "
-                 "its top num_experts_per_tok/topk_group, so num_experts_per_tok must be 2*topk_group "
-                 f"(got {self.num_experts_per_tok} and topk_group={self.topk_group})")
+            fail(
+                "num_experts_per_tok",
+                "LLaDA2 scores a group by its top-2 experts and megatron-core by "
+                "its top num_experts_per_tok/topk_group, so num_experts_per_tok must be 2*topk_group "
+                f"(got {self.num_experts_per_tok} and topk_group={self.topk_group})",
+            )
         if not self.norm_topk_prob:
             fail("norm_topk_prob", "megatron-core always normalises sigmoid top-k weights; must be true")
         if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
@@ -204,6 +215,7 @@ class LLaDA2ModelConfig:
 
     def validate_layout(self, layout: ParallelLayout) -> None:
         """Raise naming the field a layout does not divide (before any process group is built)."""
+
         def fail(msg):
             raise ConfigError(f"{self.source}: {msg}")
 
@@ -211,15 +223,19 @@ class LLaDA2ModelConfig:
             return ", ".join(str(d) for d in range(1, (limit or n) + 1) if n % d == 0)
 
         if self.num_key_value_heads % layout.tp:
-            fail(f"num_key_value_heads={self.num_key_value_heads} is not divisible by --tp {layout.tp}; "
-                 f"use --tp {options(self.num_key_value_heads)}")
+            fail(
+                f"num_key_value_heads={self.num_key_value_heads} is not divisible by --tp {layout.tp}; "
+                f"use --tp {options(self.num_key_value_heads)}"
+            )
         if self.num_attention_heads % layout.tp:
             fail(f"num_attention_heads={self.num_attention_heads} is not divisible by --tp {layout.tp}")
         if self.vocab_size % layout.tp:
             fail(f"vocab_size={self.vocab_size} is not divisible by --tp {layout.tp}")
         if self.num_experts % layout.ep:
-            fail(f"num_experts={self.num_experts} is not divisible by --ep {layout.ep}; "
-                 f"use --ep {options(self.num_experts, 64)}")
+            fail(
+                f"num_experts={self.num_experts} is not divisible by --ep {layout.ep}; "
+                f"use --ep {options(self.num_experts, 64)}"
+            )
         if self.moe_intermediate_size % layout.etp:
             fail(f"moe_intermediate_size={self.moe_intermediate_size} is not divisible by --etp {layout.etp}")
         stages = layout.pp * (layout.vpp or 1)
@@ -228,7 +244,7 @@ class LLaDA2ModelConfig:
         if layout.vpp and layout.pp < 2:
             fail("virtual pipeline parallelism (--vpp) needs --pp >= 2")
 
-    def to_hf_dict(self) -> Dict:
+    def to_hf_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("source")
         return d
@@ -275,9 +291,7 @@ def to_transformer_config(
         num_moe_experts=model.num_experts,
         moe_layer_freq=model.moe_layer_pattern,
         moe_ffn_hidden_size=model.moe_intermediate_size,
-        moe_shared_expert_intermediate_size=(
-            model.moe_intermediate_size * model.num_shared_experts or None
-        ),
+        moe_shared_expert_intermediate_size=(model.moe_intermediate_size * model.num_shared_experts or None),
         moe_router_topk=model.num_experts_per_tok,
         moe_router_score_function=model.score_function,
         moe_router_enable_expert_bias=model.moe_router_enable_expert_bias,

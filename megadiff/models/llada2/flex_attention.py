@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
 
 import torch
 from megatron.core.transformer.enums import AttnMaskType
@@ -111,9 +110,9 @@ class FlexCoreAttention(MegatronModule):
         layer_number: int,
         attn_mask_type: AttnMaskType,
         attention_type: str,
-        attention_dropout: Optional[float] = None,
-        softmax_scale: Optional[float] = None,
-        cp_comm_type: Optional[str] = None,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
         pg_collection=None,
     ):
         super().__init__(config=config)
@@ -147,8 +146,8 @@ class FlexCoreAttention(MegatronModule):
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        attention_mask: Optional[BlockMask],
-        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_mask: BlockMask | None,
+        attn_mask_type: AttnMaskType | None = None,
         attention_bias=None,
         packed_seq_params=None,
     ) -> torch.Tensor:
@@ -168,7 +167,7 @@ class FlexCoreAttention(MegatronModule):
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
 
 
-def flex_attention_bhsd(q, k, v, block_mask: Optional[BlockMask], scale: float) -> torch.Tensor:
+def flex_attention_bhsd(q, k, v, block_mask: BlockMask | None, scale: float) -> torch.Tensor:
     """flex_attention on [b, h, s, d] tensors (GQA when k/v have fewer heads), on any device,
     differentiable on CPU too."""
     gqa = q.shape[1] != k.shape[1]
@@ -197,8 +196,11 @@ def _cpu_flex_forward(q, k, v, block_mask, scale):
                 return _COMPILED_FLEX(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
         except _COMPILE_ERRORS as error:  # e.g. no C++ compiler
             _cpu_compile_failed = True
-            warnings.warn(f"compiled flex_attention failed on CPU ({type(error).__name__}: "
-                          f"{str(error)[:200]}); using eager flex_attention (materialises scores)")
+            warnings.warn(
+                f"compiled flex_attention failed on CPU ({type(error).__name__}: "
+                f"{str(error)[:200]}); using eager flex_attention (materialises scores)",
+                stacklevel=2,
+            )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
@@ -221,7 +223,7 @@ class _CpuFlexAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def _tiles(block_mask: Optional[BlockMask], batch: int, q_len: int, kv_len: int):
+def _tiles(block_mask: BlockMask | None, batch: int, q_len: int, kv_len: int):
     """Yield (b, query row slice, visible key rows, mask_mod or None) per query tile."""
     if block_mask is None:
         keys = torch.arange(kv_len)
@@ -267,8 +269,9 @@ def _blockwise_attention_backward(q, k, v, grad_out, block_mask, scale):
         scores = (qi @ ks.transpose(1, 2)).mul_(scale)
         if mask_mod is not None:
             if allowed_fn is None:
-                allowed_fn = torch.vmap(torch.vmap(mask_mod, in_dims=(None, None, None, 0)),
-                                        in_dims=(None, None, 0, None))
+                allowed_fn = torch.vmap(
+                    torch.vmap(mask_mod, in_dims=(None, None, None, 0)), in_dims=(None, None, 0, None)
+                )
             allowed = allowed_fn(torch.tensor(b), torch.tensor(0), torch.arange(rows.start, rows.stop), keys)
             scores = scores.view(hkv, group, r, n).masked_fill(~allowed, float("-inf")).view(hkv, group * r, n)
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key -> 0

@@ -4,8 +4,6 @@ For checks and tools (compare_logits, converter tests), not for training: the lo
 over TP and broadcast from the last pipeline stage.
 """
 
-from typing import Optional
-
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -33,7 +31,7 @@ def pad_for_sequence_parallel(input_ids, position_ids, allowed, tp: int):
 
 
 @torch.no_grad()
-def full_logits(chunks, input_ids, position_ids, allowed: Optional[torch.Tensor] = None):
+def full_logits(chunks, input_ids, position_ids, allowed: torch.Tensor | None = None):
     """[1, s, vocab] fp32 logits of one row, returned on every rank, on the CPU. Inputs may be on
     the host; the model runs on the run device."""
     from megadiff.platform.device import run_device, to_run_device

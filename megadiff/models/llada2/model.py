@@ -6,8 +6,6 @@ from `position_ids` ([3, b, s]); with every frequency in the first section (see
 That lets block-diffusion inputs [x_t ; x_0] use positions 0..L-1 in both halves.
 """
 
-from typing import List, Optional
-
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
@@ -25,10 +23,10 @@ def build_model(
     model_cfg: LLaDA2ModelConfig,
     layout: ParallelLayout,
     params_dtype: torch.dtype = torch.float32,
-    use_te: Optional[bool] = None,
+    use_te: bool | None = None,
     attention_backend: str = "dense",
     **config_overrides,
-) -> List[GPTModel]:
+) -> list[GPTModel]:
     """One GPTModel per virtual-pipeline chunk held by this rank (a list of one without VPP).
 
     attention_backend: "dense" = the spec's core attention with dense bool masks; "flex" =
@@ -47,9 +45,7 @@ def build_model(
     # Parameters are created on the run device (megatron-core's torch.cuda.current_device()),
     # except on the host CPU, where megatron-core's CPU initialisation is used.
     config_overrides.setdefault("use_cpu_initialization", device == torch.device("cpu"))
-    config = to_transformer_config(
-        model_cfg, layout, params_dtype, use_te=use_te, on_cpu=on_cpu, **config_overrides
-    )
+    config = to_transformer_config(model_cfg, layout, params_dtype, use_te=use_te, on_cpu=on_cpu, **config_overrides)
     core_attention = None
     if attention_backend == "flex":
         from .flex_attention import FlexCoreAttention, check_flex_supported
@@ -61,9 +57,7 @@ def build_model(
         vp_stage = vp if layout.vpp else None
         model = GPTModel(
             config=config,
-            transformer_layer_spec=llada2_block_spec(
-                config, use_te, vp_stage=vp_stage, core_attention=core_attention
-            ),
+            transformer_layer_spec=llada2_block_spec(config, use_te, vp_stage=vp_stage, core_attention=core_attention),
             vocab_size=model_cfg.vocab_size,
             max_sequence_length=model_cfg.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -85,7 +79,7 @@ def mcore_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return position_ids.unsqueeze(0).expand(3, -1, -1)
 
 
-def mcore_attention_mask(allowed: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def mcore_attention_mask(allowed: torch.Tensor | None) -> torch.Tensor | None:
     """megadiff masks say True = may attend ([b, q, k] or [b, 1, q, k]); megatron-core's say True =
     masked out ([b, 1, q, k]). None stays None (full bidirectional attention)."""
     if allowed is None:

@@ -25,7 +25,7 @@ class SequenceParallelRMSNorm(torch.nn.RMSNorm):
     def __init__(self, config, hidden_size: int, eps: float = 1e-6, **unused):
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         # finalize_model_grads sums grads of `sequence_parallel` params over the TP group.
-        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+        self.weight.sequence_parallel = config.sequence_parallel
 
 
 def transformer_engine_usable() -> bool:
@@ -60,7 +60,5 @@ def llada2_block_spec(config, use_te: bool, vp_stage=None, core_attention=None):
     """The decoder block spec (dense layer 0, MoE after) for this pipeline stage / chunk.
     `core_attention`: a module class replacing every self-attention's core attention (None: the
     spec's own, DotProductAttention / TEDotProductAttention)."""
-    spec = get_gpt_decoder_block_spec(
-        config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage
-    )
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage)
     return _swap(spec, use_te, core_attention)

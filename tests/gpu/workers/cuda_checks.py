@@ -41,8 +41,10 @@ def logits_errors():
         chunks = build_model(cfg, ParallelLayout(), dtype)
         assert all(p.device == run_device() for c in chunks for p in c.parameters()), "model is not on the GPU"
         load_hf_into_model(chunks, lambda n: state[n], cfg)
-        worst = max(float((full_logits(chunks, ids, pos, mask) - want).abs().max())
-                    for (pos, mask), want in zip(rows, wanted))
+        worst = max(
+            float((full_logits(chunks, ids, pos, mask) - want).abs().max())
+            for (pos, mask), want in zip(rows, wanted, strict=True)
+        )
         result[name] = {"max_abs": worst, "ref_max_abs": max(float(w.abs().max()) for w in wanted)}
     return result
 
@@ -58,15 +60,21 @@ def flex_errors():
 
     device = run_device()
     heads, groups, dim, b, length = 4, 2, 64, 2, 320
-    config = TransformerConfig(num_layers=1, hidden_size=heads * dim, num_attention_heads=heads,
-                               num_query_groups=groups, kv_channels=dim, attention_dropout=0.0,
-                               masked_softmax_fusion=False)
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=heads * dim,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        kv_channels=dim,
+        attention_dropout=0.0,
+        masked_softmax_fusion=False,
+    )
     args = dict(config=config, layer_number=1, attn_mask_type=AttnMaskType.arbitrary, attention_type="self")
     dense, flex = DotProductAttention(**args).to(device), FlexCoreAttention(**args).to(device)
     doc = torch.zeros(b, length, dtype=torch.long, device=device)  # row 0: one document,
-    doc[1, length // 3:] = 1  # row 1: two (so BlockMasks hold full and partial tiles)
+    doc[1, length // 3 :] = 1  # row 1: two (so BlockMasks hold full and partial tiles)
     pos = torch.arange(length, device=device).repeat(b, 1)
-    pos[1, length // 3:] -= length // 3  # positions restart with the second document
+    pos[1, length // 3 :] -= length // 3  # positions restart with the second document
     cases = {
         "packed_docs": (full_attention_mask(doc), block_mask_for(doc, pos, "full"), length),
         "block_diffusion": (block_diffusion_mask(doc, pos, 32), block_mask_for(doc, pos, "bd", 32), 2 * length),
@@ -74,8 +82,9 @@ def flex_errors():
     g = torch.Generator(device=device).manual_seed(3)
     result = {}
     for name, (allowed, block_mask, s) in cases.items():
-        q, k, v = (torch.randn(s, b, n, dim, device=device, generator=g).requires_grad_()
-                   for n in (heads, groups, groups))
+        q, k, v = (
+            torch.randn(s, b, n, dim, device=device, generator=g).requires_grad_() for n in (heads, groups, groups)
+        )
         w = torch.randn(s, b, heads * dim, device=device, generator=g)
         want = dense(q, k, v, mcore_attention_mask(allowed))
         got = flex(q, k, v, block_mask)
@@ -83,7 +92,7 @@ def flex_errors():
         grads_got = torch.autograd.grad((got * w).sum(), (q, k, v))
         result[name] = {
             "out": float((got - want).abs().max()),
-            "grad": max(float((a - e).abs().max()) for a, e in zip(grads_got, grads_want)),
+            "grad": max(float((a - e).abs().max()) for a, e in zip(grads_got, grads_want, strict=True)),
             "grad_max_abs": max(float(e.abs().max()) for e in grads_want),
         }
     return result
