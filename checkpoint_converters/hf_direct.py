@@ -16,7 +16,8 @@ import struct
 
 import torch
 
-from .byte_spans import FileTable, Span, Spans, read_range_into
+from megadiff.checkpoint.bytecopy.byte_spans import FileTable, Span, Spans, read_range_into
+
 from .hf_io import SAFETENSORS_DTYPE_BYTES, CheckpointError, HFCheckpointReader
 
 _TORCH_DTYPES = {

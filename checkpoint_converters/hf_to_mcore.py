@@ -31,16 +31,17 @@ from dataclasses import dataclass
 
 import torch
 
+from megadiff.checkpoint.bytecopy.byte_spans import FileTable, RowAddresses
+from megadiff.checkpoint.bytecopy.span_copy import SpanCopier
 from megadiff.checkpoint.format import DTYPES, dtype_name, new_nonce, remove_tree
 from megadiff.models.llada2.config import ConfigError, LLaDA2ModelConfig, ParallelLayout
 
-from .byte_spans import FileTable, RowAddresses
 from .experts import SPLIT, detect_expert_format, expected_shapes, split_tensor_getter, stored_location
 from .hf_direct import DirectHFReader
-from .hf_io import CheckpointError, check_tensors_match, read_hf_config
+from .hf_io import CheckpointError, HFCheckpointReader, check_tensors_match, read_hf_config
+from .io_paths import resolve_io
 from .output_dir import check_output_dir, publish
 from .report import data_phase_line
-from .span_copy import SpanCopier
 
 WEIGHT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 _CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -51,18 +52,19 @@ class HFInput:
     hf_dir: str
     config: dict
     model: LLaDA2ModelConfig
-    reader: DirectHFReader
+    reader: HFCheckpointReader  # DirectHFReader for the byte-copy engine
     expert_format: str | None  # "split", "merged" or None (no routed experts)
     dtype: torch.dtype  # the dtype of the weight matrices
 
 
-def inspect_hf_input(hf_dir: str, log: Callable[[str], None] = print) -> HFInput:
+def inspect_hf_input(hf_dir: str, log: Callable[[str], None] = print, plain: bool = False) -> HFInput:
     """Validate an HF LLaDA2 dir without loading any tensor; every error names the file / tensor /
-    field (CheckpointError or ConfigError)."""
+    field (CheckpointError or ConfigError). `plain`: the reader reads with safe_open."""
     hf_dir = os.path.abspath(hf_dir)
     config = read_hf_config(hf_dir)
     model = LLaDA2ModelConfig.from_hf_dict(config, source=os.path.join(hf_dir, "config.json"))
-    reader = DirectHFReader(hf_dir)  # validates index, missing shards, unreadable / truncated files
+    # both validate index, missing shards, unreadable / truncated files
+    reader = HFCheckpointReader(hf_dir) if plain else DirectHFReader(hf_dir)
     fmt = detect_expert_format(reader.names(), hf_dir)
     check_tensors_match(reader, expected_shapes(config, fmt or SPLIT))
     weight_dtype = None
@@ -89,10 +91,11 @@ def inspect_hf_input(hf_dir: str, log: Callable[[str], None] = print) -> HFInput
     return HFInput(hf_dir, config, model, reader, fmt, dtype)
 
 
-def _materializer(source: HFInput, chunks, params_dtype: torch.dtype):
+def _materializer(source: HFInput, chunks, params_dtype: torch.dtype, plain: bool = False):
     """(materialize, peek): path in the sharded state dict -> this rank's value of that tensor,
-    `RowAddresses` where its rows can be copied as they are in the HF files, else the tensor, read
-    and transformed; and -> those `RowAddresses` or None, reading nothing (for read-ahead)."""
+    `RowAddresses` where its rows can be copied as they are in the HF files (never if `plain`),
+    else the tensor, read and transformed; and -> those `RowAddresses` or None, reading nothing
+    (for read-ahead)."""
     from megatron.core import parallel_state as ps
 
     from megadiff.checkpoint.dist import model_state_keys, unwrap_model
@@ -106,6 +109,8 @@ def _materializer(source: HFInput, chunks, params_dtype: torch.dtype):
         return source.reader.row_addresses(files, *stored_location(name, source.expert_format))
 
     def as_rows(rule, names, rank, size) -> "RowAddresses | None":
+        if plain:
+            return None  # every tensor read (safe_open) and written as a tensor
         if rule.split == COLS and size > 1:
             return None  # a column split cuts every row
         parts = [hf_rows(n) for n in names]
@@ -154,20 +159,21 @@ def convert_hf_to_mcore(
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
-    io_mode: str = "direct",
+    io_mode: str = "auto",
     spec: str = "local",
 ) -> str:
     """Write OUTPUT/iter_0000000 (+ tracker) from an HF dir; returns the iteration dir.
 
     Single process, or collective under torchrun (world size fitting `layout`). `dtype` is
-    'bf16' / 'fp16' / 'fp32' (default: the HF weights' dtype); `io_mode`: how weight bytes are
-    copied ('direct' or 'page-cache', see span_copy); `spec`: 'local' or 'te' names (see the module
-    docstring). Runs on CPU (set
-    CUDA_VISIBLE_DEVICES= ; the CLI does)."""
+    'bf16' / 'fp16' / 'fp32' (default: the HF weights' dtype); `io_mode`: 'auto', 'plain',
+    'direct' or 'page-cache' (io_paths); `spec`: 'local' or 'te' names (see the module
+    docstring). Runs on CPU (set CUDA_VISIBLE_DEVICES= ; the CLI does)."""
     layout = layout or ParallelLayout()
+    io_mode = resolve_io(io_mode, log)
+    plain = io_mode == "plain"
     if spec not in ("local", "te"):
         raise ConfigError(f"spec {spec!r}: expected 'local' or 'te' (megatron-core layer spec whose names to write)")
-    source = inspect_hf_input(hf_dir, log)
+    source = inspect_hf_input(hf_dir, log, plain)
     source.model.validate_layout(layout)
     output = check_output_dir(output, overwrite, inputs=[source.hf_dir])
     params_dtype = DTYPES[dtype_name(dtype)] if dtype else source.dtype
@@ -198,7 +204,8 @@ def convert_hf_to_mcore(
     if rank == 0:
         log(
             f"converting {source.hf_dir} ({source.expert_format or 'no'} experts, {source.dtype}) -> "
-            f"{output} as {dtype_name(params_dtype)}, {spec} spec names, at layout {save_layout} on {world} process(es)"
+            f"{output} as {dtype_name(params_dtype)}, {spec} spec names, at layout {save_layout} on {world} "
+            f"process(es), --io {io_mode}"
         )
     with torch.device("meta"):
         chunks = build_model(
@@ -237,10 +244,10 @@ def convert_hf_to_mcore(
 
     staging_root = f"{output}.tmp-{_broadcast(new_nonce() if rank == 0 else None)}"
     started = time.perf_counter()
-    copier = SpanCopier(io_mode)
+    copier = None if plain else SpanCopier(io_mode)
     try:
-        materialize, peek = _materializer(source, chunks, params_dtype)
-        final = save_checkpoint_lazily(staging_root, 0, sharded, meta, materialize, on_tensor, copier, peek)
+        materialize, peek = _materializer(source, chunks, params_dtype, plain)
+        final = save_checkpoint_lazily(staging_root, 0, sharded, meta, materialize, on_tensor, copier, peek, plain)
         if rank == 0:
             publish(staging_root, output)
     except BaseException:

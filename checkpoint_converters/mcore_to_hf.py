@@ -3,10 +3,11 @@
 Reads with torch DCP alone (megadiff.checkpoint.DistCheckpointReader): no megatron-core, no process
 group, plain single process. An HF tensor whose bytes are stored rows in some order (the same dtype,
 the last dim not split over TP: every tensor of a checkpoint saved at TP=1) is copied file to file
-in the kernel (byte_spans) without being read. Others are read a few at a time (a layer's
+by megadiff.checkpoint.bytecopy without being read. Others are read a few at a time (a layer's
 non-expert weights, a slab of experts bounded by `budget_bytes`) and written progressively, so
 memory stays bounded by the largest tensor plus the budget whatever the model size. Optimizer state
-and other keys in a training checkpoint are ignored.
+and other keys in a training checkpoint are ignored. With `io_mode="plain"` every tensor is read
+with torch DCP's public `load` and each shard written by safetensors' `save_file` (io_paths).
 
 - `convert_mcore_to_hf`: a complete HF dir (shards + index, config.json, generation_config.json,
   tokenizer and remote code from a template, allow-listed files only: hf_template.py) that `AutoModelForCausalLM.from_pretrained(...,
@@ -21,14 +22,15 @@ from dataclasses import dataclass
 
 import torch
 
+from megadiff.checkpoint.bytecopy.byte_spans import FileTable, Spans
 from megadiff.checkpoint.format import DTYPES, read_meta, resolve_checkpoint_dir
 from megadiff.checkpoint.reader import DistCheckpointReader
 from megadiff.models.llada2.config import LLaDA2ModelConfig
 
-from .byte_spans import FileTable, Spans
 from .dist_keys import Unit, checkpoint_spec, stored_shape, units_for
 from .experts import MERGED, PROJS, SPLIT, merged_name
 from .hf_io import CheckpointError
+from .io_paths import resolve_io
 from .llada2_mapping import hf_from_full_mcore
 from .report import data_phase_line
 
@@ -56,19 +58,22 @@ class McoreInput:
         return self.dtype
 
 
-def inspect_mcore_input(mcore_dir: str, iteration: int | None = None, trust_checkpoint: bool = False) -> McoreInput:
+def inspect_mcore_input(
+    mcore_dir: str, iteration: int | None = None, trust_checkpoint: bool = False, plain: bool = False
+) -> McoreInput:
     """Resolve the iteration dir and check that it holds every tensor the recorded config needs,
     with the right global shape, and that its data files are all there (nothing read yet).
     Checkpoints written with the local or the Transformer Engine spec are both read: the keys
     found decide which (TE's `_extra_state` objects are not tensors and are skipped).
-    `trust_checkpoint`: unpickle its metadata without the allow-list (megadiff.checkpoint.untrusted)."""
+    `trust_checkpoint`: unpickle its metadata without the allow-list (megadiff.checkpoint.untrusted).
+    `plain`: the reader reads through torch DCP's public `load` only."""
     ckpt_dir = resolve_checkpoint_dir(mcore_dir, iteration)
     meta = read_meta(ckpt_dir)
     config = meta.get("hf_config")
     if not isinstance(config, dict):
         raise CheckpointError(f"{ckpt_dir}/megadiff.json: 'hf_config' missing")
     model = LLaDA2ModelConfig.from_hf_dict(config, source=f"{ckpt_dir}/megadiff.json:hf_config")
-    reader = DistCheckpointReader(ckpt_dir, trust=trust_checkpoint)
+    reader = DistCheckpointReader(ckpt_dir, trust=trust_checkpoint, plain=plain)
     try:
         spec = checkpoint_spec(reader.keys(), config, meta.get("spec"))
     except KeyError as e:
@@ -268,19 +273,21 @@ def convert_mcore_to_hf(
     progress: bool = True,
     budget_bytes: int = DEFAULT_BUDGET,
     log: Callable[[str], None] = print,
-    io_mode: str = "direct",
+    io_mode: str = "auto",
     trust_checkpoint: bool = False,
 ) -> str:
     """Write an HF LLaDA2 dir from a checkpoint ROOT (latest complete iteration, or `iteration`) or
     an iteration dir. Tokenizer, generation config, chat template and remote code come from
     `hf_template` (default: the checkpoint's recorded hf_source_dir when its config.json matches
     the checkpoint's; else megadiff's own remote code), allow-listed files only (hf_template.py).
-    Returns OUTPUT."""
+    `io_mode`: 'auto', 'plain', 'direct' or 'page-cache' (io_paths). Returns OUTPUT."""
     from .hf_template import copy_template_files, recorded_source_dir
     from .output_dir import check_output_dir, ensure_remote_code, staged_output, write_json
-    from .safetensors_stream import parse_size, write_sharded_safetensors
+    from .safetensors_stream import parse_size, write_sharded_safetensors, write_sharded_safetensors_plain
 
-    src = inspect_mcore_input(mcore_dir, iteration, trust_checkpoint)
+    io_mode = resolve_io(io_mode, log)
+    plain = io_mode == "plain"
+    src = inspect_mcore_input(mcore_dir, iteration, trust_checkpoint, plain)
     max_shard_size = parse_size(max_shard_size)
     if hf_template and not os.path.isdir(hf_template):
         raise CheckpointError(f"{hf_template}: --hf-template directory not found")
@@ -294,7 +301,7 @@ def convert_mcore_to_hf(
     weights_dtype = entries[0][2]
     log(
         f"exporting {src.ckpt_dir} (iteration {src.meta['iteration']}, {src.spec} spec, {len(entries)} tensors, "
-        f"{'merged' if merged_experts else 'split'} experts) -> {output}"
+        f"{'merged' if merged_experts else 'split'} experts) -> {output}, --io {io_mode}"
     )
 
     bar = None
@@ -312,10 +319,12 @@ def convert_mcore_to_hf(
     started = time.perf_counter()
     try:
         with staged_output(output) as staging:
-            values = iter_hf_tensors(src, items, budget_bytes, allow_spans=True)
-            writer = write_sharded_safetensors(
-                staging, entries, max_shard_size, values, bar.update if bar else None, io_mode
-            )
+            values = iter_hf_tensors(src, items, budget_bytes, allow_spans=not plain)
+            on_value = bar.update if bar else None
+            if plain:
+                writer = write_sharded_safetensors_plain(staging, entries, max_shard_size, values, on_value)
+            else:
+                writer = write_sharded_safetensors(staging, entries, max_shard_size, values, on_value, io_mode)
             config = _output_config(src, weights_dtype)
             copied, left_out = copy_template_files(template, staging, config) if template else ([], [])
             megadiff_code = ensure_remote_code(staging, config)

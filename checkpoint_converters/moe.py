@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from megadiff.checkpoint.bytecopy.byte_spans import Spans, concat_spans
 from megadiff.models.llada2.config import LLaDA2ModelConfig
 
-from .byte_spans import Spans, concat_spans
 from .experts import (
     MERGED,
     PROJS,

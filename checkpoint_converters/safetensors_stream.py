@@ -5,6 +5,11 @@
 header is written first, and tensor bytes are appended as they are produced, so memory holds one
 tensor. Output: `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`, as HF writes
 them (the files are ordinary safetensors: `safe_open` and `from_pretrained` read them).
+
+Two writers, the same shards (names, shapes, dtypes, bytes, index; tests compare them):
+`write_sharded_safetensors` (fast: header first, tensors appended, `Spans` copied file to file by
+megadiff.checkpoint.bytecopy, memory one tensor) and `write_sharded_safetensors_plain`
+(safetensors' own `save_file` per shard: memory one shard, public API only; `--io plain`).
 """
 
 import json
@@ -14,9 +19,10 @@ import struct
 from collections.abc import Callable, Sequence
 
 import torch
+from safetensors.torch import save_file
 
-from .byte_spans import Spans, with_read_ahead
-from .span_copy import SpanCopier
+from megadiff.checkpoint.bytecopy.byte_spans import Spans, with_read_ahead
+from megadiff.checkpoint.bytecopy.span_copy import SpanCopier
 
 INDEX_NAME = "model.safetensors.index.json"
 DTYPE_CODES = {
@@ -163,18 +169,23 @@ class ShardedSafetensorsWriter:
         self._close_file()
         self.copier.close()
         weight_map = {name: self.files[i] for i, (name, _, _) in self._queue}
-        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        path = os.path.join(self.out_dir, INDEX_NAME)
-        with open(path, "w") as f:
-            json.dump(index, f, indent=2)
-            f.write("\n")
-        return path
+        return write_index(self.out_dir, weight_map, self.total_size)
 
     def abort(self) -> None:
         if self._file is not None:
             self._file.abort()
             self._file = None
         self.copier.close()
+
+
+def write_index(out_dir: str, weight_map: dict[str, str], total_size: int) -> str:
+    """model.safetensors.index.json as HF writes it; returns its path."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    path = os.path.join(out_dir, INDEX_NAME)
+    with open(path, "w") as f:
+        json.dump(index, f, indent=2)
+        f.write("\n")
+    return path
 
 
 def write_sharded_safetensors(
@@ -200,3 +211,48 @@ def write_sharded_safetensors(
         writer.abort()
         raise
     return writer
+
+
+class PlainWriteResult:
+    """What `write_sharded_safetensors_plain` wrote (the fields data_phase_line reads)."""
+
+    def __init__(self, total_size: int, copier=None):
+        self.total_size, self.copier = total_size, copier
+
+
+def write_sharded_safetensors_plain(
+    out_dir: str,
+    entries: Sequence[Entry],
+    max_shard_size,
+    values,
+    on_value: Callable[[int], None] | None = None,
+) -> PlainWriteResult:
+    """The same shards and index as `write_sharded_safetensors`, each shard written by
+    safetensors' `save_file` once its tensors are in: memory holds one shard (`max_shard_size`, or
+    the one tensor larger than it). `values`: (name, tensor) pairs in the order of `entries`."""
+    shards = plan_shards(list(entries), parse_size(max_shard_size))
+    files = [shard_file_name(k + 1, len(shards)) for k in range(len(shards))]
+    source = iter(values)
+    weight_map = {}
+    for shard, file in zip(shards, files, strict=True):
+        tensors = {}
+        for want, shape, dtype in shard:
+            name, tensor = next(source, (None, None))
+            if name != want:
+                raise ValueError(f"tensor '{name}' written where the plan expects '{want}'")
+            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise ValueError(f"{name}: got {tensor.dtype} {list(tensor.shape)}, planned {dtype} {list(shape)}")
+            tensors[name] = tensor.detach().contiguous()
+            weight_map[name] = file
+            if on_value is not None:
+                on_value(tensor.nbytes)
+        path = os.path.join(out_dir, file)
+        save_file(tensors, path, metadata={"format": "pt"})
+        del tensors
+        with open(path, "rb") as f:  # on disk before the output is published, as the fast writer does
+            os.fsync(f.fileno())
+    if next(source, None) is not None:
+        raise ValueError("more tensors written than planned")
+    total = sum(_nbytes(s, d) for _, s, d in entries)
+    write_index(out_dir, weight_map, total)
+    return PlainWriteResult(total)

@@ -26,6 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import argparse  # noqa: E402
 import shlex  # noqa: E402
 
+from checkpoint_converters.io_paths import IO_CHOICES, IO_HELP  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,13 +45,7 @@ def parse_args(argv=None):
         help="parameter dtype in the checkpoint (default: the HF weights' dtype)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    p.add_argument(
-        "--io",
-        choices=["direct", "page-cache"],
-        default="direct",
-        help="how weight bytes are copied: direct = O_DIRECT reads and writes, bypassing the page "
-        "cache (default; falls back per file where refused), page-cache = copy_file_range",
-    )
+    p.add_argument("--io", choices=IO_CHOICES, default="auto", help=IO_HELP)
     p.add_argument(
         "--spec",
         choices=["local", "te"],

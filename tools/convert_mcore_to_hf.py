@@ -13,7 +13,8 @@ checkpoint's; else megadiff's own remote code); only those files are copied, lis
 A checkpoint is read without running code from it: its pickled metadata is checked first
 (--trust-checkpoint skips that, for checkpoints you made yourself). Weights keep the
 checkpoint's dtype. Needs no torchrun and no megatron-core; tensors stored as whole rows are copied
-file to file in the kernel, the rest streamed a few at a time.
+file to file by the byte-copy engine, the rest streamed a few at a time (--io plain: every
+tensor through torch DCP's load and safetensors' save_file).
 The output appears only when complete (built in OUT.tmp-<nonce>, then renamed).
 """
 
@@ -23,6 +24,7 @@ import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from checkpoint_converters.io_paths import IO_CHOICES, IO_HELP  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -34,13 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--merged-experts", action="store_true", help="write dFactory's merged-expert layout")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    p.add_argument(
-        "--io",
-        choices=["direct", "page-cache"],
-        default="direct",
-        help="how weight bytes are copied: direct = O_DIRECT reads and writes, bypassing the page "
-        "cache (default; falls back per file where refused), page-cache = copy_file_range",
-    )
+    p.add_argument("--io", choices=IO_CHOICES, default="auto", help=IO_HELP)
     p.add_argument(
         "--trust-checkpoint",
         action="store_true",

@@ -179,18 +179,23 @@ def save_checkpoint_lazily(
     on_tensor: Callable[[int, int], None] | None = None,
     copier=None,
     peek: Callable[[str], object] | None = None,
+    plain: bool = False,
 ) -> str:
     """`save_checkpoint` for a sharded state dict whose tensors are placeholders (e.g. a model
     built on the meta device): `materialize(path)` returns the real value of the entry at `path`
     (e.g. 'model.decoder.layers.0.mlp.linear_fc1.weight') when it is written, so memory holds
     about one tensor at a time (or `RowAddresses`: rows copied file to file, counted by `copier`;
     `peek(path)` gives those without reading anything, so the disk can read ahead).
-    Same files as megatron-core writes, loadable at any layout."""
+    Same files as megatron-core writes, loadable at any layout; `plain`: with torch DCP's own
+    writer instead (megadiff.checkpoint.lazy), one file per tensor, no `RowAddresses`."""
     from .lazy import write_lazily
 
     meta = {**meta, "spec": meta.get("spec") or sharded_state_dict_spec(sharded_state_dict)}
     return _save_iteration(
-        root, iteration, meta, lambda d: write_lazily(sharded_state_dict, d, materialize, on_tensor, copier, peek)
+        root,
+        iteration,
+        meta,
+        lambda d: write_lazily(sharded_state_dict, d, materialize, on_tensor, copier, peek, plain),
     )
 
 

@@ -2,35 +2,30 @@
 
 Converters build the model on the meta device (no memory), take megatron-core's own sharded state
 dict of it (so keys, global shapes, shard offsets and ShardedObjects are exactly what the trainer
-would save and load), and let this module ask for each real tensor only when its bytes are written.
+would save and load), and let this module ask for each real tensor only when it is written.
 
-Memory: torch's FileSystemWriter keeps every tensor of a file alive until the file is closed (it
-collects them for its safetensors mode), so `_StreamingWriter` writes the items itself, one at a
-time, with torch's own `_write_item` (the same helper megatron-core's writer uses): the files and
-`.metadata` are byte-compatible with megatron-core's torch_dist backend.
+Two writers, the same checkpoint (tensors, keys, chunks, dtypes; tests/converters compare them):
 
-Speed: a value may also be `byte_spans.RowAddresses` (rows already in files, e.g. HF safetensors):
-its record is written by torch.save with `skip_data` (pickle, zip headers) and the hole torch.save
-leaves for the bytes is filled by `span_copy.SpanCopier` from the source files (direct I/O by
-default), the bytes never made a tensor. Records are written without CRC-32: torch.load never
-checks it, and computing it cost more than the copy (0.6 s per GB here).
+- plain (`plain=True`): torch DCP's own `FileSystemWriter`, one file per item so that it holds one
+  tensor at a time (it keeps every tensor of a file until the file is closed). Public torch DCP
+  API plus its `_Checkpointable` protocol (as megatron-core's LocalShardsContainer uses it).
+- fast (default here): megadiff.checkpoint.bytecopy's `StreamingWriter`, one file per rank like
+  megatron-core writes; a value may be `RowAddresses` (rows already in the HF files), copied file
+  to file without becoming a tensor.
 """
 
-import io
-import os
 from collections.abc import Callable
 
 import torch
 from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
-from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
-from torch.distributed.checkpoint.storage import WriteResult
-from torch.futures import Future
 
-from checkpoint_converters.byte_spans import RowAddresses, Spans
-from checkpoint_converters.span_copy import SpanCopier
-from megadiff.platform.compat import dcp_storage_info, save_common_state, sharded_items_by_key, write_dcp_item
+from megadiff.platform.compat import save_common_state, sharded_items_by_key
+
+from .bytecopy.byte_spans import RowAddresses, Spans
+from .bytecopy.dcp_records import StreamingWriter
+from .bytecopy.span_copy import SpanCopier
 
 
 class _LazyShards(torch.Tensor):
@@ -92,126 +87,6 @@ class _LazyShards(torch.Tensor):
         raise ValueError(f"{self._key}: no shard at offset {list(index.offset)}")
 
 
-def _item_nbytes(item: WriteItem) -> int:
-    count = 1
-    for s in item.tensor_data.chunk.sizes:
-        count *= s
-    return count * torch.empty((), dtype=item.tensor_data.properties.dtype).element_size()
-
-
-class _StreamingWriter(FileSystemWriter):
-    """One `__<rank>_0.distcp` file per rank, tensors resolved and written one at a time."""
-
-    def __init__(self, path, on_tensor: Callable[[int, int], None] | None = None, copier: SpanCopier | None = None):
-        super().__init__(path, single_file_per_rank=True, sync_files=True, thread_count=1)
-        self._on_tensor = on_tensor
-        self.copier = copier or SpanCopier()
-
-    def write_data(self, plan, planner):
-        storage_key = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
-        path = self.fs.concat_path(self.path, storage_key)
-        results = []
-        total = sum(_item_nbytes(i) for i in plan.items if i.type != WriteItemType.BYTE_IO)
-        crc = torch.serialization.get_crc32_options()
-        torch.serialization.set_crc32_options(False)
-        read_ahead = self._read_ahead(plan.items, planner)
-        stream = self.copier.create(os.fspath(path))
-        try:
-            for item in plan.items:
-                next(read_ahead)
-                data = planner.resolve_data(item)
-                if isinstance(data, RowAddresses):
-                    results.append(self._write_spans(stream, data.spans(), item, storage_key))
-                else:
-                    if item.type != WriteItemType.BYTE_IO:
-                        data = data.detach()
-                        if data.untyped_storage().nbytes() != data.nbytes or not data.is_contiguous():
-                            data = data.contiguous().clone()
-                    results.append(write_dcp_item(self.transforms, stream, data, item, storage_key))
-                if item.type != WriteItemType.BYTE_IO and self._on_tensor:
-                    self._on_tensor(_item_nbytes(item), total)
-                del data
-            stream.close()  # fsyncs
-        except BaseException:
-            stream.abort()
-            raise
-        finally:
-            torch.serialization.set_crc32_options(crc)
-            self.copier.close()
-        future: Future = Future()
-        future.set_result(results)
-        return future
-
-    def _read_ahead(self, items, planner, window_bytes: int = 256 * 2**20):
-        """Before each item is written (one `next` per item), announce to the copier the source
-        ranges of the items up to `window_bytes` ahead, in write order: the HF files are read from
-        disk while the current item is copied, not item by item on demand (2.4 s vs 3.5-5.6 s for
-        3 GB here with the page cache)."""
-        state = getattr(planner, "state_dict", {})
-        ahead, pending = 0, 0  # next item to look at; bytes looked at but not yet written
-        for i, item in enumerate(items):
-            while ahead < len(items) and (ahead <= i or pending < window_bytes):
-                upcoming = items[ahead]
-                entry = state.get(upcoming.index.fqn)
-                if upcoming.type != WriteItemType.BYTE_IO and isinstance(entry, _LazyShards):
-                    spans = entry.peek_spans(upcoming.index)
-                    if spans is not None:
-                        self.copier.read_ahead(spans.spans)
-                    pending += _item_nbytes(upcoming)
-                ahead += 1
-            yield
-            if item.type != WriteItemType.BYTE_IO:
-                pending -= _item_nbytes(item)
-
-    def _write_spans(self, stream, spans: Spans, item: WriteItem, storage_key: str) -> WriteResult:
-        """One torch.save record whose tensor bytes are copied from `spans` (see the module doc)."""
-        offset = stream.tell()
-        placeholder = torch.empty(spans.shape, dtype=spans.dtype)  # never touched: no memory used
-        with torch.serialization.skip_data():
-            torch.save(placeholder, _HoleFillingStream(stream, lambda n: self._fill(stream, spans, n)))
-        length = stream.tell() - offset
-        return WriteResult(
-            index=item.index, size_in_bytes=length, storage_data=dcp_storage_info(storage_key, offset, length)
-        )
-
-    def _fill(self, stream, spans: Spans, nbytes: int) -> None:
-        if nbytes != spans.nbytes:
-            raise ValueError(f"torch.save left {nbytes} bytes for a tensor of {spans.nbytes}")
-        stream.copy(spans.spans)
-
-
-class _HoleFillingStream(io.RawIOBase):
-    """The checkpoint file as torch.save sees it under `skip_data`: where it would skip over the
-    tensor bytes (seek forward), `fill(nbytes)` writes them instead. Exactly one hole per record."""
-
-    def __init__(self, stream, fill: Callable[[int], None]):
-        self._stream, self._fill, self._holes = stream, fill, 0
-
-    def writable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-    def write(self, b):
-        return self._stream.write(b)
-
-    def tell(self):
-        return self._stream.tell()
-
-    def seek(self, offset, whence=io.SEEK_SET):
-        if whence == io.SEEK_CUR and offset > 0 and self._holes == 0:
-            self._holes += 1
-            self._fill(offset)
-            return self._stream.tell()
-        if whence == io.SEEK_CUR and offset == 0:
-            return self._stream.tell()
-        raise io.UnsupportedOperation(f"torch.save seeked ({offset}, {whence}) where a data hole was expected")
-
-    def flush(self):
-        self._stream.flush()
-
-
 def _owner(path: str, owners: dict[str, torch.Tensor]) -> str:
     """The state-dict entry a (factory-built) shard at `path` came from: its longest prefix."""
     for candidate in (path, *(path[:i] for i in reversed(range(len(path))) if path[i] == ".")):
@@ -250,12 +125,15 @@ def write_lazily(
     on_tensor: Callable[[int, int], None] | None = None,
     copier: SpanCopier | None = None,
     peek: Callable[[str], RowAddresses | None] | None = None,
+    plain: bool = False,
 ) -> None:
     """Collective. Save `sharded_state_dict` (placeholders; consumed) into `checkpoint_dir` the way
     dist_checkpointing.save would, calling `materialize(path)` for each entry's real value (a
-    tensor or `RowAddresses`). `on_tensor(bytes_written, total_bytes_of_this_rank)` is called after
-    each tensor (progress); `copier` counts the bytes copied file to file; `peek(path)` returns an
-    entry's `RowAddresses` (or None) without reading anything, for read-ahead."""
+    tensor, or with the fast writer also `RowAddresses`). `on_tensor(bytes_written,
+    total_bytes_of_this_rank)` is called after each tensor (progress). `plain`: torch DCP's own
+    writer (see the module doc); else the fast one, where `copier` counts the bytes copied file to
+    file and `peek(path)` returns an entry's `RowAddresses` (or None) without reading anything,
+    for read-ahead."""
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
@@ -307,7 +185,12 @@ def write_lazily(
             sizes = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
 
             def compute(owner=owner, base=base, view=view, sizes=sizes):
-                return _piece(value_of(owner), base, view).reshape(sizes)
+                value = _piece(value_of(owner), base, view).reshape(sizes)
+                if plain:  # torch's writer has no per-item callback: count where DCP asks
+                    if isinstance(value, RowAddresses):
+                        raise TypeError(f"{owner}: the plain writer needs tensors, got row addresses")
+                    progress(value.nbytes)
+                return value
 
             def peek_rows(owner=owner, base=base, view=view, sizes=sizes):
                 rows = peek(owner) if peek is not None else None
@@ -319,11 +202,29 @@ def write_lazily(
             shards.append((tuple(sh.global_offset), sizes, compute, peek_rows))
         to_save[key] = _LazyShards(key, items[0].global_shape, items[0].dtype, shards)
 
+    total = sum(
+        v.dtype.itemsize * _numel(sizes)
+        for v in to_save.values()
+        if isinstance(v, _LazyShards)
+        for _, sizes, _, _ in v._shards
+    )
+
+    def progress(nbytes: int) -> None:
+        if on_tensor is not None:
+            on_tensor(nbytes, total)
+
+    def peek_spans(fqn: str, index) -> Spans | None:
+        entry = to_save.get(fqn)
+        return entry.peek_spans(index) if isinstance(entry, _LazyShards) else None
+
+    if plain:
+        # One file per item: torch's writer holds a file's tensors until the file is written.
+        writer = FileSystemWriter(checkpoint_dir, single_file_per_rank=False, sync_files=True, thread_count=1)
+    else:
+        writer = StreamingWriter(checkpoint_dir, on_tensor, copier, peek_spans)
     try:
         torch.distributed.checkpoint.save(
-            to_save,
-            storage_writer=_StreamingWriter(checkpoint_dir, on_tensor, copier),
-            planner=MCoreSavePlanner(flatten_state_dict=False),
+            to_save, storage_writer=writer, planner=MCoreSavePlanner(flatten_state_dict=False)
         )
     except CheckpointException as e:  # DCP wraps everything, Ctrl-C included: let a Ctrl-C be one
         if any(isinstance(f[0] if isinstance(f, tuple) else f, KeyboardInterrupt) for f in e.failures.values()):
@@ -333,3 +234,10 @@ def write_lazily(
     if torch.distributed.get_rank() == 0:
         save_config(CheckpointingConfig("torch_dist", 1), checkpoint_dir)
     torch.distributed.barrier()
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

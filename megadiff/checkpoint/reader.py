@@ -9,12 +9,9 @@ without a second buffer; items with DCP stream transforms fall back to torch DCP
 """
 
 import bisect
-import io
 import math
 import os
-import struct
 import warnings
-import zipfile
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +21,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from checkpoint_converters.hf_io import CheckpointError
 from megadiff.platform.compat import dcp_file_view
 
+from .bytecopy.dcp_records import record_data_offset
 from .format import DCP_METADATA_NAME
 from .untrusted import SafeFileSystemReader, vet_checkpoint
 
@@ -61,9 +59,13 @@ class DistCheckpointReader:
     so a truncated or missing `.distcp` file is reported before any conversion starts. Unless
     `trust`, `.metadata` is unpickled with an allow-list and a checkpoint whose byte items hold
     more than tensors is refused (megadiff.checkpoint.untrusted); only tensors are ever read, with
-    torch's weights-only unpickler."""
+    torch's weights-only unpickler.
 
-    def __init__(self, ckpt_dir: str, trust: bool = False):
+    `plain`: every read goes through torch DCP's public `load` (no record parsed by hand, no
+    `data_location`): the converters' `--io plain`. Otherwise plain torch.save records (what
+    megatron-core and torch write by default) are loaded directly, a record at a time."""
+
+    def __init__(self, ckpt_dir: str, trust: bool = False, plain: bool = False):
         self.ckpt_dir = ckpt_dir
         if not os.path.isfile(os.path.join(ckpt_dir, DCP_METADATA_NAME)):
             raise CheckpointError(f"{ckpt_dir}: {DCP_METADATA_NAME} missing; not a dist_checkpointing directory")
@@ -80,7 +82,7 @@ class DistCheckpointReader:
         self._data_at: dict[MetadataIndex, tuple[str, int] | None] = {}
         # Items written as plain torch.save records (what megatron-core and torch write by default)
         # are read directly; anything with stream transforms goes through torch DCP's reader.
-        self._direct = all(not getattr(i, "transform_descriptors", None) for i in self._storage.values())
+        self._direct = not plain and all(not getattr(i, "transform_descriptors", None) for i in self._storage.values())
         needed: dict[str, int] = {}
         for info in self._storage.values():
             end = info.offset + info.length
@@ -270,30 +272,8 @@ class DistCheckpointReader:
         if info is None:
             return None
         path = os.path.join(self.ckpt_dir, info.relative_path)
-        try:
-            with open(path, "rb") as f:
-                record = zipfile.ZipFile(_FileSlice(f, info.offset, info.length))
-                data = [i for i in record.infolist() if i.filename.split("/")[-2:-1] == ["data"]]
-                with torch.serialization.skip_data():  # shape / strides / storage, no bytes read
-                    tensor = torch.load(_FileSlice(f, info.offset, info.length), map_location="cpu", weights_only=True)
-                if (
-                    len(data) != 1
-                    or data[0].compress_type != zipfile.ZIP_STORED
-                    or not tensor.is_contiguous()
-                    or tensor.storage_offset() != 0
-                    or data[0].file_size != tensor.nbytes
-                    or tensor.dtype != self.dtype(key)
-                    or tensor.untyped_storage().nbytes() != tensor.nbytes
-                ):
-                    return None
-                f.seek(info.offset + data[0].header_offset)
-                header = f.read(30)
-                if header[:4] != b"PK\x03\x04":
-                    return None
-                name_len, extra_len = struct.unpack("<HH", header[26:30])
-                return path, info.offset + data[0].header_offset + 30 + name_len + extra_len
-        except Exception:  # anything unexpected: this item is simply read the ordinary way
-            return None
+        found = record_data_offset(path, info.offset, info.length, self.dtype(key))
+        return (path, found) if found is not None else None
 
     def box_row_addresses(self, files, key: str, offsets: Sequence[int], sizes: Sequence[int]):
         """([box rows] int64 byte addresses (byte_spans.FileTable), bytes per row) of a box whose
@@ -316,30 +296,3 @@ class DistCheckpointReader:
 
     def read(self, key: str, offsets: Sequence[int] | None = None, sizes: Sequence[int] | None = None) -> torch.Tensor:
         return self.read_many([(key, offsets, sizes)])[0]
-
-
-class _FileSlice(io.RawIOBase):
-    """A seekable read-only window [offset, offset + length) of an open file (one DCP item)."""
-
-    def __init__(self, f, offset: int, length: int):
-        self._f, self._base, self._length, self._pos = f, offset, length, 0
-
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-    def tell(self):
-        return self._pos
-
-    def seek(self, offset, whence=0):
-        self._pos = {0: offset, 1: self._pos + offset, 2: self._length + offset}[whence]
-        return self._pos
-
-    def readinto(self, buffer):
-        n = max(0, min(len(buffer), self._length - self._pos))
-        self._f.seek(self._base + self._pos)
-        got = self._f.readinto(memoryview(buffer)[:n])
-        self._pos += got
-        return got

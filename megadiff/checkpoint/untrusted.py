@@ -241,7 +241,7 @@ def vet_checkpoint(ckpt_dir: str, trust: bool = False, metadata=None, extra_stat
         return metadata
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
-    from .reader import _FileSlice
+    from .file_slice import FileSlice
 
     metadata = metadata if metadata is not None else read_dcp_metadata(ckpt_dir)
     fp8_refusal = (
@@ -267,7 +267,7 @@ def vet_checkpoint(ckpt_dir: str, trust: bool = False, metadata=None, extra_stat
         if not os.path.isfile(path) or os.path.getsize(path) < info.offset + info.length:
             raise CheckpointError(f"{source}: the data file is missing or shorter than the metadata says")
         with open(path, "rb") as f:  # only the record's zip headers and pickle are read (skip_data)
-            value = _weights_only_load(_FileSlice(f, info.offset, info.length), source)
+            value = _weights_only_load(FileSlice(f, info.offset, info.length), source)
         if extra_state and not _is_empty_extra_state(value):
             raise CheckpointError(f"{source} {fp8_refusal}; {TRUST_HINT}")
     common = os.path.join(ckpt_dir, COMMON_STATE_NAME)

@@ -314,8 +314,8 @@ def _check_dcp_internals():
 @_workaround(
     "torch_save_record_layout",
     "torch.save of one contiguous tensor: a zip with one uncompressed '<name>/data/0' entry holding "
-    "its bytes (reader.data_location copies them by offset); under serialization.skip_data() it "
-    "seeks forward once over exactly those bytes (lazy._HoleFillingStream fills the hole)",
+    "its bytes (bytecopy.dcp_records.record_data_offset finds them); under serialization.skip_data() it "
+    "seeks forward once over exactly those bytes (bytecopy.dcp_records.HoleFillingStream fills the hole)",
     "nothing (torch 2.11 and 2.13 alike)",
 )
 def _check_torch_save_layout():

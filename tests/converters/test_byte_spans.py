@@ -10,15 +10,15 @@ import os
 import pytest
 import torch
 
-from checkpoint_converters import byte_spans
-from checkpoint_converters.byte_spans import FileTable, Span, Spans
+from megadiff.checkpoint.bytecopy import byte_spans
+from megadiff.checkpoint.bytecopy.byte_spans import FileTable, Span, Spans
 from checkpoint_converters.hf_direct import DirectHFReader
 from checkpoint_converters.hf_io import HFCheckpointReader
 from checkpoint_converters.llada2_mapping import _qkv_hf_to_mcore
 from checkpoint_converters.mcore_to_hf import convert_mcore_to_hf
 from checkpoint_converters.moe import convert_expert_layout
-from checkpoint_converters.span_copy import SpanCopier
-from megadiff.checkpoint.lazy import _HoleFillingStream
+from megadiff.checkpoint.bytecopy.span_copy import SpanCopier
+from megadiff.checkpoint.bytecopy.dcp_records import HoleFillingStream
 from megadiff.checkpoint.reader import DistCheckpointReader
 from tests.converters.test_moe_convertor import assert_same_checkpoint
 from tests.converters.test_span_copy import _direct_io_works
@@ -58,13 +58,13 @@ def test_torch_save_record_with_its_data_hole_filled_loads_as_the_tensor(tmp_pat
         stream.copy(spans.spans)
 
     with torch.serialization.skip_data():
-        torch.save(torch.empty(spans.shape, dtype=spans.dtype), _HoleFillingStream(stream, fill))
+        torch.save(torch.empty(spans.shape, dtype=spans.dtype), HoleFillingStream(stream, fill))
     stream.close()
     copier.close()
     loaded = torch.load(tmp_path / "record.pt", weights_only=True)
     assert loaded.dtype == torch.bfloat16 and torch.equal(loaded, tensor)
     with pytest.raises(io.UnsupportedOperation):  # a second hole is not what a one-tensor record has
-        stream = _HoleFillingStream(io.BytesIO(), lambda n: None)
+        stream = HoleFillingStream(io.BytesIO(), lambda n: None)
         stream.seek(8, io.SEEK_CUR)
         stream.seek(8, io.SEEK_CUR)
 

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from checkpoint_converters import span_copy
-from checkpoint_converters.byte_spans import Span
-from checkpoint_converters.span_copy import ALIGN, SpanCopier, _open_direct_output
+from megadiff.checkpoint.bytecopy import span_copy
+from megadiff.checkpoint.bytecopy.byte_spans import Span
+from megadiff.checkpoint.bytecopy.span_copy import ALIGN, SpanCopier, _open_direct_output
 
 SMALL = dict(chunk_bytes=2 * ALIGN, read_buffers=3, block_bytes=3 * ALIGN)  # many chunks and blocks
 

@@ -86,7 +86,7 @@ def count_bytes():
     """Adds up every SpanCopier's byte counts when it closes, and the bytes of tensors read from
     HF files."""
     from checkpoint_converters.hf_direct import DirectHFReader
-    from checkpoint_converters.span_copy import SpanCopier
+    from megadiff.checkpoint.bytecopy.span_copy import SpanCopier
 
     counts = {"direct": 0, "kernel": 0, "buffered": 0, "unannounced": 0, "read": 0}
     close, read = SpanCopier.close, DirectHFReader._read
