@@ -52,13 +52,18 @@ def tiny_hf_merged(conv_root, tiny_hf):
     )
 
 
+PLAIN_TWINS_SINGLE = ("ck111", "ck111_merged", "ck111_to_bf16", "te1")
+PLAIN_TWINS_FOUR = ("ck222", "ck222_bf16")
+
+
 @pytest.fixture(scope="session")
 def single_process_run(conv_root, tiny_hf, tiny_hf_merged):
     """tools/convert_hf_to_mcore.py in one plain process: split input, merged input (with a
     requested (2,2,2) layout, saved at (1,1,1)), fp32 input saved as bf16, the split input again
     through the page cache (--io page-cache), and a conversion interrupted by a Ctrl-C. Then the
     Transformer Engine name chain: ck111 (local) -> HF -> te1 (--spec te) -> HF -> te2 (--spec te)
-    and -> local2 (--spec local)."""
+    and -> local2 (--spec local). The runs in PLAIN_TWINS_SINGLE and both exports are repeated
+    with `--io plain` into `<output>-plain` (compared bit for bit in test_roundtrip)."""
     out = conv_root / "single.json"
     paths = {
         "ck111": str(conv_root / "ck111"),
@@ -76,17 +81,17 @@ def single_process_run(conv_root, tiny_hf, tiny_hf_merged):
         os.path.join(WORKERS, "convert_single.py"),
         "--out",
         str(out),
-        "--run",
+        "--run-both",
         f"--hf-dir {tiny_hf} --output {paths['ck111']}",
-        "--run",
+        "--run-both",
         f"--hf-dir {tiny_hf_merged} --output {paths['ck111_merged']} --tp 2 --ep 2 --pp 2",
-        "--run",
+        "--run-both",
         f"--hf-dir {tiny_hf} --output {paths['ck111_to_bf16']} --dtype bf16",
         "--run",
         f"--hf-dir {tiny_hf} --output {paths['ck111_page_cache']} --io page-cache",
         "--export",
         f"{paths['ck111']}={hf_a}",
-        "--run",
+        "--run-both",
         f"--hf-dir {hf_a} --output {paths['te1']} --spec te",
         "--export",
         f"{paths['te1']}={hf_b}",
@@ -102,8 +107,8 @@ def single_process_run(conv_root, tiny_hf, tiny_hf_merged):
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-6000:]}")
     report = json.loads(out.read_text())
-    assert [r["rc"] for r in report["runs"]] == [0] * 7, report
-    return dict(paths, report=report, log=proc.stdout)
+    assert [r["rc"] for r in report["runs"]] == [0] * 11, report
+    return dict(paths, report=report, log=proc.stdout, plain_twins=PLAIN_TWINS_SINGLE, exports=[hf_a, hf_b])
 
 
 @pytest.fixture(scope="session")
@@ -147,4 +152,4 @@ def four_process_run(conv_root, tiny_hf, tiny_hf_bf16, single_process_run):
             out,
         ],
     )
-    return dict(paths, results=json.loads(out.read_text()))
+    return dict(paths, results=json.loads(out.read_text()), plain_twins=PLAIN_TWINS_FOUR)

@@ -3,6 +3,9 @@
 The megatron side runs in two launches shared by the whole suite (conftest): one plain process
 converting at (1,1,1), one 4-process torchrun converting at TP2/EP2/PP2 and loading checkpoints
 across layouts. The exports below need neither megatron-core nor a process group.
+
+Both I/O paths, every time: the launches convert through the plain path too (`<output>-plain`),
+and `export` exports through both; the outputs must be bit-equal (same_outputs).
 """
 
 import json
@@ -17,6 +20,7 @@ from checkpoint_converters.hf_io import HFCheckpointReader
 from checkpoint_converters.mcore_to_hf import convert_mcore_to_hf, load_reference_from_mcore
 from megadiff.checkpoint import DistCheckpointReader, latest_iteration, read_meta
 from megadiff.hf.reference import load_reference_model
+from tests.converters.same_outputs import assert_same_dist_checkpoint, assert_same_hf_output
 from tests.converters.test_moe_convertor import assert_same_checkpoint
 
 QUIET = dict(progress=False, log=lambda *a: None)
@@ -24,7 +28,29 @@ LOGIT_TOL = 1e-4
 
 
 def export(ckpt, out, **kwargs):
-    return convert_mcore_to_hf(ckpt, str(out), **kwargs, **QUIET)
+    """Export through the default I/O path to OUT and through the plain one to OUT-plain; the two
+    must be bit-equal. Returns OUT."""
+    fast = convert_mcore_to_hf(ckpt, str(out), **kwargs, **QUIET)
+    plain = convert_mcore_to_hf(ckpt, f"{out}-plain", io_mode="plain", **kwargs, **QUIET)
+    assert_same_hf_output(fast, plain)
+    return fast
+
+
+@pytest.mark.slow
+def test_plain_io_path_writes_the_same_checkpoints_in_one_process(single_process_run):
+    for name in single_process_run["plain_twins"]:
+        assert_same_dist_checkpoint(single_process_run[name], single_process_run[name] + "-plain")
+    for exported in single_process_run["exports"]:  # the worker's exports, through both paths
+        assert_same_hf_output(str(exported), f"{exported}-plain")
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_plain_io_path_writes_the_same_checkpoints_at_tp2_ep2_pp2(four_process_run):
+    for name in four_process_run["plain_twins"]:
+        fast, plain = four_process_run[name], four_process_run[name] + "-plain"
+        assert_same_dist_checkpoint(fast, plain)
+        assert len([f for f in os.listdir(os.path.join(plain, "iter_0000000")) if f.endswith(".distcp")]) > 4
 
 
 @pytest.mark.dist

@@ -2,7 +2,10 @@
 interpreter (megatron-core is imported once), plus an interrupted run.
 
   --run "ARGS..."        one CLI invocation (shell-style argument string); repeatable
-  --export CKPT=OUT      convert_mcore_to_hf of CKPT to OUT (no megatron-core), in order with the runs
+  --run-both "ARGS..."   the same, then again with `--io plain` into `<--output>-plain` (the plain
+                         I/O path's twin, compared bit for bit by the tests)
+  --export CKPT=OUT      convert_mcore_to_hf of CKPT to OUT (no megatron-core), in order with the
+                         runs, and with io_mode="plain" to OUT-plain
   --interrupt HF=OUT     a conversion whose 6th tensor read raises KeyboardInterrupt (as Ctrl-C does)
 Writes {"runs": [...], "interrupt": {...}} as JSON to --out; each run records how many weight
 bytes its SpanCopier copied, and how (direct I/O, in the kernel, through a buffer), and how many
@@ -30,6 +33,7 @@ def load_cli():
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--run", action="append", dest="steps", default=[], type=lambda s: ("run", s))
+    p.add_argument("--run-both", action="append", dest="steps", type=lambda s: ("both", s))
     p.add_argument("--export", action="append", dest="steps", type=lambda s: ("export", s))
     p.add_argument("--interrupt", default=None)
     p.add_argument("--out", required=True)
@@ -43,15 +47,18 @@ def main():
 
             ckpt, out = run.split("=")
             convert_mcore_to_hf(ckpt, out, progress=False, log=lambda *a: None)
+            convert_mcore_to_hf(ckpt, out + "-plain", progress=False, log=lambda *a: None, io_mode="plain")
             continue
-        counts.update(direct=0, kernel=0, buffered=0, unannounced=0, read=0)
-        try:
-            report["runs"].append({"args": run, "rc": cli.main(shlex.split(run) + ["--no-progress"])})
-        except SystemExit as e:
-            report["runs"].append({"args": run, "rc": 1, "error": str(e)})
-        report["runs"][-1].update(direct_bytes=counts["direct"], kernel_bytes=counts["kernel"],
-                                  buffered_bytes=counts["buffered"], unannounced_bytes=counts["unannounced"],
-                                  read_bytes=counts["read"])
+        argv = shlex.split(run)
+        for twin in [argv] + ([plain_twin(argv)] if kind == "both" else []):
+            counts.update(direct=0, kernel=0, buffered=0, unannounced=0, read=0)
+            try:
+                report["runs"].append({"args": shlex.join(twin), "rc": cli.main(twin + ["--no-progress"])})
+            except SystemExit as e:
+                report["runs"].append({"args": shlex.join(twin), "rc": 1, "error": str(e)})
+            report["runs"][-1].update(direct_bytes=counts["direct"], kernel_bytes=counts["kernel"],
+                                      buffered_bytes=counts["buffered"], unannounced_bytes=counts["unannounced"],
+                                      read_bytes=counts["read"])
     if args.interrupt:
         from checkpoint_converters.hf_direct import DirectHFReader
 
@@ -80,6 +87,12 @@ def main():
         }
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
+
+
+def plain_twin(argv):
+    """The same conversion through the plain I/O path, into `<--output>-plain`."""
+    out = argv.index("--output") + 1
+    return argv[:out] + [argv[out] + "-plain"] + argv[out + 1 :] + ["--io", "plain"]
 
 
 def count_bytes():
