@@ -10,9 +10,11 @@ as a child process exactly as a user would (CLI, interpreter start-up and import
   copy        the baseline: shutil.copyfile of the same safetensors files + fsync (the tools
               fsync too); also, as a reference row, a user-space copy (bytes read into fresh
               tensors and written back)
-  hf->mcore   tools/convert_hf_to_mcore.py (one process, layout (1,1,1)); weight bytes copied with
-              direct I/O (the default), and again with --io page-cache (copy_file_range)
-  mcore->hf   tools/convert_mcore_to_hf.py (of a checkpoint converted beforehand)
+  hf->mcore   tools/convert_hf_to_mcore.py (one process, layout (1,1,1)); the byte-copy engine with
+              direct I/O (the default, --io auto), again with --io page-cache (copy_file_range),
+              and the plain path (--io plain: safe_open + torch DCP's own writer)
+  mcore->hf   tools/convert_mcore_to_hf.py (of a checkpoint converted beforehand), the engine and
+              --io plain (torch DCP's load + safetensors' save_file)
   merge       tools/moe_convertor.py --mode merge
   split       tools/moe_convertor.py --mode split (of a merged checkpoint made beforehand)
 
@@ -225,6 +227,12 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=5, help="rounds (median over rounds)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated runs to measure (a name selects its variants too: 'hf->mcore' is "
+        "hf->mcore, hf->mcore page-cache and hf->mcore plain); default: all",
+    )
+    p.add_argument(
         "--cache",
         choices=["cold", "warm"],
         default="cold" if can_drop_page_cache() else "warm",
@@ -265,6 +273,17 @@ def main(argv=None):
                 "page-cache",
                 "--no-progress",
             ],
+            "hf->mcore plain": [
+                py,
+                "tools/convert_hf_to_mcore.py",
+                "--hf-dir",
+                d("hf"),
+                "--output",
+                d("mcore_plain"),
+                "--io",
+                "plain",
+                "--no-progress",
+            ],
             "mcore->hf": [
                 py,
                 "tools/convert_mcore_to_hf.py",
@@ -272,6 +291,17 @@ def main(argv=None):
                 d("mcore_in"),
                 "--output",
                 d("hf2"),
+                "--no-progress",
+            ],
+            "mcore->hf plain": [
+                py,
+                "tools/convert_mcore_to_hf.py",
+                "--mcore-dir",
+                d("mcore_in"),
+                "--output",
+                d("hf2_plain"),
+                "--io",
+                "plain",
                 "--no-progress",
             ],
             "merge": [
@@ -301,30 +331,37 @@ def main(argv=None):
             "copy (user space)": d("copy_user"),
             "hf->mcore": d("mcore"),
             "hf->mcore page-cache": d("mcore_pc"),
+            "hf->mcore plain": d("mcore_plain"),
             "mcore->hf": d("hf2"),
+            "mcore->hf plain": d("hf2_plain"),
             "merge": d("merged"),
             "split": d("split"),
         }
+        if args.only:
+            wanted = [w.strip() for w in args.only.split(",")]
+            runs = {n: c for n, c in runs.items() if any(n == w or n.startswith(w + " ") for w in wanted)}
+            if not runs:
+                raise SystemExit(f"--only {args.only}: no such run")
         # mcore->hf and split read inputs made once here, never the output of the command before them
         _run_once([py, "tools/convert_hf_to_mcore.py", "--hf-dir", d("hf"), "--output", d("mcore_in"), "--no-progress"])
-        _run_once(
-            [
-                py,
-                "tools/moe_convertor.py",
-                "--input-path",
-                d("hf"),
-                "--output-path",
-                d("merged_in"),
-                "--mode",
-                "merge",
-                "--no-progress",
-            ]
-        )
+        if "split" in runs:
+            _run_once(
+                [
+                    py,
+                    "tools/moe_convertor.py",
+                    "--input-path",
+                    d("hf"),
+                    "--output-path",
+                    d("merged_in"),
+                    "--mode",
+                    "merge",
+                    "--no-progress",
+                ]
+            )
         print(f"page cache: {args.cache} before each run", flush=True)
-        results = measure_pairs(
-            copy_cmd, d("copy"), runs, outputs, args.repeat, args.cache == "cold", keep=("mcore->hf", "split")
-        )
-        verify(d("hf"), d("hf2"), d("split"))
+        keep = ("mcore->hf", "mcore->hf plain", "split")
+        results = measure_pairs(copy_cmd, d("copy"), runs, outputs, args.repeat, args.cache == "cold", keep=keep)
+        verify(d("hf"), [outputs[n] for n in keep if n in runs])
         budget = 2 * GB + 2 * info["largest_bytes"]
         print(
             f"\nmedians over {args.repeat} rounds; ratio = throughput relative to its paired copyfile+fsync run "
@@ -342,6 +379,14 @@ def main(argv=None):
                 f"{r['peak_rss'] / info['largest_bytes']:.1f}x largest, "
                 f"{'within' if r['peak_rss'] <= budget else 'OVER'} budget  {r['how']}"
             )
+        print("\nplain I/O path against the byte-copy engine (medians; > 1 = plain costs more):")
+        for name, r in results.items():
+            fast = results.get(name[: -len(" plain")]) if name.endswith(" plain") else None
+            if fast is not None:
+                print(
+                    f"{name:18s} wall {r['wall_s'] / fast['wall_s']:.2f}x, data {r['data_s'] / fast['data_s']:.2f}x, "
+                    f"peak RSS {r['peak_rss'] / fast['peak_rss']:.2f}x (anon {r['peak_anon_rss'] / fast['peak_anon_rss']:.2f}x)"
+                )
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"checkpoint": info, "cache": args.cache, "results": results}, f, indent=1)
@@ -351,14 +396,15 @@ def main(argv=None):
     return 0
 
 
-def verify(original: str, exported: str, split: str) -> None:
+def verify(original: str, outputs: list[str]) -> None:
     """Spot-check that the round trips are exact (a few tensors, every kind)."""
     import torch
 
     from checkpoint_converters.hf_io import HFCheckpointReader
 
-    a, b, c = HFCheckpointReader(original), HFCheckpointReader(exported), HFCheckpointReader(split)
-    assert a.names() == b.names() == c.names()
+    a = HFCheckpointReader(original)
+    others = [HFCheckpointReader(o) for o in outputs]
+    assert all(a.names() == b.names() for b in others)
     for name in (
         "model.word_embeddings.weight",
         "model.layers.1.attention.query_key_value.weight",
@@ -368,7 +414,7 @@ def verify(original: str, exported: str, split: str) -> None:
         "lm_head.weight",
     ):
         x = a.get(name)
-        assert torch.equal(x, b.get(name)) and torch.equal(x, c.get(name)) and x.dtype == b.get(name).dtype, name
+        assert all(torch.equal(x, b.get(name)) and x.dtype == b.get(name).dtype for b in others), name
     print("round trips spot-checked: exact")
 
 
