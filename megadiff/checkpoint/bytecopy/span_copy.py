@@ -5,9 +5,10 @@ input files (`byte_spans.Span`: expert matrices, QKV rows, embeddings). `SpanCop
 opens such a file as a stream with `write(bytes)`, `copy(spans)` and `tell()`;
 `SpanCopier.read_ahead(spans)` announces the ranges that will be copied next, in order.
 
-Two ways to move the bytes (`io_mode`, the tools' `--io`):
+Two ways to move the bytes (`io_mode`; the tools' `--io direct|page-cache`, whose `auto` picks
+"direct" and whose `plain` does not use this engine at all: checkpoint_converters/io_paths.py):
 
-- "direct" (default): the page cache is bypassed both ways (O_DIRECT). A reader thread reads
+- "direct": the page cache is bypassed both ways (O_DIRECT). A reader thread reads
   the announced ranges into a few reused aligned buffers, the copy puts them into 32 MiB blocks,
   a writer thread writes each full block. A conversion reads and writes tens to hundreds of GB
   once; through the page cache that evicts everything else, and has the kernel find fresh memory
