@@ -8,7 +8,8 @@ Step time (a ranking, not a promise; assumptions in `Hardware` and docs/planner.
   tp      = sequence-parallel all-gathers / reduce-scatters: 4 per layer forward and 4 backward,
             each moving (tp-1)/tp of b*s*h activations, on NVLink if tp fits a node;
   ep      = all-to-all dispatch + combine, forward and backward, of k*b*s/tp*h per MoE layer,
-            (ep-1)/ep of it leaves the GPU; NVLink if tp*ep fits a node, else InfiniBand;
+            (ep-1)/ep of it leaves the GPU; NVLink if etp*ep fits a node (megatron-core orders
+            expert ranks etp-ep-dp-pp), else InfiniBand;
   dp      = gradient reduce-scatter + parameter all-gather (fp32 grads) once per step, not
             overlapped (megadiff does not overlap them yet);
   bubble  = (pp-1) / (vpp * micro-batches) on top of compute + tp + ep.
@@ -103,7 +104,7 @@ def step_time(model: LLaDA2ModelConfig, layout: ParallelLayout, hw: Hardware, sh
     ep_comm = 0.0
     if layout.ep > 1:
         volume = 4 * moe_here * micro * model.num_experts_per_tok * b * s / layout.tp * h * a
-        ep_comm = volume * (layout.ep - 1) / layout.ep / bandwidth(layout.tp * layout.ep)
+        ep_comm = volume * (layout.ep - 1) / layout.ep / bandwidth(layout.etp * layout.ep)
     params = [p for vp in range(layout.vpp or 1) for p in rank_parameters(model, layout, 0, vp, shape.lora_rank)]
     trainable = [p for p in params if p.trainable]
     dense = sum(p.numel for p in trainable if not (p.expert and layout.ep > 1))
