@@ -78,10 +78,17 @@ def main(argv=None) -> int:
         if not (hf_dir or args.preset):
             raise UserError("no model: pass --preset NAME or --hf-dir DIR (or a YAML whose model.hf_dir exists)")
         model, model_name = read_model(hf_dir, args.preset)
-        flags = dict(seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
-                     global_batch_size=args.global_batch_size, mode=args.mode, dtype=args.dtype,
-                     attention_backend=args.attention_backend, fp8=args.fp8, recompute=args.recompute,
-                     lora_rank=args.lora_rank)
+        flags = dict(
+            seq_len=args.seq_len,
+            micro_batch_size=args.micro_batch_size,
+            global_batch_size=args.global_batch_size,
+            mode=args.mode,
+            dtype=args.dtype,
+            attention_backend=args.attention_backend,
+            fp8=args.fp8,
+            recompute=args.recompute,
+            lora_rank=args.lora_rank,
+        )
         shape = replace(shape, **{k: v for k, v in flags.items() if v is not None})
         numbers = dict(vars(args), **vars(shape))
         for name in ("seq_len", "micro_batch_size", "global_batch_size", "gpus_per_node", "nodes", "gpu_memory_gb"):
@@ -96,13 +103,18 @@ def main(argv=None) -> int:
         print(as_json(plans, summary, config_name))
         return 0
     print(f"+ {' '.join(['tools/plan.py', *(argv if argv is not None else sys.argv[1:])])}")
-    print(f"model {model_name}: {summary['total_params'] / 1e9:.2f}B parameters, {summary['active_params'] / 1e9:.2f}B "
-          f"active per token; {hw.world} GPUs ({args.nodes} x {args.gpus_per_node}); S={shape.seq_len} "
-          f"({shape.tokens} tokens per row, {shape.mode}), mb={shape.micro_batch_size}, gb={shape.global_batch_size}, "
-          f"{shape.dtype}, {shape.attention_backend}, recompute={shape.recompute}")
+    print(
+        f"model {model_name}: {summary['total_params'] / 1e9:.2f}B parameters, {summary['active_params'] / 1e9:.2f}B "
+        f"active per token; {hw.world} GPUs ({args.nodes} x {args.gpus_per_node}); S={shape.seq_len} "
+        f"({shape.tokens} tokens per row, {shape.mode}), mb={shape.micro_batch_size}, gb={shape.global_batch_size}, "
+        f"{shape.dtype}, {shape.attention_backend}, recompute={shape.recompute}"
+    )
     if config_layout is not None:
-        mine = [p for p in plans if p.layout == config_layout
-                and p.use_distributed_optimizer == shape.use_distributed_optimizer]
+        mine = [
+            p
+            for p in plans
+            if p.layout == config_layout and p.use_distributed_optimizer == shape.use_distributed_optimizer
+        ]
         if mine:
             verdict = "fits" if mine[0].reason is None else f"does not fit: {mine[0].reason}"
             total = f"{mine[0].memory.as_gib()['total']:.1f} GiB per GPU, " if mine[0].memory else ""

@@ -44,7 +44,11 @@ class Plan:
 
     def to_dict(self, config: str = "CONFIG.yaml") -> dict:
         return {
-            "layout": {**asdict(self.layout), "dp": self.dp, "use_distributed_optimizer": self.use_distributed_optimizer},
+            "layout": {
+                **asdict(self.layout),
+                "dp": self.dp,
+                "use_distributed_optimizer": self.use_distributed_optimizer,
+            },
             "feasible": self.reason is None,
             "reason": self.reason,
             "memory_gib": self.memory.as_gib() if self.memory else None,

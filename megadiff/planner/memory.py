@@ -22,6 +22,7 @@ bias), CUDA context + communication buffers, and a fragmentation margin (assumpt
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from megadiff.models.llada2.config import LLaDA2ModelConfig, ParallelLayout
 
@@ -112,7 +113,8 @@ def _pad(n: int, divisor: int) -> int:
     return -(-n // divisor) * divisor
 
 
-def buffer_shard(params: list[ParamTensor], group: int, distributed: bool, rank: int) -> tuple[int, int, int]:
+@lru_cache(maxsize=4096)
+def buffer_shard(params: tuple[ParamTensor, ...], group: int, distributed: bool, rank: int) -> tuple[int, int, int]:
     """megatron-core's _ParamAndGradBuffer for `params` (one bucket): returns (buffer numel, this
     rank's optimizer elements of dense params, ... of expert params). Without the distributed
     optimizer there is no padding and every rank holds every parameter's state."""
@@ -154,8 +156,8 @@ def state_bytes(
         split.weights += sum(p.numel for p in frozen) * p_bytes
         expert_parallel = layout.ep > 1
         groups = [
-            ([p for p in trainable if not (p.expert and expert_parallel)], dp, dp_rank),
-            ([p for p in trainable if p.expert and expert_parallel], edp, edp_rank),
+            (tuple(p for p in trainable if not (p.expert and expert_parallel)), dp, dp_rank),
+            (tuple(p for p in trainable if p.expert and expert_parallel), edp, edp_rank),
         ]
         for members, size, rank in groups:
             if not members:
@@ -237,11 +239,15 @@ def microbatches_per_step(layout: ParallelLayout, world: int, shape: RunShape) -
     return max(1, shape.global_batch_size // (dp * shape.micro_batch_size))
 
 
-def activation_bytes(model: LLaDA2ModelConfig, layout: ParallelLayout, world: int, shape: RunShape, pp_rank: int) -> dict:
+def activation_bytes(
+    model: LLaDA2ModelConfig, layout: ParallelLayout, world: int, shape: RunShape, pp_rank: int
+) -> dict:
     """Peak activation bytes of pipeline rank `pp_rank`: its layers x micro-batches in flight,
     the dense mask, the embedding output, and (last stage) logits + the loss's fp32 copy."""
     m = microbatches_per_step(layout, world, shape)
-    flight = in_flight_microbatches(layout, m) if pp_rank == 0 else max(1.0, in_flight_microbatches(layout, m) - pp_rank)
+    flight = (
+        in_flight_microbatches(layout, m) if pp_rank == 0 else max(1.0, in_flight_microbatches(layout, m) - pp_rank)
+    )
     layers = [i for vp in range(layout.vpp or 1) for i in chunk_layers(model, layout, pp_rank, vp)]
     per_layer = 0.0
     for i in layers:
@@ -263,7 +269,9 @@ def forecast(
     """The memory of the fullest rank (or of `pp_rank`): the worst pipeline stage, and within it
     the data-parallel rank with the largest optimizer shard."""
     world = hw.world
-    ranks = range(layout.pp) if pp_rank is None else [pp_rank]
+    # A middle stage holds the layers of the first without its embedding and with fewer micro-batches
+    # in flight, so the first and the last stage are the candidates for the fullest rank.
+    ranks = sorted({0, layout.pp - 1}) if pp_rank is None else [pp_rank]
     best = None
     for r in ranks:
         split = state_bytes(model, layout, world, shape, r)  # rank 0 of the DP group holds the most

@@ -13,6 +13,7 @@ parameters (own gradient buffer, sharded over the expert-data-parallel group) on
 """
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from megadiff.models.llada2.config import LLaDA2ModelConfig, ParallelLayout
 
@@ -92,13 +93,17 @@ def _lora(model, layout, base: list[ParamTensor], rank: int) -> list[ParamTensor
             if p.name.endswith("." + leaf) and ".experts." not in p.name:
                 stem = p.name.removesuffix(".weight")
                 a, b = (rank * n_in, n_out // tp * rank) if column else (rank * n_in // tp, n_out * rank)
-                out += [ParamTensor(f"{stem}.adapter.linear_in.weight", a), ParamTensor(f"{stem}.adapter.linear_out.weight", b)]
+                out += [
+                    ParamTensor(f"{stem}.adapter.linear_in.weight", a),
+                    ParamTensor(f"{stem}.adapter.linear_out.weight", b),
+                ]
     return out
 
 
+@lru_cache(maxsize=4096)  # the planner asks for the same rank many times (memory, step time, dp ranks)
 def rank_parameters(
     model: LLaDA2ModelConfig, layout: ParallelLayout, pp_rank: int, vp: int = 0, lora_rank: int | None = None
-) -> list[ParamTensor]:
+) -> tuple[ParamTensor, ...]:
     """The parameters of virtual chunk `vp` on pipeline rank `pp_rank`, in registration order.
     With `lora_rank`, base weights are frozen and the adapters come after them."""
     vpp = layout.vpp or 1
@@ -114,7 +119,7 @@ def rank_parameters(
     if lora_rank:
         adapters = _lora(model, layout, out, lora_rank)
         out = [ParamTensor(p.name, p.numel, p.expert, trainable=False) for p in out] + adapters
-    return out
+    return tuple(out)
 
 
 def total_params(model: LLaDA2ModelConfig) -> int:

@@ -11,17 +11,26 @@ HEADER = ("tp", "ep", "etp", "pp", "vpp", "dp", "distopt")
 def table(plans: list[Plan], config: str, limit: int, memory_gib: float) -> str:
     feasible = [p for p in plans if p.reason is None]
     refused = [p for p in plans if p.reason is not None]
-    lines = [f"{len(feasible)} of {len(plans)} layouts fit in {memory_gib:.1f} GiB per GPU; fastest first "
-             "(GiB per GPU; step time from a first-order model: a ranking, not a promise)"]
-    head = " ".join(f"{h:>4}" for h in HEADER[:-1]) + f" {'dopt':>4} " + " ".join(
-        f"{c.replace('optimizer_', 'opt_')[:10]:>10}" for c in COLUMNS
-    ) + f" {'step_s':>8}"
+    lines = [
+        f"{len(feasible)} of {len(plans)} layouts fit in {memory_gib:.1f} GiB per GPU; fastest first "
+        "(GiB per GPU; step time from a first-order model: a ranking, not a promise)"
+    ]
+    head = (
+        " ".join(f"{h:>4}" for h in HEADER[:-1])
+        + f" {'dopt':>4} "
+        + " ".join(f"{c.replace('optimizer_', 'opt_')[:10]:>10}" for c in COLUMNS)
+        + f" {'step_s':>8}"
+    )
     lines.append(head)
     for p in feasible[:limit]:
         lay, g = p.layout, p.memory.as_gib()
         cells = [lay.tp, lay.ep, lay.etp, lay.pp, lay.vpp or "-", p.dp, "yes" if p.use_distributed_optimizer else "no"]
-        lines.append(" ".join(f"{c!s:>4}" for c in cells) + " " + " ".join(f"{g[c]:>10.2f}" for c in COLUMNS)
-                     + f" {p.step_seconds:>8.3f}")
+        lines.append(
+            " ".join(f"{c!s:>4}" for c in cells)
+            + " "
+            + " ".join(f"{g[c]:>10.2f}" for c in COLUMNS)
+            + f" {p.step_seconds:>8.3f}"
+        )
         lines.append(f"     {p.command(config)}")
     if len(feasible) > limit:
         lines.append(f"... {len(feasible) - limit} more feasible layouts (--top N, or --json for all)")

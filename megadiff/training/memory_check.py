@@ -58,6 +58,8 @@ def device_memory_bytes() -> int | None:
 def check_memory_forecast(cfg: TrainingConfig, model_cfg, layout, dtype, log) -> None:
     """Print the per-GPU forecast of this run; raise MemoryForecastError when it exceeds the device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % (layout.tp * layout.pp) or (world // layout.pp) % (layout.ep * layout.etp):
+        return  # initialize_parallel names the mismatch of layout and world size
     memory = device_memory_bytes()
     hw = Hardware(gpus_per_node=world, nodes=1, gpu_memory_gb=(memory or 0) / 1e9)
     if memory is None:  # a CPU run has neither a CUDA context nor NCCL buffers
