@@ -46,9 +46,9 @@ def test_state_bytes_equal_built_shards_two_processes(tmp_path):
     out = tmp_path / "r.json"
     run_torchrun(2, BYTES_WORKER, ["--layouts", "1,1,1;2,1,1;1,2,1;1,1,2", "--out", out])
     results = _check_bytes(json.loads(out.read_text()), 2, 4)
-    dist, plain = _sharded(results, "tp=1,ep=1,etp=1,pp=1")  # dp=2: every state halves
-    assert 0 < dist["optimizer_dense"] < 0.6 * plain["optimizer_dense"]
-    assert 0 < dist["optimizer_expert"] < 0.6 * plain["optimizer_expert"]
+    dist, plain = _sharded(results, "tp=1,ep=1,etp=1,pp=1")  # dp=2: one buffer, halved (not per kind)
+    total = dist["optimizer_dense"] + dist["optimizer_expert"]
+    assert 0 < total < 0.55 * (plain["optimizer_dense"] + plain["optimizer_expert"])
     dist, plain = _sharded(results, "tp=1,ep=2,etp=1,pp=1")  # dp=2, edp=1: only dense state shards
     assert dist["optimizer_dense"] < 0.6 * plain["optimizer_dense"]
     assert dist["optimizer_expert"] == plain["optimizer_expert"] > 0
