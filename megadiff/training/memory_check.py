@@ -40,7 +40,7 @@ def run_shape(cfg: TrainingConfig, dtype: torch.dtype | str | None = None) -> Ru
         attention_backend=cfg.model.attention_backend,
         recompute=recompute if recompute in ("none", "selective", "full") else "none",
         fp8=bool(perf_setting(cfg, "fp8", False)),
-        lora_rank=perf_setting(cfg, "lora_rank", None),
+        lora_rank=getattr(getattr(cfg, "lora", None), "rank", None) or perf_setting(cfg, "lora_rank", None),
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
 
