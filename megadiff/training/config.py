@@ -74,6 +74,9 @@ class TrainSection:
     clip_grad: float = setting(1.0, "gradient-norm clip; 0 = off", min=0.0)
     seed: int = setting(42, "seed of shuffling, noise and initialisation", min=0)
     max_consecutive_nonfinite: int = setting(5, "abort after this many NaN/Inf steps in a row", min=1)
+    skip_memory_check: bool = setting(
+        False, "start even when the memory forecast (tools/plan.py) exceeds the GPU's memory"
+    )
 
 
 @dataclass

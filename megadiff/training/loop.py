@@ -96,6 +96,7 @@ class Trainer:
         from checkpoint_converters.hf_io import read_hf_config
         from megadiff.models.llada2 import LLaDA2ModelConfig
         from megadiff.platform import init_distributed, initialize_parallel, print_rank0
+        from megadiff.training.memory_check import check_memory_forecast
         from megadiff.training.preflight import check_outputs
         from megadiff.training.setup import (
             build_dataset,
@@ -112,6 +113,8 @@ class Trainer:
         self.hf_config = read_hf_config(cfg.model.hf_dir)
         self.model_cfg = LLaDA2ModelConfig.from_hf_dict(self.hf_config, os.path.join(cfg.model.hf_dir, "config.json"))
         check_config_fits_model(cfg, self.model_cfg, self.layout)
+        # The forecast runs before anything is loaded: a layout that cannot fit stops here.
+        check_memory_forecast(cfg, self.model_cfg, self.layout, params_dtype(cfg), self.log)
         # Cheap checks first: tokenizer and every data row are validated before the model is built.
         self.tokenizer, self.mask_id = load_tokenizer_and_mask_id(cfg, self.model_cfg)
         samples, row_stats = load_samples(cfg, self.tokenizer, self.mask_id)
