@@ -45,6 +45,8 @@ import torch
 
 from megadiff.data.seeding import stable_seed
 
+from .editing import CardRule, EditRule
+
 
 @dataclass(frozen=True)
 class DecodingOptions:
@@ -61,6 +63,10 @@ class DecodingOptions:
     eos_early_stop: bool = False
     use_cache: bool = True
     seed: int = 0
+    # LLaDA2.1 draft and edit (editing.py); None = off, the 2.0 rule above is used
+    editing_threshold: float | None = None
+    max_post_steps: int = 16
+    num_to_transfer: int = 1
 
     def __post_init__(self):
         for name in ("gen_length", "block_length", "steps", "minimal_topk"):
@@ -75,6 +81,12 @@ class DecodingOptions:
             raise ValueError(f"top_k must be >= 1 (or 0/None for off), got {self.top_k!r}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] (or None for off), got {self.top_p!r}")
+        if self.editing_threshold is not None and not 0.0 <= self.editing_threshold <= 1.0:
+            raise ValueError(f"editing_threshold must be in [0, 1] (or None for off), got {self.editing_threshold!r}")
+        for name, low in (("max_post_steps", 0), ("num_to_transfer", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.gen_length // self.minimal_topk < 1:
             raise ValueError(
                 f"minimal_topk={self.minimal_topk} > gen_length={self.gen_length} leaves no decoding "
@@ -91,11 +103,21 @@ class DecodingOptions:
 class GenerationResult:
     """tokens[i]: row i's generated ids up to and including the first EOS.
     forward_passes[i]: forward passes that predicted row i's tokens (what row-by-row decoding needs).
-    model_calls: model forward calls made (one call serves every row of a batch group)."""
+    model_calls: model forward calls made (one call serves every row of a batch group).
+    edits[i]: committed tokens that row i's decoding re-wrote (T2T; always 0 without editing)."""
 
     tokens: list[list[int]]
     forward_passes: list[int]
     model_calls: int
+    edits: list[int] | None = None
+
+    def __post_init__(self):
+        if self.edits is None:
+            self.edits = [0] * len(self.tokens)
+
+    @property
+    def num_edits(self) -> int:
+        return sum(self.edits)
 
     @property
     def num_tokens(self) -> int:
@@ -104,12 +126,6 @@ class GenerationResult:
     @property
     def tokens_per_forward(self) -> float:
         return self.num_tokens / max(1, sum(self.forward_passes))
-
-
-def transfer_schedule(block_length: int, steps: int) -> list[int]:
-    """Tokens to commit at each iteration of a block: block_length spread evenly, remainder first."""
-    base, remainder = divmod(block_length, steps)
-    return [base + 1 if i < remainder else base for i in range(steps)]
 
 
 def block_causal_mask(q_start: int, end: int, block_length: int, device=None) -> torch.Tensor:
@@ -154,18 +170,6 @@ def sample_tokens(
     else:
         tokens = probs.argmax(dim=-1)
     return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1)
-
-
-def select_commits(confidence: torch.Tensor, masked: torch.Tensor, quota: int, threshold: float) -> torch.Tensor:
-    """[block_length] bool: the masked positions to commit this iteration (rule in the module docstring)."""
-    confidence = confidence.masked_fill(~masked, float("-inf"))
-    confident = confidence > threshold
-    if int(confident.sum()) >= quota:
-        return confident
-    k = min(quota, int(masked.sum()))
-    chosen = torch.zeros_like(masked)
-    chosen[torch.sort(confidence, descending=True, stable=True).indices[:k]] = True
-    return chosen
 
 
 def check_token_ids(vocab_size: int, mask_id: int, eos_id: int | None, prompts: Sequence[Sequence[int]]) -> None:
@@ -252,9 +256,11 @@ def _row_generator(seed: int, row_id: int, device) -> torch.Generator:
 
 
 def _decode_group(model, prompts, start_block, options, mask_id, eos_id, generators, out_rows, result, device):
-    """Decode prompts that all start in `start_block`, in lockstep; write into result[out_rows[i]]."""
+    """Decode prompts that all start in `start_block`, in lockstep; write into result[out_rows[i]].
+    What an iteration commits is the rule's (editing.py); this loop owns the canvas and the cache."""
+    rule_class = CardRule if options.editing_threshold is None else EditRule
+    rule = rule_class(options, mask_id, eos_id)
     bl = options.block_length
-    schedule = transfer_schedule(bl, options.effective_steps)
     num_blocks = [-(-(len(p) + options.gen_length) // bl) for p in prompts]
     x = torch.full((len(prompts), max(num_blocks) * bl), mask_id, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
@@ -265,9 +271,11 @@ def _decode_group(model, prompts, start_block, options, mask_id, eos_id, generat
     for block in range(start_block, max(num_blocks)):
         active, cache = _keep(active, cache, [block < num_blocks[r] for r in active])
         begin, end = block * bl, (block + 1) * bl
-        for quota in schedule:
-            masked = x[active, begin:end] == mask_id
-            if not masked.any():
+        in_prompt = [torch.arange(begin, end, device=device) < len(prompts[r]) for r in range(len(prompts))]
+        states = {r: rule.start_block() for r in active}
+        while active:
+            stepping = {r for r in active if rule.wants_step(states[r], x[r, begin:end])}
+            if not stepping:
                 break
             start = cached_len if options.use_cache else 0
             out = model(
@@ -285,23 +293,27 @@ def _decode_group(model, prompts, start_block, options, mask_id, eos_id, generat
             logits[..., mask_id] = float("-inf")
             stopped = []
             for i, r in enumerate(active):
-                if not masked[i].any():
+                if r not in stepping:
                     continue
                 result.forward_passes[out_rows[r]] += 1
                 tokens, confidence = sample_tokens(
                     logits[i], options.temperature, options.top_k, options.top_p, generators[r]
                 )
-                commit = select_commits(confidence, masked[i], quota, options.threshold)
-                x[r, begin:end][commit] = tokens[commit]
-                if options.eos_early_stop and eos_id is not None and bool((tokens[commit] == eos_id).any()):
-                    if _eos_without_mask_before(x[r, len(prompts[r]) : end], eos_id, mask_id):
-                        stopped.append(r)
+                edits, stop = rule.step(
+                    states[r],
+                    x[r, begin:end],
+                    tokens,
+                    confidence,
+                    in_prompt[r],
+                    x[r, len(prompts[r]) : end],  # a view: sees the block's update
+                )
+                result.edits[out_rows[r]] += edits
+                if stop:
+                    stopped.append(r)
             active, cache = _keep(active, cache, [r not in stopped for r in active])
-            if not active:
-                break
         assert not (x[active, begin:end] == mask_id).any(), "a block ended with masks left"
         generated = [x[r, len(prompts[r]) : end] for r in active]
-        active, cache = _keep(active, cache, [eos_id is None or not bool((g == eos_id).any()) for g in generated])
+        active, cache = _keep(active, cache, [not rule.stop_after_block(g) for g in generated])
         if not active:
             break
 
@@ -310,12 +322,6 @@ def _decode_group(model, prompts, start_block, options, mask_id, eos_id, generat
         if eos_id is not None and eos_id in tokens:
             tokens = tokens[: tokens.index(eos_id) + 1]
         result.tokens[out_rows[i]] = tokens
-
-
-def _eos_without_mask_before(generated: torch.Tensor, eos_id: int, mask_id: int) -> bool:
-    """True when the first EOS in `generated` has no mask token before it."""
-    first_eos = int((generated == eos_id).nonzero()[0, 0])
-    return not bool((generated[:first_eos] == mask_id).any())
 
 
 def _keep(active: list[int], cache, keep: list[bool]):
