@@ -42,7 +42,7 @@ def reference_loss_and_grads(trainer, hf_dir):
     _, stats = masked_diffusion_loss(
         logits[:, : batch["targets"].shape[1]], batch["targets"], batch["masked"], batch["t"], batch["loss_mask"],
         doc_ids=batch["doc_ids"], loss_weight=d.loss_weight, normalize=d.normalize,
-        confidence_beta=d.confidence_beta,
+        confidence_beta=d.confidence_beta, edited=batch["edited"], edit_weight=d.edit_weight,
     )
     loss = (stats["numerator"] + d.confidence_beta * stats["cap_numerator"]) / stats["denominator"]
     loss.backward()
