@@ -4,6 +4,7 @@ without running (the marker stays absent), checkpoint.trust_checkpoint=true load
 payload runs: it was live), and real trainer- and converter-made checkpoints load by default."""
 
 import json
+import os
 import subprocess
 import sys
 
