@@ -213,12 +213,16 @@ def generate(
     mask_id: int,
     eos_id: int | None,
     row_ids: Sequence[int] | None = None,
+    drafts: Sequence[Sequence[int]] | None = None,
 ) -> GenerationResult:
     """Decode every prompt (a list of token ids) with the block-wise rule; see the module docstring.
 
     model: called as model(input_ids, position_ids=, attention_mask=, past_key_values=, use_cache=)
     -> .logits, .past_key_values (the reference LLaDA2MoeModelLM). row_ids name the rows for
     seeding (default 0..n-1): row i samples from a generator seeded by (options.seed, row_ids[i]).
+    drafts: optional tokens (at most gen_length each; mask ids allowed) written after each prompt
+    before decoding, as already-committed generated tokens: the 2.0 rule only fills their masks,
+    draft-and-edit may also re-write them (re-decoding a corrupted or earlier answer).
     """
     prompts = [[int(t) for t in p] for p in prompts]
     check_token_ids(model.config.vocab_size, mask_id, eos_id, prompts)
@@ -226,6 +230,12 @@ def generate(
     row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
     if len(row_ids) != len(prompts):
         raise ValueError(f"row_ids has {len(row_ids)} entries for {len(prompts)} prompts")
+    drafts = [[] for _ in prompts] if drafts is None else [[int(t) for t in d] for d in drafts]
+    if len(drafts) != len(prompts):
+        raise ValueError(f"drafts has {len(drafts)} entries for {len(prompts)} prompts")
+    for i, draft in enumerate(drafts):
+        if len(draft) > options.gen_length or any(not 0 <= t < model.config.vocab_size for t in draft):
+            raise ValueError(f"drafts[{i}] must be at most gen_length={options.gen_length} ids in the vocabulary")
     device = next(model.parameters()).device
     generators = [_row_generator(options.seed, r, device) for r in row_ids]
     result = GenerationResult(tokens=[[] for _ in prompts], forward_passes=[0] * len(prompts), model_calls=0)
@@ -237,6 +247,7 @@ def generate(
         _decode_group(
             model,
             [prompts[i] for i in rows],
+            [drafts[i] for i in rows],
             start_block,
             options,
             mask_id,
@@ -255,7 +266,7 @@ def _row_generator(seed: int, row_id: int, device) -> torch.Generator:
     return generator
 
 
-def _decode_group(model, prompts, start_block, options, mask_id, eos_id, generators, out_rows, result, device):
+def _decode_group(model, prompts, drafts, start_block, options, mask_id, eos_id, generators, out_rows, result, device):
     """Decode prompts that all start in `start_block`, in lockstep; write into result[out_rows[i]].
     What an iteration commits is the rule's (editing.py); this loop owns the canvas and the cache."""
     rule_class = CardRule if options.editing_threshold is None else EditRule
@@ -265,6 +276,7 @@ def _decode_group(model, prompts, start_block, options, mask_id, eos_id, generat
     x = torch.full((len(prompts), max(num_blocks) * bl), mask_id, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         x[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
+        x[i, len(p) : len(p) + len(drafts[i])] = torch.tensor(drafts[i], dtype=torch.long, device=device)
 
     active = list(range(len(prompts)))  # rows still decoding; the cache's batch rows follow this order
     cache, cached_len = None, 0

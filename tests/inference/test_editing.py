@@ -21,12 +21,13 @@ def plain_edit_generate(
     max_post_steps=16,
     num_to_transfer=1,
     eos_early_stop=False,
+    draft=(),
 ):
     """The LLaDA2.1 rule, plainly: one prompt, greedy, no cache, the whole prefix every forward,
     Python lists. Returns (tokens, forwards, edits)."""
     n = len(prompt)
     num_blocks = math.ceil((n + gen_length) / block_length)
-    x = list(prompt) + [MASK_ID] * (num_blocks * block_length - n)
+    x = list(prompt) + list(draft) + [MASK_ID] * (num_blocks * block_length - n - len(draft))
     forwards = edits = 0
     for block in range(n // block_length, num_blocks):
         lo, hi = block * block_length, (block + 1) * block_length
@@ -236,3 +237,21 @@ def test_bad_editing_options_are_refused():
         DecodingOptions(max_post_steps=-1)
     with pytest.raises(ValueError, match="num_to_transfer"):
         DecodingOptions(num_to_transfer=0)
+
+
+def test_a_draft_is_re_decoded_by_the_rule_and_kept_by_the_2_0_rule(editing_model):
+    """drafts= writes committed tokens (and mask holes) after the prompt: draft-and-edit treats them
+    as the plain rule does; the 2.0 rule only fills the holes."""
+    prompt = prompt_of(9, seed=5)
+    draft = prompt_of(20, seed=6)
+    draft[3] = draft[11] = MASK_ID
+    expected, forwards, edits = plain_edit_generate(editing_model, prompt, 24, 8, 0.8, 0.3, draft=draft)
+    common = dict(gen_length=24, block_length=8, threshold=0.8)
+    edited = generate(
+        editing_model, [prompt], DecodingOptions(editing_threshold=0.3, **common), MASK_ID, EOS_ID, drafts=[draft]
+    )
+    assert edited.tokens == [expected] and edited.edits == [edits] and edits > 0
+    kept = generate(editing_model, [prompt], DecodingOptions(**common), MASK_ID, EOS_ID, drafts=[draft])
+    filled = kept.tokens[0]
+    assert all(filled[i] == draft[i] for i in range(min(20, len(filled))) if i not in (3, 11))
+    assert MASK_ID not in filled and kept.num_edits == 0
