@@ -1,4 +1,6 @@
 """Block-wise diffusion decoding for LLaDA2: the model card's `generate`, plus a prefix KV cache.
+(With options.editing_threshold set, each block is decoded with LLaDA2.1's draft-and-edit rule
+instead; both rules are in editing.py, this module owns the canvas, blocks, cache and batching.)
 
 The rule (LLaDA2.0 model card), for one prompt of length P:
   - The sequence is the prompt followed by `gen_length` mask tokens, padded with mask tokens to a
