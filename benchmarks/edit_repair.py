@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Does draft-and-edit decoding repair corrupted answers? (LLaDA2.1 editing, issue 17's measurement.)
 
-For each test question: the gold answer as the model was trained on it (chat template, then EOS up to
-gen_length), with a fraction of its tokens before the EOS replaced by uniformly random ordinary
+For each test question: the gold answer as the model was trained on it (its chat-template tokens up to the
+role end, then EOS up to gen_length), with a fraction of its tokens before the EOS replaced by uniformly random ordinary
 (non-special) tokens. The corrupted answer is handed to the sampler as a draft (`drafts=`) and
 decoded without editing (the LLaDA2.0 rule: committed tokens never change, so the draft stays) and
 with editing at several thresholds. Reports GSM8K-style accuracy and the fraction of answers restored
@@ -49,6 +49,7 @@ def main(argv=None):
     model = load_model(args.model)
     mask_id, eos_id = special_token_ids(model, tokenizer, None, None)
     rows = read_gsm8k_rows(args.data)[: args.limit]
+    specials = set(tokenizer.all_special_ids) | {mask_id, eos_id}
     prompts, answers, golds = [], [], []
     for row in rows:
         prompt = encode_prompt(row["question"], tokenizer)
@@ -56,11 +57,15 @@ def main(argv=None):
             [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}], tokenizer
         )
         assert full[: len(prompt)] == prompt, "the chat template does not extend the prompt"
-        answer = [t for t in full[len(prompt) :] if t != eos_id][: args.gen_length - 1]
+        answer = []
+        for t in full[len(prompt) :]:  # the content, up to the template's role-end token
+            if t in specials:
+                break
+            answer.append(t)
+        answer = answer[: args.gen_length - 1]
         prompts.append(prompt)
         answers.append(answer)
         golds.append(gold_answer(row["answer"]))
-    specials = set(tokenizer.all_special_ids) | {mask_id, eos_id}
     ordinary = [t for t in range(len(tokenizer)) if t not in specials and t < model.config.vocab_size]
     rng = random.Random(args.seed)
 
