@@ -43,6 +43,7 @@ def main(argv=None):
     p.add_argument("--gen-length", type=int, default=32)
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-from-masks", action="store_true", help="only the corrupted-draft cases")
     args = p.parse_args(argv)
 
     tokenizer = load_tokenizer(args.tokenizer)
@@ -83,7 +84,7 @@ def main(argv=None):
 
     base = dict(gen_length=args.gen_length, block_length=args.block_length, steps=args.block_length)
     results = []
-    for editing in [None, *args.editing_thresholds]:
+    for editing in [] if args.skip_from_masks else [None, *args.editing_thresholds]:
         options = DecodingOptions(**base, editing_threshold=editing)
         result = generate(model, prompts, options, mask_id, eos_id)
         results.append(score(result.tokens, f"from masks, editing {editing}", result))
