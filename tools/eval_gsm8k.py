@@ -65,13 +65,14 @@ def main(argv=None) -> int:
     order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
     os.makedirs(args.output_dir, exist_ok=True)
     samples = [None] * len(rows)
-    num_tokens = forwards = 0
+    num_tokens = forwards = edits = 0
     start = time.perf_counter()
     for first in range(0, len(order), args.batch_size):
         batch = order[first : first + args.batch_size]
         result = generate(model, [prompts[i] for i in batch], options, mask_id, eos_id, row_ids=batch)
         num_tokens += result.num_tokens
         forwards += sum(result.forward_passes)
+        edits += result.num_edits
         for i, tokens in zip(batch, result.tokens, strict=True):
             text = decode_tokens(tokens, tokenizer)
             prediction = extract_answer(text)
@@ -107,6 +108,7 @@ def main(argv=None) -> int:
         "generated_tokens": num_tokens,
         "forward_passes": forwards,
         "tokens_per_forward": num_tokens / max(1, forwards),
+        "edits": edits,
         "tokens_per_second": num_tokens / max(seconds, 1e-9),
         "seconds": seconds,
         "command": command_line("tools/eval_gsm8k.py", parser, args),
@@ -114,7 +116,9 @@ def main(argv=None) -> int:
     summary_path = os.path.join(args.output_dir, "summary.json")
     with open(summary_path, "w") as f:
         json.dump(summary, f, indent=2)
-    print(f"tokens per forward pass: {summary['tokens_per_forward']:.2f}, tokens/s: {summary['tokens_per_second']:.1f}")
+    print(
+        f"tokens per forward pass: {summary['tokens_per_forward']:.2f}, edits: {edits}, tokens/s: {summary['tokens_per_second']:.1f}"
+    )
     print(f"accuracy: {summary['accuracy']:.4f} ({correct}/{len(rows)}); results in {summary_path} and {samples_path}")
     return 0
 

@@ -64,10 +64,10 @@ def read_input_ids(path: str) -> list[list[int]]:
     return data
 
 
-def report_speed(num_tokens: int, forwards: int, seconds: float) -> None:
+def report_speed(num_tokens: int, forwards: int, seconds: float, edits: int = 0) -> None:
     print(
         f"tokens: {num_tokens}, forward passes: {forwards}, tokens per forward pass: "
-        f"{num_tokens / max(1, forwards):.2f}, tokens/s: {num_tokens / max(seconds, 1e-9):.1f}"
+        f"{num_tokens / max(1, forwards):.2f}, edits: {edits}, tokens/s: {num_tokens / max(seconds, 1e-9):.1f}"
     )
 
 
@@ -79,13 +79,14 @@ def run_prompts(args, model, tokenizer, mask_id, eos_id, options, out) -> None:
     else:
         texts = args.prompt
         prompts = [encode_prompt(t, tokenizer, raw=args.raw) for t in texts]
-    num_tokens = forwards = 0
+    num_tokens = forwards = edits = 0
     start = time.perf_counter()
     for first in range(0, len(prompts), args.batch_size):
         batch = prompts[first : first + args.batch_size]
         result = generate(model, batch, options, mask_id, eos_id, row_ids=range(first, first + len(batch)))
         num_tokens += result.num_tokens
         forwards += sum(result.forward_passes)
+        edits += result.num_edits
         for i, tokens in enumerate(result.tokens):
             row = first + i
             text = decode_tokens(tokens, tokenizer) if tokenizer is not None else None
@@ -103,7 +104,7 @@ def run_prompts(args, model, tokenizer, mask_id, eos_id, options, out) -> None:
                     )
                     + "\n"
                 )
-    report_speed(num_tokens, forwards, time.perf_counter() - start)
+    report_speed(num_tokens, forwards, time.perf_counter() - start, edits)
 
 
 def run_chat(args, model, tokenizer, mask_id, eos_id, options, out) -> None:
@@ -112,7 +113,7 @@ def run_chat(args, model, tokenizer, mask_id, eos_id, options, out) -> None:
     session = ChatSession(model, tokenizer, options, mask_id, eos_id, system=args.system)
     interactive = sys.stdin.isatty()
     print("chat: type a message; /reset starts over, /exit (or end of input) quits", flush=True)
-    num_tokens = forwards = 0
+    num_tokens = forwards = edits = 0
     seconds = 0.0
     while True:
         if interactive:
@@ -132,6 +133,7 @@ def run_chat(args, model, tokenizer, mask_id, eos_id, options, out) -> None:
         seconds += time.perf_counter() - start
         num_tokens += result.num_tokens
         forwards += sum(result.forward_passes)
+        edits += result.num_edits
         print(f"assistant> {answer}", flush=True)
         if out:
             out.write(
@@ -147,7 +149,7 @@ def run_chat(args, model, tokenizer, mask_id, eos_id, options, out) -> None:
                 + "\n"
             )
             out.flush()
-    report_speed(num_tokens, forwards, seconds)
+    report_speed(num_tokens, forwards, seconds, edits)
 
 
 def main(argv=None) -> int:

@@ -20,6 +20,12 @@ pad_to_max mode the pad tail counts, as dFactory trains on it).
 
     loss = numerator / denominator + beta * cap_numerator / cap_denominator       (a term is 0 when its
                                                                                     denominator is 0)
+
+Editing stream (edited, edit_weight; see megadiff.diffusion.noising for how positions are corrupted):
+the numerator also gets edit_weight * sum over edited positions e of CE_e (cross-entropy against the
+ORIGINAL token x_0[e], divided by answer_len(doc) with normalize="sequence", no 1/t weight: t is the
+mask ratio, not the edit ratio). The denominator is unchanged (the M2T one), so the edit term shares
+the global normalisation and the loss stays independent of the micro-batch and parallel layout.
 Across micro-batches and data-parallel ranks the exact global loss is the same formula applied to the
 SUMS of each piece (`loss_from_sums`): sum numerators / sum denominators, and likewise for CAP. The
 cross-entropy denominator is known before the forward pass (it only depends on the noise), so a trainer
@@ -63,13 +69,16 @@ def masked_diffusion_loss(
     loss_weight: str = "none",
     normalize: str = "masked_tokens",
     confidence_beta: float = 0.0,
+    edited: torch.Tensor | None = None,
+    edit_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict]:
     """Return (loss, stats) for logits [B, S, V] and targets/masked/t/loss_mask [B, S] (table above).
 
     doc_ids [B, S] delimits documents (normalize="sequence", `documents` stat); None: one per row.
     stats: numerator, denominator, cap_numerator, cap_denominator (float32 0-dim tensors; numerators carry
     gradients) to be summed across micro-batches/ranks, plus masked_tokens, answer_tokens, documents,
-    correct_tokens, ce_sum (unweighted CE over masked tokens) for logging.
+    correct_tokens, ce_sum (unweighted CE over masked tokens), edited_tokens, edit_ce_sum for logging.
+    edited [B, S] bool: corrupted visible answer positions (editing stream), None: none.
     """
     if loss_weight not in LOSS_WEIGHTS:
         raise ValueError(f"loss_weight={loss_weight!r} is not one of {', '.join(LOSS_WEIGHTS)}")
@@ -77,6 +86,10 @@ def masked_diffusion_loss(
         raise ValueError(f"normalize={normalize!r} is not one of {', '.join(NORMALIZATIONS)}")
     if bool((masked & ~loss_mask).any()):
         raise ValueError("masked has positions outside loss_mask; only answer tokens may be noised")
+    if edited is None:
+        edited = torch.zeros_like(masked)
+    if bool((edited & (masked | ~loss_mask)).any()):
+        raise ValueError("edited has masked or non-answer positions; only visible answer tokens may be edited")
 
     masked_logits = logits[masked].float()
     masked_targets = targets[masked]
@@ -98,6 +111,12 @@ def masked_diffusion_loss(
     else:
         numerator = weighted.sum()
         denominator = (masked.sum() if normalize == "masked_tokens" else loss_mask.sum()).float()
+    edit_ce = F.cross_entropy(logits[edited].float(), targets[edited], reduction="none")
+    if normalize == "sequence":
+        edit_ce_scaled = edit_ce / answer_len[doc_index[edited]]
+    else:
+        edit_ce_scaled = edit_ce
+    numerator = numerator + edit_weight * edit_ce_scaled.sum()
 
     correct = masked_logits.argmax(-1) == masked_targets
     if confidence_beta:
@@ -118,5 +137,7 @@ def masked_diffusion_loss(
         "documents": documents,
         "correct_tokens": correct.sum(),
         "ce_sum": ce.detach().sum(),
+        "edited_tokens": edited.sum(),
+        "edit_ce_sum": edit_ce.detach().sum(),
     }
     return loss, stats

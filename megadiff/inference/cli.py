@@ -4,6 +4,8 @@ flags, turning them into library objects, and echoing the full command a run is 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shlex
 
 from .loading import (
@@ -69,6 +71,28 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, batch_size: int = 1)
         "--eos-early-stop", action="store_true", help="stop as soon as an EOS is committed with no mask before it"
     )
     parser.add_argument(
+        "--editing-threshold",
+        type=_threshold_or_off,
+        default=None,
+        help="LLaDA2.1 draft and edit: re-write a committed token when the model predicts another one "
+        "with confidence above this; 'off' = the LLaDA2.0 rule (default: the model dir's "
+        "generation_config.json editing_threshold, else off)",
+    )
+    parser.add_argument(
+        "--max-post-steps",
+        type=int,
+        default=None,
+        help=f"with editing: edit-only iterations allowed per block once its masks are filled "
+        f"(default: generation_config.json, else {d.max_post_steps})",
+    )
+    parser.add_argument(
+        "--num-to-transfer",
+        type=int,
+        default=None,
+        help=f"with editing: masks committed per iteration when fewer clear --threshold "
+        f"(default: generation_config.json, else {d.num_to_transfer})",
+    )
+    parser.add_argument(
         "--no-cache", action="store_true", help="recompute finished blocks every step (slow; for checks)"
     )
     parser.add_argument("--seed", type=int, default=d.seed, help="sampling seed (default: %(default)s)")
@@ -77,11 +101,49 @@ def add_decoding_arguments(parser: argparse.ArgumentParser, batch_size: int = 1)
     )
 
 
+EDITING_FIELDS = ("editing_threshold", "max_post_steps", "num_to_transfer")
+
+
+def _threshold_or_off(text: str) -> float | str:
+    return "off" if text.lower() in ("off", "none") else float(text)
+
+
+def generation_config_editing(model_dir: str) -> dict:
+    """The LLaDA2.1 decoding fields (EDITING_FIELDS) that <model_dir>/generation_config.json carries,
+    checked; {} when there is no such file. A LLaDA2.1 dir that sets editing_threshold there decodes
+    with editing unless the command line says otherwise."""
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read it as JSON ({e}); fix or remove the file") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    fields = {k: data[k] for k in EDITING_FIELDS if k in data}
+    try:
+        DecodingOptions(**fields)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}; fix the field or override it on the command line") from None
+    return fields
+
+
 def decoding_options(args: argparse.Namespace) -> DecodingOptions:
-    """DecodingOptions from parsed flags (ValueError names the bad one, in its library spelling)."""
+    """DecodingOptions from parsed flags (ValueError names the bad one, in its library spelling).
+    The editing fields come from the flags, else the model dir's generation_config.json, else the
+    library defaults."""
     if args.batch_size <= 0:
         raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    editing = generation_config_editing(args.model)
+    for name in EDITING_FIELDS:
+        if getattr(args, name) is not None:
+            editing[name] = getattr(args, name)
+    if editing.get("editing_threshold") == "off":
+        editing["editing_threshold"] = None
     return DecodingOptions(
+        **editing,
         gen_length=args.gen_length,
         block_length=args.block_length,
         steps=args.steps,

@@ -1,4 +1,6 @@
 """Block-wise diffusion decoding for LLaDA2: the model card's `generate`, plus a prefix KV cache.
+(With options.editing_threshold set, each block is decoded with LLaDA2.1's draft-and-edit rule
+instead; both rules are in editing.py, this module owns the canvas, blocks, cache and batching.)
 
 The rule (LLaDA2.0 model card), for one prompt of length P:
   - The sequence is the prompt followed by `gen_length` mask tokens, padded with mask tokens to a
@@ -45,6 +47,8 @@ import torch
 
 from megadiff.data.seeding import stable_seed
 
+from .editing import CardRule, EditRule
+
 
 @dataclass(frozen=True)
 class DecodingOptions:
@@ -61,6 +65,10 @@ class DecodingOptions:
     eos_early_stop: bool = False
     use_cache: bool = True
     seed: int = 0
+    # LLaDA2.1 draft and edit (editing.py); None = off, the 2.0 rule above is used
+    editing_threshold: float | None = None
+    max_post_steps: int = 16
+    num_to_transfer: int = 1
 
     def __post_init__(self):
         for name in ("gen_length", "block_length", "steps", "minimal_topk"):
@@ -75,6 +83,12 @@ class DecodingOptions:
             raise ValueError(f"top_k must be >= 1 (or 0/None for off), got {self.top_k!r}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] (or None for off), got {self.top_p!r}")
+        if self.editing_threshold is not None and not 0.0 <= self.editing_threshold <= 1.0:
+            raise ValueError(f"editing_threshold must be in [0, 1] (or None for off), got {self.editing_threshold!r}")
+        for name, low in (("max_post_steps", 0), ("num_to_transfer", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.gen_length // self.minimal_topk < 1:
             raise ValueError(
                 f"minimal_topk={self.minimal_topk} > gen_length={self.gen_length} leaves no decoding "
@@ -91,11 +105,21 @@ class DecodingOptions:
 class GenerationResult:
     """tokens[i]: row i's generated ids up to and including the first EOS.
     forward_passes[i]: forward passes that predicted row i's tokens (what row-by-row decoding needs).
-    model_calls: model forward calls made (one call serves every row of a batch group)."""
+    model_calls: model forward calls made (one call serves every row of a batch group).
+    edits[i]: committed tokens that row i's decoding re-wrote (T2T; always 0 without editing)."""
 
     tokens: list[list[int]]
     forward_passes: list[int]
     model_calls: int
+    edits: list[int] | None = None
+
+    def __post_init__(self):
+        if self.edits is None:
+            self.edits = [0] * len(self.tokens)
+
+    @property
+    def num_edits(self) -> int:
+        return sum(self.edits)
 
     @property
     def num_tokens(self) -> int:
@@ -104,12 +128,6 @@ class GenerationResult:
     @property
     def tokens_per_forward(self) -> float:
         return self.num_tokens / max(1, sum(self.forward_passes))
-
-
-def transfer_schedule(block_length: int, steps: int) -> list[int]:
-    """Tokens to commit at each iteration of a block: block_length spread evenly, remainder first."""
-    base, remainder = divmod(block_length, steps)
-    return [base + 1 if i < remainder else base for i in range(steps)]
 
 
 def block_causal_mask(q_start: int, end: int, block_length: int, device=None) -> torch.Tensor:
@@ -156,18 +174,6 @@ def sample_tokens(
     return tokens, probs.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def select_commits(confidence: torch.Tensor, masked: torch.Tensor, quota: int, threshold: float) -> torch.Tensor:
-    """[block_length] bool: the masked positions to commit this iteration (rule in the module docstring)."""
-    confidence = confidence.masked_fill(~masked, float("-inf"))
-    confident = confidence > threshold
-    if int(confident.sum()) >= quota:
-        return confident
-    k = min(quota, int(masked.sum()))
-    chosen = torch.zeros_like(masked)
-    chosen[torch.sort(confidence, descending=True, stable=True).indices[:k]] = True
-    return chosen
-
-
 def check_token_ids(vocab_size: int, mask_id: int, eos_id: int | None, prompts: Sequence[Sequence[int]]) -> None:
     """Raise ValueError naming the argument when a special id or a prompt token cannot be used."""
     if not 0 <= mask_id < vocab_size:
@@ -209,12 +215,16 @@ def generate(
     mask_id: int,
     eos_id: int | None,
     row_ids: Sequence[int] | None = None,
+    drafts: Sequence[Sequence[int]] | None = None,
 ) -> GenerationResult:
     """Decode every prompt (a list of token ids) with the block-wise rule; see the module docstring.
 
     model: called as model(input_ids, position_ids=, attention_mask=, past_key_values=, use_cache=)
     -> .logits, .past_key_values (the reference LLaDA2MoeModelLM). row_ids name the rows for
     seeding (default 0..n-1): row i samples from a generator seeded by (options.seed, row_ids[i]).
+    drafts: optional tokens (at most gen_length each; mask ids allowed) written after each prompt
+    before decoding, as already-committed generated tokens: the 2.0 rule only fills their masks,
+    draft-and-edit may also re-write them (re-decoding a corrupted or earlier answer).
     """
     prompts = [[int(t) for t in p] for p in prompts]
     check_token_ids(model.config.vocab_size, mask_id, eos_id, prompts)
@@ -222,6 +232,12 @@ def generate(
     row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
     if len(row_ids) != len(prompts):
         raise ValueError(f"row_ids has {len(row_ids)} entries for {len(prompts)} prompts")
+    drafts = [[] for _ in prompts] if drafts is None else [[int(t) for t in d] for d in drafts]
+    if len(drafts) != len(prompts):
+        raise ValueError(f"drafts has {len(drafts)} entries for {len(prompts)} prompts")
+    for i, draft in enumerate(drafts):
+        if len(draft) > options.gen_length or any(not 0 <= t < model.config.vocab_size for t in draft):
+            raise ValueError(f"drafts[{i}] must be at most gen_length={options.gen_length} ids in the vocabulary")
     device = next(model.parameters()).device
     generators = [_row_generator(options.seed, r, device) for r in row_ids]
     result = GenerationResult(tokens=[[] for _ in prompts], forward_passes=[0] * len(prompts), model_calls=0)
@@ -233,6 +249,7 @@ def generate(
         _decode_group(
             model,
             [prompts[i] for i in rows],
+            [drafts[i] for i in rows],
             start_block,
             options,
             mask_id,
@@ -251,23 +268,28 @@ def _row_generator(seed: int, row_id: int, device) -> torch.Generator:
     return generator
 
 
-def _decode_group(model, prompts, start_block, options, mask_id, eos_id, generators, out_rows, result, device):
-    """Decode prompts that all start in `start_block`, in lockstep; write into result[out_rows[i]]."""
+def _decode_group(model, prompts, drafts, start_block, options, mask_id, eos_id, generators, out_rows, result, device):
+    """Decode prompts that all start in `start_block`, in lockstep; write into result[out_rows[i]].
+    What an iteration commits is the rule's (editing.py); this loop owns the canvas and the cache."""
+    rule_class = CardRule if options.editing_threshold is None else EditRule
+    rule = rule_class(options, mask_id, eos_id)
     bl = options.block_length
-    schedule = transfer_schedule(bl, options.effective_steps)
     num_blocks = [-(-(len(p) + options.gen_length) // bl) for p in prompts]
     x = torch.full((len(prompts), max(num_blocks) * bl), mask_id, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         x[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
+        x[i, len(p) : len(p) + len(drafts[i])] = torch.tensor(drafts[i], dtype=torch.long, device=device)
 
     active = list(range(len(prompts)))  # rows still decoding; the cache's batch rows follow this order
     cache, cached_len = None, 0
     for block in range(start_block, max(num_blocks)):
         active, cache = _keep(active, cache, [block < num_blocks[r] for r in active])
         begin, end = block * bl, (block + 1) * bl
-        for quota in schedule:
-            masked = x[active, begin:end] == mask_id
-            if not masked.any():
+        in_prompt = [torch.arange(begin, end, device=device) < len(prompts[r]) for r in range(len(prompts))]
+        states = {r: rule.start_block() for r in active}
+        while active:
+            stepping = {r for r in active if rule.wants_step(states[r], x[r, begin:end])}
+            if not stepping:
                 break
             start = cached_len if options.use_cache else 0
             out = model(
@@ -285,23 +307,27 @@ def _decode_group(model, prompts, start_block, options, mask_id, eos_id, generat
             logits[..., mask_id] = float("-inf")
             stopped = []
             for i, r in enumerate(active):
-                if not masked[i].any():
+                if r not in stepping:
                     continue
                 result.forward_passes[out_rows[r]] += 1
                 tokens, confidence = sample_tokens(
                     logits[i], options.temperature, options.top_k, options.top_p, generators[r]
                 )
-                commit = select_commits(confidence, masked[i], quota, options.threshold)
-                x[r, begin:end][commit] = tokens[commit]
-                if options.eos_early_stop and eos_id is not None and bool((tokens[commit] == eos_id).any()):
-                    if _eos_without_mask_before(x[r, len(prompts[r]) : end], eos_id, mask_id):
-                        stopped.append(r)
+                edits, stop = rule.step(
+                    states[r],
+                    x[r, begin:end],
+                    tokens,
+                    confidence,
+                    in_prompt[r],
+                    x[r, len(prompts[r]) : end],  # a view: sees the block's update
+                )
+                result.edits[out_rows[r]] += edits
+                if stop:
+                    stopped.append(r)
             active, cache = _keep(active, cache, [r not in stopped for r in active])
-            if not active:
-                break
         assert not (x[active, begin:end] == mask_id).any(), "a block ended with masks left"
         generated = [x[r, len(prompts[r]) : end] for r in active]
-        active, cache = _keep(active, cache, [eos_id is None or not bool((g == eos_id).any()) for g in generated])
+        active, cache = _keep(active, cache, [not rule.stop_after_block(g) for g in generated])
         if not active:
             break
 
@@ -310,12 +336,6 @@ def _decode_group(model, prompts, start_block, options, mask_id, eos_id, generat
         if eos_id is not None and eos_id in tokens:
             tokens = tokens[: tokens.index(eos_id) + 1]
         result.tokens[out_rows[i]] = tokens
-
-
-def _eos_without_mask_before(generated: torch.Tensor, eos_id: int, mask_id: int) -> bool:
-    """True when the first EOS in `generated` has no mask token before it."""
-    first_eos = int((generated == eos_id).nonzero()[0, 0])
-    return not bool((generated[:first_eos] == mask_id).any())
 
 
 def _keep(active: list[int], cache, keep: list[bool]):

@@ -4,7 +4,9 @@
   within each packed document.
 - block diffusion: the model reads [x_t ; x_0] (length 2S), both halves at the document's
   positions; x_t block b sees x_t block b and x_0 blocks < b, x_0 block b sees x_0 blocks <= b.
-Targets are always the clean tokens x_0 at the masked positions of the x_t half.
+Targets are always the clean tokens x_0 at the masked positions of the x_t half, and (editing stream,
+diffusion.edit_ratio > 0) at the `edited` positions, where x_t holds a random replacement token; x_0
+stays clean.
 """
 
 import torch
@@ -15,7 +17,7 @@ from megadiff.diffusion.noising import noise_batch
 
 def prepare_micro_batch(micro_batch: dict, diffusion, mask_id: int, seed: int, with_dense_mask: bool = True) -> dict:
     """Noise one micro-batch and lay it out for `diffusion.mode`. Keys: input_ids, position_ids,
-    allowed (bool mask, True = may attend; omitted with with_dense_mask=False), targets, masked,
+    allowed (bool mask, True = may attend; omitted with with_dense_mask=False), targets, masked, edited,
     t, loss_mask, doc_ids (all [B, S] except the inputs / mask, which cover 2S in BD mode)."""
     epochs = micro_batch["epoch"].unique()
     if epochs.numel() != 1:
@@ -28,12 +30,14 @@ def prepare_micro_batch(micro_batch: dict, diffusion, mask_id: int, seed: int, w
         diffusion.t_low,
         diffusion.t_high,
         complementary=diffusion.complementary_masks,
+        edit_ratio=diffusion.edit_ratio,
     )
     clean, noisy = noised["input_ids"], noised["noisy_ids"]
     positions, doc_ids = noised["position_ids"], noised["doc_ids"]
     batch = dict(
         targets=clean,
         masked=noised["masked"],
+        edited=noised["edited"],
         t=noised["t"],
         loss_mask=noised["loss_mask"],
         doc_ids=doc_ids,

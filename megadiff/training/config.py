@@ -101,6 +101,16 @@ class DiffusionSection:
     normalize: Literal["masked_tokens", "answer_tokens", "sequence"] = setting("masked_tokens", "loss denominator")
     complementary_masks: bool = setting(False, "also train on the complement of each mask")
     confidence_beta: float = setting(0.0, "CAP confidence loss weight (LLaDA2.0 uses ~2)", min=0.0)
+    edit_ratio: float = setting(
+        0.0,
+        "editing (T2T) stream, our construction of LLaDA2.1's description: probability that a visible "
+        "answer token is replaced by a random token of its own answer; 0 = off",
+        min=0.0,
+        max=1.0,
+    )
+    edit_weight: float = setting(
+        1.0, "weight of the loss that predicts the original token at the replaced positions", min=0.0
+    )
 
 
 @dataclass

@@ -8,6 +8,10 @@ before the forward pass), which makes the loss and its gradients independent of 
 CAP (confidence_beta > 0): beta * sum of predictive entropy at masked positions predicted
 correctly, divided by the same global denominator (not by the number of correct positions, which
 is only known after every forward of the step).
+
+Editing stream (batch["edited"], diffusion.edit_weight): edit_weight * CE against the original token
+at the corrupted positions joins the numerator (divided by the answer length with
+normalize="sequence"); the denominator stays the M2T one (megadiff.diffusion.loss).
 """
 
 import torch
@@ -55,6 +59,17 @@ def _vocab_parallel_entropy_and_correct(logits: torch.Tensor, targets: torch.Ten
     return entropy, target_logit >= global_max
 
 
+def _answer_lengths(batch: dict, selected: torch.Tensor) -> torch.Tensor:
+    """[n]: the answer length (loss_mask tokens) of the document of each selected position."""
+    doc = batch["doc_ids"]
+    answer_len = {}
+    for r, c in zip(*[x.tolist() for x in torch.nonzero(batch["loss_mask"], as_tuple=True)], strict=True):
+        key = (r, int(doc[r, c]))
+        answer_len[key] = answer_len.get(key, 0) + 1
+    rows, cols = torch.nonzero(selected, as_tuple=True)
+    return torch.tensor([answer_len[(r, int(doc[r, c]))] for r, c in zip(rows.tolist(), cols.tolist(), strict=True)])
+
+
 def diffusion_loss_sums(logits: torch.Tensor, batch: dict, diffusion) -> dict:
     """Sums over one micro-batch: `numerator` (weighted CE at masked positions, with grad),
     `cap_numerator` (entropy at correctly predicted masked positions, with grad), and counts.
@@ -69,17 +84,15 @@ def diffusion_loss_sums(logits: torch.Tensor, batch: dict, diffusion) -> dict:
     if diffusion.loss_weight == "inverse_t":
         weight = 1.0 / batch["t"][masked].float()
     if diffusion.normalize == "sequence":
-        doc = batch["doc_ids"]
-        answer_len = {}
-        for r, c in zip(*[x.tolist() for x in torch.nonzero(batch["loss_mask"], as_tuple=True)], strict=True):
-            key = (r, int(doc[r, c]))
-            answer_len[key] = answer_len.get(key, 0) + 1
-        rows, cols = torch.nonzero(masked, as_tuple=True)
-        lengths = torch.tensor(
-            [answer_len[(r, int(doc[r, c]))] for r, c in zip(rows.tolist(), cols.tolist(), strict=True)]
-        )
-        weight = weight / lengths.to(weight)
-    out = {"numerator": (weight * ce).sum(), "ce_sum": ce.detach().sum(), "masked_tokens": masked.sum()}
+        weight = weight / _answer_lengths(batch, masked).to(weight)
+    numerator = (weight * ce).sum()
+    edited = batch.get("edited")
+    if edited is not None and bool(edited.any()):
+        edit_ce = vocab_parallel_cross_entropy(x_t_logits[edited].float().clone(), targets[edited])
+        if diffusion.normalize == "sequence":
+            edit_ce = edit_ce / _answer_lengths(batch, edited).to(edit_ce)
+        numerator = numerator + diffusion.edit_weight * edit_ce.sum()
+    out = {"numerator": numerator, "ce_sum": ce.detach().sum(), "masked_tokens": masked.sum()}
     if diffusion.confidence_beta:
         entropy, correct = _vocab_parallel_entropy_and_correct(selected, chosen)
         out["cap_numerator"] = (entropy * correct).sum()

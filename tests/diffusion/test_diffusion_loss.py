@@ -134,3 +134,21 @@ def test_no_masked_tokens_gives_zero_loss_with_a_graph():
 def test_bad_loss_inputs_are_explained(change, kwargs, message):
     with pytest.raises(ValueError, match=message):
         masked_diffusion_loss(**{**inputs(), **change}, **kwargs)
+
+
+@pytest.mark.parametrize("normalize, edit_term", [("masked_tokens", ce(0, 2)), ("sequence", ce(0, 2) / 2)])
+def test_edit_stream_adds_weighted_ce_at_edited_positions_with_the_same_denominator(normalize, edit_term):
+    """(0, 2) is the one visible answer token: edited, it adds edit_weight * CE against its original
+    token (per answer length with "sequence"); the denominator stays the M2T one."""
+    edited = torch.zeros(2, 4, dtype=torch.bool)
+    edited[0, 2] = True
+    doc_ids = torch.tensor(DOC_IDS)
+    plain, base = masked_diffusion_loss(**inputs(), doc_ids=doc_ids, normalize=normalize)
+    loss, stats = masked_diffusion_loss(
+        **inputs(), doc_ids=doc_ids, normalize=normalize, edited=edited, edit_weight=0.7
+    )
+    assert stats["numerator"].item() == pytest.approx(base["numerator"].item() + 0.7 * edit_term, rel=1e-6)
+    assert stats["denominator"] == base["denominator"] and stats["edited_tokens"] == 1
+    assert loss.item() == pytest.approx(plain.item() + 0.7 * edit_term / float(base["denominator"]), rel=1e-6)
+    with pytest.raises(ValueError, match="edited has masked or non-answer positions"):
+        masked_diffusion_loss(**inputs(), edited=torch.tensor(MASKED))

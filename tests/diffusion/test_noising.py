@@ -136,3 +136,54 @@ def test_complementary_masks_partition_answer_tokens():
 def test_bad_t_range_is_rejected():
     with pytest.raises(ValueError, match="need 0 < t_low <= t_high <= 1, got t_low=0.9, t_high=0.1"):
         noise_batch(packed(), MASK, seed=0, epoch=0, t_low=0.9, t_high=0.1)
+
+
+@pytest.mark.parametrize("complementary", [False, True])
+def test_edit_stream_corrupts_exactly_the_chosen_positions(complementary):
+    """Seeded: the corrupted positions and their tokens are the ones the per-document draws choose
+    (v < edit_ratio at a visible answer token, replaced by the answer token the w draw picks, unless
+    that equals the original); everything else in x_t is the mask or the clean token."""
+    batch = packed()
+    ratio = 0.4
+    noisy = noise_batch(batch, MASK, seed=5, epoch=1, complementary=complementary, edit_ratio=ratio)
+    rows = batch["input_ids"].shape[0]
+    expected_edited = torch.zeros_like(noisy["edited"])
+    expected_ids = noisy["input_ids"].clone()
+    for copy in range(2 if complementary else 1):
+        for b in range(rows):
+            for doc in batch["doc_ids"][b].unique().tolist():
+                span = (batch["doc_ids"][b] == doc).nonzero()[:, 0]
+                sid = int(batch["sample_ids"][b, span[0]])
+                if sid < 0:
+                    continue
+                pos = batch["position_ids"][b, span]
+                _, _, v, w = document_noise(5, sid, 1, int(pos.max()) + 1, 0.3, 0.8, with_edits=True)
+                answer = [
+                    (int(p), int(batch["input_ids"][b, s]))
+                    for s, p in zip(span, pos, strict=True)
+                    if batch["loss_mask"][b, s]
+                ]
+                pool = [token for _, token in sorted(answer)]
+                for s, p in zip(span.tolist(), pos.tolist(), strict=True):
+                    row = copy * rows + b
+                    if not batch["loss_mask"][b, s] or noisy["masked"][row, s]:
+                        continue
+                    drawn = pool[min(int(float(w[p]) * len(pool)), len(pool) - 1)]
+                    if float(v[p]) < ratio and drawn != int(batch["input_ids"][b, s]):
+                        expected_edited[row, s] = True
+                        expected_ids[row, s] = drawn
+    assert torch.equal(noisy["edited"], expected_edited)
+    visible = noisy["loss_mask"] & ~noisy["masked"]
+    assert 0.3 < expected_edited.sum() / visible.sum() <= 0.45  # ~ratio, less the draws equal to the original
+    assert torch.equal(noisy["noisy_ids"], torch.where(noisy["masked"], MASK, expected_ids))
+    assert torch.equal(noisy["input_ids"][:rows], batch["input_ids"])  # x_0 stays clean
+
+
+def test_edit_stream_leaves_the_mask_noise_unchanged():
+    batch = packed()
+    plain = noise_batch(batch, MASK, seed=2, epoch=0)
+    edited = noise_batch(batch, MASK, seed=2, epoch=0, edit_ratio=0.3)
+    assert torch.equal(plain["masked"], edited["masked"]) and torch.equal(plain["t"], edited["t"])
+    assert not plain["edited"].any() and edited["edited"].any()
+    with pytest.raises(ValueError, match="edit_ratio"):
+        noise_batch(batch, MASK, seed=2, epoch=0, edit_ratio=1.5)

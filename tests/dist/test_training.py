@@ -82,6 +82,18 @@ def test_tiny_model_memorises_small_sft_set(tiny_run_dir):
 
 @pytest.mark.dist
 @pytest.mark.slow
+def test_edit_stream_step_matches_reference_at_1_1_1_and_2_2_2(tiny_run_dir):
+    """LLaDA2.1 editing stream on (edit_ratio 0.3, weight 0.5), both modes, one launch for both layouts."""
+    results = run_check(
+        tiny_run_dir, 4, "step_parity", "1,1,1;2,2,2", "diffusion.edit_ratio=0.3", "diffusion.edit_weight=0.5"
+    )
+    assert set(results) == {"1,1,1", "2,2,2"}
+    assert_step_matches_reference(results)
+    assert all(r["edited_tokens"] > 0 for modes in results.values() for r in modes.values())
+
+
+@pytest.mark.dist
+@pytest.mark.slow
 def test_flex_attention_and_complementary_masks_step_matches_reference(tiny_run_dir):
     assert_step_matches_reference(run_check(
         tiny_run_dir, 1, "step_parity", "1,1,1", "model.attention_backend=flex", "diffusion.complementary_masks=true",

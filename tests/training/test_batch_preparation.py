@@ -28,7 +28,7 @@ def micro_batch():
 
 
 def diffusion(mode, **kw):
-    base = dict(mode=mode, t_low=0.5, t_high=0.9, complementary_masks=False, block_size=4)
+    base = dict(mode=mode, t_low=0.5, t_high=0.9, complementary_masks=False, block_size=4, edit_ratio=0.0)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -54,3 +54,18 @@ def test_denominators():
     assert loss_denominator(b, "masked_tokens") == b["masked"].sum()
     assert loss_denominator(b, "answer_tokens") == 10
     assert loss_denominator(b, "sequence") == 2
+
+
+def test_edit_stream_corrupts_x_t_only_in_both_modes():
+    """Editing stream: replaced tokens sit in x_t at `edited` (visible answer positions); x_0 (the
+    block-diffusion second half, and the targets) stays clean."""
+    mb = micro_batch()
+    for mode in ("block_diffusion", "full"):
+        b = prepare_micro_batch(mb, diffusion(mode, edit_ratio=0.8), MASK, seed=1)
+        S = mb["input_ids"].shape[1]
+        x_t, clean = b["input_ids"][:, :S], mb["input_ids"]
+        assert b["edited"].any() and not (b["edited"] & (b["masked"] | ~b["loss_mask"])).any()
+        assert torch.equal(x_t != torch.where(b["masked"], MASK, clean), b["edited"])
+        assert torch.equal(b["targets"], clean)
+        if mode == "block_diffusion":
+            assert torch.equal(b["input_ids"][:, S:], clean)

@@ -42,11 +42,12 @@ def reference_loss_and_grads(trainer, hf_dir):
     _, stats = masked_diffusion_loss(
         logits[:, : batch["targets"].shape[1]], batch["targets"], batch["masked"], batch["t"], batch["loss_mask"],
         doc_ids=batch["doc_ids"], loss_weight=d.loss_weight, normalize=d.normalize,
-        confidence_beta=d.confidence_beta,
+        confidence_beta=d.confidence_beta, edited=batch["edited"], edit_weight=d.edit_weight,
     )
     loss = (stats["numerator"] + d.confidence_beta * stats["cap_numerator"]) / stats["denominator"]
     loss.backward()
-    return float(loss), {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in ref.named_parameters()}
+    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in ref.named_parameters()}
+    return float(loss), grads, int(batch["edited"].sum())
 
 
 def step_parity(base_cfg, overrides, hf_dir):
@@ -57,12 +58,12 @@ def step_parity(base_cfg, overrides, hf_dir):
         trainer = Trainer(cfg)
         loss, _ = trainer.forward_backward_step(trainer._micro_batches())
         grads = gather_hf_state(trainer.chunks, trainer.model_cfg, value=lambda p: getattr(p, "main_grad", torch.zeros_like(p)))
-        ref_loss, ref_grads = reference_loss_and_grads(trainer, hf_dir)
+        ref_loss, ref_grads, edited = reference_loss_and_grads(trainer, hf_dir)
         grad_rel = max(  # the reference runs on the CPU; the trainer on the run device (GPU in tests/gpu)
             float((grads[n].cpu() - g).abs().max() / g.abs().max().clamp_min(1e-12)) for n, g in ref_grads.items()
         )
         result[mode] = {"loss": loss, "ref_loss": ref_loss, "loss_rel": abs(loss - ref_loss) / abs(ref_loss),
-                        "grad_rel": grad_rel}
+                        "grad_rel": grad_rel, "edited_tokens": edited}
     return result
 
 
