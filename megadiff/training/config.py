@@ -110,7 +110,9 @@ class DPOSection:
     reference: Literal["live", "precomputed"] = setting(
         "live", "live: frozen copy of the starting weights; precomputed: a first pass stores reference ELBOs"
     )
-    label_smoothing: float = setting(0.0, "conservative DPO: probability that a preference label is flipped", min=0.0, lt=0.5)
+    label_smoothing: float = setting(
+        0.0, "conservative DPO: probability that a preference label is flipped", min=0.0, lt=0.5
+    )
 
 
 @dataclass

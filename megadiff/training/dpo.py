@@ -181,13 +181,10 @@ class DPOObjective:
             chunk.zero_grad_buffer()
         trainer.optimizer.zero_grad()
         outputs = forward_backward(trainer.chunks, micro, loss_fn)
-        totals = torch.tensor(
-            [sum(float(o[k]) for o in outputs) for k in METRICS], dtype=torch.double, device=device
-        )
+        totals = torch.tensor([sum(float(o[k]) for o in outputs) for k in METRICS], dtype=torch.double, device=device)
         torch.distributed.all_reduce(totals, group=ps.get_data_parallel_group())
         torch.distributed.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())  # last stage has them
         tokens = torch.tensor(sum(int((b["sample_ids"] >= 0).sum()) for b in micro), device=device)
         torch.distributed.all_reduce(tokens, group=ps.get_data_parallel_group())
         metrics = dict(zip(METRICS, totals.tolist(), strict=True))
         return metrics["loss"], int(tokens), metrics
-
