@@ -46,7 +46,11 @@ class MetricsLogger:
             self.bar.set_postfix_str(f"loss={result.loss:.4f} lr={result.lr:.2e} gnorm={gn} tok/s={tokens_per_s:.0f}")
             self.bar.update(1)
         elif result.step % self.cfg.log_interval == 0:
-            print(f"step {result.step} loss {result.loss:.4f} lr {result.lr:.2e} tok/s {tokens_per_s:.0f}", flush=True)
+            extra = "".join(f" {k} {v:.4f}" for k, v in result.metrics.items() if k != "loss")
+            print(
+                f"step {result.step} loss {result.loss:.4f} lr {result.lr:.2e} tok/s {tokens_per_s:.0f}{extra}",
+                flush=True,
+            )
         if self.metrics is not None:
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
