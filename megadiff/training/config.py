@@ -77,6 +77,9 @@ class TrainSection:
     skip_memory_check: bool = setting(
         False, "start even when the memory forecast (tools/plan.py) exceeds the GPU's memory"
     )
+    objective: Literal["sft", "dpo"] = setting(
+        "sft", "sft (chat rows) or dpo (preference pairs; see the dpo section; batch sizes count pairs)"
+    )
 
 
 @dataclass
@@ -114,6 +117,18 @@ class DiffusionSection:
 
 
 @dataclass
+class DPOSection:
+    beta: float = setting(0.1, "DPO beta: scale of the ELBO differences inside the logistic", gt=0.0)
+    mc_samples: int = setting(1, "Monte Carlo (t, mask) samples per response for its ELBO estimate", min=1)
+    reference: Literal["live", "precomputed"] = setting(
+        "live", "live: frozen copy of the starting weights; precomputed: a first pass stores reference ELBOs"
+    )
+    label_smoothing: float = setting(
+        0.0, "conservative DPO: probability that a preference label is flipped", min=0.0, lt=0.5
+    )
+
+
+@dataclass
 class CheckpointSection:
     save_dir: str | None = setting(None, "directory of the run's megatron checkpoints")
     save_interval: int = setting(0, "steps between saves; 0 = only at the end", min=0)
@@ -142,6 +157,7 @@ class TrainingConfig:
     train: TrainSection = field(default_factory=TrainSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     diffusion: DiffusionSection = field(default_factory=DiffusionSection)
+    dpo: DPOSection = field(default_factory=DPOSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
@@ -298,6 +314,11 @@ def validate(cfg: TrainingConfig) -> None:
         raise TrainingConfigError(f"train.min_lr={cfg.train.min_lr} is above train.lr={cfg.train.lr}")
     if cfg.checkpoint.save_interval and not cfg.checkpoint.save_dir:
         raise TrainingConfigError("checkpoint.save_interval is set but checkpoint.save_dir is not")
+    if cfg.train.objective == "dpo" and (d.complementary_masks or d.confidence_beta or cfg.data.mode != "pack"):
+        raise TrainingConfigError(
+            "train.objective=dpo has its own ELBO loss and row layout: set diffusion.complementary_masks=false, "
+            "diffusion.confidence_beta=0 and data.mode=pack"
+        )
     parallel_layout(cfg)  # raises naming the parallel.* key
 
 

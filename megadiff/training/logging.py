@@ -40,17 +40,22 @@ class MetricsLogger:
             "tokens_per_s": tokens_per_s,
             "skipped": result.skipped,
         }
+        record.update({k: v for k, v in result.metrics.items() if k not in record})  # e.g. DPO's margin
         if self.bar is not None:
             gn = "-" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}"
             self.bar.set_postfix_str(f"loss={result.loss:.4f} lr={result.lr:.2e} gnorm={gn} tok/s={tokens_per_s:.0f}")
             self.bar.update(1)
         elif result.step % self.cfg.log_interval == 0:
-            print(f"step {result.step} loss {result.loss:.4f} lr {result.lr:.2e} tok/s {tokens_per_s:.0f}", flush=True)
+            extra = "".join(f" {k} {v:.4f}" for k, v in result.metrics.items() if k != "loss")
+            print(
+                f"step {result.step} loss {result.loss:.4f} lr {result.lr:.2e} tok/s {tokens_per_s:.0f}{extra}",
+                flush=True,
+            )
         if self.metrics is not None:
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
         if self.tb is not None:
-            for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s", *result.metrics):
                 if record[key] is not None:
                     self.tb.add_scalar(f"train/{key}", record[key], result.step)
         if self.wandb is not None:

@@ -12,7 +12,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,7 @@ class StepResult:
     grad_norm: float | None
     tokens: int
     skipped: bool
+    metrics: dict = field(default_factory=dict)  # objective-specific (DPO: ELBOs, margin, accuracy)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -117,6 +118,11 @@ class Trainer:
         check_memory_forecast(cfg, self.model_cfg, self.layout, params_dtype(cfg), self.log)
         # Cheap checks first: tokenizer and every data row are validated before the model is built.
         self.tokenizer, self.mask_id = load_tokenizer_and_mask_id(cfg, self.model_cfg)
+        dpo = cfg.train.objective == "dpo"
+        if dpo:
+            from megadiff.training import dpo as dpo_objective
+
+            load_samples, build_dataset = dpo_objective.load_pairs, dpo_objective.build_preference_dataset
         samples, row_stats = load_samples(cfg, self.tokenizer, self.mask_id)
         # Rank 0 locks, repairs and inspects save_dir before the others can join the process group.
         self._save_dir_lock, resume_from = None, None
@@ -137,6 +143,7 @@ class Trainer:
         self.chunks = build_model_and_load(cfg, self.model_cfg, self.hf_config, self.layout, self.dtype, self.log)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.chunks, self.dtype)
         self._data_iter = iter(self.dataset)
+        self.objective = dpo_objective.DPOObjective(self) if dpo else None  # None: diffusion SFT
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
@@ -224,8 +231,11 @@ class Trainer:
     # ---- one step ------------------------------------------------------------------------------
 
     def _micro_batches(self) -> list[dict]:
-        """This step's micro-batches, noised on the host, then moved to the run device (inputs,
-        masks, targets; BlockMasks are built there)."""
+        return self.prepare_micro_batches(self._data_iter)
+
+    def prepare_micro_batches(self, data_iter) -> list[dict]:
+        """One step's micro-batches from `data_iter`, noised on the host, then moved to the run
+        device (inputs, masks, targets; BlockMasks are built there)."""
         from megadiff.platform.device import to_run_device
         from megadiff.training.batch import prepare_micro_batch
 
@@ -233,8 +243,9 @@ class Trainer:
         dense = self.cfg.model.attention_backend == "dense"
         batches = []
         for _ in range(self.dataset.accumulation_steps):
-            raw = next(self._data_iter)
+            raw = next(data_iter)
             prepared = prepare_micro_batch(raw, d, self.mask_id, self.cfg.train.seed, with_dense_mask=dense)
+            prepared.update({k: raw[k] for k in ("response_slot", "pair_ids", "epoch") if k in raw})  # DPO pairs
             prepared = to_run_device(prepared)
             if not dense:
                 from megadiff.models.llada2.flex_attention import block_mask_for
@@ -286,7 +297,11 @@ class Trainer:
         return loss, int(tokens)
 
     def train_step(self) -> StepResult:
-        loss, tokens = self.forward_backward_step(self._micro_batches())
+        metrics = {}
+        if self.objective is not None:
+            loss, tokens, metrics = self.objective.forward_backward_step(self._micro_batches())
+        else:
+            loss, tokens = self.forward_backward_step(self._micro_batches())
         self.step += 1
         if not math.isfinite(loss):
             self.nonfinite_in_a_row += 1
@@ -297,11 +312,11 @@ class Trainer:
                     f"{self.nonfinite_in_a_row} consecutive steps with a non-finite loss; stopping "
                     f"(train.max_consecutive_nonfinite={self.cfg.train.max_consecutive_nonfinite})"
                 )
-            return StepResult(self.step, loss, self._lr(), None, tokens, True)
+            return StepResult(self.step, loss, self._lr(), None, tokens, True, metrics)
         self.nonfinite_in_a_row = 0
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
-        return StepResult(self.step, loss, self._lr(), grad_norm, tokens, False)
+        return StepResult(self.step, loss, self._lr(), grad_norm, tokens, False, metrics)
 
     def _lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]

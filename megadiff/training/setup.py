@@ -90,11 +90,18 @@ def build_dataset(cfg: TrainingConfig, tokenizer, samples, stats, dp_size: int, 
 
 def build_model_and_load(cfg: TrainingConfig, model_cfg, hf_config: dict, layout, dtype, log):
     """Model chunks for this rank with their initial weights, wrapped in megatron-core DDP."""
+    from megadiff.training.ddp import wrap_ddp
+
+    chunks = build_model_with_initial_weights(cfg, model_cfg, hf_config, layout, dtype, log)
+    return wrap_ddp(chunks, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+
+
+def build_model_with_initial_weights(cfg: TrainingConfig, model_cfg, hf_config: dict, layout, dtype, log):
+    """Model chunks for this rank holding the run's starting weights (hf_dir or init_from_mcore)."""
     from checkpoint_converters.hf_io import HFCheckpointReader, check_tensors_match
     from checkpoint_converters.llada2_mapping import load_hf_into_model
     from megadiff.hf.reference import expected_hf_shapes
     from megadiff.models.llada2.model import build_model
-    from megadiff.training.ddp import wrap_ddp
 
     chunks = build_model(
         model_cfg, layout, dtype, attention_backend=cfg.model.attention_backend, calculate_per_token_loss=True
@@ -109,4 +116,4 @@ def build_model_and_load(cfg: TrainingConfig, model_cfg, hf_config: dict, layout
         check_tensors_match(reader, expected_hf_shapes(hf_config))
         load_hf_into_model(chunks, reader.get, model_cfg)
         log(f"initial weights: HF {os.path.abspath(cfg.model.hf_dir)}")
-    return wrap_ddp(chunks, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+    return chunks
