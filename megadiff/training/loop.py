@@ -53,23 +53,13 @@ def params_dtype(cfg: TrainingConfig) -> torch.dtype:
 
 
 def build_optimizer(cfg: TrainingConfig, chunks, dtype):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    from megadiff.training.mcore_configs import optimizer_config
+
     t = cfg.train
-    opt_config = OptimizerConfig(
-        optimizer="adam",
-        lr=t.lr,
-        min_lr=t.min_lr,
-        weight_decay=t.weight_decay,
-        adam_beta1=t.adam_beta1,
-        adam_beta2=t.adam_beta2,
-        adam_eps=t.adam_eps,
-        clip_grad=t.clip_grad,
-        bf16=dtype == torch.bfloat16,
-        params_dtype=dtype,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-    )
+    opt_config = optimizer_config(cfg, dtype)
     optimizer = get_megatron_optimizer(opt_config, chunks)
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -96,6 +86,8 @@ class Trainer:
         from checkpoint_converters.hf_io import read_hf_config
         from megadiff.models.llada2 import LLaDA2ModelConfig
         from megadiff.platform import init_distributed, initialize_parallel, print_rank0
+        from megadiff.platform.kernels import probe_environment
+        from megadiff.training.perf_preflight import check_perf, choose_attention_backend
         from megadiff.training.preflight import check_outputs
         from megadiff.training.setup import (
             build_dataset,
@@ -112,6 +104,16 @@ class Trainer:
         self.hf_config = read_hf_config(cfg.model.hf_dir)
         self.model_cfg = LLaDA2ModelConfig.from_hf_dict(self.hf_config, os.path.join(cfg.model.hf_dir, "config.json"))
         check_config_fits_model(cfg, self.model_cfg, self.layout)
+        # Speed options that cannot work here are refused now, not inside the model build.
+        self.env = probe_environment()
+        stage_layers = self.model_cfg.num_hidden_layers // self.layout.pp
+        check_perf(cfg, self.env, stage_layers)
+        self.attention = choose_attention_backend(
+            cfg, self.env, self.model_cfg.num_attention_heads, stage_layers, params_dtype(cfg).itemsize
+        )
+        self.log(f"attention: {self.attention.backend} ({self.attention.reason})")
+        if self.attention.warning:
+            self.log(f"warning: {self.attention.warning}")
         # Cheap checks first: tokenizer and every data row are validated before the model is built.
         self.tokenizer, self.mask_id = load_tokenizer_and_mask_id(cfg, self.model_cfg)
         samples, row_stats = load_samples(cfg, self.tokenizer, self.mask_id)
@@ -131,7 +133,9 @@ class Trainer:
         self.dataset, data_stats = build_dataset(cfg, self.tokenizer, samples, row_stats, self.dp_size, self.dp_rank)
         self.log(f"data: {data_stats}")
         self.dtype = params_dtype(cfg)
-        self.chunks = build_model_and_load(cfg, self.model_cfg, self.hf_config, self.layout, self.dtype, self.log)
+        self.chunks = build_model_and_load(
+            cfg, self.model_cfg, self.hf_config, self.layout, self.dtype, self.log, self.attention.backend
+        )
         self.optimizer, self.scheduler = build_optimizer(cfg, self.chunks, self.dtype)
         self._data_iter = iter(self.dataset)
         self.step = 0
@@ -227,7 +231,7 @@ class Trainer:
         from megadiff.training.batch import prepare_micro_batch
 
         d = self.cfg.diffusion
-        dense = self.cfg.model.attention_backend == "dense"
+        dense = self.attention.backend == "dense"
         batches = []
         for _ in range(self.dataset.accumulation_steps):
             raw = next(self._data_iter)
@@ -263,7 +267,7 @@ class Trainer:
         real_tokens = sum(int((b["sample_ids"] >= 0).sum()) for b in micro)
 
         def loss_fn(batch, output):
-            sums = diffusion_loss_sums(output, batch, d)
+            sums = diffusion_loss_sums(output, batch, d, fused_ce=self.cfg.perf.cross_entropy_loss_fusion)
             loss = (sums["numerator"] + d.confidence_beta * sums["cap_numerator"]) * scale
             # num_tokens 0: the loss is already divided by the global denominator, so
             # finalize_model_grads must not rescale; DP gradients are summed.

@@ -88,16 +88,27 @@ def build_dataset(cfg: TrainingConfig, tokenizer, samples, stats, dp_size: int, 
     return dataset, summary
 
 
-def build_model_and_load(cfg: TrainingConfig, model_cfg, hf_config: dict, layout, dtype, log):
-    """Model chunks for this rank with their initial weights, wrapped in megatron-core DDP."""
+def build_model_and_load(
+    cfg: TrainingConfig, model_cfg, hf_config: dict, layout, dtype, log, attention_backend: str | None = None
+):
+    """Model chunks for this rank with their initial weights, wrapped in megatron-core DDP.
+    attention_backend: the resolved one (perf_preflight.choose_attention_backend); default: the
+    config's, which must then not be auto."""
     from checkpoint_converters.hf_io import HFCheckpointReader, check_tensors_match
     from checkpoint_converters.llada2_mapping import load_hf_into_model
     from megadiff.hf.reference import expected_hf_shapes
     from megadiff.models.llada2.model import build_model
     from megadiff.training.ddp import wrap_ddp
+    from megadiff.training.mcore_configs import ddp_config, transformer_overrides
 
     chunks = build_model(
-        model_cfg, layout, dtype, attention_backend=cfg.model.attention_backend, calculate_per_token_loss=True
+        model_cfg,
+        layout,
+        dtype,
+        attention_backend=attention_backend or cfg.model.attention_backend,
+        xt_only_logits=cfg.perf.xt_only_logits and cfg.diffusion.mode == "block_diffusion",
+        calculate_per_token_loss=True,
+        **transformer_overrides(cfg),
     )
     if cfg.model.init_from_mcore:
         from megadiff.checkpoint import load_model_weights
@@ -109,4 +120,4 @@ def build_model_and_load(cfg: TrainingConfig, model_cfg, hf_config: dict, layout
         check_tensors_match(reader, expected_hf_shapes(hf_config))
         load_hf_into_model(chunks, reader.get, model_cfg)
         log(f"initial weights: HF {os.path.abspath(cfg.model.hf_dir)}")
-    return wrap_ddp(chunks, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+    return wrap_ddp(chunks, ddp_config=ddp_config(cfg))
