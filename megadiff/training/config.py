@@ -117,7 +117,9 @@ class CheckpointSection:
 @dataclass
 class LoggingSection:
     log_interval: int = setting(1, "steps between log lines", min=1)
-    progress_bar: bool = setting(True, "show a progress bar")
+    progress_bar: bool = setting(
+        True, "a progress bar on a terminal; otherwise (a log file) one line every log_interval steps"
+    )
     metrics_file: str | None = setting(None, "jsonl file, one line per step (rank 0)")
     tensorboard_dir: str | None = setting(None, "TensorBoard log dir")
     wandb_project: str | None = setting(None, "Weights & Biases project")

@@ -27,6 +27,10 @@ class StepResult:
     grad_norm: float | None
     tokens: int
     skipped: bool
+    flops: float = 0.0  # model FLOPs of the global batch (megadiff.training.throughput)
+    data_s: float | None = None  # time split of the step: batches, forward-backward, optimizer
+    fwd_bwd_s: float | None = None
+    optimizer_s: float | None = None
 
 
 class NonFiniteLossError(RuntimeError):
@@ -287,8 +291,28 @@ class Trainer:
         return loss, int(tokens)
 
     def train_step(self) -> StepResult:
-        loss, tokens = self.forward_backward_step(self._micro_batches())
+        from megatron.core import parallel_state as ps
+
+        from megadiff.platform.device import run_device, uses_cuda
+        from megadiff.training.throughput import step_flops
+
+        def now():
+            if uses_cuda():
+                torch.cuda.synchronize()  # kernels are asynchronous; time what they did
+            return time.perf_counter()
+
+        d = self.cfg.diffusion
+        t0 = now()
+        micro = self._micro_batches()
+        xt_only = self.cfg.perf.xt_only_logits
+        flops = torch.tensor(step_flops(self.model_cfg, micro, d.mode, d.block_size, xt_only), dtype=torch.double)
+        flops = flops.to(run_device())
+        torch.distributed.all_reduce(flops, group=ps.get_data_parallel_group())
+        t1 = now()
+        loss, tokens = self.forward_backward_step(micro)
+        t2 = now()
         self.step += 1
+        times = dict(flops=float(flops), data_s=t1 - t0, fwd_bwd_s=t2 - t1)
         if not math.isfinite(loss):
             self.nonfinite_in_a_row += 1
             self.skipped_steps += 1
@@ -298,11 +322,11 @@ class Trainer:
                     f"{self.nonfinite_in_a_row} consecutive steps with a non-finite loss; stopping "
                     f"(train.max_consecutive_nonfinite={self.cfg.train.max_consecutive_nonfinite})"
                 )
-            return StepResult(self.step, loss, self._lr(), None, tokens, True)
+            return StepResult(self.step, loss, self._lr(), None, tokens, True, **times, optimizer_s=0.0)
         self.nonfinite_in_a_row = 0
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
-        return StepResult(self.step, loss, self._lr(), grad_norm, tokens, False)
+        return StepResult(self.step, loss, self._lr(), grad_norm, tokens, False, **times, optimizer_s=now() - t2)
 
     def _lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -315,7 +339,16 @@ class Trainer:
         cfg = self.cfg
         sigterm = _Sigterm()
         results = []
-        logger = MetricsLogger(cfg, total_steps=cfg.train.steps, initial_step=self.step)
+        from megadiff.training.throughput import peak_tflops
+
+        precision = "fp8" if cfg.perf.fp8 != "off" else "bf16"
+        logger = MetricsLogger(
+            cfg,
+            total_steps=cfg.train.steps,
+            initial_step=self.step,
+            world_size=torch.distributed.get_world_size(),
+            peak_tflops=peak_tflops(self.env.gpu_name, precision) if self.env.on_cuda else None,
+        )
         try:
             while self.step < cfg.train.steps:
                 start = time.perf_counter()
