@@ -160,7 +160,9 @@ class PerfSection:
     gradient_accumulation_fusion: bool | None = setting(
         None, "fused weight-gradient accumulation (apex); default: on where apex provides it on CUDA"
     )
-    cross_entropy_loss_fusion: bool = setting(False, "megatron-core's fused vocab-parallel cross entropy")
+    cross_entropy_loss_fusion: bool = setting(
+        False, "megatron-core's fused vocab-parallel cross entropy (refused for now: see perf_preflight)"
+    )
     xt_only_logits: bool = setting(
         True, "block diffusion: final norm, LM head and logits on the x_t half only (false: all 2S tokens)"
     )

@@ -271,7 +271,7 @@ class Trainer:
         real_tokens = sum(int((b["sample_ids"] >= 0).sum()) for b in micro)
 
         def loss_fn(batch, output):
-            sums = diffusion_loss_sums(output, batch, d, fused_ce=self.cfg.perf.cross_entropy_loss_fusion)
+            sums = diffusion_loss_sums(output, batch, d)
             loss = (sums["numerator"] + d.confidence_beta * sums["cap_numerator"]) * scale
             # num_tokens 0: the loss is already divided by the global denominator, so
             # finalize_model_grads must not rescale; DP gradients are summed.

@@ -12,7 +12,6 @@ is only known after every forward of the step).
 
 import torch
 from megatron.core import parallel_state as ps
-from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 
@@ -56,23 +55,17 @@ def _vocab_parallel_entropy_and_correct(logits: torch.Tensor, targets: torch.Ten
     return entropy, target_logit >= global_max
 
 
-def diffusion_loss_sums(logits: torch.Tensor, batch: dict, diffusion, fused_ce: bool = False) -> dict:
+def diffusion_loss_sums(logits: torch.Tensor, batch: dict, diffusion) -> dict:
     """Sums over one micro-batch: `numerator` (weighted CE at masked positions, with grad),
     `cap_numerator` (entropy at correctly predicted masked positions, with grad), and counts.
 
     logits: [B, S_in, V/tp] from the model; only the first S (the x_t half) is used (S_in is S,
-    2S, or S plus sequence-parallel padding with the x_t-only head). fused_ce: megatron-core's
-    fused vocab-parallel cross entropy (perf.cross_entropy_loss_fusion)."""
+    2S, or S plus sequence-parallel padding with the x_t-only head)."""
     targets, masked = batch["targets"], batch["masked"]
     x_t_logits = logits[:, : targets.shape[1]]
     selected = x_t_logits[masked].float()  # [n, V/tp]
     chosen = targets[masked]
-    if fused_ce:  # it takes [s, b, V/tp] and [s, b]
-        ce = fused_vocab_parallel_cross_entropy(
-            selected[:, None], chosen[:, None], ps.get_tensor_model_parallel_group()
-        )[:, 0]
-    else:
-        ce = vocab_parallel_cross_entropy(selected.clone(), chosen)
+    ce = vocab_parallel_cross_entropy(selected.clone(), chosen)
     weight = torch.ones_like(ce)
     if diffusion.loss_weight == "inverse_t":
         weight = 1.0 / batch["t"][masked].float()

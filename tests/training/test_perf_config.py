@@ -102,6 +102,7 @@ REFUSED = {
         H100,
         "precision-aware distributed optimizer",
     ),
+    "fused_cross_entropy": (dict(cross_entropy_loss_fusion=True), H100, "not wired in.*=false"),
     "cpu_offload_without_te": (
         dict(optimizer_cpu_offload=True),
         dataclasses.replace(H100, te=False),
@@ -169,7 +170,6 @@ def test_everything_on_at_once_is_accepted_on_an_h100():
         overlap_param_gather=True,
         bucket_size=10_000_000,
         gradient_accumulation_fusion=True,
-        cross_entropy_loss_fusion=True,
         model=dict(attention_backend="flex"),
     )
     check_perf(cfg, H100, layers_per_stage=4)  # does not raise
