@@ -87,6 +87,7 @@ clean:
 # ---- GPU check (README, "GPU check") ------------------------------------------------------------
 # Runs with the python that has torch + megatron-core (the system one on a GPU node or the lent
 # machine; not the `make setup` venv): `make gpu-check PYTHON=.venv/bin/python` to use that.
+# `make gpu-check GPU_CHECK_ARGS="--output gpu_check_out --benchmark"` adds benchmarks/gpu_step.py.
 GPU_CHECK_ARGS ?= --output gpu_check_out
 
 .PHONY: gpu-check gpu-wheels

@@ -37,6 +37,11 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20, help="SFT steps of the end to end (default: %(default)s)")
     p.add_argument("--skip-tests", action="store_true", help="do not run pytest tests/gpu")
     p.add_argument(
+        "--benchmark",
+        action="store_true",
+        help="also run benchmarks/gpu_step.py (tokens/s, TFLOP/s, MFU; not part of PASS/FAIL)",
+    )
+    p.add_argument(
         "--budget-s",
         type=float,
         default=480.0,
@@ -179,6 +184,18 @@ def run_gpu_tests(out_dir, work) -> dict:
     return result
 
 
+def run_benchmark(out_dir, work) -> dict:
+    """benchmarks/gpu_step.py's numbers (its log: benchmark.log); informative, not a check."""
+    path = os.path.join(work, "gpu_step.json")
+    result = run(
+        [sys.executable, "benchmarks/gpu_step.py", "--out", path], os.path.join(out_dir, "benchmark.log"), child_env()
+    )
+    if result["rc"] == 0 and os.path.isfile(path):
+        with open(path) as f:
+            result["results"] = json.load(f)
+    return result
+
+
 def run_end_to_end(out_dir, work, steps) -> dict:
     py, log = sys.executable, os.path.join(out_dir, "e2e.log")
     hf, data, init = f"{work}/tiny_hf", f"{work}/data", f"{work}/mcore_init"
@@ -318,6 +335,9 @@ def main(argv=None) -> int:
     print("== end to end on CUDA", flush=True)
     report["end_to_end"] = run_end_to_end(out_dir, work, args.steps)
     report["ok"] = report["end_to_end"]["ok"] and report.get("tests", {"ok": True})["ok"]
+    if args.benchmark:
+        print("== benchmarks/gpu_step.py", flush=True)
+        report["benchmark"] = run_benchmark(out_dir, work)
     report["wall_time_s"] = round(time.perf_counter() - start, 1)
     path = os.path.join(out_dir, "gpu_check.json")
     with open(path, "w") as f:

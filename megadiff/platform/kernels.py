@@ -14,6 +14,7 @@ node (no TE, no apex) builds a working model, and nothing meant for CPU runs lea
 - `persist_layer_norm` (apex's persistent LayerNorm) does not apply to LLaDA2's RMSNorm: off.
 """
 
+import dataclasses
 import functools
 import importlib
 
@@ -53,6 +54,52 @@ def apex_fused_wgrad_available() -> bool:
     return _imports("fused_weight_gradient_mlp_cuda")
 
 
+def deepep_available() -> bool:
+    """DeepEP, which megatron-core's flex token dispatcher needs (megatron.core.transformer.moe.fused_a2a)."""
+    return _imports("deep_ep")
+
+
+def grouped_gemm_available() -> bool:
+    """The `grouped_gemm` package behind megatron-core's legacy GroupedMLP (the local spec's grouped GEMM)."""
+    return _imports("grouped_gemm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Environment:
+    """What a run can use, as the speed-option checks see it (tests build one by hand)."""
+
+    on_cuda: bool
+    gpu_name: str | None = None
+    compute_capability: tuple[int, int] | None = None
+    gpu_memory_bytes: int | None = None
+    te: bool = False  # megatron-core can use Transformer Engine
+    deepep: bool = False
+    apex_wgrad: bool = False
+    grouped_gemm: bool = False
+
+
+def probe_environment() -> Environment:
+    """This process's Environment (the run device's GPU, and what megatron-core can import)."""
+    from megadiff.platform.device import run_device, uses_cuda
+
+    if not uses_cuda():
+        return Environment(on_cuda=False, grouped_gemm=grouped_gemm_available())
+    import torch
+
+    device = run_device()
+    props = torch.cuda.get_device_properties(device)
+    return Environment(
+        on_cuda=True,
+        gpu_name=props.name,
+        compute_capability=(props.major, props.minor),
+        gpu_memory_bytes=props.total_memory,
+        te=megatron_has_te(),
+        deepep=deepep_available(),
+        apex_wgrad=apex_fused_wgrad_available(),
+        grouped_gemm=grouped_gemm_available(),
+    )
+
+
 def fused_kernel_flags(on_cuda: bool) -> dict:
     """TransformerConfig fusion settings for a CPU or a CUDA run (see the module docstring)."""
     return dict(
@@ -72,4 +119,6 @@ def kernel_report() -> dict:
         "apex_importable": _imports("apex"),
         "apex_fused_softmax": apex_fused_softmax_available(),
         "apex_fused_wgrad": apex_fused_wgrad_available(),
+        "deep_ep_importable": deepep_available(),
+        "grouped_gemm_importable": grouped_gemm_available(),
     }

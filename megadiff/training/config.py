@@ -42,8 +42,10 @@ class ModelSection:
     init_from_mcore: str | None = setting(None, "start from this megatron checkpoint (converted or trained)")
     tokenizer_dir: str | None = setting(None, "tokenizer dir; default: hf_dir")
     dtype: Literal["auto", "bf16", "fp32"] = setting("auto", "weights dtype; auto = bf16 on GPU, fp32 on CPU")
-    attention_backend: Literal["dense", "flex"] = setting(
-        "dense", "dense (bool mask) or flex (FlexAttention BlockMask)"
+    attention_backend: Literal["auto", "dense", "flex"] = setting(
+        "auto",
+        "dense (bool mask) or flex (FlexAttention BlockMask); auto = flex on CUDA for block diffusion "
+        "and packed full attention, dense otherwise (megadiff.training.attention_choice)",
     )
     mask_token_id: int | None = setting(None, "diffusion mask id; default: the tokenizer's <|mask|>", min=0)
 
@@ -143,11 +145,55 @@ class CheckpointSection:
 @dataclass
 class LoggingSection:
     log_interval: int = setting(1, "steps between log lines", min=1)
-    progress_bar: bool = setting(True, "show a progress bar")
+    progress_bar: bool = setting(
+        True, "a progress bar on a terminal; otherwise (a log file) one line every log_interval steps"
+    )
     metrics_file: str | None = setting(None, "jsonl file, one line per step (rank 0)")
     tensorboard_dir: str | None = setting(None, "TensorBoard log dir")
     wandb_project: str | None = setting(None, "Weights & Biases project")
     wandb_mode: Literal["offline", "online", "disabled"] = setting("offline", "Weights & Biases mode")
+
+
+RECOMPUTE_MODULES = Literal["core_attn", "moe_act", "layernorm", "mlp", "moe", "shared_experts"]
+
+
+@dataclass
+class PerfSection:
+    """Speed and memory knobs, named as megatron-core names them (TransformerConfig,
+    DistributedDataParallelConfig, OptimizerConfig); megadiff.training.mcore_configs passes them on
+    and megadiff.training.perf_checks refuses combinations that cannot work."""
+
+    fp8: Literal["off", "e4m3", "hybrid"] = setting(
+        "off", "FP8 through Transformer Engine (linears and grouped experts)"
+    )
+    fp8_recipe: Literal["tensorwise", "delayed", "blockwise", "mxfp8"] = setting(
+        "tensorwise", "FP8 scaling recipe (mxfp8: Blackwell only; blockwise: Hopper or newer)"
+    )
+    moe_grouped_gemm: bool | None = setting(None, "grouped-GEMM experts; default: on with Transformer Engine")
+    moe_token_dispatcher_type: Literal["alltoall", "allgather", "flex"] = setting(
+        "alltoall", "MoE token dispatcher (flex = DeepEP, needs deep_ep)"
+    )
+    moe_permute_fusion: bool = setting(False, "fused token permutation (Transformer Engine >= 2.1)")
+    moe_router_fusion: bool = setting(False, "fused router top-k and scores (Transformer Engine >= 2.6)")
+    recompute_granularity: Literal["none", "selective", "full"] = setting("none", "activation recomputation")
+    recompute_modules: list[RECOMPUTE_MODULES] | None = setting(
+        None, "modules recomputed with selective granularity; default: core_attn"
+    )
+    recompute_method: Literal["uniform", "block"] | None = setting(None, "with full recompute: uniform or block")
+    recompute_num_layers: int | None = setting(None, "with full recompute: layers per group / per stage", min=1)
+    optimizer_cpu_offload: bool = setting(False, "keep optimizer state and step on the CPU (GPU runs)")
+    overlap_grad_reduce: bool = setting(False, "overlap data-parallel gradient reduction with backward")
+    overlap_param_gather: bool = setting(False, "overlap the distributed optimizer's parameter all-gather")
+    bucket_size: int | None = setting(None, "DDP gradient bucket size in elements; default: megatron-core's", min=1)
+    gradient_accumulation_fusion: bool | None = setting(
+        None, "fused weight-gradient accumulation (apex); default: on where apex provides it on CUDA"
+    )
+    cross_entropy_loss_fusion: bool = setting(
+        False, "megatron-core's fused vocab-parallel cross entropy (refused for now: see perf_preflight)"
+    )
+    xt_only_logits: bool = setting(
+        True, "block diffusion: final norm, LM head and logits on the x_t half only (false: all 2S tokens)"
+    )
 
 
 @dataclass
@@ -160,6 +206,7 @@ class TrainingConfig:
     dpo: DPOSection = field(default_factory=DPOSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    perf: PerfSection = field(default_factory=PerfSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -3,15 +3,22 @@
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
 
-def wrap_ddp(chunks: list, use_distributed_optimizer: bool = False, overlap_grad_reduce: bool = False) -> list:
+def wrap_ddp(
+    chunks: list,
+    use_distributed_optimizer: bool = False,
+    overlap_grad_reduce: bool = False,
+    ddp_config: DistributedDataParallelConfig | None = None,
+) -> list:
     """megatron-core DDP around every chunk (fp32 grad buffers). The schedule then calls
     finalize_model_grads itself: DP/EP gradient reduction, TP sums of sequence-parallel norm
-    grads, and division by the global token count (per-token losses)."""
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=overlap_grad_reduce,
-        use_distributed_optimizer=use_distributed_optimizer,
-    )
+    grads, and division by the global token count (per-token losses). `ddp_config` (the trainer's,
+    from megadiff.training.mcore_configs) replaces the two flags."""
+    if ddp_config is None:
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=overlap_grad_reduce,
+            use_distributed_optimizer=use_distributed_optimizer,
+        )
     wrapped = [
         DistributedDataParallel(
             config=chunk.config,

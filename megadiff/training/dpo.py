@@ -95,7 +95,13 @@ class DPOObjective:
         if self.dpo.reference == "live":
             cfg = trainer.cfg
             chunks = build_model_with_initial_weights(
-                cfg, trainer.model_cfg, trainer.hf_config, trainer.layout, trainer.dtype, trainer.log
+                cfg,
+                trainer.model_cfg,
+                trainer.hf_config,
+                trainer.layout,
+                trainer.dtype,
+                trainer.log,
+                trainer.attention.backend,
             )
             for chunk in chunks:
                 chunk.requires_grad_(False)

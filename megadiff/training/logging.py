@@ -1,21 +1,49 @@
-"""Progress bar, metrics file, tensorboard and wandb for the training loop (rank 0 only)."""
+"""Progress, metrics file, tensorboard and wandb for the training loop (rank 0 only).
+
+Per step: loss, lr, grad norm, tokens/s (and its average over the run without the first step,
+which includes compilation and warm-up), model TFLOP/s per GPU (megadiff.training.throughput),
+MFU against the GPU's peak, the time split into data / forward-backward / optimizer, and the
+maximum allocated and reserved CUDA memory (None in the files and "n/a" on the console on CPU).
+
+On a terminal the progress is a tqdm bar; when stdout is not a terminal (a log file, CI) the
+progress is one plain line every logging.log_interval steps instead of thousands of '\\r' frames.
+"""
 
 import json
+import sys
+
+import torch
 
 from megadiff.platform import is_rank0
 
+SCALARS = (
+    "loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_avg", "tflops_per_gpu", "mfu",
+    "data_s", "fwd_bwd_s", "optimizer_s", "max_allocated_gib", "max_reserved_gib",
+)  # fmt: skip
+
+
+def cuda_memory_gib() -> tuple[float | None, float | None]:
+    """Max allocated and reserved CUDA memory of this process (GiB); None on the CPU."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None, None
+    return torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
+
 
 class MetricsLogger:
-    def __init__(self, cfg, total_steps: int, initial_step: int = 0):
+    def __init__(self, cfg, total_steps: int, initial_step: int = 0, world_size: int = 1,
+                 peak_tflops: float | None = None, stream=None):  # fmt: skip
         self.cfg = cfg.logging
         self.enabled = is_rank0()
+        self.stream = stream if stream is not None else sys.stdout
+        self.world_size, self.peak_tflops = world_size, peak_tflops
+        self.steps_seen, self.avg_tokens, self.avg_seconds = 0, 0, 0.0
         self.bar = self.metrics = self.tb = self.wandb = None
         if not self.enabled:
             return
-        if self.cfg.progress_bar:
+        if self.cfg.progress_bar and self.stream.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
+            self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True, file=self.stream)
         if self.cfg.metrics_file:
             self.metrics = open(self.cfg.metrics_file, "a")
         if self.cfg.tensorboard_dir:
@@ -27,35 +55,52 @@ class MetricsLogger:
 
             self.wandb = wandb.init(project=self.cfg.wandb_project, mode=self.cfg.wandb_mode, config=cfg.to_dict())
 
-    def log(self, result, seconds: float) -> None:
-        if not self.enabled:
-            return
-        tokens_per_s = result.tokens / max(seconds, 1e-9)
+    def record(self, result, seconds: float) -> dict:
+        """The step's metrics (see the module docstring)."""
+        seconds = max(seconds, 1e-9)
+        self.steps_seen += 1
+        if self.steps_seen > 1:  # the first step of a run compiles and warms up
+            self.avg_tokens += result.tokens
+            self.avg_seconds += seconds
+        flops = getattr(result, "flops", 0.0)
+        tflops = flops / self.world_size / seconds / 1e12 if flops else None
+        allocated, reserved = cuda_memory_gib()
         record = {
             "step": result.step,
             "loss": result.loss,
             "lr": result.lr,
             "grad_norm": None if result.grad_norm is None else float(result.grad_norm),
             "tokens": result.tokens,
-            "tokens_per_s": tokens_per_s,
+            "tokens_per_s": result.tokens / seconds,
+            "tokens_per_s_avg": self.avg_tokens / self.avg_seconds if self.avg_seconds else None,
+            "tflops_per_gpu": tflops,
+            "mfu": tflops / self.peak_tflops if tflops is not None and self.peak_tflops else None,
+            "data_s": getattr(result, "data_s", None),
+            "fwd_bwd_s": getattr(result, "fwd_bwd_s", None),
+            "optimizer_s": getattr(result, "optimizer_s", None),
+            "max_allocated_gib": allocated,
+            "max_reserved_gib": reserved,
             "skipped": result.skipped,
         }
-        record.update({k: v for k, v in result.metrics.items() if k not in record})  # e.g. DPO's margin
+        record.update({k: v for k, v in getattr(result, "metrics", {}).items() if k not in record})  # DPO's margin
+        return record
+
+    def log(self, result, seconds: float) -> None:
+        if not self.enabled:
+            return
+        record = self.record(result, seconds)
+        extra = {k: v for k, v in getattr(result, "metrics", {}).items() if k != "loss"}
         if self.bar is not None:
-            gn = "-" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}"
-            self.bar.set_postfix_str(f"loss={result.loss:.4f} lr={result.lr:.2e} gnorm={gn} tok/s={tokens_per_s:.0f}")
+            self.bar.set_postfix_str(console_fields(record, short=True))
             self.bar.update(1)
         elif result.step % self.cfg.log_interval == 0:
-            extra = "".join(f" {k} {v:.4f}" for k, v in result.metrics.items() if k != "loss")
-            print(
-                f"step {result.step} loss {result.loss:.4f} lr {result.lr:.2e} tok/s {tokens_per_s:.0f}{extra}",
-                flush=True,
-            )
+            extra_text = "".join(f" {k} {v:.4f}" for k, v in extra.items())
+            print(f"step {result.step} {console_fields(record)}{extra_text}", file=self.stream, flush=True)
         if self.metrics is not None:
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
         if self.tb is not None:
-            for key in ("loss", "lr", "grad_norm", "tokens_per_s", *result.metrics):
+            for key in (*SCALARS, *extra):
                 if record[key] is not None:
                     self.tb.add_scalar(f"train/{key}", record[key], result.step)
         if self.wandb is not None:
@@ -70,3 +115,24 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def console_fields(r: dict, short: bool = False) -> str:
+    def num(value, fmt):
+        return "n/a" if value is None else format(value, fmt)
+
+    parts = [
+        f"loss {r['loss']:.4f}",
+        f"lr {r['lr']:.2e}",
+        f"gnorm {num(r['grad_norm'], '.3f')}",
+        f"tok/s {r['tokens_per_s']:.0f}",
+        f"avg {num(r['tokens_per_s_avg'], '.0f')}",
+        f"TFLOP/s/GPU {num(r['tflops_per_gpu'], '.1f')}",
+        f"MFU {num(r['mfu'], '.1%')}",
+    ]
+    if not short:
+        split = (r["data_s"], r["fwd_bwd_s"], r["optimizer_s"])
+        if None not in split:
+            parts.append("data/fwd-bwd/opt {:.3f}/{:.3f}/{:.3f}s".format(*split))
+        parts.append(f"mem alloc/reserved {num(r['max_allocated_gib'], '.1f')}/{num(r['max_reserved_gib'], '.1f')} GiB")
+    return " ".join(parts)

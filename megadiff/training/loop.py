@@ -28,6 +28,10 @@ class StepResult:
     tokens: int
     skipped: bool
     metrics: dict = field(default_factory=dict)  # objective-specific (DPO: ELBOs, margin, accuracy)
+    flops: float = 0.0  # model FLOPs of the global batch (megadiff.training.throughput)
+    data_s: float | None = None  # time split of the step: batches, forward-backward, optimizer
+    fwd_bwd_s: float | None = None
+    optimizer_s: float | None = None
 
 
 class NonFiniteLossError(RuntimeError):
@@ -54,23 +58,13 @@ def params_dtype(cfg: TrainingConfig) -> torch.dtype:
 
 
 def build_optimizer(cfg: TrainingConfig, chunks, dtype):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    from megadiff.training.mcore_configs import optimizer_config
+
     t = cfg.train
-    opt_config = OptimizerConfig(
-        optimizer="adam",
-        lr=t.lr,
-        min_lr=t.min_lr,
-        weight_decay=t.weight_decay,
-        adam_beta1=t.adam_beta1,
-        adam_beta2=t.adam_beta2,
-        adam_eps=t.adam_eps,
-        clip_grad=t.clip_grad,
-        bf16=dtype == torch.bfloat16,
-        params_dtype=dtype,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-    )
+    opt_config = optimizer_config(cfg, dtype)
     optimizer = get_megatron_optimizer(opt_config, chunks)
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -97,7 +91,9 @@ class Trainer:
         from checkpoint_converters.hf_io import read_hf_config
         from megadiff.models.llada2 import LLaDA2ModelConfig
         from megadiff.platform import init_distributed, initialize_parallel, print_rank0
+        from megadiff.platform.kernels import probe_environment
         from megadiff.training.memory_check import check_memory_forecast
+        from megadiff.training.perf_preflight import check_perf, choose_attention_backend
         from megadiff.training.preflight import check_outputs
         from megadiff.training.setup import (
             build_dataset,
@@ -114,6 +110,16 @@ class Trainer:
         self.hf_config = read_hf_config(cfg.model.hf_dir)
         self.model_cfg = LLaDA2ModelConfig.from_hf_dict(self.hf_config, os.path.join(cfg.model.hf_dir, "config.json"))
         check_config_fits_model(cfg, self.model_cfg, self.layout)
+        # Speed options that cannot work here are refused now, not inside the model build.
+        self.env = probe_environment()
+        stage_layers = self.model_cfg.num_hidden_layers // self.layout.pp
+        check_perf(cfg, self.env, stage_layers)
+        self.attention = choose_attention_backend(
+            cfg, self.env, self.model_cfg.num_attention_heads, stage_layers, params_dtype(cfg).itemsize
+        )
+        self.log(f"attention: {self.attention.backend} ({self.attention.reason})")
+        if self.attention.warning:
+            self.log(f"warning: {self.attention.warning}")
         # The forecast runs before anything is loaded: a layout that cannot fit stops here.
         check_memory_forecast(cfg, self.model_cfg, self.layout, params_dtype(cfg), self.log)
         # Cheap checks first: tokenizer and every data row are validated before the model is built.
@@ -140,7 +146,9 @@ class Trainer:
         self.dataset, data_stats = build_dataset(cfg, self.tokenizer, samples, row_stats, self.dp_size, self.dp_rank)
         self.log(f"data: {data_stats}")
         self.dtype = params_dtype(cfg)
-        self.chunks = build_model_and_load(cfg, self.model_cfg, self.hf_config, self.layout, self.dtype, self.log)
+        self.chunks = build_model_and_load(
+            cfg, self.model_cfg, self.hf_config, self.layout, self.dtype, self.log, self.attention.backend
+        )
         self.optimizer, self.scheduler = build_optimizer(cfg, self.chunks, self.dtype)
         self._data_iter = iter(self.dataset)
         self.objective = dpo_objective.DPOObjective(self) if dpo else None  # None: diffusion SFT
@@ -240,7 +248,7 @@ class Trainer:
         from megadiff.training.batch import prepare_micro_batch
 
         d = self.cfg.diffusion
-        dense = self.cfg.model.attention_backend == "dense"
+        dense = self.attention.backend == "dense"
         batches = []
         for _ in range(self.dataset.accumulation_steps):
             raw = next(data_iter)
@@ -297,12 +305,32 @@ class Trainer:
         return loss, int(tokens)
 
     def train_step(self) -> StepResult:
+        from megatron.core import parallel_state as ps
+
+        from megadiff.platform.device import run_device, uses_cuda
+        from megadiff.training.throughput import step_flops
+
+        def now():
+            if uses_cuda():
+                torch.cuda.synchronize()  # kernels are asynchronous; time what they did
+            return time.perf_counter()
+
+        d = self.cfg.diffusion
+        t0 = now()
+        micro = self._micro_batches()
+        xt_only = self.cfg.perf.xt_only_logits
+        flops = torch.tensor(step_flops(self.model_cfg, micro, d.mode, d.block_size, xt_only), dtype=torch.double)
+        flops = flops.to(run_device())
+        torch.distributed.all_reduce(flops, group=ps.get_data_parallel_group())
+        t1 = now()
         metrics = {}
         if self.objective is not None:
-            loss, tokens, metrics = self.objective.forward_backward_step(self._micro_batches())
+            loss, tokens, metrics = self.objective.forward_backward_step(micro)
         else:
-            loss, tokens = self.forward_backward_step(self._micro_batches())
+            loss, tokens = self.forward_backward_step(micro)
+        t2 = now()
         self.step += 1
+        times = dict(flops=float(flops), data_s=t1 - t0, fwd_bwd_s=t2 - t1)
         if not math.isfinite(loss):
             self.nonfinite_in_a_row += 1
             self.skipped_steps += 1
@@ -312,11 +340,14 @@ class Trainer:
                     f"{self.nonfinite_in_a_row} consecutive steps with a non-finite loss; stopping "
                     f"(train.max_consecutive_nonfinite={self.cfg.train.max_consecutive_nonfinite})"
                 )
-            return StepResult(self.step, loss, self._lr(), None, tokens, True, metrics)
+            return StepResult(self.step, loss, self._lr(), None, tokens, True, metrics, **times, optimizer_s=0.0)
         self.nonfinite_in_a_row = 0
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
-        return StepResult(self.step, loss, self._lr(), grad_norm, tokens, False, metrics)
+        optimizer_s = now() - t2
+        return StepResult(
+            self.step, loss, self._lr(), grad_norm, tokens, False, metrics, **times, optimizer_s=optimizer_s
+        )
 
     def _lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -329,7 +360,16 @@ class Trainer:
         cfg = self.cfg
         sigterm = _Sigterm()
         results = []
-        logger = MetricsLogger(cfg, total_steps=cfg.train.steps, initial_step=self.step)
+        from megadiff.training.throughput import peak_tflops
+
+        precision = "fp8" if cfg.perf.fp8 != "off" else "bf16"
+        logger = MetricsLogger(
+            cfg,
+            total_steps=cfg.train.steps,
+            initial_step=self.step,
+            world_size=torch.distributed.get_world_size(),
+            peak_tflops=peak_tflops(self.env.gpu_name, precision) if self.env.on_cuda else None,
+        )
         try:
             while self.step < cfg.train.steps:
                 start = time.perf_counter()

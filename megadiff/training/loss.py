@@ -74,7 +74,8 @@ def diffusion_loss_sums(logits: torch.Tensor, batch: dict, diffusion) -> dict:
     """Sums over one micro-batch: `numerator` (weighted CE at masked positions, with grad),
     `cap_numerator` (entropy at correctly predicted masked positions, with grad), and counts.
 
-    logits: [B, S_in, V/tp] from the model; only the first S (the x_t half) is used."""
+    logits: [B, S_in, V/tp] from the model; only the first S (the x_t half) is used (S_in is S,
+    2S, or S plus sequence-parallel padding with the x_t-only head)."""
     targets, masked = batch["targets"], batch["masked"]
     x_t_logits = logits[:, : targets.shape[1]]
     selected = x_t_logits[masked].float()  # [n, V/tp]

@@ -88,23 +88,37 @@ def build_dataset(cfg: TrainingConfig, tokenizer, samples, stats, dp_size: int, 
     return dataset, summary
 
 
-def build_model_and_load(cfg: TrainingConfig, model_cfg, hf_config: dict, layout, dtype, log):
-    """Model chunks for this rank with their initial weights, wrapped in megatron-core DDP."""
+def build_model_and_load(
+    cfg: TrainingConfig, model_cfg, hf_config: dict, layout, dtype, log, attention_backend: str | None = None
+):
+    """Model chunks for this rank with their initial weights, wrapped in megatron-core DDP.
+    attention_backend: the resolved one (perf_preflight.choose_attention_backend); default: the
+    config's, which must then not be auto."""
     from megadiff.training.ddp import wrap_ddp
+    from megadiff.training.mcore_configs import ddp_config
 
-    chunks = build_model_with_initial_weights(cfg, model_cfg, hf_config, layout, dtype, log)
-    return wrap_ddp(chunks, use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+    chunks = build_model_with_initial_weights(cfg, model_cfg, hf_config, layout, dtype, log, attention_backend)
+    return wrap_ddp(chunks, ddp_config=ddp_config(cfg))
 
 
-def build_model_with_initial_weights(cfg: TrainingConfig, model_cfg, hf_config: dict, layout, dtype, log):
+def build_model_with_initial_weights(
+    cfg: TrainingConfig, model_cfg, hf_config: dict, layout, dtype, log, attention_backend: str | None = None
+):
     """Model chunks for this rank holding the run's starting weights (hf_dir or init_from_mcore)."""
     from checkpoint_converters.hf_io import HFCheckpointReader, check_tensors_match
     from checkpoint_converters.llada2_mapping import load_hf_into_model
     from megadiff.hf.reference import expected_hf_shapes
     from megadiff.models.llada2.model import build_model
+    from megadiff.training.mcore_configs import transformer_overrides
 
     chunks = build_model(
-        model_cfg, layout, dtype, attention_backend=cfg.model.attention_backend, calculate_per_token_loss=True
+        model_cfg,
+        layout,
+        dtype,
+        attention_backend=attention_backend or cfg.model.attention_backend,
+        xt_only_logits=cfg.perf.xt_only_logits and cfg.diffusion.mode == "block_diffusion",
+        calculate_per_token_loss=True,
+        **transformer_overrides(cfg),
     )
     if cfg.model.init_from_mcore:
         from megadiff.checkpoint import load_model_weights

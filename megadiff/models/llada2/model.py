@@ -4,11 +4,22 @@ RoPE follows explicit position ids: GPTModel's multimodal-RoPE path computes rot
 from `position_ids` ([3, b, s]); with every frequency in the first section (see
 `to_transformer_config`) it is exactly LLaDA2's partial rotate-half RoPE at arbitrary positions.
 That lets block-diffusion inputs [x_t ; x_0] use positions 0..L-1 in both halves.
+
+x_t-only output layer (`xt_only_logits=True`, block-diffusion training): the loss reads the logits
+of the x_t half only, so the final norm, the LM head and the logits run on that half: a forward
+pre-hook on the last stage's final norm keeps the first half of the sequence. Under sequence
+parallelism each TP rank holds 2S/tp consecutive tokens, so the hook gathers the sequence, keeps
+the first S (right-padded to a multiple of tp) and splits it again; the LM head then gathers as
+usual and returns [b, S(+pad), V/tp] logits. The x_0 half's hidden states get no gradient from the
+head, exactly as before, when its logits were computed and never used.
 """
+
+from functools import partial
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region
 from torch.nn.attention.flex_attention import BlockMask
 
 from megadiff.platform import compat
@@ -25,12 +36,14 @@ def build_model(
     params_dtype: torch.dtype = torch.float32,
     use_te: bool | None = None,
     attention_backend: str = "dense",
+    xt_only_logits: bool = False,
     **config_overrides,
 ) -> list[GPTModel]:
     """One GPTModel per virtual-pipeline chunk held by this rank (a list of one without VPP).
 
     attention_backend: "dense" = the spec's core attention with dense bool masks; "flex" =
     FlexCoreAttention, whose masks are BlockMasks (flex_attention.block_mask_for).
+    xt_only_logits: inputs are [x_t ; x_0] and only x_t's logits are wanted (module docstring).
     Process groups must already be initialised for `layout` (platform.initialize_parallel)."""
     if attention_backend not in ATTENTION_BACKENDS:
         raise ConfigError(f"attention_backend={attention_backend!r}; choose one of {ATTENTION_BACKENDS}")
@@ -68,10 +81,30 @@ def build_model(
             rotary_base=int(model_cfg.rope_theta),
             vp_stage=vp_stage,
         )
+        if xt_only_logits and model.post_process:
+            tp = parallel_state.get_tensor_model_parallel_world_size()
+            model.decoder.final_layernorm.register_forward_pre_hook(
+                partial(_keep_first_half, sequence_parallel=config.sequence_parallel, tp=tp)
+            )
         if not on_cpu:
             model.cuda(device)
         chunks.append(model)
     return chunks
+
+
+def _keep_first_half(module, args, sequence_parallel: bool, tp: int):
+    """Forward pre-hook of the final norm: hidden [2S(/tp), b, h] -> the x_t half [S(/tp), b, h]."""
+    hidden, *rest = args
+    if sequence_parallel:
+        # backward of this gather is a split: the gradient below is the same on every TP rank
+        hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+    half = hidden[: hidden.shape[0] // 2]
+    if sequence_parallel:
+        pad = -half.shape[0] % tp
+        if pad:
+            half = torch.cat([half, half.new_zeros(pad, *half.shape[1:])])
+        half = scatter_to_sequence_parallel_region(half.contiguous())
+    return (half, *rest)
 
 
 def mcore_position_ids(position_ids: torch.Tensor) -> torch.Tensor:

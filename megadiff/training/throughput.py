@@ -1,0 +1,97 @@
+"""Model FLOPs of a training step (real tokens only) and MFU against per-GPU peaks.
+
+The formula (forward + backward = 3x the forward; a multiply-add is 2 FLOPs):
+
+    step FLOPs = 6 * N_body * body_tokens + 6 * N_head * head_tokens + 12 * n_heads * head_dim * L * visible_pairs
+
+- N_body: matmul parameters one token passes through in the decoder (attention q/k/v/o; a dense
+  layer's gated MLP 3*h*ffn; a MoE layer's router h*E, its top-k routed experts and shared experts,
+  3*h*moe_ffn each). The embedding is a lookup, not a matmul, so it does not count.
+- N_head: the LM head, h * vocab.
+- body_tokens: the real (non-padding) tokens; block diffusion counts its 2S input ([x_t ; x_0]),
+  so twice the real tokens. head_tokens: the same, or only the x_t half with the x_t-only head.
+- visible_pairs: the (query, key) pairs the attention mask allows among real tokens, per layer;
+  QK^T and PV cost 2 * n_heads * head_dim FLOPs each per pair in the forward.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+# Dense (no sparsity) peak TFLOP/s per GPU, from the vendors' data sheets (SXM parts).
+PEAK_TFLOPS = {
+    "B200": {"bf16": 2250.0, "fp8": 4500.0},
+    "H200": {"bf16": 989.0, "fp8": 1979.0},
+    "H100": {"bf16": 989.0, "fp8": 1979.0},
+    "A100": {"bf16": 312.0, "fp8": None},  # no FP8 tensor cores
+}
+
+
+def peak_tflops(gpu_name: str | None, precision: str) -> float | None:
+    """The table's peak for a device name such as 'NVIDIA H100 80GB HBM3' (None when unknown)."""
+    for key, peaks in PEAK_TFLOPS.items():
+        if gpu_name and key in gpu_name.upper():
+            return peaks[precision]
+    return None
+
+
+@dataclass(frozen=True)
+class ActiveParams:
+    body: int  # matmul parameters per token in all decoder layers
+    head: int  # LM head
+
+
+def active_params(model_cfg) -> ActiveParams:
+    m = model_cfg
+    h, d = m.hidden_size, m.head_dim
+    attention = h * m.num_attention_heads * d * 2 + h * m.num_key_value_heads * d * 2  # q, o + k, v
+    dense_mlp = 3 * h * m.intermediate_size
+    moe_mlp = h * m.num_experts + (m.num_experts_per_tok + m.num_shared_experts) * 3 * h * m.moe_intermediate_size
+    dense_layers = m.first_k_dense_replace
+    moe_layers = m.num_hidden_layers - dense_layers
+    body = m.num_hidden_layers * attention + dense_layers * dense_mlp + moe_layers * moe_mlp
+    return ActiveParams(body=body, head=h * m.vocab_size)
+
+
+def _documents(doc_ids: torch.Tensor, sample_ids: torch.Tensor) -> list[int]:
+    """Lengths of the real documents of a [B, S] micro-batch (padding has sample id < 0)."""
+    lengths = []
+    for row_docs, row_samples in zip(doc_ids.tolist(), sample_ids.tolist(), strict=True):
+        counts: dict[int, int] = {}
+        for doc, sample in zip(row_docs, row_samples, strict=True):
+            if sample >= 0:
+                counts[doc] = counts.get(doc, 0) + 1
+        lengths.extend(counts.values())
+    return lengths
+
+
+def visible_pairs(doc_lengths: list[int], mode: str, block_size: int) -> int:
+    """(query, key) pairs attention computes: full = L^2 per document; block diffusion over
+    [x_t ; x_0] with blocks n_1..n_m: x_t->x_t sum n_i^2, x_t->x_0 sum n_i * (n_1+..+n_{i-1}),
+    x_0->x_0 sum n_i * (n_1+..+n_i) (megadiff.diffusion.masks.block_diffusion_mask)."""
+    total = 0
+    for length in doc_lengths:
+        if mode == "full":
+            total += length * length
+            continue
+        before = 0
+        for start in range(0, length, block_size):
+            n = min(block_size, length - start)
+            total += n * n + n * before + n * (before + n)
+            before += n
+    return total
+
+
+def step_flops(model_cfg, micro_batches: list[dict], mode: str, block_size: int, xt_only_head: bool) -> float:
+    """Model FLOPs of one rank's micro-batches (see the module docstring)."""
+    params = active_params(model_cfg)
+    attention_per_pair = 12 * model_cfg.num_attention_heads * model_cfg.head_dim * model_cfg.num_hidden_layers
+    flops = 0
+    for batch in micro_batches:
+        lengths = _documents(batch["doc_ids"].cpu(), batch["sample_ids"].cpu())
+        real = sum(lengths)
+        body_tokens = real * (2 if mode == "block_diffusion" else 1)
+        head_tokens = real if xt_only_head or mode != "block_diffusion" else body_tokens
+        flops += 6 * params.body * body_tokens + 6 * params.head * head_tokens
+        flops += attention_per_pair * visible_pairs(lengths, mode, block_size)
+    return float(flops)
