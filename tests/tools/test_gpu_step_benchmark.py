@@ -12,6 +12,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.repeat  # stack-independent; CI's light stack (b) skips it to stay in budget
 @pytest.mark.slow
 def test_gpu_step_tiny_mode_runs_on_cpu(tmp_path):
     out = tmp_path / "gpu_step.json"
