@@ -19,7 +19,6 @@ The order contract (shuffle per epoch, global batch of G pairs, DP slices) is SF
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch
 
 from megadiff.data.dataset import SFTDataset
 from megadiff.data.packing import PACK, build_row, collate_rows
-from megadiff.data.rows import MAX_REPORTED_ERRORS, DataError, _reason_kind, jsonl_rows, list_data_files, parquet_rows
+from megadiff.data.rows import DataError, read_valid_rows
 from megadiff.data.tokenize import encode_chat_prompt, encode_text
 
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
@@ -89,47 +88,26 @@ def read_preference_rows(
 
     rows: `[{"prompt": [messages], "chosen": str, "rejected": str, "source": "file:line"}, ...]`, the
     index in this list being the global pair index."""
-    files = list_data_files(source)
-    rows: list[dict] = []
-    reasons: Counter = Counter()
-    errors: list[str] = []
-    rows_read = 0
-    for path in files:
-        reader = jsonl_rows if path.suffix == ".jsonl" else parquet_rows
-        for line_no, row, error in reader(path):
-            rows_read += 1
-            error = error or preference_row_problem(row)
-            if error is not None:
-                message = f"{path}:{line_no}: {error}"
-                if not skip_bad_rows:
-                    raise DataError(message + " (set data.skip_bad_rows=true to skip such rows)")
-                reasons[_reason_kind(error)] += 1
-                if len(errors) < MAX_REPORTED_ERRORS:
-                    errors.append(message)
-                continue
-            prompt = row["prompt"]
-            if isinstance(prompt, str):
-                prompt = [{"role": "user", "content": prompt}]
-            rows.append(
-                {
-                    "prompt": [{"role": m["role"], "content": m["content"]} for m in prompt],
-                    "chosen": _answer(row["chosen"]),
-                    "rejected": _answer(row["rejected"]),
-                    "source": f"{path}:{line_no}",
-                }
-            )
-    stats = {
-        "files": len(files),
-        "rows_read": rows_read,
-        "rows_kept": len(rows),
-        "rows_skipped": rows_read - len(rows),
-        "skip_reasons": dict(reasons),
-        "errors": errors,
+    return read_valid_rows(
+        source,
+        preference_row_problem,
+        _preference_row,
+        skip_bad_rows,
+        kind="preference",
+        skip_hint="set data.skip_bad_rows=true to skip such rows",
+    )
+
+
+def _preference_row(row: dict, where: str) -> dict:
+    prompt = row["prompt"]
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    return {
+        "prompt": [{"role": m["role"], "content": m["content"]} for m in prompt],
+        "chosen": _answer(row["chosen"]),
+        "rejected": _answer(row["rejected"]),
+        "source": where,
     }
-    if not rows:
-        detail = f"; first problem: {errors[0]}" if errors else ""
-        raise DataError(f"{', '.join(map(str, files))}: no valid preference rows ({rows_read} read){detail}")
-    return rows, stats
 
 
 Pair = tuple[tuple[list[int], int], tuple[list[int], int]]  # ((ids, prompt_len) chosen, ... rejected)

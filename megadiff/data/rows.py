@@ -132,6 +132,24 @@ def read_sft_rows(source: str | Path | Iterable[str | Path], skip_bad_rows: bool
     first MAX_REPORTED_ERRORS `file:line: reason` strings).
     Raises DataError on the first bad row unless skip_bad_rows, and when no valid row remains.
     """
+    return read_valid_rows(
+        source,
+        validation_error,
+        lambda row, where: {
+            "messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]],
+            "source": where,
+        },
+        skip_bad_rows,
+        kind="SFT",
+        skip_hint="pass skip_bad_rows=True to skip such rows",
+    )
+
+
+def read_valid_rows(source, problem, make_row, skip_bad_rows: bool, kind: str, skip_hint: str):
+    """The reading loop shared by every row format: each row of every jsonl/parquet file is checked
+    by `problem(row)` (a reason or None) and kept as `make_row(row, "file:line")`; a bad row is an
+    error (ending with `skip_hint`) unless skip_bad_rows, then counted. Returns (rows, stats) as
+    read_sft_rows documents; raises DataError when no valid `kind` row remains."""
     files = list_data_files(source)
     rows: list[dict] = []
     reasons: Counter = Counter()
@@ -141,17 +159,16 @@ def read_sft_rows(source: str | Path | Iterable[str | Path], skip_bad_rows: bool
         reader = jsonl_rows if path.suffix == ".jsonl" else parquet_rows
         for line_no, row, error in reader(path):
             rows_read += 1
-            error = error or validation_error(row)
+            error = error or problem(row)
             if error is not None:
                 message = f"{path}:{line_no}: {error}"
                 if not skip_bad_rows:
-                    raise DataError(message + " (pass skip_bad_rows=True to skip such rows)")
+                    raise DataError(f"{message} ({skip_hint})")
                 reasons[_reason_kind(error)] += 1
                 if len(errors) < MAX_REPORTED_ERRORS:
                     errors.append(message)
                 continue
-            messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-            rows.append({"messages": messages, "source": f"{path}:{line_no}"})
+            rows.append(make_row(row, f"{path}:{line_no}"))
     stats = {
         "files": len(files),
         "rows_read": rows_read,
@@ -162,5 +179,5 @@ def read_sft_rows(source: str | Path | Iterable[str | Path], skip_bad_rows: bool
     }
     if not rows:
         detail = f"; first problem: {errors[0]}" if errors else ""
-        raise DataError(f"{', '.join(map(str, files))}: no valid SFT rows ({rows_read} read){detail}")
+        raise DataError(f"{', '.join(map(str, files))}: no valid {kind} rows ({rows_read} read){detail}")
     return rows, stats
