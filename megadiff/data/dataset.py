@@ -38,6 +38,17 @@ from megadiff.data.seeding import seeded_generator
 SHUFFLE_SEED_DOMAIN = 0  # keeps shuffle seeds apart from noise seeds derived from the same `seed`
 
 
+def check_batch_split(global_batch_size: int, micro_batch_size: int, dp_size: int, dp_rank: int) -> None:
+    """A global batch must split into whole micro-batches on every data-parallel rank."""
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank={dp_rank} is outside [0, dp_size={dp_size})")
+    if global_batch_size % (micro_batch_size * dp_size):
+        raise DataError(
+            f"global_batch_size={global_batch_size} is not divisible by micro_batch_size={micro_batch_size} "
+            f"* dp_size={dp_size}; pick a global batch that is a multiple of {micro_batch_size * dp_size}"
+        )
+
+
 class SFTDataset:
     """Packed SFT rows served as micro-batches for one data-parallel rank (see module docstring)."""
 
@@ -55,13 +66,7 @@ class SFTDataset:
         mode: str = PACK,
         truncation: str = TRUNCATE,
     ):
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank={dp_rank} is outside [0, dp_size={dp_size})")
-        if global_batch_size % (micro_batch_size * dp_size):
-            raise DataError(
-                f"global_batch_size={global_batch_size} is not divisible by micro_batch_size={micro_batch_size} "
-                f"* dp_size={dp_size}; pick a global batch that is a multiple of {micro_batch_size * dp_size}"
-            )
+        check_batch_split(global_batch_size, micro_batch_size, dp_size, dp_rank)
         self.samples = samples
         self.max_seq_len = max_seq_len
         self.pad_id = pad_id

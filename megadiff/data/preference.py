@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from megadiff.data.dataset import SFTDataset
+from megadiff.data.dataset import SFTDataset, check_batch_split
 from megadiff.data.packing import PACK, build_row, collate_rows
 from megadiff.data.rows import DataError, read_valid_rows
 from megadiff.data.tokenize import encode_chat_prompt, encode_text
@@ -191,13 +191,7 @@ class PreferenceDataset(SFTDataset):
         seed: int = 0,
         truncation: str = "truncate",
     ):
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank={dp_rank} is outside [0, dp_size={dp_size})")
-        if global_batch_size % (micro_batch_size * dp_size):
-            raise DataError(
-                f"global_batch_size={global_batch_size} is not divisible by micro_batch_size={micro_batch_size} "
-                f"* dp_size={dp_size}; pick a global batch that is a multiple of {micro_batch_size * dp_size}"
-            )
+        check_batch_split(global_batch_size, micro_batch_size, dp_size, dp_rank)
         fitted = [fit_pair(p, max_seq_len, truncation) for p in pairs]
         self.pairs = [p for p in fitted if p is not None]
         self.stats = {"pairs": len(pairs), "dropped_too_long": len(pairs) - len(self.pairs)}
