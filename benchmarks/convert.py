@@ -54,9 +54,9 @@ def make_checkpoint(out_dir: str, layers: int) -> dict:
     """Random bf16 weights (fp32 router bias), written one tensor at a time."""
     import torch
 
-    from checkpoint_converters.experts import expected_shapes
     from checkpoint_converters.safetensors_stream import ShardedSafetensorsWriter
     from megadiff.hf.reference import copy_remote_code, write_hf_config
+    from megadiff.models.llada2.hf_experts import expected_shapes
     from megadiff.models.llada2.presets import preset
 
     cfg = preset("llada2-mini", num_hidden_layers=layers)
@@ -355,7 +355,7 @@ def verify(original: str, exported: str, split: str) -> None:
     """Spot-check that the round trips are exact (a few tensors, every kind)."""
     import torch
 
-    from checkpoint_converters.hf_io import HFCheckpointReader
+    from megadiff.hf.checkpoint_reader import HFCheckpointReader
 
     a, b, c = HFCheckpointReader(original), HFCheckpointReader(exported), HFCheckpointReader(split)
     assert a.names() == b.names() == c.names()

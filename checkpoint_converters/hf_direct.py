@@ -16,8 +16,10 @@ import struct
 
 import torch
 
+from megadiff.errors import CheckpointError
+from megadiff.hf.checkpoint_reader import SAFETENSORS_DTYPE_BYTES, HFCheckpointReader
+
 from .byte_spans import FileTable, Span, Spans, read_range_into
-from .hf_io import SAFETENSORS_DTYPE_BYTES, CheckpointError, HFCheckpointReader
 
 _TORCH_DTYPES = {
     "F64": torch.float64,

@@ -27,7 +27,7 @@ import re
 
 import torch
 
-from checkpoint_converters.hf_io import CheckpointError
+from megadiff.errors import CheckpointError
 
 from .format import DCP_METADATA_NAME
 

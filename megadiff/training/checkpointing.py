@@ -13,9 +13,9 @@ import re
 import shutil
 from collections.abc import Callable
 
-from checkpoint_converters.hf_io import CheckpointError
 from megadiff.checkpoint import format as fmt
 from megadiff.checkpoint.lock import SaveDirLock
+from megadiff.errors import CheckpointError
 
 # Version-dependent optimizer workarounds live in compat; the trainer imports restore_adam_steps from here.
 from megadiff.platform.compat import init_optimizer_states_with_dummy_values, restore_adam_steps  # noqa: F401

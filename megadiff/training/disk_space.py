@@ -10,7 +10,7 @@ import errno
 import os
 import shutil
 
-from checkpoint_converters.hf_io import CheckpointError
+from megadiff.errors import CheckpointError
 
 
 class NoSpaceError(CheckpointError):

@@ -93,7 +93,7 @@ class Trainer:
     def __init__(self, cfg: TrainingConfig):
         from megatron.core import parallel_state as ps
 
-        from checkpoint_converters.hf_io import read_hf_config
+        from megadiff.hf.checkpoint_reader import read_hf_config
         from megadiff.models.llada2 import LLaDA2ModelConfig
         from megadiff.platform import init_distributed, initialize_parallel, print_rank0
         from megadiff.training.preflight import check_outputs

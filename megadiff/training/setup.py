@@ -90,9 +90,8 @@ def build_dataset(cfg: TrainingConfig, tokenizer, samples, stats, dp_size: int, 
 
 def build_model_and_load(cfg: TrainingConfig, model_cfg, hf_config: dict, layout, dtype, log):
     """Model chunks for this rank with their initial weights, wrapped in megatron-core DDP."""
-    from checkpoint_converters.hf_io import HFCheckpointReader, check_tensors_match
-    from checkpoint_converters.llada2_mapping import load_hf_into_model
-    from megadiff.hf.reference import expected_hf_shapes
+    from megadiff.hf.checkpoint_reader import HFCheckpointReader, check_tensors_match
+    from megadiff.models.llada2.hf_mapping import expected_hf_shapes, load_hf_into_model
     from megadiff.models.llada2.model import build_model
     from megadiff.training.ddp import wrap_ddp
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from checkpoint_converters.hf_io import HFCheckpointReader
+from megadiff.hf.checkpoint_reader import HFCheckpointReader
 
 from tests.converters.te_names import rekey_checkpoint_to_te
 from tests.dist.launch import REPO, run_torchrun

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megadiff.errors import UserError
+from megadiff.errors import ConfigError
 
 ACCEPTED_MODEL_TYPES = ("llada2_moe", "bailing_moe_v2", "bailing_moe")
 REQUIRED_FIELDS = (
@@ -24,10 +24,6 @@ REQUIRED_FIELDS = (
     "num_experts",
     "num_experts_per_tok",
 )
-
-
-class ConfigError(UserError):
-    """A model config field, or a parallel layout, that megadiff cannot run."""
 
 
 def checked_type(value, kind, fail):

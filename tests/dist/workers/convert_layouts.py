@@ -67,7 +67,7 @@ def te_request_check(item, cfg, hf_config):
     and each `_extra_state` the checkpoint lacks comes back as the model's own value."""
     from megatron.core.dist_checkpointing import ShardedObject
 
-    from checkpoint_converters.dist_keys import other_spec_keys
+    from megadiff.models.llada2.checkpoint_keys import other_spec_keys
     from megadiff.checkpoint import load_checkpoint, model_sharded_state_dict
     from megadiff.checkpoint.dist import rename_sharded_keys
     from megadiff.models.llada2.model import build_model
@@ -108,9 +108,9 @@ def main():
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
-    from checkpoint_converters.hf_io import read_hf_config
+    from megadiff.hf.checkpoint_reader import read_hf_config
     from checkpoint_converters.hf_to_mcore import convert_hf_to_mcore
-    from checkpoint_converters.llada2_mapping import gather_hf_state
+    from megadiff.models.llada2.hf_mapping import gather_hf_state
     from megadiff.checkpoint import load_model_weights
     from megadiff.hf.reference import load_reference_model
     from megadiff.models.llada2 import LLaDA2ModelConfig

@@ -21,7 +21,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
-from checkpoint_converters.llada2_mapping import load_hf_into_model
+from megadiff.models.llada2.hf_mapping import load_hf_into_model
 from megadiff.diffusion.masks import block_diffusion_mask, full_attention_mask
 from megadiff.hf import build_reference_model
 from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset

@@ -12,7 +12,7 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from checkpoint_converters.llada2_mapping import gather_hf_state, load_hf_into_model
+from megadiff.models.llada2.hf_mapping import gather_hf_state, load_hf_into_model
 from megadiff.hf import build_reference_model
 from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset
 from megadiff.models.llada2.model import build_model

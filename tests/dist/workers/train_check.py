@@ -13,7 +13,7 @@ import json
 
 import torch
 
-from checkpoint_converters.llada2_mapping import gather_hf_state
+from megadiff.models.llada2.hf_mapping import gather_hf_state
 from megadiff.diffusion.loss import masked_diffusion_loss
 from megadiff.hf import load_reference_model
 from megadiff.training.batch import prepare_micro_batch

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirna
 
 import torch  # noqa: E402
 
-from checkpoint_converters.hf_io import CheckpointError  # noqa: E402
+from megadiff.errors import CheckpointError  # noqa: E402
 from megadiff.training.config import load_config  # noqa: E402
 from megadiff.training.loop import Trainer  # noqa: E402
 from tests import hostile_checkpoints as hostile  # noqa: E402

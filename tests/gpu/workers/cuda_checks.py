@@ -14,9 +14,9 @@ import json
 
 import torch
 
-from checkpoint_converters.llada2_mapping import load_hf_into_model
 from megadiff.hf import build_reference_model
 from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset
+from megadiff.models.llada2.hf_mapping import load_hf_into_model
 from megadiff.models.llada2.logits import full_logits
 from megadiff.models.llada2.model import build_model
 from megadiff.platform import init_distributed, initialize_parallel, run_device

@@ -15,8 +15,7 @@ translate keys (loading a checkpoint written with the other spec, writing TE nam
 
 from dataclasses import dataclass
 
-from .hf_layout import expected_hf_shapes
-from .llada2_mapping import DENSE, LOCAL, MOE, SPECS, TABLE, TE, Rule, hf_names
+from .hf_mapping import DENSE, LOCAL, MOE, SPECS, TABLE, TE, Rule, expected_hf_shapes, hf_names
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Routed-expert tensor layouts of LLaDA2 HF checkpoints (DESIGN §1).
+"""Routed-expert tensor layouts of LLaDA2 HF checkpoints.
 
 split  (released checkpoints): model.layers.i.mlp.experts.e.{gate,up}_proj.weight [Fm, H],
                                down_proj.weight [H, Fm], one tensor per expert
@@ -13,8 +13,9 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from .hf_io import CheckpointError, HFCheckpointReader
-from .hf_layout import expected_hf_shapes
+from megadiff.errors import CheckpointError
+
+from .hf_mapping import expected_hf_shapes
 
 SPLIT, MERGED = "split", "merged"
 PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -78,9 +79,9 @@ def stored_location(name: str, fmt: str | None) -> tuple[str, int | None]:
     return merged_name(layer, proj), expert
 
 
-def split_tensor_getter(reader: HFCheckpointReader, fmt: str | None) -> Callable[[str], torch.Tensor]:
-    """get(split-format name) -> tensor, whichever format `reader` holds; a merged expert tensor is
-    sliced so only that expert's bytes are read."""
+def split_tensor_getter(reader, fmt: str | None) -> Callable[[str], torch.Tensor]:
+    """get(split-format name) -> tensor, whichever format `reader` (a megadiff.hf.checkpoint_reader.
+    HFCheckpointReader) holds; a merged expert tensor is sliced so only that expert's bytes are read."""
     if fmt != MERGED:
         return reader.get
 
