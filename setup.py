@@ -25,6 +25,6 @@ setup(
         # apex is built from source (see README); it is not on PyPI.
         "gpu": ["transformer-engine[pytorch]"],
         "wandb": ["wandb"],
-        "dev": ["pytest", "pytest-timeout", "ruff", "pyarrow", "matplotlib", "tensorboard"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "import-linter", "pyarrow", "matplotlib", "tensorboard"],
     },
 )

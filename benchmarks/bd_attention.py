@@ -109,9 +109,10 @@ def mask_tile_fraction(block_mask):
 def run_child(cfg):
     import torch
 
+    from megadiff.diffusion.block_mask import block_mask_for
     from megadiff.diffusion.masks import block_diffusion_mask
     from megadiff.models.llada2.config import ParallelLayout
-    from megadiff.models.llada2.flex_attention import FlexCoreAttention, block_mask_for, cpu_flex_is_compiled
+    from megadiff.models.llada2.flex_attention import FlexCoreAttention, cpu_flex_is_compiled
     from megadiff.models.llada2.model import mcore_attention_mask
     from megadiff.platform import init_distributed, initialize_parallel
 

@@ -17,10 +17,10 @@ from megadiff.checkpoint.hf_source import recorded_source_dir
 from megadiff.checkpoint.hf_tensors import inspect_mcore_input, iter_hf_tensors, plan_hf_output
 from megadiff.errors import CheckpointError
 from megadiff.hf.reference import build_reference_model, load_reference_model
+from megadiff.hf.tokenizer import TOKENIZER_FILES
 from megadiff.models.llada2.hf_experts import SPLIT
 
 MCORE_MARKERS = ("latest_checkpointed_iteration.txt", "megadiff.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def is_mcore_checkpoint(path: str) -> bool:

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megadiff.data.seeding import stable_seed
+from megadiff.seeding import stable_seed
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ import os
 
 import torch
 
-from megadiff.models.llada2.config import ParallelLayout
 from megadiff.platform.device import distributed_backend, run_device, uses_cuda
+from megadiff.platform.parallel_layout import ParallelLayout
 
 
 def on_gpu() -> bool:

@@ -234,7 +234,7 @@ class Trainer:
             prepared = prepare_micro_batch(raw, d, self.mask_id, self.cfg.train.seed, with_dense_mask=dense)
             prepared = to_run_device(prepared)
             if not dense:
-                from megadiff.models.llada2.flex_attention import block_mask_for
+                from megadiff.diffusion.block_mask import block_mask_for
 
                 mode = "full" if d.mode == "full" else "bd"
                 doc_ids = prepared["doc_ids"]  # 2B rows with complementary masks
@@ -250,10 +250,10 @@ class Trainer:
         Returns (loss, real tokens of the global batch)."""
         from megatron.core import parallel_state as ps
 
+        from megadiff.models.llada2.schedule import forward_backward
         from megadiff.platform.device import run_device
         from megadiff.training.batch import loss_denominator
         from megadiff.training.loss import diffusion_loss_sums
-        from megadiff.training.schedule import forward_backward
 
         d = self.cfg.diffusion
         device = run_device()  # every tensor a collective gets lives here (NCCL takes CUDA only)

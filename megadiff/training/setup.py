@@ -2,8 +2,7 @@
 
 import os
 
-from megadiff.hf.tokenizer import TokenizerError
-from megadiff.inference.loading import TOKENIZER_FILES
+from megadiff.hf.tokenizer import TOKENIZER_FILES, TokenizerError
 from megadiff.models.llada2.config import ConfigError
 from megadiff.training.config import TrainingConfig, TrainingConfigError, config_spelling
 

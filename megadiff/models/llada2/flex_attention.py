@@ -7,8 +7,9 @@ core attention (same constructor and forward as `DotProductAttention`; selected 
 `build_model(..., attention_backend="flex")`) that runs `flex_attention` with a `BlockMask` passed
 as megatron's `attention_mask`: masked 128x128 tiles are skipped and no dense mask exists.
 
-`block_mask_for` builds that BlockMask once per micro-batch from the mask_mods in
-`megadiff.diffusion.masks` (B = batch, H = 1, shared by every head and layer). megatron-core's
+`build_block_mask` builds that BlockMask once per micro-batch from a mask_mod (B = batch, H = 1,
+shared by every head and layer); megadiff.diffusion.block_mask picks the mask_mod of the diffusion
+mode. megatron-core's
 TransformerBlock / TransformerLayer / SelfAttention pass `attention_mask` through untouched, so the
 BlockMask reaches every layer as is; the exception is activation recompute (`recompute_granularity`
 "full", or "selective" with "core_attn"), whose checkpoint function calls
@@ -36,7 +37,6 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from megadiff.diffusion.masks import block_diffusion_mask_mod, full_attention_mask_mod
 from megadiff.platform.compat import flex_compile_errors, without_torch_function_modes
 
 # Created once: torch.compile is lazy, the first call per input shape compiles (seconds).
@@ -54,29 +54,9 @@ def cpu_flex_is_compiled() -> bool:
     return not _cpu_compile_failed
 
 
-def block_mask_for(
-    doc_ids: torch.Tensor,
-    position_ids: torch.Tensor,
-    mode: str,
-    block_size: int = 32,
-    device=None,
-) -> BlockMask:
-    """The BlockMask for one micro-batch ([B, S] doc_ids / position_ids), for FlexCoreAttention.
-
-    mode "full": bidirectional within each document, over S (masked diffusion).
-    mode "bd":   block diffusion over 2S for the input [x_t ; x_0] (both halves share doc_ids and
-                 position_ids; see megadiff.diffusion.masks.block_diffusion_mask).
-    Equal to `~mcore_attention_mask(...)`'s dense masks, without building them per head."""
-    device = torch.device(device) if device is not None else doc_ids.device
-    doc_ids, position_ids = doc_ids.to(device), position_ids.to(device)
-    batch, seq_len = doc_ids.shape
-    if mode == "full":
-        mask_mod, length = full_attention_mask_mod(doc_ids), seq_len
-    elif mode == "bd":
-        mask_mod = block_diffusion_mask_mod(doc_ids, position_ids, block_size, seq_len)
-        length = 2 * seq_len
-    else:
-        raise ValueError(f"block_mask_for: mode must be 'full' or 'bd', got {mode!r}")
+def build_block_mask(mask_mod, batch: int, length: int, device) -> BlockMask:
+    """The BlockMask of `mask_mod` over [0, length) queries and keys (H = 1, shared by every head):
+    built eagerly for short rows, compiled from COMPILE_BLOCK_MASK_MIN_ELEMENTS on."""
     build = create_block_mask
     if length * length >= COMPILE_BLOCK_MASK_MIN_ELEMENTS:
         build = _COMPILED_CREATE_BLOCK_MASK
@@ -155,7 +135,7 @@ class FlexCoreAttention(MegatronModule):
             raise ValueError("FlexCoreAttention: packed_seq_params and attention_bias are not supported")
         if attention_mask is not None and not isinstance(attention_mask, BlockMask):
             raise TypeError(
-                f"FlexCoreAttention needs a BlockMask as attention_mask (see block_mask_for), got "
+                f"FlexCoreAttention needs a BlockMask as attention_mask (see megadiff.diffusion.block_mask), got "
                 f"{type(attention_mask).__name__}; for dense bool masks build the model with "
                 f"attention_backend='dense'"
             )

@@ -8,7 +8,7 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from megadiff.training.schedule import forward_backward
+from megadiff.models.llada2.schedule import forward_backward
 
 
 def pad_for_sequence_parallel(input_ids, position_ids, allowed, tp: int):

@@ -30,7 +30,7 @@ def build_model(
     """One GPTModel per virtual-pipeline chunk held by this rank (a list of one without VPP).
 
     attention_backend: "dense" = the spec's core attention with dense bool masks; "flex" =
-    FlexCoreAttention, whose masks are BlockMasks (flex_attention.block_mask_for).
+    FlexCoreAttention, whose masks are BlockMasks (megadiff.diffusion.block_mask).
     Process groups must already be initialised for `layout` (platform.initialize_parallel)."""
     if attention_backend not in ATTENTION_BACKENDS:
         raise ConfigError(f"attention_backend={attention_backend!r}; choose one of {ATTENTION_BACKENDS}")

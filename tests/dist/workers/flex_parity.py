@@ -25,11 +25,12 @@ from megadiff.models.llada2.hf_mapping import load_hf_into_model
 from megadiff.diffusion.masks import block_diffusion_mask, full_attention_mask
 from megadiff.hf import build_reference_model
 from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset
-from megadiff.models.llada2.flex_attention import FlexCoreAttention, block_mask_for, cpu_flex_is_compiled
+from megadiff.diffusion.block_mask import block_mask_for
+from megadiff.models.llada2.flex_attention import FlexCoreAttention, cpu_flex_is_compiled
 from megadiff.models.llada2.model import build_model, mcore_attention_mask
 from megadiff.platform import init_distributed, initialize_parallel
 from megadiff.training.ddp import wrap_ddp
-from megadiff.training.schedule import forward_backward
+from megadiff.models.llada2.schedule import forward_backward
 
 B, L, BLOCK = 2, 16, 4  # rows, tokens per half, diffusion block size
 

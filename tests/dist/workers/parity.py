@@ -18,7 +18,7 @@ from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset
 from megadiff.models.llada2.model import build_model
 from megadiff.platform import init_distributed, initialize_parallel
 from megadiff.training.ddp import wrap_ddp
-from megadiff.training.schedule import forward_backward
+from megadiff.models.llada2.schedule import forward_backward
 
 B, S = 2, 16
 

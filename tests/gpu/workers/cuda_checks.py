@@ -54,8 +54,9 @@ def flex_errors():
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
+    from megadiff.diffusion.block_mask import block_mask_for
     from megadiff.diffusion.masks import block_diffusion_mask, full_attention_mask
-    from megadiff.models.llada2.flex_attention import FlexCoreAttention, block_mask_for
+    from megadiff.models.llada2.flex_attention import FlexCoreAttention
     from megadiff.models.llada2.model import mcore_attention_mask
 
     device = run_device()
