@@ -218,6 +218,9 @@ def _run_once(cmd) -> dict:
 
 
 def main(argv=None):
+    from megadiff.platform import install_import_hook
+
+    install_import_hook()  # first, before anything imports megatron-core
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=2, help="mini-width layers (layer 0 dense); 2 = 3.0 GB")
     p.add_argument("--workdir", default=None, help="where the temp dir goes (default: system temp)")

@@ -58,6 +58,9 @@ def read_rows(path, what):
 
 def main(argv=None):
     """0: logits match; 1: they differ beyond --tolerance; 2: bad input (one line on stderr)."""
+    from megadiff.platform import install_import_hook
+
+    install_import_hook()  # first, before anything imports megatron-core
     args = parse_args(argv)
     try:
         return compare(args)

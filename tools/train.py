@@ -18,6 +18,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None):
+    from megadiff.platform import install_import_hook
+
+    install_import_hook()  # first, before anything imports megatron-core
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", help="YAML training config")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")

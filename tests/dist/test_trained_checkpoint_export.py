@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from megadiff.hf.checkpoint_reader import HFCheckpointReader
-
 from tests.converters.te_names import rekey_checkpoint_to_te
 from tests.dist.launch import REPO, run_torchrun
 

@@ -22,6 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirna
 os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the converters run on CPU (gloo), as their CLIs do
 warnings.simplefilter("ignore")
 
+from megadiff.platform import install_import_hook  # noqa: E402
+
+install_import_hook()  # first, before anything imports megatron-core
+
 import torch  # noqa: E402
 
 
@@ -67,9 +71,9 @@ def te_request_check(item, cfg, hf_config):
     and each `_extra_state` the checkpoint lacks comes back as the model's own value."""
     from megatron.core.dist_checkpointing import ShardedObject
 
-    from megadiff.models.llada2.checkpoint_keys import other_spec_keys
     from megadiff.checkpoint import load_checkpoint, model_sharded_state_dict
     from megadiff.checkpoint.dist import rename_sharded_keys
+    from megadiff.models.llada2.checkpoint_keys import other_spec_keys
     from megadiff.models.llada2.model import build_model
     from megadiff.platform import initialize_parallel
 
@@ -108,12 +112,12 @@ def main():
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
-    from megadiff.hf.checkpoint_reader import read_hf_config
     from checkpoint_converters.hf_to_mcore import convert_hf_to_mcore
-    from megadiff.models.llada2.hf_mapping import gather_hf_state
     from megadiff.checkpoint import load_model_weights
+    from megadiff.hf.checkpoint_reader import read_hf_config
     from megadiff.hf.reference import load_reference_model
     from megadiff.models.llada2 import LLaDA2ModelConfig
+    from megadiff.models.llada2.hf_mapping import gather_hf_state
     from megadiff.models.llada2.logits import full_logits
     from megadiff.models.llada2.model import build_model
     from megadiff.platform import init_distributed, initialize_parallel

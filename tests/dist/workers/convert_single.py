@@ -19,6 +19,10 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, REPO)
 
+from megadiff.platform import install_import_hook  # noqa: E402
+
+install_import_hook()  # first, before anything imports megatron-core
+
 
 def load_cli():
     spec = importlib.util.spec_from_file_location("convert_hf_to_mcore", os.path.join(REPO, "tools", "convert_hf_to_mcore.py"))

@@ -14,23 +14,28 @@ Checks (each layout; rank 0 writes the worst errors as JSON to --out):
 import argparse
 import json
 
-import torch
-from megatron.core import parallel_state as ps
-from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.dot_product_attention import DotProductAttention
-from megatron.core.transformer.enums import AttnMaskType
+from megadiff.platform import install_import_hook  # noqa: E402
 
-from megadiff.models.llada2.hf_mapping import load_hf_into_model
-from megadiff.diffusion.masks import block_diffusion_mask, full_attention_mask
-from megadiff.hf import build_reference_model
-from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset
-from megadiff.diffusion.block_mask import block_mask_for
-from megadiff.models.llada2.flex_attention import FlexCoreAttention, cpu_flex_is_compiled
-from megadiff.models.llada2.model import build_model, mcore_attention_mask
-from megadiff.platform import init_distributed, initialize_parallel
-from megadiff.training.ddp import wrap_ddp
-from megadiff.models.llada2.schedule import forward_backward
+install_import_hook()  # first, before anything imports megatron-core
+
+import torch  # noqa: E402
+from megatron.core import parallel_state as ps  # noqa: E402
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region  # noqa: E402
+from megatron.core.transformer import TransformerConfig  # noqa: E402
+from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
+from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
+
+from megadiff.diffusion.block_mask import block_mask_for  # noqa: E402
+from megadiff.diffusion.masks import block_diffusion_mask, full_attention_mask  # noqa: E402
+from megadiff.hf import build_reference_model  # noqa: E402
+from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset  # noqa: E402
+from megadiff.models.llada2.flex_attention import FlexCoreAttention  # noqa: E402
+from megadiff.models.llada2.hf_mapping import load_hf_into_model  # noqa: E402
+from megadiff.models.llada2.model import build_model, mcore_attention_mask  # noqa: E402
+from megadiff.models.llada2.schedule import forward_backward  # noqa: E402
+from megadiff.platform import init_distributed, initialize_parallel  # noqa: E402
+from megadiff.platform.cpu_flex_attention import cpu_flex_is_compiled  # noqa: E402
+from megadiff.training.ddp import wrap_ddp  # noqa: E402
 
 B, L, BLOCK = 2, 16, 4  # rows, tokens per half, diffusion block size
 

@@ -8,17 +8,21 @@ routing of every MoE layer. Rank 0 writes the worst errors per layout as JSON to
 import argparse
 import json
 
-import torch
-from megatron.core import parallel_state as ps
-from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+from megadiff.platform import install_import_hook  # noqa: E402
 
-from megadiff.models.llada2.hf_mapping import gather_hf_state, load_hf_into_model
-from megadiff.hf import build_reference_model
-from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset
-from megadiff.models.llada2.model import build_model
-from megadiff.platform import init_distributed, initialize_parallel
-from megadiff.training.ddp import wrap_ddp
-from megadiff.models.llada2.schedule import forward_backward
+install_import_hook()  # first, before anything imports megatron-core
+
+import torch  # noqa: E402
+from megatron.core import parallel_state as ps  # noqa: E402
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region  # noqa: E402
+
+from megadiff.hf import build_reference_model  # noqa: E402
+from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset  # noqa: E402
+from megadiff.models.llada2.hf_mapping import gather_hf_state, load_hf_into_model  # noqa: E402
+from megadiff.models.llada2.model import build_model  # noqa: E402
+from megadiff.models.llada2.schedule import forward_backward  # noqa: E402
+from megadiff.platform import init_distributed, initialize_parallel  # noqa: E402
+from megadiff.training.ddp import wrap_ddp  # noqa: E402
 
 B, S = 2, 16
 

@@ -11,14 +11,18 @@
 import argparse
 import json
 
-import torch
+from megadiff.platform import install_import_hook  # noqa: E402
 
-from megadiff.models.llada2.hf_mapping import gather_hf_state
-from megadiff.diffusion.loss import masked_diffusion_loss
-from megadiff.hf import load_reference_model
-from megadiff.training.batch import prepare_micro_batch
-from megadiff.training.config import load_config
-from megadiff.training.loop import Trainer
+install_import_hook()  # first, before anything imports megatron-core
+
+import torch  # noqa: E402
+
+from megadiff.diffusion.loss import masked_diffusion_loss  # noqa: E402
+from megadiff.hf import load_reference_model  # noqa: E402
+from megadiff.models.llada2.hf_mapping import gather_hf_state  # noqa: E402
+from megadiff.training.batch import prepare_micro_batch  # noqa: E402
+from megadiff.training.config import load_config  # noqa: E402
+from megadiff.training.loop import Trainer  # noqa: E402
 
 
 def parse_layouts(text):

@@ -12,6 +12,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
 
+from megadiff.platform import install_import_hook  # noqa: E402
+
+install_import_hook()  # first, before anything imports megatron-core
+
 import torch  # noqa: E402
 
 from megadiff.errors import CheckpointError  # noqa: E402
