@@ -24,7 +24,10 @@ from collections.abc import Callable
 import torch
 
 from megadiff.errors import CheckpointError
+from megadiff.models.llada2.checkpoint_keys import key_in_other_spec, other_spec_keys
 
+# megatron-core (about 1 s), torch DCP's reader (.untrusted) and writer (.lazy) are imported inside
+# the functions that use them: the path helpers of this package serve tools that need none of them.
 from .format import (
     build_meta,
     commit_iteration_dir,
@@ -76,8 +79,6 @@ def rename_sharded_keys(sharded_state_dict: dict, renames: dict[str, str]) -> in
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-    from megadiff.models.llada2.checkpoint_keys import key_in_other_spec
-
     count = 0
     for item in nested_values(sharded_state_dict):
         if isinstance(item, (ShardedTensor, ShardedTensorFactory)):
@@ -99,8 +100,6 @@ def match_checkpoint_spec(ckpt_dir: str, sharded_state_dict: dict, hf_config: di
         ShardedTensor,
         ShardedTensorFactory,
     )
-
-    from megadiff.models.llada2.checkpoint_keys import key_in_other_spec, other_spec_keys
 
     stored = _checkpoint_tensor_metadata(ckpt_dir, trust)
     renames = other_spec_keys(hf_config) if isinstance(hf_config, dict) else {}

@@ -11,14 +11,16 @@ from __future__ import annotations
 import os
 
 import torch
+from transformers import AutoTokenizer
 
 from megadiff.checkpoint.format import read_meta, resolve_checkpoint_dir
 from megadiff.checkpoint.hf_source import recorded_source_dir
 from megadiff.checkpoint.hf_tensors import inspect_mcore_input, iter_hf_tensors, plan_hf_output
 from megadiff.errors import CheckpointError
 from megadiff.hf.reference import build_reference_model, load_reference_model
-from megadiff.hf.tokenizer import TOKENIZER_FILES
+from megadiff.hf.tokenizer import TOKENIZER_FILES, mask_token_id
 from megadiff.models.llada2.hf_experts import SPLIT
+from megadiff.platform.device import run_device
 
 MCORE_MARKERS = ("latest_checkpointed_iteration.txt", "megadiff.json")
 
@@ -93,8 +95,6 @@ def load_tokenizer(model_path: str, tokenizer_path: str | None = None, iteration
             note = "" if source else f" ({why})"
     for path in candidates:
         if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
-            from transformers import AutoTokenizer
-
             return AutoTokenizer.from_pretrained(path)
     hint = "" if tokenizer_path else "; pass --tokenizer DIR"
     raise FileNotFoundError(f"{' or '.join(candidates)}: no tokenizer files ({', '.join(TOKENIZER_FILES)}){note}{hint}")
@@ -106,8 +106,6 @@ def special_token_ids(model, tokenizer, mask_id: int | None = None, eos_id: int 
     if mask_id is None:
         if tokenizer is None:
             raise ValueError("no tokenizer to read the <|mask|> id from; pass the mask token id explicitly")
-        from megadiff.hf.tokenizer import mask_token_id
-
         mask_id = mask_token_id(tokenizer)
     if eos_id is None:
         eos_id = getattr(model.config, "eos_token_id", None)
@@ -138,8 +136,6 @@ def check_device(device: str) -> None:
 
 def default_device() -> str:
     """The run device (megadiff.platform.device): cuda:LOCAL_RANK on a GPU, else cpu."""
-    from megadiff.platform.device import run_device
-
     return str(run_device())
 
 

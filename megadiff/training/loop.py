@@ -15,8 +15,37 @@ import time
 from dataclasses import dataclass
 
 import torch
+from megatron.core import parallel_state as ps
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megadiff.checkpoint import load_checkpoint, model_sharded_state_dict, resolve_checkpoint_dir, save_checkpoint
+from megadiff.hf.checkpoint_reader import read_hf_config
+from megadiff.models.llada2 import LLaDA2ModelConfig
+from megadiff.models.llada2.schedule import forward_backward
+from megadiff.platform import init_distributed, initialize_parallel, print_rank0
+from megadiff.platform.device import default_params_dtype, run_device, to_run_device
+from megadiff.training.batch import loss_denominator, prepare_micro_batch
+from megadiff.training.checkpointing import (
+    apply_model_state,
+    check_optimizer_layout,
+    claim_save_dir,
+    initialise_optimizer_state,
+    prune_checkpoints,
+    restore_adam_steps,
+)
 from megadiff.training.config import TrainingConfig, parallel_layout
+from megadiff.training.disk_space import checkpoint_bytes, no_space_error
+from megadiff.training.logging import MetricsLogger
+from megadiff.training.loss import diffusion_loss_sums
+from megadiff.training.preflight import check_outputs
+from megadiff.training.setup import (
+    build_dataset,
+    build_model_and_load,
+    check_config_fits_model,
+    load_samples,
+    load_tokenizer_and_mask_id,
+)
 
 
 @dataclass
@@ -46,16 +75,11 @@ class _Sigterm:
 
 def params_dtype(cfg: TrainingConfig) -> torch.dtype:
     if cfg.model.dtype == "auto":
-        from megadiff.platform.device import default_params_dtype
-
         return default_params_dtype()  # bf16 on a CUDA run device, fp32 on the CPU
     return torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
 
 
 def build_optimizer(cfg: TrainingConfig, chunks, dtype):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     t = cfg.train
     opt_config = OptimizerConfig(
         optimizer="adam",
@@ -91,19 +115,6 @@ class Trainer:
     """Holds everything one run needs; `run()` trains and returns the per-step results."""
 
     def __init__(self, cfg: TrainingConfig):
-        from megatron.core import parallel_state as ps
-
-        from megadiff.hf.checkpoint_reader import read_hf_config
-        from megadiff.models.llada2 import LLaDA2ModelConfig
-        from megadiff.platform import init_distributed, initialize_parallel, print_rank0
-        from megadiff.training.preflight import check_outputs
-        from megadiff.training.setup import (
-            build_dataset,
-            build_model_and_load,
-            check_config_fits_model,
-            load_samples,
-            load_tokenizer_and_mask_id,
-        )
 
         self.cfg = cfg
         self.log = print_rank0
@@ -118,8 +129,6 @@ class Trainer:
         # Rank 0 locks, repairs and inspects save_dir before the others can join the process group.
         self._save_dir_lock, resume_from = None, None
         if cfg.checkpoint.save_dir and int(os.environ.get("RANK", "0")) == 0:
-            from megadiff.training.checkpointing import claim_save_dir
-
             self._save_dir_lock, resume_from = claim_save_dir(cfg.checkpoint.save_dir, cfg.checkpoint.resume, self.log)
         init_distributed()
         if cfg.checkpoint.save_dir:
@@ -144,8 +153,6 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------------------------
 
     def _sharded_state_dict(self, is_loading: bool = False):
-        from megadiff.checkpoint import model_sharded_state_dict
-
         state = model_sharded_state_dict(self.chunks)
         # dp_reshardable: parallel save/load with no gathering; the optimizer state then resumes
         # only at the same TP/EP/PP layout (any DP). fully_reshardable gathers on DP rank 0.
@@ -160,9 +167,6 @@ class Trainer:
         return state
 
     def save(self) -> str:
-        from megadiff.checkpoint import save_checkpoint
-        from megadiff.training.checkpointing import prune_checkpoints
-
         ck = self.cfg.checkpoint
         meta = {
             "hf_config": self.hf_config,
@@ -171,8 +175,6 @@ class Trainer:
             "dtype": str(self.dtype).replace("torch.", ""),
             "extra": {"training_config": self.cfg.to_dict(), "step": self.step},
         }
-        from megadiff.training.disk_space import checkpoint_bytes, no_space_error
-
         sharded = self._sharded_state_dict()
         needed = checkpoint_bytes(sharded)
         no_space = no_space_error(ck.save_dir, needed)  # checked before writing (rank 0 decides)
@@ -191,14 +193,6 @@ class Trainer:
         return path
 
     def _resume(self, iteration: int):
-        from megadiff.checkpoint import load_checkpoint, resolve_checkpoint_dir
-        from megadiff.training.checkpointing import (
-            apply_model_state,
-            check_optimizer_layout,
-            initialise_optimizer_state,
-            restore_adam_steps,
-        )
-
         root = self.cfg.checkpoint.save_dir
         initialise_optimizer_state(self.optimizer)
         trust = self.cfg.checkpoint.trust_checkpoint
@@ -223,9 +217,6 @@ class Trainer:
     def _micro_batches(self) -> list[dict]:
         """This step's micro-batches, noised on the host, then moved to the run device (inputs,
         masks, targets; BlockMasks are built there)."""
-        from megadiff.platform.device import to_run_device
-        from megadiff.training.batch import prepare_micro_batch
-
         d = self.cfg.diffusion
         dense = self.cfg.model.attention_backend == "dense"
         batches = []
@@ -234,6 +225,7 @@ class Trainer:
             prepared = prepare_micro_batch(raw, d, self.mask_id, self.cfg.train.seed, with_dense_mask=dense)
             prepared = to_run_device(prepared)
             if not dense:
+                # flex attention imports TorchDynamo (seconds); only the flex backend pays that
                 from megadiff.diffusion.block_mask import block_mask_for
 
                 mode = "full" if d.mode == "full" else "bd"
@@ -248,12 +240,6 @@ class Trainer:
     def forward_backward_step(self, micro: list[dict]):
         """Loss of the global batch (all DP ranks) and its gradients in the DDP grad buffers.
         Returns (loss, real tokens of the global batch)."""
-        from megatron.core import parallel_state as ps
-
-        from megadiff.models.llada2.schedule import forward_backward
-        from megadiff.platform.device import run_device
-        from megadiff.training.batch import loss_denominator
-        from megadiff.training.loss import diffusion_loss_sums
 
         d = self.cfg.diffusion
         device = run_device()  # every tensor a collective gets lives here (NCCL takes CUDA only)
@@ -306,8 +292,6 @@ class Trainer:
     # ---- the run -------------------------------------------------------------------------------
 
     def run(self) -> list[StepResult]:
-        from megadiff.training.logging import MetricsLogger
-
         cfg = self.cfg
         sigterm = _Sigterm()
         results = []

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from megadiff.errors import ConfigError
+from megadiff.platform.kernels import fused_kernel_flags
 from megadiff.platform.parallel_layout import ParallelLayout
 
 ACCEPTED_MODEL_TYPES = ("llada2_moe", "bailing_moe_v2", "bailing_moe")
@@ -224,9 +225,8 @@ def to_transformer_config(
 ):
     """megatron-core TransformerConfig for LLaDA2 at `layout` (DESIGN §2). `on_cpu`: a CPU run
     (CPU initialisation, no fused kernels); False for a CUDA run."""
+    # megatron-core (about 1 s) only when a model is built: converters and the sampler read configs
     from megatron.core.transformer import TransformerConfig
-
-    from megadiff.platform.kernels import fused_kernel_flags
 
     model.validate_layout(layout)
     bf16 = params_dtype == torch.bfloat16

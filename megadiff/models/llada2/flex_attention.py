@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 
 import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
@@ -95,8 +96,6 @@ class FlexCoreAttention(MegatronModule):
         if config.window_size is not None:
             raise ValueError(f"{where}: window attention is not supported")
         if pg_collection is None:
-            from megatron.core.process_groups_config import ProcessGroupCollection
-
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type

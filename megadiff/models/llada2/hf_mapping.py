@@ -337,6 +337,7 @@ def local_params(chunks, ep_rank: int, experts_per_rank: int) -> Iterator[tuple[
 
 
 def _ranks():
+    # megatron-core (about 1 s) only with a model: the converters and the sampler read the table
     from megatron.core import parallel_state as ps
 
     return dict(
@@ -373,6 +374,7 @@ def gather_hf_state(chunks, cfg, value: Callable[[torch.Tensor], torch.Tensor] =
 
     `value(param)` picks what to gather (the weight by default; e.g. `lambda p: p.main_grad`).
     Meant for tests and small models: it moves every tensor through all_gather_object."""
+    # megatron-core (about 1 s) only with a model: the converters and the sampler read the table
     from megatron.core import parallel_state as ps
 
     r = _ranks()

@@ -12,6 +12,7 @@ from megatron.core.models.gpt import GPTModel
 from torch.nn.attention.flex_attention import BlockMask
 
 from megadiff.platform import compat
+from megadiff.platform.device import run_device
 
 from .config import ConfigError, LLaDA2ModelConfig, ParallelLayout, to_transformer_config
 from .spec import llada2_block_spec, transformer_engine_usable
@@ -34,8 +35,6 @@ def build_model(
     Process groups must already be initialised for `layout` (platform.initialize_parallel)."""
     if attention_backend not in ATTENTION_BACKENDS:
         raise ConfigError(f"attention_backend={attention_backend!r}; choose one of {ATTENTION_BACKENDS}")
-    from megadiff.platform.device import run_device
-
     if use_te is None:
         use_te = transformer_engine_usable()
     compat.define_te_general_gemm_without_te()  # the router reads it, on CPU and CUDA without TE
@@ -48,6 +47,7 @@ def build_model(
     config = to_transformer_config(model_cfg, layout, params_dtype, use_te=use_te, on_cpu=on_cpu, **config_overrides)
     core_attention = None
     if attention_backend == "flex":
+        # flex attention compiles flex_attention at import (TorchDynamo, seconds): dense runs skip it
         from .flex_attention import FlexCoreAttention, check_flex_supported
 
         check_flex_supported(config)
