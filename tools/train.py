@@ -29,7 +29,6 @@ def main(argv=None):
 
     from megadiff.errors import UserError, user_error_exit
     from megadiff.training.config import describe_config, load_config
-    from megadiff.training.loop import train
 
     if args.help_config:
         print(describe_config())
@@ -38,6 +37,9 @@ def main(argv=None):
         parser.error("the YAML config is required (see --help-config for its keys)")
     try:
         cfg = load_config(args.config, args.overrides)
+        # after the config is read: a config error is one line, before megatron-core's import warnings
+        from megadiff.training.loop import train
+
         results = train(cfg)
     except UserError as e:
         return user_error_exit(e)
