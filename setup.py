@@ -1,4 +1,5 @@
 """megadiff: a Megatron-Core trainer for diffusion language models (LLaDA2)."""
+
 from setuptools import find_packages, setup
 
 setup(
@@ -25,6 +26,6 @@ setup(
         # apex is built from source (see README); it is not on PyPI.
         "gpu": ["transformer-engine[pytorch]"],
         "wandb": ["wandb"],
-        "dev": ["pytest", "pytest-timeout", "ruff", "pyarrow", "matplotlib", "tensorboard"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "import-linter", "pyarrow", "matplotlib", "tensorboard"],
     },
 )
