@@ -258,8 +258,8 @@ def to_transformer_config(
     on_cpu: bool = True,
     **overrides,
 ):
-    """megatron-core TransformerConfig for LLaDA2 at `layout` (DESIGN §2). `on_cpu`: a CPU run
-    (CPU initialisation, no fused kernels); False for a CUDA run."""
+    """megatron-core TransformerConfig for LLaDA2 at `layout`, mapped field by field below. `on_cpu`: a
+    CPU run (CPU initialisation, no fused kernels); False for a CUDA run."""
     from megatron.core.transformer import TransformerConfig
 
     from megadiff.platform.kernels import fused_kernel_flags
