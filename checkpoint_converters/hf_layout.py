@@ -1,7 +1,7 @@
 """What an HF LLaDA2 directory holds besides weights' values: tensor names and shapes (from
 config.json alone) and megadiff's remote-code files with their `auto_map`.
 
-Kept free of the reference model (and so of transformers, ~2 s of imports) so that tools which
+Kept free of the reference model (and so of transformers' imports: benchmarks/RESULTS.md) so that tools which
 only move bytes start fast.
 """
 

@@ -13,7 +13,7 @@ Speed: a value may also be `byte_spans.RowAddresses` (rows already in files, e.g
 its record is written by torch.save with `skip_data` (pickle, zip headers) and the hole torch.save
 leaves for the bytes is filled by `span_copy.SpanCopier` from the source files (direct I/O by
 default), the bytes never made a tensor. Records are written without CRC-32: torch.load never
-checks it, and computing it cost more than the copy (0.6 s per GB here).
+checks it, and computing it cost more than the copy (benchmarks/RESULTS.md, "measured in passing").
 """
 
 import io
@@ -145,8 +145,8 @@ class _StreamingWriter(FileSystemWriter):
     def _read_ahead(self, items, planner, window_bytes: int = 256 * 2**20):
         """Before each item is written (one `next` per item), announce to the copier the source
         ranges of the items up to `window_bytes` ahead, in write order: the HF files are read from
-        disk while the current item is copied, not item by item on demand (2.4 s vs 3.5-5.6 s for
-        3 GB here with the page cache)."""
+        disk while the current item is copied, not item by item on demand (faster with the page
+        cache: benchmarks/RESULTS.md, "measured in passing")."""
         state = getattr(planner, "state_dict", {})
         ahead, pending = 0, 0  # next item to look at; bytes looked at but not yet written
         for i, item in enumerate(items):
