@@ -15,7 +15,8 @@ NOT_INSTALLED = {"gpu_check"}  # runs the checkout's tests/gpu
 
 def console_scripts() -> dict[str, str]:
     """setup.py's CONSOLE_SCRIPTS, read without running setup()."""
-    tree = ast.parse(open(os.path.join(REPO, "setup.py")).read())
+    with open(os.path.join(REPO, "setup.py")) as f:
+        tree = ast.parse(f.read())
     for node in tree.body:
         if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "CONSOLE_SCRIPTS":
             return ast.literal_eval(node.value)
@@ -28,7 +29,8 @@ def test_every_tool_script_has_a_console_script_calling_its_main():
     assert set(scripts.values()) == tools - NOT_INSTALLED
     assert all(name == "megadiff-" + name.removeprefix("megadiff-") for name in scripts)
     for module in scripts.values():
-        assert "\ndef main(argv=None)" in open(os.path.join(REPO, "tools", module + ".py")).read(), module
+        with open(os.path.join(REPO, "tools", module + ".py")) as f:
+            assert "\ndef main(argv=None)" in f.read(), module
 
 
 @pytest.mark.slow
