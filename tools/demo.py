@@ -88,7 +88,7 @@ def plot_losses(metrics_file, png):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="demo_out", help="output directory (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=600, help="training steps (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=800, help="training steps (default: %(default)s)")
     p.add_argument("--rows", type=int, default=2000, help="synthetic problems (default: %(default)s)")
     p.add_argument("--eval-limit", type=int, default=100, help="test questions to score (default: %(default)s)")
     args = p.parse_args(argv)
