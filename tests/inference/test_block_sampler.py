@@ -4,32 +4,10 @@ import math
 
 import pytest
 import torch
-from inference_helpers import EOS_ID, MASK_ID, VOCAB
+from inference_helpers import EOS_ID, MASK_ID, VOCAB, Recorder
 
 from megadiff.inference import DecodingOptions, block_causal_mask, generate, transfer_schedule
 from megadiff.inference.sampler import filter_logits, sample_tokens
-
-
-class Recorder(torch.nn.Module):
-    """Wraps a model: records every forward's (input_ids, position_ids) and can force EOS to be the
-    certain prediction at chosen absolute positions."""
-
-    def __init__(self, model, eos_at=()):
-        super().__init__()
-        self.model, self.config, self.eos_at, self.calls = model, model.config, tuple(eos_at), []
-
-    def forward(self, input_ids, position_ids=None, attention_mask=None, past_key_values=None, use_cache=False):
-        self.calls.append((input_ids.clone(), position_ids.clone()))
-        out = self.model(
-            input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-        )
-        for position in self.eos_at:
-            out.logits[position_ids == position, EOS_ID] = 1e4
-        return out
 
 
 def plain_generate(model, prompt, gen_length, block_length, steps, threshold, minimal_topk=1, eos_early_stop=False):

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from conftest import tiny_model
-from inference_helpers import EOS_ID, MASK_ID
+from inference_helpers import EOS_ID, MASK_ID, Recorder
 
 from megadiff.inference import DecodingOptions, generate
 
@@ -74,28 +74,6 @@ def plain_edit_generate(
     if EOS_ID in generated:
         generated = generated[: generated.index(EOS_ID) + 1]
     return generated, forwards, edits
-
-
-class Recorder(torch.nn.Module):
-    """Wraps a model: records every forward's (input_ids, position_ids); can force EOS to be the
-    certain prediction at chosen absolute positions."""
-
-    def __init__(self, model, eos_at=()):
-        super().__init__()
-        self.model, self.config, self.eos_at, self.calls = model, model.config, tuple(eos_at), []
-
-    def forward(self, input_ids, position_ids=None, attention_mask=None, past_key_values=None, use_cache=False):
-        self.calls.append((input_ids.clone(), position_ids.clone()))
-        out = self.model(
-            input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-        )
-        for position in self.eos_at:
-            out.logits[position_ids == position, EOS_ID] = 1e4
-        return out
 
 
 @pytest.fixture(scope="module")
