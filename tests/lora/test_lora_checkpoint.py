@@ -1,0 +1,122 @@
+"""Adapter-only LoRA checkpoints: the base record and its fingerprint, the checks before a resume or a
+load (each error names the culprit), and the reader the exporters use."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from megadiff.checkpoint.format import MCORE_CONFIG_NAME, META_NAME, build_meta
+from megadiff.errors import CheckpointError
+from megadiff.hf.tiny import write_tiny_model_dir
+from megadiff.lora.adapter_checkpoint import adapter_meta, check_resume, read_lora_checkpoint
+from megadiff.lora.base_record import BaseRecord, base_of_run, hf_fingerprint, mcore_fingerprint
+
+LORA = {
+    "rank": 4,
+    "alpha": 8.0,
+    "dropout": 0.0,
+    "target_modules": ["linear_qkv", "linear_proj"],
+    "experts": False,
+    "init": "kaiming",
+    "seed": 0,
+}
+HF_CONFIG = {"model_type": "llada2_moe"}
+
+
+def fake_iteration(root, iteration=1, lora=None, dcp=b"dcp-metadata"):
+    """A complete iteration dir as far as the file checks go (megadiff.json, metadata.json, .metadata)."""
+    path = root / f"iter_{iteration:07d}"
+    path.mkdir(parents=True)
+    (path / MCORE_CONFIG_NAME).write_text("{}")
+    (path / ".metadata").write_bytes(dcp)
+    meta = {"hf_config": HF_CONFIG, "layout": {"tp": 1}, "dtype": "fp32", "lora": lora}
+    (path / META_NAME).write_text(json.dumps(build_meta(iteration, meta, world_size=1)))
+    (root / "latest_checkpointed_iteration.txt").write_text(f"{iteration}\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def hf_bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bases")
+    return str(write_tiny_model_dir(str(root / "a"), seed=0)), str(write_tiny_model_dir(str(root / "b"), seed=1))
+
+
+def test_hf_fingerprint_follows_weights_and_config_not_the_path(hf_bases, tmp_path):
+    a, b = hf_bases
+    copy = shutil.copytree(a, tmp_path / "copy")
+    assert hf_fingerprint(str(copy)) == hf_fingerprint(a)  # moved or copied: the same base
+    assert hf_fingerprint(b) != hf_fingerprint(a)  # same config and tensor index, other weights
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(dict(config, rms_norm_eps=1e-5)))
+    assert hf_fingerprint(str(copy)) != hf_fingerprint(a)
+
+
+def test_mcore_fingerprint_changes_with_every_save_not_with_a_copy(tmp_path):
+    first = fake_iteration(tmp_path / "base")
+    copy = shutil.copytree(first, tmp_path / "moved" / "iter_0000001")
+    assert mcore_fingerprint(str(copy)) == mcore_fingerprint(first)
+    again = fake_iteration(tmp_path / "resaved")  # same shapes and metadata, written anew (a second later)
+    meta = json.loads(open(os.path.join(again, META_NAME)).read())
+    open(os.path.join(again, META_NAME), "w").write(json.dumps(dict(meta, saved_at="2030-01-01T00:00:01+00:00")))
+    assert mcore_fingerprint(again) != mcore_fingerprint(first)
+    record = base_of_run(None, str(tmp_path / "base"))  # a root: its latest iteration is the base
+    assert (record.kind, record.path, record.field) == ("mcore", first, "model.init_from_mcore")
+
+
+def lora_checkpoint(tmp_path, base: BaseRecord, lora=LORA):
+    return fake_iteration(tmp_path / "lora_run", lora=adapter_meta(lora, base))
+
+
+def test_resume_checks_name_the_culprit_before_any_weight_is_read(hf_bases, tmp_path):
+    a, b = hf_bases
+    ckpt = lora_checkpoint(tmp_path, base_of_run(a, None))
+    assert check_resume(ckpt, dict(LORA, dropout=0.1, seed=3), a, None).path == a  # dropout/seed may change
+    moved = shutil.copytree(a, tmp_path / "moved_base")
+    assert check_resume(ckpt, LORA, str(moved), None).path == str(moved)  # a moved base is found by fingerprint
+    with pytest.raises(CheckpointError, match=r"lora.rank=4, this run has lora.rank=8"):
+        check_resume(ckpt, dict(LORA, rank=8), a, None)
+    with pytest.raises(CheckpointError, match=r"lora.target_modules=\['linear_qkv', 'linear_proj'\], this run"):
+        check_resume(ckpt, dict(LORA, target_modules=["linear_qkv"]), a, None)
+    with pytest.raises(CheckpointError, match=rf"trained on the base {a} \(model.hf_dir, .*not on {b} "):
+        check_resume(ckpt, LORA, b, None)
+    with pytest.raises(CheckpointError, match=r"adapter-only LoRA checkpoint .*cannot be resumed as a full run"):
+        check_resume(ckpt, None, a, None)
+    full = fake_iteration(tmp_path / "full_run")
+    with pytest.raises(CheckpointError, match=r"a full checkpoint \(no LoRA adapters\), and this run trains LoRA"):
+        check_resume(full, LORA, a, None)
+    assert check_resume(full, None, a, None) is None
+
+
+def test_an_adapter_checkpoint_whose_base_is_gone_names_the_recorded_path_and_the_field(tmp_path):
+    base = fake_iteration(tmp_path / "base")
+    ckpt = lora_checkpoint(tmp_path, base_of_run(None, str(tmp_path / "base")))
+    shutil.rmtree(tmp_path / "base")
+    with pytest.raises(
+        CheckpointError,
+        match=rf"apply to the base {base} \(megadiff.json lora.base.path\), which "
+        r"does not exist.*point model.init_from_mcore at its new place",
+    ):
+        check_resume(ckpt, LORA, None, str(tmp_path / "base"))
+    with pytest.raises(CheckpointError, match=rf"{base} .*does not exist.*base_dir="):
+        read_lora_checkpoint(ckpt)
+
+
+def test_the_reader_checks_the_base_it_is_given(hf_bases, tmp_path):
+    a, b = hf_bases
+    ckpt = lora_checkpoint(tmp_path, base_of_run(a, None))
+    with pytest.raises(CheckpointError, match=rf"trained on the base {a} .*not on {b} .*base_dir="):
+        read_lora_checkpoint(ckpt, base_dir=b)
+    with pytest.raises(CheckpointError, match=r"a full checkpoint, not an adapter-only LoRA checkpoint"):
+        read_lora_checkpoint(fake_iteration(tmp_path / "full"))
+
+
+def test_an_adapter_only_checkpoint_is_not_loaded_as_the_model_weights(hf_bases, tmp_path):
+    from megadiff.checkpoint import load_model_weights
+
+    ckpt = lora_checkpoint(tmp_path, base_of_run(hf_bases[0], None))
+    with pytest.raises(
+        CheckpointError, match=r"adapter-only LoRA checkpoint .*cannot be loaded as the model's weights"
+    ):
+        load_model_weights(os.path.dirname(ckpt), chunks=None)  # refused before the chunks are touched
