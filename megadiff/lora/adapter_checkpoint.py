@@ -31,9 +31,9 @@ MATCHING_FIELDS = ("rank", "alpha", "target_modules", "experts")
 _STACKED_EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.experts\.(.*)$")  # SequentialMLP's sharded keys
 
 
-def adapter_meta(lora_config: dict, base: BaseRecord) -> dict:
-    """megadiff.json's `lora` field of an adapter-only checkpoint."""
-    return {"adapter_only": True, "config": dict(lora_config), "base": base.to_dict()}
+def adapter_meta(lora_config: dict, base: dict) -> dict:
+    """megadiff.json's `lora` field of an adapter-only checkpoint (`base`: BaseRecord.to_dict())."""
+    return {"adapter_only": True, "config": dict(lora_config), "base": dict(base)}
 
 
 def saved_lora(meta: dict, ckpt_dir: str) -> dict | None:

@@ -73,6 +73,9 @@ def base_of_run(hf_dir: str | None, init_from_mcore: str | None) -> BaseRecord:
     HF `hf_dir` (as megadiff.training.setup loads them)."""
     if init_from_mcore:
         path = fmt.resolve_checkpoint_dir(init_from_mcore)  # the iteration dir actually loaded
+        adapter_only = fmt.adapter_only_error(path, fmt.read_meta(path), "the base of a LoRA run")
+        if adapter_only:
+            raise adapter_only
         return BaseRecord("mcore", path, mcore_fingerprint(path))
     if not hf_dir:
         raise CheckpointError("a LoRA run needs its base weights: set model.hf_dir or model.init_from_mcore")

@@ -123,9 +123,14 @@ def resume_iteration(root: str, log: Callable[[str], None] = print) -> int | Non
     raise CheckpointError(f"cannot resume from {root}: {'; '.join(blocking)}. To proceed: {how}")
 
 
-def apply_model_state(chunks, state: dict) -> None:
-    """Load the model part of a loaded dist-checkpoint state dict into the chunks."""
-    if len(chunks) == 1:
+def apply_model_state(chunks, state: dict, adapters_only: bool = False) -> None:
+    """Load the model part of a loaded dist-checkpoint state dict into the chunks (`adapters_only`:
+    a LoRA run's, which holds the adapters; the frozen base keeps its weights)."""
+    if adapters_only:
+        from megadiff.lora.adapter_checkpoint import load_adapter_state
+
+        load_adapter_state(chunks, state)
+    elif len(chunks) == 1:
         chunks[0].load_state_dict(state["model"])
     else:
         for i, chunk in enumerate(chunks):
@@ -176,3 +181,33 @@ def check_optimizer_layout(ckpt_dir: str, sharded_state_dict, layout, trust: boo
         f"checkpoint.fully_reshardable_optimizer=true resume at any layout. To keep only the weights, start a "
         f"new run with model.init_from_mcore={ckpt_dir} (fresh optimizer)"
     )
+
+
+# ---- LoRA runs: adapter-only checkpoints (megadiff.lora.adapter_checkpoint) ------------------------
+
+LORA_FIELDS = ("rank", "alpha", "dropout", "target_modules", "experts", "init", "seed")
+
+
+def lora_settings(cfg) -> dict | None:
+    """The run's adapter config (the `lora` section as the contract dict), None without LoRA."""
+    section = getattr(cfg, "lora", None)
+    if section is None or not getattr(section, "enabled", bool(getattr(section, "rank", None))):
+        return None
+    return {k: getattr(section, k) for k in LORA_FIELDS}
+
+
+def lora_base_for_run(cfg, iteration: int | None) -> dict | None:
+    """Rank 0, with save_dir claimed and before the model is built (no weight read yet): the record
+    of the base a LoRA run's checkpoints will name, checked against the checkpoint it resumes
+    (`iteration` of checkpoint.save_dir; adapter-only vs full, adapter config, base). None for a
+    run without LoRA, which is checked not to resume an adapter-only checkpoint."""
+    from megadiff.lora.adapter_checkpoint import check_resume
+    from megadiff.lora.base_record import base_of_run
+
+    run_lora = lora_settings(cfg)
+    if iteration is not None:
+        ckpt_dir = fmt.resolve_checkpoint_dir(cfg.checkpoint.save_dir, iteration)
+        base = check_resume(ckpt_dir, run_lora, cfg.model.hf_dir, cfg.model.init_from_mcore)
+    else:
+        base = base_of_run(cfg.model.hf_dir, cfg.model.init_from_mcore) if run_lora is not None else None
+    return base.to_dict() if base is not None else None

@@ -131,16 +131,18 @@ class Trainer:
             load_samples, build_dataset = dpo_objective.load_pairs, dpo_objective.build_preference_dataset
         samples, row_stats = load_samples(cfg, self.tokenizer, self.mask_id)
         # Rank 0 locks, repairs and inspects save_dir before the others can join the process group.
-        self._save_dir_lock, resume_from = None, None
+        self._save_dir_lock, resume_from, lora_base = None, None, None
+        self.lora_base = None  # a LoRA run with a save_dir: the base its adapter-only checkpoints record
         if cfg.checkpoint.save_dir and int(os.environ.get("RANK", "0")) == 0:
-            from megadiff.training.checkpointing import claim_save_dir
+            from megadiff.training.checkpointing import claim_save_dir, lora_base_for_run
 
             self._save_dir_lock, resume_from = claim_save_dir(cfg.checkpoint.save_dir, cfg.checkpoint.resume, self.log)
+            lora_base = lora_base_for_run(cfg, resume_from)  # checks what it resumes; no weight read yet
         init_distributed()
         if cfg.checkpoint.save_dir:
-            box = [resume_from]
+            box = [resume_from, lora_base]
             torch.distributed.broadcast_object_list(box, src=0)
-            resume_from = box[0]
+            resume_from, self.lora_base = box
         initialize_parallel(self.layout, seed=cfg.train.seed)
         self.dp_size, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.dataset, data_stats = build_dataset(cfg, self.tokenizer, samples, row_stats, self.dp_size, self.dp_rank)
@@ -165,6 +167,10 @@ class Trainer:
         from megadiff.checkpoint import model_sharded_state_dict
 
         state = model_sharded_state_dict(self.chunks)
+        if self.lora_base is not None:  # adapter-only: the frozen base is not saved
+            from megadiff.lora.adapter_checkpoint import adapter_sharded_state_dict
+
+            state = adapter_sharded_state_dict(self.chunks, state)
         # dp_reshardable: parallel save/load with no gathering; the optimizer state then resumes
         # only at the same TP/EP/PP layout (any DP). fully_reshardable gathers on DP rank 0.
         sharding = "fully_reshardable" if self.cfg.checkpoint.fully_reshardable_optimizer else "dp_reshardable"
@@ -189,6 +195,11 @@ class Trainer:
             "dtype": str(self.dtype).replace("torch.", ""),
             "extra": {"training_config": self.cfg.to_dict(), "step": self.step},
         }
+        if self.lora_base is not None:
+            from megadiff.lora.adapter_checkpoint import adapter_meta
+            from megadiff.training.checkpointing import lora_settings
+
+            meta["lora"] = adapter_meta(lora_settings(self.cfg), self.lora_base)
         from megadiff.training.disk_space import checkpoint_bytes, no_space_error
 
         sharded = self._sharded_state_dict()
@@ -225,7 +236,7 @@ class Trainer:
         state, _ = load_checkpoint(root, sharded, iteration=iteration, trust=trust)
 
         with torch.no_grad():  # fp32 main params are views of the model's leaf params
-            apply_model_state(self.chunks, state)
+            apply_model_state(self.chunks, state, adapters_only=self.lora_base is not None)
             self.optimizer.load_state_dict(state["optimizer"])
         restore_adam_steps(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
