@@ -29,7 +29,7 @@ from checkpoint_converters.llada2_mapping import (
     rule_for,
 )
 from megadiff.hf import build_reference_model
-from megadiff.lora.apply import apply_lora, optimizer_state_bytes
+from megadiff.lora.apply import apply_lora
 from megadiff.lora.state import full_adapter_state, load_full_adapter_state
 from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset
 from megadiff.models.llada2.model import build_model
@@ -37,6 +37,7 @@ from megadiff.platform import init_distributed, initialize_parallel
 from megadiff.training.config import TrainingConfig
 from megadiff.training.ddp import wrap_ddp
 from megadiff.training.mcore_configs import ddp_config, optimizer_config
+from megadiff.training.optimizer_memory import optimizer_state_bytes
 from megadiff.training.schedule import forward_backward
 
 B, S = 2, 16
