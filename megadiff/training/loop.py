@@ -93,6 +93,7 @@ class Trainer:
         from megadiff.platform import init_distributed, initialize_parallel, print_rank0
         from megadiff.platform.kernels import probe_environment
         from megadiff.training.memory_check import check_memory_forecast
+        from megadiff.training.optimizer_memory import optimizer_state_bytes
         from megadiff.training.perf_preflight import check_perf, choose_attention_backend
         from megadiff.training.preflight import check_outputs
         from megadiff.training.setup import (
@@ -152,6 +153,9 @@ class Trainer:
             cfg, self.model_cfg, self.hf_config, self.layout, self.dtype, self.log, self.attention.backend
         )
         self.optimizer, self.scheduler = build_optimizer(cfg, self.chunks, self.dtype)
+        self.log(
+            f"optimizer: {optimizer_state_bytes(self.optimizer) / 2**20:.1f} MiB of parameters and Adam state on rank 0"
+        )
         self._data_iter = iter(self.dataset)
         self.objective = dpo_objective.DPOObjective(self) if dpo else None  # None: diffusion SFT
         self.step = 0

@@ -98,7 +98,22 @@ def build_model_and_load(
     from megadiff.training.mcore_configs import ddp_config
 
     chunks = build_model_with_initial_weights(cfg, model_cfg, hf_config, layout, dtype, log, attention_backend)
-    return wrap_ddp(chunks, ddp_config=ddp_config(cfg))
+    if cfg.lora.enabled:
+        add_lora_adapters(cfg, chunks, log)
+    return wrap_ddp(chunks, ddp_config=ddp_config(cfg))  # megatron-core DDP buckets only trainable params
+
+
+def add_lora_adapters(cfg: TrainingConfig, chunks, log) -> None:
+    """Freeze the base and adapt cfg.lora's targets (before DDP and the optimizer exist)."""
+    from megadiff.lora.apply import apply_lora
+
+    names = apply_lora(chunks, **cfg.lora.adapter_config())
+    params = [p for chunk in chunks for p in chunk.parameters()]
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    log(
+        f"lora: rank {cfg.lora.rank}, alpha {cfg.lora.alpha}, {len(names)} adapted linears on rank 0; trainable "
+        f"parameters {trainable:,} of {sum(p.numel() for p in params):,} on rank 0"
+    )
 
 
 def build_model_with_initial_weights(
@@ -115,6 +130,7 @@ def build_model_with_initial_weights(
         model_cfg,
         layout,
         dtype,
+        use_te=False if cfg.lora.enabled else None,  # LoRA adapts the local spec's torch linears only
         attention_backend=attention_backend or cfg.model.attention_backend,
         xt_only_logits=cfg.perf.xt_only_logits and cfg.diffusion.mode == "block_diffusion",
         calculate_per_token_loss=True,

@@ -16,6 +16,7 @@ converter table. Checks per layout (rank 0 writes the worst values as JSON to --
 
 import argparse
 import json
+import math
 
 import torch
 from megatron.core import parallel_state as ps
@@ -28,15 +29,19 @@ from checkpoint_converters.llada2_mapping import (
     load_hf_into_model,
     rule_for,
 )
-from megadiff.hf import build_reference_model
-from megadiff.lora.apply import apply_lora, optimizer_state_bytes
+from megadiff.diffusion.loss import masked_diffusion_loss
+from megadiff.hf import build_reference_model, load_reference_model
+from megadiff.lora.apply import apply_lora
 from megadiff.lora.state import full_adapter_state, load_full_adapter_state
 from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset
 from megadiff.models.llada2.model import build_model
 from megadiff.platform import init_distributed, initialize_parallel
-from megadiff.training.config import TrainingConfig
+from megadiff.training.batch import prepare_micro_batch
+from megadiff.training.config import TrainingConfig, load_config
 from megadiff.training.ddp import wrap_ddp
+from megadiff.training.loop import Trainer
 from megadiff.training.mcore_configs import ddp_config, optimizer_config
+from megadiff.training.optimizer_memory import optimizer_state_bytes
 from megadiff.training.schedule import forward_backward
 
 B, S = 2, 16
@@ -64,21 +69,45 @@ def test_adapters(shapes: dict) -> dict:
     return {k: 0.1 * torch.randn(shape, generator=g) for k, shape in sorted(shapes.items())}
 
 
-def merged_reference(ref_sd: dict, adapters: dict, cfg, cfg_dict) -> torch.nn.Module:
-    merged = dict(ref_sd)
-    scale = ALPHA / RANK
+def merge_adapters(ref: torch.nn.Module, adapters: dict, cfg) -> torch.nn.Module:
+    """`ref` with W + (alpha/r) * B @ A in place of every adapted weight (mcore layout, then the table)."""
+    sd = ref.state_dict()
+    merged = {}
     for key in adapters:
         if not key.endswith(".lora_A.weight"):
             continue
         module = key[: -len(".lora_A.weight")]
         rule, index = rule_for(module + ".weight")
         names = hf_names(rule, index)
-        w = full_mcore_from_hf(rule, [ref_sd[n] for n in names], cfg)
-        w = w + scale * adapters[module + ".lora_B.weight"] @ adapters[key]
+        w = full_mcore_from_hf(rule, [sd[n] for n in names], cfg)
+        w = w + (ALPHA / RANK) * adapters[module + ".lora_B.weight"] @ adapters[key]
         merged.update(zip(names, hf_from_full_mcore(rule, w, cfg), strict=True))
-    ref = build_reference_model(cfg_dict, seed=0)
-    ref.load_state_dict(merged)
+    ref.load_state_dict(sd | merged)
     return ref
+
+
+def hf_grads_of(ref) -> dict:
+    return {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in ref.named_parameters()}
+
+
+def adapter_grad_error(got: dict, adapters: dict, hf_grads: dict, cfg) -> float:
+    """Max rel. error of adapter gradients `got` vs those implied by the merged reference's weight
+    gradients `hf_grads`: with G the weight gradient in megatron layout, dA = s B^T G, dB = s G A^T."""
+    worst = 0.0
+    for key in adapters:
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[: -len(".lora_A.weight")]
+        rule, index = rule_for(module + ".weight")
+        g = full_mcore_from_hf(rule, [hf_grads[n] for n in hf_names(rule, index)], cfg)
+        a, b = adapters[key], adapters[module + ".lora_B.weight"]
+        scale = ALPHA / RANK
+        for name, want in ((key, scale * b.t() @ g), (module + ".lora_B.weight", scale * g @ a.t())):
+            err = float((got[name].cpu() - want).abs().max() / want.abs().max().clamp_min(1e-12))
+            if err > 1e-5 and torch.distributed.get_rank() == 0:
+                print(f"gradient mismatch {name}: rel {err:.3g}", flush=True)
+            worst = max(worst, err)
+    return worst
 
 
 def make_inputs(vocab):
@@ -139,32 +168,8 @@ def gradient_error(chunks, ref, adapters, cfg, ids, pos, allowed) -> float:
     weights = torch.randn(B, S, cfg.vocab_size, generator=torch.Generator().manual_seed(11))
     ref.zero_grad()
     ((ref(ids, pos, allowed).logits * weights).sum() / B).backward()
-    hf_grads = {n: p.grad for n, p in ref.named_parameters()}
     weighted_loss_backward(chunks, cfg, ids, pos, allowed, weights)
-    got = full_adapter_state(chunks, value=lambda p: p.main_grad)
-    scale = ALPHA / RANK
-    worst = 0.0
-    for key in adapters:
-        if not key.endswith(".lora_A.weight"):
-            continue
-        module = key[: -len(".lora_A.weight")]
-        rule, index = rule_for(module + ".weight")
-        grads = [
-            hf_grads[n] if hf_grads[n] is not None else torch.zeros_like(ref_param(ref, n))
-            for n in hf_names(rule, index)
-        ]
-        g = full_mcore_from_hf(rule, grads, cfg)
-        a, b = adapters[key], adapters[module + ".lora_B.weight"]
-        for name, want in ((key, scale * b.t() @ g), (module + ".lora_B.weight", scale * g @ a.t())):
-            err = float((got[name] - want).abs().max() / want.abs().max().clamp_min(1e-12))
-            if err > 1e-5 and torch.distributed.get_rank() == 0:
-                print(f"gradient mismatch {name}: rel {err:.3g}", flush=True)
-            worst = max(worst, err)
-    return worst
-
-
-def ref_param(ref, name):
-    return dict(ref.named_parameters())[name]
+    return adapter_grad_error(full_adapter_state(chunks, value=lambda p: p.main_grad), adapters, hf_grads_of(ref), cfg)
 
 
 def train_steps(chunks, cfg, ids, variant, steps=5) -> dict:
@@ -221,7 +226,7 @@ def run_layout(layout, experts, ref_sd, refs, cfg, cfg_dict, check_grads, check_
     back = full_adapter_state(chunks)
     result["full_state_roundtrip"] = max(float((back[k] - adapters[k]).abs().max()) for k in adapters)
     if experts not in refs:
-        refs[experts] = merged_reference(ref_sd, adapters, cfg, cfg_dict)
+        refs[experts] = merge_adapters(build_reference_model(cfg_dict, seed=0), adapters, cfg)
     ref = refs[experts]
     chunks = wrap_ddp(chunks)  # plain DDP: every rank's main_grad is the whole reduced gradient
     ids, variants = make_inputs(cfg.vocab_size)
@@ -236,11 +241,125 @@ def run_layout(layout, experts, ref_sd, refs, cfg, cfg_dict, check_grads, check_
     return result
 
 
+# ---- through the trainer: SFT (block diffusion and full, packed rows) and DPO --------------------
+
+
+def trainer_overrides(layout: str) -> list[str]:
+    tp, ep, pp = layout.split(",")
+    return [
+        f"parallel.tp={tp}",
+        f"parallel.ep={ep}",
+        f"parallel.pp={pp}",
+        "lora.enabled=true",
+        "lora.experts=true",
+        f"lora.rank={RANK}",
+        f"lora.alpha={ALPHA}",
+        "checkpoint.save_dir=",
+        "logging.progress_bar=false",
+    ]
+
+
+def adapted_trainer(config: str, overrides: list[str]):
+    """A LoRA Trainer whose adapters are the fixed non-zero test adapters."""
+    trainer = Trainer(load_config(config, overrides))
+    adapters = test_adapters({k: v.shape for k, v in full_adapter_state(trainer.chunks).items()})
+    load_full_adapter_state(trainer.chunks, adapters)
+    return trainer, adapters
+
+
+def sft_reference_loss(trainer, ref) -> float:
+    """The trainer's first global batch through the (merged) reference; backward into ref's grads."""
+    d = trainer.cfg.diffusion
+    batch = prepare_micro_batch(trainer.dataset.global_batch(0, 0), d, trainer.mask_id, trainer.cfg.train.seed)
+    logits = torch.cat(
+        [
+            ref(batch["input_ids"][i : i + 1], batch["position_ids"][i : i + 1], batch["allowed"][i : i + 1]).logits
+            for i in range(batch["input_ids"].shape[0])
+        ]
+    )
+    _, stats = masked_diffusion_loss(
+        logits[:, : batch["targets"].shape[1]],
+        batch["targets"],
+        batch["masked"],
+        batch["t"],
+        batch["loss_mask"],
+        doc_ids=batch["doc_ids"],
+        loss_weight=d.loss_weight,
+        normalize=d.normalize,
+        confidence_beta=d.confidence_beta,
+        edited=batch["edited"],
+        edit_weight=d.edit_weight,
+    )
+    loss = (stats["numerator"] + d.confidence_beta * stats["cap_numerator"]) / stats["denominator"]
+    loss.backward()
+    assert int(batch["doc_ids"].max()) > 0, "the rows must be packed (several documents per row)"
+    return float(loss)
+
+
+def trainer_checks(config: str, dpo_config: str | None, hf_dir: str, layout: str) -> dict:
+    result = {}
+    over = trainer_overrides(layout)
+    for mode in ("block_diffusion", "full"):
+        trainer, adapters = adapted_trainer(
+            config, over + [f"diffusion.mode={mode}", "parallel.use_distributed_optimizer=false"]
+        )
+        loss, _ = trainer.forward_backward_step(trainer._micro_batches())
+        got = full_adapter_state(trainer.chunks, value=lambda p: p.main_grad)
+        ref = merge_adapters(load_reference_model(hf_dir), adapters, trainer.model_cfg)
+        ref_loss = sft_reference_loss(trainer, ref)
+        result[f"{mode}_loss_rel"] = abs(loss - ref_loss) / abs(ref_loss)
+        result[f"{mode}_grad_rel"] = adapter_grad_error(got, adapters, hf_grads_of(ref), trainer.model_cfg)
+        trainer.close()
+    # five trainer steps (distributed optimizer, block diffusion): the base does not move at all
+    trainer, _ = adapted_trainer(config, over)
+    frozen = {n: p.detach().clone() for c in trainer.chunks for n, p in c.named_parameters() if not p.requires_grad}
+    losses = [trainer.train_step().loss for _ in range(5)]
+    now = dict(p for c in trainer.chunks for p in c.named_parameters())
+    result["trainer_base_changed"] = sum(not torch.equal(now[n], t) for n, t in frozen.items())
+    result["trainer_loss_not_lower"] = float(losses[-1] >= losses[0])
+    trainer.close()
+    if dpo_config:
+        result.update(dpo_check(dpo_config, hf_dir, over))
+    return result
+
+
+def dpo_check(dpo_config: str, hf_dir: str, over: list[str]) -> dict:
+    """One DPO step of LoRA adapters (live reference = the frozen base, without adapters) vs a plain
+    DPO on the reference model with the merged weights as the policy."""
+    from dpo_check import plain_dpo_loss_and_grads  # the DPO worker next to this one
+
+    trainer, adapters = adapted_trainer(dpo_config, over + ["parallel.use_distributed_optimizer=false"])
+    loss, _, _ = trainer.objective.forward_backward_step(trainer._micro_batches())
+    got = full_adapter_state(trainer.chunks, value=lambda p: p.main_grad)
+    policy = merge_adapters(load_reference_model(hf_dir), adapters, trainer.model_cfg).state_dict()
+    ref_loss, hf_grads = plain_dpo_loss_and_grads(trainer, hf_dir, policy, 0, 0)
+    trainer.close()
+    return {
+        "dpo_loss_rel": abs(loss - ref_loss) / abs(ref_loss),
+        "dpo_grad_rel": adapter_grad_error(got, adapters, hf_grads, trainer.model_cfg),
+        "dpo_loss_minus_log2": abs(loss - math.log(2.0)),
+    }
+
+
+def reduced_max(local: dict) -> dict:
+    """Each value's maximum over all ranks (every check is a 'worst' or a count)."""
+    out = {}
+    for key, value in sorted(local.items()):
+        t = torch.tensor(float(value))
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        out[key] = float(t)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--layouts", required=True, help="'tp,ep,pp[,dense];...'")
     parser.add_argument("--grad-layouts", default="")
     parser.add_argument("--step-layouts", default="")
+    parser.add_argument("--trainer-config", help="training YAML (tiny model, packed SFT rows)")
+    parser.add_argument("--dpo-config", help="training YAML of a DPO run on preference pairs")
+    parser.add_argument("--hf-dir", help="the tiny HF model dir both YAMLs use")
+    parser.add_argument("--trainer-layouts", default="", help="'tp,ep,pp;...' for the trainer checks")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     init_distributed()
@@ -261,15 +380,16 @@ def main():
             (layout, experts) in steps,
             first_init,
         )
-        reduced = {}
-        for key, value in sorted(local.items()):
-            t = torch.tensor(float(value))
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            reduced[key] = float(t)
+        reduced = reduced_max(local)
         name = f"{layout}" + ("" if experts else ",dense")
         results[name] = reduced
         if torch.distributed.get_rank() == 0:
             print(name, reduced, flush=True)
+    for layout in filter(None, args.trainer_layouts.split(";")):
+        local = reduced_max(trainer_checks(args.trainer_config, args.dpo_config, args.hf_dir, layout))
+        results[f"trainer {layout}"] = local
+        if torch.distributed.get_rank() == 0:
+            print(f"trainer {layout}", local, flush=True)
     if torch.distributed.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
