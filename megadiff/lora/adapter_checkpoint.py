@@ -28,6 +28,8 @@ from .base_record import BaseRecord, base_of_run, check_base_exists, check_same_
 # Adapter config fields that change the adapter tensors or the function they compute: a run that
 # resumes a checkpoint must have the same (dropout, init and seed may change).
 MATCHING_FIELDS = ("rank", "alpha", "target_modules", "experts")
+# Adapter tensors, not the optimizer state (`optimizer.` or, chained, `chained_<i>.optimizer.`) about them.
+_ADAPTER_KEY = re.compile(r"^(?!(chained_\d+\.)?optimizer\.).*\.lora_[AB]\.weight$")
 _STACKED_EXPERTS = re.compile(r"^(.*\.mlp\.experts)\.experts\.(.*)$")  # SequentialMLP's sharded keys
 
 
@@ -151,11 +153,11 @@ def is_lora_checkpoint(path: str) -> bool:
 
 
 def full_adapter_state_of(reader) -> dict[str, torch.Tensor]:
-    """The full adapter state in a DistCheckpointReader of an adapter-only checkpoint: every model
-    tensor of it, under its global module path; routed experts, which megatron-core stores as one
+    """The full adapter state in a DistCheckpointReader of an adapter-only checkpoint: every adapter
+    tensor of it (`*.lora_A.weight`, `*.lora_B.weight`), under its global module path; routed experts, which megatron-core stores as one
     [E, ...] tensor per weight (`...mlp.experts.experts.X`), split into `...local_experts.{e}.X`."""
     out = {}
-    for key in sorted(k for k in reader.keys() if not k.startswith("optimizer.")):
+    for key in sorted(k for k in reader.keys() if _ADAPTER_KEY.match(k)):
         tensor = reader.read(key)
         m = _STACKED_EXPERTS.match(key)
         if m:

@@ -185,15 +185,10 @@ def check_optimizer_layout(ckpt_dir: str, sharded_state_dict, layout, trust: boo
 
 # ---- LoRA runs: adapter-only checkpoints (megadiff.lora.adapter_checkpoint) ------------------------
 
-LORA_FIELDS = ("rank", "alpha", "dropout", "target_modules", "experts", "init", "seed")
-
 
 def lora_settings(cfg) -> dict | None:
     """The run's adapter config (the `lora` section as the contract dict), None without LoRA."""
-    section = getattr(cfg, "lora", None)
-    if section is None or not getattr(section, "enabled", bool(getattr(section, "rank", None))):
-        return None
-    return {k: getattr(section, k) for k in LORA_FIELDS}
+    return cfg.lora.adapter_config() if cfg.lora.enabled else None
 
 
 def lora_base_for_run(cfg, iteration: int | None) -> dict | None:

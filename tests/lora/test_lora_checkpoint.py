@@ -206,3 +206,36 @@ def test_lora_run_saves_only_adapters_and_resumes_bit_exactly(tiny_run_dir, tmp_
     rc, out = run("tools/train.py", *common, "train.steps=6", f"checkpoint.save_dir={tmp_path / 'b'}")
     assert rc == 2 and f"apply to the base {base / 'iter_0000000'} (megadiff.json lora.base.path)" in out, out[-3000:]
     assert "point model.init_from_mcore at its new place" in out and "initial weights" not in out
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_the_reader_gives_the_models_full_adapter_state_whatever_layout_saved_it(tiny_run_dir, tmp_path):
+    from tests.dist.launch import run_torchrun
+
+    out = tmp_path / "layouts.json"
+    layouts = "2,1,1;1,2,1;2,2,1;1,1,2"  # TP (fc1's gated B rows, row-parallel A), EP (stacked experts), PP
+    run_torchrun(
+        2,
+        "tests/dist/workers/lora_checkpoint_layouts.py",
+        [
+            "--config",
+            tiny_run_dir / "cfg.yaml",
+            "--layouts",
+            layouts,
+            "--save-root",
+            tmp_path / "ckpts",
+            "--out",
+            out,
+            "lora.enabled=true",
+            "lora.rank=4",
+            "lora.experts=true",
+        ],
+    )
+    results = json.loads(out.read_text())
+    assert set(results) == set(layouts.split(";"))
+    for layout, r in results.items():
+        # 4 layers: qkv + proj each, fc1 + fc2 of the dense MLP, 3 shared experts and 3 x 8 experts; A and B
+        assert r["keys"] == 2 * (4 * 2 + 2 + 3 * 2 + 3 * 8 * 2), (layout, r)
+        assert not r["only_in_model"] and not r["only_in_checkpoint"], (layout, r)
+        assert r["max_abs_diff"] == 0.0 and r["max_abs"] > 0, (layout, r)  # exact, and B was trained
