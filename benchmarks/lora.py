@@ -103,7 +103,7 @@ def step_times(rank: int, steps: int, warmup: int = 3) -> dict:
             "diffusion.block_size=8",
             "logging.progress_bar=false",
         ]
-        for name, extra in (("full", []), ("lora", [f"lora.rank={rank}"])):
+        for name, extra in (("full", []), ("lora", ["lora.enabled=true", f"lora.rank={rank}"])):
             trainer = Trainer(load_config(None, common + extra))
             times = []
             for i in range(steps + warmup):
