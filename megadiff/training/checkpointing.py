@@ -170,6 +170,13 @@ def check_optimizer_layout(ckpt_dir: str, sharded_state_dict, layout, trust: boo
     saved_cfg = (meta.get("extra") or {}).get("training_config") or {}
     reshardable = (saved_cfg.get("checkpoint") or {}).get("fully_reshardable_optimizer")
 
+    keep_only = f"To keep only the weights, start a new run with model.init_from_mcore={ckpt_dir} (fresh optimizer)"
+    if meta.get("lora"):  # adapter-only: no weights to start from
+        keep_only = (
+            f"To keep only the adapters, export them (tools/convert_mcore_to_hf.py --mcore-dir {ckpt_dir} "
+            f"--peft-adapter DIR) and start a new LoRA run from them"
+        )
+
     def show(lay):
         return ", ".join(f"{k}={v}" for k, v in fmt.layout_dict(lay).items())
 
@@ -178,8 +185,7 @@ def check_optimizer_layout(ckpt_dir: str, sharded_state_dict, layout, trust: boo
         f"checkpoint.fully_reshardable_optimizer={str(bool(reshardable)).lower()}, and cannot be resumed at this "
         f"run's layout ({show(layout)}) ('{missing[0]}' and {len(missing) - 1} more are not in the checkpoint). "
         f"Resume at the saved layout (any data-parallel size); checkpoints saved with "
-        f"checkpoint.fully_reshardable_optimizer=true resume at any layout. To keep only the weights, start a "
-        f"new run with model.init_from_mcore={ckpt_dir} (fresh optimizer)"
+        f"checkpoint.fully_reshardable_optimizer=true resume at any layout. " + keep_only
     )
 
 

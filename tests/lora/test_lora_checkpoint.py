@@ -126,6 +126,8 @@ def test_an_adapter_only_checkpoint_is_not_loaded_as_the_model_weights(hf_bases,
         CheckpointError, match=r"adapter-only LoRA checkpoint .*cannot be loaded as the model's weights"
     ):
         load_model_weights(os.path.dirname(ckpt), chunks=None)  # refused before the chunks are touched
+    with pytest.raises(CheckpointError, match=r"adapter-only LoRA checkpoint .*cannot be the base of a LoRA run"):
+        base_of_run(hf_bases[0], os.path.dirname(ckpt))  # model.init_from_mcore=<a LoRA checkpoint>
 
 
 # ---- the trainer: adapter-only saves and a bit-exact resume ----------------------------------------
