@@ -89,7 +89,8 @@ def check_resume(ckpt_dir: str, run_lora: dict | None, hf_dir: str | None, init_
     recorded = BaseRecord.from_dict(saved["base"], f"{ckpt_dir}/{fmt.META_NAME}")
     run_path = os.path.abspath(init_from_mcore or hf_dir or "")
     if not os.path.exists(run_path):
-        if run_path in (recorded.path, os.path.dirname(recorded.path)):  # an mcore base: root or iteration dir
+        named = {recorded.path, os.path.dirname(recorded.path) if recorded.kind == "mcore" else recorded.path}
+        if run_path in named:  # the recorded base itself (an mcore base: its root or its iteration dir)
             check_base_exists(recorded, ckpt_dir, f"point {recorded.field} at its new place")
         field = "model.init_from_mcore" if init_from_mcore else "model.hf_dir"
         raise CheckpointError(f"{run_path} ({field}): not found; the adapters of {ckpt_dir} apply to {recorded.path}")
