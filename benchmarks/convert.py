@@ -22,10 +22,10 @@ as a child process exactly as a user would (CLI, interpreter start-up and import
 same state: previous output deleted, `sync`, and the page cache dropped (--cache cold, the default
 where /proc/sys/vm/drop_caches is writable, e.g. as root), so each reads its input from disk as
 when converting a checkpoint larger than RAM. Throughput ratio = copy time / tool time within each
-pair, median over rounds: on this shared VM the same copy took 0.9 s in one run and 7.7 s in
-another, depending on what ran before it, so only paired ratios are stable. "data" = the tools' own
-timing of their read-transform-write loop (without interpreter start-up and imports, ~1.5 s for
-moe_convertor and convert_mcore_to_hf, ~3 s with megatron-core for convert_hf_to_mcore); the tools
+pair, median over rounds: on a shared VM the same copy's time varies several-fold with what ran
+before it (benchmarks/RESULTS.md, convert), so only paired ratios are stable. "data" = the tools' own
+timing of their read-transform-write loop (without interpreter start-up and imports, which
+megatron-core makes longest for convert_hf_to_mcore); the tools
 also say how they copied the weight bytes (direct I/O, in the kernel, through a buffer). Peak
 resident memory of the child process tree (psutil, sampled every 10 ms): total RSS, and anonymous
 RSS (total minus file-backed pages).
@@ -56,9 +56,9 @@ def make_checkpoint(out_dir: str, layers: int) -> dict:
     """Random bf16 weights (fp32 router bias), written one tensor at a time."""
     import torch
 
-    from checkpoint_converters.experts import expected_shapes
     from checkpoint_converters.safetensors_stream import ShardedSafetensorsWriter
     from megadiff.hf.reference import copy_remote_code, write_hf_config
+    from megadiff.models.llada2.hf_experts import expected_shapes
     from megadiff.models.llada2.presets import preset
 
     cfg = preset("llada2-mini", num_hidden_layers=layers)
@@ -145,7 +145,7 @@ def measure_pairs(copy_cmd, copy_out: str, runs: dict, outputs: dict, repeat: in
     tool_runs = {name: [] for name in runs}
     copy_runs = {name: [] for name in runs}
     for round_ in range(repeat):
-        # a new order each round: what ran just before changes the copy's time (1.8-5.6 s here)
+        # a new order each round: what ran just before changes the copy's time
         names = list(runs)
         random.Random(round_).shuffle(names)
         for name in names:
@@ -220,6 +220,9 @@ def _run_once(cmd) -> dict:
 
 
 def main(argv=None):
+    from megadiff.platform import install_import_hook
+
+    install_import_hook()  # first, before anything imports megatron-core
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=2, help="mini-width layers (layer 0 dense); 2 = 3.0 GB")
     p.add_argument("--workdir", default=None, help="where the temp dir goes (default: system temp)")
@@ -400,7 +403,7 @@ def verify(original: str, outputs: list[str]) -> None:
     """Spot-check that the round trips are exact (a few tensors, every kind)."""
     import torch
 
-    from checkpoint_converters.hf_io import HFCheckpointReader
+    from megadiff.hf.checkpoint_reader import HFCheckpointReader
 
     a = HFCheckpointReader(original)
     others = [HFCheckpointReader(o) for o in outputs]

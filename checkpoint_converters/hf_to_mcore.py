@@ -8,8 +8,8 @@ the writer reaches it. A matrix kept in its dtype and split over TP by rows, if 
 at TP=1), is not read at all: the table's transform runs on its row addresses and the writer
 copies those rows file to file in the kernel (byte_spans).
 
-Memory does not grow with the model: the interpreter with megatron-core (~0.4 GB), the meta model
-and sharded state dict (~0.2 GB for LLaDA2-flash's 32 x 256 experts), and about two copies of the
+Memory does not grow with the model: the interpreter with megatron-core, the meta model and
+sharded state dict (benchmarks/RESULTS.md, "measured in passing"), and about two copies of the
 largest tensor (the embedding: 0.64 GB for mini, 1.3 GB for flash, in bf16). Under torchrun every
 rank reads whole HF tensors and keeps its shard, so each rank needs that much.
 
@@ -34,11 +34,18 @@ import torch
 from megadiff.checkpoint.bytecopy.byte_spans import FileTable, RowAddresses
 from megadiff.checkpoint.bytecopy.span_copy import SpanCopier
 from megadiff.checkpoint.format import DTYPES, dtype_name, new_nonce, remove_tree
+from megadiff.errors import CheckpointError
+from megadiff.hf.checkpoint_reader import HFCheckpointReader, check_tensors_match, read_hf_config
 from megadiff.models.llada2.config import ConfigError, LLaDA2ModelConfig, ParallelLayout
+from megadiff.models.llada2.hf_experts import (
+    SPLIT,
+    detect_expert_format,
+    expected_shapes,
+    split_tensor_getter,
+    stored_location,
+)
 
-from .experts import SPLIT, detect_expert_format, expected_shapes, split_tensor_getter, stored_location
 from .hf_direct import DirectHFReader
-from .hf_io import CheckpointError, HFCheckpointReader, check_tensors_match, read_hf_config
 from .io_paths import resolve_io
 from .output_dir import check_output_dir, publish
 from .report import data_phase_line
@@ -99,8 +106,7 @@ def _materializer(source: HFInput, chunks, params_dtype: torch.dtype, plain: boo
     from megatron.core import parallel_state as ps
 
     from megadiff.checkpoint.dist import model_state_keys, unwrap_model
-
-    from .llada2_mapping import COLS, full_mcore_from_hf, global_name, hf_names, rule_for, shard
+    from megadiff.models.llada2.hf_mapping import COLS, full_mcore_from_hf, global_name, hf_names, rule_for, shard
 
     get_hf = split_tensor_getter(source.reader, source.expert_format)
     files = FileTable()
@@ -218,7 +224,7 @@ def convert_hf_to_mcore(
         )
     sharded = model_sharded_state_dict(chunks)
     if spec == "te":
-        from .dist_keys import other_spec_keys
+        from megadiff.models.llada2.checkpoint_keys import other_spec_keys
 
         rename_sharded_keys(sharded, other_spec_keys(source.config))
     meta = {

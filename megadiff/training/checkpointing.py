@@ -9,18 +9,20 @@ checkpoint, and never overwrites a damaged iteration.
 """
 
 import os
-import re
 import shutil
 from collections.abc import Callable
 
-from checkpoint_converters.hf_io import CheckpointError
+import torch
+
 from megadiff.checkpoint import format as fmt
+from megadiff.checkpoint.dist import missing_sharded_keys
 from megadiff.checkpoint.lock import SaveDirLock
+from megadiff.errors import CheckpointError
+from megadiff.lora.adapter_checkpoint import check_resume, load_adapter_state
+from megadiff.lora.base_record import base_of_run
 
 # Version-dependent optimizer workarounds live in compat; the trainer imports restore_adam_steps from here.
 from megadiff.platform.compat import init_optimizer_states_with_dummy_values, restore_adam_steps  # noqa: F401
-
-_ITER = re.compile(r"^iter_(\d{7,})")
 
 
 def claim_save_dir(save_dir: str, resume: bool, log: Callable[[str], None]) -> tuple[SaveDirLock, int | None]:
@@ -55,7 +57,7 @@ def restore_interrupted_replaces(root: str, log) -> None:
     replace left behind)."""
     copies = {}
     for name in sorted(os.listdir(root)):
-        m = _ITER.match(name)
+        m = fmt.ITER_NAME_PREFIX.match(name)
         path = os.path.join(root, name)
         final = os.path.join(root, name.split(fmt.BACKUP_MARK)[0].split(fmt.STAGING_MARK)[0])
         if not m or final == path or os.path.lexists(final) or fmt.iteration_dir_problem(path) is not None:
@@ -77,7 +79,7 @@ def remove_stale_staging(root: str, log) -> None:
         path = os.path.join(root, name)
         if not (
             name.startswith(fmt.TRACKER_NAME + fmt.STAGING_MARK)
-            or (_ITER.match(name) and (fmt.STAGING_MARK in name or fmt.BACKUP_MARK in name))
+            or (fmt.ITER_NAME_PREFIX.match(name) and (fmt.STAGING_MARK in name or fmt.BACKUP_MARK in name))
         ):
             continue
         if os.path.isdir(path):
@@ -127,8 +129,6 @@ def apply_model_state(chunks, state: dict, adapters_only: bool = False) -> None:
     """Load the model part of a loaded dist-checkpoint state dict into the chunks (`adapters_only`:
     a LoRA run's, which holds the adapters; the frozen base keeps its weights)."""
     if adapters_only:
-        from megadiff.lora.adapter_checkpoint import load_adapter_state
-
         load_adapter_state(chunks, state)
     elif len(chunks) == 1:
         chunks[0].load_state_dict(state["model"])
@@ -140,8 +140,6 @@ def apply_model_state(chunks, state: dict, adapters_only: bool = False) -> None:
 def prune_checkpoints(root: str, keep_last: int) -> None:
     """Delete all but the newest `keep_last` complete iteration dirs (rank 0; keep_last <= 0 keeps
     all). Damaged or unfinished dirs are never deleted: they were reported, a person decides."""
-    import torch
-
     if keep_last <= 0 or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
         return
     complete = fmt.complete_iteration_dirs(root)
@@ -161,8 +159,6 @@ def initialise_optimizer_state(optimizer) -> None:
 def check_optimizer_layout(ckpt_dir: str, sharded_state_dict, layout, trust: bool = False) -> None:
     """Raise a CheckpointError naming both layouts and the way out when the checkpoint's optimizer
     state cannot be resumed at `layout` (dp_reshardable state resumes only at the saving layout)."""
-    from megadiff.checkpoint.dist import missing_sharded_keys
-
     missing = [k for k in missing_sharded_keys(ckpt_dir, sharded_state_dict, trust) if k.startswith("optimizer")]
     if not missing:
         return  # anything else missing is reported by load_checkpoint
@@ -202,9 +198,6 @@ def lora_base_for_run(cfg, iteration: int | None) -> dict | None:
     of the base a LoRA run's checkpoints will name, checked against the checkpoint it resumes
     (`iteration` of checkpoint.save_dir; adapter-only vs full, adapter config, base). None for a
     run without LoRA, which is checked not to resume an adapter-only checkpoint."""
-    from megadiff.lora.adapter_checkpoint import check_resume
-    from megadiff.lora.base_record import base_of_run
-
     run_lora = lora_settings(cfg)
     if iteration is not None:
         ckpt_dir = fmt.resolve_checkpoint_dir(cfg.checkpoint.save_dir, iteration)

@@ -1,11 +1,22 @@
 """Build what a training run needs, cheapest and most error-prone first: tokenizer, data, model."""
 
+import math
 import os
 
-from megadiff.hf.tokenizer import TokenizerError
-from megadiff.inference.loading import TOKENIZER_FILES
+from transformers import AutoTokenizer
+
+from megadiff.checkpoint import load_model_weights
+from megadiff.data.dataset import SFTDataset
+from megadiff.data.rows import read_sft_rows
+from megadiff.data.tokenize import pad_answers_to_block, tokenize_rows
+from megadiff.hf.checkpoint_reader import HFCheckpointReader, check_tensors_match
+from megadiff.hf.tokenizer import TOKENIZER_FILES, TokenizerError, mask_token_id
 from megadiff.models.llada2.config import ConfigError
+from megadiff.models.llada2.hf_mapping import expected_hf_shapes, load_hf_into_model
+from megadiff.models.llada2.model import build_model
 from megadiff.training.config import TrainingConfig, TrainingConfigError, config_spelling
+from megadiff.training.ddp import wrap_ddp
+from megadiff.training.mcore_configs import ddp_config, transformer_overrides
 
 
 def check_config_fits_model(cfg: TrainingConfig, model_cfg, layout) -> None:
@@ -16,6 +27,7 @@ def check_config_fits_model(cfg: TrainingConfig, model_cfg, layout) -> None:
         model_cfg.validate_layout(layout)
     except ConfigError as e:
         raise ConfigError(config_spelling(str(e))) from None
+    check_layout_fits_processes(layout, int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.data.max_seq_len > model_cfg.max_position_embeddings:
         raise TrainingConfigError(
             f"data.max_seq_len={cfg.data.max_seq_len} is above max_position_embeddings="
@@ -24,10 +36,22 @@ def check_config_fits_model(cfg: TrainingConfig, model_cfg, layout) -> None:
         )
 
 
-def load_tokenizer_and_mask_id(cfg: TrainingConfig, model_cfg):
-    from transformers import AutoTokenizer
+def check_layout_fits_processes(layout, world: int) -> None:
+    """Raise naming the parallel.* keys when `world` processes (torchrun's WORLD_SIZE) cannot hold
+    the layout: megatron-core needs tp*pp | world and ep*etp | world/pp. Checked before any process
+    group exists (platform.initialize_parallel would refuse too, but in its own terms)."""
+    model_parallel, expert_parallel = layout.tp * layout.pp, layout.ep * layout.etp * layout.pp
+    if world % model_parallel == 0 and world % expert_parallel == 0:
+        return
+    need = math.lcm(model_parallel, expert_parallel)
+    raise TrainingConfigError(
+        f"parallel.tp={layout.tp}, parallel.pp={layout.pp}, parallel.ep={layout.ep}, parallel.etp={layout.etp} "
+        f"need a multiple of {need} processes (tp*pp and ep*etp*pp must divide it), but {world} were started; "
+        f"launch a multiple of {need} (torchrun --nproc-per-node) or change parallel.*"
+    )
 
-    from megadiff.hf.tokenizer import mask_token_id
+
+def load_tokenizer_and_mask_id(cfg: TrainingConfig, model_cfg):
 
     tokenizer_dir = cfg.model.tokenizer_dir or cfg.model.hf_dir
     key = "model.tokenizer_dir" if cfg.model.tokenizer_dir else "model.hf_dir"
@@ -53,9 +77,6 @@ def load_tokenizer_and_mask_id(cfg: TrainingConfig, model_cfg):
 def load_samples(cfg: TrainingConfig, tokenizer, mask_id: int):
     """Read, validate and tokenise every SFT row (malformed input stops here, before any
     process group or model exists)."""
-    from megadiff.data.rows import read_sft_rows
-    from megadiff.data.tokenize import pad_answers_to_block, tokenize_rows
-
     rows, stats = read_sft_rows(cfg.data.train_files, skip_bad_rows=cfg.data.skip_bad_rows)
     samples = tokenize_rows(rows, tokenizer, mask_id)
     if cfg.data.pad_answers_to_block:
@@ -64,8 +85,6 @@ def load_samples(cfg: TrainingConfig, tokenizer, mask_id: int):
 
 
 def build_dataset(cfg: TrainingConfig, tokenizer, samples, stats, dp_size: int, dp_rank: int):
-    from megadiff.data.dataset import SFTDataset
-
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dataset = SFTDataset(
         samples,
@@ -94,9 +113,6 @@ def build_model_and_load(
     """Model chunks for this rank with their initial weights, wrapped in megatron-core DDP.
     attention_backend: the resolved one (perf_preflight.choose_attention_backend); default: the
     config's, which must then not be auto."""
-    from megadiff.training.ddp import wrap_ddp
-    from megadiff.training.mcore_configs import ddp_config
-
     chunks = build_model_with_initial_weights(cfg, model_cfg, hf_config, layout, dtype, log, attention_backend)
     if cfg.lora.enabled:
         add_lora_adapters(cfg, chunks, log)
@@ -120,12 +136,6 @@ def build_model_with_initial_weights(
     cfg: TrainingConfig, model_cfg, hf_config: dict, layout, dtype, log, attention_backend: str | None = None
 ):
     """Model chunks for this rank holding the run's starting weights (hf_dir or init_from_mcore)."""
-    from checkpoint_converters.hf_io import HFCheckpointReader, check_tensors_match
-    from checkpoint_converters.llada2_mapping import load_hf_into_model
-    from megadiff.hf.reference import expected_hf_shapes
-    from megadiff.models.llada2.model import build_model
-    from megadiff.training.mcore_configs import transformer_overrides
-
     chunks = build_model(
         model_cfg,
         layout,
@@ -137,8 +147,6 @@ def build_model_with_initial_weights(
         **transformer_overrides(cfg),
     )
     if cfg.model.init_from_mcore:
-        from megadiff.checkpoint import load_model_weights
-
         load_model_weights(cfg.model.init_from_mcore, chunks, trust=cfg.checkpoint.trust_checkpoint)
         log(f"initial weights: megatron checkpoint {cfg.model.init_from_mcore}")
     else:

@@ -9,12 +9,16 @@ import argparse
 import json
 import os
 
-import torch
+from megadiff.platform import install_import_hook  # noqa: E402
 
-from megadiff.lora.adapter_checkpoint import read_lora_checkpoint
-from megadiff.lora.state import full_adapter_state
-from megadiff.training.config import load_config
-from megadiff.training.loop import Trainer
+install_import_hook()  # first, before anything imports megatron-core
+
+import torch  # noqa: E402
+
+from megadiff.lora.adapter_checkpoint import read_lora_checkpoint  # noqa: E402
+from megadiff.lora.state import full_adapter_state  # noqa: E402
+from megadiff.training.config import load_config  # noqa: E402
+from megadiff.training.loop import Trainer  # noqa: E402
 
 
 def main():

@@ -16,6 +16,10 @@ Writes {rank: {case: {"actual": {...}, "forecast": {...}}}} (every rank's file m
 import argparse
 import json
 
+from megadiff.platform import install_import_hook  # noqa: E402
+
+install_import_hook()  # first, before anything imports megatron-core
+
 import torch
 from megatron.core import parallel_state as ps
 
