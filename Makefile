@@ -72,10 +72,13 @@ demo-clean:
 
 LINT_PATHS := megadiff checkpoint_converters tools tests benchmarks
 
-# ruff's rules (ruff.toml) and its formatter; `make format` applies the formatter.
+# ruff's rules (ruff.toml) and its formatter; `make format` applies the formatter. lint-imports
+# checks the import contracts in .importlinter (megadiff never imports the converters, tools or
+# tests; inside megadiff the layers import only downwards).
 lint: setup
 	$(PY) -m ruff check $(LINT_PATHS)
 	$(PY) -m ruff format --check $(LINT_PATHS)
+	PYTHONPATH=. $(VENV)/bin/lint-imports
 
 format: setup
 	$(PY) -m ruff format $(LINT_PATHS)

@@ -1,4 +1,5 @@
 """megadiff: a Megatron-Core trainer for diffusion language models (LLaDA2)."""
+
 from setuptools import find_packages, setup
 
 setup(
@@ -28,6 +29,6 @@ setup(
         # LoRA adapters as Hugging Face PEFT adapters (exclude_modules needs 0.14; tested: 0.21.2 on
         # both stacks). Only the export tests and the PEFT reference of the LoRA tests import it.
         "peft": ["peft>=0.14"],
-        "dev": ["pytest", "pytest-timeout", "ruff", "pyarrow", "matplotlib", "tensorboard", "peft>=0.14"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "import-linter", "pyarrow", "matplotlib", "tensorboard", "peft>=0.14"],
     },
 )

@@ -109,11 +109,13 @@ def mask_tile_fraction(block_mask):
 def run_child(cfg):
     import torch
 
+    from megadiff.diffusion.block_mask import block_mask_for
     from megadiff.diffusion.masks import block_diffusion_mask
     from megadiff.models.llada2.config import ParallelLayout
-    from megadiff.models.llada2.flex_attention import FlexCoreAttention, block_mask_for, cpu_flex_is_compiled
+    from megadiff.models.llada2.flex_attention import FlexCoreAttention
     from megadiff.models.llada2.model import mcore_attention_mask
     from megadiff.platform import init_distributed, initialize_parallel
+    from megadiff.platform.cpu_flex_attention import cpu_flex_is_compiled
 
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
@@ -273,6 +275,9 @@ def table(results):
 
 
 def main(argv=None):
+    from megadiff.platform import install_import_hook
+
+    install_import_hook()  # first, before anything imports megatron-core
     args = parse_args(argv)
     if args.child:
         result = run_child(json.loads(args.child))

@@ -56,9 +56,9 @@ def make_checkpoint(out_dir: str, layers: int) -> dict:
     """Random bf16 weights (fp32 router bias), written one tensor at a time."""
     import torch
 
-    from checkpoint_converters.experts import expected_shapes
     from checkpoint_converters.safetensors_stream import ShardedSafetensorsWriter
     from megadiff.hf.reference import copy_remote_code, write_hf_config
+    from megadiff.models.llada2.hf_experts import expected_shapes
     from megadiff.models.llada2.presets import preset
 
     cfg = preset("llada2-mini", num_hidden_layers=layers)
@@ -220,6 +220,9 @@ def _run_once(cmd) -> dict:
 
 
 def main(argv=None):
+    from megadiff.platform import install_import_hook
+
+    install_import_hook()  # first, before anything imports megatron-core
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=2, help="mini-width layers (layer 0 dense); 2 = 3.0 GB")
     p.add_argument("--workdir", default=None, help="where the temp dir goes (default: system temp)")
@@ -400,7 +403,7 @@ def verify(original: str, outputs: list[str]) -> None:
     """Spot-check that the round trips are exact (a few tensors, every kind)."""
     import torch
 
-    from checkpoint_converters.hf_io import HFCheckpointReader
+    from megadiff.hf.checkpoint_reader import HFCheckpointReader
 
     a = HFCheckpointReader(original)
     others = [HFCheckpointReader(o) for o in outputs]

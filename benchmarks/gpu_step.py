@@ -20,14 +20,19 @@ import argparse
 import json
 import time
 
+from megadiff.platform import install_import_hook  # noqa: E402
+
+install_import_hook()  # first, before anything imports megatron-core
+
 import torch
 from megatron.core.optimizer import get_megatron_optimizer
 
+from megadiff.diffusion.block_mask import block_mask_for
 from megadiff.diffusion.masks import block_diffusion_mask
 from megadiff.hf import build_reference_model
 from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset
-from megadiff.models.llada2.flex_attention import block_mask_for
 from megadiff.models.llada2.model import build_model
+from megadiff.models.llada2.schedule import forward_backward
 from megadiff.platform import init_distributed, initialize_parallel
 from megadiff.platform.device import run_device, uses_cuda
 from megadiff.platform.kernels import megatron_has_te, probe_environment
@@ -35,7 +40,6 @@ from megadiff.training.config import DiffusionSection, TrainingConfig
 from megadiff.training.ddp import wrap_ddp
 from megadiff.training.loss import diffusion_loss_sums
 from megadiff.training.mcore_configs import ddp_config, optimizer_config
-from megadiff.training.schedule import forward_backward
 from megadiff.training.throughput import peak_tflops, step_flops
 
 BLOCK, MASK_ID = 32, 0

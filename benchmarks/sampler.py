@@ -120,6 +120,9 @@ def write_section(section: str) -> None:
 
 
 def main(argv=None) -> int:
+    from megadiff.platform import install_import_hook
+
+    install_import_hook()  # first, before anything imports megatron-core
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt-lengths", type=int, nargs="+", default=[128, 512, 2048])
     parser.add_argument("--gen-length", type=int, default=64)

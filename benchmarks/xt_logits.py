@@ -14,6 +14,10 @@ import json
 import statistics
 import time
 
+from megadiff.platform import install_import_hook  # noqa: E402
+
+install_import_hook()  # first, before anything imports megatron-core
+
 import torch
 
 from megadiff.models.llada2 import LLaDA2ModelConfig, preset

@@ -17,8 +17,8 @@ import struct
 import torch
 
 from megadiff.checkpoint.bytecopy.byte_spans import FileTable, Span, Spans, read_range_into
-
-from .hf_io import SAFETENSORS_DTYPE_BYTES, CheckpointError, HFCheckpointReader
+from megadiff.errors import CheckpointError
+from megadiff.hf.checkpoint_reader import SAFETENSORS_DTYPE_BYTES, HFCheckpointReader
 
 _TORCH_DTYPES = {
     "F64": torch.float64,

@@ -1,5 +1,5 @@
-"""Which files of an HF template dir an export copies, and when a checkpoint's recorded
-`hf_source_dir` may serve as that template.
+"""Which files of an HF template dir an export copies (when a checkpoint's recorded
+`hf_source_dir` may serve as that template: megadiff.checkpoint.hf_source).
 
 An export adds tokenizer, generation config, chat template and remote code to the weights. They
 come from a template dir: the one the user names (`--hf-template`), else the HF dir the checkpoint
@@ -9,10 +9,11 @@ the checkpoint (it is then the model's own HF dir, or one just like it), and fro
 only an allow-list is copied, never whatever else lies there (keys, credentials, scripts).
 """
 
-import json
 import os
 import re
 import shutil
+
+from megadiff.checkpoint.hf_source import read_json_or_none
 
 TEMPLATE_FILES = (
     "tokenizer.json",
@@ -45,35 +46,10 @@ def auto_map_modules(*configs: dict) -> list[str]:
     return sorted(modules)
 
 
-def _read_json_or_none(path: str):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def recorded_source_dir(meta: dict) -> tuple[str | None, str]:
-    """(the checkpoint's recorded hf_source_dir if it may be used, why or why not)."""
-    source = meta.get("hf_source_dir")
-    if not source:
-        return None, "the checkpoint records no hf_source_dir"
-    if not os.path.isdir(source):
-        return None, f"recorded hf_source_dir {source} no longer exists"
-    config = _read_json_or_none(os.path.join(source, "config.json"))
-    if config is None or config != meta.get("hf_config"):
-        return None, (
-            f"recorded hf_source_dir {source} is not used: its config.json "
-            f"{'is missing or unreadable' if config is None else 'differs from the config recorded in the checkpoint'}"
-            f", so it need not be the directory this checkpoint was made from"
-        )
-    return source, f"recorded hf_source_dir {source} (its config.json matches the checkpoint's)"
-
-
 def copy_template_files(template: str, dst: str, config: dict) -> tuple[list[str], list[str]]:
     """Copy the allow-listed files of `template` and the remote-code modules that the output
     `config`'s (or the template tokenizer's) auto_map names. Returns (copied, left out)."""
-    tokenizer_config = _read_json_or_none(os.path.join(template, "tokenizer_config.json"))
+    tokenizer_config = read_json_or_none(os.path.join(template, "tokenizer_config.json"))
     wanted = set(TEMPLATE_FILES) | set(auto_map_modules(config, tokenizer_config or {}))
     copied, left_out = [], []
     for name in sorted(os.listdir(template)):

@@ -34,11 +34,18 @@ import torch
 from megadiff.checkpoint.bytecopy.byte_spans import FileTable, RowAddresses
 from megadiff.checkpoint.bytecopy.span_copy import SpanCopier
 from megadiff.checkpoint.format import DTYPES, dtype_name, new_nonce, remove_tree
+from megadiff.errors import CheckpointError
+from megadiff.hf.checkpoint_reader import HFCheckpointReader, check_tensors_match, read_hf_config
 from megadiff.models.llada2.config import ConfigError, LLaDA2ModelConfig, ParallelLayout
+from megadiff.models.llada2.hf_experts import (
+    SPLIT,
+    detect_expert_format,
+    expected_shapes,
+    split_tensor_getter,
+    stored_location,
+)
 
-from .experts import SPLIT, detect_expert_format, expected_shapes, split_tensor_getter, stored_location
 from .hf_direct import DirectHFReader
-from .hf_io import CheckpointError, HFCheckpointReader, check_tensors_match, read_hf_config
 from .io_paths import resolve_io
 from .output_dir import check_output_dir, publish
 from .report import data_phase_line
@@ -99,8 +106,7 @@ def _materializer(source: HFInput, chunks, params_dtype: torch.dtype, plain: boo
     from megatron.core import parallel_state as ps
 
     from megadiff.checkpoint.dist import model_state_keys, unwrap_model
-
-    from .llada2_mapping import COLS, full_mcore_from_hf, global_name, hf_names, rule_for, shard
+    from megadiff.models.llada2.hf_mapping import COLS, full_mcore_from_hf, global_name, hf_names, rule_for, shard
 
     get_hf = split_tensor_getter(source.reader, source.expert_format)
     files = FileTable()
@@ -218,7 +224,7 @@ def convert_hf_to_mcore(
         )
     sharded = model_sharded_state_dict(chunks)
     if spec == "te":
-        from .dist_keys import other_spec_keys
+        from megadiff.models.llada2.checkpoint_keys import other_spec_keys
 
         rename_sharded_keys(sharded, other_spec_keys(source.config))
     meta = {

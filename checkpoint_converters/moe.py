@@ -15,9 +15,10 @@ from collections.abc import Callable, Iterator
 import torch
 
 from megadiff.checkpoint.bytecopy.byte_spans import Spans, concat_spans
+from megadiff.errors import CheckpointError
+from megadiff.hf.checkpoint_reader import SAFETENSORS_DTYPES, HFCheckpointReader, check_tensors_match, read_hf_config
 from megadiff.models.llada2.config import LLaDA2ModelConfig
-
-from .experts import (
+from megadiff.models.llada2.hf_experts import (
     MERGED,
     PROJS,
     SPLIT,
@@ -28,8 +29,8 @@ from .experts import (
     parse_split_name,
     split_name,
 )
+
 from .hf_direct import DirectHFReader
-from .hf_io import SAFETENSORS_DTYPES, CheckpointError, HFCheckpointReader, check_tensors_match, read_hf_config
 from .output_dir import check_output_dir, copy_non_weight_files, staged_output
 from .report import data_phase_line
 from .safetensors_stream import parse_size, write_sharded_safetensors

@@ -23,9 +23,8 @@ from megadiff.checkpoint.format import (
     restore_interrupted_replace,
     staging_path,
 )
-
-from .hf_io import CheckpointError
-from .hf_layout import AUTO_MAP, REMOTE_CODE_FILES, remote_code_dir
+from megadiff.errors import CheckpointError
+from megadiff.hf.remote_code import AUTO_MAP, REMOTE_CODE_FILES, remote_code_dir
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".distcp")
 

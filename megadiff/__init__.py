@@ -1,6 +1,5 @@
-"""megadiff: a Megatron-Core trainer for diffusion language models (LLaDA2)."""
+"""megadiff: a Megatron-Core trainer for diffusion language models (LLaDA2).
 
-from .platform.compat import defer_jit_fuser_compilation
-
-# before anything imports megatron-core: its fused kernels compile when first called, not at import
-defer_jit_fuser_compilation()
+Importing megadiff changes nothing in torch or megatron-core; entry points call
+`megadiff.platform.install_import_hook()` first (see there).
+"""

@@ -28,3 +28,11 @@ def user_error_exit(error) -> int:
     elif rank == 0:
         print(f"error: {error}", file=sys.stderr, flush=True)
     return USER_ERROR_EXIT
+
+
+class CheckpointError(UserError):
+    """A checkpoint directory or file (HF or megatron-core) is missing, inconsistent or corrupt."""
+
+
+class ConfigError(UserError):
+    """A model config field, or a parallel layout, that megadiff cannot run."""

@@ -8,8 +8,11 @@ import os
 import pytest
 import torch
 
+from megadiff.platform import install_import_hook
+
 
 def pytest_configure(config):
+    install_import_hook()  # before any test module imports megatron-core
     # One thread per test process: on 2-core machines torch's default threads fight with the
     # torchrun workers that other tests launch, and tiny-model tests slow down many-fold.
     torch.set_num_threads(1)

@@ -58,6 +58,9 @@ def read_rows(path, what):
 
 def main(argv=None):
     """0: logits match; 1: they differ beyond --tolerance; 2: bad input (one line on stderr)."""
+    from megadiff.platform import install_import_hook
+
+    install_import_hook()  # first, before anything imports megatron-core
     args = parse_args(argv)
     try:
         return compare(args)
@@ -75,10 +78,10 @@ def compare(args) -> int:
         raise UserError(f"{args.position_ids}: rows must have the same lengths as {args.input_ids}")
     import torch
 
-    from checkpoint_converters.hf_io import read_hf_config
-    from checkpoint_converters.llada2_mapping import load_hf_into_model
     from megadiff.hf import load_reference_model
+    from megadiff.hf.checkpoint_reader import read_hf_config
     from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout
+    from megadiff.models.llada2.hf_mapping import load_hf_into_model
     from megadiff.models.llada2.logits import full_logits
     from megadiff.models.llada2.model import build_model
     from megadiff.platform import init_distributed, initialize_parallel, print_rank0
@@ -102,7 +105,7 @@ def compare(args) -> int:
         load_model_weights(args.mcore_dir, chunks, iteration=args.iteration, trust=args.trust_checkpoint)
         print_rank0(f"loaded megatron checkpoint {args.mcore_dir}")
     else:
-        from checkpoint_converters.hf_io import HFCheckpointReader
+        from megadiff.hf.checkpoint_reader import HFCheckpointReader
 
         reader = HFCheckpointReader(args.hf_dir)
         load_hf_into_model(chunks, reader.get, cfg)

@@ -78,6 +78,9 @@ def training_spec_here() -> str:
 
 
 def main(argv=None) -> int:
+    from megadiff.platform import install_import_hook
+
+    install_import_hook()  # first, before anything imports megatron-core
     args = parse_args(argv)
     from checkpoint_converters.hf_to_mcore import convert_hf_to_mcore
     from megadiff.errors import UserError, user_error_exit

@@ -48,6 +48,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    from megadiff.platform import install_import_hook
+
+    install_import_hook()  # first, before anything imports megatron-core
     args = parse_args(argv)
     from checkpoint_converters.mcore_to_hf import convert_mcore_to_hf
     from megadiff.errors import UserError, user_error_exit

@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from megadiff.platform import install_import_hook
+
+    install_import_hook()  # first, before anything imports megatron-core
     parser = build_parser()
     args = parser.parse_args(argv)
     print(command_line("tools/eval_gsm8k.py", parser, args), flush=True)

@@ -153,6 +153,9 @@ def run_chat(args, model, tokenizer, mask_id, eos_id, options, out) -> None:
 
 
 def main(argv=None) -> int:
+    from megadiff.platform import install_import_hook
+
+    install_import_hook()  # first, before anything imports megatron-core
     parser = build_parser()
     args = parser.parse_args(argv)
     print(command_line("tools/generate.py", parser, args), flush=True)

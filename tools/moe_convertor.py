@@ -37,6 +37,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    from megadiff.platform import install_import_hook
+
+    install_import_hook()  # first, before anything imports megatron-core
     args = parse_args(argv)
     from checkpoint_converters.moe import convert_expert_layout
     from megadiff.errors import user_error_exit

@@ -18,6 +18,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None):
+    from megadiff.platform import install_import_hook
+
+    install_import_hook()  # first, before anything imports megatron-core
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", help="YAML training config")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
@@ -26,7 +29,6 @@ def main(argv=None):
 
     from megadiff.errors import UserError, user_error_exit
     from megadiff.training.config import describe_config, load_config
-    from megadiff.training.loop import train
 
     if args.help_config:
         print(describe_config())
@@ -35,6 +37,9 @@ def main(argv=None):
         parser.error("the YAML config is required (see --help-config for its keys)")
     try:
         cfg = load_config(args.config, args.overrides)
+        # after the config is read: a config error is one line, before megatron-core's import warnings
+        from megadiff.training.loop import train
+
         results = train(cfg)
     except UserError as e:
         return user_error_exit(e)

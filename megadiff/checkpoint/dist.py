@@ -23,8 +23,11 @@ from collections.abc import Callable
 
 import torch
 
-from checkpoint_converters.hf_io import CheckpointError
+from megadiff.errors import CheckpointError
+from megadiff.models.llada2.checkpoint_keys import key_in_other_spec, other_spec_keys
 
+# megatron-core (about 1 s), torch DCP's reader (.untrusted) and writer (.lazy) are imported inside
+# the functions that use them: the path helpers of this package serve tools that need none of them.
 from .format import (
     build_meta,
     commit_iteration_dir,
@@ -71,12 +74,10 @@ def sharded_state_dict_spec(sharded_state_dict: dict) -> str:
 
 def rename_sharded_keys(sharded_state_dict: dict, renames: dict[str, str]) -> int:
     """Store / request tensors under other keys (in place): `renames` maps a model key to the new one
-    (`checkpoint_converters.dist_keys.other_spec_keys`); keys that embed a model key (optimizer
+    (`megadiff.models.llada2.checkpoint_keys.other_spec_keys`); keys that embed a model key (optimizer
     state) follow it. Returns the number of entries renamed."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
-    from checkpoint_converters.dist_keys import key_in_other_spec
 
     count = 0
     for item in nested_values(sharded_state_dict):
@@ -99,8 +100,6 @@ def match_checkpoint_spec(ckpt_dir: str, sharded_state_dict: dict, hf_config: di
         ShardedTensor,
         ShardedTensorFactory,
     )
-
-    from checkpoint_converters.dist_keys import key_in_other_spec, other_spec_keys
 
     stored = _checkpoint_tensor_metadata(ckpt_dir, trust)
     renames = other_spec_keys(hf_config) if isinstance(hf_config, dict) else {}

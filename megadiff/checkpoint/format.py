@@ -35,7 +35,7 @@ from dataclasses import asdict, is_dataclass
 
 import torch
 
-from checkpoint_converters.hf_io import CheckpointError
+from megadiff.errors import CheckpointError
 
 FORMAT_NAME = "megadiff-mcore-checkpoint"
 FORMAT_VERSION = 1

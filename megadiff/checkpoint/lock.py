@@ -12,7 +12,7 @@ import json
 import os
 import socket
 
-from checkpoint_converters.hf_io import CheckpointError
+from megadiff.errors import CheckpointError
 
 LOCK_NAME = ".megadiff.lock"
 

@@ -18,7 +18,7 @@ import torch
 from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
 
-from checkpoint_converters.hf_io import CheckpointError
+from megadiff.errors import CheckpointError
 from megadiff.platform.compat import dcp_file_view
 
 from .bytecopy.dcp_records import record_data_offset

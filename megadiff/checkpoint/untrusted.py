@@ -20,14 +20,20 @@ megatron-core 0.16.1 (torch 2.13) and 0.19.2 (torch 2.11) with a recording unpic
 
 import dataclasses
 import enum
+import importlib
 import math
 import os
+import pathlib
 import pickle
 import re
 
 import torch
+import torch.distributed.checkpoint.filesystem as fs
+import torch.distributed.checkpoint.metadata as md
+import torch.distributed.checkpoint.planner as planner
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 
-from checkpoint_converters.hf_io import CheckpointError
+from megadiff.errors import CheckpointError
 
 from .format import DCP_METADATA_NAME
 
@@ -75,8 +81,6 @@ def _layout(name: str):
 
 def _allowed_global(module: str, name: str):
     """The object a `.metadata` pickle may name, or None."""
-    import importlib
-
     if (module, name) == ("torch.serialization", "_get_layout"):
         return _layout
     if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
@@ -109,11 +113,6 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
 def _class_attributes() -> dict[type, dict]:
     """The attributes of the allowed Python classes: a pickle's BUILD can set attributes of a
     class object it names, which would outlive the load; compared before and after."""
-    import pathlib
-
-    import torch.distributed.checkpoint.filesystem as fs
-    import torch.distributed.checkpoint.metadata as md
-    import torch.distributed.checkpoint.planner as planner
 
     classes = [pathlib.PosixPath, pathlib.PurePosixPath]
     for module in (md, fs, planner):
@@ -146,8 +145,6 @@ def unpickle_dcp_metadata(data, source: str):
         raise CheckpointError(
             f"{source}: refused: its pickle sets attributes of {changed[0].__qualname__}; {TRUST_HINT}"
         )
-    from torch.distributed.checkpoint.metadata import Metadata
-
     if not isinstance(metadata, Metadata):
         raise CheckpointError(f"{source}: holds a {type(metadata).__name__}, not torch DCP Metadata")
     return metadata
@@ -239,7 +236,6 @@ def vet_checkpoint(ckpt_dir: str, trust: bool = False, metadata=None, extra_stat
     CheckpointError naming the file and the item refused."""
     if trust:
         return metadata
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
     from .file_slice import FileSlice
 

@@ -33,7 +33,7 @@ from megadiff.data.packing import (
     plan_packed_rows,
 )
 from megadiff.data.rows import DataError
-from megadiff.data.seeding import seeded_generator
+from megadiff.seeding import seeded_generator
 
 SHUFFLE_SEED_DOMAIN = 0  # keeps shuffle seeds apart from noise seeds derived from the same `seed`
 

@@ -113,7 +113,7 @@ def jsonl_rows(path: Path) -> Iterator[tuple[int, object, str | None]]:
 
 def parquet_rows(path: Path) -> Iterator[tuple[int, object, str | None]]:
     """Yield (1-based row number, row dict, None) for each parquet row."""
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # optional (dev extra): only parquet inputs need it
 
     try:
         table = pq.read_table(path)

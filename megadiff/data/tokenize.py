@@ -10,6 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import lru_cache
 
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from megadiff.data.rows import DataError
 from megadiff.hf.tokenizer import LLADA2_CHAT_TEMPLATE
 
@@ -17,8 +20,6 @@ from megadiff.hf.tokenizer import LLADA2_CHAT_TEMPLATE
 @lru_cache(maxsize=8)
 def _compiled_template(template: str):
     """Compile a chat template the way transformers does (sandboxed, trim/lstrip blocks)."""
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
         raise ValueError(message)

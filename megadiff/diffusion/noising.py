@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from megadiff.data.seeding import seeded_generator
+from megadiff.seeding import seeded_generator
 
 NOISE_SEED_DOMAIN = 1  # keeps noise seeds apart from the dataset's shuffle seeds
 

@@ -1,13 +1,23 @@
-"""The plain-PyTorch LLaDA2 reference model (HF weight names), its loading and saving."""
+"""The plain-PyTorch LLaDA2 reference model (HF weight names), its loading and saving.
 
-from .configuration_llada2_moe import LLaDA2MoeConfig
-from .modeling_llada2_moe import LLaDA2MoeModelLM
-from .reference import (
-    build_reference_model,
-    expected_hf_shapes,
-    load_reference_model,
-    register_with_transformers,
-    save_reference_model,
-)
+The names below are imported on first use: the reference model needs transformers (~2 s of
+imports), which `megadiff.hf.checkpoint_reader` and `megadiff.hf.remote_code` (used by tools that
+only move bytes) do not. Importing `megadiff.hf.reference` registers llada2_moe with transformers'
+Auto classes.
+"""
 
-register_with_transformers()
+_REFERENCE = ("build_reference_model", "load_reference_model", "register_with_transformers", "save_reference_model")
+_MODEL = {"LLaDA2MoeConfig": "configuration_llada2_moe", "LLaDA2MoeModelLM": "modeling_llada2_moe"}
+
+
+def __getattr__(name):
+    import importlib
+
+    if name in _REFERENCE:
+        return getattr(importlib.import_module(".reference", __name__), name)
+    if name in _MODEL:
+        return getattr(importlib.import_module("." + _MODEL[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["LLaDA2MoeConfig", "LLaDA2MoeModelLM", *_REFERENCE]

@@ -5,9 +5,12 @@ import os
 import shutil
 
 import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from checkpoint_converters.hf_io import HFCheckpointReader, check_tensors_match, read_hf_config
-from checkpoint_converters.hf_layout import AUTO_MAP, REMOTE_CODE_FILES, expected_hf_shapes  # noqa: F401 (API)
+from megadiff.hf.checkpoint_reader import HFCheckpointReader, check_tensors_match, read_hf_config
+from megadiff.hf.remote_code import AUTO_MAP, REMOTE_CODE_FILES
+from megadiff.models.llada2.config import LLaDA2ModelConfig
+from megadiff.models.llada2.hf_mapping import expected_hf_shapes
 
 from .configuration_llada2_moe import LLaDA2MoeConfig
 from .modeling_llada2_moe import LLaDA2MoeModelLM
@@ -17,8 +20,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def register_with_transformers() -> None:
     """Let AutoConfig / AutoModel / AutoModelForCausalLM load llada2_moe dirs without remote code."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
     try:
         AutoConfig.register("llada2_moe", LLaDA2MoeConfig)
         AutoModel.register(LLaDA2MoeConfig, LLaDA2MoeModelLM)
@@ -49,8 +50,6 @@ def build_reference_model(cfg: dict, seed: int | None = None, dtype=torch.float3
 
 def load_reference_model(hf_dir: str, dtype=torch.float32) -> LLaDA2MoeModelLM:
     """Load config.json + safetensors strictly: a missing, extra or misshapen tensor is an error."""
-    from megadiff.models.llada2.config import LLaDA2ModelConfig
-
     cfg = read_hf_config(hf_dir)
     LLaDA2ModelConfig.from_hf_dict(cfg, source=os.path.join(hf_dir, "config.json"))
     reader = HFCheckpointReader(hf_dir)
@@ -98,3 +97,6 @@ def save_reference_model(model: LLaDA2MoeModelLM, out_dir: str, max_shard_size: 
         cfg.pop(key, None)
     write_hf_config(cfg, out_dir)
     copy_remote_code(out_dir)
+
+
+register_with_transformers()  # any code that builds the reference model can also load HF dirs by Auto class

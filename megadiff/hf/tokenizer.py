@@ -21,6 +21,9 @@ from transformers import PreTrainedTokenizerFast
 
 from megadiff.errors import UserError
 
+# The files of a tokenizer directory; a directory with none of them holds no tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
 
 class TokenizerError(UserError):
     """A tokenizer that cannot be loaded or lacks a token megadiff needs."""

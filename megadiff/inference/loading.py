@@ -2,7 +2,8 @@
 
 A directory is either a Hugging Face LLaDA2 dir (config.json + safetensors) or a megadiff
 megatron-core checkpoint (it has `latest_checkpointed_iteration.txt` or `megadiff.json`); both load
-into the plain-PyTorch reference model, which is what the sampler runs.
+into the plain-PyTorch reference model, which is what the sampler runs (the reference model needs
+transformers, so this module imports it).
 """
 
 from __future__ import annotations
@@ -10,9 +11,18 @@ from __future__ import annotations
 import os
 
 import torch
+from transformers import AutoTokenizer
+
+from megadiff.checkpoint.format import read_meta, resolve_checkpoint_dir
+from megadiff.checkpoint.hf_source import recorded_source_dir
+from megadiff.checkpoint.hf_tensors import inspect_mcore_input, iter_hf_tensors, plan_hf_output
+from megadiff.errors import CheckpointError
+from megadiff.hf.reference import build_reference_model, load_reference_model
+from megadiff.hf.tokenizer import TOKENIZER_FILES, mask_token_id
+from megadiff.models.llada2.hf_experts import SPLIT
+from megadiff.platform.device import run_device
 
 MCORE_MARKERS = ("latest_checkpointed_iteration.txt", "megadiff.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def is_mcore_checkpoint(path: str) -> bool:
@@ -41,19 +51,32 @@ def load_model(
     (megadiff.checkpoint.untrusted)."""
     check_model_dir(path)
     if is_mcore_checkpoint(path):
-        try:
-            from checkpoint_converters.mcore_to_hf import load_reference_from_mcore
-        except ImportError as e:
-            raise ImportError(
-                f"{path} is a megatron-core checkpoint, but checkpoint_converters.mcore_to_hf cannot be "
-                f"imported ({e}); convert the checkpoint to a Hugging Face dir and pass that instead"
-            ) from e
         model = load_reference_from_mcore(path, iteration=iteration, dtype=dtype, trust_checkpoint=trust_checkpoint)
     else:
-        from megadiff.hf.reference import load_reference_model
-
         model = load_reference_model(path, dtype=dtype)
     return model.to(device).eval()
+
+
+def load_reference_from_mcore(
+    ckpt_dir: str, iteration: int | None = None, dtype: torch.dtype = torch.float32, trust_checkpoint: bool = False
+):
+    """The plain-PyTorch reference model (LLaDA2MoeModelLM, eval mode) from a megadiff checkpoint
+    ROOT (latest complete iteration, or `iteration`) or iteration dir, in this process: no torchrun,
+    no process group. Same dtype handling as `megadiff.hf.reference.load_reference_model`."""
+    src = inspect_mcore_input(ckpt_dir, iteration, trust_checkpoint)
+    with torch.device("meta"):
+        model = build_reference_model(src.config)
+    state = {name: tensor.to(dtype) for name, tensor in iter_hf_tensors(src, plan_hf_output(src, SPLIT))}
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise CheckpointError(f"{src.ckpt_dir}: '{result.unexpected_keys[0]}' is not a reference model parameter")
+    for module in model.modules():
+        if hasattr(module, "inv_freq"):
+            module.inv_freq = type(module)(model.config).inv_freq
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{src.ckpt_dir}: reference tensor '{left[0]}' was not loaded ({len(left)} in all)")
+    return model.to(dtype).eval()
 
 
 def load_tokenizer(model_path: str, tokenizer_path: str | None = None, iteration: int | None = None):
@@ -67,16 +90,11 @@ def load_tokenizer(model_path: str, tokenizer_path: str | None = None, iteration
     else:
         candidates = [model_path]
         if is_mcore_checkpoint(model_path):
-            from checkpoint_converters.hf_template import recorded_source_dir
-            from megadiff.checkpoint.format import read_meta, resolve_checkpoint_dir
-
             source, why = recorded_source_dir(read_meta(resolve_checkpoint_dir(model_path, iteration)))
             candidates += [source] if source else []
             note = "" if source else f" ({why})"
     for path in candidates:
         if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
-            from transformers import AutoTokenizer
-
             return AutoTokenizer.from_pretrained(path)
     hint = "" if tokenizer_path else "; pass --tokenizer DIR"
     raise FileNotFoundError(f"{' or '.join(candidates)}: no tokenizer files ({', '.join(TOKENIZER_FILES)}){note}{hint}")
@@ -88,8 +106,6 @@ def special_token_ids(model, tokenizer, mask_id: int | None = None, eos_id: int 
     if mask_id is None:
         if tokenizer is None:
             raise ValueError("no tokenizer to read the <|mask|> id from; pass the mask token id explicitly")
-        from megadiff.hf.tokenizer import mask_token_id
-
         mask_id = mask_token_id(tokenizer)
     if eos_id is None:
         eos_id = getattr(model.config, "eos_token_id", None)
@@ -120,8 +136,6 @@ def check_device(device: str) -> None:
 
 def default_device() -> str:
     """The run device (megadiff.platform.device): cuda:LOCAL_RANK on a GPU, else cpu."""
-    from megadiff.platform.device import run_device
-
     return str(run_device())
 
 

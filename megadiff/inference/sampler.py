@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megadiff.data.seeding import stable_seed
+from megadiff.seeding import stable_seed
 
 from .editing import CardRule, EditRule
 

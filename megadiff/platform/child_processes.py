@@ -12,6 +12,8 @@ The kernel sends the signal when the *thread* that created the child ends, so ch
 any thread but the main one are left alone.
 """
 
+import ctypes
+import multiprocessing.spawn as spawn
 import os
 import signal
 import sys
@@ -25,8 +27,6 @@ _parent_pid = 0
 
 def die_with_parent(parent_pid: int) -> None:
     """In a child: get SIGKILL when the parent dies; exit now if it is already gone."""
-    import ctypes
-
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
@@ -60,8 +60,6 @@ def make_children_die_with_parent() -> None:
         return
     _installed = True
     os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
-
-    import multiprocessing.spawn as spawn
 
     original = spawn.get_command_line
 

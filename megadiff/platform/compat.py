@@ -12,8 +12,9 @@ Checked on both tested stacks:
   (a) Python 3.11, torch 2.13.0, megatron-core 0.16.1, transformers 5.x
   (b) Python 3.12, torch 2.11.0, megatron-core 0.19.2, transformers 4.57.6
 
-This module imports only the standard library at import time: `import megadiff` installs the
-megatron-core import hook from here, and that must not pull in torch.
+This module imports only the standard library at import time: every entry point installs the
+megatron-core import hook from here first (megadiff.platform.install_import_hook), and that must
+not pull in torch.
 """
 
 import contextlib

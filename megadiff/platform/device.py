@@ -13,6 +13,7 @@ builds on the CPU and moves once per micro-batch (`to_run_device`).
 import os
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 
 DEVICE_ENV = "MEGADIFF_DEVICE"
 _audit_device: torch.device | None = None  # set only by platform.device_audit
@@ -59,8 +60,6 @@ def default_params_dtype() -> torch.dtype:
 
 def to_run_device(value):
     """`value` with every tensor (also inside dicts, lists, tuples and BlockMasks) on the run device."""
-    from torch.nn.attention.flex_attention import BlockMask
-
     device = run_device()
     if isinstance(value, (torch.Tensor, BlockMask)):
         return value.to(device)

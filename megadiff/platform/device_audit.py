@@ -26,10 +26,12 @@ import functools
 import traceback
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from megadiff.platform import device as _device
+from megadiff.platform.cpu import cpu_support_enabled
 
 AUDIT_DEVICE = torch.device("cpu", 0)
 _FLAG = "_megadiff_on_run_device"
@@ -64,8 +66,6 @@ def on_run_device(t: torch.Tensor) -> bool:
 
 def _tensors(value) -> list[torch.Tensor]:
     """Every tensor in a nest of args, BlockMasks' tensors included."""
-    from torch.nn.attention.flex_attention import BlockMask
-
     found = []
     for leaf in tree_flatten(value)[0]:
         if isinstance(leaf, torch.Tensor):
@@ -115,8 +115,6 @@ class DeviceAudit(TorchFunctionMode):
                 setattr(t, _FLAG, True)
 
     def __enter__(self):
-        from megadiff.platform.cpu import cpu_support_enabled
-
         if not cpu_support_enabled():  # its CUDA->CPU mode must sit below this one, for good
             raise RuntimeError("DeviceAudit runs on the CPU platform: call init_distributed() first")
         _device._audit_device = AUDIT_DEVICE

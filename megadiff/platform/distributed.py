@@ -5,8 +5,10 @@ import os
 
 import torch
 
-from megadiff.models.llada2.config import ParallelLayout
+from megadiff.platform.child_processes import make_children_die_with_parent
+from megadiff.platform.cpu import enable_cpu_support
 from megadiff.platform.device import distributed_backend, run_device, uses_cuda
+from megadiff.platform.parallel_layout import ParallelLayout
 
 
 def on_gpu() -> bool:
@@ -19,12 +21,8 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     (platform.device): nccl on cuda:LOCAL_RANK, gloo on the CPU. On the CPU this also switches
     on megadiff.platform.cpu so megatron-core runs there. Child processes (dist_checkpointing's
     writers) die with this process from here on."""
-    from megadiff.platform.child_processes import make_children_die_with_parent
-
     make_children_die_with_parent()
     if not uses_cuda():
-        from megadiff.platform.cpu import enable_cpu_support
-
         enable_cpu_support()
     if torch.distributed.is_initialized():
         return
@@ -46,6 +44,7 @@ def initialize_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
     """(Re)build megatron-core's TP/EP/ETP/PP/VPP groups for `layout` and seed its RNG tracker.
 
     Safe to call repeatedly in one process: tests run several layouts in one torchrun launch."""
+    # megatron-core (about 1 s) only where groups are built: tools use print_rank0 without it
     from megatron.core import parallel_state, tensor_parallel
 
     world = torch.distributed.get_world_size()

@@ -18,6 +18,8 @@ import dataclasses
 import functools
 import importlib
 
+from megadiff.platform.device import uses_cuda
+
 
 @functools.cache
 def _imports(module: str) -> bool:
@@ -31,7 +33,7 @@ def _imports(module: str) -> bool:
 @functools.cache
 def megatron_has_te() -> bool:
     """megatron-core's own verdict: its TE extension and the GPT TE spec both imported TE."""
-    try:
+    try:  # Transformer Engine is optional; importing megatron-core's TE modules tells if it works
         from megatron.core.extensions import transformer_engine as te_extension
         from megatron.core.models.gpt import gpt_layer_specs
     except Exception:
@@ -41,8 +43,6 @@ def megatron_has_te() -> bool:
 
 def transformer_engine_usable() -> bool:
     """Use the TE spec: the run device is CUDA and megatron-core can use TE."""
-    from megadiff.platform.device import uses_cuda
-
     return uses_cuda() and megatron_has_te()
 
 

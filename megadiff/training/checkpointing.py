@@ -13,9 +13,12 @@ import re
 import shutil
 from collections.abc import Callable
 
-from checkpoint_converters.hf_io import CheckpointError
+import torch
+
 from megadiff.checkpoint import format as fmt
+from megadiff.checkpoint.dist import missing_sharded_keys
 from megadiff.checkpoint.lock import SaveDirLock
+from megadiff.errors import CheckpointError
 
 # Version-dependent optimizer workarounds live in compat; the trainer imports restore_adam_steps from here.
 from megadiff.platform.compat import init_optimizer_states_with_dummy_values, restore_adam_steps  # noqa: F401
@@ -135,8 +138,6 @@ def apply_model_state(chunks, state: dict) -> None:
 def prune_checkpoints(root: str, keep_last: int) -> None:
     """Delete all but the newest `keep_last` complete iteration dirs (rank 0; keep_last <= 0 keeps
     all). Damaged or unfinished dirs are never deleted: they were reported, a person decides."""
-    import torch
-
     if keep_last <= 0 or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
         return
     complete = fmt.complete_iteration_dirs(root)
@@ -156,8 +157,6 @@ def initialise_optimizer_state(optimizer) -> None:
 def check_optimizer_layout(ckpt_dir: str, sharded_state_dict, layout, trust: bool = False) -> None:
     """Raise a CheckpointError naming both layouts and the way out when the checkpoint's optimizer
     state cannot be resumed at `layout` (dp_reshardable state resumes only at the saving layout)."""
-    from megadiff.checkpoint.dist import missing_sharded_keys
-
     missing = [k for k in missing_sharded_keys(ckpt_dir, sharded_state_dict, trust) if k.startswith("optimizer")]
     if not missing:
         return  # anything else missing is reported by load_checkpoint

@@ -19,7 +19,8 @@ from typing import Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from megadiff.errors import UserError
+from megadiff.errors import ConfigError, UserError
+from megadiff.platform.parallel_layout import ParallelLayout
 
 # `Optional[int]` and `int | None` are two spellings of one type with different origins.
 _UNION_TYPES = (Union, UnionType)
@@ -381,8 +382,6 @@ def config_spelling(message: str) -> str:
 
 def parallel_layout(cfg: TrainingConfig):
     """The ParallelLayout of cfg.parallel; a bad one raises TrainingConfigError naming parallel.*."""
-    from megadiff.models.llada2.config import ConfigError, ParallelLayout
-
     p = cfg.parallel
     try:
         return ParallelLayout(tp=p.tp, ep=p.ep, etp=p.etp, pp=p.pp, vpp=p.vpp)

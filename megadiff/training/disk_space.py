@@ -10,7 +10,11 @@ import errno
 import os
 import shutil
 
-from checkpoint_converters.hf_io import CheckpointError
+import torch
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
+
+from megadiff.errors import CheckpointError
 
 
 class NoSpaceError(CheckpointError):
@@ -20,10 +24,6 @@ class NoSpaceError(CheckpointError):
 def checkpoint_bytes(sharded_state_dict) -> int:
     """Bytes the tensors of this sharded state dict write, summed over all ranks (collective):
     each rank counts its main-replica shards, which are the ones dist_checkpointing writes."""
-    import torch
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
-
     local = sum(
         item.data.numel() * item.data.element_size()
         for item in nested_values(sharded_state_dict)
@@ -72,8 +72,6 @@ def no_space_error(save_dir: str, needed: int, error: BaseException | None = Non
     """The error to raise when a checkpoint of `needed` bytes does not fit in `save_dir` (None
     when it fits). Without `error`: the check before a save (rank 0 decides, collective). With the
     `error` a save raised: whether that was the disk filling up (no collectives)."""
-    import torch
-
     free = shutil.disk_usage(save_dir).free
     if error is None:
         verdict = [free < needed]

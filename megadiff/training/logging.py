@@ -13,6 +13,7 @@ import json
 import sys
 
 import torch
+from tqdm import tqdm
 
 from megadiff.platform import is_rank0
 
@@ -41,17 +42,15 @@ class MetricsLogger:
         if not self.enabled:
             return
         if self.cfg.progress_bar and self.stream.isatty():
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True, file=self.stream)
         if self.cfg.metrics_file:
             self.metrics = open(self.cfg.metrics_file, "a")
         if self.cfg.tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # optional (dev extra); only runs that log to it
 
             self.tb = SummaryWriter(self.cfg.tensorboard_dir)
         if self.cfg.wandb_project:
-            import wandb
+            import wandb  # optional (wandb extra); only runs that log to it
 
             self.wandb = wandb.init(project=self.cfg.wandb_project, mode=self.cfg.wandb_mode, config=cfg.to_dict())
 

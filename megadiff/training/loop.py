@@ -15,8 +15,43 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from megatron.core import parallel_state as ps
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megadiff.checkpoint import load_checkpoint, model_sharded_state_dict, resolve_checkpoint_dir, save_checkpoint
+from megadiff.hf.checkpoint_reader import read_hf_config
+from megadiff.models.llada2 import LLaDA2ModelConfig
+from megadiff.models.llada2.schedule import forward_backward
+from megadiff.platform import init_distributed, initialize_parallel, print_rank0
+from megadiff.platform.device import default_params_dtype, run_device, to_run_device, uses_cuda
+from megadiff.platform.kernels import probe_environment
+from megadiff.training import dpo as dpo_objective
+from megadiff.training.batch import loss_denominator, prepare_micro_batch
+from megadiff.training.checkpointing import (
+    apply_model_state,
+    check_optimizer_layout,
+    claim_save_dir,
+    initialise_optimizer_state,
+    prune_checkpoints,
+    restore_adam_steps,
+)
 from megadiff.training.config import TrainingConfig, parallel_layout
+from megadiff.training.disk_space import checkpoint_bytes, no_space_error
+from megadiff.training.logging import MetricsLogger
+from megadiff.training.loss import diffusion_loss_sums
+from megadiff.training.mcore_configs import optimizer_config
+from megadiff.training.memory_check import check_memory_forecast
+from megadiff.training.perf_preflight import check_perf, choose_attention_backend
+from megadiff.training.preflight import check_outputs
+from megadiff.training.setup import (
+    build_dataset,
+    build_model_and_load,
+    check_config_fits_model,
+    load_samples,
+    load_tokenizer_and_mask_id,
+)
+from megadiff.training.throughput import peak_tflops, step_flops
 
 
 @dataclass
@@ -51,18 +86,11 @@ class _Sigterm:
 
 def params_dtype(cfg: TrainingConfig) -> torch.dtype:
     if cfg.model.dtype == "auto":
-        from megadiff.platform.device import default_params_dtype
-
         return default_params_dtype()  # bf16 on a CUDA run device, fp32 on the CPU
     return torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
 
 
 def build_optimizer(cfg: TrainingConfig, chunks, dtype):
-    from megatron.core.optimizer import get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    from megadiff.training.mcore_configs import optimizer_config
-
     t = cfg.train
     opt_config = optimizer_config(cfg, dtype)
     optimizer = get_megatron_optimizer(opt_config, chunks)
@@ -86,22 +114,6 @@ class Trainer:
     """Holds everything one run needs; `run()` trains and returns the per-step results."""
 
     def __init__(self, cfg: TrainingConfig):
-        from megatron.core import parallel_state as ps
-
-        from checkpoint_converters.hf_io import read_hf_config
-        from megadiff.models.llada2 import LLaDA2ModelConfig
-        from megadiff.platform import init_distributed, initialize_parallel, print_rank0
-        from megadiff.platform.kernels import probe_environment
-        from megadiff.training.memory_check import check_memory_forecast
-        from megadiff.training.perf_preflight import check_perf, choose_attention_backend
-        from megadiff.training.preflight import check_outputs
-        from megadiff.training.setup import (
-            build_dataset,
-            build_model_and_load,
-            check_config_fits_model,
-            load_samples,
-            load_tokenizer_and_mask_id,
-        )
 
         self.cfg = cfg
         self.log = print_rank0
@@ -125,16 +137,13 @@ class Trainer:
         # Cheap checks first: tokenizer and every data row are validated before the model is built.
         self.tokenizer, self.mask_id = load_tokenizer_and_mask_id(cfg, self.model_cfg)
         dpo = cfg.train.objective == "dpo"
+        read_rows, make_dataset = load_samples, build_dataset
         if dpo:
-            from megadiff.training import dpo as dpo_objective
-
-            load_samples, build_dataset = dpo_objective.load_pairs, dpo_objective.build_preference_dataset
-        samples, row_stats = load_samples(cfg, self.tokenizer, self.mask_id)
+            read_rows, make_dataset = dpo_objective.load_pairs, dpo_objective.build_preference_dataset
+        samples, row_stats = read_rows(cfg, self.tokenizer, self.mask_id)
         # Rank 0 locks, repairs and inspects save_dir before the others can join the process group.
         self._save_dir_lock, resume_from = None, None
         if cfg.checkpoint.save_dir and int(os.environ.get("RANK", "0")) == 0:
-            from megadiff.training.checkpointing import claim_save_dir
-
             self._save_dir_lock, resume_from = claim_save_dir(cfg.checkpoint.save_dir, cfg.checkpoint.resume, self.log)
         init_distributed()
         if cfg.checkpoint.save_dir:
@@ -143,7 +152,7 @@ class Trainer:
             resume_from = box[0]
         initialize_parallel(self.layout, seed=cfg.train.seed)
         self.dp_size, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        self.dataset, data_stats = build_dataset(cfg, self.tokenizer, samples, row_stats, self.dp_size, self.dp_rank)
+        self.dataset, data_stats = make_dataset(cfg, self.tokenizer, samples, row_stats, self.dp_size, self.dp_rank)
         self.log(f"data: {data_stats}")
         self.dtype = params_dtype(cfg)
         self.chunks = build_model_and_load(
@@ -162,8 +171,6 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------------------------
 
     def _sharded_state_dict(self, is_loading: bool = False):
-        from megadiff.checkpoint import model_sharded_state_dict
-
         state = model_sharded_state_dict(self.chunks)
         # dp_reshardable: parallel save/load with no gathering; the optimizer state then resumes
         # only at the same TP/EP/PP layout (any DP). fully_reshardable gathers on DP rank 0.
@@ -178,9 +185,6 @@ class Trainer:
         return state
 
     def save(self) -> str:
-        from megadiff.checkpoint import save_checkpoint
-        from megadiff.training.checkpointing import prune_checkpoints
-
         ck = self.cfg.checkpoint
         meta = {
             "hf_config": self.hf_config,
@@ -189,8 +193,6 @@ class Trainer:
             "dtype": str(self.dtype).replace("torch.", ""),
             "extra": {"training_config": self.cfg.to_dict(), "step": self.step},
         }
-        from megadiff.training.disk_space import checkpoint_bytes, no_space_error
-
         sharded = self._sharded_state_dict()
         needed = checkpoint_bytes(sharded)
         no_space = no_space_error(ck.save_dir, needed)  # checked before writing (rank 0 decides)
@@ -209,14 +211,6 @@ class Trainer:
         return path
 
     def _resume(self, iteration: int):
-        from megadiff.checkpoint import load_checkpoint, resolve_checkpoint_dir
-        from megadiff.training.checkpointing import (
-            apply_model_state,
-            check_optimizer_layout,
-            initialise_optimizer_state,
-            restore_adam_steps,
-        )
-
         root = self.cfg.checkpoint.save_dir
         initialise_optimizer_state(self.optimizer)
         trust = self.cfg.checkpoint.trust_checkpoint
@@ -244,9 +238,6 @@ class Trainer:
     def prepare_micro_batches(self, data_iter) -> list[dict]:
         """One step's micro-batches from `data_iter`, noised on the host, then moved to the run
         device (inputs, masks, targets; BlockMasks are built there)."""
-        from megadiff.platform.device import to_run_device
-        from megadiff.training.batch import prepare_micro_batch
-
         d = self.cfg.diffusion
         dense = self.attention.backend == "dense"
         batches = []
@@ -256,7 +247,8 @@ class Trainer:
             prepared.update({k: raw[k] for k in ("response_slot", "pair_ids", "epoch") if k in raw})  # DPO pairs
             prepared = to_run_device(prepared)
             if not dense:
-                from megadiff.models.llada2.flex_attention import block_mask_for
+                # flex attention imports TorchDynamo (seconds); only the flex backend pays that
+                from megadiff.diffusion.block_mask import block_mask_for
 
                 mode = "full" if d.mode == "full" else "bd"
                 doc_ids = prepared["doc_ids"]  # 2B rows with complementary masks
@@ -270,12 +262,6 @@ class Trainer:
     def forward_backward_step(self, micro: list[dict]):
         """Loss of the global batch (all DP ranks) and its gradients in the DDP grad buffers.
         Returns (loss, real tokens of the global batch)."""
-        from megatron.core import parallel_state as ps
-
-        from megadiff.platform.device import run_device
-        from megadiff.training.batch import loss_denominator
-        from megadiff.training.loss import diffusion_loss_sums
-        from megadiff.training.schedule import forward_backward
 
         d = self.cfg.diffusion
         device = run_device()  # every tensor a collective gets lives here (NCCL takes CUDA only)
@@ -305,11 +291,6 @@ class Trainer:
         return loss, int(tokens)
 
     def train_step(self) -> StepResult:
-        from megatron.core import parallel_state as ps
-
-        from megadiff.platform.device import run_device, uses_cuda
-        from megadiff.training.throughput import step_flops
-
         def now():
             if uses_cuda():
                 torch.cuda.synchronize()  # kernels are asynchronous; time what they did
@@ -355,13 +336,9 @@ class Trainer:
     # ---- the run -------------------------------------------------------------------------------
 
     def run(self) -> list[StepResult]:
-        from megadiff.training.logging import MetricsLogger
-
         cfg = self.cfg
         sigterm = _Sigterm()
         results = []
-        from megadiff.training.throughput import peak_tflops
-
         precision = "fp8" if cfg.perf.fp8 != "off" else "bf16"
         logger = MetricsLogger(
             cfg,

@@ -12,6 +12,7 @@ import torch
 
 from megadiff.errors import UserError
 from megadiff.planner import GiB, Hardware, RunShape, forecast
+from megadiff.platform.device import run_device
 from megadiff.training.config import TrainingConfig
 
 
@@ -47,8 +48,6 @@ def run_shape(cfg: TrainingConfig, dtype: torch.dtype | str | None = None) -> Ru
 
 def device_memory_bytes() -> int | None:
     """Total memory of this process's CUDA device, or None on the CPU."""
-    from megadiff.platform.device import run_device
-
     device = run_device()
     if device.type != "cuda":
         return None

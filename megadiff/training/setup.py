@@ -2,10 +2,20 @@
 
 import os
 
-from megadiff.hf.tokenizer import TokenizerError
-from megadiff.inference.loading import TOKENIZER_FILES
+from transformers import AutoTokenizer
+
+from megadiff.checkpoint import load_model_weights
+from megadiff.data.dataset import SFTDataset
+from megadiff.data.rows import read_sft_rows
+from megadiff.data.tokenize import pad_answers_to_block, tokenize_rows
+from megadiff.hf.checkpoint_reader import HFCheckpointReader, check_tensors_match
+from megadiff.hf.tokenizer import TOKENIZER_FILES, TokenizerError, mask_token_id
 from megadiff.models.llada2.config import ConfigError
+from megadiff.models.llada2.hf_mapping import expected_hf_shapes, load_hf_into_model
+from megadiff.models.llada2.model import build_model
 from megadiff.training.config import TrainingConfig, TrainingConfigError, config_spelling
+from megadiff.training.ddp import wrap_ddp
+from megadiff.training.mcore_configs import ddp_config, transformer_overrides
 
 
 def check_config_fits_model(cfg: TrainingConfig, model_cfg, layout) -> None:
@@ -25,9 +35,6 @@ def check_config_fits_model(cfg: TrainingConfig, model_cfg, layout) -> None:
 
 
 def load_tokenizer_and_mask_id(cfg: TrainingConfig, model_cfg):
-    from transformers import AutoTokenizer
-
-    from megadiff.hf.tokenizer import mask_token_id
 
     tokenizer_dir = cfg.model.tokenizer_dir or cfg.model.hf_dir
     key = "model.tokenizer_dir" if cfg.model.tokenizer_dir else "model.hf_dir"
@@ -53,9 +60,6 @@ def load_tokenizer_and_mask_id(cfg: TrainingConfig, model_cfg):
 def load_samples(cfg: TrainingConfig, tokenizer, mask_id: int):
     """Read, validate and tokenise every SFT row (malformed input stops here, before any
     process group or model exists)."""
-    from megadiff.data.rows import read_sft_rows
-    from megadiff.data.tokenize import pad_answers_to_block, tokenize_rows
-
     rows, stats = read_sft_rows(cfg.data.train_files, skip_bad_rows=cfg.data.skip_bad_rows)
     samples = tokenize_rows(rows, tokenizer, mask_id)
     if cfg.data.pad_answers_to_block:
@@ -64,8 +68,6 @@ def load_samples(cfg: TrainingConfig, tokenizer, mask_id: int):
 
 
 def build_dataset(cfg: TrainingConfig, tokenizer, samples, stats, dp_size: int, dp_rank: int):
-    from megadiff.data.dataset import SFTDataset
-
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dataset = SFTDataset(
         samples,
@@ -94,9 +96,6 @@ def build_model_and_load(
     """Model chunks for this rank with their initial weights, wrapped in megatron-core DDP.
     attention_backend: the resolved one (perf_preflight.choose_attention_backend); default: the
     config's, which must then not be auto."""
-    from megadiff.training.ddp import wrap_ddp
-    from megadiff.training.mcore_configs import ddp_config
-
     chunks = build_model_with_initial_weights(cfg, model_cfg, hf_config, layout, dtype, log, attention_backend)
     return wrap_ddp(chunks, ddp_config=ddp_config(cfg))
 
@@ -105,12 +104,6 @@ def build_model_with_initial_weights(
     cfg: TrainingConfig, model_cfg, hf_config: dict, layout, dtype, log, attention_backend: str | None = None
 ):
     """Model chunks for this rank holding the run's starting weights (hf_dir or init_from_mcore)."""
-    from checkpoint_converters.hf_io import HFCheckpointReader, check_tensors_match
-    from checkpoint_converters.llada2_mapping import load_hf_into_model
-    from megadiff.hf.reference import expected_hf_shapes
-    from megadiff.models.llada2.model import build_model
-    from megadiff.training.mcore_configs import transformer_overrides
-
     chunks = build_model(
         model_cfg,
         layout,
@@ -121,8 +114,6 @@ def build_model_with_initial_weights(
         **transformer_overrides(cfg),
     )
     if cfg.model.init_from_mcore:
-        from megadiff.checkpoint import load_model_weights
-
         load_model_weights(cfg.model.init_from_mcore, chunks, trust=cfg.checkpoint.trust_checkpoint)
         log(f"initial weights: megatron checkpoint {cfg.model.init_from_mcore}")
     else:

@@ -10,9 +10,9 @@ import os
 import torch
 from safetensors import safe_open
 
-from checkpoint_converters.hf_io import HFCheckpointReader
 from megadiff.checkpoint import DistCheckpointReader, read_meta, resolve_checkpoint_dir
 from megadiff.checkpoint.untrusted import read_dcp_metadata
+from megadiff.hf.checkpoint_reader import HFCheckpointReader
 
 _META_FIELDS_THAT_DIFFER = ("saved_at",)
 

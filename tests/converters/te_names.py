@@ -9,9 +9,9 @@ import os
 import pickle
 import shutil
 
-from checkpoint_converters.dist_keys import units_for
 from megadiff.checkpoint import read_meta, resolve_checkpoint_dir
 from megadiff.checkpoint.format import META_NAME, write_json_atomic
+from megadiff.models.llada2.checkpoint_keys import units_for
 
 
 def local_to_te_keys(hf_config):

@@ -11,12 +11,14 @@ import pytest
 import torch
 
 from checkpoint_converters.hf_direct import DirectHFReader
-from checkpoint_converters.hf_io import CheckpointError, HFCheckpointReader
 from checkpoint_converters.hf_to_mcore import convert_hf_to_mcore
-from checkpoint_converters.mcore_to_hf import convert_mcore_to_hf, load_reference_from_mcore
+from checkpoint_converters.mcore_to_hf import convert_mcore_to_hf
 from checkpoint_converters.moe import convert_expert_layout
 from checkpoint_converters.safetensors_stream import ShardedSafetensorsWriter
 from megadiff.checkpoint import latest_iteration
+from megadiff.errors import CheckpointError
+from megadiff.hf.checkpoint_reader import HFCheckpointReader
+from megadiff.inference.loading import load_reference_from_mcore
 from megadiff.models.llada2 import ConfigError, ParallelLayout
 from tests.dist.launch import REPO
 

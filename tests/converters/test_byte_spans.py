@@ -11,8 +11,6 @@ import pytest
 import torch
 
 from checkpoint_converters.hf_direct import DirectHFReader
-from checkpoint_converters.hf_io import HFCheckpointReader
-from checkpoint_converters.llada2_mapping import _qkv_hf_to_mcore
 from checkpoint_converters.mcore_to_hf import convert_mcore_to_hf
 from checkpoint_converters.moe import convert_expert_layout
 from megadiff.checkpoint.bytecopy import byte_spans
@@ -20,6 +18,8 @@ from megadiff.checkpoint.bytecopy.byte_spans import FileTable, Span, Spans
 from megadiff.checkpoint.bytecopy.dcp_records import HoleFillingStream
 from megadiff.checkpoint.bytecopy.span_copy import SpanCopier
 from megadiff.checkpoint.reader import DistCheckpointReader
+from megadiff.hf.checkpoint_reader import HFCheckpointReader
+from megadiff.models.llada2.hf_mapping import _qkv_hf_to_mcore
 from tests.converters.test_moe_convertor import assert_same_checkpoint
 from tests.converters.test_span_copy import _direct_io_works
 

@@ -5,7 +5,6 @@ import os
 
 import pytest
 
-from checkpoint_converters.hf_io import CheckpointError
 from megadiff.checkpoint import latest_iteration, read_meta, resolve_checkpoint_dir
 from megadiff.checkpoint.format import (
     MCORE_CONFIG_NAME,
@@ -15,6 +14,7 @@ from megadiff.checkpoint.format import (
     commit_iteration_dir,
     iteration_dir_name,
 )
+from megadiff.errors import CheckpointError
 from megadiff.models.llada2 import ParallelLayout, preset
 
 META = {

@@ -8,7 +8,6 @@ import shutil
 
 import pytest
 
-from checkpoint_converters.hf_io import CheckpointError
 from checkpoint_converters.output_dir import check_output_dir, clean_stale_leftovers, publish
 from megadiff.checkpoint import format as fmt
 from megadiff.checkpoint.format import (
@@ -24,6 +23,7 @@ from megadiff.checkpoint.format import (
     resolve_checkpoint_dir,
     staging_path,
 )
+from megadiff.errors import CheckpointError
 from megadiff.models.llada2 import ParallelLayout, preset
 from megadiff.training.checkpointing import claim_save_dir, prune_checkpoints, resume_iteration
 

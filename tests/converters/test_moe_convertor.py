@@ -6,9 +6,10 @@ import os
 import pytest
 import torch
 
-from checkpoint_converters.experts import expected_shapes
-from checkpoint_converters.hf_io import CheckpointError, HFCheckpointReader
 from checkpoint_converters.moe import convert_expert_layout
+from megadiff.errors import CheckpointError
+from megadiff.hf.checkpoint_reader import HFCheckpointReader
+from megadiff.models.llada2.hf_experts import expected_shapes
 
 QUIET = dict(progress=False, log=lambda *a: None)
 

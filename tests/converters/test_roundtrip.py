@@ -16,10 +16,11 @@ import sys
 import pytest
 import torch
 
-from checkpoint_converters.hf_io import HFCheckpointReader
-from checkpoint_converters.mcore_to_hf import convert_mcore_to_hf, load_reference_from_mcore
+from checkpoint_converters.mcore_to_hf import convert_mcore_to_hf
 from megadiff.checkpoint import DistCheckpointReader, latest_iteration, read_meta
+from megadiff.hf.checkpoint_reader import HFCheckpointReader
 from megadiff.hf.reference import load_reference_model
+from megadiff.inference.loading import load_reference_from_mcore
 from tests.converters.same_outputs import assert_same_dist_checkpoint, assert_same_hf_output
 from tests.converters.test_moe_convertor import assert_same_checkpoint
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from checkpoint_converters.hf_io import HFCheckpointReader
 from checkpoint_converters.safetensors_stream import INDEX_NAME, ShardedSafetensorsWriter, parse_size
+from megadiff.hf.checkpoint_reader import HFCheckpointReader
 
 
 def tensors():

@@ -12,10 +12,10 @@ import os
 import pytest
 import torch
 
-from checkpoint_converters.dist_keys import checkpoint_spec, other_spec_keys, units_for
-from checkpoint_converters.mcore_to_hf import load_reference_from_mcore
 from megadiff.checkpoint import DistCheckpointReader, read_meta
 from megadiff.hf.reference import load_reference_model
+from megadiff.inference.loading import load_reference_from_mcore
+from megadiff.models.llada2.checkpoint_keys import checkpoint_spec, other_spec_keys, units_for
 from tests.converters.test_moe_convertor import assert_same_checkpoint
 from tests.converters.test_roundtrip import LOGIT_TOL, export
 

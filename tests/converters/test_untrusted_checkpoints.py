@@ -12,10 +12,11 @@ import shutil
 
 import pytest
 
-from checkpoint_converters.hf_io import CheckpointError, HFCheckpointReader
 from checkpoint_converters.mcore_to_hf import convert_mcore_to_hf
 from megadiff.checkpoint import DistCheckpointReader
 from megadiff.checkpoint.untrusted import unpickle_dcp_metadata, vet_checkpoint
+from megadiff.errors import CheckpointError
+from megadiff.hf.checkpoint_reader import HFCheckpointReader
 from tests import hostile_checkpoints as hostile
 from tests.dist.launch import REPO
 

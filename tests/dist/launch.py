@@ -15,8 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def worker_env(gpu: bool = False, base=None) -> dict:
     """The environment of torchrun and its workers: CUDA hidden (no visible device, and the run
     device pinned to the CPU) unless `gpu`."""
-    env = dict(os.environ if base is None else base, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PYTHONWARNINGS="ignore")
+    env = dict(os.environ if base is None else base, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
     if gpu:
         env.pop("MEGADIFF_DEVICE", None)  # the run device follows CUDA: cuda:LOCAL_RANK, NCCL
     else:
@@ -27,8 +26,15 @@ def worker_env(gpu: bool = False, base=None) -> dict:
 
 def run_torchrun(nproc: int, script: str, args, timeout: int = 600, gpu: bool = False) -> str:
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    cmd = [torchrun, "--nproc-per-node", str(nproc), "--master-port", str(_free_port()),
-           script, *[str(a) for a in args]]
+    cmd = [
+        torchrun,
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(_free_port()),
+        script,
+        *[str(a) for a in args],
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=worker_env(gpu), capture_output=True, text=True, timeout=timeout)
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:

@@ -24,8 +24,21 @@ def start_training(nproc, args):
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = worker_env()  # CPU, gloo, fp32 also on a GPU node
     return subprocess.Popen(
-        [torchrun, "--nproc-per-node", str(nproc), "--master-port", str(_free_port()), "tools/train.py", *map(str, args)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        [
+            torchrun,
+            "--nproc-per-node",
+            str(nproc),
+            "--master-port",
+            str(_free_port()),
+            "tools/train.py",
+            *map(str, args),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
 
 
@@ -46,7 +59,9 @@ def signal_all(proc, sig, include_torchrun=True):
 def wait_for_step(proc, metrics, step, timeout=300):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if os.path.exists(metrics) and any(json.loads(l)["step"] >= step for l in open(metrics).read().splitlines()):
+        if os.path.exists(metrics) and any(
+            json.loads(line)["step"] >= step for line in open(metrics).read().splitlines()
+        ):
             return
         if proc.poll() is not None:
             raise AssertionError(f"training ended early:\n{proc.stdout.read()[-4000:]}")
@@ -65,8 +80,16 @@ def test_sigkill_then_resume_gives_identical_losses(tiny_run_dir, tmp_path):
     run_torchrun(2, "tools/train.py", [*common, "train.steps=6", f"logging.metrics_file={straight}"])
 
     ckpt, first = tmp_path / "ckpt", tmp_path / "first.jsonl"
-    proc = start_training(2, [*common, "train.steps=1000", f"checkpoint.save_dir={ckpt}",
-                              "checkpoint.save_interval=3", f"logging.metrics_file={first}"])
+    proc = start_training(
+        2,
+        [
+            *common,
+            "train.steps=1000",
+            f"checkpoint.save_dir={ckpt}",
+            "checkpoint.save_interval=3",
+            f"logging.metrics_file={first}",
+        ],
+    )
     try:
         wait_for_step(proc, first, 4)  # the step-3 checkpoint is complete before step 4 runs
     finally:
@@ -79,25 +102,47 @@ def test_sigkill_then_resume_gives_identical_losses(tiny_run_dir, tmp_path):
     (ckpt / "iter_0000008" / "metadata.json").write_text("{}")
 
     resumed = tmp_path / "resumed.jsonl"
-    out = run_torchrun(2, "tools/train.py", [*common, "train.steps=6", f"checkpoint.save_dir={ckpt}",
-                                             "checkpoint.save_interval=3", f"logging.metrics_file={resumed}"])
+    out = run_torchrun(
+        2,
+        "tools/train.py",
+        [
+            *common,
+            "train.steps=6",
+            f"checkpoint.save_dir={ckpt}",
+            "checkpoint.save_interval=3",
+            f"logging.metrics_file={resumed}",
+        ],
+    )
     assert "resumed from" in out and "at step 3\n" in out, out[-3000:]
     assert losses(first)[:3] == losses(straight)[:3]
     assert losses(resumed) == losses(straight)[3:], (losses(resumed), losses(straight))
     # At another TP/EP layout the (dp_reshardable) optimizer state cannot follow: the error names
     # both layouts and the option (the old one said only "optimizer ... not in the checkpoint").
-    with pytest.raises(AssertionError, match=r"saved at layout \(tp=1, ep=2, .*this run's layout \(tp=2, ep=1, "
-                                             r".*fully_reshardable_optimizer=true resume at any layout"):
-        run_torchrun(2, "tools/train.py", [*common, "parallel.tp=2", "parallel.ep=1", "train.steps=7",
-                                           f"checkpoint.save_dir={ckpt}"])
+    with pytest.raises(
+        AssertionError,
+        match=r"saved at layout \(tp=1, ep=2, .*this run's layout \(tp=2, ep=1, "
+        r".*fully_reshardable_optimizer=true resume at any layout",
+    ):
+        run_torchrun(
+            2,
+            "tools/train.py",
+            [*common, "parallel.tp=2", "parallel.ep=1", "train.steps=7", f"checkpoint.save_dir={ckpt}"],
+        )
 
 
 @pytest.mark.dist
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_zero(tiny_run_dir, tmp_path):
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
-    proc = start_training(1, [tiny_run_dir / "cfg.yaml", "train.steps=500", f"checkpoint.save_dir={ckpt}",
-                              f"logging.metrics_file={metrics}"])
+    proc = start_training(
+        1,
+        [
+            tiny_run_dir / "cfg.yaml",
+            "train.steps=500",
+            f"checkpoint.save_dir={ckpt}",
+            f"logging.metrics_file={metrics}",
+        ],
+    )
     wait_for_step(proc, metrics, 2)
     # The workers get the SIGTERM (torchrun forwards one it receives too, but then reports the
     # job as failed itself whatever the workers do).
@@ -115,8 +160,14 @@ def train_once(args, crash=None):
     env.pop(CRASH_ENV, None)
     if crash:
         env[CRASH_ENV] = crash
-    proc = subprocess.run([sys.executable, "tools/train.py", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "tools/train.py", *map(str, args)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -137,6 +188,10 @@ def test_relaunch_and_killed_saves_resume_and_never_restart_from_scratch(tiny_ru
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
     rc, out = train_once([*common, "train.steps=3"])
     assert rc == 0 and "at step 3\n" in out and "left by an interrupted save" in out, out[-3000:]
-    assert sorted(os.listdir(ckpt)) == [".megadiff.lock", "iter_0000002", "iter_0000003",
-                                        "latest_checkpointed_iteration.txt"]
+    assert sorted(os.listdir(ckpt)) == [
+        ".megadiff.lock",
+        "iter_0000002",
+        "iter_0000003",
+        "latest_checkpointed_iteration.txt",
+    ]
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "3"

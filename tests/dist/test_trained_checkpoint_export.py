@@ -10,8 +10,7 @@ import sys
 import pytest
 import torch
 
-from checkpoint_converters.hf_io import HFCheckpointReader
-
+from megadiff.hf.checkpoint_reader import HFCheckpointReader
 from tests.converters.te_names import rekey_checkpoint_to_te
 from tests.dist.launch import REPO, run_torchrun
 
@@ -20,24 +19,41 @@ from tests.dist.launch import REPO, run_torchrun
 @pytest.mark.slow
 def test_trainer_checkpoint_exports_to_hf_with_same_logits(tiny_run_dir, tmp_path):
     ckpt, out = tmp_path / "ckpt", tmp_path / "hf_out"
-    run_torchrun(2, "tools/train.py", [tiny_run_dir / "cfg.yaml", "train.steps=2", "parallel.tp=2",
-                                       f"checkpoint.save_dir={ckpt}"])
-    subprocess.run([sys.executable, "tools/convert_mcore_to_hf.py", "--mcore-dir", str(ckpt), "--output", str(out)],
-                   cwd=REPO, check=True, capture_output=True)
+    run_torchrun(
+        2,
+        "tools/train.py",
+        [tiny_run_dir / "cfg.yaml", "train.steps=2", "parallel.tp=2", f"checkpoint.save_dir={ckpt}"],
+    )
+    subprocess.run(
+        [sys.executable, "tools/convert_mcore_to_hf.py", "--mcore-dir", str(ckpt), "--output", str(out)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
     ids = tmp_path / "ids.json"
     ids.write_text(json.dumps([[5, 17, 33, 2, 99, 400, 7, 1, 3], list(range(40, 56))]))
-    log = run_torchrun(2, "tools/compare_logits.py", ["--hf-dir", out, "--mcore-dir", ckpt, "--tp", "2",
-                                                       "--input-ids", ids, "--tolerance", "1e-4"])
+    log = run_torchrun(
+        2,
+        "tools/compare_logits.py",
+        ["--hf-dir", out, "--mcore-dir", ckpt, "--tp", "2", "--input-ids", ids, "--tolerance", "1e-4"],
+    )
     assert "PASS" in log
     te_ckpt, te_out = tmp_path / "ckpt_te", tmp_path / "hf_out_te"
     rekey_checkpoint_to_te(ckpt, te_ckpt)
-    subprocess.run([sys.executable, "tools/convert_mcore_to_hf.py", "--mcore-dir", str(te_ckpt), "--output",
-                    str(te_out)], cwd=REPO, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "tools/convert_mcore_to_hf.py", "--mcore-dir", str(te_ckpt), "--output", str(te_out)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
     exported, exported_te = dict(HFCheckpointReader(str(out)).items()), dict(HFCheckpointReader(str(te_out)).items())
     assert exported.keys() == exported_te.keys()
     assert all(torch.equal(exported[k], exported_te[k]) for k in exported)
-    log = run_torchrun(2, "tools/compare_logits.py", ["--hf-dir", te_out, "--mcore-dir", te_ckpt, "--tp", "2",
-                                                       "--input-ids", ids, "--tolerance", "1e-4"])
+    log = run_torchrun(
+        2,
+        "tools/compare_logits.py",
+        ["--hf-dir", te_out, "--mcore-dir", te_ckpt, "--tp", "2", "--input-ids", ids, "--tolerance", "1e-4"],
+    )
     assert "PASS" in log
     trained = dict(HFCheckpointReader(str(out)).items())
     initial = dict(HFCheckpointReader(str(tiny_run_dir / "hf")).items())

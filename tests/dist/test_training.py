@@ -18,8 +18,23 @@ REL_TOL = 1e-5
 
 def run_check(tiny_run_dir, nproc, check, layouts, *overrides):
     out = tiny_run_dir / f"{check}_{nproc}_{abs(hash(layouts))}.json"
-    run_torchrun(nproc, WORKER, ["--config", tiny_run_dir / "cfg.yaml", "--hf-dir", tiny_run_dir / "hf",
-                                 "--check", check, "--layouts", layouts, "--out", out, *overrides])
+    run_torchrun(
+        nproc,
+        WORKER,
+        [
+            "--config",
+            tiny_run_dir / "cfg.yaml",
+            "--hf-dir",
+            tiny_run_dir / "hf",
+            "--check",
+            check,
+            "--layouts",
+            layouts,
+            "--out",
+            out,
+            *overrides,
+        ],
+    )
     return json.loads(out.read_text())
 
 
@@ -61,7 +76,7 @@ def test_five_steps_give_the_same_losses_at_every_layout(tiny_run_dir):
     assert set(multi) == {"2,1,1", "1,2,1", "1,1,2"}
     for layout, losses in multi.items():
         assert len(losses) == 5
-        assert max(abs(a - b) for a, b in zip(losses, single)) <= REL_TOL, (layout, losses, single)
+        assert max(abs(a - b) for a, b in zip(losses, single, strict=True)) <= REL_TOL, (layout, losses, single)
 
 
 @pytest.mark.repeat
@@ -70,10 +85,20 @@ def test_five_steps_give_the_same_losses_at_every_layout(tiny_run_dir):
 def test_tiny_model_memorises_small_sft_set(tiny_run_dir):
     """Loss falls by >= 80% in <= 200 CPU steps on 16 synthetic samples."""
     metrics = tiny_run_dir / "memorise_metrics.jsonl"
-    run_torchrun(1, "tools/train.py", [
-        tiny_run_dir / "cfg.yaml", f"data.train_files={tiny_run_dir / 'memorise.jsonl'}", "train.steps=200",
-        "train.lr=3e-3", "train.lr_schedule=constant", "train.weight_decay=0.0", f"logging.metrics_file={metrics}",
-    ], timeout=900)
+    run_torchrun(
+        1,
+        "tools/train.py",
+        [
+            tiny_run_dir / "cfg.yaml",
+            f"data.train_files={tiny_run_dir / 'memorise.jsonl'}",
+            "train.steps=200",
+            "train.lr=3e-3",
+            "train.lr_schedule=constant",
+            "train.weight_decay=0.0",
+            f"logging.metrics_file={metrics}",
+        ],
+        timeout=900,
+    )
     losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
     assert len(losses) == 200
     first, last = losses[0], sum(losses[-10:]) / 10
@@ -96,9 +121,16 @@ def test_edit_stream_step_matches_reference_at_1_1_1_and_2_2_2(tiny_run_dir):
 @pytest.mark.dist
 @pytest.mark.slow
 def test_flex_attention_and_complementary_masks_step_matches_reference(tiny_run_dir):
-    assert_step_matches_reference(run_check(
-        tiny_run_dir, 1, "step_parity", "1,1,1", "model.attention_backend=flex", "diffusion.complementary_masks=true",
-    ))
+    assert_step_matches_reference(
+        run_check(
+            tiny_run_dir,
+            1,
+            "step_parity",
+            "1,1,1",
+            "model.attention_backend=flex",
+            "diffusion.complementary_masks=true",
+        )
+    )
 
 
 @pytest.mark.repeat
@@ -106,8 +138,17 @@ def test_flex_attention_and_complementary_masks_step_matches_reference(tiny_run_
 def test_nonfinite_losses_skip_steps_then_abort(tiny_run_dir):
     """lr=1e30 blows the weights up: NaN steps are skipped and counted, then the run stops."""
     with pytest.raises(AssertionError) as failure:  # run_torchrun raises on a non-zero exit
-        run_torchrun(1, "tools/train.py", [tiny_run_dir / "cfg.yaml", "train.steps=20", "train.lr=1e30",
-                                           "train.lr_schedule=constant", "train.max_consecutive_nonfinite=2"])
+        run_torchrun(
+            1,
+            "tools/train.py",
+            [
+                tiny_run_dir / "cfg.yaml",
+                "train.steps=20",
+                "train.lr=1e30",
+                "train.lr_schedule=constant",
+                "train.max_consecutive_nonfinite=2",
+            ],
+        )
     log = str(failure.value)
     assert "step skipped (1 in a row)" in log and "step skipped (2 in a row)" in log
     assert "2 consecutive steps with a non-finite loss" in log

@@ -4,7 +4,6 @@ without running (the marker stays absent), checkpoint.trust_checkpoint=true load
 payload runs: it was live), and real trainer- and converter-made checkpoints load by default."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -17,12 +16,26 @@ from tests.dist.launch import REPO, run_torchrun
 @pytest.mark.slow
 def test_resume_and_init_from_mcore_refuse_planted_code_and_trust_loads_it(tiny_run_dir, tmp_path):
     converted = tmp_path / "converted"
-    subprocess.run([sys.executable, "tools/convert_hf_to_mcore.py", "--hf-dir", str(tiny_run_dir / "hf"),
-                    "--output", str(converted), "--no-progress"], cwd=REPO, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "tools/convert_hf_to_mcore.py",
+            "--hf-dir",
+            str(tiny_run_dir / "hf"),
+            "--output",
+            str(converted),
+            "--no-progress",
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
     out = tmp_path / "report.json"
-    run_torchrun(1, "tests/dist/workers/untrusted_load.py", ["--config", tiny_run_dir / "cfg.yaml",
-                                                             "--converted", converted, "--work", tmp_path,
-                                                             "--out", out])
+    run_torchrun(
+        1,
+        "tests/dist/workers/untrusted_load.py",
+        ["--config", tiny_run_dir / "cfg.yaml", "--converted", converted, "--work", tmp_path, "--out", out],
+    )
     report = json.loads(out.read_text())
     for case in ("resume_real", "init_real_trained", "init_real_converted"):
         assert report[case]["result"] == "loaded", (case, report[case])

@@ -90,7 +90,7 @@ def test_parameter_table_te_keys_are_a_te_models_sharded_state_dict_keys():
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 
-    from checkpoint_converters.dist_keys import units_for
+    from megadiff.models.llada2.checkpoint_keys import units_for
     from megadiff.models.llada2.config import LLaDA2ModelConfig, ParallelLayout
     from megadiff.models.llada2.model import build_model
     from megadiff.models.llada2.presets import preset

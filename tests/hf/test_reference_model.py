@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoint_converters.hf_io import CheckpointError
+from megadiff.errors import CheckpointError
 from megadiff.hf import build_reference_model, load_reference_model, save_reference_model
 from megadiff.models.llada2 import preset
 

@@ -1,15 +1,21 @@
 """Loading a model dir for decoding: HF dirs, mcore checkpoint detection, tokenizer and special ids."""
 
 import os
-import sys
-import types
 
 import pytest
 import torch
 
 from megadiff.hf.reference import build_reference_model
 from megadiff.hf.tiny import write_tiny_model_dir
-from megadiff.inference import ChatSession, DecodingOptions, encode_chat, encode_prompt, load_model, load_tokenizer
+from megadiff.inference import (
+    ChatSession,
+    DecodingOptions,
+    encode_chat,
+    encode_prompt,
+    load_model,
+    load_tokenizer,
+    loading,
+)
 from megadiff.inference.loading import is_mcore_checkpoint, special_token_ids
 from megadiff.models.llada2.presets import preset
 
@@ -48,7 +54,7 @@ def test_missing_tokenizer_error_names_the_dir(tmp_path):
 
 
 @pytest.mark.parametrize("marker", ["latest_checkpointed_iteration.txt", "megadiff.json"])
-def test_mcore_checkpoint_dir_is_loaded_through_the_converter(tmp_path, monkeypatch, marker):
+def test_mcore_checkpoint_dir_is_loaded_as_an_mcore_checkpoint(tmp_path, monkeypatch, marker):
     (tmp_path / marker).write_text("7\n" if marker.endswith(".txt") else "{}")
     seen = {}
 
@@ -56,20 +62,11 @@ def test_mcore_checkpoint_dir_is_loaded_through_the_converter(tmp_path, monkeypa
         seen.update(ckpt_dir=ckpt_dir, iteration=iteration, dtype=dtype, trust=trust_checkpoint)
         return build_reference_model(preset("tiny"))
 
-    fake = types.ModuleType("checkpoint_converters.mcore_to_hf")
-    fake.load_reference_from_mcore = load_reference_from_mcore
-    monkeypatch.setitem(sys.modules, "checkpoint_converters.mcore_to_hf", fake)
+    monkeypatch.setattr(loading, "load_reference_from_mcore", load_reference_from_mcore)
     assert is_mcore_checkpoint(str(tmp_path))
     model = load_model(str(tmp_path), dtype=torch.float64, iteration=7)
     assert seen == {"ckpt_dir": str(tmp_path), "iteration": 7, "dtype": torch.float64, "trust": False}
     assert not model.training
-
-
-def test_mcore_checkpoint_without_converter_gives_a_clear_error(tmp_path, monkeypatch):
-    (tmp_path / "latest_checkpointed_iteration.txt").write_text("1\n")
-    monkeypatch.setitem(sys.modules, "checkpoint_converters.mcore_to_hf", None)  # import fails
-    with pytest.raises(ImportError, match="is a megatron-core checkpoint.*convert the checkpoint"):
-        load_model(str(tmp_path))
 
 
 def test_mcore_checkpoint_tokenizer_is_the_recorded_hf_source_dirs(model_dir, tmp_path):

@@ -87,7 +87,7 @@ def test_flex_backend_refuses_recompute_of_core_attention():
 def test_block_mask_for_rejects_unknown_mode():
     import torch
 
-    from megadiff.models.llada2.flex_attention import block_mask_for
+    from megadiff.diffusion.block_mask import block_mask_for
 
     ids = torch.zeros(1, 8, dtype=torch.long)
     with pytest.raises(ValueError, match="mode"):

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from megadiff.hf import checkpoint_reader
 from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset
 from megadiff.planner import GiB, Hardware, forecast, plan_layouts
 from megadiff.training.config import load_config, parallel_layout
@@ -126,12 +127,7 @@ def test_forecast_over_device_memory_stops_before_weights_are_read(tiny_run_dir,
 
     monkeypatch.setattr(memory_check, "device_memory_bytes", lambda: 1 << 20)  # a 1 MiB "GPU"
     monkeypatch.setattr(setup, "build_model_and_load", weights_read)
-    try:
-        from checkpoint_converters import hf_io
-
-        monkeypatch.setattr(hf_io.HFCheckpointReader, "__init__", weights_read)
-    except ImportError:  # the reader moved; build_model_and_load above is what reads it
-        pass
+    monkeypatch.setattr(checkpoint_reader.HFCheckpointReader, "__init__", weights_read)
     cfg = load_config(str(tiny_run_dir / "cfg.yaml"))
     with pytest.raises(MemoryForecastError, match=r"exceeds the device's 0\.0 GiB at parallel\.tp=1 .*tools/plan\.py"):
         Trainer(cfg)

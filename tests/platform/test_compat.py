@@ -9,7 +9,6 @@ import importlib.metadata
 import pytest
 import torch
 
-import megadiff  # noqa: F401  (installs the megatron-core import hook first, as every entry point does)
 from megadiff.platform import compat
 
 

@@ -22,7 +22,7 @@ def test_init_distributed_only_patches_without_cuda(monkeypatch):
     called = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.delenv("MEGADIFF_DEVICE")
-    monkeypatch.setattr("megadiff.platform.cpu.enable_cpu_support", lambda: called.append(1))
+    monkeypatch.setattr(dist, "enable_cpu_support", lambda: called.append(1))
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # stop before any group is made
     monkeypatch.setattr(torch.distributed, "get_backend", lambda: "nccl")
     dist.init_distributed()
@@ -34,7 +34,7 @@ def test_init_distributed_patches_when_the_cpu_is_pinned_on_a_gpu_node(monkeypat
 
     called = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr("megadiff.platform.cpu.enable_cpu_support", lambda: called.append(1))
+    monkeypatch.setattr(dist, "enable_cpu_support", lambda: called.append(1))
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     for name, value in (
         ("MASTER_ADDR", "127.0.0.1"),

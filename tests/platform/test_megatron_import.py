@@ -25,7 +25,10 @@ def test_compile_is_deferred_to_the_first_call_and_done_once():
 
 IMPORT_THEN_FUSE = """
 import sys, torch
-import megadiff
+import megadiff, megadiff.platform
+from megadiff.platform.compat import _DeferCompileWhileImporting
+assert not any(isinstance(f, _DeferCompileWhileImporting) for f in sys.meta_path), "import megadiff installed the hook"
+megadiff.platform.install_import_hook()
 import megatron.core.models.gpt
 from megatron.core import jit
 assert torch.compile.__module__.startswith("torch"), "torch.compile must be restored after the import"

@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from checkpoint_converters.hf_io import CheckpointError
 from megadiff.checkpoint.format import META_NAME, build_meta
 from megadiff.checkpoint.lock import SaveDirInUseError, SaveDirLock
+from megadiff.errors import CheckpointError
 from megadiff.training.config import TrainingConfigError, load_config
 from megadiff.training.disk_space import NoSpaceError, no_space_error
 from megadiff.training.loop import Trainer

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from megadiff.errors import UserError
+from megadiff.errors import ConfigError
+from megadiff.platform.kernels import fused_kernel_flags
+from megadiff.platform.parallel_layout import ParallelLayout
 
 ACCEPTED_MODEL_TYPES = ("llada2_moe", "bailing_moe_v2", "bailing_moe")
 REQUIRED_FIELDS = (
@@ -26,10 +28,6 @@ REQUIRED_FIELDS = (
 )
 
 
-class ConfigError(UserError):
-    """A model config field, or a parallel layout, that megadiff cannot run."""
-
-
 def checked_type(value, kind, fail):
     """`value` if it is a `kind` (int, float, bool or str; an int is a float too), else fail(why).
     JSON numbers keep their spelling: 16.0 is not an integer, "1" is not a number."""
@@ -39,39 +37,6 @@ def checked_type(value, kind, fail):
     if kind is float and not math.isfinite(value):
         fail(f"must be a finite number, got {value}")
     return float(value) if kind is float else value
-
-
-@dataclass(frozen=True)
-class ParallelLayout:
-    """Tensor / expert / expert-tensor / pipeline / virtual-pipeline sizes.
-
-    `etp` defaults to `tp` without expert parallelism and to 1 with it. megatron-core treats
-    experts as dense parameters when ep == 1, so their gradients are only reduced correctly
-    when they are split like the dense layers (etp == tp); other combinations are refused."""
-
-    tp: int = 1
-    ep: int = 1
-    etp: int | None = None
-    pp: int = 1
-    vpp: int | None = None  # virtual pipeline chunks per PP rank; None = no interleaving
-
-    def __post_init__(self):
-        if self.etp is None:
-            object.__setattr__(self, "etp", self.tp if self.ep == 1 else 1)
-        for name in ("tp", "ep", "etp", "pp"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.ep == 1 and self.etp != self.tp:
-            raise ConfigError(
-                f"--etp {self.etp} with --ep 1 and --tp {self.tp}: without expert parallelism "
-                f"megatron-core reduces expert gradients like dense ones, so --etp must equal --tp"
-            )
-        if self.vpp is not None and self.vpp < 2:
-            raise ConfigError(f"--vpp must be >= 2 (chunks per pipeline rank) or unset, got {self.vpp}")
-
-    def __str__(self):
-        vpp = f",vpp={self.vpp}" if self.vpp else ""
-        return f"tp={self.tp},ep={self.ep},etp={self.etp},pp={self.pp}{vpp}"
 
 
 @dataclass(frozen=True)
@@ -260,9 +225,8 @@ def to_transformer_config(
 ):
     """megatron-core TransformerConfig for LLaDA2 at `layout` (DESIGN §2). `on_cpu`: a CPU run
     (CPU initialisation, no fused kernels); False for a CUDA run."""
+    # megatron-core (about 1 s) only when a model is built: converters and the sampler read configs
     from megatron.core.transformer import TransformerConfig
-
-    from megadiff.platform.kernels import fused_kernel_flags
 
     model.validate_layout(layout)
     bf16 = params_dtype == torch.bfloat16

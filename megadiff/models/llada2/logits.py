@@ -8,7 +8,8 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from megadiff.training.schedule import forward_backward
+from megadiff.models.llada2.schedule import forward_backward
+from megadiff.platform.device import run_device, to_run_device
 
 
 def pad_for_sequence_parallel(input_ids, position_ids, allowed, tp: int):
@@ -34,8 +35,6 @@ def pad_for_sequence_parallel(input_ids, position_ids, allowed, tp: int):
 def full_logits(chunks, input_ids, position_ids, allowed: torch.Tensor | None = None):
     """[1, s, vocab] fp32 logits of one row, returned on every rank, on the CPU. Inputs may be on
     the host; the model runs on the run device."""
-    from megadiff.platform.device import run_device, to_run_device
-
     s = input_ids.shape[1]
     input_ids, position_ids, allowed = to_run_device((input_ids, position_ids, allowed))
     ids, pos, mask = pad_for_sequence_parallel(

@@ -23,6 +23,7 @@ from megatron.core.tensor_parallel import gather_from_sequence_parallel_region, 
 from torch.nn.attention.flex_attention import BlockMask
 
 from megadiff.platform import compat
+from megadiff.platform.device import run_device
 
 from .config import ConfigError, LLaDA2ModelConfig, ParallelLayout, to_transformer_config
 from .spec import llada2_block_spec, transformer_engine_usable
@@ -42,13 +43,11 @@ def build_model(
     """One GPTModel per virtual-pipeline chunk held by this rank (a list of one without VPP).
 
     attention_backend: "dense" = the spec's core attention with dense bool masks; "flex" =
-    FlexCoreAttention, whose masks are BlockMasks (flex_attention.block_mask_for).
+    FlexCoreAttention, whose masks are BlockMasks (megadiff.diffusion.block_mask).
     xt_only_logits: inputs are [x_t ; x_0] and only x_t's logits are wanted (module docstring).
     Process groups must already be initialised for `layout` (platform.initialize_parallel)."""
     if attention_backend not in ATTENTION_BACKENDS:
         raise ConfigError(f"attention_backend={attention_backend!r}; choose one of {ATTENTION_BACKENDS}")
-    from megadiff.platform.device import run_device
-
     if use_te is None:
         use_te = transformer_engine_usable()
     compat.define_te_general_gemm_without_te()  # the router reads it, on CPU and CUDA without TE
@@ -61,6 +60,7 @@ def build_model(
     config = to_transformer_config(model_cfg, layout, params_dtype, use_te=use_te, on_cpu=on_cpu, **config_overrides)
     core_attention = None
     if attention_backend == "flex":
+        # flex attention compiles flex_attention at import (TorchDynamo, seconds): dense runs skip it
         from .flex_attention import FlexCoreAttention, check_flex_supported
 
         check_flex_supported(config)

@@ -18,6 +18,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
+from megadiff.platform.kernels import transformer_engine_usable as usable
+
 
 class SequenceParallelRMSNorm(torch.nn.RMSNorm):
     """torch RMSNorm built like megatron-core norms: (config, hidden_size, eps)."""
@@ -31,8 +33,6 @@ class SequenceParallelRMSNorm(torch.nn.RMSNorm):
 def transformer_engine_usable() -> bool:
     """The TE spec is used when the run device is CUDA and megatron-core's own TE flags are set
     (megadiff.platform.kernels decides)."""
-    from megadiff.platform.kernels import transformer_engine_usable as usable
-
     return usable()
 
 

@@ -23,6 +23,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirna
 os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the converters run on CPU (gloo), as their CLIs do
 warnings.simplefilter("ignore")
 
+from megadiff.platform import install_import_hook  # noqa: E402
+
+install_import_hook()  # first, before anything imports megatron-core
+
 import torch  # noqa: E402
 
 
@@ -55,12 +59,22 @@ def save_training_like_checkpoint(args, cfg, hf_config):
     state = model_sharded_state_dict(chunks)
     state["optimizer"] = fake(torch.full((4,), 7.0))
     state["scheduler"] = {"lr": 0.5}
-    meta = {"hf_config": hf_config, "hf_source_dir": args.reference, "layout": vars(layout),
-            "dtype": "float32", "extra": {"step": 7}}
+    meta = {
+        "hf_config": hf_config,
+        "hf_source_dir": args.reference,
+        "layout": vars(layout),
+        "dtype": "float32",
+        "extra": {"step": 7},
+    }
     path = save_checkpoint(root, 7, state, meta)
     loaded, loaded_meta = load_checkpoint(root, {"optimizer": fake(torch.zeros(4))})
-    return {"path": path, "exp_avg": loaded["optimizer"]["exp_avg"].tolist(), "scheduler": loaded["scheduler"],
-            "iteration": loaded_meta["iteration"], "extra": loaded_meta["extra"]}
+    return {
+        "path": path,
+        "exp_avg": loaded["optimizer"]["exp_avg"].tolist(),
+        "scheduler": loaded["scheduler"],
+        "iteration": loaded_meta["iteration"],
+        "extra": loaded_meta["extra"],
+    }
 
 
 def te_request_check(item, cfg, hf_config):
@@ -68,9 +82,9 @@ def te_request_check(item, cfg, hf_config):
     and each `_extra_state` the checkpoint lacks comes back as the model's own value."""
     from megatron.core.dist_checkpointing import ShardedObject
 
-    from checkpoint_converters.dist_keys import other_spec_keys
     from megadiff.checkpoint import load_checkpoint, model_sharded_state_dict
     from megadiff.checkpoint.dist import rename_sharded_keys
+    from megadiff.models.llada2.checkpoint_keys import other_spec_keys
     from megadiff.models.llada2.model import build_model
     from megadiff.platform import initialize_parallel
 
@@ -87,12 +101,15 @@ def te_request_check(item, cfg, hf_config):
             extra = name.replace("linear_qkv.weight", "core_attention._extra_state")
             own[extra] = f"own extra state of {extra}"
             key = request["model"][name].key.replace("linear_qkv.weight", "core_attention._extra_state")
-            request["model"][extra] = ShardedObject(key, own[extra], (1,), (0,), replica_id=torch.distributed.get_rank())
+            request["model"][extra] = ShardedObject(
+                key, own[extra], (1,), (0,), replica_id=torch.distributed.get_rank()
+            )
     loaded, _ = load_checkpoint(ckpt, request)
     return {
         "renamed": renamed,
-        "max_diff": max(float((loaded["model"][n] - t).abs().max()) for n, t in plain["model"].items()
-                        if torch.is_tensor(t)),
+        "max_diff": max(
+            float((loaded["model"][n] - t).abs().max()) for n, t in plain["model"].items() if torch.is_tensor(t)
+        ),
         "same_keys": sorted(set(loaded["model"]) - set(own)) == sorted(plain["model"]),
         "extra_state_kept": bool(own) and all(loaded["model"][n] == v for n, v in own.items()),
     }
@@ -109,12 +126,12 @@ def main():
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
-    from checkpoint_converters.hf_io import read_hf_config
     from checkpoint_converters.hf_to_mcore import convert_hf_to_mcore
-    from checkpoint_converters.llada2_mapping import gather_hf_state
     from megadiff.checkpoint import load_model_weights
+    from megadiff.hf.checkpoint_reader import read_hf_config
     from megadiff.hf.reference import load_reference_model
     from megadiff.models.llada2 import LLaDA2ModelConfig
+    from megadiff.models.llada2.hf_mapping import gather_hf_state
     from megadiff.models.llada2.logits import full_logits
     from megadiff.models.llada2.model import build_model
     from megadiff.platform import init_distributed, initialize_parallel
@@ -146,13 +163,16 @@ def main():
         chunks = build_model(cfg, layout)
         meta = load_model_weights(ckpt, chunks)
         weights = gather_hf_state(chunks, cfg)
-        result = {"saved_layout": meta["layout"], "weights": max(
-            float((weights[name] - tensor.float()).abs().max()) for name, tensor in reference_state.items()
-        )}
+        result = {
+            "saved_layout": meta["layout"],
+            "weights": max(
+                float((weights[name] - tensor.float()).abs().max()) for name, tensor in reference_state.items()
+            ),
+        }
         if not layout.vpp:  # the interleaved schedule needs >= pp micro-batches; one row is one
             result["logits"] = max(
                 float((full_logits(chunks, ids, torch.arange(ids.shape[1])[None]) - want).abs().max())
-                for ids, want in zip(rows, expected)
+                for ids, want in zip(rows, expected, strict=True)
             )
         results[f"{os.path.basename(ckpt)}@{layout}"] = result
     if torch.distributed.get_rank() == 0:

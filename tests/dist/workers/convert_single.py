@@ -22,9 +22,15 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, REPO)
 
+from megadiff.platform import install_import_hook  # noqa: E402
+
+install_import_hook()  # first, before anything imports megatron-core
+
 
 def load_cli():
-    spec = importlib.util.spec_from_file_location("convert_hf_to_mcore", os.path.join(REPO, "tools", "convert_hf_to_mcore.py"))
+    spec = importlib.util.spec_from_file_location(
+        "convert_hf_to_mcore", os.path.join(REPO, "tools", "convert_hf_to_mcore.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # hides CUDA before torch is imported, as the CLI does
     return module
@@ -56,9 +62,13 @@ def main():
                 report["runs"].append({"args": shlex.join(twin), "rc": cli.main(twin + ["--no-progress"])})
             except SystemExit as e:
                 report["runs"].append({"args": shlex.join(twin), "rc": 1, "error": str(e)})
-            report["runs"][-1].update(direct_bytes=counts["direct"], kernel_bytes=counts["kernel"],
-                                      buffered_bytes=counts["buffered"], unannounced_bytes=counts["unannounced"],
-                                      read_bytes=counts["read"])
+            report["runs"][-1].update(
+                direct_bytes=counts["direct"],
+                kernel_bytes=counts["kernel"],
+                buffered_bytes=counts["buffered"],
+                unannounced_bytes=counts["unannounced"],
+                read_bytes=counts["read"],
+            )
     if args.interrupt:
         from checkpoint_converters.hf_direct import DirectHFReader
 
@@ -82,7 +92,9 @@ def main():
             DirectHFReader.get = original
         parent = os.path.dirname(os.path.abspath(out))
         report["interrupt"] = {
-            "raised": raised, "reads": calls["n"], "output_exists": os.path.exists(out),
+            "raised": raised,
+            "reads": calls["n"],
+            "output_exists": os.path.exists(out),
             "leftovers": sorted(n for n in os.listdir(parent) if n.startswith(os.path.basename(out) + ".tmp-")),
         }
     with open(args.out, "w") as f:

@@ -11,11 +11,15 @@ import argparse
 import json
 import math
 
+from megadiff.platform import install_import_hook  # noqa: E402
+
+install_import_hook()  # first, before anything imports megatron-core
+
 import torch
 import torch.nn.functional as F
 
-from checkpoint_converters.llada2_mapping import gather_hf_state
 from megadiff.hf import load_reference_model
+from megadiff.models.llada2.hf_mapping import gather_hf_state
 from megadiff.training.batch import prepare_micro_batch
 from megadiff.training.config import load_config
 from megadiff.training.loop import Trainer
@@ -39,8 +43,9 @@ def plain_elbos(model, batch, pairs: int, mc_samples: int) -> torch.Tensor:
 
 def plain_dpo_loss_and_grads(trainer, hf_dir, policy_state, epoch, batch_index):
     cfg = trainer.cfg
-    batch = prepare_micro_batch(trainer.dataset.global_batch(epoch, batch_index), cfg.diffusion, trainer.mask_id,
-                                cfg.train.seed)
+    batch = prepare_micro_batch(
+        trainer.dataset.global_batch(epoch, batch_index), cfg.diffusion, trainer.mask_id, cfg.train.seed
+    )
     raw = trainer.dataset.global_batch(epoch, batch_index)
     batch["response_slot"] = raw["response_slot"]
     pairs = raw["pair_ids"].numel()
@@ -63,23 +68,42 @@ def plain_dpo_loss_and_grads(trainer, hf_dir, policy_state, epoch, batch_index):
 def run_case(base_cfg, hf_dir, case, overrides):
     layout, mode, reference, mbs = case.split("/")
     tp, ep, pp = layout.split(",")
-    cfg = load_config(base_cfg, overrides + [
-        f"parallel.tp={tp}", f"parallel.ep={ep}", f"parallel.pp={pp}", f"diffusion.mode={mode}",
-        f"dpo.reference={reference}", f"train.micro_batch_size={mbs}", "parallel.use_distributed_optimizer=false",
-        "checkpoint.save_dir=", "logging.progress_bar=false", "train.objective=dpo",
-    ])
+    cfg = load_config(
+        base_cfg,
+        overrides
+        + [
+            f"parallel.tp={tp}",
+            f"parallel.ep={ep}",
+            f"parallel.pp={pp}",
+            f"diffusion.mode={mode}",
+            f"dpo.reference={reference}",
+            f"train.micro_batch_size={mbs}",
+            "parallel.use_distributed_optimizer=false",
+            "checkpoint.save_dir=",
+            "logging.progress_bar=false",
+            "train.objective=dpo",
+        ],
+    )
     trainer = Trainer(cfg)
     step1 = trainer.train_step()
     policy_state = gather_hf_state(trainer.chunks, trainer.model_cfg)
     loss, _, metrics = trainer.objective.forward_backward_step(trainer._micro_batches())
-    grads = gather_hf_state(trainer.chunks, trainer.model_cfg,
-                            value=lambda p: getattr(p, "main_grad", torch.zeros_like(p)))
+    grads = gather_hf_state(
+        trainer.chunks, trainer.model_cfg, value=lambda p: getattr(p, "main_grad", torch.zeros_like(p))
+    )
     ref_loss, ref_grads = plain_dpo_loss_and_grads(trainer, hf_dir, policy_state, 0, 1)
-    grad_rel = max(float((grads[n].cpu() - g).abs().max() / g.abs().max().clamp_min(1e-12))
-                   for n, g in ref_grads.items())
-    return {"step1_loss": step1.loss, "step1_minus_log2": abs(step1.loss - math.log(2.0)), "loss": loss,
-            "ref_loss": ref_loss, "loss_rel": abs(loss - ref_loss) / abs(ref_loss), "grad_rel": grad_rel,
-            "metrics": metrics}
+    grad_rel = max(
+        float((grads[n].cpu() - g).abs().max() / g.abs().max().clamp_min(1e-12)) for n, g in ref_grads.items()
+    )
+    return {
+        "step1_loss": step1.loss,
+        "step1_minus_log2": abs(step1.loss - math.log(2.0)),
+        "loss": loss,
+        "ref_loss": ref_loss,
+        "loss_rel": abs(loss - ref_loss) / abs(ref_loss),
+        "grad_rel": grad_rel,
+        "metrics": metrics,
+    }
 
 
 def main():

@@ -14,22 +14,28 @@ Checks (each layout; rank 0 writes the worst errors as JSON to --out):
 import argparse
 import json
 
-import torch
-from megatron.core import parallel_state as ps
-from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.dot_product_attention import DotProductAttention
-from megatron.core.transformer.enums import AttnMaskType
+from megadiff.platform import install_import_hook  # noqa: E402
 
-from checkpoint_converters.llada2_mapping import load_hf_into_model
-from megadiff.diffusion.masks import block_diffusion_mask, full_attention_mask
-from megadiff.hf import build_reference_model
-from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset
-from megadiff.models.llada2.flex_attention import FlexCoreAttention, block_mask_for, cpu_flex_is_compiled
-from megadiff.models.llada2.model import build_model, mcore_attention_mask
-from megadiff.platform import init_distributed, initialize_parallel
-from megadiff.training.ddp import wrap_ddp
-from megadiff.training.schedule import forward_backward
+install_import_hook()  # first, before anything imports megatron-core
+
+import torch  # noqa: E402
+from megatron.core import parallel_state as ps  # noqa: E402
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region  # noqa: E402
+from megatron.core.transformer import TransformerConfig  # noqa: E402
+from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
+from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
+
+from megadiff.diffusion.block_mask import block_mask_for  # noqa: E402
+from megadiff.diffusion.masks import block_diffusion_mask, full_attention_mask  # noqa: E402
+from megadiff.hf import build_reference_model  # noqa: E402
+from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset  # noqa: E402
+from megadiff.models.llada2.flex_attention import FlexCoreAttention  # noqa: E402
+from megadiff.models.llada2.hf_mapping import load_hf_into_model  # noqa: E402
+from megadiff.models.llada2.model import build_model, mcore_attention_mask  # noqa: E402
+from megadiff.models.llada2.schedule import forward_backward  # noqa: E402
+from megadiff.platform import init_distributed, initialize_parallel  # noqa: E402
+from megadiff.platform.cpu_flex_attention import cpu_flex_is_compiled  # noqa: E402
+from megadiff.training.ddp import wrap_ddp  # noqa: E402
 
 B, L, BLOCK = 2, 16, 4  # rows, tokens per half, diffusion block size
 
@@ -41,7 +47,7 @@ def packed_rows(length, single_doc_first_row=False):
     pos = torch.zeros(B, length, dtype=torch.long)
     for row, row_cuts in enumerate(cuts):
         starts = [0, *row_cuts]
-        for d, (a, b) in enumerate(zip(starts, [*row_cuts, length])):
+        for d, (a, b) in enumerate(zip(starts, [*row_cuts, length], strict=True)):
             doc[row, a:b] = d
             pos[row, a:b] = torch.arange(b - a)
     return doc, pos
@@ -49,12 +55,18 @@ def packed_rows(length, single_doc_first_row=False):
 
 # ---------------------------------------------------------------- (a) core attention
 
+
 def attention_errors(layout):
     g = torch.Generator().manual_seed(3)
     heads, groups, dim = 4, 2, 16  # the tiny preset's geometry (compiled kernels are shared)
     config = TransformerConfig(
-        num_layers=1, hidden_size=heads * dim, num_attention_heads=heads, num_query_groups=groups,
-        kv_channels=dim, attention_dropout=0.0, tensor_model_parallel_size=layout.tp,
+        num_layers=1,
+        hidden_size=heads * dim,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        kv_channels=dim,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=layout.tp,
     )
     args = dict(config=config, layer_number=1, attn_mask_type=AttnMaskType.arbitrary, attention_type="self")
     dense_attn, flex_attn = DotProductAttention(**args), FlexCoreAttention(**args)
@@ -78,10 +90,11 @@ def attention_errors(layout):
         grads_want = torch.autograd.grad((want * w).sum(), (q, k, v))
         grads_got = torch.autograd.grad((got * w).sum(), (q, k, v))
         out[f"attn_{name}_out"] = float((got - want).detach().abs().max())
-        out[f"attn_{name}_grad"] = max(float((a - b).abs().max()) for a, b in zip(grads_got, grads_want))
+        out[f"attn_{name}_grad"] = max(float((a - b).abs().max()) for a, b in zip(grads_got, grads_want, strict=True))
         if block_mask is not None:
             out[f"attn_{name}_tiles_full_partial"] = float(
-                min(block_mask.full_kv_num_blocks.sum(), block_mask.kv_num_blocks.sum()))
+                min(block_mask.full_kv_num_blocks.sum(), block_mask.kv_num_blocks.sum())
+            )
     try:
         flex_attn(q, k, v, mcore_attention_mask(full_attention_mask(doc)))
         out["attn_rejects_dense_mask"] = 0.0
@@ -91,6 +104,7 @@ def attention_errors(layout):
 
 
 # ---------------------------------------------------------------- (b)/(c) whole model
+
 
 def model_inputs(cfg):
     g = torch.Generator().manual_seed(7)
@@ -108,8 +122,9 @@ def variants(cfg, full_mode):
     # control: plain doc-level attention over [x_t ; x_0] (x_t then sees x_0 of its own block)
     doc2 = torch.cat([doc, doc], 1)
     wrong = [block_mask_for(doc2[i : i + 1], doc2[i : i + 1], "full") for i in rows]
-    out = [("bd", torch.cat([xt, x0], 1), torch.cat([pos, pos], 1),
-            block_diffusion_mask(doc, pos, BLOCK), bd_masks, wrong)]
+    out = [
+        ("bd", torch.cat([xt, x0], 1), torch.cat([pos, pos], 1), block_diffusion_mask(doc, pos, BLOCK), bd_masks, wrong)
+    ]
     if full_mode:
         full_masks = [block_mask_for(doc[i : i + 1], pos[i : i + 1], "full") for i in rows]
         out.append(("full", xt, pos, full_attention_mask(doc), full_masks, None))
@@ -153,8 +168,9 @@ def model_errors(layout, ref, ref_sd, cfg, full_mode):
         load_hf_into_model(chunks, lambda name: ref_sd[name], cfg)
         built[backend] = wrap_ddp(chunks)
     flex, dense = built["flex"], built["dense"]
-    out = {"flex_core_attention_layers": float(sum(
-        isinstance(m, FlexCoreAttention) for c in flex for m in c.modules()))}
+    out = {
+        "flex_core_attention_layers": float(sum(isinstance(m, FlexCoreAttention) for c in flex for m in c.modules()))
+    }
     for name, ids, pos, allowed, block_masks, wrong in variants(cfg, full_mode):
         with torch.no_grad():
             want = ref(ids, pos, allowed).logits
@@ -200,7 +216,11 @@ def main():
         reduced = {}
         for key, value in sorted(local.items()):
             t = torch.tensor(float(value))
-            op = torch.distributed.ReduceOp.MIN if "wrong_mask" in key or "rejects" in key or "compiled" in key or "layers" in key or "tiles" in key else torch.distributed.ReduceOp.MAX
+            op = (
+                torch.distributed.ReduceOp.MIN
+                if "wrong_mask" in key or "rejects" in key or "compiled" in key or "layers" in key or "tiles" in key
+                else torch.distributed.ReduceOp.MAX
+            )
             torch.distributed.all_reduce(t, op=op)
             reduced[key] = float(t)
         results[str(layout)] = reduced

@@ -14,6 +14,10 @@ Writes {rank: {case: {"actual": {...}, "forecast": {...}}}} (every rank's file m
 import argparse
 import json
 
+from megadiff.platform import install_import_hook  # noqa: E402
+
+install_import_hook()  # first, before anything imports megatron-core
+
 import torch
 from megatron.core import parallel_state as ps
 
@@ -94,10 +98,16 @@ def run_case(model_cfg, layout, dtype, distributed):
         "optimizer_dense": opt["dense"],
         "optimizer_expert": opt["expert"],
     }
-    shape = RunShape(seq_len=16, dtype="fp32" if dtype == torch.float32 else "bf16", use_distributed_optimizer=distributed)
+    shape = RunShape(
+        seq_len=16, dtype="fp32" if dtype == torch.float32 else "bf16", use_distributed_optimizer=distributed
+    )
     f = state_bytes(
-        model_cfg, layout, torch.distributed.get_world_size(), shape,
-        pp_rank=ps.get_pipeline_model_parallel_rank(), dp_rank=ps.get_data_parallel_rank(),
+        model_cfg,
+        layout,
+        torch.distributed.get_world_size(),
+        shape,
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
         edp_rank=ps.get_expert_data_parallel_rank(),
     )
     forecast = {k: getattr(f, k) for k in actual}

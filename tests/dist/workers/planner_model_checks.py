@@ -12,11 +12,15 @@ Writes {"params": {...}, "activations": {case: {"measured": [per layer], "foreca
 import argparse
 import json
 
+from megadiff.platform import install_import_hook  # noqa: E402
+
+install_import_hook()  # first, before anything imports megatron-core
+
 import torch
 
+from megadiff.diffusion.block_mask import block_mask_for
 from megadiff.diffusion.masks import block_diffusion_mask
 from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset
-from megadiff.models.llada2.flex_attention import block_mask_for
 from megadiff.models.llada2.model import build_model, forward_chunk
 from megadiff.planner.memory import RunShape, activation_bytes_per_layer
 from megadiff.platform import init_distributed, initialize_parallel
@@ -37,7 +41,9 @@ def meta_counts(name):
 
 
 def saved_bytes_per_layer(model_cfg, backend, seq_len, recompute):
-    overrides = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}
+    overrides = (
+        dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}
+    )
     (chunk,) = build_model(model_cfg, ParallelLayout(), attention_backend=backend, **overrides)
     params = {p.untyped_storage().data_ptr() for p in chunk.parameters()}
     g = torch.Generator().manual_seed(0)
@@ -69,9 +75,15 @@ def saved_bytes_per_layer(model_cfg, backend, seq_len, recompute):
             per_layer[layer] += nbytes
     if backend == "dense":  # the [b, 1, 2S, 2S] mask is saved once per micro-batch, not per layer
         per_layer[0] -= mask.numel() * mask.element_size()
-    shape = RunShape(seq_len=seq_len, dtype="fp32", attention_backend=backend, recompute="full" if recompute else "none")
+    shape = RunShape(
+        seq_len=seq_len, dtype="fp32", attention_backend=backend, recompute="full" if recompute else "none"
+    )
     forecast = [
-        sum(activation_bytes_per_layer(model_cfg, ParallelLayout(), shape, moe=i >= model_cfg.first_k_dense_replace).values())
+        sum(
+            activation_bytes_per_layer(
+                model_cfg, ParallelLayout(), shape, moe=i >= model_cfg.first_k_dense_replace
+            ).values()
+        )
         for i in range(model_cfg.num_hidden_layers)
     ]
     return {"measured": per_layer, "forecast": forecast}

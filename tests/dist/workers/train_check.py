@@ -11,22 +11,28 @@
 import argparse
 import json
 
-import torch
+from megadiff.platform import install_import_hook  # noqa: E402
 
-from checkpoint_converters.llada2_mapping import gather_hf_state
-from megadiff.diffusion.loss import masked_diffusion_loss
-from megadiff.hf import load_reference_model
-from megadiff.training.batch import prepare_micro_batch
-from megadiff.training.config import load_config
-from megadiff.training.loop import Trainer
+install_import_hook()  # first, before anything imports megatron-core
+
+import torch  # noqa: E402
+
+from megadiff.diffusion.loss import masked_diffusion_loss  # noqa: E402
+from megadiff.hf import load_reference_model  # noqa: E402
+from megadiff.models.llada2.hf_mapping import gather_hf_state  # noqa: E402
+from megadiff.training.batch import prepare_micro_batch  # noqa: E402
+from megadiff.training.config import load_config  # noqa: E402
+from megadiff.training.loop import Trainer  # noqa: E402
 
 
 def parse_layouts(text):
     out = []
     for item in filter(None, text.split(";")):
         tp, ep, pp, *vpp = item.split(",")
-        out.append([f"parallel.tp={tp}", f"parallel.ep={ep}", f"parallel.pp={pp}"]
-                   + ([f"parallel.vpp={vpp[0]}"] if vpp else []))
+        out.append(
+            [f"parallel.tp={tp}", f"parallel.ep={ep}", f"parallel.pp={pp}"]
+            + ([f"parallel.vpp={vpp[0]}"] if vpp else [])
+        )
     return out
 
 
@@ -35,14 +41,24 @@ def reference_loss_and_grads(trainer, hf_dir):
     d = cfg.diffusion
     ref = load_reference_model(hf_dir)
     batch = prepare_micro_batch(trainer.dataset.global_batch(0, 0), d, trainer.mask_id, cfg.train.seed)
-    logits = torch.cat([
-        ref(batch["input_ids"][i : i + 1], batch["position_ids"][i : i + 1], batch["allowed"][i : i + 1]).logits
-        for i in range(batch["input_ids"].shape[0])
-    ])
+    logits = torch.cat(
+        [
+            ref(batch["input_ids"][i : i + 1], batch["position_ids"][i : i + 1], batch["allowed"][i : i + 1]).logits
+            for i in range(batch["input_ids"].shape[0])
+        ]
+    )
     _, stats = masked_diffusion_loss(
-        logits[:, : batch["targets"].shape[1]], batch["targets"], batch["masked"], batch["t"], batch["loss_mask"],
-        doc_ids=batch["doc_ids"], loss_weight=d.loss_weight, normalize=d.normalize,
-        confidence_beta=d.confidence_beta, edited=batch["edited"], edit_weight=d.edit_weight,
+        logits[:, : batch["targets"].shape[1]],
+        batch["targets"],
+        batch["masked"],
+        batch["t"],
+        batch["loss_mask"],
+        doc_ids=batch["doc_ids"],
+        loss_weight=d.loss_weight,
+        normalize=d.normalize,
+        confidence_beta=d.confidence_beta,
+        edited=batch["edited"],
+        edit_weight=d.edit_weight,
     )
     loss = (stats["numerator"] + d.confidence_beta * stats["cap_numerator"]) / stats["denominator"]
     loss.backward()
@@ -53,17 +69,32 @@ def reference_loss_and_grads(trainer, hf_dir):
 def step_parity(base_cfg, overrides, hf_dir):
     result = {}
     for mode in ("block_diffusion", "full"):
-        cfg = load_config(base_cfg, overrides + [f"diffusion.mode={mode}", "parallel.use_distributed_optimizer=false",
-                                                 "checkpoint.save_dir=", "logging.progress_bar=false"])
+        cfg = load_config(
+            base_cfg,
+            overrides
+            + [
+                f"diffusion.mode={mode}",
+                "parallel.use_distributed_optimizer=false",
+                "checkpoint.save_dir=",
+                "logging.progress_bar=false",
+            ],
+        )
         trainer = Trainer(cfg)
         loss, _ = trainer.forward_backward_step(trainer._micro_batches())
-        grads = gather_hf_state(trainer.chunks, trainer.model_cfg, value=lambda p: getattr(p, "main_grad", torch.zeros_like(p)))
+        grads = gather_hf_state(
+            trainer.chunks, trainer.model_cfg, value=lambda p: getattr(p, "main_grad", torch.zeros_like(p))
+        )
         ref_loss, ref_grads, edited = reference_loss_and_grads(trainer, hf_dir)
         grad_rel = max(  # the reference runs on the CPU; the trainer on the run device (GPU in tests/gpu)
             float((grads[n].cpu() - g).abs().max() / g.abs().max().clamp_min(1e-12)) for n, g in ref_grads.items()
         )
-        result[mode] = {"loss": loss, "ref_loss": ref_loss, "loss_rel": abs(loss - ref_loss) / abs(ref_loss),
-                        "grad_rel": grad_rel, "edited_tokens": edited}
+        result[mode] = {
+            "loss": loss,
+            "ref_loss": ref_loss,
+            "loss_rel": abs(loss - ref_loss) / abs(ref_loss),
+            "grad_rel": grad_rel,
+            "edited_tokens": edited,
+        }
     return result
 
 
@@ -95,8 +126,17 @@ def loss_terms(layout_overrides):
     for normalize, weight in (("masked_tokens", "none"), ("sequence", "inverse_t")):
         d = SimpleNamespace(loss_weight=weight, normalize=normalize, confidence_beta=2.0)
         full = logits.clone().requires_grad_(True)
-        _, ref = masked_diffusion_loss(full, targets, masked, t, loss_mask, doc_ids=doc_ids,
-                                       loss_weight=weight, normalize=normalize, confidence_beta=2.0)
+        _, ref = masked_diffusion_loss(
+            full,
+            targets,
+            masked,
+            t,
+            loss_mask,
+            doc_ids=doc_ids,
+            loss_weight=weight,
+            normalize=normalize,
+            confidence_beta=2.0,
+        )
         (ref["numerator"] + 2.0 * ref["cap_numerator"]).backward()
         rank = ps.get_tensor_model_parallel_rank()
         part = logits.chunk(tp, dim=-1)[rank].clone().requires_grad_(True)
@@ -114,9 +154,13 @@ def loss_terms(layout_overrides):
 AUDIT_CASES = {  # CAP and per-sequence normalisation: the loss's own collectives and tensors
     "bd_dense": ["diffusion.mode=block_diffusion", "model.attention_backend=dense"],
     "bd_flex": ["diffusion.mode=block_diffusion", "model.attention_backend=flex"],
-    "full_flex_cap_sequence": ["diffusion.mode=full", "model.attention_backend=flex",
-                               "diffusion.confidence_beta=2.0", "diffusion.normalize=sequence",
-                               "diffusion.loss_weight=inverse_t"],
+    "full_flex_cap_sequence": [
+        "diffusion.mode=full",
+        "model.attention_backend=flex",
+        "diffusion.confidence_beta=2.0",
+        "diffusion.normalize=sequence",
+        "diffusion.loss_weight=inverse_t",
+    ],
 }
 
 
@@ -134,8 +178,12 @@ def device_audit(base_cfg, overrides):
             audit.place(*trainer.chunks)  # the model lives on the run device (build_model's job on CUDA)
             built = len(audit.violations)
             loss, tokens = trainer.forward_backward_step(trainer._micro_batches())
-        result[case] = {"violations": audit.violations[built:], "build_violations": audit.violations[:built],
-                        "loss": loss, "tokens": tokens}
+        result[case] = {
+            "violations": audit.violations[built:],
+            "build_violations": audit.violations[:built],
+            "loss": loss,
+            "tokens": tokens,
+        }
     return result
 
 

@@ -12,9 +12,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
 
+from megadiff.platform import install_import_hook  # noqa: E402
+
+install_import_hook()  # first, before anything imports megatron-core
+
 import torch  # noqa: E402
 
-from checkpoint_converters.hf_io import CheckpointError  # noqa: E402
+from megadiff.errors import CheckpointError  # noqa: E402
 from megadiff.training.config import load_config  # noqa: E402
 from megadiff.training.loop import Trainer  # noqa: E402
 from tests import hostile_checkpoints as hostile  # noqa: E402
@@ -50,8 +54,11 @@ def main():
             ckpt, marker = os.path.join(w, f"{use}_{name}"), os.path.join(w, f"MARKER_{use}_{name}")
             hostile.copy_checkpoint(trained if use == "resume" else args.converted, ckpt)
             plant(ckpt, marker)
-            base = ([f"checkpoint.save_dir={ckpt}", "train.steps=2"] if use == "resume"
-                    else [f"model.init_from_mcore={ckpt}"])
+            base = (
+                [f"checkpoint.save_dir={ckpt}", "train.steps=2"]
+                if use == "resume"
+                else [f"model.init_from_mcore={ckpt}"]
+            )
             report[f"{use}_{name}"] = outcome(args.config, base, marker)
             report[f"{use}_{name}_trusted"] = outcome(args.config, base + ["checkpoint.trust_checkpoint=true"], marker)
     with open(args.out, "w") as f:

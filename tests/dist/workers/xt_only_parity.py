@@ -12,19 +12,23 @@ parallelism (TP=2) the x_t half is padded to a multiple of tp.
 import argparse
 import json
 
+from megadiff.platform import install_import_hook  # noqa: E402
+
+install_import_hook()  # first, before anything imports megatron-core
+
 import torch
 from megatron.core import parallel_state as ps
 
-from checkpoint_converters.llada2_mapping import load_hf_into_model
 from megadiff.diffusion.masks import block_diffusion_mask
 from megadiff.hf import build_reference_model
 from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset
+from megadiff.models.llada2.hf_mapping import load_hf_into_model
 from megadiff.models.llada2.model import build_model
+from megadiff.models.llada2.schedule import forward_backward
 from megadiff.platform import init_distributed, initialize_parallel
 from megadiff.training.config import DiffusionSection
 from megadiff.training.ddp import wrap_ddp
 from megadiff.training.loss import diffusion_loss_sums
-from megadiff.training.schedule import forward_backward
 
 ROWS, S, BLOCK, MASK_ID = 2, 15, 4, 0
 

@@ -12,14 +12,18 @@
 import argparse
 import json
 
-import torch
+from megadiff.platform import install_import_hook  # noqa: E402
 
-from checkpoint_converters.llada2_mapping import load_hf_into_model
-from megadiff.hf import build_reference_model
-from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset
-from megadiff.models.llada2.logits import full_logits
-from megadiff.models.llada2.model import build_model
-from megadiff.platform import init_distributed, initialize_parallel, run_device
+install_import_hook()  # first, before anything imports megatron-core
+
+import torch  # noqa: E402
+
+from megadiff.hf import build_reference_model  # noqa: E402
+from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset  # noqa: E402
+from megadiff.models.llada2.hf_mapping import load_hf_into_model  # noqa: E402
+from megadiff.models.llada2.logits import full_logits  # noqa: E402
+from megadiff.models.llada2.model import build_model  # noqa: E402
+from megadiff.platform import init_distributed, initialize_parallel, run_device  # noqa: E402
 
 S = 32
 
@@ -54,8 +58,9 @@ def flex_errors():
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
+    from megadiff.diffusion.block_mask import block_mask_for
     from megadiff.diffusion.masks import block_diffusion_mask, full_attention_mask
-    from megadiff.models.llada2.flex_attention import FlexCoreAttention, block_mask_for
+    from megadiff.models.llada2.flex_attention import FlexCoreAttention
     from megadiff.models.llada2.model import mcore_attention_mask
 
     device = run_device()

@@ -10,6 +10,8 @@ layers (TE keeps the norm module there, the local spec saves it under the fused 
 `_extra_state` objects only TE modules have (e.g. TE's core attention; see megadiff.checkpoint.dist
 for how loading treats them). Everything else in this module applies the table:
 
+- `hf_dims` / `row_instances` / `expected_hf_shapes`: every HF tensor of a config with its shape,
+  from the rows' shape rules (the checkpoint keys: megadiff.models.llada2.checkpoint_keys).
 - `full_mcore_from_hf` / `hf_from_full_mcore`: one row's transform, on whole tensors.
 - `shard` / `unshard`: one row's TP (or expert-TP) split.
 - `global_name` / `local_params`: megatron-core's per-rank names (local layer index within a
@@ -38,6 +40,7 @@ class Rule:
     key: str | None = None  # dist-checkpoint key under the local spec, if not `mcore`
     te_key: str | None = None  # dist-checkpoint key under the TE spec, if not `key`
     layers: str = "all"  # "dense" / "moe": a row of that kind of decoder layer only
+    shapes: tuple[tuple[str, ...], ...] = ()  # each HF tensor's shape, in `hf_dims` names
 
     def checkpoint_key(self, spec: str) -> str:
         """The dist-checkpoint key pattern of this row under `spec` ("local" or "te")."""
@@ -50,19 +53,34 @@ SPECS = (LOCAL, TE)
 DENSE, MOE = "dense", "moe"
 L = "decoder.layers.{layer}."
 H = "model.layers.{layer}."
+# Shapes name the dims of `hf_dims(config)`; a row with a zero-sized dim is absent from the
+# checkpoint (shared experts when num_shared_experts is 0).
+V_H, H_, D_ = ("vocab", "hidden"), ("hidden",), ("head_dim",)
 TABLE: tuple[Rule, ...] = (
-    Rule("embedding.word_embeddings.weight", ("model.word_embeddings.weight",), ROWS),
+    Rule("embedding.word_embeddings.weight", ("model.word_embeddings.weight",), ROWS, shapes=(V_H,)),
     # Both specs save the input norm under its TE (fused into linear_qkv) name.
     Rule(
         L + "input_layernorm.weight",
         (H + "input_layernorm.weight",),
         te_mcore=L + "self_attention.linear_qkv.layer_norm_weight",
         key=L + "self_attention.linear_qkv.layer_norm_weight",
+        shapes=(H_,),
     ),
-    Rule(L + "self_attention.linear_qkv.weight", (H + "attention.query_key_value.weight",), ROWS, "qkv"),
-    Rule(L + "self_attention.q_layernorm.weight", (H + "attention.query_layernorm.weight",)),
-    Rule(L + "self_attention.k_layernorm.weight", (H + "attention.key_layernorm.weight",)),
-    Rule(L + "self_attention.linear_proj.weight", (H + "attention.dense.weight",), COLS),
+    Rule(
+        L + "self_attention.linear_qkv.weight",
+        (H + "attention.query_key_value.weight",),
+        ROWS,
+        "qkv",
+        shapes=(("qkv_rows", "hidden"),),
+    ),
+    Rule(L + "self_attention.q_layernorm.weight", (H + "attention.query_layernorm.weight",), shapes=(D_,)),
+    Rule(L + "self_attention.k_layernorm.weight", (H + "attention.key_layernorm.weight",), shapes=(D_,)),
+    Rule(
+        L + "self_attention.linear_proj.weight",
+        (H + "attention.dense.weight",),
+        COLS,
+        shapes=(("hidden", "attention_out"),),
+    ),
     # Pre-MLP norm. Dense layers (first_k_dense_replace): fused into fc1 under TE, saved under that
     # name by both specs. MoE layers: TE keeps a norm module and saves it under its own name; the
     # local spec maps it to the fused name there too (TransformerLayer sharded_state_dict_keys_map).
@@ -72,6 +90,7 @@ TABLE: tuple[Rule, ...] = (
         layers=DENSE,
         te_mcore=L + "mlp.linear_fc1.layer_norm_weight",
         key=L + "mlp.linear_fc1.layer_norm_weight",
+        shapes=(H_,),
     ),
     Rule(
         L + "pre_mlp_layernorm.weight",
@@ -79,13 +98,21 @@ TABLE: tuple[Rule, ...] = (
         layers=MOE,
         key=L + "mlp.linear_fc1.layer_norm_weight",
         te_key=L + "pre_mlp_layernorm.weight",
+        shapes=(H_,),
     ),
-    Rule(L + "mlp.linear_fc1.weight", (H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"), GATED_ROWS, "concat"),
-    Rule(L + "mlp.linear_fc2.weight", (H + "mlp.down_proj.weight",), COLS),
+    Rule(
+        L + "mlp.linear_fc1.weight",
+        (H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"),
+        GATED_ROWS,
+        "concat",
+        layers=DENSE,
+        shapes=(("ffn", "hidden"), ("ffn", "hidden")),
+    ),
+    Rule(L + "mlp.linear_fc2.weight", (H + "mlp.down_proj.weight",), COLS, layers=DENSE, shapes=(("hidden", "ffn"),)),
     # MoE layers. Routed experts: both specs save one [E, ...] tensor per weight of a layer
     # (SequentialMLP's and TEGroupedMLP's sharded state dicts are interchangeable).
-    Rule(L + "mlp.router.weight", (H + "mlp.gate.weight",)),
-    Rule(L + "mlp.router.expert_bias", (H + "mlp.gate.expert_bias",)),
+    Rule(L + "mlp.router.weight", (H + "mlp.gate.weight",), layers=MOE, shapes=(("experts", "hidden"),)),
+    Rule(L + "mlp.router.expert_bias", (H + "mlp.gate.expert_bias",), layers=MOE, shapes=(("experts",),)),
     Rule(
         L + "mlp.experts.local_experts.{expert}.linear_fc1.weight",
         (H + "mlp.experts.{expert}.gate_proj.weight", H + "mlp.experts.{expert}.up_proj.weight"),
@@ -94,6 +121,8 @@ TABLE: tuple[Rule, ...] = (
         expert=True,
         te_mcore=L + "mlp.experts.linear_fc1.weight{expert}",
         key=L + "mlp.experts.experts.linear_fc1.weight",
+        layers=MOE,
+        shapes=(("expert_ffn", "hidden"), ("expert_ffn", "hidden")),
     ),
     Rule(
         L + "mlp.experts.local_experts.{expert}.linear_fc2.weight",
@@ -102,16 +131,26 @@ TABLE: tuple[Rule, ...] = (
         expert=True,
         te_mcore=L + "mlp.experts.linear_fc2.weight{expert}",
         key=L + "mlp.experts.experts.linear_fc2.weight",
+        layers=MOE,
+        shapes=(("hidden", "expert_ffn"),),
     ),
     Rule(
         L + "mlp.shared_experts.linear_fc1.weight",
         (H + "mlp.shared_experts.gate_proj.weight", H + "mlp.shared_experts.up_proj.weight"),
         GATED_ROWS,
         "concat",
+        layers=MOE,
+        shapes=(("shared_ffn", "hidden"), ("shared_ffn", "hidden")),
     ),
-    Rule(L + "mlp.shared_experts.linear_fc2.weight", (H + "mlp.shared_experts.down_proj.weight",), COLS),
-    Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
-    Rule("output_layer.weight", ("lm_head.weight",), ROWS),
+    Rule(
+        L + "mlp.shared_experts.linear_fc2.weight",
+        (H + "mlp.shared_experts.down_proj.weight",),
+        COLS,
+        layers=MOE,
+        shapes=(("hidden", "shared_ffn"),),
+    ),
+    Rule("decoder.final_layernorm.weight", ("model.norm.weight",), shapes=(H_,)),
+    Rule("output_layer.weight", ("lm_head.weight",), ROWS, shapes=(V_H,)),
 )
 
 
@@ -135,6 +174,78 @@ def rule_for(mcore_name: str) -> tuple[Rule, dict[str, int]]:
 
 def hf_names(rule: Rule, index: dict[str, int]) -> list[str]:
     return [n.format(**index) for n in rule.hf]
+
+
+def hf_dims(cfg: dict) -> dict[str, int]:
+    """The sizes the table's `shapes` name, from HF config fields."""
+    h, nq, nkv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = cfg.get("head_dim") or h // nq
+    return {
+        "vocab": cfg["vocab_size"],
+        "hidden": h,
+        "head_dim": d,
+        "qkv_rows": (nq + 2 * nkv) * d,
+        "attention_out": nq * d,
+        "ffn": cfg["intermediate_size"] if cfg.get("first_k_dense_replace", 0) else 0,
+        "expert_ffn": cfg["moe_intermediate_size"],
+        "shared_ffn": cfg["moe_intermediate_size"] * cfg.get("num_shared_experts", 0),
+        "experts": cfg["num_experts"],
+    }
+
+
+@dataclass(frozen=True)
+class RowInstance:
+    """One table row at one layer / expert of a config: its HF names and their shapes."""
+
+    rule: Rule
+    layer: int | None
+    expert: int | None
+    hf: tuple[str, ...]
+    hf_shapes: tuple[tuple[int, ...], ...]
+
+
+def row_instances(cfg: dict) -> list[RowInstance]:
+    """Every table row instance a config has, ordered embedding, layer 0..L-1 (table order,
+    experts in order within a row), final norm, output layer: together, every HF tensor."""
+    dims = hf_dims(cfg)
+    first_moe, experts = cfg.get("first_k_dense_replace", 0), cfg["num_experts"]
+    out: list[RowInstance] = []
+
+    def add(rule, layer=None, expert=None):
+        if layer is not None and rule.layers != "all" and rule.layers != (DENSE if layer < first_moe else MOE):
+            return
+        shapes = tuple(tuple(dims[d] for d in shape) for shape in rule.shapes)
+        if any(0 in shape for shape in shapes):
+            return
+        index = {k: v for k, v in (("layer", layer), ("expert", expert)) if v is not None}
+        out.append(RowInstance(rule, layer, expert, tuple(hf_names(rule, index)), shapes))
+
+    global_rules = [r for r in TABLE if "{layer}" not in r.mcore]
+    layer_rules = [r for r in TABLE if "{layer}" in r.mcore]
+    add(global_rules[0])  # embedding; final norm and output layer come last
+    for layer in range(cfg["num_hidden_layers"]):
+        for rule in layer_rules:
+            for expert in range(experts) if rule.expert else [None]:
+                add(rule, layer, expert)
+    for rule in global_rules[1:]:
+        add(rule)
+    return out
+
+
+def expected_hf_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of a split-expert LLaDA2 checkpoint with its shape, from config fields:
+    global tensors first, then layer by layer, a layer's routed experts one expert at a time."""
+    rows = row_instances(cfg)
+    position = {rule: i for i, rule in enumerate(TABLE)}
+    first_expert_row = min(position[r] for r in TABLE if r.expert)
+
+    def order(row: RowInstance):
+        p = position[row.rule]
+        if row.layer is None:
+            return (-1, p, 0, p)
+        return (row.layer, first_expert_row if row.rule.expert else p, row.expert or 0, p)
+
+    return {name: shape for row in sorted(rows, key=order) for name, shape in zip(row.hf, row.hf_shapes, strict=True)}
 
 
 # ---- transforms on whole tensors -------------------------------------------------------------
@@ -226,6 +337,7 @@ def local_params(chunks, ep_rank: int, experts_per_rank: int) -> Iterator[tuple[
 
 
 def _ranks():
+    # megatron-core (about 1 s) only with a model: the converters and the sampler read the table
     from megatron.core import parallel_state as ps
 
     return dict(
@@ -262,6 +374,7 @@ def gather_hf_state(chunks, cfg, value: Callable[[torch.Tensor], torch.Tensor] =
 
     `value(param)` picks what to gather (the weight by default; e.g. `lambda p: p.main_grad`).
     Meant for tests and small models: it moves every tensor through all_gather_object."""
+    # megatron-core (about 1 s) only with a model: the converters and the sampler read the table
     from megatron.core import parallel_state as ps
 
     r = _ranks()

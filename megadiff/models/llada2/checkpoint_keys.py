@@ -8,15 +8,15 @@ the full megatron-core tensor at TP=1 (TP shards concatenated, gated fc1 as [gat
 ranks), so `hf_from_full_mcore` applies to it directly, whatever layout wrote it.
 
 `units_for(hf_config, spec)` lists, in output order, every table row instance a config has, with
-its HF names and checkpoint location: the plan that mcore -> HF conversion reads from.
+its HF names and shapes (from the table's shape rules) and checkpoint location: the plan that
+mcore -> HF conversion reads from.
 `checkpoint_spec` tells which spec's keys a checkpoint holds; `other_spec_keys` / `key_in_other_spec`
 translate keys (loading a checkpoint written with the other spec, writing TE names).
 """
 
 from dataclasses import dataclass
 
-from .hf_layout import expected_hf_shapes
-from .llada2_mapping import DENSE, LOCAL, MOE, SPECS, TABLE, TE, Rule, hf_names
+from .hf_mapping import LOCAL, SPECS, TE, Rule, row_instances
 
 
 @dataclass(frozen=True)
@@ -53,57 +53,23 @@ def _full_shape(rule: Rule, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
 
 
 def units_for(hf_config: dict, spec: str = LOCAL) -> list[Unit]:
-    """Every table row instance of a config, ordered embedding, layer 0..L-1 (table order, experts
-    in order), final norm, output layer, with its checkpoint key under `spec` ("local" or "te").
-    Together they cover exactly `expected_hf_shapes(config)`."""
+    """Every table row instance of a config (hf_mapping.row_instances: embedding, layer 0..L-1,
+    final norm, output layer), with its checkpoint key under `spec` ("local" or "te"). Together
+    they cover exactly `expected_hf_shapes(config)`."""
     if spec not in SPECS:
         raise ValueError(f"spec {spec!r} is not one of {', '.join(SPECS)}")
-    expected = expected_hf_shapes(hf_config)
-    first_moe = hf_config.get("first_k_dense_replace", 0)
-    layers, experts = hf_config["num_hidden_layers"], hf_config["num_experts"]
-    global_rules = [r for r in TABLE if "{layer}" not in r.mcore]
-    layer_rules = [r for r in TABLE if "{layer}" in r.mcore]
-    units: list[Unit] = []
-
-    def add(rule, layer=None, expert=None):
-        if layer is not None and rule.layers != "all" and rule.layers != (DENSE if layer < first_moe else MOE):
-            return
-        index = {k: v for k, v in (("layer", layer), ("expert", expert)) if v is not None}
-        names = hf_names(rule, index)
-        present = [n in expected for n in names]
-        if not any(present):
-            return
-        if not all(present):
-            raise ValueError(f"config gives only some of {names}; the parameter table is inconsistent")
-        shapes = tuple(tuple(expected[n]) for n in names)
-        units.append(
-            Unit(
-                rule,
-                layer,
-                expert,
-                tuple(names),
-                shapes,
-                checkpoint_key(rule, layer, spec),
-                _full_shape(rule, list(shapes)),
-            )
+    return [
+        Unit(
+            row.rule,
+            row.layer,
+            row.expert,
+            row.hf,
+            row.hf_shapes,
+            checkpoint_key(row.rule, row.layer, spec),
+            _full_shape(row.rule, list(row.hf_shapes)),
         )
-
-    first, last = global_rules[:1], global_rules[1:]  # embedding | final norm, output layer
-    for rule in first:
-        add(rule)
-    for layer in range(layers):
-        for rule in layer_rules:
-            if "{expert}" in rule.mcore:
-                for expert in range(experts):
-                    add(rule, layer, expert)
-            else:
-                add(rule, layer)
-    for rule in last:
-        add(rule)
-    covered = [n for u in units for n in u.hf]
-    if sorted(covered) != sorted(expected):
-        raise ValueError(f"parameter table covers {len(covered)} HF tensors, config implies {len(expected)}")
-    return units
+        for row in row_instances(hf_config)
+    ]
 
 
 def stored_shape(unit: Unit, hf_config: dict) -> tuple[int, ...]:

@@ -12,7 +12,7 @@ from functools import partial
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megadiff.models.llada2.model import forward_chunk
+from .model import forward_chunk
 
 # loss_fn(micro_batch, output) -> (loss_sum, num_tokens, {name: tensor})
 LossFn = Callable[[dict, torch.Tensor], tuple]

@@ -2,6 +2,7 @@
 
 Tensors are read one at a time with `safe_open`, so memory stays bounded by the largest tensor
 whatever the model size. Every error names the file and, where it applies, the tensor.
+Needs neither transformers nor megatron-core, so tools that only move bytes start fast.
 """
 
 import json
@@ -11,14 +12,10 @@ from collections.abc import Iterator
 import torch
 from safetensors import safe_open
 
-from megadiff.errors import UserError
+from megadiff.errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-
-
-class CheckpointError(UserError):
-    """A checkpoint directory or file is missing, inconsistent or corrupt."""
 
 
 def read_json(path: str) -> dict:

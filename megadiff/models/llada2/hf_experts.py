@@ -1,4 +1,4 @@
-"""Routed-expert tensor layouts of LLaDA2 HF checkpoints (DESIGN §1).
+"""Routed-expert tensor layouts of LLaDA2 HF checkpoints.
 
 split  (released checkpoints): model.layers.i.mlp.experts.e.{gate,up}_proj.weight [Fm, H],
                                down_proj.weight [H, Fm], one tensor per expert
@@ -13,21 +13,29 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from .hf_io import CheckpointError, HFCheckpointReader
-from .hf_layout import expected_hf_shapes
+from megadiff.errors import CheckpointError
+
+from .hf_mapping import TABLE, expected_hf_shapes
 
 SPLIT, MERGED = "split", "merged"
-PROJS = ("gate_proj", "up_proj", "down_proj")
-_SPLIT_NAME = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-_MERGED_NAME = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)$")
+# The split names are the parameter table's routed-expert rows ("...experts.{expert}.gate_proj.weight");
+# a merged name drops the expert index and the `.weight` suffix.
+_SPLIT_PATTERNS = {name.split(".")[-2]: name for rule in TABLE if rule.expert for name in rule.hf}
+PROJS = tuple(_SPLIT_PATTERNS)  # gate_proj, up_proj, down_proj
+_EXPERTS_PREFIX = next(iter(_SPLIT_PATTERNS.values())).split("{expert}")[0]  # "model.layers.{layer}.mlp.experts."
+_PROJ_GROUP = "(" + "|".join(PROJS) + ")"
+_SPLIT_NAME = re.compile(
+    "^" + re.escape(_EXPERTS_PREFIX).replace(r"\{layer\}", r"(\d+)") + r"(\d+)\." + _PROJ_GROUP + r"\.weight$"
+)
+_MERGED_NAME = re.compile("^" + re.escape(_EXPERTS_PREFIX).replace(r"\{layer\}", r"(\d+)") + _PROJ_GROUP + "$")
 
 
 def split_name(layer: int, expert: int, proj: str) -> str:
-    return f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
+    return _SPLIT_PATTERNS[proj].format(layer=layer, expert=expert)
 
 
 def merged_name(layer: int, proj: str) -> str:
-    return f"model.layers.{layer}.mlp.experts.{proj}"
+    return _EXPERTS_PREFIX.format(layer=layer) + proj
 
 
 def parse_split_name(name: str) -> tuple[int, int, str] | None:
@@ -78,9 +86,9 @@ def stored_location(name: str, fmt: str | None) -> tuple[str, int | None]:
     return merged_name(layer, proj), expert
 
 
-def split_tensor_getter(reader: HFCheckpointReader, fmt: str | None) -> Callable[[str], torch.Tensor]:
-    """get(split-format name) -> tensor, whichever format `reader` holds; a merged expert tensor is
-    sliced so only that expert's bytes are read."""
+def split_tensor_getter(reader, fmt: str | None) -> Callable[[str], torch.Tensor]:
+    """get(split-format name) -> tensor, whichever format `reader` (a megadiff.hf.checkpoint_reader.
+    HFCheckpointReader) holds; a merged expert tensor is sliced so only that expert's bytes are read."""
     if fmt != MERGED:
         return reader.get
 
