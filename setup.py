@@ -29,6 +29,15 @@ setup(
         # LoRA adapters as Hugging Face PEFT adapters (exclude_modules needs 0.14; tested: 0.21.2 on
         # both stacks). Only the export tests and the PEFT reference of the LoRA tests import it.
         "peft": ["peft>=0.14"],
-        "dev": ["pytest", "pytest-timeout", "ruff", "import-linter", "pyarrow", "matplotlib", "tensorboard", "peft>=0.14"],
+        "dev": [
+            "pytest",
+            "pytest-timeout",
+            "ruff",
+            "import-linter",
+            "pyarrow",
+            "matplotlib",
+            "tensorboard",
+            "peft>=0.14",
+        ],
     },
 )
