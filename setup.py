@@ -2,12 +2,33 @@
 
 from setuptools import find_packages, setup
 
+# One console script per user-facing tool (tools/NAME.py keeps working as a script). Not installed:
+# tools/gpu_check.py, which runs the repo's tests/gpu and so needs a checkout.
+CONSOLE_SCRIPTS = {
+    "megadiff-train": "train",
+    "megadiff-plan": "plan",
+    "megadiff-convert-hf-to-mcore": "convert_hf_to_mcore",
+    "megadiff-convert-mcore-to-hf": "convert_mcore_to_hf",
+    "megadiff-moe-convert": "moe_convertor",
+    "megadiff-compare-logits": "compare_logits",
+    "megadiff-generate": "generate",
+    "megadiff-eval-gsm8k": "eval_gsm8k",
+    "megadiff-build-gsm8k-dataset": "build_gsm8k_dataset",
+    "megadiff-make-tiny-model": "make_tiny_model",
+    "megadiff-make-synthetic-data": "make_synthetic_data",
+    "megadiff-demo": "demo",
+}
+
 setup(
     name="megadiff",
     version="0.1.0",
     description="Megatron-Core trainer for diffusion language models (LLaDA2.0)",
     python_requires=">=3.11",
-    packages=find_packages(include=["megadiff", "megadiff.*", "checkpoint_converters", "checkpoint_converters.*"]),
+    # `tools` is a package so that its scripts' main() functions are the console scripts below.
+    packages=find_packages(
+        include=["megadiff", "megadiff.*", "checkpoint_converters", "checkpoint_converters.*", "tools"]
+    ),
+    entry_points={"console_scripts": [f"{name} = tools.{module}:main" for name, module in CONSOLE_SCRIPTS.items()]},
     # Tested ranges (README "Versions"; megadiff/platform/compat.py records what each workaround
     # was checked on): stack (a) Python 3.11, torch 2.13, megatron-core 0.16.1, transformers 5.x;
     # stack (b) Python 3.12, torch 2.11, megatron-core 0.19.x, transformers 4.57.6.

@@ -22,10 +22,10 @@ as a child process exactly as a user would (CLI, interpreter start-up and import
 same state: previous output deleted, `sync`, and the page cache dropped (--cache cold, the default
 where /proc/sys/vm/drop_caches is writable, e.g. as root), so each reads its input from disk as
 when converting a checkpoint larger than RAM. Throughput ratio = copy time / tool time within each
-pair, median over rounds: on this shared VM the same copy took 0.9 s in one run and 7.7 s in
-another, depending on what ran before it, so only paired ratios are stable. "data" = the tools' own
-timing of their read-transform-write loop (without interpreter start-up and imports, ~1.5 s for
-moe_convertor and convert_mcore_to_hf, ~3 s with megatron-core for convert_hf_to_mcore); the tools
+pair, median over rounds: on a shared VM the same copy's time varies several-fold with what ran
+before it (benchmarks/RESULTS.md, convert), so only paired ratios are stable. "data" = the tools' own
+timing of their read-transform-write loop (without interpreter start-up and imports, which
+megatron-core makes longest for convert_hf_to_mcore); the tools
 also say how they copied the weight bytes (direct I/O, in the kernel, through a buffer). Peak
 resident memory of the child process tree (psutil, sampled every 10 ms): total RSS, and anonymous
 RSS (total minus file-backed pages).
@@ -145,7 +145,7 @@ def measure_pairs(copy_cmd, copy_out: str, runs: dict, outputs: dict, repeat: in
     tool_runs = {name: [] for name in runs}
     copy_runs = {name: [] for name in runs}
     for round_ in range(repeat):
-        # a new order each round: what ran just before changes the copy's time (1.8-5.6 s here)
+        # a new order each round: what ran just before changes the copy's time
         names = list(runs)
         random.Random(round_).shuffle(names)
         for name in names:

@@ -8,8 +8,8 @@ the writer reaches it. A matrix kept in its dtype and split over TP by rows, if 
 at TP=1), is not read at all: the table's transform runs on its row addresses and the writer
 copies those rows file to file in the kernel (byte_spans).
 
-Memory does not grow with the model: the interpreter with megatron-core (~0.4 GB), the meta model
-and sharded state dict (~0.2 GB for LLaDA2-flash's 32 x 256 experts), and about two copies of the
+Memory does not grow with the model: the interpreter with megatron-core, the meta model and
+sharded state dict (benchmarks/RESULTS.md, "measured in passing"), and about two copies of the
 largest tensor (the embedding: 0.64 GB for mini, 1.3 GB for flash, in bf16). Under torchrun every
 rank reads whole HF tensors and keeps its shard, so each rank needs that much.
 

@@ -21,9 +21,18 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHER = "examples/pretrain_llada2_sft.sh"
 PY = sys.executable
 CHAT_PROMPT = "Ann has 2 cups and gets 3 more. How many cups does Ann have?"
+
+
+def checkout_dir() -> str:
+    """The megadiff checkout the demo runs in (it uses tools/ and examples/): this file's, or the
+    current directory for `megadiff-demo` from a non-editable install."""
+    for d in (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.getcwd()):
+        if os.path.isfile(os.path.join(d, LAUNCHER)):
+            return d
+    raise SystemExit(f"demo: needs a checkout of megadiff ({LAUNCHER} not found); run it from one")
 
 
 def run(cmd, env=None, log=None):
@@ -32,7 +41,7 @@ def run(cmd, env=None, log=None):
     full_env = dict(os.environ, **(env or {}))
     proc = subprocess.Popen(
         [str(c) for c in cmd],
-        cwd=REPO,
+        cwd=checkout_dir(),
         env=full_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -79,10 +88,11 @@ def plot_losses(metrics_file, png):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="demo_out", help="output directory (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=600, help="training steps (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=800, help="training steps (default: %(default)s)")
     p.add_argument("--rows", type=int, default=2000, help="synthetic problems (default: %(default)s)")
     p.add_argument("--eval-limit", type=int, default=100, help="test questions to score (default: %(default)s)")
     args = p.parse_args(argv)
+    checkout_dir()  # before anything is written
     out = os.path.abspath(args.output)
     if os.path.exists(out):
         raise SystemExit(f"demo: {out} exists; run `make demo-clean` (or pass another --output) first")
@@ -118,7 +128,7 @@ def main(argv=None):
     train_log = f"{out}/train.log"
     run(
         [
-            "examples/pretrain_llada2_sft.sh",
+            LAUNCHER,
             "examples/configs/tiny_bd_sft.yaml",
             f"model.hf_dir={hf}",
             f"model.init_from_mcore={mcore_init}",

@@ -30,7 +30,7 @@ from .format import (
 
 
 def __getattr__(name):
-    # The reader pulls in torch DCP (~0.6 s of imports); tools that only need the path helpers
+    # The reader pulls in torch DCP (slow imports: benchmarks/RESULTS.md); tools that only need the path helpers
     # (moe_convertor) should not pay for it.
     if name == "DistCheckpointReader":
         from .reader import DistCheckpointReader

@@ -43,7 +43,11 @@ META_NAME = "megadiff.json"
 TRACKER_NAME = "latest_checkpointed_iteration.txt"
 MCORE_CONFIG_NAME = "metadata.json"  # written last by megatron-core's dist_checkpointing.save
 DCP_METADATA_NAME = ".metadata"
-_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+# The one definition of an iteration dir's name: `iter_` + the iteration, zero-padded to 7 digits as
+# Megatron-LM writes it (iteration 10_000_000 on has 8 digits or more). ITER_NAME matches the name
+# itself; ITER_NAME_PREFIX also its marked copies (`iter_0000010.tmp-<nonce>`, `.old-`, `.damaged-`).
+ITER_NAME_PREFIX = re.compile(r"^iter_(\d{7,})")
+ITER_NAME = re.compile(ITER_NAME_PREFIX.pattern + "$")
 STAGING_MARK = ".tmp-"  # NAME.tmp-<nonce>: being written (or, after an exchange, the old copy being deleted)
 BACKUP_MARK = ".old-"  # NAME.old-<nonce>: the old copy during a two-rename replace (no RENAME_EXCHANGE)
 DAMAGED_MARK = ".damaged-"  # NAME.damaged-<nonce>: a damaged dir moved aside instead of being overwritten
@@ -262,12 +266,12 @@ def complete_iteration_dirs(root: str) -> dict[int, str]:
         return {}
     found = {}
     for name in os.listdir(root):
-        m = _ITER_DIR.match(name)
+        m = ITER_NAME.match(name)
         if m and is_complete_iteration_dir(os.path.join(root, name)):
             found[int(m.group(1))] = os.path.join(root, name)
         elif BACKUP_MARK in name:
             base = name.split(BACKUP_MARK)[0]
-            m = _ITER_DIR.match(base)
+            m = ITER_NAME.match(base)
             path = os.path.join(root, name)
             if m and not os.path.lexists(os.path.join(root, base)) and iteration_dir_problem(path) is None:
                 found.setdefault(int(m.group(1)), path)
@@ -291,7 +295,7 @@ def iteration_dirs(root: str) -> dict[int, str]:
     """{iteration: path} of every `iter_XXXXXXX` dir of ROOT, complete or not."""
     if not os.path.isdir(root):
         return {}
-    return {int(m.group(1)): os.path.join(root, n) for n in os.listdir(root) if (m := _ITER_DIR.match(n))}
+    return {int(m.group(1)): os.path.join(root, n) for n in os.listdir(root) if (m := ITER_NAME.match(n))}
 
 
 def read_tracker(root: str) -> int | None:
@@ -322,7 +326,7 @@ def resolve_checkpoint_dir(root_or_iter_dir: str, iteration: int | None = None) 
     if STAGING_MARK in os.path.basename(path):
         raise CheckpointError(f"{path}: a staging directory of an unfinished save, not a checkpoint")
     name = os.path.basename(path).split(BACKUP_MARK)[0]
-    if os.path.isfile(os.path.join(path, META_NAME)) or _ITER_DIR.match(name):
+    if os.path.isfile(os.path.join(path, META_NAME)) or ITER_NAME.match(name):
         if not is_complete_iteration_dir(path):
             raise CheckpointError(
                 f"{path}: incomplete checkpoint ({META_NAME} or {MCORE_CONFIG_NAME} missing or invalid); "

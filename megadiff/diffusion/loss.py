@@ -1,6 +1,8 @@
 """Masked-diffusion loss, plain-PyTorch reference, returned as sums so micro-batches combine exactly.
 
-The references disagree on weighting and normalisation (DESIGN.md §3), so both are named options:
+The references disagree on weighting and normalisation (LLaDA's SFT weights each masked token by 1/t and
+divides by the answer length; dFactory uses no 1/t and divides by the number of masked tokens), so
+both are named options:
 
 | option                       | per masked token i           | numerator                      | denominator                        |
 |------------------------------|------------------------------|--------------------------------|------------------------------------|

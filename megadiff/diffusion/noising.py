@@ -5,7 +5,7 @@ seeded by (seed, global sample index, epoch); a token is masked iff it is an ans
 and u < t. The uniform of a token is indexed by its position in its document, so the noise a sample
 gets does not depend on the row, micro-batch, rank or parallel layout it lands in, nor on the packing
 mode (pad_to_max only appends uniforms for its pad tail). Prompt tokens are never masked.
-Default t range (0.3, 0.8) is dFactory's "mask-ratio bandwidth" for LLaDA2 (DESIGN.md §3).
+Default t range (0.3, 0.8) is dFactory's "mask-ratio bandwidth" for LLaDA2 (t ~ U(0.3, 0.8)).
 
 complementary=True (LLaDA2.0 complementary masking) returns 2B rows: rows [0, B) are the batch noised
 as above, rows [B, 2B) are the same rows masked exactly at the answer tokens rows [0, B) left unmasked

@@ -1,7 +1,7 @@
 """Plain-PyTorch LLaDA2 (llada2_moe) model with the exact Hugging Face weight names.
 
 This is megadiff's oracle: every parallel layout, converter and loss is tested against it, so it is
-written straight from the math (shared/DESIGN.md §1) with no fused tricks: attention is an explicit
+written straight from the math of LLaDA2's released remote code with no fused tricks: attention is an explicit
 softmax over a boolean mask, and with gradients on the routed experts run in a Python loop (one
 expert at a time, `_routed_experts_loop`). Without gradients (generate, eval) the same math runs
 batched (`_routed_experts_batched`: tokens sorted by expert, one grouped matmul per projection,
@@ -96,7 +96,10 @@ class LLaDA2MoeMLP(nn.Module):
 
 
 class LLaDA2MoeGate(nn.Module):
-    """Sigmoid router with expert bias and group-limited top-k (DESIGN §1 'Router math')."""
+    """Sigmoid router with expert bias and group-limited top-k: scores s = sigmoid(x W^T) in fp32; the
+    experts are chosen by s + expert_bias (groups ranked by the sum of their top-2 biased scores, the
+    best topk_group groups kept, top-k experts inside them); their weights are the unbiased s,
+    normalised to sum 1, times routed_scaling_factor."""
 
     def __init__(self, config: LLaDA2MoeConfig):
         super().__init__()

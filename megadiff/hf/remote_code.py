@@ -1,6 +1,6 @@
 """megadiff's remote-code files of an HF LLaDA2 directory and the `auto_map` that names them.
 
-Kept free of the reference model (and so of transformers, ~2 s of imports) so that tools which
+Kept free of the reference model (and so of transformers' imports: benchmarks/RESULTS.md) so that tools which
 only move bytes start fast.
 """
 

@@ -29,7 +29,7 @@ class TokenizerError(UserError):
     """A tokenizer that cannot be loaded or lacks a token megadiff needs."""
 
 
-# Special tokens, spelled as in LLaDA2.0 (DESIGN.md §1). pad == eos, as in the real model.
+# Special tokens, spelled as in LLaDA2.0's tokenizer. pad == eos, as in the real model.
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = EOS_TOKEN
 MASK_TOKEN = "<|mask|>"
@@ -121,8 +121,8 @@ def build_tiny_tokenizer(out_dir: str | Path) -> PreTrainedTokenizerFast:
 def mask_token_id(tokenizer, override: int | None = None) -> int:
     """Return the id of `<|mask|>` (the diffusion mask), or `override` when given.
 
-    LLaDA2's config.json does not carry the mask id (DESIGN.md §1), so it is read from the tokenizer;
-    the override exists for tokenizers that spell it differently.
+    LLaDA2's config.json does not carry the mask id (156895 in the real vocabulary), so it is read
+    from the tokenizer; the override exists for tokenizers that spell it differently.
     """
     if override is not None:
         return int(override)

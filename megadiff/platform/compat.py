@@ -99,9 +99,8 @@ _COMPILE_AT_IMPORT = ("megatron.core.jit", "megatron.core.transformer.moe.router
 def compile_on_first_call(compile_fn):
     """A `torch.compile` look-alike that defers calling `compile_fn` until the result is called.
 
-    Each `torch.compile(fn)` imports TorchDynamo (sympy, networkx, ...): 1.5-2 s of every
-    process's start-up (importing `megatron.core.models.gpt` took 2.8 s with it, 0.9 s without),
-    paid even by tools that never call a fused function (converters, every torchrun worker).
+    Each `torch.compile(fn)` imports TorchDynamo (sympy, networkx, ...): most of every process's
+    start-up (benchmarks/RESULTS.md, "measured in passing"), paid even by tools that never call a fused function (converters, every torchrun worker).
     TorchDynamo compiles on the first call anyway, so compiled functions behave as before."""
 
     def deferred_compile(model=None, **options):

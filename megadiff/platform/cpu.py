@@ -1,4 +1,4 @@
-"""Let unmodified megatron-core run on CPU with gloo (DESIGN §4).
+"""Let unmodified megatron-core run on CPU with gloo.
 
 With compat.py (the version-dependent workarounds, the megatron-core import hook among them) this
 is the only module in megadiff that patches anything. `enable_cpu_support()` is called by

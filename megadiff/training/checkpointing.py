@@ -9,7 +9,6 @@ checkpoint, and never overwrites a damaged iteration.
 """
 
 import os
-import re
 import shutil
 from collections.abc import Callable
 
@@ -22,8 +21,6 @@ from megadiff.errors import CheckpointError
 
 # Version-dependent optimizer workarounds live in compat; the trainer imports restore_adam_steps from here.
 from megadiff.platform.compat import init_optimizer_states_with_dummy_values, restore_adam_steps  # noqa: F401
-
-_ITER = re.compile(r"^iter_(\d{7,})")
 
 
 def claim_save_dir(save_dir: str, resume: bool, log: Callable[[str], None]) -> tuple[SaveDirLock, int | None]:
@@ -58,7 +55,7 @@ def restore_interrupted_replaces(root: str, log) -> None:
     replace left behind)."""
     copies = {}
     for name in sorted(os.listdir(root)):
-        m = _ITER.match(name)
+        m = fmt.ITER_NAME_PREFIX.match(name)
         path = os.path.join(root, name)
         final = os.path.join(root, name.split(fmt.BACKUP_MARK)[0].split(fmt.STAGING_MARK)[0])
         if not m or final == path or os.path.lexists(final) or fmt.iteration_dir_problem(path) is not None:
@@ -80,7 +77,7 @@ def remove_stale_staging(root: str, log) -> None:
         path = os.path.join(root, name)
         if not (
             name.startswith(fmt.TRACKER_NAME + fmt.STAGING_MARK)
-            or (_ITER.match(name) and (fmt.STAGING_MARK in name or fmt.BACKUP_MARK in name))
+            or (fmt.ITER_NAME_PREFIX.match(name) and (fmt.STAGING_MARK in name or fmt.BACKUP_MARK in name))
         ):
             continue
         if os.path.isdir(path):

@@ -1,5 +1,6 @@
 """Build what a training run needs, cheapest and most error-prone first: tokenizer, data, model."""
 
+import math
 import os
 
 from transformers import AutoTokenizer
@@ -26,12 +27,28 @@ def check_config_fits_model(cfg: TrainingConfig, model_cfg, layout) -> None:
         model_cfg.validate_layout(layout)
     except ConfigError as e:
         raise ConfigError(config_spelling(str(e))) from None
+    check_layout_fits_processes(layout, int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.data.max_seq_len > model_cfg.max_position_embeddings:
         raise TrainingConfigError(
             f"data.max_seq_len={cfg.data.max_seq_len} is above max_position_embeddings="
             f"{model_cfg.max_position_embeddings} of {model_cfg.source}; the model has no positions beyond "
             f"that, so lower data.max_seq_len"
         )
+
+
+def check_layout_fits_processes(layout, world: int) -> None:
+    """Raise naming the parallel.* keys when `world` processes (torchrun's WORLD_SIZE) cannot hold
+    the layout: megatron-core needs tp*pp | world and ep*etp | world/pp. Checked before any process
+    group exists (platform.initialize_parallel would refuse too, but in its own terms)."""
+    model_parallel, expert_parallel = layout.tp * layout.pp, layout.ep * layout.etp * layout.pp
+    if world % model_parallel == 0 and world % expert_parallel == 0:
+        return
+    need = math.lcm(model_parallel, expert_parallel)
+    raise TrainingConfigError(
+        f"parallel.tp={layout.tp}, parallel.pp={layout.pp}, parallel.ep={layout.ep}, parallel.etp={layout.etp} "
+        f"need a multiple of {need} processes (tp*pp and ep*etp*pp must divide it), but {world} were started; "
+        f"launch a multiple of {need} (torchrun --nproc-per-node) or change parallel.*"
+    )
 
 
 def load_tokenizer_and_mask_id(cfg: TrainingConfig, model_cfg):

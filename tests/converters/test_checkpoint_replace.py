@@ -18,12 +18,16 @@ from megadiff.checkpoint.format import (
     TRACKER_NAME,
     build_meta,
     commit_iteration_dir,
+    complete_iterations,
     iteration_dir_name,
+    iteration_dirs,
+    latest_iteration,
     read_meta,
     resolve_checkpoint_dir,
     staging_path,
 )
 from megadiff.errors import CheckpointError
+from megadiff.inference.loading import is_mcore_checkpoint
 from megadiff.models.llada2 import ParallelLayout, preset
 from megadiff.training.checkpointing import claim_save_dir, prune_checkpoints, resume_iteration
 
@@ -293,3 +297,28 @@ def test_resume_false_refuses_a_save_dir_that_holds_checkpoints(tmp_path):
     save(str(tmp_path), 2, "two")
     with pytest.raises(CheckpointError, match=r"latest iteration 2\) and checkpoint.resume=false"):
         claim_save_dir(str(tmp_path), resume=False, log=quiet)
+
+
+def test_eight_digit_iteration_is_found_by_every_reader(tmp_path):
+    """Iteration 10_000_000 is `iter_10000000` (8 digits): the converters' and the trainer's readers
+    all find it, as Megatron-LM's `iter_{:07d}` names it, and sort it after iteration 9_999_999."""
+    root = str(tmp_path)
+    assert iteration_dir_name(10_000_000) == "iter_10000000"
+    save(root, 9_999_999, "older")
+    save(root, 10_000_000, "newest")
+    newest = os.path.join(root, "iter_10000000")
+    assert sorted(iteration_dirs(root)) == complete_iterations(root) == [9_999_999, 10_000_000]
+    assert latest_iteration(root) == 10_000_000
+    assert resolve_checkpoint_dir(root) == resolve_checkpoint_dir(newest) == newest
+    assert resolve_checkpoint_dir(root, 10_000_000) == newest
+    assert resume_iteration(root, quiet) == 10_000_000
+    assert is_mcore_checkpoint(root) and is_mcore_checkpoint(newest)
+    # The trainer's restart: a finished, unrenamed 8-digit save is put back, a stale copy removed.
+    write_iteration(os.path.join(root, "iter_10000001.tmp-aaaa"), 10_000_001, "finished")
+    os.makedirs(os.path.join(root, "iter_10000000.tmp-bbbb"))
+    lock, iteration = claim_save_dir(root, resume=True, log=quiet)
+    lock.release()
+    assert iteration == 10_000_001 and loaded_copy(os.path.join(root, "iter_10000001")) == "finished"
+    assert_tidy(root)
+    prune_checkpoints(root, keep_last=2)
+    assert sorted(iteration_dirs(root)) == [10_000_000, 10_000_001]

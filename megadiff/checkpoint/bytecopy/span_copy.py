@@ -12,9 +12,8 @@ Two ways to move the bytes (`io_mode`; the tools' `--io direct|page-cache`, whos
   the announced ranges into a few reused aligned buffers, the copy puts them into 32 MiB blocks,
   a writer thread writes each full block. A conversion reads and writes tens to hundreds of GB
   once; through the page cache that evicts everything else, and has the kernel find fresh memory
-  for every page: on this project's VM (free pages go back to the hypervisor) `shutil.copyfile`
-  of 9.6 GB took 9-35 s depending on what ran before, the converters with direct I/O 9-20 s
-  (benchmarks/RESULTS.md, convert). Where a file system refuses O_DIRECT (tmpfs, some network
+  for every page, which on a VM that hands free pages back to its hypervisor makes copies slow
+  and erratic; direct I/O touches no new memory (numbers: benchmarks/RESULTS.md, convert). Where a file system refuses O_DIRECT (tmpfs, some network
   file systems) the copier switches to "page-cache" from that output file on: same bytes.
 - "page-cache": os.copy_file_range from page cache to page cache (like shutil.copyfile), with
   posix_fadvise(WILLNEED) read-ahead; one reused buffer where the kernel cannot copy (EXDEV...).

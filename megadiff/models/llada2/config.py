@@ -223,9 +223,9 @@ def to_transformer_config(
     on_cpu: bool = True,
     **overrides,
 ):
-    """megatron-core TransformerConfig for LLaDA2 at `layout` (DESIGN §2). `on_cpu`: a CPU run
-    (CPU initialisation, no fused kernels); False for a CUDA run."""
-    # megatron-core (about 1 s) only when a model is built: converters and the sampler read configs
+    """megatron-core TransformerConfig for LLaDA2 at `layout`, mapped field by field below. `on_cpu`: a
+    CPU run (CPU initialisation, no fused kernels); False for a CUDA run."""
+    # megatron-core only when a model is built: converters and the sampler read configs
     from megatron.core.transformer import TransformerConfig
 
     model.validate_layout(layout)

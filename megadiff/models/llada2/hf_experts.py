@@ -1,4 +1,4 @@
-"""Routed-expert tensor layouts of LLaDA2 HF checkpoints.
+"""Routed-expert tensor layouts of LLaDA2 HF checkpoints: released checkpoints split them, dFactory merges them.
 
 split  (released checkpoints): model.layers.i.mlp.experts.e.{gate,up}_proj.weight [Fm, H],
                                down_proj.weight [H, Fm], one tensor per expert

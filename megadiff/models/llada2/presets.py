@@ -1,4 +1,4 @@
-"""Named LLaDA2 model shapes, as HF config.json fields (DESIGN §1).
+"""Named LLaDA2 model shapes, as HF config.json fields (mini and flash as released).
 
 `tiny` is the CPU test model: every LLaDA2 feature is on (GQA, QK-norm, partial RoPE, shared
 expert, dense first layer, 8 experts in 4 groups, top-4 routing, expert bias) at a size where a
