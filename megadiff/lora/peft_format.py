@@ -34,6 +34,7 @@ from megadiff.models.llada2.hf_mapping import full_mcore_from_hf, hf_from_full_m
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+BASE_METADATA_KEY = "megadiff_base"  # safetensors metadata: the base record of megadiff's exports (JSON)
 HF_TARGETS = {  # megatron target module -> the HF leaf modules its base weight is made of
     "linear_qkv": ("query_key_value",),
     "linear_proj": ("dense",),
@@ -256,10 +257,13 @@ def from_peft(
 # ---- the adapter directory -------------------------------------------------------------------
 
 
-def write_peft_adapter(out_dir: str, state: dict[str, torch.Tensor], adapter_config: dict) -> str:
+def write_peft_adapter(
+    out_dir: str, state: dict[str, torch.Tensor], adapter_config: dict, base: dict | None = None
+) -> str:
     """Write adapter_config.json + adapter_model.safetensors into a new `out_dir`. Built in
     `out_dir.tmp-<nonce>` and renamed when complete, so a crash never leaves a valid-looking adapter.
-    An existing `out_dir` is refused."""
+    An existing `out_dir` is refused. `base`: the base model's record (megadiff.lora.base_record),
+    kept in the safetensors metadata so that training from the adapter can check its base."""
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir):
         raise PeftAdapterError(f"{out_dir}: already exists; choose a new directory for the adapter")
@@ -268,7 +272,8 @@ def write_peft_adapter(out_dir: str, state: dict[str, torch.Tensor], adapter_con
     staging = staging_path(out_dir)
     os.makedirs(staging)
     try:
-        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(staging, WEIGHTS_NAME), {"format": "pt"})
+        metadata = {"format": "pt", **({BASE_METADATA_KEY: json.dumps(base, sort_keys=True)} if base else {})}
+        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(staging, WEIGHTS_NAME), metadata)
         with open(os.path.join(staging, CONFIG_NAME), "w") as f:
             json.dump(adapter_config, f, indent=2, sort_keys=True)
             f.write("\n")
