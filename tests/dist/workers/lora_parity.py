@@ -267,6 +267,7 @@ def run_layout(layout, experts, ref_sd, refs, cfg, cfg_dict, check_grads, check_
     result["full_state_roundtrip"] = max(float((back[k] - adapters[k]).abs().max()) for k in adapters)
     if ckpt_dir and experts:
         result.update(checkpoint_roundtrip(chunks, adapters, ckpt_dir))
+        load_full_adapter_state(chunks, adapters)  # the checks below never see a bad load's adapters
         if torch.distributed.get_rank() == 0 and "ckpt_roundtrip" not in result:
             entries = adapter_sharded_state(chunks).values()
             print(
