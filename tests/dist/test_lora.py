@@ -62,6 +62,8 @@ def test_lora_matches_merged_reference_at_every_layout_and_through_the_trainer(l
             lora_run_dir / "lora_dpo.yaml",
             "--hf-dir",
             lora_run_dir / "hf",
+            "--ckpt-dir",
+            ckpt,
             "--trainer-layouts",
             TRAINER_LAYOUTS,
             "--out",
