@@ -5,7 +5,8 @@ The adapters are non-zero (B != 0, loaded with load_full_adapter_state); routed 
 except in the one `dense` layout (the default config). The oracle is the plain-PyTorch reference
 with merged weights W + (alpha/r) * B @ A (megatron layout, mapped by the converter table).
 Tolerances: fp32 logits max |diff| <= 1e-4; adapter gradients rel. error (max |diff| / max |ref|
-per tensor) <= 1e-5; trainer loss rel. error <= 1e-5; base weights bit-identical after 5 steps.
+per tensor) <= 1e-5; trainer loss rel. error <= 1e-5; base weights bit-identical after 5 steps;
+adapters saved from model.sharded_state_dict() at one layout load bit-exactly at the others.
 """
 
 import json
@@ -17,7 +18,8 @@ from tests.dist.launch import run_torchrun
 
 WORKER = "tests/dist/workers/lora_parity.py"
 LOGIT_TOL, GRAD_TOL, LOSS_TOL = 1e-4, 1e-5, 1e-5
-LAYOUTS = "1,1,1;2,1,1;1,2,1;1,1,2;2,2,1;2,2,2;2,1,1,dense"
+# the first layout saves the adapters' sharded_state_dict (dist_checkpointing); the others load it
+LAYOUTS = "2,2,2;1,1,1;2,1,1;1,2,1;1,1,2;2,2,1;2,1,1,dense"
 GRAD_LAYOUTS = "1,1,1;2,1,1;2,2,2"  # 2,1,1: expert-TP 2 (routed experts' A/B split over it)
 STEP_LAYOUTS = "1,1,1;2,2,2"
 TRAINER_LAYOUTS = "2,2,2"
@@ -42,6 +44,8 @@ def lora_run_dir(tiny_run_dir):
 @pytest.mark.slow
 def test_lora_matches_merged_reference_at_every_layout_and_through_the_trainer(lora_run_dir):
     out = lora_run_dir / "lora.json"
+    ckpt = lora_run_dir / "lora_adapter_ckpt"
+    ckpt.mkdir()
     run_torchrun(
         4,
         WORKER,
@@ -58,6 +62,8 @@ def test_lora_matches_merged_reference_at_every_layout_and_through_the_trainer(l
             lora_run_dir / "lora_dpo.yaml",
             "--hf-dir",
             lora_run_dir / "hf",
+            "--ckpt-dir",
+            ckpt,
             "--trainer-layouts",
             TRAINER_LAYOUTS,
             "--out",
@@ -75,6 +81,10 @@ def test_lora_matches_merged_reference_at_every_layout_and_through_the_trainer(l
         assert r["full_state_roundtrip"] == 0.0, (layout, r)
         assert r.get("init_layout_independent", 0.0) == 0.0, (layout, r)  # same start at every layout
         assert r["routed_expert_adapters"] == (0 if layout.endswith("dense") else 3 * 8 * 2), (layout, r)
+    loaded = [k for k in layouts if "ckpt_roundtrip" in results[k]]
+    assert len(loaded) == 5  # saved at tp=2,ep=2,pp=2, loaded exactly at every other layout with experts
+    for layout in loaded:
+        assert results[layout]["ckpt_roundtrip"] == 0.0, (layout, results[layout])
     graded = [k for k in layouts if "grad_rel_err" in results[k]]
     assert len(graded) == 3
     for layout in graded:

@@ -211,7 +211,47 @@ def lora_model(layout, experts, ref_sd, cfg, adapters=None, ddp=None):
     return chunks if ddp is None else wrap_ddp(chunks, ddp_config=ddp)
 
 
-def run_layout(layout, experts, ref_sd, refs, cfg, cfg_dict, check_grads, check_steps, first_init):
+def adapter_sharded_state(chunks) -> dict:
+    """The adapter entries of the model's sharded_state_dict (what a dist checkpoint saves)."""
+    state = {}
+    for chunk in chunks:
+        state.update({k: v for k, v in chunk.sharded_state_dict().items() if ".lora_" in k})
+    return state
+
+
+def checkpoint_roundtrip(chunks, adapters: dict, ckpt_dir: str) -> dict:
+    """The first layout saves the adapters' sharded state with dist_checkpointing; later layouts zero
+    their adapters, load that checkpoint, and must get `adapters` back exactly."""
+    import os
+
+    from megatron.core import dist_checkpointing
+
+    state = adapter_sharded_state(chunks)
+    if not os.path.exists(os.path.join(ckpt_dir, "done")):
+        if torch.distributed.get_rank() == 0:
+            os.makedirs(os.path.join(ckpt_dir, "ckpt"), exist_ok=True)
+        torch.distributed.barrier()
+        dist_checkpointing.save(state, os.path.join(ckpt_dir, "ckpt"))
+        torch.distributed.barrier()
+        if torch.distributed.get_rank() == 0:
+            open(os.path.join(ckpt_dir, "done"), "w").close()
+        torch.distributed.barrier()
+        return {}
+    params = {k: v.data for k, v in state.items()}
+    with torch.no_grad():
+        for p in params.values():
+            p.zero_()
+    loaded = dist_checkpointing.load(state, os.path.join(ckpt_dir, "ckpt"))
+    with torch.no_grad():
+        for k, t in loaded.items():
+            params[k].copy_(t)
+    back = full_adapter_state(chunks)
+    return {
+        "ckpt_roundtrip": max(float((back[k] - adapters[k]).abs().max()) for k in adapters),
+    }
+
+
+def run_layout(layout, experts, ref_sd, refs, cfg, cfg_dict, check_grads, check_steps, first_init, ckpt_dir):
     chunks = lora_model(layout, experts, ref_sd, cfg)
     result = {}
     initial = full_adapter_state(chunks)
@@ -225,6 +265,16 @@ def run_layout(layout, experts, ref_sd, refs, cfg, cfg_dict, check_grads, check_
     load_full_adapter_state(chunks, adapters)
     back = full_adapter_state(chunks)
     result["full_state_roundtrip"] = max(float((back[k] - adapters[k]).abs().max()) for k in adapters)
+    if ckpt_dir and experts:
+        result.update(checkpoint_roundtrip(chunks, adapters, ckpt_dir))
+        load_full_adapter_state(chunks, adapters)  # the checks below never see a bad load's adapters
+        if torch.distributed.get_rank() == 0 and "ckpt_roundtrip" not in result:
+            entries = adapter_sharded_state(chunks).values()
+            print(
+                "adapter checkpoint keys (rank 0):",
+                sorted({(e.key, tuple(getattr(e, "global_shape", ()))) for e in entries}),
+                flush=True,
+            )
     if experts not in refs:
         refs[experts] = merge_adapters(build_reference_model(cfg_dict, seed=0), adapters, cfg)
     ref = refs[experts]
@@ -356,6 +406,7 @@ def main():
     parser.add_argument("--layouts", required=True, help="'tp,ep,pp[,dense];...'")
     parser.add_argument("--grad-layouts", default="")
     parser.add_argument("--step-layouts", default="")
+    parser.add_argument("--ckpt-dir", help="empty dir: the first layout saves the adapters, later ones load them")
     parser.add_argument("--trainer-config", help="training YAML (tiny model, packed SFT rows)")
     parser.add_argument("--dpo-config", help="training YAML of a DPO run on preference pairs")
     parser.add_argument("--hf-dir", help="the tiny HF model dir both YAMLs use")
@@ -379,6 +430,7 @@ def main():
             (layout, experts) in grads,
             (layout, experts) in steps,
             first_init,
+            args.ckpt_dir,
         )
         reduced = reduced_max(local)
         name = f"{layout}" + ("" if experts else ",dense")
