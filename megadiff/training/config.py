@@ -218,10 +218,17 @@ class LoRASection:
         "kaiming", "A kaiming-uniform (PEFT's default) or N(0, 1/r); B = 0; the same at every layout"
     )
     seed: int = setting(0, "seed of the adapters' initialisation (drawn per global module name)", min=0)
+    init_from_peft: str | None = setting(
+        None,
+        "start the adapters from this Hugging Face PEFT adapter dir (same rank, alpha, targets and experts; "
+        "its recorded base must be this run's)",
+    )
 
     def adapter_config(self) -> dict:
-        """The adapter config shared by the LoRA parts (megadiff.lora): every field but `enabled`."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "enabled"}
+        """The adapter config shared by the LoRA parts (megadiff.lora): what shapes and draws the
+        adapters, so every field but `enabled` and where the run's adapters start from."""
+        run_only = ("enabled", "init_from_peft")
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in run_only}
 
 
 @dataclass
@@ -407,6 +414,11 @@ def validate(cfg: TrainingConfig) -> None:
         raise TrainingConfigError(
             "lora.experts=true adapts each routed expert's own linears, which grouped-GEMM experts do not have: "
             "set perf.moe_grouped_gemm=false (or lora.experts=false)"
+        )
+    if cfg.lora.init_from_peft and not cfg.lora.enabled:
+        raise TrainingConfigError(
+            f"lora.init_from_peft={cfg.lora.init_from_peft} is set but lora.enabled=false: set lora.enabled=true "
+            f"(and the adapter's rank, alpha, target_modules and experts)"
         )
     if cfg.lora.enabled and cfg.perf.fp8 != "off":
         raise TrainingConfigError(

@@ -54,6 +54,7 @@ from megadiff.training.setup import (
     check_config_fits_model,
     load_samples,
     load_tokenizer_and_mask_id,
+    peft_adapters_for_run,
 )
 from megadiff.training.throughput import peak_tflops, step_flops
 
@@ -145,6 +146,7 @@ class Trainer:
         if dpo:
             read_rows, make_dataset = dpo_objective.load_pairs, dpo_objective.build_preference_dataset
         samples, row_stats = read_rows(cfg, self.tokenizer, self.mask_id)
+        initial_adapters = peft_adapters_for_run(cfg, self.hf_config, self.log)  # lora.init_from_peft
         # Rank 0 locks, repairs and inspects save_dir before the others can join the process group.
         self._save_dir_lock, resume_from, lora_base = None, None, None
         self.lora_base = None  # a LoRA run with a save_dir: the base its adapter-only checkpoints record
@@ -162,7 +164,14 @@ class Trainer:
         self.log(f"data: {data_stats}")
         self.dtype = params_dtype(cfg)
         self.chunks = build_model_and_load(
-            cfg, self.model_cfg, self.hf_config, self.layout, self.dtype, self.log, self.attention.backend
+            cfg,
+            self.model_cfg,
+            self.hf_config,
+            self.layout,
+            self.dtype,
+            self.log,
+            self.attention.backend,
+            initial_adapters=initial_adapters,
         )
         self.optimizer, self.scheduler = build_optimizer(cfg, self.chunks, self.dtype)
         self.log(

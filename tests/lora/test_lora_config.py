@@ -79,12 +79,19 @@ def test_lora_with_grouped_gemm_experts_or_fp8_is_refused_naming_the_keys():
         load_config(None, BASE + ["lora.enabled=true", "perf.fp8=e4m3"])
 
 
+def test_init_from_peft_needs_lora_enabled_and_is_not_part_of_the_adapter_config():
+    with pytest.raises(TrainingConfigError, match="lora.init_from_peft=a is set but lora.enabled=false"):
+        load_config(None, BASE + ["lora.init_from_peft=a"])
+    cfg = load_config(None, BASE + ["lora.enabled=true", "lora.init_from_peft=a"])
+    assert cfg.lora.init_from_peft == "a" and "init_from_peft" not in cfg.lora.adapter_config()
+
+
 def test_help_config_documents_the_lora_section():
     text = describe_config()
     assert (
         "lora.target_modules (a list of linear_qkv, linear_proj, linear_fc1, linear_fc2; default [linear_qkv," in text
     )
-    for key in ("enabled", "rank", "alpha", "dropout", "experts", "init", "seed"):
+    for key in ("enabled", "rank", "alpha", "dropout", "experts", "init", "seed", "init_from_peft"):
         assert f"  lora.{key} (" in text
 
 

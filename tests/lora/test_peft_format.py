@@ -10,8 +10,11 @@ import os
 import pytest
 import torch
 
+from megadiff.errors import CheckpointError
 from megadiff.hf.checkpoint_reader import read_hf_config
 from megadiff.hf.tiny import write_tiny_model_dir
+from megadiff.lora.base_record import base_of_run
+from megadiff.lora.init_from_peft import adapter_for_run
 from megadiff.lora.peft_format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -139,3 +142,29 @@ def test_adapter_dir_is_written_atomically_and_read_with_named_errors(tiny, tmp_
     os.remove(os.path.join(out, WEIGHTS_NAME))
     with pytest.raises(PeftAdapterError, match=rf"{WEIGHTS_NAME}: not found"):
         read_peft_adapter(out)
+
+
+def test_init_from_peft_refuses_an_adapter_that_does_not_fit_the_run(tiny, tmp_path):
+    hf_dir, hf_config = tiny
+    full = random_full_adapter(LORA, hf_config)
+    base = base_of_run(hf_dir, None)
+    adapter = write_peft_adapter(str(tmp_path / "a"), *to_peft(full, LORA, hf_config, hf_dir), base=base.to_dict())
+    got, note = adapter_for_run(adapter, LORA, hf_config, base)
+    assert all(torch.equal(got[k], full[k]) for k in full) and got.keys() == full.keys()
+    assert note.startswith("base checked")
+    for field, value, match in (
+        ("rank", 8, r"r=4 in adapter_config.json \(lora.rank=4\), this run has lora.rank=8"),
+        ("alpha", 4.0, r"lora_alpha=8.0 .*this run has lora.alpha=4.0"),
+        ("target_modules", ["linear_qkv"], r"this run has lora.target_modules=\['linear_qkv'\]"),
+        ("experts", True, r"no routed-expert adapters \(lora.experts=False\), this run has lora.experts=True"),
+    ):
+        with pytest.raises(PeftAdapterError, match=rf"lora.init_from_peft={adapter}: the adapter has .*{match}"):
+            adapter_for_run(adapter, dict(LORA, **{field: value}), hf_config, base)
+    other = write_tiny_model_dir(str(tmp_path / "other"), seed=1)  # same shapes, other weights
+    with pytest.raises(CheckpointError, match=rf"trained on the base {hf_dir} .*not on {other}.*point model.hf_dir"):
+        adapter_for_run(adapter, LORA, hf_config, base_of_run(other, None))
+    # another tool's adapter (no base record): its local base_model_name_or_path is fingerprinted
+    foreign = write_peft_adapter(str(tmp_path / "foreign"), *to_peft(full, LORA, hf_config, hf_dir))
+    assert adapter_for_run(foreign, LORA, hf_config, base)[1].startswith("base checked: base_model_name_or_path")
+    with pytest.raises(CheckpointError, match="another model"):
+        adapter_for_run(foreign, LORA, hf_config, base_of_run(other, None))

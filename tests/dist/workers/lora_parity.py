@@ -1,48 +1,64 @@
 """torchrun worker: LoRA on megadiff's LLaDA2 vs the reference model at several layouts in one launch.
 
 Every layout adapts the same modules and loads the same non-zero adapters (B != 0, drawn once from
-a fixed seed, via load_full_adapter_state). The oracle is the plain-PyTorch reference holding
-MERGED weights: W + (alpha/r) * B @ A on the megatron-core tensor, mapped to HF names by the
-converter table. Checks per layout (rank 0 writes the worst values as JSON to --out):
-- logits_plain / logits_masked: max |logit diff| (plain input; a random mask with repeated positions);
+a fixed seed, via load_full_adapter_state). Two oracles, both the plain-PyTorch reference (the
+tiny HF dir --hf-dir) carrying those adapters: `peft` (the adapters written as a PEFT adapter by
+megadiff.lora.peft_format.to_peft and loaded by peft's LoraModel) and `merged` (W + (alpha/r) * B @ A
+on the megatron-core tensor, mapped to HF names by the parameter table). Checks per layout (rank 0
+writes the worst values over ranks as JSON to --out):
+- logits_plain / logits_masked (+ _merged): max |logit diff| (plain input; a random mask with
+  repeated positions);
 - full_state_roundtrip: full_adapter_state gives back exactly the adapters that were loaded;
-- init_layout_independent: the adapters apply_lora drew equal the (1,1,1) ones (max |diff|);
-- grad_rel_err (--grad-layouts): adapter gradients of sum(logits * W) vs the reference's, which
-  follow from its weight gradient G (mcore layout): dA = s B^T G, dB = s G A^T;
+- init_layout_independent: the adapters apply_lora drew equal the first layout's (max |diff|);
+- ckpt_roundtrip (--ckpt-dir): the first layout saves the adapter entries of model.sharded_state_dict()
+  with dist_checkpointing, later layouts load them (max |diff| to what was saved);
+- grad_rel_err (+ _merged) (--grad-layouts): adapter gradients of sum(logits * W) vs the PEFT
+  model's lora grads mapped back to megatron layout (resp. those implied by the merged model's
+  weight gradient G: dA = s B^T G, dB = s G A^T);
 - base_changed / adapters_unmoved (--step-layouts): after 5 optimizer steps (the trainer's DDP and
   distributed Adam, lr 1e-2) how many frozen tensors differ at all and how many adapter tensors
-  did not change (both must be 0); optimizer_bytes_ratio: LoRA optimizer bytes / full fine-tuning's on this rank.
+  did not change (both must be 0); optimizer_bytes_ratio: LoRA optimizer bytes / full fine-tuning's.
+--trainer-layouts: the same adapters through the Trainer (block diffusion and full, packed rows;
+5 steps; one DPO step) against the merged reference.
 """
 
 import argparse
 import json
 import math
+import os
+import tempfile
 
-import torch
-from megatron.core import parallel_state as ps
-from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+from megadiff.platform import install_import_hook  # noqa: E402
 
-from checkpoint_converters.llada2_mapping import (
+install_import_hook()  # first, before anything imports megatron-core
+
+import torch  # noqa: E402
+from megatron.core import parallel_state as ps  # noqa: E402
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region  # noqa: E402
+
+from megadiff.diffusion.loss import masked_diffusion_loss  # noqa: E402
+from megadiff.hf import load_reference_model  # noqa: E402
+from megadiff.hf.checkpoint_reader import read_hf_config  # noqa: E402
+from megadiff.lora.apply import apply_lora  # noqa: E402
+from megadiff.lora.peft_format import PEFT_PREFIX, adapted_modules, hf_modules, to_peft, write_peft_adapter  # noqa: E402
+from megadiff.lora.state import full_adapter_state, load_full_adapter_state  # noqa: E402
+from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout  # noqa: E402
+from megadiff.models.llada2.hf_mapping import (  # noqa: E402
     full_mcore_from_hf,
-    hf_from_full_mcore,
     hf_names,
     load_hf_into_model,
     rule_for,
 )
-from megadiff.diffusion.loss import masked_diffusion_loss
-from megadiff.hf import build_reference_model, load_reference_model
-from megadiff.lora.apply import apply_lora
-from megadiff.lora.state import full_adapter_state, load_full_adapter_state
-from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset
-from megadiff.models.llada2.model import build_model
-from megadiff.platform import init_distributed, initialize_parallel
-from megadiff.training.batch import prepare_micro_batch
-from megadiff.training.config import TrainingConfig, load_config
-from megadiff.training.ddp import wrap_ddp
-from megadiff.training.loop import Trainer
-from megadiff.training.mcore_configs import ddp_config, optimizer_config
-from megadiff.training.optimizer_memory import optimizer_state_bytes
-from megadiff.training.schedule import forward_backward
+from megadiff.models.llada2.model import build_model  # noqa: E402
+from megadiff.models.llada2.schedule import forward_backward  # noqa: E402
+from megadiff.platform import init_distributed, initialize_parallel  # noqa: E402
+from megadiff.training.batch import prepare_micro_batch  # noqa: E402
+from megadiff.training.config import TrainingConfig, load_config  # noqa: E402
+from megadiff.training.ddp import wrap_ddp  # noqa: E402
+from megadiff.training.loop import Trainer  # noqa: E402
+from megadiff.training.mcore_configs import ddp_config, optimizer_config  # noqa: E402
+from megadiff.training.optimizer_memory import optimizer_state_bytes  # noqa: E402
+from tests.lora.peft_reference import merged_reference, peft_reference  # noqa: E402
 
 B, S = 2, 16
 RANK, ALPHA = 4, 8.0
@@ -67,23 +83,6 @@ def test_adapters(shapes: dict) -> dict:
     """Fixed non-zero adapters for these keys (the same on every rank and layout)."""
     g = torch.Generator().manual_seed(2024)
     return {k: 0.1 * torch.randn(shape, generator=g) for k, shape in sorted(shapes.items())}
-
-
-def merge_adapters(ref: torch.nn.Module, adapters: dict, cfg) -> torch.nn.Module:
-    """`ref` with W + (alpha/r) * B @ A in place of every adapted weight (mcore layout, then the table)."""
-    sd = ref.state_dict()
-    merged = {}
-    for key in adapters:
-        if not key.endswith(".lora_A.weight"):
-            continue
-        module = key[: -len(".lora_A.weight")]
-        rule, index = rule_for(module + ".weight")
-        names = hf_names(rule, index)
-        w = full_mcore_from_hf(rule, [sd[n] for n in names], cfg)
-        w = w + (ALPHA / RANK) * adapters[module + ".lora_B.weight"] @ adapters[key]
-        merged.update(zip(names, hf_from_full_mcore(rule, w, cfg), strict=True))
-    ref.load_state_dict(sd | merged)
-    return ref
 
 
 def hf_grads_of(ref) -> dict:
@@ -132,23 +131,28 @@ def micro_batches(ids, pos, allowed):
     ]
 
 
-def logits_error(chunks, ref, ids, pos, allowed) -> float:
+def reference_rows(ref, ids, pos, allowed) -> list[torch.Tensor]:
+    """The reference's logits row by row (megatron-core micro-batches are single rows)."""
     with torch.no_grad():
-        expected = [
+        return [
             ref(ids[i : i + 1], pos[i : i + 1], None if allowed is None else allowed[i : i + 1]).logits[0]
             for i in range(B)
         ]
 
+
+def logits_errors(chunks, expected: dict[str, list], ids, pos, allowed) -> dict[str, float]:
+    """max |logit diff| of the model vs each reference's rows in `expected` (name -> rows)."""
+
     def loss_fn(batch, output):
-        full = gather_from_tensor_model_parallel_region(output)
-        diff = (full[0].detach() - expected[batch["row"]]).abs().max()
-        return output.sum() * 0.0, torch.tensor(1), {"diff": diff}
+        full = gather_from_tensor_model_parallel_region(output)[0].detach()
+        diffs = {name: (full - rows[batch["row"]]).abs().max() for name, rows in expected.items()}
+        return output.sum() * 0.0, torch.tensor(1), diffs
 
     for c in chunks:
         c.eval()
     with torch.no_grad():
         out = forward_backward(chunks, micro_batches(ids, pos, allowed), loss_fn, forward_only=True)
-    return max([float(o["diff"]) for o in out], default=0.0)
+    return {name: max([float(o[name]) for o in out], default=0.0) for name in expected}
 
 
 def weighted_loss_backward(chunks, cfg, ids, pos, allowed, weights):
@@ -164,12 +168,45 @@ def weighted_loss_backward(chunks, cfg, ids, pos, allowed, weights):
     forward_backward(chunks, micro_batches(ids, pos, allowed), loss_fn, forward_only=False)
 
 
-def gradient_error(chunks, ref, adapters, cfg, ids, pos, allowed) -> float:
+def peft_adapter_grads(peft_model, adapters: dict, lora_cfg: dict, cfg) -> dict:
+    """The PEFT reference's lora grads mapped back to megatron names and layout: B like its base
+    weight (the table's transform), fc1's A = gate_proj's + up_proj's (one A feeds both in megatron)."""
+    grads = {n.replace(".default", ""): p.grad for n, p in peft_model.named_parameters() if ".lora_" in n}
+    full = {}
+    for path in adapted_modules(lora_cfg, cfg):
+        rule, names = hf_modules(path)
+        a = [grads[f"{PEFT_PREFIX}{n}.lora_A.weight"] for n in names]
+        b = [grads[f"{PEFT_PREFIX}{n}.lora_B.weight"] for n in names]
+        shape_a, shape_b = adapters[path + ".lora_A.weight"].shape, adapters[path + ".lora_B.weight"].shape
+        a = [g if g is not None else torch.zeros(shape_a) for g in a]  # expert never routed
+        b = [g if g is not None else torch.zeros(shape_b[0] // len(names), shape_b[1]) for g in b]
+        full[path + ".lora_A.weight"] = sum(a)
+        full[path + ".lora_B.weight"] = full_mcore_from_hf(rule, b, cfg)
+    return full
+
+
+def relative_errors(got: dict, want: dict) -> float:
+    worst = 0.0
+    for name, w in want.items():
+        err = float((got[name].cpu() - w).abs().max() / w.abs().max().clamp_min(1e-12))
+        if err > 1e-5 and torch.distributed.get_rank() == 0:
+            print(f"gradient mismatch {name}: rel {err:.3g}", flush=True)
+        worst = max(worst, err)
+    return worst
+
+
+def gradient_errors(chunks, refs: dict, adapters, lora_cfg, cfg, ids, pos, allowed) -> dict:
+    """Adapter grads of sum(logits * W) / B vs the PEFT reference's and the merged reference's."""
     weights = torch.randn(B, S, cfg.vocab_size, generator=torch.Generator().manual_seed(11))
-    ref.zero_grad()
-    ((ref(ids, pos, allowed).logits * weights).sum() / B).backward()
+    for ref in refs.values():
+        ref.zero_grad()
+        ((ref(ids, pos, allowed).logits * weights).sum() / B).backward()
     weighted_loss_backward(chunks, cfg, ids, pos, allowed, weights)
-    return adapter_grad_error(full_adapter_state(chunks, value=lambda p: p.main_grad), adapters, hf_grads_of(ref), cfg)
+    got = full_adapter_state(chunks, value=lambda p: p.main_grad)
+    return {
+        "grad_rel_err": relative_errors(got, peft_adapter_grads(refs["peft"], adapters, lora_cfg, cfg)),
+        "grad_rel_err_merged": adapter_grad_error(got, adapters, hf_grads_of(refs["merged"]), cfg),
+    }
 
 
 def train_steps(chunks, cfg, ids, variant, steps=5) -> dict:
@@ -251,7 +288,22 @@ def checkpoint_roundtrip(chunks, adapters: dict, ckpt_dir: str) -> dict:
     }
 
 
-def run_layout(layout, experts, ref_sd, refs, cfg, cfg_dict, check_grads, check_steps, first_init, ckpt_dir):
+def build_references(hf_dir: str, adapters: dict, lora_cfg: dict, hf_config: dict) -> dict:
+    """The two oracles for one adapter set: the reference with the PEFT adapter loaded by peft
+    (written by megadiff.lora.peft_format.to_peft), and the reference with merged weights."""
+    adapter_dir = os.path.join(tempfile.mkdtemp(), "peft")
+    write_peft_adapter(adapter_dir, *to_peft(adapters, lora_cfg, hf_config))
+    peft = peft_reference(hf_dir, adapter_dir)
+    for name, p in peft.named_parameters():  # loaded for inference: make the adapters trainable
+        p.requires_grad_(".lora_" in name)
+    return {
+        "peft": peft,
+        "merged": merged_reference(hf_dir, adapters, lora_cfg, hf_config),
+        "rows": {},
+    }
+
+
+def run_layout(layout, experts, ref_sd, refs, cfg, cfg_dict, check_grads, check_steps, first_init, ckpt_dir, hf_dir):
     chunks = lora_model(layout, experts, ref_sd, cfg)
     result = {}
     initial = full_adapter_state(chunks)
@@ -276,14 +328,19 @@ def run_layout(layout, experts, ref_sd, refs, cfg, cfg_dict, check_grads, check_
                 flush=True,
             )
     if experts not in refs:
-        refs[experts] = merge_adapters(build_reference_model(cfg_dict, seed=0), adapters, cfg)
+        refs[experts] = build_references(hf_dir, adapters, lora_settings(experts), cfg_dict)
     ref = refs[experts]
     chunks = wrap_ddp(chunks)  # plain DDP: every rank's main_grad is the whole reduced gradient
     ids, variants = make_inputs(cfg.vocab_size)
     for name, pos, allowed in variants:
-        result[f"logits_{name}"] = logits_error(chunks, ref, ids, pos, allowed)
+        expected = ref["rows"].setdefault(
+            name, {k: reference_rows(ref[k], ids, pos, allowed) for k in ("peft", "merged")}
+        )
+        errors = logits_errors(chunks, expected, ids, pos, allowed)
+        result[f"logits_{name}"], result[f"logits_{name}_merged"] = errors["peft"], errors["merged"]
     if check_grads:
-        result["grad_rel_err"] = gradient_error(chunks, ref, adapters, cfg, ids, *variants[1][1:])
+        models = {k: ref[k] for k in ("peft", "merged")}
+        result.update(gradient_errors(chunks, models, adapters, lora_settings(experts), cfg, ids, *variants[1][1:]))
     if check_steps:  # the trainer's DDP (distributed optimizer) around a fresh model
         chunks = lora_model(layout, experts, ref_sd, cfg, adapters, ddp=ddp_config(TrainingConfig()))
         result.update(train_steps(chunks, cfg, ids, variants[1]))
@@ -355,7 +412,7 @@ def trainer_checks(config: str, dpo_config: str | None, hf_dir: str, layout: str
         )
         loss, _ = trainer.forward_backward_step(trainer._micro_batches())
         got = full_adapter_state(trainer.chunks, value=lambda p: p.main_grad)
-        ref = merge_adapters(load_reference_model(hf_dir), adapters, trainer.model_cfg)
+        ref = merged_reference(hf_dir, adapters, trainer.cfg.lora.adapter_config(), trainer.hf_config)
         ref_loss = sft_reference_loss(trainer, ref)
         result[f"{mode}_loss_rel"] = abs(loss - ref_loss) / abs(ref_loss)
         result[f"{mode}_grad_rel"] = adapter_grad_error(got, adapters, hf_grads_of(ref), trainer.model_cfg)
@@ -381,7 +438,7 @@ def dpo_check(dpo_config: str, hf_dir: str, over: list[str]) -> dict:
     trainer, adapters = adapted_trainer(dpo_config, over + ["parallel.use_distributed_optimizer=false"])
     loss, _, _ = trainer.objective.forward_backward_step(trainer._micro_batches())
     got = full_adapter_state(trainer.chunks, value=lambda p: p.main_grad)
-    policy = merge_adapters(load_reference_model(hf_dir), adapters, trainer.model_cfg).state_dict()
+    policy = merged_reference(hf_dir, adapters, trainer.cfg.lora.adapter_config(), trainer.hf_config).state_dict()
     ref_loss, hf_grads = plain_dpo_loss_and_grads(trainer, hf_dir, policy, 0, 0)
     trainer.close()
     return {
@@ -409,14 +466,14 @@ def main():
     parser.add_argument("--ckpt-dir", help="empty dir: the first layout saves the adapters, later ones load them")
     parser.add_argument("--trainer-config", help="training YAML (tiny model, packed SFT rows)")
     parser.add_argument("--dpo-config", help="training YAML of a DPO run on preference pairs")
-    parser.add_argument("--hf-dir", help="the tiny HF model dir both YAMLs use")
+    parser.add_argument("--hf-dir", required=True, help="the tiny HF model dir (the base; both YAMLs use it)")
     parser.add_argument("--trainer-layouts", default="", help="'tp,ep,pp;...' for the trainer checks")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     init_distributed()
-    cfg_dict = preset("tiny")
+    cfg_dict = read_hf_config(args.hf_dir)
     cfg = LLaDA2ModelConfig.from_hf_dict(cfg_dict)
-    ref_sd = build_reference_model(cfg_dict, seed=0).state_dict()
+    ref_sd = load_reference_model(args.hf_dir).state_dict()
     grads, steps = set(parse_layouts(args.grad_layouts)), set(parse_layouts(args.step_layouts))
     refs, first_init, results = {}, {}, {}
     for layout, experts in parse_layouts(args.layouts):
@@ -431,6 +488,7 @@ def main():
             (layout, experts) in steps,
             first_init,
             args.ckpt_dir,
+            args.hf_dir,
         )
         reduced = reduced_max(local)
         name = f"{layout}" + ("" if experts else ",dense")
