@@ -100,7 +100,7 @@ def test_lora_matches_merged_reference_at_every_layout_and_through_the_trainer(l
         assert r["adapters_unmoved"] == 0 and r["adapter_tensors"] > 0, (layout, r)
         assert r["optimizer_bytes_ratio"] < 0.2, (layout, r)  # LoRA's optimizer holds a fraction of full FT's
     t = results[f"trainer {TRAINER_LAYOUTS}"]
-    for mode in ("block_diffusion", "full"):
+    for mode in ("block_diffusion", "full", "block_diffusion_cap"):  # _cap: + CAP and complementary masks
         assert t[f"{mode}_loss_rel"] <= LOSS_TOL and t[f"{mode}_grad_rel"] <= GRAD_TOL, (mode, t)
     assert t["trainer_base_changed"] == 0 and t["trainer_loss_not_lower"] == 0, t
     assert t["dpo_loss_rel"] <= LOSS_TOL and t["dpo_grad_rel"] <= GRAD_TOL, t

@@ -406,10 +406,18 @@ def sft_reference_loss(trainer, ref) -> float:
 def trainer_checks(config: str, dpo_config: str | None, hf_dir: str, layout: str) -> dict:
     result = {}
     over = trainer_overrides(layout)
-    for mode in ("block_diffusion", "full"):
-        trainer, adapters = adapted_trainer(
-            config, over + [f"diffusion.mode={mode}", "parallel.use_distributed_optimizer=false"]
-        )
+    modes = {
+        "block_diffusion": ["diffusion.mode=block_diffusion"],
+        "full": ["diffusion.mode=full"],
+        # CAP's confidence term and complementary masks (the second half of the rows)
+        "block_diffusion_cap": [
+            "diffusion.mode=block_diffusion",
+            "diffusion.complementary_masks=true",
+            "diffusion.confidence_beta=2.0",
+        ],
+    }
+    for mode, settings in modes.items():
+        trainer, adapters = adapted_trainer(config, over + settings + ["parallel.use_distributed_optimizer=false"])
         loss, _ = trainer.forward_backward_step(trainer._micro_batches())
         got = full_adapter_state(trainer.chunks, value=lambda p: p.main_grad)
         ref = merged_reference(hf_dir, adapters, trainer.cfg.lora.adapter_config(), trainer.hf_config)
