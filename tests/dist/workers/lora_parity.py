@@ -209,14 +209,19 @@ def gradient_errors(chunks, refs: dict, adapters, lora_cfg, cfg, ids, pos, allow
     }
 
 
+def is_adapter(param_name: str) -> bool:
+    return ".lora_A." in param_name or ".lora_B." in param_name
+
+
 def train_steps(chunks, cfg, ids, variant, steps=5) -> dict:
     from megatron.core.optimizer import get_megatron_optimizer
 
     tcfg = TrainingConfig()
     tcfg.train.lr, tcfg.train.clip_grad = 1e-2, 0.0
     optimizer = get_megatron_optimizer(optimizer_config(tcfg, torch.float32), chunks)
-    frozen = {n: p.detach().clone() for c in chunks for n, p in c.named_parameters() if not p.requires_grad}
-    adapters = {n: p.detach().clone() for c in chunks for n, p in c.named_parameters() if p.requires_grad}
+    # by name, not by requires_grad: a base weight left trainable by mistake must count as base
+    frozen = {n: p.detach().clone() for c in chunks for n, p in c.named_parameters() if not is_adapter(n)}
+    adapters = {n: p.detach().clone() for c in chunks for n, p in c.named_parameters() if is_adapter(n)}
     _, pos, allowed = variant
     for step in range(steps):
         weights = torch.randn(B, S, cfg.vocab_size, generator=torch.Generator().manual_seed(100 + step))
@@ -427,7 +432,7 @@ def trainer_checks(config: str, dpo_config: str | None, hf_dir: str, layout: str
         trainer.close()
     # five trainer steps (distributed optimizer, block diffusion): the base does not move at all
     trainer, _ = adapted_trainer(config, over)
-    frozen = {n: p.detach().clone() for c in trainer.chunks for n, p in c.named_parameters() if not p.requires_grad}
+    frozen = {n: p.detach().clone() for c in trainer.chunks for n, p in c.named_parameters() if not is_adapter(n)}
     losses = [trainer.train_step().loss for _ in range(5)]
     now = dict(p for c in trainer.chunks for p in c.named_parameters())
     result["trainer_base_changed"] = sum(not torch.equal(now[n], t) for n, t in frozen.items())
