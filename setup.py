@@ -47,6 +47,18 @@ setup(
         # apex is built from source (see README); it is not on PyPI.
         "gpu": ["transformer-engine[pytorch]"],
         "wandb": ["wandb"],
-        "dev": ["pytest", "pytest-timeout", "ruff", "import-linter", "pyarrow", "matplotlib", "tensorboard"],
+        # LoRA adapters as Hugging Face PEFT adapters (exclude_modules needs 0.14; tested: 0.21.2 on
+        # both stacks). Only the export tests and the PEFT reference of the LoRA tests import it.
+        "peft": ["peft>=0.14"],
+        "dev": [
+            "pytest",
+            "pytest-timeout",
+            "ruff",
+            "import-linter",
+            "pyarrow",
+            "matplotlib",
+            "tensorboard",
+            "peft>=0.14",
+        ],
     },
 )

@@ -18,7 +18,7 @@ megadiff.inference.loading.load_reference_from_mcore.)
 
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 
 import torch
 
@@ -34,6 +34,7 @@ from megadiff.checkpoint.hf_tensors import (
 )
 from megadiff.errors import CheckpointError
 from megadiff.hf.remote_code import REMOTE_CODE_FILES, remote_code_dir
+from megadiff.lora.merge import add_delta
 from megadiff.models.llada2.hf_experts import MERGED, SPLIT
 from megadiff.models.llada2.hf_mapping import hf_from_full_mcore
 
@@ -61,12 +62,21 @@ def item_spans(src: McoreInput, files: FileTable, item: HFItem) -> Spans | None:
 
 
 def iter_hf_tensors_or_spans(
-    src: McoreInput, items: Sequence[HFItem], budget_bytes: int = DEFAULT_BUDGET
+    src: McoreInput, items: Sequence[HFItem], budget_bytes: int = DEFAULT_BUDGET, read: Container[str] = ()
 ) -> Iterator[tuple[str, "torch.Tensor | Spans"]]:
-    """`iter_hf_tensors`, with `Spans` for the items whose bytes can be copied as stored."""
+    """`iter_hf_tensors`, with `Spans` for the items whose bytes can be copied as stored (except
+    the names in `read`, always read)."""
     src.reader.read_ahead_record_metadata()  # item_spans parses every record's headers
     files = FileTable()
-    return iter_hf_tensors(src, items, budget_bytes, stored_bytes=lambda item: item_spans(src, files, item))
+    return iter_hf_tensors(
+        src, items, budget_bytes, stored_bytes=lambda item: None if item.name in read else item_spans(src, files, item)
+    )
+
+
+def with_deltas(values, deltas: dict[str, torch.Tensor]):
+    """(name, value) pairs with `deltas[name]` added to those tensors (megadiff.lora.merge.add_delta)."""
+    for name, value in values:
+        yield name, add_delta(value, deltas[name], name) if name in deltas else value
 
 
 # ---- HF directory ----------------------------------------------------------------------------------
@@ -112,12 +122,15 @@ def convert_mcore_to_hf(
     log: Callable[[str], None] = print,
     io_mode: str = "auto",
     trust_checkpoint: bool = False,
+    deltas: dict | None = None,
 ) -> str:
     """Write an HF LLaDA2 dir from a checkpoint ROOT (latest complete iteration, or `iteration`) or
     an iteration dir. Tokenizer, generation config, chat template and remote code come from
     `hf_template` (default: the checkpoint's recorded hf_source_dir when its config.json matches
     the checkpoint's; else megadiff's own remote code), allow-listed files only (hf_template.py).
-    `io_mode`: 'auto', 'plain', 'direct' or 'page-cache' (io_paths). Returns OUTPUT."""
+    `io_mode`: 'auto', 'plain', 'direct' or 'page-cache' (io_paths). `deltas`: {HF name: tensor}
+    added to those weights (a LoRA checkpoint's merged adapters: megadiff.lora.merge.hf_deltas).
+    Returns OUTPUT."""
     io_mode = resolve_io(io_mode, log)
     plain = io_mode == "plain"
     src = inspect_mcore_input(mcore_dir, iteration, trust_checkpoint, plain)
@@ -130,6 +143,9 @@ def convert_mcore_to_hf(
     inputs = [src.ckpt_dir] + ([template] if template else [])
     output = check_output_dir(output, overwrite, inputs=inputs)
     items = plan_hf_output(src, MERGED if merged_experts else SPLIT)
+    unknown = sorted(set(deltas or ()) - {i.name for i in items})
+    if unknown:
+        raise CheckpointError(f"{src.ckpt_dir}: has no weight '{unknown[0]}' that the LoRA adapters change")
     entries = [(i.name, i.shape, i.dtype) for i in items]
     weights_dtype = entries[0][2]
     log(
@@ -153,11 +169,12 @@ def convert_mcore_to_hf(
     try:
         with staged_output(output) as staging:
             on_value = bar.update if bar else None
+            deltas = deltas or {}
             if plain:
-                values = iter_hf_tensors(src, items, budget_bytes)
+                values = with_deltas(iter_hf_tensors(src, items, budget_bytes), deltas)
                 writer = write_sharded_safetensors_plain(staging, entries, max_shard_size, values, on_value)
             else:
-                values = iter_hf_tensors_or_spans(src, items, budget_bytes)
+                values = with_deltas(iter_hf_tensors_or_spans(src, items, budget_bytes, read=deltas), deltas)
                 writer = write_sharded_safetensors(staging, entries, max_shard_size, values, on_value, io_mode)
             config = _output_config(src, weights_dtype)
             copied, left_out = copy_template_files(template, staging, config) if template else ([], [])

@@ -16,6 +16,12 @@ checkpoint's dtype. Needs no torchrun and no megatron-core; tensors stored as wh
 file to file by the byte-copy engine, the rest streamed a few at a time (--io plain: every
 tensor through torch DCP's load and safetensors' save_file).
 The output appears only when complete (built in OUT.tmp-<nonce>, then renamed).
+
+A LoRA run's adapter-only checkpoint (it records its base, an HF dir or a megatron checkpoint):
+--output OUT writes the merged model, W + alpha/r * B A, as a normal HF dir; --peft-adapter DIR
+writes a Hugging Face PEFT adapter instead (adapter_config.json + adapter_model.safetensors, HF
+module names), for `peft.PeftModel.from_pretrained` on the base model in HF form. --base-dir DIR
+names the base when it moved (its fingerprint must match the recorded one).
 """
 
 import argparse
@@ -31,7 +37,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mcore-dir", required=True, help="checkpoint root or iter_XXXXXXX dir")
     p.add_argument("--iteration", type=int, default=None, help="iteration to export (default: latest complete)")
-    p.add_argument("--output", required=True, help="HF directory to create")
+    p.add_argument("--output", default=None, help="HF directory to create (required unless --peft-adapter)")
+    p.add_argument("--peft-adapter", default=None, help="LoRA checkpoint: write a PEFT adapter dir here instead")
+    p.add_argument("--base-dir", default=None, help="LoRA checkpoint: its base's new place, if it moved")
     p.add_argument("--hf-template", default=None, help="dir to take tokenizer / remote code / generation config from")
     p.add_argument("--merged-experts", action="store_true", help="write dFactory's merged-expert layout")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
@@ -52,8 +60,11 @@ def main(argv=None) -> int:
 
     install_import_hook()  # first, before anything imports megatron-core
     args = parse_args(argv)
+    from checkpoint_converters.lora_export import export_lora_checkpoint
     from checkpoint_converters.mcore_to_hf import convert_mcore_to_hf
+    from megadiff.checkpoint.format import resolve_checkpoint_dir
     from megadiff.errors import UserError, user_error_exit
+    from megadiff.lora.adapter_checkpoint import is_lora_checkpoint
 
     print(
         "convert_mcore_to_hf.py "
@@ -61,8 +72,9 @@ def main(argv=None) -> int:
             [
                 "--mcore-dir",
                 os.path.abspath(args.mcore_dir),
-                "--output",
-                os.path.abspath(args.output),
+                *(["--output", os.path.abspath(args.output)] if args.output else []),
+                *(["--peft-adapter", os.path.abspath(args.peft_adapter)] if args.peft_adapter else []),
+                *(["--base-dir", os.path.abspath(args.base_dir)] if args.base_dir else []),
                 *(["--iteration", str(args.iteration)] if args.iteration is not None else []),
                 *(["--hf-template", os.path.abspath(args.hf_template)] if args.hf_template else []),
                 *(["--merged-experts"] if args.merged_experts else []),
@@ -77,6 +89,28 @@ def main(argv=None) -> int:
         flush=True,
     )
     try:
+        if args.output is None and args.peft_adapter is None:
+            raise UserError("--output OUT is required (or --peft-adapter DIR for a LoRA checkpoint)")
+        if is_lora_checkpoint(resolve_checkpoint_dir(args.mcore_dir, args.iteration)):
+            out = export_lora_checkpoint(
+                args.mcore_dir,
+                None if args.peft_adapter else args.output,
+                peft_adapter=args.peft_adapter,
+                iteration=args.iteration,
+                base_dir=args.base_dir,
+                merged_experts=args.merged_experts,
+                trust_checkpoint=args.trust_checkpoint,
+                hf_template=args.hf_template,
+                max_shard_size=args.max_shard_size,
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
+                io_mode=args.io,
+            )
+            print(f"{'PEFT adapter' if args.peft_adapter else 'merged HF model'} written to {out}")
+            return 0
+        if args.peft_adapter or args.base_dir:
+            flag = "--peft-adapter" if args.peft_adapter else "--base-dir"
+            raise UserError(f"{args.mcore_dir}: {flag} is for LoRA (adapter-only) checkpoints; this one is a full one")
         out = convert_mcore_to_hf(
             args.mcore_dir,
             args.output,

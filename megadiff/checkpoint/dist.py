@@ -29,6 +29,7 @@ from megadiff.models.llada2.checkpoint_keys import key_in_other_spec, other_spec
 # megatron-core (about 1 s), torch DCP's reader (.untrusted) and writer (.lazy) are imported inside
 # the functions that use them: the path helpers of this package serve tools that need none of them.
 from .format import (
+    adapter_only_error,
     build_meta,
     commit_iteration_dir,
     iteration_dir_name,
@@ -281,6 +282,9 @@ def load_model_weights(
 
     ckpt_dir = resolve_checkpoint_dir(root_or_iter_dir, iteration)
     meta = read_meta(ckpt_dir)
+    adapter_only = adapter_only_error(ckpt_dir, meta, "loaded as the model's weights")
+    if adapter_only:  # its model part is only adapters: say so, not "tensor ... is not in the checkpoint"
+        raise adapter_only
     vet_checkpoint(ckpt_dir, trust)
     sharded = match_checkpoint_spec(ckpt_dir, model_sharded_state_dict(chunks), meta.get("hf_config"), trust)
     missing = set(missing_sharded_keys(ckpt_dir, sharded, trust))

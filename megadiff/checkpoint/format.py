@@ -57,7 +57,7 @@ CRASH_EXIT_CODE = 117
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
-_META_FIELDS = ("hf_config", "hf_source_dir", "layout", "dtype", "spec", "extra")
+_META_FIELDS = ("hf_config", "hf_source_dir", "layout", "dtype", "spec", "extra", "lora")
 SPECS = ("local", "te")  # megatron-core layer spec whose names the tensors are stored under
 
 
@@ -131,8 +131,9 @@ def layout_dict(layout) -> dict:
 
 def build_meta(iteration: int, meta: dict, world_size: int) -> dict:
     """The megadiff.json content from the caller's `meta` (hf_config, layout, dtype required;
-    hf_source_dir, spec ("local" default, or "te"), extra optional). Raises ValueError naming a
-    missing or unknown field."""
+    hf_source_dir, spec ("local" default, or "te"), extra optional; lora only for an adapter-only
+    LoRA save: megadiff.lora.adapter_checkpoint.adapter_meta). Raises ValueError naming a missing
+    or unknown field."""
     unknown = sorted(set(meta) - set(_META_FIELDS))
     if unknown:
         raise ValueError(f"checkpoint meta: unknown field(s) {unknown}; put free-form values under 'extra'")
@@ -161,6 +162,10 @@ def build_meta(iteration: int, meta: dict, world_size: int) -> dict:
         "saved_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "extra": extra,
     }
+    if meta.get("lora") is not None:  # absent from full checkpoints, which stay as they were
+        if not isinstance(meta["lora"], dict) or not {"config", "base"} <= set(meta["lora"]):
+            raise ValueError("checkpoint meta: 'lora' must be a dict with 'config' and 'base'")
+        out["lora"] = meta["lora"]
     json.dumps(out)  # fail here, before any heavy work, if something is not JSON-serialisable
     return out
 
@@ -368,6 +373,21 @@ def read_meta(path: str) -> dict:
     if os.path.isfile(path):
         return _read_meta_file(path)
     return _read_meta_file(os.path.join(resolve_checkpoint_dir(path), META_NAME))
+
+
+def adapter_only_error(ckpt_dir: str, meta: dict, what: str) -> CheckpointError | None:
+    """The error for reading the adapter-only LoRA checkpoint `ckpt_dir` as `what` (a full
+    checkpoint's weights); None for a full checkpoint."""
+    lora = meta.get("lora")
+    if not lora:
+        return None
+    base = (lora.get("base") or {}).get("path") if isinstance(lora, dict) else None
+    return CheckpointError(
+        f"{ckpt_dir}: an adapter-only LoRA checkpoint (megadiff.json 'lora'): it holds LoRA adapters, not the "
+        f"model's weights, so it cannot be {what}; its base is {base}. Load the base instead, resume the LoRA "
+        f"run with its lora section, or export merged weights (tools/convert_mcore_to_hf.py --mcore-dir "
+        f"{ckpt_dir} --output OUT)"
+    )
 
 
 def remove_tree(path: str) -> None:

@@ -109,7 +109,7 @@ def step_time(model: LLaDA2ModelConfig, layout: ParallelLayout, hw: Hardware, sh
     if layout.ep > 1:
         volume = 4 * moe_here * micro * model.num_experts_per_tok * b * s / layout.tp * h * a
         ep_comm = volume * (layout.ep - 1) / layout.ep / bandwidth(layout.etp * layout.ep)
-    params = [p for vp in range(layout.vpp or 1) for p in rank_parameters(model, layout, 0, vp, shape.lora_rank)]
+    params = [p for vp in range(layout.vpp or 1) for p in rank_parameters(model, layout, 0, vp, *shape.lora)]
     trainable = [p for p in params if p.trainable]
     dense = sum(p.numel for p in trainable if not (p.expert and layout.ep > 1))
     expert = sum(p.numel for p in trainable if p.expert and layout.ep > 1)

@@ -26,7 +26,7 @@ from functools import lru_cache
 
 from megadiff.models.llada2.config import LLaDA2ModelConfig, ParallelLayout
 
-from .params import ParamTensor, chunk_layers, rank_parameters
+from .params import LORA_TARGETS, ParamTensor, chunk_layers, rank_parameters
 
 GiB = 1024**3
 RECOMPUTE = ("none", "selective", "full")
@@ -44,8 +44,15 @@ class RunShape:
     attention_backend: str = "flex"  # "dense" (bool mask, [b, h, s, s] scores) or "flex"
     recompute: str = "none"  # "none", "selective" (core attention) or "full" (every layer)
     fp8: bool = False
-    lora_rank: int | None = None
+    lora_rank: int | None = None  # LoRA: frozen base, adapters of this rank on lora_targets (+ routed experts)
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    lora_experts: bool = False
     use_distributed_optimizer: bool = True
+
+    @property
+    def lora(self) -> tuple:
+        """The LoRA arguments of rank_parameters."""
+        return self.lora_rank, tuple(self.lora_targets), self.lora_experts
 
     @property
     def tokens(self) -> int:
@@ -150,7 +157,7 @@ def state_bytes(
     split = MemorySplit()
     distributed = shape.use_distributed_optimizer
     for vp in range(layout.vpp or 1):
-        params = rank_parameters(model, layout, pp_rank, vp, shape.lora_rank)
+        params = rank_parameters(model, layout, pp_rank, vp, *shape.lora)
         frozen = [p for p in params if not p.trainable]
         trainable = [p for p in params if p.trainable]
         split.weights += sum(p.numel for p in frozen) * p_bytes

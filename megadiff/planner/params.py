@@ -75,37 +75,61 @@ def _mlp(model, layout, prefix, layer):
     return out
 
 
-def _lora(model, layout, base: list[ParamTensor], rank: int) -> list[ParamTensor]:
-    """LoRA adapters on the attention projections and the dense layer's MLP (NeMo's LLaDA2
-    targets; experts, shared experts and the router stay frozen). Column-parallel base: A [r, in]
-    replicated, B [out/tp, r]; row-parallel base: A [r, in/tp], B [out, r] replicated."""
-    h, d, tp = model.hidden_size, model.head_dim, layout.tp
-    nq, nkv, i = model.num_attention_heads, model.num_key_value_heads, model.intermediate_size
-    shapes = {  # leaf -> (in, out, column_parallel)
-        "self_attention.linear_qkv.weight": (h, (nq + 2 * nkv) * d, True),
-        "self_attention.linear_proj.weight": (nq * d, h, False),
-        "mlp.linear_fc1.weight": (h, 2 * i, True),
-        "mlp.linear_fc2.weight": (i, h, False),
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")  # megatron names (the lora section's)
+
+
+def _lora(model, layout, base: list[ParamTensor], rank: int, targets, experts: bool) -> list[ParamTensor]:
+    """LoRA adapters A [r, in] and B [out, r] on the `targets` linears of the attention, the dense
+    layer's MLP and the shared expert, and with `experts` on every routed expert; the router stays
+    frozen. Split as megatron-core splits the base linear (Megatron-Bridge's rule): column-parallel
+    base: A replicated, B [out/tp, r]; row-parallel base: A [r, in/tp], B replicated; routed experts
+    split by etp instead of tp and held by their EP rank (expert-parallel parameters)."""
+    h, d = model.hidden_size, model.head_dim
+    nq, nkv = model.num_attention_heads, model.num_key_value_heads
+    ffn = {  # module holding linear_fc1/linear_fc2 -> its intermediate size
+        "mlp": model.intermediate_size,
+        "mlp.shared_experts": model.moe_intermediate_size * model.num_shared_experts,
     }
     out = []
     for p in base:
-        for leaf, (n_in, n_out, column) in shapes.items():
-            if p.name.endswith("." + leaf) and ".experts." not in p.name:
-                stem = p.name.removesuffix(".weight")
-                a, b = (rank * n_in, n_out // tp * rank) if column else (rank * n_in // tp, n_out * rank)
-                out += [
-                    ParamTensor(f"{stem}.adapter.linear_in.weight", a),
-                    ParamTensor(f"{stem}.adapter.linear_out.weight", b),
-                ]
+        stem = p.name.removesuffix(".weight")
+        owner, _, leaf = stem.rpartition(".")
+        if leaf not in targets:
+            continue
+        routed = ".mlp.experts.local_experts." in stem
+        if routed and not experts:
+            continue
+        if leaf == "linear_qkv":
+            n_in, n_out, column = h, (nq + 2 * nkv) * d, True
+        elif leaf == "linear_proj":
+            n_in, n_out, column = nq * d, h, False
+        else:
+            kind = next((k for k in ffn if owner.endswith("." + k)), None)
+            size = model.moe_intermediate_size if routed else ffn.get(kind)
+            if size is None:
+                continue
+            n_in, n_out, column = (h, 2 * size, True) if leaf == "linear_fc1" else (size, h, False)
+        split = layout.etp if routed else layout.tp
+        a, b = (rank * n_in, n_out // split * rank) if column else (rank * n_in // split, n_out * rank)
+        out += [
+            ParamTensor(f"{stem}.lora_A.weight", a, expert=routed),
+            ParamTensor(f"{stem}.lora_B.weight", b, expert=routed),
+        ]
     return out
 
 
 @lru_cache(maxsize=4096)  # the planner asks for the same rank many times (memory, step time, dp ranks)
 def rank_parameters(
-    model: LLaDA2ModelConfig, layout: ParallelLayout, pp_rank: int, vp: int = 0, lora_rank: int | None = None
+    model: LLaDA2ModelConfig,
+    layout: ParallelLayout,
+    pp_rank: int,
+    vp: int = 0,
+    lora_rank: int | None = None,
+    lora_targets: tuple[str, ...] = LORA_TARGETS,
+    lora_experts: bool = False,
 ) -> tuple[ParamTensor, ...]:
     """The parameters of virtual chunk `vp` on pipeline rank `pp_rank`, in registration order.
-    With `lora_rank`, base weights are frozen and the adapters come after them."""
+    With `lora_rank`, base weights are frozen and the adapters (`_lora`) come after them."""
     vpp = layout.vpp or 1
     first = pp_rank == 0 and vp == 0
     last = pp_rank == layout.pp - 1 and vp == vpp - 1
@@ -117,7 +141,7 @@ def rank_parameters(
     if last:
         out += [ParamTensor("decoder.final_layernorm.weight", h), ParamTensor("output_layer.weight", v // tp * h)]
     if lora_rank:
-        adapters = _lora(model, layout, out, lora_rank)
+        adapters = _lora(model, layout, out, lora_rank, lora_targets, lora_experts)
         out = [ParamTensor(p.name, p.numel, p.expert, trainable=False) for p in out] + adapters
     return tuple(out)
 

@@ -18,6 +18,8 @@ from megadiff.checkpoint import format as fmt
 from megadiff.checkpoint.dist import missing_sharded_keys
 from megadiff.checkpoint.lock import SaveDirLock
 from megadiff.errors import CheckpointError
+from megadiff.lora.adapter_checkpoint import check_resume, load_adapter_state
+from megadiff.lora.base_record import base_of_run
 
 # Version-dependent optimizer workarounds live in compat; the trainer imports restore_adam_steps from here.
 from megadiff.platform.compat import init_optimizer_states_with_dummy_values, restore_adam_steps  # noqa: F401
@@ -123,9 +125,12 @@ def resume_iteration(root: str, log: Callable[[str], None] = print) -> int | Non
     raise CheckpointError(f"cannot resume from {root}: {'; '.join(blocking)}. To proceed: {how}")
 
 
-def apply_model_state(chunks, state: dict) -> None:
-    """Load the model part of a loaded dist-checkpoint state dict into the chunks."""
-    if len(chunks) == 1:
+def apply_model_state(chunks, state: dict, adapters_only: bool = False) -> None:
+    """Load the model part of a loaded dist-checkpoint state dict into the chunks (`adapters_only`:
+    a LoRA run's, which holds the adapters; the frozen base keeps its weights)."""
+    if adapters_only:
+        load_adapter_state(chunks, state)
+    elif len(chunks) == 1:
         chunks[0].load_state_dict(state["model"])
     else:
         for i, chunk in enumerate(chunks):
@@ -161,6 +166,13 @@ def check_optimizer_layout(ckpt_dir: str, sharded_state_dict, layout, trust: boo
     saved_cfg = (meta.get("extra") or {}).get("training_config") or {}
     reshardable = (saved_cfg.get("checkpoint") or {}).get("fully_reshardable_optimizer")
 
+    keep_only = f"To keep only the weights, start a new run with model.init_from_mcore={ckpt_dir} (fresh optimizer)"
+    if meta.get("lora"):  # adapter-only: no weights to start from
+        keep_only = (
+            f"To keep only the adapters, export them (tools/convert_mcore_to_hf.py --mcore-dir {ckpt_dir} "
+            f"--peft-adapter DIR) and start a new LoRA run from them"
+        )
+
     def show(lay):
         return ", ".join(f"{k}={v}" for k, v in fmt.layout_dict(lay).items())
 
@@ -169,6 +181,27 @@ def check_optimizer_layout(ckpt_dir: str, sharded_state_dict, layout, trust: boo
         f"checkpoint.fully_reshardable_optimizer={str(bool(reshardable)).lower()}, and cannot be resumed at this "
         f"run's layout ({show(layout)}) ('{missing[0]}' and {len(missing) - 1} more are not in the checkpoint). "
         f"Resume at the saved layout (any data-parallel size); checkpoints saved with "
-        f"checkpoint.fully_reshardable_optimizer=true resume at any layout. To keep only the weights, start a "
-        f"new run with model.init_from_mcore={ckpt_dir} (fresh optimizer)"
+        f"checkpoint.fully_reshardable_optimizer=true resume at any layout. " + keep_only
     )
+
+
+# ---- LoRA runs: adapter-only checkpoints (megadiff.lora.adapter_checkpoint) ------------------------
+
+
+def lora_settings(cfg) -> dict | None:
+    """The run's adapter config (the `lora` section as the contract dict), None without LoRA."""
+    return cfg.lora.adapter_config() if cfg.lora.enabled else None
+
+
+def lora_base_for_run(cfg, iteration: int | None) -> dict | None:
+    """Rank 0, with save_dir claimed and before the model is built (no weight read yet): the record
+    of the base a LoRA run's checkpoints will name, checked against the checkpoint it resumes
+    (`iteration` of checkpoint.save_dir; adapter-only vs full, adapter config, base). None for a
+    run without LoRA, which is checked not to resume an adapter-only checkpoint."""
+    run_lora = lora_settings(cfg)
+    if iteration is not None:
+        ckpt_dir = fmt.resolve_checkpoint_dir(cfg.checkpoint.save_dir, iteration)
+        base = check_resume(ckpt_dir, run_lora, cfg.model.hf_dir, cfg.model.init_from_mcore)
+    else:
+        base = base_of_run(cfg.model.hf_dir, cfg.model.init_from_mcore) if run_lora is not None else None
+    return base.to_dict() if base is not None else None

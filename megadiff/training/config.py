@@ -34,7 +34,10 @@ def setting(default, doc: str, *, min=None, max=None, gt=None, lt=None):
     """A config field: its default, one line of documentation, and optional bounds for numbers
     (min/max inclusive, gt/lt exclusive). Floats must also be finite (no NaN/Inf)."""
     bounds = {k: v for k, v in dict(min=min, max=max, gt=gt, lt=lt).items() if v is not None}
-    return field(default=default, metadata={"doc": doc, "bounds": bounds})
+    metadata = {"doc": doc, "bounds": bounds}
+    if isinstance(default, list):  # a fresh list per config
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -197,6 +200,37 @@ class PerfSection:
     )
 
 
+LORA_TARGETS = Literal["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+
+
+@dataclass
+class LoRASection:
+    enabled: bool = setting(False, "train LoRA adapters on frozen base weights (no base grads or optimizer state)")
+    rank: int = setting(16, "adapter rank r", min=1)
+    alpha: float = setting(32.0, "adapter scale numerator: the adapter's output is multiplied by alpha / rank", gt=0.0)
+    dropout: float = setting(0.0, "dropout on the adapter input", min=0.0, lt=1.0)
+    target_modules: list[LORA_TARGETS] = setting(
+        ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"],
+        "megatron-core linears to adapt: attention, the dense layer's MLP and the shared experts (router never)",
+    )
+    experts: bool = setting(False, "also adapt routed experts' linear_fc1/fc2 (one adapter per expert, on its EP rank)")
+    init: Literal["kaiming", "gaussian"] = setting(
+        "kaiming", "A kaiming-uniform (PEFT's default) or N(0, 1/r); B = 0; the same at every layout"
+    )
+    seed: int = setting(0, "seed of the adapters' initialisation (drawn per global module name)", min=0)
+    init_from_peft: str | None = setting(
+        None,
+        "start the adapters from this Hugging Face PEFT adapter dir (same rank, alpha, targets and experts; "
+        "its recorded base must be this run's)",
+    )
+
+    def adapter_config(self) -> dict:
+        """The adapter config shared by the LoRA parts (megadiff.lora): what shapes and draws the
+        adapters, so every field but `enabled` and where the run's adapters start from."""
+        run_only = ("enabled", "init_from_peft")
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in run_only}
+
+
 @dataclass
 class TrainingConfig:
     model: ModelSection = field(default_factory=ModelSection)
@@ -208,6 +242,7 @@ class TrainingConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     perf: PerfSection = field(default_factory=PerfSection)
+    lora: LoRASection = field(default_factory=LoRASection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -225,6 +260,8 @@ def describe_type(tp) -> str:
         return ", ".join(parts[:-1]) + " or " + parts[-1]
     if origin is Literal:
         return "one of " + ", ".join(map(str, args))
+    if origin is list and get_origin(args[0]) is Literal:
+        return "a list of " + ", ".join(map(str, get_args(args[0])))
     if origin is list:
         return f"a list of {describe_type(args[0]).removeprefix('a ')}s"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
@@ -301,6 +338,12 @@ def _set(cfg: TrainingConfig, section: str, key: str, value, where: str) -> None
     try:
         value = typed_value(value, tp)
     except _WrongType:
+        if get_origin(tp) is list and get_origin(get_args(tp)[0]) is Literal and isinstance(value, list):
+            choices = get_args(get_args(tp)[0])
+            bad = next(v for v in value if v not in choices)
+            raise TrainingConfigError(
+                f"{where}: {section}.{key}: unknown entry {bad!r}; choose from {', '.join(choices)}"
+            ) from None
         if get_origin(tp) is Literal or (
             get_origin(tp) in _UNION_TYPES and any(get_origin(a) is Literal for a in get_args(tp))
         ):
@@ -367,6 +410,20 @@ def validate(cfg: TrainingConfig) -> None:
             "train.objective=dpo has its own ELBO loss and row layout: set diffusion.complementary_masks=false, "
             "diffusion.confidence_beta=0 and data.mode=pack"
         )
+    if cfg.lora.enabled and cfg.lora.experts and cfg.perf.moe_grouped_gemm:
+        raise TrainingConfigError(
+            "lora.experts=true adapts each routed expert's own linears, which grouped-GEMM experts do not have: "
+            "set perf.moe_grouped_gemm=false (or lora.experts=false)"
+        )
+    if cfg.lora.init_from_peft and not cfg.lora.enabled:
+        raise TrainingConfigError(
+            f"lora.init_from_peft={cfg.lora.init_from_peft} is set but lora.enabled=false: set lora.enabled=true "
+            f"(and the adapter's rank, alpha, target_modules and experts)"
+        )
+    if cfg.lora.enabled and cfg.perf.fp8 != "off":
+        raise TrainingConfigError(
+            "lora.enabled=true builds megatron-core's local spec (torch linears), which has no FP8: set perf.fp8=off"
+        )
     parallel_layout(cfg)  # raises naming the parallel.* key
 
 
@@ -402,7 +459,9 @@ def describe_config() -> str:
         for f in dataclasses.fields(cls):
             bounds = f.metadata.get("bounds", {})
             bound = f", {bounds_text(bounds)}" if bounds else ""
-            default = "null" if f.default is None else yaml.safe_dump(f.default).strip().removesuffix("\n...")
+            value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            default = "null" if value is None else yaml.safe_dump(value, default_flow_style=True).strip()
+            default = default.removesuffix("\n...")
             lines.append(f"  {section.name}.{f.name} ({describe_type(hints[f.name])}{bound}; default {default})")
             if f.metadata.get("doc"):
                 lines.append(f"      {f.metadata['doc']}")

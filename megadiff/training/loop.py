@@ -21,6 +21,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megadiff.checkpoint import load_checkpoint, model_sharded_state_dict, resolve_checkpoint_dir, save_checkpoint
 from megadiff.hf.checkpoint_reader import read_hf_config
+from megadiff.lora.adapter_checkpoint import adapter_meta, adapter_sharded_state_dict
 from megadiff.models.llada2 import LLaDA2ModelConfig
 from megadiff.models.llada2.schedule import forward_backward
 from megadiff.platform import init_distributed, initialize_parallel, print_rank0
@@ -33,6 +34,8 @@ from megadiff.training.checkpointing import (
     check_optimizer_layout,
     claim_save_dir,
     initialise_optimizer_state,
+    lora_base_for_run,
+    lora_settings,
     prune_checkpoints,
     restore_adam_steps,
 )
@@ -42,6 +45,7 @@ from megadiff.training.logging import MetricsLogger
 from megadiff.training.loss import diffusion_loss_sums
 from megadiff.training.mcore_configs import optimizer_config
 from megadiff.training.memory_check import check_memory_forecast
+from megadiff.training.optimizer_memory import optimizer_state_bytes
 from megadiff.training.perf_preflight import check_perf, choose_attention_backend
 from megadiff.training.preflight import check_outputs
 from megadiff.training.setup import (
@@ -50,6 +54,7 @@ from megadiff.training.setup import (
     check_config_fits_model,
     load_samples,
     load_tokenizer_and_mask_id,
+    peft_adapters_for_run,
 )
 from megadiff.training.throughput import peak_tflops, step_flops
 
@@ -141,24 +146,37 @@ class Trainer:
         if dpo:
             read_rows, make_dataset = dpo_objective.load_pairs, dpo_objective.build_preference_dataset
         samples, row_stats = read_rows(cfg, self.tokenizer, self.mask_id)
+        initial_adapters = peft_adapters_for_run(cfg, self.hf_config, self.log)  # lora.init_from_peft
         # Rank 0 locks, repairs and inspects save_dir before the others can join the process group.
-        self._save_dir_lock, resume_from = None, None
+        self._save_dir_lock, resume_from, lora_base = None, None, None
+        self.lora_base = None  # a LoRA run with a save_dir: the base its adapter-only checkpoints record
         if cfg.checkpoint.save_dir and int(os.environ.get("RANK", "0")) == 0:
             self._save_dir_lock, resume_from = claim_save_dir(cfg.checkpoint.save_dir, cfg.checkpoint.resume, self.log)
+            lora_base = lora_base_for_run(cfg, resume_from)  # checks what it resumes; no weight read yet
         init_distributed()
         if cfg.checkpoint.save_dir:
-            box = [resume_from]
+            box = [resume_from, lora_base]
             torch.distributed.broadcast_object_list(box, src=0)
-            resume_from = box[0]
+            resume_from, self.lora_base = box
         initialize_parallel(self.layout, seed=cfg.train.seed)
         self.dp_size, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.dataset, data_stats = make_dataset(cfg, self.tokenizer, samples, row_stats, self.dp_size, self.dp_rank)
         self.log(f"data: {data_stats}")
         self.dtype = params_dtype(cfg)
         self.chunks = build_model_and_load(
-            cfg, self.model_cfg, self.hf_config, self.layout, self.dtype, self.log, self.attention.backend
+            cfg,
+            self.model_cfg,
+            self.hf_config,
+            self.layout,
+            self.dtype,
+            self.log,
+            self.attention.backend,
+            initial_adapters=initial_adapters,
         )
         self.optimizer, self.scheduler = build_optimizer(cfg, self.chunks, self.dtype)
+        self.log(
+            f"optimizer: {optimizer_state_bytes(self.optimizer) / 2**20:.1f} MiB of parameters and Adam state on rank 0"
+        )
         self._data_iter = iter(self.dataset)
         self.objective = dpo_objective.DPOObjective(self) if dpo else None  # None: diffusion SFT
         self.step = 0
@@ -172,6 +190,8 @@ class Trainer:
 
     def _sharded_state_dict(self, is_loading: bool = False):
         state = model_sharded_state_dict(self.chunks)
+        if self.lora_base is not None:  # adapter-only: the frozen base is not saved
+            state = adapter_sharded_state_dict(self.chunks, state)
         # dp_reshardable: parallel save/load with no gathering; the optimizer state then resumes
         # only at the same TP/EP/PP layout (any DP). fully_reshardable gathers on DP rank 0.
         sharding = "fully_reshardable" if self.cfg.checkpoint.fully_reshardable_optimizer else "dp_reshardable"
@@ -193,6 +213,8 @@ class Trainer:
             "dtype": str(self.dtype).replace("torch.", ""),
             "extra": {"training_config": self.cfg.to_dict(), "step": self.step},
         }
+        if self.lora_base is not None:
+            meta["lora"] = adapter_meta(lora_settings(self.cfg), self.lora_base)
         sharded = self._sharded_state_dict()
         needed = checkpoint_bytes(sharded)
         no_space = no_space_error(ck.save_dir, needed)  # checked before writing (rank 0 decides)
@@ -219,7 +241,7 @@ class Trainer:
         state, _ = load_checkpoint(root, sharded, iteration=iteration, trust=trust)
 
         with torch.no_grad():  # fp32 main params are views of the model's leaf params
-            apply_model_state(self.chunks, state)
+            apply_model_state(self.chunks, state, adapters_only=self.lora_base is not None)
             self.optimizer.load_state_dict(state["optimizer"])
         restore_adam_steps(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

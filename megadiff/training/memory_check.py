@@ -41,7 +41,9 @@ def run_shape(cfg: TrainingConfig, dtype: torch.dtype | str | None = None) -> Ru
         attention_backend=cfg.model.attention_backend,
         recompute=recompute if recompute in ("none", "selective", "full") else "none",
         fp8=bool(perf_setting(cfg, "fp8", False)),
-        lora_rank=getattr(getattr(cfg, "lora", None), "rank", None) or perf_setting(cfg, "lora_rank", None),
+        lora_rank=cfg.lora.rank if cfg.lora.enabled else None,  # the section's rank has a default: not LoRA
+        lora_targets=tuple(cfg.lora.target_modules),
+        lora_experts=cfg.lora.experts,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
 

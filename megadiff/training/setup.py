@@ -11,6 +11,10 @@ from megadiff.data.rows import read_sft_rows
 from megadiff.data.tokenize import pad_answers_to_block, tokenize_rows
 from megadiff.hf.checkpoint_reader import HFCheckpointReader, check_tensors_match
 from megadiff.hf.tokenizer import TOKENIZER_FILES, TokenizerError, mask_token_id
+from megadiff.lora.apply import apply_lora
+from megadiff.lora.base_record import base_of_run
+from megadiff.lora.init_from_peft import adapter_for_run
+from megadiff.lora.state import load_full_adapter_state
 from megadiff.models.llada2.config import ConfigError
 from megadiff.models.llada2.hf_mapping import expected_hf_shapes, load_hf_into_model
 from megadiff.models.llada2.model import build_model
@@ -108,13 +112,48 @@ def build_dataset(cfg: TrainingConfig, tokenizer, samples, stats, dp_size: int, 
 
 
 def build_model_and_load(
-    cfg: TrainingConfig, model_cfg, hf_config: dict, layout, dtype, log, attention_backend: str | None = None
+    cfg: TrainingConfig,
+    model_cfg,
+    hf_config: dict,
+    layout,
+    dtype,
+    log,
+    attention_backend: str | None = None,
+    initial_adapters: dict | None = None,
 ):
     """Model chunks for this rank with their initial weights, wrapped in megatron-core DDP.
     attention_backend: the resolved one (perf_preflight.choose_attention_backend); default: the
-    config's, which must then not be auto."""
+    config's, which must then not be auto. initial_adapters: a LoRA run's starting adapters (full
+    adapter state, peft_adapters_for_run) instead of freshly drawn ones."""
     chunks = build_model_with_initial_weights(cfg, model_cfg, hf_config, layout, dtype, log, attention_backend)
-    return wrap_ddp(chunks, ddp_config=ddp_config(cfg))
+    if cfg.lora.enabled:
+        add_lora_adapters(cfg, chunks, log, initial_adapters)
+    return wrap_ddp(chunks, ddp_config=ddp_config(cfg))  # megatron-core DDP buckets only trainable params
+
+
+def add_lora_adapters(cfg: TrainingConfig, chunks, log, initial_adapters: dict | None = None) -> None:
+    """Freeze the base and adapt cfg.lora's targets (before DDP and the optimizer exist); the
+    adapters start from `initial_adapters` when given."""
+    names = apply_lora(chunks, **cfg.lora.adapter_config())
+    if initial_adapters is not None:
+        load_full_adapter_state(chunks, initial_adapters)
+    params = [p for chunk in chunks for p in chunk.parameters()]
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    log(
+        f"lora: rank {cfg.lora.rank}, alpha {cfg.lora.alpha}, {len(names)} adapted linears on rank 0; trainable "
+        f"parameters {trainable:,} of {sum(p.numel() for p in params):,} on rank 0"
+    )
+
+
+def peft_adapters_for_run(cfg: TrainingConfig, hf_config: dict, log) -> dict | None:
+    """The full adapter state of lora.init_from_peft (None when unset), checked against the lora
+    section and the run's base before any model exists: a mismatch is an error naming the field."""
+    if not (cfg.lora.enabled and cfg.lora.init_from_peft):
+        return None
+    base = base_of_run(cfg.model.hf_dir, cfg.model.init_from_mcore)
+    full, base_note = adapter_for_run(cfg.lora.init_from_peft, cfg.lora.adapter_config(), hf_config, base)
+    log(f"lora: adapters start from the PEFT adapter {os.path.abspath(cfg.lora.init_from_peft)} ({base_note})")
+    return full
 
 
 def build_model_with_initial_weights(
@@ -125,6 +164,7 @@ def build_model_with_initial_weights(
         model_cfg,
         layout,
         dtype,
+        use_te=False if cfg.lora.enabled else None,  # LoRA adapts the local spec's torch linears only
         attention_backend=attention_backend or cfg.model.attention_backend,
         xt_only_logits=cfg.perf.xt_only_logits and cfg.diffusion.mode == "block_diffusion",
         calculate_per_token_loss=True,

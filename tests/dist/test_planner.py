@@ -2,8 +2,8 @@
 
 - Weights, gradients and optimizer state per rank (dense and expert separately): exactly the
   bytes of the tensors megatron-core allocates for the tiny model, on every rank, at (tp, ep, pp)
-  = (1,1,1), (2,1,1), (1,2,1), (1,1,2) on 2 processes and (2,2,2), (1,4,1), (1,2,1), (1,1,2)+vpp2
-  on 4, each in fp32 and bf16, with and without the distributed optimizer (one launch per size).
+  = (1,1,1), (2,1,1), (1,2,1), (1,1,2) on 2 processes (there also with LoRA adapters on every target,
+  routed experts included) and (2,2,2), (1,4,1), (1,2,1), (1,1,2)+vpp2 on 4, each in fp32 and bf16, with and without the distributed optimizer (one launch per size).
 - total_params / active_params of llada2-mini and llada2-flash: exactly the counts of the model
   built at full size on the meta device.
 - Activations saved per layer (block diffusion, 2S tokens, fp32 tiny model): within 10% of the
@@ -24,10 +24,11 @@ MODEL_WORKER = "tests/dist/workers/planner_model_checks.py"
 ACTIVATION_TOL = 0.10
 
 
-def _check_bytes(results, processes, layouts):
+def _check_bytes(results, processes, layouts, lora=False):
     assert sorted(results) == [str(r) for r in range(processes)]
     for rank, cases in results.items():
-        assert len(cases) == layouts * 4, cases.keys()  # 2 dtypes x (distributed optimizer or not)
+        # 2 dtypes x (distributed optimizer or not), + a LoRA case
+        assert len(cases) == layouts * (5 if lora else 4), cases.keys()
         for case, r in cases.items():
             assert r["actual"] == r["forecast"], (rank, case, r)
     return results
@@ -44,8 +45,13 @@ def _sharded(results, case_stem):
 @pytest.mark.dist
 def test_state_bytes_equal_built_shards_two_processes(tmp_path):
     out = tmp_path / "r.json"
-    run_torchrun(2, BYTES_WORKER, ["--layouts", "1,1,1;2,1,1;1,2,1;1,1,2", "--out", out])
-    results = _check_bytes(json.loads(out.read_text()), 2, 4)
+    run_torchrun(2, BYTES_WORKER, ["--layouts", "1,1,1;2,1,1;1,2,1;1,1,2", "--out", out, "--lora"])
+    results = _check_bytes(json.loads(out.read_text()), 2, 4, lora=True)
+    lora, full = (
+        results["0"]["tp=1,ep=2,etp=1,pp=1|bfloat16|distopt|lora"],
+        results["0"]["tp=1,ep=2,etp=1,pp=1|bfloat16|distopt"],
+    )
+    assert 0 < lora["actual"]["optimizer_expert"] < 0.2 * full["actual"]["optimizer_expert"]  # expert adapters: EP
     dist, plain = _sharded(results, "tp=1,ep=1,etp=1,pp=1")  # dp=2: one buffer, halved (not per kind)
     total = dist["optimizer_dense"] + dist["optimizer_expert"]
     assert 0 < total < 0.55 * (plain["optimizer_dense"] + plain["optimizer_expert"])

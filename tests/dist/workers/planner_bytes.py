@@ -8,6 +8,8 @@ lazily), then count
   optimizer), gradients: unique storages of their main_grad (the fp32 grad buffers);
 - optimizer: exp_avg / exp_avg_sq of every Adam state and the fp32 master copies, per
   sub-optimizer (dense / expert-parallel).
+With --lora, each layout adds one LoRA case (bf16, distributed optimizer, rank 4 on every target
+and the routed experts): the frozen base has weights only, the adapters gradients and Adam state.
 Writes {rank: {case: {"actual": {...}, "forecast": {...}}}} (every rank's file merged by rank 0).
 """
 
@@ -21,6 +23,7 @@ install_import_hook()  # first, before anything imports megatron-core
 import torch
 from megatron.core import parallel_state as ps
 
+from megadiff.lora.apply import TARGET_MODULES, apply_lora
 from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset
 from megadiff.models.llada2.model import build_model
 from megadiff.planner import RunShape, state_bytes
@@ -81,10 +84,16 @@ def optimizer_bytes(optimizer, expert_ids) -> dict:
     return out
 
 
-def run_case(model_cfg, layout, dtype, distributed):
+LORA_RANK = 4
+
+
+def run_case(model_cfg, layout, dtype, distributed, lora=False):
     cfg = TrainingConfig()
     cfg.parallel.use_distributed_optimizer = distributed
-    chunks = wrap_ddp(build_model(model_cfg, layout, dtype), use_distributed_optimizer=distributed)
+    chunks = build_model(model_cfg, layout, dtype, use_te=False if lora else None)
+    if lora:
+        apply_lora(chunks, LORA_RANK, 8.0, 0.0, TARGET_MODULES, True, "kaiming", 0)
+    chunks = wrap_ddp(chunks, use_distributed_optimizer=distributed)
     optimizer, _ = build_optimizer(cfg, chunks, dtype)
     for chunk in chunks:
         chunk.zero_grad_buffer()
@@ -94,12 +103,16 @@ def run_case(model_cfg, layout, dtype, distributed):
     opt = optimizer_bytes(optimizer, expert_ids)
     actual = {
         "weights": storage_bytes(params),
-        "grads": storage_bytes([p.main_grad for p in params]),
+        "grads": storage_bytes([p.main_grad for p in params if p.requires_grad]),
         "optimizer_dense": opt["dense"],
         "optimizer_expert": opt["expert"],
     }
     shape = RunShape(
-        seq_len=16, dtype="fp32" if dtype == torch.float32 else "bf16", use_distributed_optimizer=distributed
+        seq_len=16,
+        dtype="fp32" if dtype == torch.float32 else "bf16",
+        use_distributed_optimizer=distributed,
+        lora_rank=LORA_RANK if lora else None,
+        lora_experts=True,
     )
     f = state_bytes(
         model_cfg,
@@ -118,6 +131,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--layouts", required=True, help="tp,ep,pp[,vpp];...")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--lora", action="store_true", help="one LoRA case per layout too")
     args = parser.parse_args()
     init_distributed()
     model_cfg = LLaDA2ModelConfig.from_hf_dict(preset("tiny"))
@@ -130,6 +144,8 @@ def main():
             for distributed in (True, False):
                 case = f"{layout}|{str(dtype).removeprefix('torch.')}|{'distopt' if distributed else 'plain'}"
                 results[case] = run_case(model_cfg, layout, dtype, distributed)
+        if args.lora:
+            results[f"{layout}|bfloat16|distopt|lora"] = run_case(model_cfg, layout, torch.bfloat16, True, lora=True)
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, results)
     if torch.distributed.get_rank() == 0:
