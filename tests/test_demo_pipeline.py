@@ -47,5 +47,24 @@ def test_short_demo_runs_every_stage_and_summary_matches_log(tmp_path):
         assert (
             summary[f"accuracy_{when}"] == json.loads((out / f"eval_{when}" / "summary.json").read_text())["accuracy"]
         )
+    commands = [stage["command"] for stage in summary["stages"]]
+    assert commands == [
+        "make_tiny_model.py",
+        "make_synthetic_data.py",
+        "build_gsm8k_dataset.py",
+        "convert_hf_to_mcore.py",
+        "eval_gsm8k.py",
+        "pretrain_llada2_sft.sh",
+        "convert_mcore_to_hf.py",
+        "eval_gsm8k.py",
+        "generate.py",
+    ]
+    # training's CPU time includes torchrun's two workers (grandchildren of the demo): each imports
+    # torch and megatron-core, so together they cost more than the one-process converter
+    cpu = {stage["command"]: stage["cpu_s"] for stage in summary["stages"]}
+    assert cpu["pretrain_llada2_sft.sh"] > 1.5 * cpu["convert_hf_to_mcore.py"] > 0
+    assert summary["cpu_time_s"] >= sum(stage["cpu_s"] for stage in summary["stages"])
+    assert 0 < sum(stage["wall_s"] for stage in summary["stages"]) <= summary["wall_time_s"]
+    assert json.loads((out / "tiny_hf" / "config.json").read_text())["num_hidden_layers"] == 2
     assert (out / "loss.png").stat().st_size > 1000
     assert (out / "trained_hf" / "config.json").is_file()

@@ -16,6 +16,7 @@ Every step prints its command line, so it can be copied for a real model.
 import argparse
 import json
 import os
+import resource
 import shlex
 import subprocess
 import sys
@@ -35,9 +36,17 @@ def checkout_dir() -> str:
     raise SystemExit(f"demo: needs a checkout of megadiff ({LAUNCHER} not found); run it from one")
 
 
-def run(cmd, env=None, log=None):
-    """Print the command, run it from the repo root, fail loudly; tee output to `log`."""
+def children_cpu_s() -> float:
+    """CPU seconds (user + sys) of every finished child process so far, torchrun's workers included."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(cmd, env=None, log=None, stages=None):
+    """Print the command, run it from the repo root, fail loudly; tee output to `log`; append its
+    wall and CPU seconds to `stages`."""
     print("\n+ " + " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
+    wall0, cpu0 = time.time(), children_cpu_s()
     full_env = dict(os.environ, **(env or {}))
     proc = subprocess.Popen(
         [str(c) for c in cmd],
@@ -59,6 +68,14 @@ def run(cmd, env=None, log=None):
     if log:
         with open(log, "w") as f:
             f.writelines(lines)
+    if stages is not None:
+        stages.append(
+            {
+                "command": os.path.basename(str(cmd[0] if cmd[0] != PY else cmd[1])),
+                "wall_s": round(time.time() - wall0, 1),
+                "cpu_s": round(children_cpu_s() - cpu0, 1),
+            }
+        )
     return "".join(lines)
 
 
@@ -88,7 +105,7 @@ def plot_losses(metrics_file, png):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="demo_out", help="output directory (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=800, help="training steps (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=600, help="training steps (default: %(default)s)")
     p.add_argument("--rows", type=int, default=2000, help="synthetic problems (default: %(default)s)")
     p.add_argument("--eval-limit", type=int, default=100, help="test questions to score (default: %(default)s)")
     args = p.parse_args(argv)
@@ -98,16 +115,21 @@ def main(argv=None):
         raise SystemExit(f"demo: {out} exists; run `make demo-clean` (or pass another --output) first")
     os.makedirs(out)
     start = time.time()
+    stages = []  # one entry per command: what it cost
+
+    def run_stage(cmd, **kwargs):
+        return run(cmd, stages=stages, **kwargs)
+
     hf, data = f"{out}/tiny_hf", f"{out}/data"
     mcore_init, ckpt, trained = f"{out}/mcore_init", f"{out}/ckpt", f"{out}/trained_hf"
     metrics = f"{out}/metrics.jsonl"
     decode = ["--gen-length", "32", "--block-length", "32", "--steps", "32", "--batch-size", "16"]
 
     print("== 1. a tiny LLaDA2 model directory", flush=True)
-    run([PY, "tools/make_tiny_model.py", "--output", hf])
+    run_stage([PY, "tools/make_tiny_model.py", "--output", hf, "--layers", "2"])
     print("== 2. a synthetic GSM8K-style task", flush=True)
-    run([PY, "tools/make_synthetic_data.py", "--output", f"{data}/gsm8k_synthetic.jsonl", "--rows", args.rows])
-    run(
+    run_stage([PY, "tools/make_synthetic_data.py", "--output", f"{data}/gsm8k_synthetic.jsonl", "--rows", args.rows])
+    run_stage(
         [
             PY,
             "tools/build_gsm8k_dataset.py",
@@ -120,13 +142,13 @@ def main(argv=None):
         ]
     )
     print("== 3. HF -> megatron checkpoint", flush=True)
-    run([PY, "tools/convert_hf_to_mcore.py", "--hf-dir", hf, "--output", mcore_init, "--ep", "2"])
+    run_stage([PY, "tools/convert_hf_to_mcore.py", "--hf-dir", hf, "--output", mcore_init, "--ep", "2"])
     print("== 4. accuracy before training", flush=True)
     eval_args = ["--data", f"{data}/test.jsonl", "--limit", args.eval_limit, *decode]
-    run([PY, "tools/eval_gsm8k.py", "--model", hf, "--output-dir", f"{out}/eval_before", *eval_args])
+    run_stage([PY, "tools/eval_gsm8k.py", "--model", hf, "--output-dir", f"{out}/eval_before", *eval_args])
     print("== 5. block-diffusion SFT with packing on 2 CPU processes (EP=2)", flush=True)
     train_log = f"{out}/train.log"
-    run(
+    run_stage(
         [
             LAUNCHER,
             "examples/configs/tiny_bd_sft.yaml",
@@ -142,10 +164,10 @@ def main(argv=None):
         log=train_log,
     )
     print("== 6. megatron checkpoint -> HF", flush=True)
-    run([PY, "tools/convert_mcore_to_hf.py", "--mcore-dir", ckpt, "--output", trained])
+    run_stage([PY, "tools/convert_mcore_to_hf.py", "--mcore-dir", ckpt, "--output", trained])
     print("== 7. accuracy after training, and a chat answer", flush=True)
-    run([PY, "tools/eval_gsm8k.py", "--model", trained, "--output-dir", f"{out}/eval_after", *eval_args])
-    run(
+    run_stage([PY, "tools/eval_gsm8k.py", "--model", trained, "--output-dir", f"{out}/eval_after", *eval_args])
+    run_stage(
         [
             PY,
             "tools/generate.py",
@@ -173,6 +195,10 @@ def main(argv=None):
         "chat_answer": answer.get("text"),
         "layout": {"tp": 1, "ep": 2, "pp": 1, "processes": 2},
         "wall_time_s": round(time.time() - start, 1),
+        # user + sys of this process and every command: the wall time a quiet machine needs is
+        # about this over the cores the commands keep busy (training: 2, the rest: 1)
+        "cpu_time_s": round(children_cpu_s() + sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1),
+        "stages": stages,
     }
     with open(f"{out}/summary.json", "w") as f:
         json.dump(summary, f, indent=2)
@@ -180,7 +206,7 @@ def main(argv=None):
     print(
         f"\nloss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f} in {summary['steps']} steps; "
         f"accuracy {summary['accuracy_before']:.1%} before, {summary['accuracy_after']:.1%} after training "
-        f"({summary['wall_time_s']:.0f} s)"
+        f"({summary['wall_time_s']:.0f} s wall, {summary['cpu_time_s']:.0f} CPU-s)"
     )
     print(f"demo outputs in {out} (summary.json, loss.png, trained_hf/)")
     return 0
