@@ -2,8 +2,8 @@
 
 The demo's pipeline (tools/demo.py) with the base frozen: a random-init tiny LLaDA2, the synthetic
 GSM8K-style task, accuracy of the base, block-diffusion SFT of LoRA adapters only (1 CPU process,
-adapter-only checkpoints), the merged model (W + alpha/r * B @ A, megadiff.lora.merge on the
-LoRA checkpoint read by megadiff.lora.adapter_checkpoint), accuracy of the merged model. Several CPU minutes, not in CI:
+adapter-only checkpoints), the merged export (tools/convert_mcore_to_hf.py on the LoRA checkpoint:
+W + alpha/r * B @ A), accuracy of the merged model. Several CPU minutes, not in CI:
 
     .venv/bin/python benchmarks/lora_demo.py [--out /tmp/lora_demo] [--steps 400] [--rank 32]
 """
@@ -17,7 +17,6 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 PY = sys.executable
 DECODE = ["--gen-length", "32", "--block-length", "32", "--steps", "32", "--batch-size", "16"]
 
@@ -26,31 +25,6 @@ def run(*cmd, env=None):
     print("\n+ " + " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
     full_env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", **(env or {}))
     subprocess.run([str(c) for c in cmd], cwd=REPO, env=full_env, check=True)
-
-
-def write_merged_model(ckpt: str, base_hf: str, out_dir: str) -> None:
-    """The merged model W + alpha/r * B @ A of a LoRA checkpoint on an HF base, as an HF dir: the
-    reference model with megadiff.lora.merge's HF deltas added, and the base's tokenizer files."""
-    import shutil
-
-    import torch
-
-    from megadiff.hf.reference import load_reference_model, save_reference_model
-    from megadiff.inference.loading import TOKENIZER_FILES
-    from megadiff.lora.adapter_checkpoint import read_lora_checkpoint
-    from megadiff.lora.merge import add_delta, hf_deltas
-
-    lora = read_lora_checkpoint(ckpt, base_dir=base_hf)  # checks the base's fingerprint
-    model = load_reference_model(lora.base_dir)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, delta in hf_deltas(lora.adapters, lora.lora_config, model.config.to_dict()).items():
-            params[name].copy_(add_delta(params[name], delta, name))
-    save_reference_model(model, out_dir)
-    for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(base_hf, name)):
-            shutil.copy(os.path.join(base_hf, name), out_dir)
-    print(f"merged model in {out_dir}", flush=True)
 
 
 def accuracy(eval_dir: str) -> float:
@@ -111,7 +85,7 @@ def main(argv=None) -> int:
         env={"CUDA_VISIBLE_DEVICES": "", "MEGADIFF_DEVICE": "cpu"},
     )
     train_s = time.time() - start
-    write_merged_model(ckpt, hf, merged)
+    run(PY, "tools/convert_mcore_to_hf.py", "--mcore-dir", ckpt, "--output", merged)  # W + alpha/r * B @ A
     run(PY, "tools/eval_gsm8k.py", "--model", merged, "--output-dir", f"{out}/eval_after", *evaluate)
     records = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
     summary = {
