@@ -141,7 +141,7 @@ class LLaDA2MoeSparseMoeBlock(nn.Module):
             self.shared_experts = LLaDA2MoeMLP(config, config.moe_intermediate_size * config.num_shared_experts)
         self.last_routing = None  # (indices, weights) of the last forward, for routing tests
 
-    # Batched experts without gradients (inference); False forces the per-expert loop.
+    # Batched experts without gradients (inference) on plain linears; False forces the per-expert loop.
     batched_experts = True
     _GATHER_ELEMENTS = 1 << 25  # fallback without torch._grouped_mm: gathered weights per chunk
 
@@ -150,13 +150,19 @@ class LLaDA2MoeSparseMoeBlock(nn.Module):
         x = hidden.reshape(-1, shape[-1])
         indices, weights = self.gate(x)
         self.last_routing = (indices.detach(), weights.detach())
-        if self.batched_experts and not torch.is_grad_enabled():
+        if self.batched_experts and not torch.is_grad_enabled() and self._experts_are_plain_linears():
             out = self._routed_experts_batched(x, indices, weights)
         else:
             out = self._routed_experts_loop(x, indices, weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out.view(shape)
+
+    def _experts_are_plain_linears(self) -> bool:
+        """The batched path multiplies the stacked expert weights directly, so it is right only
+        while every expert projection is a plain nn.Linear. A PEFT LoRA layer (or any wrapper)
+        on an expert must run through its module: the loop calls each expert's forward."""
+        return all(type(proj) is nn.Linear for e in self.experts for proj in (e.gate_proj, e.up_proj, e.down_proj))
 
     def _routed_experts_loop(self, x, indices, weights):
         """The plain math: each expert on its tokens, weighted, summed (one host sync per expert)."""

@@ -61,15 +61,12 @@ def merged_reference(hf_dir: str, full: dict[str, torch.Tensor], lora_cfg: dict,
 
 def peft_reference(hf_dir: str, adapter_dir: str):
     """The reference model from `hf_dir` with the PEFT adapter in `adapter_dir`, loaded by peft.
-    Routed experts run in the per-expert loop (the batched path reads the base weights directly
-    and would skip their adapters). Checks that peft put an adapter on exactly the modules the
+    The model is used as a user would (the remote code's default expert path). Checks that peft put an adapter on exactly the modules the
     adapter file has, so nothing is skipped or added silently."""
     from peft import PeftModel
     from safetensors import safe_open
 
     model = load_reference_model(hf_dir)
-    for _, block in model.moe_blocks():
-        block.batched_experts = False
     peft_model = PeftModel.from_pretrained(model, adapter_dir).eval()
     with safe_open(f"{adapter_dir}/adapter_model.safetensors", "pt") as f:
         in_file = {k[len("base_model.model.") : -len(".lora_A.weight")] for k in f.keys() if ".lora_A." in k}
