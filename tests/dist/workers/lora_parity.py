@@ -26,7 +26,11 @@ import argparse
 import json
 import math
 import os
+import sys
 import tempfile
+
+# the repo root: the worker imports shared test code (tests.*) and runs with its own dir as sys.path[0]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
 
 from megadiff.platform import install_import_hook  # noqa: E402
 
