@@ -21,12 +21,12 @@ from megadiff.errors import CheckpointError
 from megadiff.hf.checkpoint_reader import HFCheckpointReader, read_hf_config
 from megadiff.lora.adapter_checkpoint import read_lora_checkpoint
 from megadiff.lora.base_record import record_at
-from megadiff.lora.merge import add_delta, hf_deltas
+from megadiff.lora.merge import hf_deltas
 from megadiff.lora.peft_format import to_peft, write_peft_adapter
 from megadiff.models.llada2.hf_experts import MERGED, detect_expert_format
 
 from .hf_template import copy_template_files
-from .mcore_to_hf import convert_mcore_to_hf
+from .mcore_to_hf import convert_mcore_to_hf, with_deltas
 from .output_dir import check_output_dir, ensure_remote_code, staged_output, write_json
 from .safetensors_stream import DTYPE_CODES, parse_size, write_sharded_safetensors_plain
 
@@ -52,11 +52,12 @@ def merge_into_hf_dir(
     log: Callable[[str], None] = print,
     hf_template: str | None = None,
 ) -> str:
-    """A copy of the HF dir `base_dir` at `output` with `deltas` added to their tensors (fp32 sum,
+    """A copy of the HF dir `base_dir` at `output` with `deltas` added to their tensors (fp64 sum,
     the tensor's dtype kept); tokenizer, generation config, chat template and remote code copied
     from `hf_template` (default `base_dir`), allow-listed files only (hf_template.py)."""
     reader = HFCheckpointReader(base_dir)
-    missing = sorted(set(deltas) - set(reader.names()))
+    names = reader.names()
+    missing = sorted(set(deltas) - set(names))
     if missing:
         raise CheckpointError(
             f"{base_dir}: has no tensor '{missing[0]}' that the LoRA adapters change (an expert layout or "
@@ -66,16 +67,10 @@ def merge_into_hf_dir(
     if not os.path.isdir(template):
         raise CheckpointError(f"{template}: --hf-template directory not found")
     output = check_output_dir(output, overwrite, inputs=[base_dir, template], log=log)
-    names = reader.names()
     entries = [(n, reader.shape(n), _DTYPES[reader.dtype_str(n)]) for n in names]
-
-    def values():
-        for name in names:
-            tensor = reader.get(name)
-            yield name, add_delta(tensor, deltas[name], name) if name in deltas else tensor
-
+    values = with_deltas(((name, reader.get(name)) for name in names), deltas)
     with staged_output(output) as staging:
-        write_sharded_safetensors_plain(staging, entries, parse_size(max_shard_size), values())
+        write_sharded_safetensors_plain(staging, entries, parse_size(max_shard_size), values)
         config = read_hf_config(base_dir)
         copied, _ = copy_template_files(template, staging, config)
         ensure_remote_code(staging, config)
