@@ -33,7 +33,7 @@ import torch
 
 from megadiff.checkpoint.bytecopy.byte_spans import FileTable, RowAddresses
 from megadiff.checkpoint.bytecopy.span_copy import SpanCopier
-from megadiff.checkpoint.format import DTYPES, dtype_name, new_nonce, remove_tree
+from megadiff.checkpoint.format import DTYPES, dtype_name, layout_dict, new_nonce, remove_tree
 from megadiff.errors import CheckpointError
 from megadiff.hf.checkpoint_reader import HFCheckpointReader, check_tensors_match, read_hf_config
 from megadiff.models.llada2.config import ConfigError, LLaDA2ModelConfig, ParallelLayout
@@ -233,7 +233,7 @@ def convert_hf_to_mcore(
         "layout": save_layout,
         "dtype": params_dtype,
         "spec": spec,
-        "extra": {"converted_from": "hf", "hf_expert_format": source.expert_format, "requested_layout": vars(layout)},
+        "extra": {"converted_from": "hf", "hf_expert_format": source.expert_format, "requested_layout": layout_dict(layout)},
     }
     bar = None
     if progress and rank == 0:

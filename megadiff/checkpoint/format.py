@@ -118,15 +118,20 @@ def dtype_name(dtype) -> str:
 
 
 def layout_dict(layout) -> dict:
-    """A ParallelLayout (or a dict with its fields) as a plain JSON dict."""
+    """A ParallelLayout (or a dict with its fields) as a plain JSON dict. Context parallelism (cp)
+    splits activations, not weights: it is recorded only when > 1, so a checkpoint saved without it
+    has the same layout record as before cp existed."""
     if is_dataclass(layout):
         layout = asdict(layout)
     if not isinstance(layout, dict):
         raise ValueError(f"layout must be a ParallelLayout or a dict, got {type(layout).__name__}")
-    unknown = sorted(set(layout) - {"tp", "ep", "etp", "pp", "vpp"})
+    unknown = sorted(set(layout) - {"tp", "ep", "etp", "pp", "vpp", "cp"})
     if unknown:
-        raise ValueError(f"layout: unknown field(s) {unknown}; expected tp, ep, etp, pp, vpp")
-    return {k: layout.get(k) for k in ("tp", "ep", "etp", "pp", "vpp")}
+        raise ValueError(f"layout: unknown field(s) {unknown}; expected tp, ep, etp, pp, vpp, cp")
+    out = {k: layout.get(k) for k in ("tp", "ep", "etp", "pp", "vpp")}
+    if (layout.get("cp") or 1) > 1:
+        out["cp"] = layout["cp"]
+    return out
 
 
 def build_meta(iteration: int, meta: dict, world_size: int) -> dict:

@@ -7,6 +7,7 @@ is the model's flex attention (megadiff.models.llada2.flex_attention.build_block
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
+from megadiff.models.common.context_parallel import local_query_mask_mod
 from megadiff.models.llada2.flex_attention import build_block_mask
 
 from .masks import block_diffusion_mask_mod, full_attention_mask_mod
@@ -18,13 +19,17 @@ def block_mask_for(
     mode: str,
     block_size: int = 32,
     device=None,
+    cp: int = 1,
+    cp_rank: int = 0,
 ) -> BlockMask:
     """The BlockMask for one micro-batch ([B, S] doc_ids / position_ids), for FlexCoreAttention.
 
     mode "full": bidirectional within each document, over S (masked diffusion).
     mode "bd":   block diffusion over 2S for the input [x_t ; x_0] (both halves share doc_ids and
                  position_ids; see megadiff.diffusion.masks.block_diffusion_mask).
-    Equal to `~mcore_attention_mask(...)`'s dense masks, without building them per head."""
+    Equal to `~mcore_attention_mask(...)`'s dense masks, without building them per head.
+    cp > 1: context-parallel rank `cp_rank`'s mask, its local queries against the gathered keys
+    (megadiff.models.common.context_parallel)."""
     device = torch.device(device) if device is not None else doc_ids.device
     doc_ids, position_ids = doc_ids.to(device), position_ids.to(device)
     batch, seq_len = doc_ids.shape
@@ -35,4 +40,6 @@ def block_mask_for(
         length = 2 * seq_len
     else:
         raise ValueError(f"block_mask_for: mode must be 'full' or 'bd', got {mode!r}")
-    return build_block_mask(mask_mod, batch, length, device)
+    if cp > 1:
+        mask_mod = local_query_mask_mod(mask_mod, length, cp, cp_rank, device)
+    return build_block_mask(mask_mod, batch, length, device, q_length=length // cp)

@@ -41,20 +41,23 @@ def init_distributed(timeout_minutes: int = 30) -> None:
 
 
 def initialize_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
-    """(Re)build megatron-core's TP/EP/ETP/PP/VPP groups for `layout` and seed its RNG tracker.
+    """(Re)build megatron-core's TP/CP/EP/ETP/PP/VPP groups for `layout` and seed its RNG tracker.
 
     Safe to call repeatedly in one process: tests run several layouts in one torchrun launch."""
     # megatron-core (about 1 s) only where groups are built: tools use print_rank0 without it
     from megatron.core import parallel_state, tensor_parallel
 
     world = torch.distributed.get_world_size()
-    model_parallel = layout.tp * layout.pp
+    model_parallel = layout.tp * layout.cp * layout.pp
     if world % model_parallel or (world // layout.pp) % (layout.ep * layout.etp):
-        raise ValueError(f"world size {world} does not fit layout {layout}: need tp*pp | world and ep*etp | world/pp")
+        raise ValueError(
+            f"world size {world} does not fit layout {layout}: need tp*cp*pp | world and ep*etp | world/pp"
+        )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp,
+        context_parallel_size=layout.cp,
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
         expert_model_parallel_size=layout.ep,

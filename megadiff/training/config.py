@@ -20,7 +20,7 @@ from typing import Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from megadiff.errors import ConfigError, UserError
-from megadiff.platform.parallel_layout import ParallelLayout
+from megadiff.platform.parallel_layout import ParallelLayout, sequence_multiple
 
 # `Optional[int]` and `int | None` are two spellings of one type with different origins.
 _UNION_TYPES = (Union, UnionType)
@@ -95,6 +95,12 @@ class ParallelSection:
     etp: int | None = setting(None, "expert tensor parallel size; default: tp without EP, 1 with EP", min=1)
     pp: int = setting(1, "pipeline parallel size", min=1)
     vpp: int | None = setting(None, "virtual pipeline chunks per PP rank (>= 2); default: none", min=2)
+    cp: int = setting(
+        1,
+        "context parallel size: every row split over cp ranks (flex attention; data.max_seq_len a multiple of "
+        "lcm(2*cp, cp*tp))",
+        min=1,
+    )
     use_distributed_optimizer: bool = setting(True, "shard optimizer state over data-parallel ranks")
 
 
@@ -424,7 +430,36 @@ def validate(cfg: TrainingConfig) -> None:
         raise TrainingConfigError(
             "lora.enabled=true builds megatron-core's local spec (torch linears), which has no FP8: set perf.fp8=off"
         )
+    check_context_parallel(cfg)
     parallel_layout(cfg)  # raises naming the parallel.* key
+
+
+def check_context_parallel(cfg: TrainingConfig) -> None:
+    """parallel.cp > 1: what context parallelism needs of the rest of the config (the world size is
+    checked at launch, megadiff.training.setup; recompute in megadiff.training.perf_preflight)."""
+    cp, tp = cfg.parallel.cp, cfg.parallel.tp
+    if cp == 1:
+        return
+    if cfg.model.attention_backend == "dense":
+        raise TrainingConfigError(
+            f"parallel.cp={cp} needs model.attention_backend=flex (or auto): each rank's queries attend to keys "
+            f"gathered over the CP group through a FlexAttention BlockMask; dense [s, s] masks (megatron-core's "
+            f"DotProductAttention asserts cp = 1) cannot be split"
+        )
+    multiple = sequence_multiple(cp, tp)
+    if cfg.data.max_seq_len % multiple:
+        above = -(-cfg.data.max_seq_len // multiple) * multiple
+        nearest = " or ".join(str(n) for n in (above - multiple, above) if n > 0)
+        raise TrainingConfigError(
+            f"data.max_seq_len={cfg.data.max_seq_len} is not a multiple of {multiple} = lcm(2*parallel.cp, "
+            f"parallel.cp*parallel.tp) at parallel.cp={cp}, parallel.tp={tp}: each row is cut into 2*cp zig-zag "
+            f"chunks and each rank's tokens split again over tp; use data.max_seq_len={nearest}"
+        )
+    if cfg.train.objective == "dpo":
+        raise TrainingConfigError(
+            f"train.objective=dpo with parallel.cp={cp} is not supported (a pair's ELBOs sum over responses that "
+            f"context parallelism splits across ranks); use parallel.cp=1 for DPO"
+        )
 
 
 # ---- the layout, named as the user wrote it -------------------------------------------------------
@@ -433,15 +468,15 @@ def validate(cfg: TrainingConfig) -> None:
 def config_spelling(message: str) -> str:
     """A layout message in config spelling: `--tp 4` -> `parallel.tp=4`, `(--vpp)` -> `(parallel.vpp)`.
     ParallelLayout and LLaDA2ModelConfig.validate_layout speak in the converters' CLI flags."""
-    message = re.sub(r"--(tp|ep|etp|pp|vpp) (\d+(?:, \d+)*)", r"parallel.\1=\2", message)
-    return re.sub(r"--(tp|ep|etp|pp|vpp)\b", r"parallel.\1", message)
+    message = re.sub(r"--(tp|ep|etp|pp|vpp|cp) (\d+(?:, \d+)*)", r"parallel.\1=\2", message)
+    return re.sub(r"--(tp|ep|etp|pp|vpp|cp)\b", r"parallel.\1", message)
 
 
 def parallel_layout(cfg: TrainingConfig):
     """The ParallelLayout of cfg.parallel; a bad one raises TrainingConfigError naming parallel.*."""
     p = cfg.parallel
     try:
-        return ParallelLayout(tp=p.tp, ep=p.ep, etp=p.etp, pp=p.pp, vpp=p.vpp)
+        return ParallelLayout(tp=p.tp, ep=p.ep, etp=p.etp, pp=p.pp, vpp=p.vpp, cp=p.cp)
     except ConfigError as e:
         raise TrainingConfigError(config_spelling(str(e))) from None
 

@@ -28,7 +28,7 @@ from megadiff.platform import init_distributed, initialize_parallel, print_rank0
 from megadiff.platform.device import default_params_dtype, run_device, to_run_device, uses_cuda
 from megadiff.platform.kernels import probe_environment
 from megadiff.training import dpo as dpo_objective
-from megadiff.training.batch import loss_denominator, prepare_micro_batch
+from megadiff.training.batch import prepare_micro_batch
 from megadiff.training.checkpointing import (
     apply_model_state,
     check_optimizer_layout,
@@ -40,6 +40,7 @@ from megadiff.training.checkpointing import (
     restore_adam_steps,
 )
 from megadiff.training.config import TrainingConfig, parallel_layout
+from megadiff.training.context_parallel import loss_denominator_share, split_micro_batch
 from megadiff.training.disk_space import checkpoint_bytes, no_space_error
 from megadiff.training.logging import MetricsLogger
 from megadiff.training.loss import diffusion_loss_sums
@@ -160,6 +161,7 @@ class Trainer:
             resume_from, self.lora_base = box
         initialize_parallel(self.layout, seed=cfg.train.seed)
         self.dp_size, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        self.cp_size, self.cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
         self.dataset, data_stats = make_dataset(cfg, self.tokenizer, samples, row_stats, self.dp_size, self.dp_rank)
         self.log(f"data: {data_stats}")
         self.dtype = params_dtype(cfg)
@@ -276,9 +278,9 @@ class Trainer:
                 doc_ids = prepared["doc_ids"]  # 2B rows with complementary masks
                 positions = prepared["position_ids"][:, : doc_ids.shape[1]]
                 prepared["allowed"] = block_mask_for(
-                    doc_ids, positions, mode, d.block_size, prepared["input_ids"].device
+                    doc_ids, positions, mode, d.block_size, prepared["input_ids"].device, self.cp_size, self.cp_rank
                 )
-            batches.append(prepared)
+            batches.append(split_micro_batch(prepared, d.mode, self.cp_size, self.cp_rank))  # this CP rank's part
         return batches
 
     def forward_backward_step(self, micro: list[dict]):
@@ -287,8 +289,10 @@ class Trainer:
 
         d = self.cfg.diffusion
         device = run_device()  # every tensor a collective gets lives here (NCCL takes CUDA only)
-        denominator = torch.stack([loss_denominator(b, d.normalize) for b in micro]).sum()
-        torch.distributed.all_reduce(denominator, group=ps.get_data_parallel_group())
+        # Loss sums of DP ranks and of the CP ranks that split each row add up (context_parallel.py).
+        dp_cp = ps.get_data_parallel_group(with_context_parallel=True)
+        denominator = torch.stack([loss_denominator_share(b, d.normalize) for b in micro]).sum()
+        torch.distributed.all_reduce(denominator, group=dp_cp)
         scale = 1.0 / float(denominator) if denominator > 0 else 0.0
         real_tokens = sum(int((b["sample_ids"] >= 0).sum()) for b in micro)
 
@@ -305,7 +309,7 @@ class Trainer:
         self.optimizer.zero_grad()
         outputs = forward_backward(self.chunks, micro, loss_fn)
         loss = torch.tensor(sum(float(o["loss"]) for o in outputs), dtype=torch.double, device=device)
-        torch.distributed.all_reduce(loss, group=ps.get_data_parallel_group())
+        torch.distributed.all_reduce(loss, group=dp_cp)
         torch.distributed.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())  # only the last stage has it
         loss = float(loss)
         tokens = torch.tensor(real_tokens, device=device)

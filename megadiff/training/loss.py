@@ -61,6 +61,8 @@ def _vocab_parallel_entropy_and_correct(logits: torch.Tensor, targets: torch.Ten
 
 def _answer_lengths(batch: dict, selected: torch.Tensor) -> torch.Tensor:
     """[n]: the answer length (loss_mask tokens) of the document of each selected position."""
+    if "answer_length" in batch:  # per token, from whole rows (a context-parallel rank's part of a row)
+        return batch["answer_length"][selected]
     doc = batch["doc_ids"]
     answer_len = {}
     for r, c in zip(*[x.tolist() for x in torch.nonzero(batch["loss_mask"], as_tuple=True)], strict=True):

@@ -134,13 +134,15 @@ def check_perf(cfg: TrainingConfig, env: Environment, layers_per_stage: int | No
             "leave perf.cross_entropy_loss_fusion=false",
         )
     _check_recompute(cfg, layers_per_stage)
-    if cfg.model.attention_backend == "flex" and recomputes_core_attention(cfg):
+    cp = cfg.parallel.cp
+    if (cfg.model.attention_backend == "flex" or cp > 1) and recomputes_core_attention(cfg):
         _fail(
-            "model.attention_backend=flex",
+            "model.attention_backend=flex" if cp == 1 else f"parallel.cp={cp} (which attends through flex)",
             "recomputing core attention saves attention_mask with "
             "save_for_backward, which takes tensors, not a BlockMask",
             "recompute selectively without "
-            "core_attn (flex attention keeps no [s, s] activations), or use model.attention_backend=dense",
+            "core_attn (flex attention keeps no [s, s] activations)"
+            + (", or use model.attention_backend=dense" if cp == 1 else ""),
         )
 
 
@@ -210,12 +212,15 @@ def choose_attention_backend(
     """The attention backend a run uses (model.attention_backend resolved), with the dense scores'
     memory on CUDA. auto: flex on CUDA for block diffusion and packed full attention (block-sparse,
     no [s, s] tensors), dense on the CPU (torch's CPU flex is correct but slow) and for
-    unpacked full attention (no mask at all); dense too when core attention is recomputed.
+    unpacked full attention (no mask at all); dense too when core attention is recomputed; always
+    flex with context parallelism (parallel.cp > 1).
     Dense on CUDA warns above 1 GiB of saved scores and is refused above half the GPU's memory."""
     requested, d = cfg.model.attention_backend, cfg.diffusion
     bd = d.mode == "block_diffusion"
     if requested != "auto":
         backend, reason = requested, "model.attention_backend=" + requested
+    elif cfg.parallel.cp > 1:
+        backend, reason = "flex", f"auto: context parallelism (parallel.cp={cfg.parallel.cp}) attends through flex"
     elif not env.on_cuda:
         backend, reason = "dense", "auto: the CPU runs dense attention (CPU flex is for tests)"
     elif recomputes_core_attention(cfg):

@@ -42,15 +42,16 @@ def check_config_fits_model(cfg: TrainingConfig, model_cfg, layout) -> None:
 
 def check_layout_fits_processes(layout, world: int) -> None:
     """Raise naming the parallel.* keys when `world` processes (torchrun's WORLD_SIZE) cannot hold
-    the layout: megatron-core needs tp*pp | world and ep*etp | world/pp. Checked before any process
+    the layout: megatron-core needs tp*cp*pp | world and ep*etp | world/pp. Checked before any process
     group exists (platform.initialize_parallel would refuse too, but in its own terms)."""
-    model_parallel, expert_parallel = layout.tp * layout.pp, layout.ep * layout.etp * layout.pp
+    model_parallel, expert_parallel = layout.tp * layout.cp * layout.pp, layout.ep * layout.etp * layout.pp
     if world % model_parallel == 0 and world % expert_parallel == 0:
         return
     need = math.lcm(model_parallel, expert_parallel)
+    cp = f"parallel.cp={layout.cp}, " if layout.cp > 1 else ""
     raise TrainingConfigError(
-        f"parallel.tp={layout.tp}, parallel.pp={layout.pp}, parallel.ep={layout.ep}, parallel.etp={layout.etp} "
-        f"need a multiple of {need} processes (tp*pp and ep*etp*pp must divide it), but {world} were started; "
+        f"parallel.tp={layout.tp}, {cp}parallel.pp={layout.pp}, parallel.ep={layout.ep}, parallel.etp={layout.etp} "
+        f"need a multiple of {need} processes (tp*cp*pp and ep*etp*pp must divide it), but {world} were started; "
         f"launch a multiple of {need} (torchrun --nproc-per-node) or change parallel.*"
     )
 

@@ -274,6 +274,7 @@ def to_transformer_config(
         virtual_pipeline_model_parallel_size=layout.vpp,
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.etp,
+        context_parallel_size=layout.cp,  # the sequence split over cp ranks (flex attention only)
         sequence_parallel=layout.tp > 1,
         # numerics
         params_dtype=params_dtype,

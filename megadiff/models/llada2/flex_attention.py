@@ -16,6 +16,11 @@ BlockMask reaches every layer as is; the exception is activation recompute (`rec
 `save_for_backward(attention_mask)`, which only takes tensors: `build_model` refuses that
 combination.
 
+Context parallelism (cp > 1): the local queries attend to the keys and values of the whole sequence,
+all-gathered over the CP group (megadiff.models.common.context_parallel); the BlockMask must then be
+the rank's local-query mask (`build_block_mask(..., q_length=length // cp)` of a
+`local_query_mask_mod`; megadiff.diffusion.block_mask.block_mask_for builds it).
+
 Devices:
 - CUDA: `torch.compile(flex_attention)` (fused Triton kernels for forward and backward).
 - CPU: megadiff.platform.cpu_flex_attention (a fused C++ forward, and the backward torch's CPU
@@ -33,6 +38,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from megadiff.models.common.context_parallel import gather_keys_values
 from megadiff.platform.cpu_flex_attention import cpu_flex_attention
 
 # Created once: torch.compile is lazy, the first call per input shape compiles (seconds).
@@ -43,13 +49,15 @@ _COMPILED_CREATE_BLOCK_MASK = torch.compile(create_block_mask)
 COMPILE_BLOCK_MASK_MIN_ELEMENTS = 2048 * 2048
 
 
-def build_block_mask(mask_mod, batch: int, length: int, device) -> BlockMask:
-    """The BlockMask of `mask_mod` over [0, length) queries and keys (H = 1, shared by every head):
-    built eagerly for short rows, compiled from COMPILE_BLOCK_MASK_MIN_ELEMENTS on."""
+def build_block_mask(mask_mod, batch: int, length: int, device, q_length: int | None = None) -> BlockMask:
+    """The BlockMask of `mask_mod` over [0, q_length) queries (default: length) and [0, length) keys
+    (H = 1, shared by every head): built eagerly for short rows, compiled from
+    COMPILE_BLOCK_MASK_MIN_ELEMENTS on."""
+    q_length = length if q_length is None else q_length
     build = create_block_mask
-    if length * length >= COMPILE_BLOCK_MASK_MIN_ELEMENTS:
+    if q_length * length >= COMPILE_BLOCK_MASK_MIN_ELEMENTS:
         build = _COMPILED_CREATE_BLOCK_MASK
-    return build(mask_mod, batch, None, length, length, device=device)
+    return build(mask_mod, batch, None, q_length, length, device=device)
 
 
 def check_flex_supported(config) -> None:
@@ -71,7 +79,8 @@ class FlexCoreAttention(MegatronModule):
     """Core attention running flex_attention; `attention_mask` is a BlockMask (None = full).
 
     Drop-in for megatron-core's DotProductAttention: query [sq, b, np, hn], key/value
-    [sk, b, ng, hn] (per TP rank; GQA when ng < np) -> context [sq, b, np * hn]."""
+    [sk, b, ng, hn] (per TP rank; GQA when ng < np) -> context [sq, b, np * hn]. Under context
+    parallelism sq = sk are this rank's tokens; keys and values are gathered over the CP group."""
 
     def __init__(
         self,
@@ -86,8 +95,6 @@ class FlexCoreAttention(MegatronModule):
     ):
         super().__init__(config=config)
         where = f"FlexCoreAttention (layer {layer_number})"
-        if config.context_parallel_size != 1:
-            raise ValueError(f"{where}: context parallelism is not supported; use --cp 1")
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
             raise ValueError(f"{where}: attention_dropout={dropout} is not supported; set it to 0")
@@ -96,7 +103,13 @@ class FlexCoreAttention(MegatronModule):
         if config.window_size is not None:
             raise ValueError(f"{where}: window attention is not supported")
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
+        self.cp_group = pg_collection.cp if pg_collection.cp.size() > 1 else None
+        if config.context_parallel_size != pg_collection.cp.size():
+            raise ValueError(
+                f"{where}: TransformerConfig.context_parallel_size={config.context_parallel_size} but the CP "
+                f"process group has {pg_collection.cp.size()} ranks; initialise the groups with the model's layout"
+            )
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type
@@ -126,6 +139,8 @@ class FlexCoreAttention(MegatronModule):
                 f"{type(attention_mask).__name__}; for dense bool masks build the model with "
                 f"attention_backend='dense'"
             )
+        if self.cp_group is not None:
+            key, value = gather_keys_values(key, value, self.cp_group)
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         context = flex_attention_bhsd(q, k, v, attention_mask, self.softmax_scale)

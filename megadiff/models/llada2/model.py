@@ -11,7 +11,9 @@ pre-hook on the last stage's final norm keeps the first half of the sequence. Un
 parallelism each TP rank holds 2S/tp consecutive tokens, so the hook gathers the sequence, keeps
 the first S (right-padded to a multiple of tp) and splits it again; the LM head then gathers as
 usual and returns [b, S(+pad), V/tp] logits. The x_0 half's hidden states get no gradient from the
-head, exactly as before, when its logits were computed and never used.
+head, exactly as before, when its logits were computed and never used. Under context parallelism a
+rank holds S/cp x_t tokens followed by S/cp x_0 tokens (megadiff.models.common.context_parallel), so
+the same hook keeps its x_t part.
 """
 
 from functools import partial
@@ -48,6 +50,11 @@ def build_model(
     Process groups must already be initialised for `layout` (platform.initialize_parallel)."""
     if attention_backend not in ATTENTION_BACKENDS:
         raise ConfigError(f"attention_backend={attention_backend!r}; choose one of {ATTENTION_BACKENDS}")
+    if layout.cp > 1 and attention_backend != "flex":
+        raise ConfigError(
+            f"context parallelism (--cp {layout.cp}) needs attention_backend='flex' (keys gathered over the CP "
+            f"group, local-query BlockMasks); megatron-core's dense DotProductAttention asserts cp = 1"
+        )
     if use_te is None:
         use_te = transformer_engine_usable()
     compat.define_te_general_gemm_without_te()  # the router reads it, on CPU and CUDA without TE

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from .model import forward_chunk
@@ -33,7 +34,8 @@ def forward_backward(
     """Run every micro-batch (dicts of [b, s] tensors: input_ids, position_ids, optional allowed
     mask [b, s, s]) through the model. Returns the loss functions' logged dicts (last stage only;
     other stages get []). Every stage needs the full micro-batch: positions and masks are used
-    by every layer."""
+    by every layer. Under context parallelism input_ids are this rank's tokens (position ids and
+    masks still cover the whole row; megadiff.models.common.context_parallel)."""
     first = micro_batches[0]
     iterators = [iter(micro_batches) for _ in chunks]
     return get_forward_backward_func()(
@@ -41,7 +43,8 @@ def forward_backward(
         data_iterator=iterators if len(chunks) > 1 else iterators[0],
         model=chunks if len(chunks) > 1 else chunks[0],
         num_microbatches=len(micro_batches),
-        seq_length=first["input_ids"].shape[1],
+        # megatron-core divides the whole sequence by cp (and tp with SP) for pipeline messages
+        seq_length=first["input_ids"].shape[1] * parallel_state.get_context_parallel_world_size(),
         micro_batch_size=first["input_ids"].shape[0],
         forward_only=forward_only,
     )
