@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Compare megadiff's LLaDA2 (any TP/EP/PP/VPP layout) with the plain-PyTorch reference.
+"""Compare megadiff's LLaDA2 (any TP/EP/PP/VPP/CP layout) with the plain-PyTorch reference.
 
 Run under torchrun, one process per rank of the layout, e.g.
   torchrun --nproc-per-node 4 tools/compare_logits.py --hf-dir MODEL --tp 2 --ep 2 \
@@ -36,6 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--etp", type=int, default=None, help="expert TP (default: --tp without EP, else 1)")
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per PP rank")
+    p.add_argument("--cp", type=int, default=1, help="context parallel size (the model then attends through flex)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |Δ| allowed (fp32)")
     p.add_argument("--save-logits", help="write megadiff's fp32 logits [batch, seq, vocab] here (rank 0)")
     return p.parse_args(argv)
@@ -88,7 +89,7 @@ def compare(args) -> int:
 
     cfg_dict = read_hf_config(args.hf_dir)
     cfg = LLaDA2ModelConfig.from_hf_dict(cfg_dict, source=os.path.join(args.hf_dir, "config.json"))
-    layout = ParallelLayout(tp=args.tp, ep=args.ep, etp=args.etp, pp=args.pp, vpp=args.vpp)
+    layout = ParallelLayout(tp=args.tp, ep=args.ep, etp=args.etp, pp=args.pp, vpp=args.vpp, cp=args.cp)
     cfg.validate_layout(layout)
     if max(max(r) for r in ids_rows) >= cfg.vocab_size or min(min(r) for r in ids_rows) < 0:
         raise UserError(f"{args.input_ids}: token ids must be in [0, {cfg.vocab_size})")
@@ -98,7 +99,7 @@ def compare(args) -> int:
     print_rank0(f"compare_logits: {args.hf_dir} at {layout} ({torch.distributed.get_world_size()} ranks)")
     rank0 = torch.distributed.get_rank() == 0
     reference = load_reference_model(args.hf_dir) if rank0 else None
-    chunks = build_model(cfg, layout)
+    chunks = build_model(cfg, layout, attention_backend="flex" if layout.cp > 1 else "dense")
     if args.mcore_dir:
         from megadiff.checkpoint import load_model_weights
 

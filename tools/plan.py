@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Plan a LLaDA2 diffusion SFT run before renting the cluster: per-GPU memory (weights, gradients,
-optimizer state, activations, buffers) of every TP/EP/ETP/PP/VPP/DP layout, the ones that fit
-ranked by a first-order step-time model, each with the command line that runs it.
+optimizer state, activations, buffers) of every TP/CP/EP/ETP/PP/VPP/DP layout, the ones that fit
+ranked by a first-order step-time model, each with the command line that runs it. Without a YAML
+or --recompute, each layout also tries activation recompute (what flex attention allows) when it
+does not fit without.
 
   tools/plan.py --preset llada2-mini --gpus-per-node 8 --gpu-memory-gb 80 --seq-len 4096
   tools/plan.py examples/configs/llada2_flash_bd_sft.yaml --nodes 4 [section.key=value ...]
@@ -35,7 +37,14 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=["bf16", "fp32"])
     p.add_argument("--attention-backend", choices=["dense", "flex"])
     p.add_argument("--fp8", action="store_true", default=None)
-    p.add_argument("--recompute", choices=["none", "selective", "full"])
+    p.add_argument(
+        "--recompute",
+        choices=["auto", "none", "selective", "full"],
+        help="auto (default without a YAML): per layout the first of none / selective mlp,moe / full that fits",
+    )
+    p.add_argument(
+        "--recompute-modules", help="with --recompute selective: megatron-core modules, e.g. mlp,moe (default core_attn)"
+    )
     p.add_argument("--lora-rank", type=int)
     p.add_argument("--top", type=int, default=15, help="rows to print per list")
     p.add_argument("--json", action="store_true", help="print JSON (every layout, total_params, active_params)")
@@ -66,7 +75,7 @@ def main(argv=None) -> int:
     from megadiff.planner.report import as_json, table
 
     try:
-        shape, config_layout, config_name = RunShape(seq_len=4096), None, "CONFIG.yaml"
+        shape, config_layout, config_name = RunShape(seq_len=4096, recompute="auto"), None, "CONFIG.yaml"
         hf_dir = args.hf_dir
         if args.config:
             from megadiff.training.config import load_config, parallel_layout
@@ -87,6 +96,7 @@ def main(argv=None) -> int:
             attention_backend=args.attention_backend,
             fp8=args.fp8,
             recompute=args.recompute,
+            recompute_modules=tuple(args.recompute_modules.split(",")) if args.recompute_modules else None,
             lora_rank=args.lora_rank,
         )
         shape = replace(shape, **{k: v for k, v in flags.items() if v is not None})

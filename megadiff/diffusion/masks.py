@@ -64,3 +64,28 @@ def block_diffusion_mask_mod(doc_ids: torch.Tensor, position_ids: torch.Tensor, 
         return (doc_ids[b, q] == doc_ids[b, k]) & (xt_to_xt | xt_to_x0 | x0_to_x0)
 
     return mask_mod
+
+
+def visible_keys_per_query(doc_ids: torch.Tensor, position_ids: torch.Tensor, mode: str, block_size: int = 32):
+    """[B, n] long: how many keys each query of the model's sequence may attend to (the row sums of
+    full_attention_mask, n = S, or of block_diffusion_mask, n = 2S), without building the mask.
+    Block diffusion: a token in block k of its document sees, as an x_t query, its own block and its
+    document's earlier blocks (in x_0), and as an x_0 query the same count (blocks <= k of x_0)."""
+    rows = torch.arange(doc_ids.shape[0], device=doc_ids.device)[:, None].expand_as(doc_ids)
+    if mode == "full":
+        _, inverse, counts = torch.unique(
+            torch.stack([rows, doc_ids]).flatten(1), dim=1, return_inverse=True, return_counts=True
+        )
+        return counts[inverse].view_as(doc_ids)
+    if mode != "bd":
+        raise ValueError(f"visible_keys_per_query: mode must be 'full' or 'bd', got {mode!r}")
+    block = position_ids // block_size
+    groups, inverse, counts = torch.unique(
+        torch.stack([rows, doc_ids, block]).flatten(1), dim=1, return_inverse=True, return_counts=True
+    )  # sorted by (row, doc, block)
+    before = torch.cumsum(counts, 0) - counts  # tokens of all earlier (row, doc, block) groups
+    new_doc = torch.ones_like(counts, dtype=torch.bool)
+    new_doc[1:] = (groups[:2, 1:] != groups[:2, :-1]).any(0)
+    doc_start = torch.cummax(torch.where(new_doc, before, torch.zeros_like(before)), 0).values
+    seen = (before - doc_start + counts)[inverse].view_as(doc_ids)  # earlier blocks of the doc + own block
+    return torch.cat([seen, seen], dim=1)

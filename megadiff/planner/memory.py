@@ -4,9 +4,9 @@ activations and buffers, per pipeline rank.
 Weights, gradients, optimizer state: what megatron-core allocates, reproduced exactly for the
 gradient-buffer layout megadiff uses (megatron-core DDP, `grad_reduce_in_fp32`, no
 `overlap_grad_reduce`, hence one bucket per buffer and chunk):
-- one buffer per model chunk for the dense parameters (sharded over the data-parallel group, size
-  dp) and, when ep > 1, one for the routed experts (expert-data-parallel group, edp = world / (pp *
-  ep * etp));
+- one buffer per model chunk for the dense parameters (sharded over the data-parallel group with
+  the context-parallel ranks, size dp*cp = world / (tp * pp)) and, when ep > 1, one for the routed
+  experts (expert-data-parallel group, edp = world / (pp * ep * etp), CP ranks included);
 - with the distributed optimizer every parameter starts at a multiple of 64 elements and the bucket
   is padded to a multiple of lcm(group size, 128); the parameters then live in that padded buffer,
   in the param dtype; the fp32 gradients likewise;
@@ -42,7 +42,8 @@ class RunShape:
     mode: str = "bd"  # "bd" (block diffusion, [x_t ; x_0]) or "full"
     dtype: str = "bf16"  # "bf16" or "fp32": parameter / activation dtype
     attention_backend: str = "flex"  # "dense" (bool mask, [b, h, s, s] scores) or "flex"
-    recompute: str = "none"  # "none", "selective" (core attention) or "full" (every layer)
+    recompute: str = "none"  # "none", "selective" (recompute_modules) or "full" (every layer)
+    recompute_modules: tuple[str, ...] = ("core_attn",)  # selective: megatron-core's modules (its default)
     fp8: bool = False
     lora_rank: int | None = None  # LoRA: frozen base, adapters of this rank on lora_targets (+ routed experts)
     lora_targets: tuple[str, ...] = LORA_TARGETS
@@ -112,8 +113,14 @@ class MemorySplit:
 
 
 def group_sizes(layout: ParallelLayout, world: int) -> tuple[int, int]:
-    """(dp, edp): the data-parallel and expert-data-parallel group sizes."""
+    """(dp*cp, edp): the groups megatron-core reduces and shards dense and expert gradients over
+    (the data-parallel group with the context-parallel ranks; the expert-data-parallel group)."""
     return world // (layout.tp * layout.pp), world // (layout.pp * layout.ep * layout.etp)
+
+
+def data_parallel_size(layout: ParallelLayout, world: int) -> int:
+    """dp: the ranks that read different rows (the CP ranks of one split the same rows)."""
+    return world // (layout.tp * layout.cp * layout.pp)
 
 
 def _pad(n: int, divisor: int) -> int:
@@ -185,23 +192,27 @@ def state_bytes(
 def activation_bytes_per_layer(model: LLaDA2ModelConfig, layout: ParallelLayout, shape: RunShape, moe: bool) -> dict:
     """Bytes saved for backward by one transformer layer for one micro-batch on one rank, by part.
 
-    Tokens per rank t = b * s / tp (sequence parallelism shards everything outside attention by
-    tp; inside, heads are split by tp). Per token, in elements of the activation dtype a:
+    Tokens per rank t = b * s / (tp * cp) (context parallelism splits the sequence over cp, sequence
+    parallelism shards everything outside attention by tp; inside, heads are split by tp). Per
+    token, in elements of the activation dtype a:
     - each RMSNorm: its input, the normalised input, the scaled output (3h) + fp32 rstd;
     - attention: qkv output (nq+2nkv)d/tp, q/k-norm inputs and outputs, RoPE cos/sin, and
       dense: q, GQA-expanded k and v (3 nq d/tp) + softmax probabilities nq/tp * s (fp32 softmax
       and its bf16 copy with bf16) + the bool mask (b s^2, once per micro-batch, not per layer);
-      flex: q, k, v, output and fp32 log-sum-exp (nq/tp);
+      flex: q, k, v, output and fp32 log-sum-exp (nq/tp); with cp > 1, k and v are the whole
+      sequence's, gathered over the CP group (cp times the local tokens' 2 nkv d/tp);
       then the output projection's input nq d/tp;
     - dense MLP: fc1 output 2I/tp, SiLU output, gate*up, fc2 input (3 I/tp);
     - MoE: router logits/scores (fp32, E), top-k indices (int64), the permuted tokens k*h, per
       routed token fc1 output 2Fm/etp + 3 Fm/etp, the shared expert like the dense MLP with Fs.
-    Recompute "full" keeps only the layer input (h); "selective" drops the attention core's terms.
+    Recompute "full" keeps only the layer input (h); "selective" drops the terms of the recomputed
+    modules (megatron-core's recompute_modules): core_attn the attention core's, mlp / moe the dense
+    MLP's / the whole MoE layer's (its input h is kept), shared_experts the shared expert's.
     fp8 saves linear inputs in 1 byte (first order: half of the non-attention terms)."""
     h, d, tp, a = model.hidden_size, model.head_dim, layout.tp, shape.act_bytes
     nq, nkv = model.num_attention_heads, model.num_key_value_heads
-    b, s = shape.micro_batch_size, shape.tokens
-    t = b * s / tp
+    b, s, cp = shape.micro_batch_size, shape.tokens, layout.cp
+    t = b * s / (tp * cp)
     if shape.recompute == "full":
         return {"layer_input": t * h * a}
     norm = 3 * h * a + 4
@@ -209,19 +220,22 @@ def activation_bytes_per_layer(model: LLaDA2ModelConfig, layout: ParallelLayout,
     if shape.attention_backend == "dense":
         core = 3 * nq * d / tp * a + nq / tp * s * (a + (4 if a == 2 else 0))
     else:
-        core = (nq + 2 * nkv + nq) * d / tp * a + nq / tp * 4
-    if shape.recompute == "selective":
+        core = (nq + 2 * nkv * cp + nq) * d / tp * a + nq / tp * 4
+    recomputed = set(shape.recompute_modules) if shape.recompute == "selective" else set()
+    if "core_attn" in recomputed:
         core = 0.0
     parts = {"attention": t * (norm + qk + nq * d / tp * a), "core_attention": t * core}
     if not moe:
-        mlp = norm + 5 * model.intermediate_size / tp * a
+        mlp = norm + (h * a if "mlp" in recomputed else 5 * model.intermediate_size / tp * a)
+    elif "moe" in recomputed:
+        mlp = norm + h * a
     else:
         k, e, fm = model.num_experts_per_tok, model.num_experts, model.moe_intermediate_size
         fs = fm * model.num_shared_experts
         etp = layout.etp
         router = 2 * e * 4 + k * 8 * 2 + e
         routed = k * (h + 5 * fm / etp) * a * etp  # tokens gathered over etp, hidden split by etp
-        mlp = norm + router + routed + 5 * fs / tp * a
+        mlp = norm + router + routed + (0 if "shared_experts" in recomputed else 5 * fs / tp * a)
     if shape.fp8:
         mlp *= 0.5
         parts["attention"] *= 0.5
@@ -242,7 +256,7 @@ def in_flight_microbatches(layout: ParallelLayout, microbatches: int) -> float:
 
 
 def microbatches_per_step(layout: ParallelLayout, world: int, shape: RunShape) -> int:
-    dp, _ = group_sizes(layout, world)
+    dp = data_parallel_size(layout, world)
     return max(1, shape.global_batch_size // (dp * shape.micro_batch_size))
 
 
@@ -260,13 +274,14 @@ def activation_bytes(
     for i in layers:
         per_layer += sum(activation_bytes_per_layer(model, layout, shape, i >= model.first_k_dense_replace).values())
     b, s, a, tp = shape.micro_batch_size, shape.tokens, shape.act_bytes, layout.tp
+    local = s / layout.cp  # this rank's tokens of a row (context parallelism splits it)
     out = {"layers": per_layer * flight}  # per_layer: all of this rank's layers, one micro-batch
     if shape.attention_backend == "dense":
         out["dense_mask"] = b * s * s * flight  # bool [b, 1, s, s], shared by the layers of a micro-batch
-    out["embedding"] = b * s * model.hidden_size / tp * a * flight if pp_rank == 0 else 0
+    out["embedding"] = b * local * model.hidden_size / tp * a * flight if pp_rank == 0 else 0
     if pp_rank == layout.pp - 1:
-        loss_tokens = shape.seq_len  # logits of x_t only enter the loss
-        out["logits"] = b * s * model.vocab_size / tp * a + 2 * b * loss_tokens * model.vocab_size / tp * 4
+        loss_tokens = shape.seq_len / layout.cp  # logits of x_t only enter the loss
+        out["logits"] = b * local * model.vocab_size / tp * a + 2 * b * loss_tokens * model.vocab_size / tp * 4
     return out
 
 

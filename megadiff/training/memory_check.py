@@ -12,6 +12,7 @@ import torch
 
 from megadiff.errors import UserError
 from megadiff.planner import GiB, Hardware, RunShape, forecast
+from megadiff.planner.memory import data_parallel_size
 from megadiff.platform.device import run_device
 from megadiff.training.config import TrainingConfig
 
@@ -40,6 +41,7 @@ def run_shape(cfg: TrainingConfig, dtype: torch.dtype | str | None = None) -> Ru
         dtype=dtype,
         attention_backend=cfg.model.attention_backend,
         recompute=recompute if recompute in ("none", "selective", "full") else "none",
+        recompute_modules=tuple(perf_setting(cfg, "recompute_modules", None) or ("core_attn",)),
         fp8=bool(perf_setting(cfg, "fp8", False)),
         lora_rank=cfg.lora.rank if cfg.lora.enabled else None,  # the section's rank has a default: not LoRA
         lora_targets=tuple(cfg.lora.target_modules),
@@ -59,7 +61,7 @@ def device_memory_bytes() -> int | None:
 def check_memory_forecast(cfg: TrainingConfig, model_cfg, layout, dtype, log) -> None:
     """Print the per-GPU forecast of this run; raise MemoryForecastError when it exceeds the device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world % (layout.tp * layout.pp) or (world // layout.pp) % (layout.ep * layout.etp):
+    if world % (layout.tp * layout.cp * layout.pp) or (world // layout.pp) % (layout.ep * layout.etp):
         return  # initialize_parallel names the mismatch of layout and world size
     memory = device_memory_bytes()
     hw = Hardware(gpus_per_node=world, nodes=1, gpu_memory_gb=(memory or 0) / 1e9)
@@ -68,7 +70,7 @@ def check_memory_forecast(cfg: TrainingConfig, model_cfg, layout, dtype, log) ->
     split = forecast(model_cfg, layout, hw, run_shape(cfg, dtype))
     g = split.as_gib()
     log(
-        f"memory forecast per GPU at {layout} (dp={world // (layout.tp * layout.pp)}): {g['total']:.2f} GiB = weights "
+        f"memory forecast per GPU at {layout} (dp={data_parallel_size(layout, world)}): {g['total']:.2f} GiB = weights "
         f"{g['weights']:.2f} + grads {g['grads']:.2f} + optimizer {g['optimizer_dense']:.2f} dense / "
         f"{g['optimizer_expert']:.2f} expert + activations {g['activations']:.2f} + buffers {g['buffers']:.2f}"
         + ("" if memory is None else f"; device {memory / GiB:.2f} GiB")
@@ -81,6 +83,6 @@ def check_memory_forecast(cfg: TrainingConfig, model_cfg, layout, dtype, log) ->
     raise MemoryForecastError(
         f"memory forecast {split.total / GiB:.1f} GiB per GPU (pipeline rank {split.detail['pp_rank']}) exceeds "
         f"the device's {memory / GiB:.1f} GiB at parallel.tp={layout.tp} parallel.ep={layout.ep} "
-        f"parallel.pp={layout.pp}; run tools/plan.py with this config for layouts that fit, or set "
+        f"parallel.pp={layout.pp} parallel.cp={layout.cp}; run tools/plan.py with this config for layouts that fit, or set "
         f"train.skip_memory_check=true to try anyway"
     )

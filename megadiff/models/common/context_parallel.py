@@ -85,9 +85,10 @@ def gather_keys_values(key: torch.Tensor, value: torch.Tensor, group) -> tuple[t
     return both.split([key.shape[-1], value.shape[-1]], dim=-1)
 
 
-def visible_pairs_per_rank(allowed: torch.Tensor, cp: int) -> list[int]:
-    """Visible (query, key) pairs of each CP rank's queries: `allowed` [B, n, n] (True = query may
-    attend to key) over the model's sequence, split by the zig-zag partition."""
-    per_query = allowed.sum(dim=-1).sum(dim=0)  # [n]
-    n = per_query.shape[0]
-    return [int(per_query[zigzag_positions(n, cp, r)].sum()) for r in range(cp)]
+def visible_pairs_per_rank(keys_per_query: torch.Tensor, cp: int) -> list[int]:
+    """Visible (query, key) pairs of each CP rank: `keys_per_query` [B, n] counts the keys each
+    query of the model's sequence sees (megadiff.diffusion.masks.visible_keys_per_query); the
+    queries are split by the zig-zag partition. Attention work per rank is proportional to these."""
+    per_position = keys_per_query.sum(dim=0)
+    n = per_position.shape[0]
+    return [int(per_position[zigzag_positions(n, cp, r, per_position.device)].sum()) for r in range(cp)]

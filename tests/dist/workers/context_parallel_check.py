@@ -1,16 +1,16 @@
 """torchrun worker: context parallelism (parallel.cp) against the single-process reference.
 
---check parity, per layout ("cp=2,tp=2;cp=4;..."):
-- logits_bd / logits_full: the model (flex attention) fed each CP rank's zig-zag part of packed rows
-  (block diffusion [x_t ; x_0], and full attention), logits gathered over TP and CP, vs the reference
-  with the dense mask: max |Δ|. logits_bd_wrong_rank: the same with every rank given the next rank's
+--parity, per layout ("cp=2,tp=2;cp=4;...") and diffusion mode (block_diffusion, full), one
+Trainer on the packed rows of the tiny run dir (extra overrides from the command line):
+- logits: the x_t logits of the trainer's model for its first step's CP-split micro-batches,
+  gathered over TP and CP, vs the reference's on the whole rows with the dense mask: max |Δ|.
+  logits_wrong_rank_mask (block diffusion): the same with every rank given the next rank's
   local-query mask (a control: it must not match, so the comparison can fail);
-- step: one trainer step per diffusion mode (packed rows of the tiny run dir, extra overrides
-  from the command line): loss and every gradient (HF names) vs the reference computing the same
-  loss on the same global batch, relative (tests/dist/workers/train_check.step_parity).
---check losses, per layout: the trainer's losses over its steps; with --resume-from-layout the run
-  first trains --resume-steps steps at that layout into a save_dir, then resumes at the layout.
-Rank 0 writes {layout: result} as JSON to --out.
+- loss_rel / grad_rel: that step's loss and every gradient (HF names) vs the reference computing the
+  same loss on the same global batch (tests/dist/workers/train_check.reference_loss_and_grads).
+--losses, per layout: the trainer's loss at each of its steps.
+--resume "A>B": --resume-steps steps at layout A into a save_dir, then the run resumed at layout B.
+Rank 0 writes {"parity <layout>" | "losses <layout>" | "resume A>B": result} as JSON to --out.
 """
 
 import argparse
@@ -31,93 +31,102 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from megadiff.diffusion.block_mask import block_mask_for
-from megadiff.diffusion.masks import block_diffusion_mask, full_attention_mask
 from megadiff.hf import load_reference_model
-from megadiff.hf.checkpoint_reader import HFCheckpointReader, read_hf_config
 from megadiff.models.common.context_parallel import zigzag_positions
-from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout
-from megadiff.models.llada2.hf_mapping import load_hf_into_model
-from megadiff.models.llada2.model import build_model
+from megadiff.models.llada2.hf_mapping import gather_hf_state
 from megadiff.models.llada2.schedule import forward_backward
-from megadiff.platform import init_distributed, initialize_parallel
+from megadiff.platform import init_distributed
+from megadiff.training.batch import prepare_micro_batch
 from megadiff.training.config import load_config
 from megadiff.training.loop import Trainer
-from tests.dist.workers.train_check import step_parity
+from tests.dist.workers.train_check import reference_loss_and_grads
 
-ROWS, S, BLOCK = 2, 32, 4
-DOC_LENGTHS = ([12, 20], [5, 11, 16])  # packed rows; documents cross the zig-zag chunk borders
-
-
-def parse_layouts(text: str) -> list[dict]:
-    """'cp=2,tp=2;cp=4' -> [{'cp': 2, 'tp': 2}, {'cp': 4}]"""
-    return [{k: int(v) for k, v in (kv.split("=") for kv in item.split(","))} for item in filter(None, text.split(";"))]
+MODES = ("block_diffusion", "full")
 
 
-def overrides_of(layout: dict) -> list[str]:
-    return [f"parallel.{k}={v}" for k, v in layout.items()]
+def parse_layouts(text: str) -> list[tuple[str, list[str]]]:
+    """'cp=2,tp=2;cp=4|perf.x=y' -> [('cp=2,tp=2', ['parallel.cp=2', 'parallel.tp=2']), ('cp=4|perf.x=y',
+    ['parallel.cp=4', 'perf.x=y'])]: per layout its key and its config overrides."""
+    out = []
+    for item in filter(None, text.split(";")):
+        layout, *extra = item.split("|")
+        out.append((item, [f"parallel.{kv}" for kv in layout.split(",")] + extra))
+    return out
 
 
-def packed_inputs(vocab: int):
-    g = torch.Generator().manual_seed(7)
-    doc = torch.cat([torch.cat([torch.full((n,), d) for d, n in enumerate(row)])[None] for row in DOC_LENGTHS])
-    pos = torch.cat([torch.cat([torch.arange(n) for n in row])[None] for row in DOC_LENGTHS])
-    x0 = torch.randint(1, vocab, (ROWS, S), generator=g)
-    xt = torch.where(torch.rand(ROWS, S, generator=g) < 0.5, torch.zeros_like(x0), x0)  # 0 = "mask"
-    return doc, pos, x0, xt
-
-
-def cp_logits(chunks, ids, pos, doc, mode, rank_offset=0):
-    """[ROWS, n, V] logits of the model run CP-split (each row one micro-batch), on every rank;
-    None on pipeline stages without the output layer. rank_offset != 0: each rank gets another
-    rank's local-query mask (the control)."""
-    cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
-    n = ids.shape[1]
-    mine = zigzag_positions(n, cp, cp_rank)
-    mask_rank = (cp_rank + rank_offset) % cp
-    micro = [
-        dict(
-            input_ids=ids[i : i + 1, mine],
-            position_ids=pos[i : i + 1],
-            allowed=block_mask_for(doc[i : i + 1], pos[i : i + 1, : doc.shape[1]], mode, BLOCK, None, cp, mask_rank),
-            row=i,
-        )
-        for i in range(ROWS)
-    ]
-    logits = [None] * ROWS
+def x_t_logits(trainer, local_batches: list[dict], seq: int) -> torch.Tensor | None:
+    """[rows, S, V]: the x_t logits of the trainer's model for CP-split micro-batches, gathered over
+    TP and CP into whole rows (on every rank of the last pipeline stage; None elsewhere)."""
+    cp, mode = ps.get_context_parallel_world_size(), trainer.cfg.diffusion.mode
+    model_len = 2 * seq if mode == "block_diffusion" else seq
+    rows = []
 
     def loss_fn(batch, output):
-        local = gather_from_tensor_model_parallel_region(output)[0].detach()  # [n/cp, V]
+        local = gather_from_tensor_model_parallel_region(output).detach()[:, : seq // cp]  # SP pads x_t
         pieces = [torch.empty_like(local) for _ in range(cp)]
-        torch.distributed.all_gather(pieces, local, group=ps.get_context_parallel_group())
-        full = torch.empty(n, local.shape[-1])
+        torch.distributed.all_gather(pieces, local.contiguous(), group=ps.get_context_parallel_group())
+        whole = torch.empty(local.shape[0], seq, local.shape[-1])
         for r, piece in enumerate(pieces):
-            full[zigzag_positions(n, cp, r)] = piece
-        logits[batch["row"]] = full
-        return output.sum() * 0.0, torch.tensor(1), {}
+            mine = zigzag_positions(model_len, cp, r)
+            whole[:, mine[mine < seq]] = piece
+        rows.append(whole)
+        return output.sum() * 0.0, torch.zeros((), dtype=torch.int), {}
 
-    for c in chunks:
+    for c in trainer.chunks:
         c.eval()
     with torch.no_grad():
-        forward_backward(chunks, micro, loss_fn, forward_only=True)
-    return None if logits[0] is None else torch.stack(logits)
+        forward_backward(trainer.chunks, local_batches, loss_fn, forward_only=True)
+    return torch.cat(rows) if rows else None
 
 
-def logits_errors(layout: ParallelLayout, cfg, ref, reader) -> dict:
-    chunks = build_model(cfg, layout, attention_backend="flex")
-    load_hf_into_model(chunks, reader.get, cfg)
-    doc, pos, x0, xt = packed_inputs(cfg.vocab_size)
-    cases = {
-        "bd": (torch.cat([xt, x0], 1), torch.cat([pos, pos], 1), block_diffusion_mask(doc, pos, BLOCK)),
-        "full": (xt, pos, full_attention_mask(doc)),
-    }
+def with_next_ranks_mask(trainer, batch: dict) -> dict:
+    """The control: the micro-batch with the local-query mask of the next CP rank."""
+    d, cp = trainer.cfg.diffusion, ps.get_context_parallel_world_size()
+    doc = batch["doc_ids"]
+    mask = block_mask_for(
+        doc, batch["position_ids"][:, : doc.shape[1]], "full" if d.mode == "full" else "bd", d.block_size,
+        None, cp, (ps.get_context_parallel_rank() + 1) % cp,
+    )  # fmt: skip
+    return dict(batch, allowed=mask)
+
+
+def step_and_logits(args, layout: list[str], mode: str) -> dict:
+    """One trainer (this layout, this mode): the x_t logits of its first step's micro-batches vs
+    the reference's, then that step's loss and gradients vs the reference's (train_check)."""
+    cfg = load_config(
+        args.config,
+        layout
+        + args.overrides
+        + [f"diffusion.mode={mode}", "parallel.use_distributed_optimizer=false", "checkpoint.save_dir="],
+    )
+    trainer = Trainer(cfg)
+    d = cfg.diffusion
+    raws = [next(trainer._data_iter) for _ in range(trainer.dataset.accumulation_steps)]
+    local = trainer.prepare_micro_batches(iter(raws))
+    whole = [prepare_micro_batch(raw, d, trainer.mask_id, cfg.train.seed) for raw in raws]
+    seq = whole[0]["targets"].shape[1]
+    ref = load_reference_model(args.hf_dir)
+    with torch.no_grad():
+        want = torch.cat(
+            [ref(b["input_ids"][i : i + 1], b["position_ids"][i : i + 1], b["allowed"][i : i + 1]).logits
+             for b in whole for i in range(b["input_ids"].shape[0])]
+        )[:, :seq]  # fmt: skip
     out = {}
-    for mode, (ids, positions, allowed) in cases.items():
-        with torch.no_grad():
-            want = ref(ids, positions, allowed).logits
-        offsets = {"": 0, "_wrong_rank": 1} if mode == "bd" else {"": 0}
-        for suffix, offset in offsets.items():
-            got = cp_logits(chunks, ids, positions, doc, mode, offset)
-            out[f"logits_{mode}{suffix}"] = float("nan") if got is None else float((got - want).abs().max())
+    got = x_t_logits(trainer, local, seq)
+    out["logits"] = float("nan") if got is None else float((got - want).abs().max())
+    if mode == "block_diffusion":
+        got = x_t_logits(trainer, [with_next_ranks_mask(trainer, b) for b in local], seq)
+        out["logits_wrong_rank_mask"] = float("nan") if got is None else float((got - want).abs().max())
+    loss, _ = trainer.forward_backward_step(local)
+    grads = gather_hf_state(
+        trainer.chunks, trainer.model_cfg, value=lambda p: getattr(p, "main_grad", torch.zeros_like(p))
+    )
+    ref_loss, ref_grads, _ = reference_loss_and_grads(trainer, args.hf_dir)
+    out["loss_rel"] = abs(loss - ref_loss) / abs(ref_loss)
+    out["grad_rel"] = max(
+        float((grads[n] - g).abs().max() / g.abs().max().clamp_min(1e-12)) for n, g in ref_grads.items()
+    )
+    out["loss"] = loss
     return out
 
 
@@ -138,52 +147,53 @@ def reduce_over_ranks(result: dict) -> dict:
     return out
 
 
-def parity(args, layout_kw: dict, model_cfg, ref, reader) -> dict:
-    layout = ParallelLayout(**layout_kw)
-    initialize_parallel(layout)
-    result = logits_errors(layout, model_cfg, ref, reader)
-    result["step"] = step_parity(args.config, overrides_of(layout_kw) + args.overrides, args.hf_dir)
-    return reduce_over_ranks(result)
+def parity(args, layout: list[str]) -> dict:
+    return reduce_over_ranks({mode: step_and_logits(args, layout, mode) for mode in MODES})
 
 
-def losses(args, layout_kw: dict) -> list[float]:
-    overrides = overrides_of(layout_kw) + args.overrides + ["logging.progress_bar=false"]
-    if not args.resume_from_layout:
-        return [r.loss for r in Trainer(load_config(args.config, overrides)).run()]
+def losses(args, layout: list[str]) -> list[float]:
+    overrides = layout + args.overrides + ["logging.progress_bar=false"]
+    return [r.loss for r in Trainer(load_config(args.config, overrides)).run()]
+
+
+def resumed_losses(args, first: list[str], then: list[str]) -> list[float]:
+    """--resume-steps steps at layout `first` into a save_dir, then the rest of the run resumed at `then`."""
     box = [tempfile.mkdtemp(prefix="cp_resume_") if torch.distributed.get_rank() == 0 else None]
     torch.distributed.broadcast_object_list(box, src=0)
-    save = [f"checkpoint.save_dir={box[0]}"]
-    first = overrides_of(parse_layouts(args.resume_from_layout)[0]) + args.overrides + ["logging.progress_bar=false"]
-    before = Trainer(load_config(args.config, first + save + [f"train.steps={args.resume_steps}"])).run()
-    after = Trainer(load_config(args.config, overrides + save)).run()
+    common = args.overrides + ["logging.progress_bar=false", f"checkpoint.save_dir={box[0]}"]
+    trainer = Trainer(load_config(args.config, first + common))
+    before = [trainer.train_step() for _ in range(args.resume_steps)]  # the whole run's LR schedule
+    trainer.save()
+    trainer.close()
+    after = Trainer(load_config(args.config, then + common)).run()
     return [r.loss for r in before + after]
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--check", choices=["parity", "losses"], required=True)
     parser.add_argument("--config", required=True)
     parser.add_argument("--hf-dir", required=True)
-    parser.add_argument("--layouts", required=True, help="'cp=2,tp=2;cp=4;...'")
-    parser.add_argument("--resume-from-layout", help="losses: train --resume-steps steps here first, then resume")
+    parser.add_argument("--parity", default="", help="layouts of the parity check: 'cp=2,tp=2;cp=4|section.key=value'")
+    parser.add_argument("--losses", default="", help="layouts whose training losses are recorded")
+    parser.add_argument(
+        "--resume", default="", help="'cp=2>cp=1': --resume-steps steps at the first, resumed at the second"
+    )
     parser.add_argument("--resume-steps", type=int, default=2)
     parser.add_argument("--out", required=True)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     init_distributed()
     results = {}
-    if args.check == "parity":
-        model_cfg = LLaDA2ModelConfig.from_hf_dict(read_hf_config(args.hf_dir))
-        ref, reader = load_reference_model(args.hf_dir), HFCheckpointReader(args.hf_dir)
-    for layout_kw in parse_layouts(args.layouts):
-        key = ",".join(f"{k}={v}" for k, v in layout_kw.items())
-        if args.check == "parity":
-            results[key] = parity(args, layout_kw, model_cfg, ref, reader)
-        else:
-            results[key] = losses(args, layout_kw)
-        if torch.distributed.get_rank() == 0:
-            print(key, results[key], flush=True)
+    for key, layout in parse_layouts(args.parity):
+        results[f"parity {key}"] = parity(args, layout)
+    for key, layout in parse_layouts(args.losses):
+        results[f"losses {key}"] = losses(args, layout)
+    if args.resume:
+        (_, first), (_, then) = (parse_layouts(part)[0] for part in args.resume.split(">"))
+        results[f"resume {args.resume}"] = resumed_losses(args, first, then)
     if torch.distributed.get_rank() == 0:
+        for key, value in results.items():
+            print(key, value, flush=True)
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
     torch.distributed.barrier()
