@@ -233,7 +233,11 @@ def convert_hf_to_mcore(
         "layout": save_layout,
         "dtype": params_dtype,
         "spec": spec,
-        "extra": {"converted_from": "hf", "hf_expert_format": source.expert_format, "requested_layout": layout_dict(layout)},
+        "extra": {
+            "converted_from": "hf",
+            "hf_expert_format": source.expert_format,
+            "requested_layout": layout_dict(layout),
+        },
     }
     bar = None
     if progress and rank == 0:

@@ -43,9 +43,11 @@ def parse_args(argv):
         help="auto (default without a YAML): per layout the first of none / selective mlp,moe / full that fits",
     )
     p.add_argument(
-        "--recompute-modules", help="with --recompute selective: megatron-core modules, e.g. mlp,moe (default core_attn)"
+        "--recompute-modules",
+        help="with --recompute selective: megatron-core modules, e.g. mlp,moe (default core_attn)",
     )
     p.add_argument("--lora-rank", type=int)
+    p.add_argument("--cp", type=int, help="only layouts with this context-parallel size (default: search every size)")
     p.add_argument("--top", type=int, default=15, help="rows to print per list")
     p.add_argument("--json", action="store_true", help="print JSON (every layout, total_params, active_params)")
     return p.parse_args(argv)
@@ -71,7 +73,7 @@ def main(argv=None) -> int:
     from dataclasses import replace
 
     from megadiff.errors import UserError, user_error_exit
-    from megadiff.planner import Hardware, RunShape, model_summary, plan_layouts
+    from megadiff.planner import Hardware, RunShape, candidate_layouts, model_summary, plan_layouts
     from megadiff.planner.report import as_json, table
 
     try:
@@ -105,7 +107,12 @@ def main(argv=None) -> int:
             if numbers[name] <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {numbers[name]}")
         hw = Hardware(gpus_per_node=args.gpus_per_node, nodes=args.nodes, gpu_memory_gb=args.gpu_memory_gb)
-        plans = plan_layouts(model, hw, shape)
+        layouts = None
+        if args.cp is not None:
+            if args.cp <= 0:
+                raise UserError(f"--cp must be positive, got {args.cp}")
+            layouts = [lay for lay in candidate_layouts(model, hw.world) if lay.cp == args.cp]
+        plans = plan_layouts(model, hw, shape, layouts)
     except UserError as e:
         return user_error_exit(e)
     summary = {"model": model_name, **model_summary(model), "world": hw.world, "shape": vars(shape)}

@@ -78,7 +78,9 @@ class Plan:
             "memory_detail": self.memory.detail if self.memory else None,
             "step_seconds": self.step_seconds,
             "step_parts": self.step_parts,
-            "recompute": None if self.recompute is None else {"granularity": self.recompute[0], "modules": self.recompute[1]},
+            "recompute": None
+            if self.recompute is None
+            else {"granularity": self.recompute[0], "modules": self.recompute[1]},
             "command": self.command(config),
         }
 
