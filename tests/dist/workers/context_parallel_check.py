@@ -97,7 +97,8 @@ def step_and_logits(args, layout: list[str], mode: str) -> dict:
         args.config,
         layout
         + args.overrides
-        + [f"diffusion.mode={mode}", "parallel.use_distributed_optimizer=false", "checkpoint.save_dir="],
+        + [f"diffusion.mode={mode}", "model.attention_backend=flex", "parallel.use_distributed_optimizer=false"]
+        + ["checkpoint.save_dir="],
     )
     trainer = Trainer(cfg)
     d = cfg.diffusion
@@ -114,7 +115,7 @@ def step_and_logits(args, layout: list[str], mode: str) -> dict:
     out = {}
     got = x_t_logits(trainer, local, seq)
     out["logits"] = float("nan") if got is None else float((got - want).abs().max())
-    if mode == "block_diffusion":
+    if mode == "block_diffusion" and ps.get_context_parallel_world_size() > 1:
         got = x_t_logits(trainer, [with_next_ranks_mask(trainer, b) for b in local], seq)
         out["logits_wrong_rank_mask"] = float("nan") if got is None else float((got - want).abs().max())
     loss, _ = trainer.forward_backward_step(local)
