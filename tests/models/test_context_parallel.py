@@ -193,3 +193,33 @@ def test_cp_that_does_not_divide_the_world_and_recomputed_flex_are_refused_befor
         ),
         env,
     )
+
+
+def test_planner_forecasts_cp_and_plans_name_it(tiny_run_dir, monkeypatch):
+    """CP divides the activations in the forecast (not the weights); at 64k tokens per row only CP
+    layouts (with MoE/MLP recompute) fit llada2-mini on 8 x 80 GB; the plan JSON names cp; the
+    trainer's memory check forecasts its own cp."""
+    import json
+
+    from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset
+    from megadiff.planner import Hardware, RunShape, forecast, plan_layouts
+    from megadiff.planner.report import as_json
+    from megadiff.training import memory_check
+    from megadiff.training.config import parallel_layout
+
+    mini = LLaDA2ModelConfig.from_hf_dict(preset("llada2-mini"))
+    shape = RunShape(seq_len=32768)
+    one, four = (forecast(mini, ParallelLayout(tp=2, ep=4, etp=2, cp=cp), Hardware(), shape) for cp in (1, 4))
+    assert four.activations < 0.3 * one.activations and four.weights == one.weights
+    plans = plan_layouts(mini, Hardware(), RunShape(seq_len=65536, recompute="auto"))
+    fits = [p for p in plans if p.reason is None]
+    assert fits and all(p.layout.cp > 1 and p.recompute == ("selective", ("mlp", "moe")) for p in fits)
+    assert "parallel.cp=" in fits[0].command() and "perf.recompute_modules=[mlp,moe]" in fits[0].command()
+    data = json.loads(as_json(fits[:1], {}, "C.yaml"))
+    assert data["plans"][0]["layout"]["cp"] == fits[0].layout.cp
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    cfg = load_config(str(tiny_run_dir / "cfg.yaml"), ["parallel.cp=2", "parallel.tp=2"])
+    model_cfg = LLaDA2ModelConfig.from_hf_dict(json.loads((tiny_run_dir / "hf" / "config.json").read_text()))
+    lines = []
+    memory_check.check_memory_forecast(cfg, model_cfg, parallel_layout(cfg), torch.float32, lines.append)
+    assert lines[0].startswith("memory forecast per GPU at tp=2,ep=1,etp=2,pp=1,cp=2 (dp=1)")
