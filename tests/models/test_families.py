@@ -147,3 +147,18 @@ def test_recipe_is_a_valid_training_diffusion_section(fam_name):
     cfg = load_config(None, REQUIRED + overrides).diffusion
     assert {k: getattr(cfg, k) for k in recipe.diffusion_defaults()} == recipe.diffusion_defaults()
     assert family(fam_name).tokenizer.mask_token in family(fam_name).tokenizer.special_tokens
+
+
+@pytest.mark.parametrize("fam_name", ["llada", "lladamoe"])
+def test_tiny_model_dir_reads_back_as_an_hf_checkpoint_of_its_family(fam_name, tmp_path):
+    from megadiff.hf.checkpoint_reader import HFCheckpointReader, check_tensors_match, read_hf_config
+    from megadiff.models.common.hf_dir import write_reference_dir
+
+    fam = family(fam_name)
+    write_reference_dir(fam, str(tmp_path), seed=3)
+    cfg_dict = read_hf_config(str(tmp_path))
+    assert family_for_config(cfg_dict) is fam
+    reader = HFCheckpointReader(str(tmp_path))
+    check_tensors_match(reader, fam.mapping.expected_hf_shapes(fam.config_from_hf(cfg_dict)))
+    model = fam.build_reference(cfg_dict, seed=3)
+    assert all(reader.get(n).equal(t) for n, t in model.state_dict().items())
