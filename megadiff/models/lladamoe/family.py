@@ -6,8 +6,6 @@ the answer length: the LLaDA-MoE report keeps LLaDA's loss) and sampled with LLa
 Ling-2.0 one that LLaDA2 also uses.
 """
 
-import dataclasses
-
 import torch
 
 from megadiff.models.common.reference import randomize_
@@ -65,20 +63,14 @@ SAMPLER = SamplerDefaults(
 
 def layer_spec(cfg: LLaDAMoEModelConfig, tconfig, use_te, vp_stage=None, core_attention=None):
     """The bidirectional GPT block spec; with expert bias, MoE layers route with ProbabilityBiasRouter."""
-    from megadiff.models.common.spec import bidirectional_block_spec  # megatron-core: only to build
+    from megadiff.models.common.spec import bidirectional_block_spec, with_moe_router  # megatron-core
 
     spec = bidirectional_block_spec(tconfig, use_te, vp_stage=vp_stage, core_attention=core_attention)
     if not cfg.expert_bias:
         return spec
     from .router import ProbabilityBiasRouter
 
-    for layer in spec.layer_specs:
-        mlp = layer.submodules.mlp
-        if hasattr(mlp.submodules, "router"):  # an MoE layer (MoESubmodules)
-            layer.submodules.mlp = dataclasses.replace(
-                mlp, submodules=dataclasses.replace(mlp.submodules, router=ProbabilityBiasRouter)
-            )
-    return spec
+    return with_moe_router(spec, ProbabilityBiasRouter)
 
 
 def gpt_model_args(cfg: LLaDAMoEModelConfig) -> dict:

@@ -16,8 +16,8 @@ from megatron.core.transformer.moe.router import TopKRouter
 class ProbabilityBiasRouter(TopKRouter):
     """Top-k of softmax(logits) + expert_bias; the chosen values are the weights."""
 
-    def __init__(self, config, pg_collection=None):
-        super().__init__(config=config, pg_collection=pg_collection)
+    def __init__(self, config, pg_collection=None, **kwargs):  # 0.17+ adds is_mtp_layer
+        super().__init__(config=config, pg_collection=pg_collection, **kwargs)
         del self.expert_bias  # TopKRouter's None placeholder (its own bias is off)
         self.register_buffer(
             "expert_bias", torch.zeros(config.num_moe_experts, dtype=torch.float32, device=self.weight.device)
