@@ -23,6 +23,7 @@ converters, data, diffusion, training, inference, LoRA, planner) receives a Mode
 imports a family module.
 """
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -117,8 +118,6 @@ class ModelFamily:
 
     def preset(self, name: str, **overrides) -> dict:
         """A copy of preset `name`'s HF config fields, with overrides applied."""
-        import copy
-
         if name not in self.presets:
             raise ValueError(f"unknown {self.name} preset '{name}'; choose one of {sorted(self.presets)}")
         return dict(copy.deepcopy(self.presets[name]), **overrides)

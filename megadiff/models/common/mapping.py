@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .mcore_params import ALL, DENSE, MOE, SPECS, TE, McoreParam
+from .mcore_params import ALL, DENSE, LOCAL, MOE, SPECS, TE, McoreParam
 
 
 class Mapping:
@@ -276,7 +276,7 @@ class MappingTable:
         specs name differently (both directions)."""
         out: dict[str, str] = {}
         for inst in self.instances(cfg):
-            local, te = inst.checkpoint_key(SPECS[0]), inst.checkpoint_key(TE)
+            local, te = inst.checkpoint_key(LOCAL), inst.checkpoint_key(TE)
             if local != te:
                 out[local], out[te] = te, local
         return out

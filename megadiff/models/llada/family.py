@@ -86,7 +86,7 @@ def build_reference(cfg: dict, seed: int | None = None, dtype=torch.float32) -> 
     """The reference model of HF config fields `cfg`; with `seed`, random non-trivial weights."""
     model = LLaDAReference(LLaDAModelConfig.from_hf_dict(cfg))
     if seed is not None:
-        randomize_(model, seed)
+        randomize_(model, seed, norm_names=("norm", "ln_f"))
     return model.to(dtype).eval()
 
 
