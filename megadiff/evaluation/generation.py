@@ -2,7 +2,7 @@
 
 A request is (prompt ids, the task's generation kwargs). Its decoding is the model args' DecodingOptions
 (threshold rule or LLaDA2.1 editing, block_length, steps, ...) with, from the request:
-  - max_gen_toks -> gen_length (else the model arg gen_length). The sampler always decodes whole blocks
+  - max_gen_toks (or max_new_tokens) -> gen_length (else the model arg gen_length). The sampler always decodes whole blocks
     of block_length (the last one padded with masks, blocks aligned to position 0, as in generate.py) and
     returns at most gen_length tokens, cut after the first EOS;
   - do_sample / temperature / top_k / top_p: greedy (temperature 0) unless do_sample is true, as
@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from megadiff.inference.sampler import DecodingOptions, generate
 from megadiff.inference.text import decode_tokens
 
-GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p")
+GEN_KWARGS = ("until", "max_gen_toks", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p")
 
 
 def request_decoding(base: DecodingOptions, gen_kwargs: dict) -> tuple[DecodingOptions, tuple[str, ...]]:
@@ -40,8 +40,9 @@ def request_decoding(base: DecodingOptions, gen_kwargs: dict) -> tuple[DecodingO
             f"generation kwarg until={gen_kwargs.get('until')!r} must be a string or a list of non-empty strings"
         )
     changes = {}
-    if gen_kwargs.get("max_gen_toks") is not None:
-        changes["gen_length"] = gen_kwargs["max_gen_toks"]
+    for name in ("max_gen_toks", "max_new_tokens"):  # lm-eval's name; Hugging Face's, which a few tasks use
+        if gen_kwargs.get(name) is not None:
+            changes["gen_length"] = gen_kwargs[name]
     if gen_kwargs.get("do_sample"):
         changes["temperature"] = float(gen_kwargs.get("temperature", 1.0))
         changes["top_k"] = gen_kwargs.get("top_k")

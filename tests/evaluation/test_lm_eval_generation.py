@@ -79,3 +79,26 @@ def test_is_greedy_is_whether_the_greedy_sampler_writes_the_continuation(tiny):
     pairs = list(zip(contexts, written, strict=True)) + list(zip(contexts, changed, strict=True)) + [(contexts[0], [])]
     matches = greedy_matches(model, pairs, BASE, mask_id=mask_id, eos_id=eos_id, batch_size=2)
     assert matches == [True, True, True, False, False, False, True]
+
+
+def test_decoding_comes_from_model_args_then_generation_config_json_then_defaults(tmp_path):
+    """The 2.1 editing rule when the model dir's generation_config.json sets it (as tools/generate.py),
+    a model arg over it, `off` for the 2.0 threshold rule; bad values name the model arg."""
+    from megadiff.evaluation.model_args import ModelArgError, decoding_options, parse_model_args
+
+    (tmp_path / "generation_config.json").write_text('{"editing_threshold": 0.8, "max_post_steps": 4}')
+    options = decoding_options(parse_model_args({"pretrained": str(tmp_path), "threshold": 0.7, "block_length": 16}))
+    assert (options.editing_threshold, options.max_post_steps, options.threshold) == (0.8, 4, 0.7)
+    assert (options.block_length, options.gen_length, options.steps) == (16, 256, 32)
+    assert (
+        decoding_options(parse_model_args({"pretrained": str(tmp_path), "editing_threshold": 0.5})).editing_threshold
+        == 0.5
+    )
+    assert (
+        decoding_options(parse_model_args({"pretrained": str(tmp_path), "editing_threshold": "off"})).editing_threshold
+        is None
+    )
+    with pytest.raises(ModelArgError, match="model arg threshold must be in"):
+        parse_model_args({"pretrained": str(tmp_path), "threshold": 2.0})
+    with pytest.raises(ModelArgError, match="model arg block_length=8.5 must be an integer"):
+        parse_model_args({"pretrained": str(tmp_path), "block_length": 8.5})

@@ -200,6 +200,7 @@ def test_bad_model_args_are_one_line_errors_naming_the_argument(workspace, model
     assert message.format(**fill) in str(error.value) and "\n" not in str(error.value)
 
 
+@pytest.mark.repeat  # the CLI's error path is lm-eval's and megadiff's alone: the same on both stacks
 def test_a_task_that_needs_loglikelihood_rolling_is_one_line_naming_it(workspace, capsys):
     """Through the CLI: the error rises from inside lm-eval's evaluation and still prints as one line."""
     out_dir = workspace["root"] / "rolling"
