@@ -56,6 +56,9 @@ class ModelArgs:
     device: str | None = None  # default: cuda:LOCAL_RANK on a GPU, else cpu
     batch_size: int = 1  # rows per forward: MC samples (loglikelihood) or prompts (generate_until)
     max_batch_size: int | None = None  # lm-eval's, for batch_size=auto; not used
+    # lm-eval's --trust_remote_code adds this (some task datasets need it); megadiff runs its own model
+    # code, never the checkpoint's, so it changes nothing here
+    trust_remote_code: bool = False
     mc_num: int = 128  # Monte-Carlo samples per loglikelihood request (LLaDA's default)
     check_greedy: bool = False  # compute is_greedy with the sampler (one decode per request)
     seed: int = 0  # likelihood noise and sampling
@@ -74,7 +77,7 @@ class ModelArgs:
 ARG_NAMES = tuple(f.name for f in dataclasses.fields(ModelArgs))
 INT_ARGS = ("iteration", "batch_size", "max_batch_size", "mc_num", "seed", "gen_length", "block_length", "steps")
 INT_ARGS += ("minimal_topk", "max_post_steps", "num_to_transfer")
-BOOL_ARGS = ("trust_checkpoint", "check_greedy", "eos_early_stop", "use_cache")
+BOOL_ARGS = ("trust_checkpoint", "trust_remote_code", "check_greedy", "eos_early_stop", "use_cache")
 
 
 def parse_model_args(values: dict) -> ModelArgs:
