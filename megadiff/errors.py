@@ -41,12 +41,11 @@ def user_error_exit(error) -> int:
     torch = sys.modules.get("torch")  # never import torch just to print an error
     if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
         line = f"error (rank {rank}): {error}"
-    elif rank == 0:
-        line = f"error: {error}"
     else:
-        return USER_ERROR_EXIT
-    print(line, file=sys.stderr, flush=True)
-    note_error_line(line)
+        line = f"error: {error}"
+    if rank == 0 or line.startswith("error ("):
+        print(line, file=sys.stderr, flush=True)
+    note_error_line(line)  # every rank: torchrun may stop rank 0 before it gets there
     return USER_ERROR_EXIT
 
 

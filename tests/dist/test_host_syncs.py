@@ -56,6 +56,7 @@ def host_reads(tiny_run_dir):
             "diffusion.complementary_masks=true",
         ],
         "dpo_precomputed": ["train.steps=3", "logging.log_interval=3", *dpo],
+        "dpo_live": ["train.steps=3", "logging.log_interval=3", *dpo, "dpo.reference=live"],
     }
     out = tiny_run_dir / "host_reads.json"
     run_torchrun(
@@ -67,7 +68,7 @@ def host_reads(tiny_run_dir):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("case", ["bd_dense", "full_flex_cap_sequence_edit_timers", "dpo_precomputed"])
+@pytest.mark.parametrize("case", ["bd_dense", "full_flex_cap_sequence_edit_timers", "dpo_precomputed", "dpo_live"])
 def test_a_step_reads_two_values_outside_log_steps(host_reads, case):
     r = host_reads[case]
     steps = len(r["reads"])
