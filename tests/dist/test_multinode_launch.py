@@ -63,6 +63,7 @@ def run_settings(metrics) -> list[str]:
     return ["train.steps=2", f"logging.metrics_file={metrics}"]
 
 
+@pytest.mark.repeat  # the launcher and torchrun's rendezvous do not depend on the stack: CI's light stack skips
 @pytest.mark.dist
 @pytest.mark.slow
 def test_two_nodes_of_two_processes_give_the_losses_of_one_four_process_launch(tiny_run_dir):
@@ -82,23 +83,24 @@ def test_two_nodes_of_two_processes_give_the_losses_of_one_four_process_launch(t
     assert "--standalone" in stdout and "--node-rank" not in stdout  # one node: a free port of its own
 
 
-@pytest.mark.repeat  # stack-independent; CI's light stack (b) runs only the two-node launch
+@pytest.mark.repeat
 @pytest.mark.dist
 @pytest.mark.slow
 def test_two_single_node_runs_on_one_machine_both_finish(tiny_run_dir):
+    """One process each: the old launcher's fixed port 29500 failed these as it failed bigger runs."""
     config = tiny_run_dir / "cfg.yaml"
     metrics = [tiny_run_dir / f"side_by_side_{i}.jsonl" for i in (0, 1)]
-    runs = [start(config, run_settings(m)) for m in metrics]
+    runs = [start(config, run_settings(m), GPUS_PER_NODE="1") for m in metrics]
     for rc, stdout, stderr in finish(*runs):
         assert rc == 0, stdout[-3000:] + stderr[-3000:]
     assert [len(losses(m)) for m in metrics] == [2, 2] and losses(metrics[0]) == losses(metrics[1])
 
 
+@pytest.mark.repeat
 @pytest.mark.dist
 def test_a_workers_one_line_error_is_the_launchers_last_line(tiny_run_dir):
-    ((rc, _, stderr),) = finish(
-        start(tiny_run_dir / "cfg.yaml", [f"data.train_files={tiny_run_dir / 'missing.jsonl'}"])
-    )
+    missing = [f"data.train_files={tiny_run_dir / 'missing.jsonl'}"]
+    ((rc, _, stderr),) = finish(start(tiny_run_dir / "cfg.yaml", missing, GPUS_PER_NODE="1"))
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert rc != 0 and lines[-1].startswith("error: ") and "missing.jsonl" in lines[-1], stderr[-3000:]
     assert "ChildFailedError" in stderr and stderr.index("ChildFailedError") < stderr.rindex(lines[-1])
