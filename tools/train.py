@@ -27,7 +27,7 @@ def main(argv=None):
     parser.add_argument("--help-config", action="store_true", help="list every config key with its type and default")
     args = parser.parse_args(argv)
 
-    from megadiff.errors import UserError, user_error_exit
+    from megadiff.errors import UserError, note_error_line, user_error_exit
     from megadiff.training.config import describe_config, load_config
 
     if args.help_config:
@@ -43,6 +43,9 @@ def main(argv=None):
         results = train(cfg)
     except UserError as e:
         return user_error_exit(e)
+    except Exception as e:  # a bug or a crash keeps its traceback; the launcher repeats its last line
+        note_error_line(f"error (rank {os.environ.get('RANK', '0')}): {type(e).__name__}: {e}")
+        raise
     import torch
 
     from megadiff.platform import print_rank0

@@ -148,7 +148,8 @@ class CheckpointSection:
 
 @dataclass
 class LoggingSection:
-    log_interval: int = setting(1, "steps between log lines", min=1)
+    log_interval: int = setting(1, "steps between log lines; the host reads losses and counts once per interval", min=1)
+    timers: bool = setting(False, "time data / fwd-bwd / opt of each step (synchronises the GPU at each phase)")
     progress_bar: bool = setting(
         True, "a progress bar on a terminal; otherwise (a log file) one line every log_interval steps"
     )
