@@ -28,7 +28,9 @@ def parse_args(argv):
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU, GB (80 for an H100)")
-    p.add_argument("--seq-len", type=int, help="tokens per packed row S (block diffusion feeds 2S); default 4096")
+    p.add_argument(
+        "--seq-len", "--seq-length", type=int, help="tokens per packed row S (block diffusion feeds 2S); default 4096"
+    )
     p.add_argument("--micro-batch-size", type=int)
     p.add_argument("--global-batch-size", type=int)
     p.add_argument("--mode", choices=["bd", "full"])
