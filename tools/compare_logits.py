@@ -73,6 +73,9 @@ def main(argv=None):
     from megadiff.platform import install_import_hook
 
     install_import_hook()  # first, before anything imports megatron-core
+    from megadiff.platform.rank_output import warnings_from_rank0_only
+
+    warnings_from_rank0_only()  # a torchrun tool: third-party warnings once, from rank 0
     args = parse_args(argv)
     try:
         return compare(args)

@@ -23,6 +23,9 @@ def main(argv=None):
     from megadiff.platform import install_import_hook
 
     install_import_hook()  # first, before anything imports megatron-core
+    from megadiff.platform.rank_output import warnings_from_rank0_only
+
+    warnings_from_rank0_only()  # before megatron-core, torch.distributed or transformers warn
     from megadiff.errors import UserError, user_error_exit
     from megadiff.training.megatron_flags import overrides_from_megatron_flags
 
