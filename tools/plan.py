@@ -4,11 +4,12 @@ optimizer state, activations, buffers) of every TP/EP/ETP/PP/VPP/DP layout, the 
 ranked by a first-order step-time model, each with the command line that runs it.
 
   tools/plan.py --preset llada2-mini --gpus-per-node 8 --gpu-memory-gb 80 --seq-len 4096
-  tools/plan.py examples/configs/llada2_flash_bd_sft.yaml --nodes 4 [section.key=value ...]
+  tools/plan.py examples/configs/llada2_flash_bd_sft.yaml --preset llada2-flash --nodes 4 [section.key=value ...]
 
 With a training YAML, the model (model.hf_dir's config.json, or --preset), sequence length,
 batch sizes, mode, dtype and backend come from it; flags given explicitly win. Assumptions of
-the model: docs/planner.md.
+the model: docs/planner.md. When no layout fits, the nearest single changes that make one fit
+(more nodes, recompute, a smaller micro-batch) are printed with their flags.
 """
 
 import argparse
@@ -124,6 +125,10 @@ def main(argv=None) -> int:
         else:
             print(f"this config's layout {config_layout} does not fit {hw.world} GPUs")
     print(table(plans, config_name, args.top, hw.memory_bytes / 2**30))
+    if not any(p.reason is None for p in plans):
+        from megadiff.planner.suggest import describe_changes, nearest_fitting_changes
+
+        print(describe_changes(nearest_fitting_changes(model, hw, shape), hw, config_layout))
     return 0
 
 
