@@ -214,6 +214,8 @@ def jsonl_rows(path: Path) -> Iterator[tuple[int, object, str | None]]:
     is a bad row like any other (named, skippable) rather than an error for the whole file."""
     with path.open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
+            if line_no == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark (Windows editors write one)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:

@@ -61,7 +61,8 @@ def _render(context: Sequence[dict], tokenizer) -> str:
             )
         # transformers refuses an empty conversation; an assistant-only row still has a generation prompt.
         return _compiled_template(template).render(messages=[], add_generation_prompt=True)
-    except TemplateError as e:  # SecurityError (sandbox), TemplateSyntaxError, the template's raise_exception
+    except (TemplateError, OverflowError, RecursionError) as e:  # SecurityError (sandbox), syntax, its
+        # own raise_exception, the sandbox's range limit, endless recursion
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise ChatTemplateError(
             f"the chat template of tokenizer {name} failed: {type(e).__name__}: {str(e).rstrip('.')}; fix or replace the "

@@ -383,11 +383,15 @@ def _mapping_lines(loader: yaml.SafeLoader, node, path: str, seen: set, inside: 
         line = key_node.start_mark.line + 1
         if key in lines:
             raise TrainingConfigError(
-                f"{path}:{line}: {name} is given twice (lines {lines[key]} and {line}); YAML would keep only "
+                f"{path}:{line}: {name} is given twice ({_where_both(lines[key], line)}); YAML would keep only "
                 "the last, silently: remove one"
             )
         lines[key] = line
     return lines
+
+
+def _where_both(first: int, second: int) -> str:
+    return f"both on line {first}" if first == second else f"lines {first} and {second}"
 
 
 def read_yaml_config(path: str) -> tuple[dict, dict]:
@@ -398,7 +402,8 @@ def read_yaml_config(path: str) -> tuple[dict, dict]:
             loader = yaml.SafeLoader(f)
             try:
                 node = loader.get_single_node()
-                top = _mapping_lines(loader, node, path, set()) if node is not None else {}
+                lines = _section_lines(loader, node, path) if node is not None else {}
+                # after the checks: constructing flattens `<<` merges into the nodes
                 data = loader.construct_document(node) if node is not None else {}
             finally:
                 loader.dispose()
@@ -408,14 +413,18 @@ def read_yaml_config(path: str) -> tuple[dict, dict]:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise TrainingConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
-    lines = dict(top)
+    return (data if data is not None else {}), lines
+
+
+def _section_lines(loader, node, path: str) -> dict:
+    lines = dict(_mapping_lines(loader, node, path, set()))
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
-            if isinstance(value_node, yaml.MappingNode):
-                section = loader.construct_object(key_node) if isinstance(key_node, yaml.ScalarNode) else None
+            if isinstance(key_node, yaml.ScalarNode) and isinstance(value_node, yaml.MappingNode):
+                section = loader.construct_object(key_node)
                 for key, line in _mapping_lines(loader, value_node, path, set(), str(section)).items():
                     lines[(section, key)] = line
-    return (data if data is not None else {}), lines
+    return lines
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainingConfig:

@@ -43,6 +43,12 @@ def test_nesting_too_deep_is_a_named_row_not_a_traceback(tmp_path):
     )
 
 
+def test_a_byte_order_mark_before_the_first_row_is_not_a_bad_row(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode() + b"\n" + GOOD.encode() + b"\n")
+    assert read_sft_rows(path)[1]["rows_kept"] == 2
+
+
 def test_a_lone_surrogate_is_a_named_row_and_pairs_are_fine(tmp_path):
     lone = '{"messages": [{"role": "assistant", "content": "a\\ud800b"}]}'
     assert read_bad_line(tmp_path, lone).startswith("invalid text (a lone UTF-16 surrogate '\\ud800': not a character)")
@@ -83,13 +89,22 @@ def test_non_special_added_tokens_in_content_are_text(llada2_like_tokenizer, tin
     assert encode_text(text, tiny_tokenizer) == tiny_tokenizer.encode(text, add_special_tokens=False)
 
 
-def test_a_template_that_leaves_the_sandbox_is_one_line_naming_the_tokenizer(tiny_tokenizer):
+@pytest.mark.parametrize(
+    "template, error",
+    [
+        ("{{ messages.__class__.__mro__[1].__subclasses__() }}", "SecurityError"),  # out of the sandbox
+        ("{% for i in range(10**12) %}x{% endfor %}", "OverflowError"),  # the sandbox's range limit
+        ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "RecursionError"),
+    ],
+    ids=["sandbox", "range", "recursion"],
+)
+def test_a_template_that_leaves_the_sandbox_is_one_line_naming_the_tokenizer(tiny_tokenizer, template, error):
     evil = copy.deepcopy(tiny_tokenizer)
-    evil.chat_template = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
+    evil.chat_template = template
     rows = [
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "source": "d.jsonl:4"}
     ]
-    with pytest.raises(DataError, match=r"^d.jsonl:4: the chat template of tokenizer .* failed: SecurityError: "):
+    with pytest.raises(DataError, match=rf"^d.jsonl:4: the chat template of tokenizer .* failed: {error}: "):
         tokenize_rows(rows, evil)
 
 

@@ -55,7 +55,14 @@ def test_remote_generate_gives_the_samplers_tokens_for_a_padded_batch(tiny, opti
 
 
 def test_remote_generate_equals_tools_generate_without_megadiff_installed(tiny, tmp_path):
-    model_dir, tokenizer, _, _ = tiny
+    """On an export (HF -> megatron -> HF, its remote code copied from the source dir)."""
+    from checkpoint_converters.hf_to_mcore import convert_hf_to_mcore
+    from checkpoint_converters.mcore_to_hf import convert_mcore_to_hf
+
+    source_dir, tokenizer, _, _ = tiny
+    convert_hf_to_mcore(source_dir, str(tmp_path / "ck"), progress=False, log=lambda *_: None)
+    model_dir = convert_mcore_to_hf(str(tmp_path / "ck"), str(tmp_path / "hf"), progress=False, log=lambda *_: None)
+    assert {"modeling_llada2_moe.py", "sampler.py", "editing.py"} <= set(os.listdir(model_dir))
     text = "Ann has 2 cups and gets 3 more. How many cups does Ann have?"
     flags = ["--gen-length", "16", "--block-length", "8", "--steps", "8", "--device", "cpu"]
     cli = subprocess.run(

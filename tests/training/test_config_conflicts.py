@@ -31,8 +31,11 @@ def test_a_key_given_twice_is_refused_with_both_lines(tmp_path, text, message):
 
 
 def test_merge_keys_may_be_overridden_and_errors_name_the_line(tmp_path):
-    path = write(tmp_path, BASE + "train: &t\n  steps: 10\n  lr: 1.0e-3\ndiffusion:\n  block_size: 8\n")
-    assert load_config(str(path)).train.steps == 10
+    merged = "train:\n  <<: {steps: 10, lr: 1.0e-3}\n  lr: 2.0e-3\n"  # a merge, then one key overridden
+    cfg = load_config(str(write(tmp_path, BASE + merged)))
+    assert (cfg.train.steps, cfg.train.lr) == (10, 2.0e-3)
+    with pytest.raises(TrainingConfigError, match=r":5: train\.lr is given twice \(both on line 5\)"):
+        load_config(str(write(tmp_path, BASE + "train: {lr: 1, lr: 2}\n")))
     path = write(tmp_path, BASE + "train:\n  steps: 10\n  lrr: 1\n")
     with pytest.raises(TrainingConfigError, match=rf"^{path}:7: unknown key 'train.lrr'"):
         load_config(str(path))
