@@ -54,14 +54,19 @@ def test_remote_generate_gives_the_samplers_tokens_for_a_padded_batch(tiny, opti
     assert out.shape == (2, max(map(len, expected.tokens)))
 
 
+@pytest.mark.slow  # four tool processes; stack (b) runs it too: its transformers loads remote code differently
 def test_remote_generate_equals_tools_generate_without_megadiff_installed(tiny, tmp_path):
-    """On an export (HF -> megatron -> HF, its remote code copied from the source dir)."""
-    from checkpoint_converters.hf_to_mcore import convert_hf_to_mcore
-    from checkpoint_converters.mcore_to_hf import convert_mcore_to_hf
-
+    """On an export (HF -> megatron -> HF, its remote code copied from the source dir; the tools
+    run in their own processes, as a user runs them)."""
     source_dir, tokenizer, _, _ = tiny
-    convert_hf_to_mcore(source_dir, str(tmp_path / "ck"), progress=False, log=lambda *_: None)
-    model_dir = convert_mcore_to_hf(str(tmp_path / "ck"), str(tmp_path / "hf"), progress=False, log=lambda *_: None)
+    model_dir = str(tmp_path / "hf")
+    for tool, args in (
+        ("convert_hf_to_mcore.py", ["--hf-dir", source_dir, "--output", tmp_path / "ck"]),
+        ("convert_mcore_to_hf.py", ["--mcore-dir", tmp_path / "ck", "--output", model_dir]),
+    ):
+        proc = subprocess.run([sys.executable, f"tools/{tool}", *map(str, args)], cwd=REPO, capture_output=True,
+                              text=True, env=worker_env())  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
     assert {"modeling_llada2_moe.py", "sampler.py", "editing.py"} <= set(os.listdir(model_dir))
     text = "Ann has 2 cups and gets 3 more. How many cups does Ann have?"
     flags = ["--gen-length", "16", "--block-length", "8", "--steps", "8", "--device", "cpu"]

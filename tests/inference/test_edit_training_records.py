@@ -5,23 +5,43 @@ training config, and the megadiff_training.json an export writes beside the weig
 import argparse
 import json
 import os
+import shutil
+import subprocess
+import sys
 
-from checkpoint_converters.hf_to_mcore import convert_hf_to_mcore
+import pytest
+
 from checkpoint_converters.mcore_to_hf import convert_mcore_to_hf
 from megadiff.checkpoint.format import TRAINING_RECORD
 from megadiff.hf.tiny import write_tiny_model_dir
 from megadiff.inference.cli import add_decoding_arguments, decoding_options, edit_training, untrained_editing_warning
 from megadiff.training.config import TrainingConfig
+from tests.dist.launch import worker_env
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def quiet(*_):
     pass
 
 
-def trained_checkpoint(hf_dir, root, edit_ratio):
-    """A converted checkpoint whose megadiff.json records a training run, as the trainer writes it."""
-    iteration_dir = convert_hf_to_mcore(hf_dir, str(root), progress=False, log=quiet)
-    meta_path = os.path.join(iteration_dir, "megadiff.json")
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """(tiny HF dir, its megatron checkpoint), converted by the tool in its own process (an
+    in-process conversion would start a process group in the test process)."""
+    root = tmp_path_factory.mktemp("edit_records")
+    hf = write_tiny_model_dir(str(root / "hf"), seed=0)
+    cmd = [sys.executable, "tools/convert_hf_to_mcore.py", "--hf-dir", hf, "--output", str(root / "ck")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=worker_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return hf, str(root / "ck")
+
+
+def trained_checkpoint(converted, root, edit_ratio):
+    """A copy of the converted checkpoint whose megadiff.json records a training run, as the
+    trainer writes it."""
+    shutil.copytree(converted[1], root)
+    meta_path = os.path.join(root, "iter_0000000", "megadiff.json")
     meta = json.load(open(meta_path))
     cfg = TrainingConfig()
     cfg.diffusion.edit_ratio = edit_ratio
@@ -39,11 +59,11 @@ def warning_for(model_dir, *flags):
     return untrained_editing_warning(args, decoding_options(args))
 
 
-def test_records_say_whether_a_model_was_trained_to_edit(tmp_path):
-    hf = write_tiny_model_dir(str(tmp_path / "hf"), seed=0)
+def test_records_say_whether_a_model_was_trained_to_edit(converted, tmp_path):
+    hf = str(shutil.copytree(converted[0], tmp_path / "hf"))
     assert edit_training(hf)[0] is None  # a download without records
     for ratio, trained in ((0.0, False), (0.25, True)):
-        ckpt = trained_checkpoint(hf, tmp_path / f"ck{ratio}", ratio)
+        ckpt = trained_checkpoint(converted, tmp_path / f"ck{ratio}", ratio)
         assert edit_training(ckpt) == (trained, f"{ckpt}/iter_0000000/megadiff.json: diffusion.edit_ratio={ratio}")
         exported = convert_mcore_to_hf(ckpt, str(tmp_path / f"hf{ratio}"), progress=False, log=quiet)
         record = json.load(open(os.path.join(exported, TRAINING_RECORD)))
@@ -55,12 +75,12 @@ def test_records_say_whether_a_model_was_trained_to_edit(tmp_path):
     assert edit_training(hf)[0] is True
 
 
-def test_editing_on_an_untrained_model_warns_and_nowhere_else(tmp_path):
-    hf = write_tiny_model_dir(str(tmp_path / "hf"), seed=0)
+def test_editing_on_an_untrained_model_warns_and_nowhere_else(converted, tmp_path):
+    hf = converted[0]
     warning = warning_for(hf, "--editing-threshold", "0.5")
     assert warning.startswith("warning: --editing-threshold 0.5 on a model not trained for token editing (no ")
     assert warning_for(hf) is None and warning_for(hf, "--editing-threshold", "off") is None
-    ckpt = trained_checkpoint(hf, tmp_path / "ck", 0.0)
+    ckpt = trained_checkpoint(converted, tmp_path / "ck", 0.0)
     assert "megadiff.json: diffusion.edit_ratio=0.0" in warning_for(ckpt, "--editing-threshold", "0.9")
-    trained = trained_checkpoint(hf, tmp_path / "ck_edit", 0.3)
+    trained = trained_checkpoint(converted, tmp_path / "ck_edit", 0.3)
     assert warning_for(trained, "--editing-threshold", "0.9") is None

@@ -27,6 +27,7 @@ def plan_output(argv: list[str]) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.repeat  # stack-independent arithmetic
 def test_flash_on_one_node_names_four_nodes_where_its_config_layout_fits():
     out = plan_output([os.path.join(REPO, "examples/configs/llada2_flash_bd_sft.yaml"), "--preset", "llada2-flash"])
     assert "0 of 111 layouts fit" in out

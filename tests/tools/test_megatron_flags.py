@@ -57,6 +57,7 @@ def test_flags_without_a_setting_are_refused_naming_what_to_use(argv, message):
         overrides_from_megatron_flags(["c.yaml", *argv])
 
 
+@pytest.mark.repeat  # stack-independent: argument handling
 def test_train_cli_notes_the_mapping_and_refuses_by_key(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("model: {hf_dir: m}\ndata: {train_files: d.jsonl}\n")
