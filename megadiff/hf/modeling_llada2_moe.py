@@ -475,6 +475,9 @@ def _block_sampler():
     model dir megadiff wrote), or, where this file is part of megadiff itself, megadiff.inference's
     (imported by name: remote code must not import megadiff, which the model's users may not have)."""
     try:
+        # editing.py is sampler.py's import; naming it here too makes transformers 4.x copy it
+        # (it copies the modeling file's own relative imports, not theirs)
+        from .editing import EditRule  # noqa: F401
         from .sampler import DecodingOptions, generate
     except ImportError:
         module = importlib.import_module("megadiff.inference.sampler")

@@ -67,9 +67,10 @@ def llada2_like_tokenizer(tmp_path_factory):
     for token in spec["added_tokens"]:
         token["special"] = token["content"] not in ("<role>", "</role>")
     (out / "tokenizer.json").write_text(json.dumps(spec))
-    config = json.loads((out / "tokenizer_config.json").read_text())
-    config["additional_special_tokens"] = ["<|role_end|>"]
-    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):  # transformers 4.x reads the latter too
+        config = json.loads((out / name).read_text())
+        config["additional_special_tokens"] = ["<|role_end|>"]
+        (out / name).write_text(json.dumps(config))
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     assert not tokenizer.added_tokens_decoder[tokenizer.convert_tokens_to_ids("<role>")].special
     return tokenizer

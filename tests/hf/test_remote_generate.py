@@ -54,11 +54,11 @@ def test_remote_generate_gives_the_samplers_tokens_for_a_padded_batch(tiny, opti
     assert out.shape == (2, max(map(len, expected.tokens)))
 
 
-@pytest.mark.slow  # four tool processes; stack (b) runs it too: its transformers loads remote code differently
+@pytest.mark.slow  # three processes; stack (b) runs it too: its transformers loads remote code differently
 def test_remote_generate_equals_tools_generate_without_megadiff_installed(tiny, tmp_path):
     """On an export (HF -> megatron -> HF, its remote code copied from the source dir; the tools
-    run in their own processes, as a user runs them)."""
-    source_dir, tokenizer, _, _ = tiny
+    run in their own processes, as a user runs them), loaded where megadiff cannot be imported."""
+    source_dir, tokenizer, mask_id, eos_id = tiny
     model_dir = str(tmp_path / "hf")
     for tool, args in (
         ("convert_hf_to_mcore.py", ["--hf-dir", source_dir, "--output", tmp_path / "ck"]),
@@ -69,17 +69,10 @@ def test_remote_generate_equals_tools_generate_without_megadiff_installed(tiny, 
         assert proc.returncode == 0, proc.stderr[-2000:]
     assert {"modeling_llada2_moe.py", "sampler.py", "editing.py"} <= set(os.listdir(model_dir))
     text = "Ann has 2 cups and gets 3 more. How many cups does Ann have?"
-    flags = ["--gen-length", "16", "--block-length", "8", "--steps", "8", "--device", "cpu"]
-    cli = subprocess.run(
-        [sys.executable, "tools/generate.py", "--model", model_dir, "--prompt", text, "--output", tmp_path / "g.jsonl"]
-        + flags,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=worker_env(),
-    )
-    assert cli.returncode == 0, cli.stderr[-2000:]
-    from_cli = json.loads((tmp_path / "g.jsonl").read_text())["generated_ids"]
+    # what tools/generate.py --prompt TEXT decodes (tests/tools/test_editing_cli.py holds the CLI to
+    # this library call): the chat-templated prompt through megadiff.inference.generate
+    prompt_ids = encode_prompt(text, tokenizer)
+    from_cli = generate(load_model(model_dir), [prompt_ids], DecodingOptions(**DECODE), mask_id, eos_id).tokens[0]
     script = (
         "import json, sys, torch\n"
         "sys.modules['megadiff'] = None  # any import of megadiff fails, as on a machine without it\n"
@@ -89,7 +82,7 @@ def test_remote_generate_equals_tools_generate_without_megadiff_installed(tiny, 
         "print(type(model).__module__)\n"
         "print(json.dumps(model.generate(inputs=ids, gen_length=16, block_length=8, steps=8)[0].tolist()))\n"
     )
-    prompt = json.dumps(encode_prompt(text, tokenizer))
+    prompt = json.dumps(prompt_ids)
     alone = subprocess.run(
         [sys.executable, "-c", script, model_dir, prompt],
         cwd=tmp_path,
