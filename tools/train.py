@@ -7,9 +7,9 @@ examples/pretrain_llada2_sft.sh):
 Overrides are section.key=value (sections: model, data, train, parallel, diffusion, dpo, checkpoint,
 logging, perf, lora); `--help-config` lists every key with its type, default and meaning.
 Megatron-LM flags are read as the key they mean, with a note (`--tensor-model-parallel-size 2` is
-parallel.tp=2, `--micro-batch-size 4` train.micro_batch_size=4), or refused naming what to use. A SIGTERM saves a
-checkpoint and exits 0. An error in the input (config, data rows, the model's config.json, tokenizer,
-checkpoint) is printed as one line naming the culprit, and the exit status is 2.
+parallel.tp=2, `--micro-batch-size 4` train.micro_batch_size=4), or refused naming what to use.
+A SIGTERM saves a checkpoint and exits 0. An error in the input (config, data rows, the model's
+config.json, tokenizer, checkpoint) is printed as one line naming the culprit, and the exit status is 2.
 """
 
 import argparse
