@@ -92,7 +92,7 @@ def test_non_tty_progress_is_one_line_every_log_interval(tmp_path):
     out = stream.getvalue()
     assert "\r" not in out
     lines = out.splitlines()
-    assert [line.split()[1] for line in lines] == ["5", "10", "15", "20"]
+    assert [line.split()[1] for line in lines] == ["5/20", "10/20", "15/20", "20/20"]
     assert "TFLOP/s/GPU 200.0" in lines[-1] and "MFU 200.0%" in lines[-1]
     assert "data/fwd-bwd/opt 0.100/0.300/0.100s" in lines[-1] and "mem alloc/reserved n/a/n/a GiB" in lines[-1]
     records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
