@@ -30,7 +30,7 @@ def plan_output(argv: list[str]) -> str:
 @pytest.mark.repeat  # stack-independent arithmetic
 def test_flash_on_one_node_names_four_nodes_where_its_config_layout_fits():
     out = plan_output([os.path.join(REPO, "examples/configs/llada2_flash_bd_sft.yaml"), "--preset", "llada2-flash"])
-    assert "0 of 111 layouts fit" in out
+    assert re.search(r"^0 of \d+ layouts fit", out, re.M)  # 241 with the context-parallel sizes
     nodes = re.search(r"^  --nodes (\d+): (\d+) layouts fit on (\d+) GPUs.*; this config's layout fits too", out, re.M)
     assert nodes and nodes.group(1) == "4" and int(nodes.group(2)) > 0, out[-2000:]
 
