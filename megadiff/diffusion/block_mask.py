@@ -1,14 +1,14 @@
 """The FlexAttention BlockMask of one micro-batch for the model's flex core attention.
 
 The mask rules are megadiff.diffusion.masks' mask_mods; building the BlockMask (eager or compiled)
-is the model's flex attention (megadiff.models.llada2.flex_attention.build_block_mask).
+is the model's flex attention (megadiff.models.common.attention.build_block_mask).
 """
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
+from megadiff.models.common.attention import build_block_mask
 from megadiff.models.common.context_parallel import local_query_mask_mod
-from megadiff.models.llada2.flex_attention import build_block_mask
 
 from .masks import block_diffusion_mask_mod, full_attention_mask_mod
 

@@ -5,7 +5,7 @@ materialises the scores, if compiling fails). torch's CPU flex has no backward, 
 are needed the forward runs under `_CpuFlexAttention`, whose backward recomputes attention one
 128-row query tile at a time over only the key tiles the BlockMask lists (memory
 O(h * 128 * visible keys), like flash attention's backward). Correct, not fast: CPU is for tests
-and development. The model's flex core attention (megadiff.models.llada2.flex_attention) calls
+and development. The model's flex core attention (megadiff.models.common.attention) calls
 `cpu_flex_attention` for CPU tensors.
 """
 

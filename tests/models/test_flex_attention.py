@@ -71,7 +71,7 @@ def test_flex_llada2_matches_dense_at_tp2_sequence_parallel(tmp_path):
 def test_flex_backend_refuses_recompute_of_core_attention():
     from megatron.core.transformer import TransformerConfig
 
-    from megadiff.models.llada2.flex_attention import check_flex_supported
+    from megadiff.models.common.attention import check_flex_supported
 
     base = dict(num_layers=2, hidden_size=64, num_attention_heads=4)
     check_flex_supported(TransformerConfig(**base))

@@ -38,7 +38,8 @@ def context_parallel_row(input_ids, position_ids, cp: int, cp_rank: int, tp: int
     tokens, the whole row's position ids, its local-query BlockMask or None, the global position of
     each of its tokens). The row is right-padded to a multiple of lcm(2*cp, cp*tp); padded keys are
     masked out (padded queries see themselves), so the real positions' logits are unchanged."""
-    from .flex_attention import build_block_mask  # compiles flex (TorchDynamo): only CP runs need it
+    # compiles flex (TorchDynamo): only CP runs need it
+    from megadiff.models.common.attention import build_block_mask
 
     s = input_ids.shape[1]
     n = -(-s // sequence_multiple(cp, tp)) * sequence_multiple(cp, tp)

@@ -68,7 +68,7 @@ def build_model(
     core_attention = None
     if attention_backend == "flex":
         # flex attention compiles flex_attention at import (TorchDynamo, seconds): dense runs skip it
-        from .flex_attention import FlexCoreAttention, check_flex_supported
+        from megadiff.models.common.attention import FlexCoreAttention, check_flex_supported
 
         check_flex_supported(config)
         core_attention = FlexCoreAttention

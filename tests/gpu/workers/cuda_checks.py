@@ -95,7 +95,7 @@ def flex_errors():
 
     from megadiff.diffusion.block_mask import block_mask_for
     from megadiff.diffusion.masks import block_diffusion_mask, full_attention_mask
-    from megadiff.models.llada2.flex_attention import FlexCoreAttention
+    from megadiff.models.common.attention import FlexCoreAttention
     from megadiff.models.llada2.model import mcore_attention_mask
 
     device = run_device()
