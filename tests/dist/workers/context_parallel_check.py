@@ -1,6 +1,6 @@
 """torchrun worker: context parallelism (parallel.cp) against the single-process reference.
 
---parity, per layout ("cp=2,tp=2;cp=4;...") and diffusion mode (block_diffusion, full), one
+--parity, per layout ("cp=2,tp=2;cp=4;...") and diffusion mode (--modes: block_diffusion, full), one
 Trainer on the packed rows of the tiny run dir (extra overrides from the command line):
 - logits: the x_t logits of the trainer's model for its first step's CP-split micro-batches,
   gathered over TP and CP, vs the reference's on the whole rows with the dense mask: max |Δ|.
@@ -149,7 +149,7 @@ def reduce_over_ranks(result: dict) -> dict:
 
 
 def parity(args, layout: list[str]) -> dict:
-    return reduce_over_ranks({mode: step_and_logits(args, layout, mode) for mode in MODES})
+    return reduce_over_ranks({mode: step_and_logits(args, layout, mode) for mode in args.modes.split(",")})
 
 
 def losses(args, layout: list[str]) -> list[float]:
@@ -175,6 +175,7 @@ def main():
     parser.add_argument("--config", required=True)
     parser.add_argument("--hf-dir", required=True)
     parser.add_argument("--parity", default="", help="layouts of the parity check: 'cp=2,tp=2;cp=4|section.key=value'")
+    parser.add_argument("--modes", default=",".join(MODES), help="diffusion modes of the parity check")
     parser.add_argument("--losses", default="", help="layouts whose training losses are recorded")
     parser.add_argument(
         "--resume", default="", help="'cp=2>cp=1': --resume-steps steps at the first, resumed at the second"
