@@ -247,17 +247,20 @@ def child(seq_len: int, layers: int, repeats: int) -> None:
 # ------------------------------------------------------------------ parent
 
 
-def launch(seq_len: int, cp: int, args) -> list[dict]:
+def launch(seq_len: int, cp: int, args, tries: int = 3) -> list[dict]:
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", MEGADIFF_DEVICE="cpu", PYTHONWARNINGS="ignore")
-    cmd = [torchrun, "--nproc-per-node", str(cp), "--master-port", str(port), __file__]
-    cmd += ["--child", str(seq_len), "--layers", str(args.layers), "--repeats", str(args.repeats)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    for _ in range(tries):  # a free port may be taken before torchrun binds it (other jobs on the machine)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [torchrun, "--nproc-per-node", str(cp), "--master-port", str(port), __file__]
+        cmd += ["--child", str(seq_len), "--layers", str(args.layers), "--repeats", str(args.repeats)]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        if "EADDRINUSE" not in proc.stdout + proc.stderr:
+            break
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode or line is None:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
