@@ -5,8 +5,9 @@ Tolerances: x_t logits max |Δ| <= 1e-4 (fp32); loss and every parameter gradien
 over five steps within 1e-5. Control: a rank given its neighbour's local-query mask is >= 1e-2 off
 (the logits check can fail). Layouts, in one four-process launch: CP4, CP2xTP2 (sequence parallel),
 CP2xEP2 (dp 2 as well, with MLP/MoE recompute), CP2xPP2xVPP2, with complementary masks, CAP,
-per-sequence normalisation and 1/t weights on; MEGADIFF_TESTS=light (stack (b)) checks block diffusion
-only there (full attention's CP split is megadiff's own code, the same on both stacks). Two processes:
+per-sequence normalisation and 1/t weights on; MEGADIFF_TESTS=light (stack (b)) checks CP2xPP2xVPP2 in
+block diffusion only (the other layouts and full attention's CP split run megadiff's own code, the same
+on both stacks; the pipeline schedule is megatron-core's). Two processes:
 CP2 parity, five training steps at CP1 and CP2 (also with LoRA), a CP2 run resumed at CP1; and
 compare_logits --cp 2 (both `repeat`: stack-independent re-checks of what the four-process launch runs).
 """
@@ -75,8 +76,9 @@ def test_cp2_matches_the_reference_trains_like_cp1_and_resumes_at_cp1(tiny_run_d
 @pytest.mark.slow
 def test_cp4_and_cp2_with_tp_ep_pp_vpp_match_the_reference(tiny_run_dir):
     layouts = ["cp=4", "cp=2,tp=2", f"cp=2,ep=2|{RECOMPUTE}", "cp=2,pp=2,vpp=2"]
-    light = os.environ.get("MEGADIFF_TESTS") == "light"
-    modes = ("block_diffusion",) if light else ("block_diffusion", "full")
+    modes = ("block_diffusion", "full")
+    if os.environ.get("MEGADIFF_TESTS") == "light":  # stack (b)'s budget: the layout whose schedule
+        layouts, modes = layouts[-1:], modes[:1]  # depends most on megatron-core's version
     extras = [
         "diffusion.complementary_masks=true",
         "diffusion.confidence_beta=2.0",
