@@ -249,7 +249,9 @@ def train_steps(chunks, cfg, ids, variant, steps=5) -> dict:
 def lora_model(layout, experts, ref_sd, cfg, adapters=None, ddp=None):
     """Model chunks with the base weights, adapted, holding `adapters` (if given), in DDP `ddp`."""
     initialize_parallel(layout)
-    chunks = build_model(cfg, layout, calculate_per_token_loss=True)
+    # adapters on routed experts need megatron-core's SequentialMLP (grouped experts skip them)
+    moe_experts = "sequential" if experts else "auto"
+    chunks = build_model(cfg, layout, moe_experts=moe_experts, calculate_per_token_loss=True)
     load_hf_into_model(chunks, lambda name: ref_sd[name], cfg)
     apply_lora(chunks, **lora_settings(experts))
     if adapters is not None:
