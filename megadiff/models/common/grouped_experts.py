@@ -2,9 +2,9 @@
 
 Without Transformer Engine, megatron-core trains routed experts with `SequentialMLP`: one MLP per
 local expert, called one after another, after a `.tolist()` of the tokens per expert. On a GPU that
-is three GEMM launches per expert per direction (32 experts x 19 MoE layers per micro-batch for
-LLaDA2-mini at EP=8), and the step is bound by kernel launches. `TorchGroupedMLP` computes the same
-thing as one grouped GEMM per projection and direction:
+is two GEMMs per expert forward and four backward, plus the activation's kernels (32 local experts
+x 19 MoE layers per micro-batch for LLaDA2-mini at EP=8): a step bound by kernel launches.
+`TorchGroupedMLP` computes the same thing as one grouped GEMM per projection and direction:
 
     h   = x @ W1[e].T        for the rows x of each expert e     (fc1, [gate; up] per TP shard)
     a   = act(h) * probs     (silu(gate) * up, weighted by the router, as megatron-core's MLP does)
@@ -19,6 +19,8 @@ fc2's partial outputs), so the local math above is all there is.
 
 Offsets come from a cumulative sum of the token counts on the device (no host read of them), and an
 expert without tokens gets an exact zero weight gradient (masked: some kernels leave garbage there).
+Under megatron-core's DDP the weight gradients go straight into the main grads in one multi-tensor
+add (`_weight_grads`), instead of one add per expert weight in DDP's hooks.
 The stacked [experts, out, in] weights are a transient copy, made again in backward instead of being
 kept alive between forward and backward (one more copy of the local expert weights per layer and
 micro-batch, against keeping them all stacked until backward).
@@ -64,8 +66,25 @@ class _GroupedLinear(torch.autograd.Function):
         if wants_w:
             stacked = torch._grouped_mm(grad_y.t(), x, offs=offsets)  # [experts, out, in]
             stacked.masked_fill_(~has_tokens[:, None, None], 0.0)  # experts without tokens: exactly 0
-            grad_w = stacked.unbind(0)
+            grad_w = _weight_grads(weights, stacked)
         return grad_x, None, None, *grad_w
+
+
+def _weight_grads(weights, stacked: torch.Tensor):
+    """The experts' weight gradients from their stacked [experts, out, in] gradient. Under
+    megatron-core's DDP (every weight has a `main_grad`) they are added to the main grads in one
+    multi-tensor op and autograd gets placeholders, as megatron-core's fused weight-gradient
+    accumulation does: DDP's hook then skips its add, which would be one kernel per expert weight."""
+    if not all(hasattr(w, "main_grad") and hasattr(w, "grad_added_to_main_grad") for w in weights):
+        return stacked.unbind(0)
+    main_grads = [w.main_grad for w in weights]
+    torch._foreach_add_(main_grads, stacked.to(main_grads[0].dtype).unbind(0))
+    placeholders = []
+    for w in weights:
+        w.grad_added_to_main_grad = True
+        make = torch.zeros if getattr(w, "zero_out_wgrad", False) else torch.empty
+        placeholders.append(make(w.main_grad.shape, dtype=stacked.dtype, device=stacked.device))
+    return placeholders
 
 
 class TorchGroupedMLP(SequentialMLP):
