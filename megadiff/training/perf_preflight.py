@@ -190,7 +190,7 @@ def choose_moe_experts(
     the TE spec, which LoRA runs do not build; grouped experts (torch._grouped_mm) need the kernel in
     the run's dtype and rows of whole multiples of 16 bytes, and call no per-expert linear, so not
     with LoRA on routed experts (auto then picks sequential). megatron-core recomputes the expert
-    activation (`moe_act`) only in TE's grouped experts."""
+    activation (`moe_act`) only in TE's grouped experts, and FP8 experts are TE's."""
     p = cfg.perf
     te = env.on_cuda and env.te and not cfg.lora.enabled
     if cfg.lora.enabled and cfg.lora.experts:
@@ -202,6 +202,12 @@ def choose_moe_experts(
         choice = choose_experts(p.moe_experts, te, why_not, key="perf.moe_experts")
     except ConfigError as e:
         raise TrainingConfigError(str(e)) from None
+    if p.fp8 != "off" and choice.backend != "te":
+        _fail(
+            f"perf.fp8={p.fp8}",
+            f"FP8 experts are Transformer Engine's, and this run's are {choice.backend} ({choice.reason})",
+            "use perf.moe_experts=te (or auto) with FP8, or perf.fp8=off",
+        )
     if p.recompute_granularity == "selective" and "moe_act" in (p.recompute_modules or []) and choice.backend != "te":
         _fail(
             "perf.recompute_modules=[moe_act]",

@@ -65,6 +65,7 @@ def test_auto_picks_te_then_grouped_then_sequential(env, cfg, dtype, backend, re
             dict(hidden_size=2048, expert_ffn_per_rank=100),
             "perf.moe_experts=grouped: .*multiple of 16 bytes.*expert hidden size per expert-TP rank=100",
         ),
+        (H200_TE, cfg_with("grouped", fp8="e4m3"), MINI, "perf.fp8=e4m3: FP8 experts are Transformer Engine's"),
         (
             H200_TE,
             cfg_with("grouped", recompute_granularity="selective", recompute_modules=["moe_act"]),
@@ -97,6 +98,17 @@ def test_the_replaced_key_names_its_successor_and_lora_on_grouped_experts_names_
         load_config(None, [*BASE, "lora.enabled=true", "lora.experts=true", "perf.moe_experts=grouped"])
     assert load_config(None, [*BASE, "lora.enabled=true", "lora.experts=true"]).perf.moe_experts == "auto"
     assert "perf.moe_experts (one of auto, te, grouped, sequential; default auto)" in describe_config()
+
+
+def test_tools_resolve_the_same_choice_naming_their_flag():
+    from megadiff.errors import ConfigError
+    from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset
+    from megadiff.models.llada2.model import routed_experts
+
+    tiny = LLaDA2ModelConfig.from_hf_dict(preset("tiny"))
+    assert routed_experts(tiny, ParallelLayout(), torch.float32, "auto", key="--moe-experts").backend == "grouped"
+    with pytest.raises(ConfigError, match="--moe-experts=te: Transformer Engine's grouped experts need a CUDA run"):
+        routed_experts(tiny, ParallelLayout(), torch.float32, "te", key="--moe-experts")
 
 
 def test_this_machine_runs_grouped_mm_on_the_cpu_in_fp32():
