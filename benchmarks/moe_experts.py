@@ -152,6 +152,36 @@ def counted(step):
     return kernels, sum(ops.ops.values()), sum(reads.reads.values()), dict(reads.reads)
 
 
+def measure_variant(variant: str, hidden: int, experts: int, x, w, repeats: int):
+    """(measurements, layer output) of one variant: the whole layer, then its experts alone on the
+    tokens the layer handed them."""
+    layer = moe_layer(hidden, experts, variant)
+    captured = []
+    hook = layer.experts.register_forward_pre_hook(lambda m, a: captured.append([t.detach() for t in a]))
+    output = layer_step(layer, x, w)
+    hook.remove()
+    ex_x, counts, probs = captured[0]
+    ex_inputs = (ex_x.requires_grad_(), counts, probs.requires_grad_())
+    ex_w = torch.randn(ex_x.shape, generator=torch.Generator().manual_seed(1))
+    layer_ms = timed(lambda: layer_step(layer, x, w), repeats)
+    experts_ms = timed(lambda: experts_step(layer.experts, ex_inputs, ex_w), repeats)
+    layer_kernels, layer_ops, layer_reads, layer_kinds = counted(lambda: layer_step(layer, x, w))
+    experts_kernels, experts_ops, experts_reads, _ = counted(lambda: experts_step(layer.experts, ex_inputs, ex_w))
+    stats = dict(
+        layer_ms=layer_ms,
+        layer_kernel_ops=layer_kernels,
+        layer_aten_ops=layer_ops,
+        layer_host_reads=layer_reads,
+        layer_host_read_kinds=layer_kinds,
+        experts_ms=experts_ms,
+        experts_kernel_ops=experts_kernels,
+        experts_aten_ops=experts_ops,
+        experts_host_reads=experts_reads,
+        experts_without_tokens=int((counts == 0).sum()),
+    )
+    return stats, output
+
+
 def run_case(name: str, hidden: int, experts: int, args) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.tokens, 1, hidden, generator=g).requires_grad_()
@@ -159,45 +189,19 @@ def run_case(name: str, hidden: int, experts: int, args) -> dict:
     out = {"case": name, "hidden": hidden, "experts": experts, "tokens": args.tokens, "rows": args.tokens * 8}
     outputs = {}
     for variant in VARIANTS:
-        layer = moe_layer(hidden, experts, variant)
-        captured = []
-        hook = layer.experts.register_forward_pre_hook(lambda m, a: captured.append([t.detach() for t in a]))
-        outputs[variant] = layer_step(layer, x, w)
-        hook.remove()
-        ex_x, counts, probs = captured[0]
-        ex_inputs = (ex_x.requires_grad_(), counts, probs.requires_grad_())
-        ex_w = torch.randn(ex_x.shape, generator=torch.Generator().manual_seed(1))
-        layer_ms = timed(lambda: layer_step(layer, x, w), args.repeats)
-        experts_ms = timed(lambda: experts_step(layer.experts, ex_inputs, ex_w), args.repeats)
-        layer_kernels, layer_ops, layer_reads, layer_kinds = counted(lambda: layer_step(layer, x, w))
-        experts_kernels, experts_ops, experts_reads, _ = counted(lambda: experts_step(layer.experts, ex_inputs, ex_w))
-        out[variant] = dict(
-            layer_ms=layer_ms,
-            layer_kernel_ops=layer_kernels,
-            layer_aten_ops=layer_ops,
-            layer_host_reads=layer_reads,
-            layer_host_read_kinds=layer_kinds,
-            experts_ms=experts_ms,
-            experts_kernel_ops=experts_kernels,
-            experts_aten_ops=experts_ops,
-            experts_host_reads=experts_reads,
-            experts_without_tokens=int((counts == 0).sum()),
-        )
+        out[variant], outputs[variant] = measure_variant(variant, hidden, experts, x, w, args.repeats)
         print(json.dumps({name: {variant: out[variant]}}), flush=True)
-        del layer
     seq, grp = out["sequential"], out["grouped"]
     out["max_abs_diff"] = float((outputs["grouped"] - outputs["sequential"]).abs().max())
-    out["ratios_grouped_over_sequential"] = {
-        k: grp[k] / seq[k] if seq[k] else None
-        for k in (
-            "layer_ms",
-            "layer_kernel_ops",
-            "layer_host_reads",
-            "experts_ms",
-            "experts_kernel_ops",
-            "experts_host_reads",
-        )
-    }
+    keys = (
+        "layer_ms",
+        "layer_kernel_ops",
+        "layer_host_reads",
+        "experts_ms",
+        "experts_kernel_ops",
+        "experts_host_reads",
+    )
+    out["ratios_grouped_over_sequential"] = {k: grp[k] / seq[k] if seq[k] else None for k in keys}
     return out
 
 
