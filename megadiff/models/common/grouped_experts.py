@@ -164,6 +164,33 @@ def grouped_experts_spec(spec):
     return None
 
 
+def with_grouped_experts(block_spec):
+    """`block_spec` (a decoder block spec) with every MoE layer's SequentialMLP experts replaced by
+    TorchGroupedMLP (`grouped_experts_spec`); dense layers are left alone. megatron-core 0.16
+    describes an MoE layer as ModuleSpec(MoELayer, submodules=MoESubmodules), 0.17+ as
+    functools.partial(MoELayer, submodules=MoESubmodules); both carry the experts in
+    MoESubmodules.experts. Any family's block spec can go through it."""
+
+    def swap(mlp):
+        if isinstance(mlp, functools.partial):
+            submodules = mlp.keywords.get("submodules")
+        else:
+            submodules = getattr(mlp, "submodules", None)
+        grouped = grouped_experts_spec(getattr(submodules, "experts", None))
+        if grouped is None:
+            return mlp
+        submodules = dataclasses.replace(submodules, experts=grouped)
+        if isinstance(mlp, functools.partial):
+            return functools.partial(mlp.func, *mlp.args, **dict(mlp.keywords, submodules=submodules))
+        return dataclasses.replace(mlp, submodules=submodules)
+
+    layers = [
+        dataclasses.replace(layer, submodules=dataclasses.replace(layer.submodules, mlp=swap(layer.submodules.mlp)))
+        for layer in block_spec.layer_specs
+    ]
+    return dataclasses.replace(block_spec, layer_specs=layers)
+
+
 def _local_linears(submodules):
     return dataclasses.replace(submodules, linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
 

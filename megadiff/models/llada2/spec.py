@@ -12,7 +12,6 @@ With TE and CUDA, the TE spec (fused norm+linear, TE grouped-GEMM experts) is us
 """
 
 import dataclasses
-import functools
 
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -21,7 +20,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-from megadiff.models.common.grouped_experts import grouped_experts_spec
+from megadiff.models.common.grouped_experts import with_grouped_experts
 from megadiff.platform.kernels import transformer_engine_usable as usable
 
 
@@ -40,28 +39,23 @@ def transformer_engine_usable() -> bool:
     return usable()
 
 
-def _swap(spec, use_te: bool, core_attention=None, grouped_experts: bool = False):
-    """Recursively rewrite a spec tree (ModuleSpec / dataclass submodules / functools.partial
-    builders, which megatron-core 0.19 uses for MoE entries / classes)."""
-    again = functools.partial(_swap, use_te=use_te, core_attention=core_attention, grouped_experts=grouped_experts)
+def _swap(spec, use_te: bool, core_attention=None):
+    """Recursively rewrite a spec tree (ModuleSpec / dataclass submodules / classes)."""
     if spec is WrappedTorchNorm and not use_te:
         return SequenceParallelRMSNorm
-    if grouped_experts and (grouped := grouped_experts_spec(spec)) is not None:
-        return grouped
     if isinstance(spec, ModuleSpec):
         params = dict(spec.params)
-        submodules = again(spec.submodules)
+        submodules = _swap(spec.submodules, use_te, core_attention)
         if isinstance(spec.module, type) and issubclass(spec.module, SelfAttention):
             params["attn_mask_type"] = AttnMaskType.arbitrary
             if core_attention is not None:
                 submodules = dataclasses.replace(submodules, core_attention=core_attention)
         return dataclasses.replace(spec, params=params, submodules=submodules)
-    if isinstance(spec, functools.partial):
-        return functools.partial(spec.func, *map(again, spec.args), **{k: again(v) for k, v in spec.keywords.items()})
     if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
-        return dataclasses.replace(spec, **{f.name: again(getattr(spec, f.name)) for f in dataclasses.fields(spec)})
+        changes = {f.name: _swap(getattr(spec, f.name), use_te, core_attention) for f in dataclasses.fields(spec)}
+        return dataclasses.replace(spec, **changes)
     if isinstance(spec, list):
-        return [again(s) for s in spec]
+        return [_swap(s, use_te, core_attention) for s in spec]
     return spec
 
 
@@ -69,6 +63,7 @@ def llada2_block_spec(config, use_te: bool, vp_stage=None, core_attention=None, 
     """The decoder block spec (dense layer 0, MoE after) for this pipeline stage / chunk.
     `core_attention`: a module class replacing every self-attention's core attention (None: the
     spec's own, DotProductAttention / TEDotProductAttention). `experts`: "te" / "sequential" (the
-    spec's own, per config.moe_grouped_gemm) or "grouped" (TorchGroupedMLP)."""
+    spec's own, as config.moe_grouped_gemm says) or "grouped" (TorchGroupedMLP)."""
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage)
-    return _swap(spec, use_te, core_attention, grouped_experts=experts == "grouped")
+    spec = _swap(spec, use_te, core_attention)
+    return with_grouped_experts(spec) if experts == "grouped" else spec
