@@ -1,1 +1,3 @@
-"""megatron-core building blocks that any model family can put in its layer spec (not one family's)."""
+"""Model code shared by every family: megatron-core parameter slots and HF mapping objects, the
+GPTModel builder, layer specs, attention, grouped-GEMM routed experts, and plain-PyTorch reference
+building blocks."""
