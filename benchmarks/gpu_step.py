@@ -144,6 +144,8 @@ def run_variant(cfg, args, tcfg, spec, precision, backend, env) -> dict:
     chunks = build_model(cfg, ParallelLayout(), dtype, use_te=spec == "te", attention_backend=backend,
                          xt_only_logits=True, moe_experts=tcfg.perf.moe_experts, calculate_per_token_loss=True,
                          **overrides)  # fmt: skip
+    # the routed-experts module actually built (perf.moe_experts resolved): what the variant measures
+    experts = sorted({type(m).__name__ for c in chunks for n, m in c.named_modules() if n.endswith("mlp.experts")})
     chunks = wrap_ddp(chunks, ddp_config=ddp_config(tcfg), divide_by_tokens=False)
     optimizer = get_megatron_optimizer(optimizer_config(tcfg, dtype), chunks)
     batch = make_batch(cfg.vocab_size, args, backend)
@@ -183,6 +185,7 @@ def run_variant(cfg, args, tcfg, spec, precision, backend, env) -> dict:
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if uses_cuda() else None,
         "step_s": seconds,
         "window": [window_start, time.time()],
+        "experts": experts,
     }
 
 
