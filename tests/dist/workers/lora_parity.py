@@ -139,7 +139,11 @@ def reference_rows(ref, ids, pos, allowed) -> list[torch.Tensor]:
     """The reference's logits row by row (megatron-core micro-batches are single rows)."""
     with torch.no_grad():
         return [
-            ref(ids[i : i + 1], pos[i : i + 1], None if allowed is None else allowed[i : i + 1]).logits[0]
+            ref(
+                input_ids=ids[i : i + 1],
+                position_ids=pos[i : i + 1],
+                attention_mask=None if allowed is None else allowed[i : i + 1],
+            ).logits[0]
             for i in range(B)
         ]
 
@@ -204,7 +208,8 @@ def gradient_errors(chunks, refs: dict, adapters, lora_cfg, cfg, ids, pos, allow
     weights = torch.randn(B, S, cfg.vocab_size, generator=torch.Generator().manual_seed(11))
     for ref in refs.values():
         ref.zero_grad()
-        ((ref(ids, pos, allowed).logits * weights).sum() / B).backward()
+        logits = ref(input_ids=ids, position_ids=pos, attention_mask=allowed).logits
+        ((logits * weights).sum() / B).backward()
     weighted_loss_backward(chunks, cfg, ids, pos, allowed, weights)
     got = full_adapter_state(chunks, value=lambda p: p.main_grad)
     return {
@@ -391,7 +396,11 @@ def sft_reference_loss(trainer, ref) -> float:
     batch = prepare_micro_batch(trainer.dataset.global_batch(0, 0), d, trainer.mask_id, trainer.cfg.train.seed)
     logits = torch.cat(
         [
-            ref(batch["input_ids"][i : i + 1], batch["position_ids"][i : i + 1], batch["allowed"][i : i + 1]).logits
+            ref(
+                input_ids=batch["input_ids"][i : i + 1],
+                position_ids=batch["position_ids"][i : i + 1],
+                attention_mask=batch["allowed"][i : i + 1],
+            ).logits
             for i in range(batch["input_ids"].shape[0])
         ]
     )
