@@ -1,0 +1,87 @@
+"""A write that fails on a full disk says so: the file, the disk, its free space.
+
+torch's zip writer reports a full disk as `unexpected pos 704 vs 598`, safetensors and plain
+writes as `OSError: [Errno 28] No space left on device`, each as a traceback. Whatever megadiff
+writes (a trainer's checkpoint, a converter's or an exporter's output) turns such a failure into
+`NoSpaceError` naming the file being written, the filesystem and its free space.
+"""
+
+import errno
+import os
+import shutil
+
+from megadiff.errors import CheckpointError
+
+
+class NoSpaceError(CheckpointError):
+    """The output does not fit on its filesystem."""
+
+
+def filesystem_of(path: str) -> tuple[str, str]:
+    """(device, mount point) holding `path` (device from /proc/mounts; the mount point elsewhere)."""
+    mount = os.path.realpath(path)
+    while not os.path.exists(mount):
+        mount = os.path.dirname(mount)
+    while not os.path.ismount(mount):
+        mount = os.path.dirname(mount)
+    device = mount
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 1 and fields[1].replace("\\040", " ") == mount:
+                    device = fields[0]  # the last mount on a point is the visible one
+    except OSError:
+        pass
+    return device, mount
+
+
+def human_bytes(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """True when `error` (or an error it was raised from) is the disk filling up."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "unexpected pos" in str(error) or "No space left" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def failed_file(error: BaseException | None) -> str | None:
+    """The file an OSError in `error`'s chain names, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.filename:
+            return os.fsdecode(error.filename)
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def free_bytes(path: str) -> int:
+    while not os.path.exists(path):
+        path = os.path.dirname(path) or "."
+    return shutil.disk_usage(path).free
+
+
+def disk_full_error(output: str, error: BaseException, needed: int | None = None) -> NoSpaceError | None:
+    """The NoSpaceError to raise when writing `output` failed with `error` because its disk is full
+    (None when `error` is something else). Names the file being written when the error says which,
+    the filesystem, its free space and, given `needed`, the bytes the output needs. Raise it after
+    deleting the partial output (the message says nothing of it was kept)."""
+    if not is_disk_full(error):
+        return None
+    device, mount = filesystem_of(output)
+    where = failed_file(error) or output
+    need = f"needed ~{human_bytes(needed)}, " if needed else ""
+    return NoSpaceError(
+        f"no space left on {device} (mounted at {mount}) while writing {where}: {need}"
+        f"{human_bytes(free_bytes(output))} free; free some space or write {os.path.basename(output)} to a "
+        f"larger disk (the partial output was deleted)"
+    )
