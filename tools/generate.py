@@ -178,7 +178,8 @@ def main(argv=None) -> int:
             refuse_overlaps([("--output", args.output)], named_inputs)
             check_output_file(args.output, "--output")
         texts, prompts = read_prompts(args, inputs.tokenizer)
-        inputs.check_prompts(prompts, options, args.input_ids or "--prompt")
+        if prompts:  # --chat checks each turn as it comes (the sampler)
+            inputs.check_prompts(prompts, options, args.input_ids or "--prompt")
         model = load_decoding_model(args)
         tokenizer, mask_id, eos_id = inputs.tokenizer, inputs.mask_id, inputs.eos_id
         print(

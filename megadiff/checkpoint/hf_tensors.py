@@ -57,7 +57,7 @@ def inspect_mcore_input(
     meta = read_meta(ckpt_dir)
     config = meta.get("hf_config")
     if not isinstance(config, dict):
-        raise CheckpointError(f"{ckpt_dir}/megadiff.json: 'hf_config' missing")
+        raise CheckpointError(f"{ckpt_dir}/megadiff.json: 'hf_config' missing or not a JSON object")
     model = LLaDA2ModelConfig.from_hf_dict(config, source=f"{ckpt_dir}/megadiff.json:hf_config")
     reader = DistCheckpointReader(ckpt_dir, trust=trust_checkpoint, plain=plain)
     spec = check_stored_shapes(

@@ -141,16 +141,24 @@ def _class_attributes() -> dict[type, dict]:
     return {cls: dict(vars(cls)) for cls in classes if isinstance(cls, type)}
 
 
+def _is_truncation(error: BaseException) -> bool:
+    return isinstance(error, EOFError) or "truncated" in str(error)
+
+
+def _unreadable(path: str, error: BaseException) -> CheckpointError:
+    if _is_truncation(error):
+        return CheckpointError(f"{path}: truncated (the file ends inside its pickle); copy the checkpoint again")
+    return CheckpointError(f"{path}: unreadable ({error!r})")
+
+
 def unpickle_dcp_metadata(data, source: str):
     """A DCP Metadata from a `.metadata` pickle (file object), with the allow-list above."""
     before = _class_attributes()
     try:
         metadata = _DCPMetadataUnpickler(data).load()
     except (EOFError, pickle.UnpicklingError) as e:
-        if isinstance(e, EOFError) or "truncated" in str(e):
-            raise CheckpointError(
-                f"{source}: truncated (the file ends inside its pickle); copy the checkpoint again"
-            ) from None
+        if _is_truncation(e):
+            raise _unreadable(source, e) from None
         raise CheckpointError(
             f"{source}: refused to unpickle it ({e}); a checkpoint's {DCP_METADATA_NAME} "
             f"holds only torch DCP metadata, this one would run code or build other "
@@ -187,12 +195,8 @@ def read_dcp_metadata(ckpt_dir: str, trust: bool = False):
     if trust:
         try:
             metadata = pickle.load(data)
-        except EOFError:
-            raise CheckpointError(
-                f"{path}: truncated (the file ends inside its pickle); copy the checkpoint again"
-            ) from None
         except Exception as e:
-            raise CheckpointError(f"{path}: unreadable ({e!r})") from None
+            raise _unreadable(path, e) from None
         if not isinstance(metadata, Metadata):
             raise CheckpointError(f"{path}: holds a {type(metadata).__name__}, not torch DCP Metadata")
     else:
@@ -230,7 +234,9 @@ def check_data_files(ckpt_dir: str, metadata) -> None:
         if not (
             isinstance(info.offset, int) and isinstance(info.length, int) and info.offset >= 0 and info.length >= 0
         ):
-            raise CheckpointError(f"{meta_path}: item '{index.fqn}' has offset {info.offset!r}, length {info.length!r}")
+            raise CheckpointError(
+                f"{meta_path}: item '{index.fqn}' has offset {info.offset!r}, length {info.length!r}; the metadata is corrupt"
+            )
         if info.offset + info.length > sizes[name]:
             raise CheckpointError(
                 f"{os.path.join(ckpt_dir, name)}: truncated ({sizes[name]} bytes, item '{index.fqn}' of "
@@ -242,6 +248,11 @@ def check_data_files(ckpt_dir: str, metadata) -> None:
             continue
         element = _element_size(getattr(item.properties, "dtype", None))
         for chunk in item.chunks:
+            if any(not isinstance(n, int) or n < 0 for n in (*chunk.offsets, *chunk.sizes)):
+                raise CheckpointError(
+                    f"{meta_path}: tensor '{fqn}' has a chunk at {list(chunk.offsets)} of size {list(chunk.sizes)}; "
+                    f"the metadata is corrupt"
+                )
             nbytes = math.prod(chunk.sizes) * element
             if nbytes == 0:
                 continue
@@ -346,7 +357,10 @@ def vet_checkpoint(ckpt_dir: str, trust: bool = False, metadata=None, extra_stat
     model, e.g. the exporter) accepts non-empty extra state that holds only tensors. Raises
     CheckpointError naming the file and the item refused."""
     if trust:  # the files are still checked: inside the dir, present, long enough (check_data_files)
-        read_dcp_metadata(ckpt_dir, trust=True) if metadata is None else check_data_files(ckpt_dir, metadata)
+        if metadata is None:
+            read_dcp_metadata(ckpt_dir, trust=True)
+        else:
+            check_data_files(ckpt_dir, metadata)
         return None
 
     from .file_slice import FileSlice

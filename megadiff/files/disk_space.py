@@ -8,6 +8,7 @@ writes (a trainer's checkpoint, a converter's or an exporter's output) turns suc
 
 import errno
 import os
+import re
 import shutil
 
 from megadiff.errors import CheckpointError
@@ -78,7 +79,8 @@ def disk_full_error(output: str, error: BaseException, needed: int | None = None
     if not is_disk_full(error):
         return None
     device, mount = filesystem_of(output)
-    where = failed_file(error) or output
+    # the file as it would have been named in the output (not inside its staging dir, now deleted)
+    where = re.sub(r"\.tmp-[^/]+", "", failed_file(error) or output)
     need = f"needed ~{human_bytes(needed)}, " if needed else ""
     return NoSpaceError(
         f"no space left on {device} (mounted at {mount}) while writing {where}: {need}"

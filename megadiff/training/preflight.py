@@ -48,16 +48,16 @@ def check_writable_dir(field: str, path: str) -> None:
 def check_writable_file(field: str, path: str) -> None:
     """`path` is a file that can be appended to, in an existing writable directory, and not a link
     or a second name of another file (megadiff.files.outputs.open_output refuses those)."""
-    try:
-        check_output_file(path, field)
-    except OutputPathError as e:
-        raise TrainingConfigError(str(e)) from None
     path = os.path.abspath(path)
     if os.path.isdir(path):
         raise TrainingConfigError(f"{field}={path}: is a directory; name a file")
     parent = os.path.dirname(path)
     if not os.path.isdir(parent):
         raise TrainingConfigError(f"{field}={path}: directory {parent} does not exist; create it first")
+    try:
+        check_output_file(path, f"{field}=")  # not a link, nor a second name of another file
+    except OutputPathError as e:
+        raise TrainingConfigError(str(e).replace("= ", "=", 1)) from None
     reason = _probe(parent)
     if reason is None and os.path.exists(path):
         try:

@@ -58,6 +58,8 @@ def check_weights_fit(hf_dir: str, hf_config: dict, mcore_dir: str | None = None
         reader = HFCheckpointReader(hf_dir)
         check_tensors_match(reader, expected_shapes(hf_config, detect_expert_format(reader.names()) or SPLIT))
         return
+    if not os.path.exists(mcore_dir):
+        return  # reported where the run loads it, with what it was for (a LoRA run's base: its record)
     ckpt_dir = fmt.resolve_checkpoint_dir(mcore_dir)
     meta = fmt.read_meta(ckpt_dir)
     if meta.get("lora"):

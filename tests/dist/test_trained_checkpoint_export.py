@@ -1,7 +1,8 @@
 """A checkpoint written by the trainer converts to HF, and the reference model loaded from that
 directory reproduces the trainer's logits (compare_logits --mcore-dir, max |Δ| <= 1e-4). The same
 checkpoint re-keyed to Transformer Engine names (what a TE trainer writes) exports to the same bytes
-and, loaded at the local spec, gives the same logits."""
+and, loaded at the local spec, gives the same logits. Its optimizer state, saved at EP=1, is refused
+at EP=2 with both layouts named."""
 
 import json
 import subprocess
@@ -24,6 +25,21 @@ def test_trainer_checkpoint_exports_to_hf_with_same_logits(tiny_run_dir, tmp_pat
         "tools/train.py",
         [tiny_run_dir / "cfg.yaml", "train.steps=2", "parallel.tp=2", f"checkpoint.save_dir={ckpt}"],
     )
+    # Its optimizer state, saved at EP=1, cannot follow to EP=2 (dp_reshardable): the error names both
+    # layouts. The missing keys are all `chained_N.optimizer...` (dense and expert optimizers), which the
+    # layout check used to skip, leaving a generic missing-tensor error.
+    with pytest.raises(AssertionError, match=r"saved at layout \(tp=2, ep=1, .*this run's layout \(tp=2, ep=2, "):
+        run_torchrun(
+            2,
+            "tools/train.py",
+            [
+                tiny_run_dir / "cfg.yaml",
+                "train.steps=3",
+                "parallel.tp=2",
+                "parallel.ep=2",
+                f"checkpoint.save_dir={ckpt}",
+            ],
+        )
     subprocess.run(
         [sys.executable, "tools/convert_mcore_to_hf.py", "--mcore-dir", str(ckpt), "--output", str(out)],
         cwd=REPO,
