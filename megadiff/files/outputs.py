@@ -68,7 +68,7 @@ def open_output(path: str, append: bool = False, label: str = "output"):
     fd = open_no_follow(path, flags, label)
     if not append:
         os.ftruncate(fd, 0)
-    return os.fdopen(fd, "a" if append else "w")
+    return os.fdopen(fd, "a" if append else "w", encoding="utf-8")
 
 
 def open_no_follow(path: str, flags: int, label: str = "output", mode: int = 0o644) -> int:

@@ -115,3 +115,12 @@ def test_eval_refuses_a_file_or_an_input_as_its_output_dir_before_loading(
     shutil.move(data / "test.jsonl", tmp_path / "samples.jsonl")
     rc = evaluate.main(["--model", model_dir, "--data", str(tmp_path / "samples.jsonl"), "--output-dir", str(tmp_path)])
     assert rc == 2 and f"--output-dir {tmp_path / 'samples.jsonl'} is the input --data" in error_line(capsys)
+
+
+def test_build_gsm8k_dataset_never_writes_over_the_rows_it_reads(tmp_path, capsys):
+    rows = tmp_path / "train.jsonl"  # named like the tool's own output, in the output dir
+    rows.write_text("".join(json.dumps({"question": f"q{i}?", "answer": f"#### {i}"}) + "\n" for i in range(10)))
+    before = rows.read_text()
+    assert load_tool("build_gsm8k_dataset").main(["--input", str(rows), "--output-dir", str(tmp_path)]) == 2
+    assert f"--output-dir {rows} is the input --input {rows}" in error_line(capsys)
+    assert rows.read_text() == before and sorted(os.listdir(tmp_path)) == ["train.jsonl"]
