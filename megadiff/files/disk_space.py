@@ -41,27 +41,37 @@ def human_bytes(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
+def _errors(error: BaseException | None):
+    """`error`, the errors it was raised from, and those a torch DCP CheckpointException collected
+    from its ranks (`failures`: {rank: exception or (exception, traceback)})."""
+    pending, seen = [error], set()
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        yield error
+        pending += [error.__cause__ or error.__context__]
+        failures = getattr(error, "failures", None)
+        if isinstance(failures, dict):
+            pending += [f[0] if isinstance(f, tuple) else f for f in failures.values() if f is not None]
+
+
 def is_disk_full(error: BaseException | None) -> bool:
     """True when `error` (or an error it was raised from) is the disk filling up."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+    for e in _errors(error):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        if "unexpected pos" in str(error) or "No space left" in str(error):
+        if "unexpected pos" in str(e) or "No space left" in str(e):
             return True
-        error = error.__cause__ or error.__context__
     return False
 
 
 def failed_file(error: BaseException | None) -> str | None:
     """The file an OSError in `error`'s chain names, if any."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.filename:
-            return os.fsdecode(error.filename)
-        error = error.__cause__ or error.__context__
+    for e in _errors(error):
+        if isinstance(e, OSError) and e.filename:
+            return os.fsdecode(e.filename)
     return None
 
 

@@ -61,7 +61,7 @@ RUN_WINS = {
     "model.dtype": "the weights' dtype",
     "model.mask_token_id": "the noising",
 }
-APPLIES_SECTIONS = ("diffusion", "dpo")  # their keys (but DATA_KEYS) apply from the resumed step on
+APPLIES_SECTIONS = {"diffusion": "the noising and the loss", "dpo": "the DPO loss"}  # but DATA_KEYS
 # Everything else (logging, checkpoint, perf, parallel, lora, model.attention_backend, ...) is not
 # compared here.
 
@@ -148,7 +148,7 @@ def compare_with_checkpoint(cfg, ckpt_dir: str, hf_config: dict, log) -> ResumeP
         )
     for key in sorted(changed):
         if key in RUN_WINS or (key.split(".")[0] in APPLIES_SECTIONS and key not in DATA_KEYS):
-            what = RUN_WINS.get(key, "the objective")
+            what = RUN_WINS.get(key) or APPLIES_SECTIONS[key.split(".")[0]]
             plan.notes.append(f"resume: {show(key)}: this run's value applies from the resumed step on ({what})")
     if "model.init_from_mcore" in changed and not cfg.lora.enabled:
         plan.notes.append(
