@@ -17,10 +17,10 @@ import json
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast
 
 from megadiff.errors import UserError
-from megadiff.files.inside import check_links_inside
+from megadiff.files.inside import check_links_inside, file_inside
 
 # The files of a tokenizer directory; a directory with none of them holds no tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -130,7 +130,9 @@ def load_local_tokenizer(tokenizer_dir: str):
     and refuses such a tokenizer with one line (TokenizerError)."""
     check_links_inside(tokenizer_dir, "tokenizer directory")
     try:
-        return AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False, local_files_only=True)
+        return AutoTokenizer.from_pretrained(
+            tokenizer_dir, config=_plain_config(tokenizer_dir), trust_remote_code=False, local_files_only=True
+        )
     except ValueError as e:
         if "trust_remote_code" not in str(e) and "custom code" not in str(e):
             raise
@@ -140,6 +142,24 @@ def load_local_tokenizer(tokenizer_dir: str):
             f'tokenizer that transformers loads by itself (tokenizer.json with "tokenizer_class": '
             f'"PreTrainedTokenizerFast" in tokenizer_config.json)'
         ) from None
+
+
+def _plain_config(tokenizer_dir: str) -> PretrainedConfig | None:
+    """An empty config for AutoTokenizer when tokenizer_config.json names the tokenizer class, so
+    that config.json is not read at all; None (AutoTokenizer reads config.json, without its code)
+    when the class must come from there.
+
+    Given no config, AutoTokenizer (transformers 5) loads config.json through AutoConfig first; a
+    released LLaDA2 config.json names its own configuration code (auto_map), so AutoConfig asks `Do
+    you wish to run the custom code?` unless told not to and, told not to, warns that `llada2_moe` is
+    an unknown model type."""
+    path = file_inside(tokenizer_dir, "tokenizer_config.json", "tokenizer_config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            names_class = isinstance(json.load(f).get("tokenizer_class"), str)
+    except (OSError, ValueError, AttributeError):
+        return None  # no (usable) tokenizer_config.json: AutoTokenizer says what is wrong
+    return PretrainedConfig() if names_class else None
 
 
 def mask_token_id(tokenizer, override: int | None = None) -> int:
