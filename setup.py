@@ -17,6 +17,7 @@ CONSOLE_SCRIPTS = {
     "megadiff-make-tiny-model": "make_tiny_model",
     "megadiff-make-synthetic-data": "make_synthetic_data",
     "megadiff-demo": "demo",
+    "megadiff-lm-eval": "lm_eval",
 }
 
 setup(
@@ -50,6 +51,8 @@ setup(
         # LoRA adapters as Hugging Face PEFT adapters (exclude_modules needs 0.14; tested: 0.21.2 on
         # both stacks). Only the export tests and the PEFT reference of the LoRA tests import it.
         "peft": ["peft>=0.14"],
+        # lm-evaluation-harness (megadiff.evaluation, tools/lm_eval.py); tested: 0.4.13 on both stacks.
+        "eval": ["lm-eval>=0.4.13,<0.5"],
         "dev": [
             "pytest",
             "pytest-timeout",
@@ -59,6 +62,7 @@ setup(
             "matplotlib",
             "tensorboard",
             "peft>=0.14",
+            "lm-eval>=0.4.13,<0.5",
         ],
     },
 )

@@ -23,6 +23,7 @@ from megadiff.inference.cli import (
     decoding_options,
     load_decoding_model,
     prepare_decoding,
+    untrained_editing_warning,
 )
 
 
@@ -172,6 +173,9 @@ def main(argv=None) -> int:
         options = decoding_options(args)
         # Everything that can be wrong with the inputs and the output is found before the weights load.
         inputs = prepare_decoding(args, need_tokenizer=not args.input_ids)
+        warning = untrained_editing_warning(args, options)  # editing asked of a model not trained for it
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
         named_inputs = [("--model", args.model), ("--input-ids", args.input_ids)]
         named_inputs += [("--tokenizer", path) for path in inputs.paths]
         if args.output:
