@@ -20,6 +20,7 @@ from tests.dist.launch import REPO, run_torchrun
 
 @pytest.mark.dist
 @pytest.mark.slow
+@pytest.mark.repeat  # stack (b) reads trainer checkpoints in test_resume and converts in tests/converters
 def test_trainer_checkpoint_exports_to_hf_with_same_logits(tiny_run_dir, tmp_path):
     ckpt, out = tmp_path / "ckpt", tmp_path / "hf_out"
     train_log = run_torchrun(

@@ -195,6 +195,7 @@ def alive(pid):
 
 
 @pytest.mark.slow
+@pytest.mark.repeat  # process-group handling of the OS, not of the installed versions
 def test_children_die_with_a_killed_parent(tmp_path, hook="on"):  # hook="off": all 3 stay behind
     script = tmp_path / "parent.py"
     script.write_text(CHILDREN)
