@@ -35,6 +35,7 @@ from megadiff.checkpoint.bytecopy.byte_spans import FileTable, RowAddresses
 from megadiff.checkpoint.bytecopy.span_copy import SpanCopier
 from megadiff.checkpoint.format import DTYPES, dtype_name, layout_dict, new_nonce, remove_tree
 from megadiff.errors import CheckpointError
+from megadiff.files.disk_space import disk_full_error
 from megadiff.hf.checkpoint_reader import HFCheckpointReader, check_tensors_match, read_hf_config
 from megadiff.models.llada2.config import ConfigError, LLaDA2ModelConfig, ParallelLayout
 from megadiff.models.llada2.hf_experts import (
@@ -259,10 +260,13 @@ def convert_hf_to_mcore(
         materialize, peek = _materializer(source, chunks, params_dtype, plain)
         final = save_checkpoint_lazily(staging_root, 0, sharded, meta, materialize, on_tensor, copier, peek, plain)
         if rank == 0:
-            publish(staging_root, output)
-    except BaseException:
+            publish(staging_root, output, overwrite)
+    except BaseException as e:
         if rank == 0:
             remove_tree(staging_root)
+        full = disk_full_error(output, e)  # the file, the disk and its free space, not a traceback
+        if full is not None:
+            raise full from e
         raise
     finally:
         if bar is not None:
