@@ -21,6 +21,7 @@ from megadiff.models.llada2.model import build_model
 from megadiff.training.config import TrainingConfig, TrainingConfigError, config_spelling
 from megadiff.training.ddp import wrap_ddp
 from megadiff.training.mcore_configs import ddp_config, transformer_overrides
+from megadiff.training.phases import uses_block_diffusion
 
 
 def check_config_fits_model(cfg: TrainingConfig, model_cfg, layout) -> None:
@@ -166,7 +167,7 @@ def build_model_with_initial_weights(
         dtype,
         use_te=False if cfg.lora.enabled else None,  # LoRA adapts the local spec's torch linears only
         attention_backend=attention_backend or cfg.model.attention_backend,
-        xt_only_logits=cfg.perf.xt_only_logits and cfg.diffusion.mode == "block_diffusion",
+        xt_only_logits=cfg.perf.xt_only_logits and uses_block_diffusion(cfg),
         calculate_per_token_loss=True,
         **transformer_overrides(cfg),
     )
