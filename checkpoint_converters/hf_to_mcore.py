@@ -36,6 +36,7 @@ from megadiff.checkpoint.bytecopy.span_copy import SpanCopier
 from megadiff.checkpoint.format import DTYPES, dtype_name, new_nonce, remove_tree
 from megadiff.errors import CheckpointError
 from megadiff.hf.checkpoint_reader import HFCheckpointReader, check_tensors_match, read_hf_config
+from megadiff.hf.ling import mtp_tensor_names
 from megadiff.models.llada2.config import ConfigError, LLaDA2ModelConfig, ParallelLayout
 from megadiff.models.llada2.hf_experts import (
     SPLIT,
@@ -73,7 +74,10 @@ def inspect_hf_input(hf_dir: str, log: Callable[[str], None] = print, plain: boo
     # both validate index, missing shards, unreadable / truncated files
     reader = HFCheckpointReader(hf_dir) if plain else DirectHFReader(hf_dir)
     fmt = detect_expert_format(reader.names(), hf_dir)
-    check_tensors_match(reader, expected_shapes(config, fmt or SPLIT))
+    unused = mtp_tensor_names(config, reader.names())  # an autoregressive Ling-2.0's MTP layers
+    check_tensors_match(reader, expected_shapes(config, fmt or SPLIT), ignore=unused)
+    if unused:
+        log(f"note: {len(unused)} multi-token-prediction tensors of {hf_dir} are left out (num_nextn_predict_layers)")
     weight_dtype = None
     for name in reader.names():
         code = reader.dtype_str(name)
@@ -183,6 +187,27 @@ def convert_hf_to_mcore(
     source.model.validate_layout(layout)
     output = check_output_dir(output, overwrite, inputs=[source.hf_dir])
     params_dtype = DTYPES[dtype_name(dtype)] if dtype else source.dtype
+    extra = {"converted_from": "hf", "hf_expert_format": source.expert_format, "requested_layout": vars(layout)}
+    return write_mcore_checkpoint(source, output, layout, params_dtype, extra, progress, log, io_mode, spec)
+
+
+def write_mcore_checkpoint(
+    source: HFInput,
+    output: str,
+    layout: ParallelLayout,
+    params_dtype: torch.dtype,
+    extra: dict,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    io_mode: str = "plain",
+    spec: str = "local",
+    label: str | None = None,
+) -> str:
+    """Write OUTPUT/iter_0000000 (+ tracker) from the HF tensors `source` gives (an HF dir, or
+    anything with its reader's `get(name)`: checkpoint averaging); `extra` goes to megadiff.json.
+    `io_mode` is resolved already; OUTPUT was checked (check_output_dir); `label` names the source
+    in the log (default: source.hf_dir). Returns the iteration dir."""
+    plain = io_mode == "plain"
     if torch.cuda.is_available():
         raise RuntimeError("convert_hf_to_mcore runs on CPU: start it with CUDA_VISIBLE_DEVICES= (the CLI does)")
 
@@ -209,7 +234,8 @@ def convert_hf_to_mcore(
     initialize_parallel(save_layout)
     if rank == 0:
         log(
-            f"converting {source.hf_dir} ({source.expert_format or 'no'} experts, {source.dtype}) -> "
+            f"converting {label or source.hf_dir} ({source.expert_format or 'no'} experts, "
+            f"{source.dtype}) -> "
             f"{output} as {dtype_name(params_dtype)}, {spec} spec names, at layout {save_layout} on {world} "
             f"process(es), --io {io_mode}"
         )
@@ -233,7 +259,7 @@ def convert_hf_to_mcore(
         "layout": save_layout,
         "dtype": params_dtype,
         "spec": spec,
-        "extra": {"converted_from": "hf", "hf_expert_format": source.expert_format, "requested_layout": vars(layout)},
+        "extra": extra,
     }
     bar = None
     if progress and rank == 0:

@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """Write a synthetic GSM8K-format task (short arithmetic word problems ending in '#### <answer>')
 as jsonl rows with `question` and `answer`; tools/build_gsm8k_dataset.py turns it into SFT data.
+With --text, rows are `{"text": question + answer}` documents instead: a tiny pretraining corpus for
+tools/preprocess_data.py.
 
   .venv/bin/python tools/make_synthetic_data.py --output demo_out/data/gsm8k_synthetic.jsonl --rows 600
+  .venv/bin/python tools/make_synthetic_data.py --output cpt_out/corpus.jsonl --rows 2000 --text
 """
 
 import argparse
@@ -18,6 +21,7 @@ def main(argv=None):
     p.add_argument("--output", required=True, help="jsonl file to write")
     p.add_argument("--rows", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text", action="store_true", help='write {"text": ...} documents (a pretraining corpus)')
     args = p.parse_args(argv)
     if args.rows < 1:
         from megadiff.errors import user_error_exit
@@ -28,8 +32,11 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         for row in arithmetic_problems(args.rows, seed=args.seed):
+            if args.text:
+                row = {"text": row["question"] + "\n" + row["answer"]}
             f.write(json.dumps(row) + "\n")
-    print(f"{args.rows} synthetic GSM8K-format rows written to {args.output}")
+    kind = "text documents" if args.text else "GSM8K-format rows"
+    print(f"{args.rows} synthetic {kind} written to {args.output}")
     return 0
 
 

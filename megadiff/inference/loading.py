@@ -18,7 +18,7 @@ from megadiff.checkpoint.hf_source import recorded_source_dir
 from megadiff.checkpoint.hf_tensors import inspect_mcore_input, iter_hf_tensors, plan_hf_output
 from megadiff.errors import CheckpointError
 from megadiff.hf.reference import build_reference_model, load_reference_model
-from megadiff.hf.tokenizer import TOKENIZER_FILES, mask_token_id
+from megadiff.hf.tokenizer import MASK_TOKEN, TOKENIZER_FILES, mask_token_id
 from megadiff.models.llada2.hf_experts import SPLIT
 from megadiff.platform.device import run_device
 
@@ -104,9 +104,11 @@ def special_token_ids(model, tokenizer, mask_id: int | None = None, eos_id: int 
     """(mask_id, eos_id): overrides first, else `<|mask|>` from the tokenizer and eos from the config
     (falling back to the tokenizer's eos)."""
     if mask_id is None:
-        if tokenizer is None:
+        mask_id = getattr(model.config, "mask_token_id", None)  # recorded where the tokenizer has none (Ling-2.0 start)
+        if tokenizer is not None and (mask_id is None or MASK_TOKEN in tokenizer.get_vocab()):
+            mask_id = mask_token_id(tokenizer)
+        if mask_id is None:
             raise ValueError("no tokenizer to read the <|mask|> id from; pass the mask token id explicitly")
-        mask_id = mask_token_id(tokenizer)
     if eos_id is None:
         eos_id = getattr(model.config, "eos_token_id", None)
         if isinstance(eos_id, (list, tuple)):

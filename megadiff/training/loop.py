@@ -21,6 +21,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megadiff.checkpoint import load_checkpoint, model_sharded_state_dict, resolve_checkpoint_dir, save_checkpoint
 from megadiff.hf.checkpoint_reader import read_hf_config
+from megadiff.hf.ling import as_llada2_config
 from megadiff.lora.adapter_checkpoint import adapter_meta, adapter_sharded_state_dict
 from megadiff.models.llada2 import LLaDA2ModelConfig
 from megadiff.models.llada2.model import set_xt_only_logits
@@ -233,7 +234,7 @@ class Trainer:
         if self.validator is not None and (self.validator.last or (None,))[0] != self.step:
             self.validate()  # megadiff.json records the valid_loss of the weights it holds
         meta = {
-            "hf_config": self.hf_config,
+            "hf_config": as_llada2_config(self.hf_config, self.mask_id),  # a Ling-2.0 start becomes LLaDA2
             "hf_source_dir": os.path.abspath(self.cfg.model.hf_dir),
             "layout": vars(self.layout),
             "dtype": str(self.dtype).replace("torch.", ""),

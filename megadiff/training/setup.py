@@ -10,6 +10,7 @@ from megadiff.data.dataset import SFTDataset
 from megadiff.data.rows import read_sft_rows
 from megadiff.data.tokenize import pad_answers_to_block, tokenize_rows
 from megadiff.hf.checkpoint_reader import HFCheckpointReader, check_tensors_match
+from megadiff.hf.ling import mtp_tensor_names
 from megadiff.hf.tokenizer import TOKENIZER_FILES, TokenizerError, mask_token_id
 from megadiff.lora.apply import apply_lora
 from megadiff.lora.base_record import base_of_run
@@ -70,7 +71,19 @@ def load_tokenizer_and_mask_id(cfg: TrainingConfig, model_cfg):
     except Exception as e:  # transformers raises several types for a missing/broken tokenizer
         reason = " ".join(str(e).split())  # one line: transformers' messages span several
         raise TokenizerError(f"{tokenizer_dir}: cannot load the tokenizer ({reason})") from None
-    mask_id = mask_token_id(tokenizer, cfg.model.mask_token_id)
+    try:
+        mask_id = mask_token_id(tokenizer, cfg.model.mask_token_id)
+    except TokenizerError:  # an autoregressive model's tokenizer (Ling-2.0) has no diffusion mask token
+        raise TokenizerError(
+            f"{tokenizer_dir}: the tokenizer has no '<|mask|>' token (an autoregressive model's, e.g. Ling-2.0); "
+            f"set model.mask_token_id to the token id that diffusion is to use as its mask (an unused or reserved "
+            f"token of the vocabulary)"
+        ) from None
+    if mask_id in (tokenizer.eos_token_id, tokenizer.pad_token_id):
+        raise TokenizerError(
+            f"model.mask_token_id={mask_id} is the tokenizer's EOS / pad token, which the data holds; choose "
+            f"another id for the diffusion mask"
+        )
     if not 0 <= mask_id < model_cfg.vocab_size:
         raise TokenizerError(
             f"mask token id {mask_id} is outside the model vocabulary ({model_cfg.vocab_size} "
@@ -176,7 +189,12 @@ def build_model_with_initial_weights(
         log(f"initial weights: megatron checkpoint {cfg.model.init_from_mcore}")
     else:
         reader = HFCheckpointReader(cfg.model.hf_dir)
-        check_tensors_match(reader, expected_hf_shapes(hf_config))
+        unused = mtp_tensor_names(hf_config, reader.names())  # an autoregressive Ling-2.0's MTP layers
+        check_tensors_match(reader, expected_hf_shapes(hf_config), ignore=unused)
+        if unused:
+            log(
+                f"{len(unused)} multi-token-prediction tensors of {cfg.model.hf_dir} are not used (diffusion has no MTP)"
+            )
         load_hf_into_model(chunks, reader.get, model_cfg)
         log(f"initial weights: HF {os.path.abspath(cfg.model.hf_dir)}")
     return chunks

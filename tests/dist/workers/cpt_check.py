@@ -1,0 +1,144 @@
+"""torchrun worker for continued pretraining (issue 27), several layouts per launch.
+
+--check parity: at each layout one Trainer on indexed data with a four-phase block schedule (bd1, bd4,
+    full, bd32; embedding noise in the first two); at each phase, one micro-batch step of global batch
+    0 (packed documents, every token a target) against the reference model computing the same loss on
+    the same noised batch with the same embedding noise. Writes {layout: {phase: {loss_rel, grad_rel,
+    min_documents_per_row, all_targets, noised}}}.
+--check resume: a straight 6-step run; a run stopped and saved after step 3 (inside phase 2) and
+    resumed in a new Trainer, whose step-3 checkpoint is also copied to WORK/other_dp. Launched
+    again (one layout) with WORK/other_dp there: that checkpoint resumed at this launch's DP size.
+    Writes the runs' (step, phase, loss) and the valid_loss each recorded at steps 3 and 6.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
+
+from megadiff.platform import install_import_hook  # noqa: E402
+
+install_import_hook()  # first, before anything imports megatron-core
+
+import torch  # noqa: E402
+
+from megadiff.checkpoint.format import read_meta, resolve_checkpoint_dir  # noqa: E402
+from megadiff.models.llada2.hf_mapping import gather_hf_state  # noqa: E402
+from megadiff.training.config import load_config  # noqa: E402
+from megadiff.training.embedding_noise import embedding_noise, noise_active  # noqa: E402
+from megadiff.training.loop import Trainer  # noqa: E402
+from tests.dist.workers.train_check import parse_layouts, reference_loss_and_grads  # noqa: E402
+
+PHASES = "[{steps: 1, block_size: 1}, {steps: 1, block_size: 4}, {steps: 1, mode: full}, {steps: 1, block_size: 32}]"
+NOISE = "{std: 0.5, steps: 2}"
+QUIET = ["logging.progress_bar=false"]
+
+
+def parity(base_cfg, layout, hf_dir):
+    overrides = layout + QUIET + ["parallel.use_distributed_optimizer=false", "checkpoint.save_dir="]
+    overrides += [f"diffusion.block_schedule={PHASES}", "train.steps=4", f"diffusion.mask_embedding_noise={NOISE}"]
+    trainer = Trainer(load_config(base_cfg, overrides))
+    result = {}
+    for step in range(4):
+        trainer.step = step  # the phase (and the noise) follow the step
+        d = trainer.diffusion
+        trainer.dataset.load_state_dict({"consumed_samples": 0})  # every phase trains global batch 0
+        micro = trainer.prepare_micro_batches(iter(trainer.dataset))
+        loss, _ = trainer.forward_backward_step(micro)
+        grads = gather_hf_state(
+            trainer.chunks, trainer.model_cfg, value=lambda p: getattr(p, "main_grad", torch.zeros_like(p))
+        )
+        noised = noise_active(d, step)
+        std = (d.mask_embedding_noise or {}).get("std", 0.0)
+
+        def noise(batch, raw, step=step, noised=noised, std=std):
+            hidden = trainer.model_cfg.hidden_size
+            return embedding_noise(batch, raw, hidden, std, trainer.cfg.train.seed, step) if noised else None
+
+        ref_loss, ref_grads, _ = reference_loss_and_grads(trainer, hf_dir, diffusion=d, embedding_noise=noise)
+        grad_rel = max(
+            float((grads[n].cpu() - g).abs().max() / g.abs().max().clamp_min(1e-12)) for n, g in ref_grads.items()
+        )
+        raw = trainer.dataset.global_batch(0, 0)
+        result[trainer.phase.name] = {
+            "loss": loss,
+            "ref_loss": ref_loss,
+            "loss_rel": abs(loss - ref_loss) / abs(ref_loss),
+            "grad_rel": grad_rel,
+            "min_documents_per_row": min(len(set(row.tolist())) for row in raw["doc_ids"]),
+            "all_targets": bool(raw["loss_mask"].all()),
+            "noised": noised,
+            "input_len": int(micro[0]["input_ids"].shape[1]),
+        }
+    trainer.close()
+    return result
+
+
+def recorded_valid_losses(save_dir):
+    return {it: read_meta(resolve_checkpoint_dir(save_dir, it))["extra"].get("valid_loss") for it in (3, 6)}
+
+
+def resume(base_cfg, layouts, work):
+    common = QUIET + ["checkpoint.save_interval=3", "train.eval_interval=3", "train.eval_iters=1"]
+
+    def config(save_dir, layout):
+        return load_config(base_cfg, layout + common + [f"checkpoint.save_dir={save_dir}"])
+
+    def steps_of(results):
+        return [(r.step, r.phase, r.loss) for r in results]
+
+    if len(layouts) == 1 and os.path.isdir(os.path.join(work, "other_dp")):  # the second launch
+        other_dir = os.path.join(work, "other_dp")
+        return {
+            "resumed_other_dp": steps_of(Trainer(config(other_dir, layouts[0])).run()),
+            "valid_other_dp": recorded_valid_losses(other_dir),
+        }
+    straight_dir, stopped_dir = os.path.join(work, "straight"), os.path.join(work, "stopped")
+    out = {"straight": steps_of(Trainer(config(straight_dir, layouts[0])).run())}
+    out["valid_straight"] = recorded_valid_losses(straight_dir)
+
+    stopped = Trainer(config(stopped_dir, layouts[0]))
+    first = [stopped.train_step() for _ in range(3)]
+    stopped.save()  # step 3: inside phase 2 (steps 3..5)
+    stopped.close()
+    if torch.distributed.get_rank() == 0:  # the same checkpoint, for a second launch at another DP size
+        other_dir = os.path.join(work, "other_dp")
+        os.makedirs(other_dir)
+        shutil.copytree(os.path.join(stopped_dir, "iter_0000003"), os.path.join(other_dir, "iter_0000003"))
+        shutil.copy(os.path.join(stopped_dir, "latest_checkpointed_iteration.txt"), other_dir)
+    out["resumed"] = steps_of(first) + steps_of(Trainer(config(stopped_dir, layouts[0])).run())
+    out["valid_resumed"] = recorded_valid_losses(stopped_dir)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--hf-dir")
+    parser.add_argument("--check", choices=["parity", "resume"], required=True)
+    parser.add_argument("--layouts", required=True)
+    parser.add_argument("--work", help="resume: where the runs' checkpoints go")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    layouts = parse_layouts(args.layouts)
+    if args.check == "parity":
+        results = {}
+        for layout in layouts:
+            key = ",".join(x.split("=")[1] for x in layout)
+            results[key] = parity(args.config, layout, args.hf_dir)
+            if torch.distributed.get_rank() == 0:
+                print(key, results[key], flush=True)
+    else:
+        results = resume(args.config, layouts, args.work)
+    if torch.distributed.get_rank() == 0:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
