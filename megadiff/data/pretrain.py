@@ -28,6 +28,7 @@ import torch
 from megadiff.data.dataset import check_batch_split
 from megadiff.data.packing import collate_rows
 from megadiff.data.rows import DataError
+from megadiff.platform.dataset_helpers import ensure_dataset_helpers
 
 
 def document_row(tokens: torch.Tensor, eod_id: int, sample_index: int) -> dict:
@@ -176,6 +177,7 @@ def build_gpt_datasets(
     """(train, valid) sample sources (GPTSamples; valid None without a valid split or samples) from
     megatron-core's builder; `blend` None builds its mock datasets. Collective under torch.distributed:
     rank 0 builds the index cache first, the others then read it."""
+    ensure_dataset_helpers()  # megatron-core's compiled index builders, or a NumPy stand-in
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # megatron-core's import-time notes about TE / apex
         from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder

@@ -12,6 +12,7 @@
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -28,11 +29,12 @@ import torch  # noqa: E402
 from megadiff.checkpoint.format import read_meta, resolve_checkpoint_dir  # noqa: E402
 from megadiff.models.llada2.hf_mapping import gather_hf_state  # noqa: E402
 from megadiff.training.config import load_config  # noqa: E402
-from megadiff.training.embedding_noise import embedding_noise, noise_active  # noqa: E402
+from megadiff.training.embedding_noise import embedding_noise  # noqa: E402
 from megadiff.training.loop import Trainer  # noqa: E402
 from tests.dist.workers.train_check import parse_layouts, reference_loss_and_grads  # noqa: E402
 
 PHASES = "[{steps: 1, block_size: 1}, {steps: 1, block_size: 4}, {steps: 1, mode: full}, {steps: 1, block_size: 32}]"
+REFERENCE_DIFFUSION = [("block_diffusion", 1), ("block_diffusion", 4), ("full", 32), ("block_diffusion", 32)]
 NOISE = "{std: 0.5, steps: 2}"
 QUIET = ["logging.progress_bar=false"]
 
@@ -44,21 +46,22 @@ def parity(base_cfg, layout, hf_dir):
     result = {}
     for step in range(4):
         trainer.step = step  # the phase (and the noise) follow the step
-        d = trainer.diffusion
         trainer.dataset.load_state_dict({"consumed_samples": 0})  # every phase trains global batch 0
         micro = trainer.prepare_micro_batches(iter(trainer.dataset))
         loss, _ = trainer.forward_backward_step(micro)
         grads = gather_hf_state(
             trainer.chunks, trainer.model_cfg, value=lambda p: getattr(p, "main_grad", torch.zeros_like(p))
         )
-        noised = noise_active(d, step)
-        std = (d.mask_embedding_noise or {}).get("std", 0.0)
+        noised = step < 2  # NOISE's steps
+        std = 0.5
+        mode, block = REFERENCE_DIFFUSION[step]  # written out here, not taken from the trainer's phases
+        reference = dataclasses.replace(trainer.cfg.diffusion, mode=mode, block_size=block)
 
         def noise(batch, raw, step=step, noised=noised, std=std):
             hidden = trainer.model_cfg.hidden_size
             return embedding_noise(batch, raw, hidden, std, trainer.cfg.train.seed, step) if noised else None
 
-        ref_loss, ref_grads, _ = reference_loss_and_grads(trainer, hf_dir, diffusion=d, embedding_noise=noise)
+        ref_loss, ref_grads, _ = reference_loss_and_grads(trainer, hf_dir, diffusion=reference, embedding_noise=noise)
         grad_rel = max(
             float((grads[n].cpu() - g).abs().max() / g.abs().max().clamp_min(1e-12)) for n, g in ref_grads.items()
         )
