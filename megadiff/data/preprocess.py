@@ -147,7 +147,7 @@ def preprocess(
     progress: bool = True,
 ) -> PreprocessStats:
     """Tokenize every row of `inputs` into indexed datasets (module docstring); returns the stats."""
-    import torch
+    import numpy
 
     with warnings.catch_warnings():  # megatron-core's import-time notes about TE/apex: not for this tool
         warnings.simplefilter("ignore")
@@ -184,7 +184,11 @@ def preprocess(
         documents = read_documents(paths, json_keys)
         tasks = _tasks(documents, ROWS_PER_TASK)
         if workers > 1:
-            pool = multiprocessing.Pool(workers, _init_worker, (tokenizer_dir, eod))
+            # forkserver: workers fork from a clean server that imported only this module, not from
+            # this process (torch's threads: a fork of a threaded process can deadlock its children)
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([__name__])
+            pool = context.Pool(workers, _init_worker, (tokenizer_dir, eod))
             encoded = pool.imap(_encode_rows, tasks)
         else:
             _init_worker(tokenizer_dir, eod)
@@ -196,7 +200,7 @@ def preprocess(
                     if not ids:
                         stats.empty += 1
                         continue
-                    builders[key].add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
+                    builders[key].add_document(numpy.asarray(ids, dtype=numpy.int64), [len(ids)])
                     stats.documents += 1
                     stats.tokens += len(ids)
             if bar is not None:
