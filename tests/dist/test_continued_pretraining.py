@@ -34,6 +34,7 @@ def test_pretraining_step_matches_reference_at_block_sizes_1_4_32_and_full_at_11
         assert phases["bd1"]["noised"] and phases["bd4"]["noised"] and not phases["full"]["noised"]
 
 
+@pytest.mark.repeat  # the data state and phases are megadiff's; test_resume.py resumes on both stacks
 @pytest.mark.dist
 @pytest.mark.slow
 def test_resume_inside_phase_2_gives_the_uninterrupted_losses_at_dp_2_and_1(cpt_run_dir, tmp_path):

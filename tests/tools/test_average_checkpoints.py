@@ -1,5 +1,5 @@
-"""Checkpoint averaging (tools/average_checkpoints.py) and an autoregressive Ling-2.0 start, in one
-plain process (tests/dist/workers/cpt_single.py).
+"""Checkpoint averaging (tools/average_checkpoints.py), an autoregressive Ling-2.0 start and SFT
+validation, in one plain process (tests/dist/workers/cpt_single.py).
 
 Tolerances: the average's HF export within rel. 1e-6 of the fp32 mean of the averaged iterations'
 exports; a run started from it with model.init_from_mcore holds exactly those weights; the Ling
@@ -29,7 +29,8 @@ def single_run(tiny_run_dir, tmp_path_factory):
     )
     out = root / "out.json"
     proc = subprocess.run(
-        [sys.executable, WORKER, "--root", root, "--config", cfg, "--out", out],
+        [sys.executable, WORKER, "--root", root, "--config", cfg, "--out", out]
+        + ["--sft-config", tiny_run_dir / "cfg.yaml", "--sft-rows", tiny_run_dir / "memorise.jsonl"],
         cwd=REPO,
         env=worker_env(),
         capture_output=True,
@@ -40,6 +41,7 @@ def single_run(tiny_run_dir, tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.repeat  # stack-independent (DCP reads, the converters' writer); the light stack skips it
 @pytest.mark.slow
 def test_average_of_the_two_best_equals_the_mean_of_their_hf_exports(single_run):
     r = single_run["average"]
@@ -48,6 +50,7 @@ def test_average_of_the_two_best_equals_the_mean_of_their_hf_exports(single_run)
     assert r["init_from_mcore_equals_export"]
 
 
+@pytest.mark.repeat  # stack-independent (DCP reads, the converters' writer); the light stack skips it
 @pytest.mark.slow
 def test_averaging_refuses_checkpoints_of_another_config_naming_both(single_run):
     r = single_run["average"]
@@ -56,6 +59,7 @@ def test_averaging_refuses_checkpoints_of_another_config_naming_both(single_run)
     assert "iter_0000020" in message and "iter_0000040" in message and "'intermediate_size'" in message
 
 
+@pytest.mark.repeat  # stack-independent (DCP reads, the converters' writer); the light stack skips it
 @pytest.mark.slow
 def test_ling_start_needs_a_mask_id_then_loads_its_weights_and_records_llada2(single_run):
     r = single_run["ling"]
@@ -64,3 +68,12 @@ def test_ling_start_needs_a_mask_id_then_loads_its_weights_and_records_llada2(si
     assert len(r["losses"]) == 2 and all(0 < loss < 100 for loss in r["losses"])
     assert r["recorded"] == {"model_type": "llada2_moe", "mask_token_id": 300, "num_nextn_predict_layers": None}
     assert r["converted"] == "bailing_moe_v2"
+
+
+@pytest.mark.repeat
+@pytest.mark.slow
+def test_sft_validation_is_logged_recorded_and_deterministic(single_run):
+    r = single_run["sft_validation"]
+    assert [step for step, _ in r["logged"]] == [1, 2]
+    assert r["recorded"] == r["logged"][-1][1] == r["again"]  # the same samples and noise every time
+    assert r["logged"][0][1] != r["logged"][1][1]  # the weights changed between them

@@ -6,6 +6,8 @@ ling: a tiny Ling-2.0 dir (model_type bailing_moe_v2, causal remote code, a toke
     trainer stops before any process group; with it, the weights loaded equal the dir's (MTP left
     out), two steps train, and the checkpoint records a LLaDA2 config with the mask id. The dir also
     converts with tools/convert_hf_to_mcore.py's library.
+sft_validation: SFT rows with data.valid_files and train.eval_interval=1 for 2 steps: the valid_loss
+    logged at steps 1 and 2, the one megadiff.json records, and a second measurement of the last weights.
 average: three tiny models (seeds) as iterations 10, 20, 30 of one root with valid_loss 3, 1, 2;
     tools/average_checkpoints.py --top-k 2 averages 20 and 30: its HF export against the fp32 mean of
     the two iterations' exports (max rel. difference), and the weights a run with
@@ -168,13 +170,34 @@ def average(root: str, config_path: str) -> dict:
     return out
 
 
+def sft_validation(root: str, sft_config: str, rows: str) -> dict:
+    """SFT rows with data.valid_files: validation at steps 1 and 2, recorded, and the same number when
+    measured again on the same weights (the noise is the validation samples', not the step's)."""
+    save_dir, metrics = os.path.join(root, "sft_run"), os.path.join(root, "sft_metrics.jsonl")
+    overrides = [f"data.valid_files={rows}", "train.eval_interval=1", "train.eval_iters=2", "train.steps=2"]
+    overrides += [f"checkpoint.save_dir={save_dir}", f"logging.metrics_file={metrics}", "logging.progress_bar=false"]
+    trainer = Trainer(load_config(sft_config, overrides))
+    trainer.run()
+    with open(metrics) as f:
+        logged = [json.loads(line) for line in f if "valid_loss" in line]
+    again = trainer.validate()
+    return {
+        "logged": [(r["step"], r["valid_loss"]) for r in logged],
+        "recorded": read_meta(resolve_checkpoint_dir(save_dir))["extra"].get("valid_loss"),
+        "again": again,
+    }
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", required=True)
     parser.add_argument("--config", required=True, help="a mock-data pretraining config of the tiny model")
+    parser.add_argument("--sft-config", required=True, help="an SFT config of the tiny model")
+    parser.add_argument("--sft-rows", required=True, help="SFT rows to validate on")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     result = {"ling": ling(args.root, args.config), "average": average(args.root, args.config)}
+    result["sft_validation"] = sft_validation(args.root, args.sft_config, args.sft_rows)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 
