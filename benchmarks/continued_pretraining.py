@@ -64,8 +64,8 @@ def preprocessing(root: Path, hf: str, texts: list[str]) -> dict:
 def data_side(root: Path, hf: str, seq_len: int, rows: int, repeats: int) -> dict:
     """Seconds per global batch of `rows` rows of `seq_len` tokens, data only (no model)."""
     from megadiff.data.dataset import SFTDataset
-    from megadiff.data.pretrain import PretrainDataset, build_gpt_datasets
     from megadiff.data.preprocess import load_tokenizer
+    from megadiff.data.pretrain import PretrainDataset, build_gpt_datasets
     from megadiff.data.synthetic import arithmetic_problems, as_messages
     from megadiff.data.tokenize import tokenize_rows
     from megadiff.training.batch import prepare_micro_batch
