@@ -35,11 +35,17 @@ from .output_dir import check_output_dir
 _NOT_THE_MODEL = ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "auto_map", "architectures")
 
 
-def pick_iterations(root: str, iterations: list[int] | None = None, top_k: int | None = None) -> list[tuple[int, dict]]:
-    """[(iteration, megadiff.json)] to average: the named ones, or the top_k by recorded valid_loss."""
+def pick_iterations(
+    root: str, iterations: list[int] | None = None, top_k: int | None = None, phase: str | None = None, log=print
+) -> list[tuple[int, dict]]:
+    """[(iteration, megadiff.json)] to average: the named ones, or the top_k by recorded valid_loss
+    (among the iterations saved in block-schedule `phase`, e.g. 'bd32', when given: a valid_loss is
+    measured at its phase's block size, so losses of two phases are two different measures)."""
     complete = complete_iteration_dirs(root)
     if not complete:
         raise CheckpointError(f"{root}: no complete checkpoint iteration (iter_XXXXXXX with megadiff.json)")
+    if iterations and phase:
+        raise UserError("--phase picks the --top-k candidates; with --iterations name the iterations only")
     if iterations:
         missing = [i for i in iterations if i not in complete]
         if missing:
@@ -52,6 +58,12 @@ def pick_iterations(root: str, iterations: list[int] | None = None, top_k: int |
     if not top_k or top_k < 1:
         raise UserError("--top-k must be >= 1 (or name --iterations)")
     scored, unscored = [], []
+    if phase is not None:
+        complete = {it: p for it, p in complete.items() if _phase_of(read_meta(p)) == phase}
+        if not complete:
+            raise CheckpointError(
+                f"{root}: no complete iteration was saved in phase '{phase}' (megadiff.json extra.phase)"
+            )
     for it, path in sorted(complete.items()):
         meta = read_meta(path)
         loss = (meta.get("extra") or {}).get("valid_loss")
@@ -65,7 +77,17 @@ def pick_iterations(root: str, iterations: list[int] | None = None, top_k: int |
             f"train.eval_interval (a validation runs before each save), or name --iterations"
         )
     scored.sort(key=lambda item: (item[1]["extra"]["valid_loss"], item[0]))
+    phases = sorted({_phase_of(meta) or "?" for _, meta in scored[:top_k]})
+    if len(phases) > 1:
+        log(
+            f"note: the {top_k} best iterations come from phases {', '.join(phases)}, whose valid_loss are measured at "
+            f"different block sizes; --phase NAME ranks one phase's checkpoints only"
+        )
     return scored[:top_k]
+
+
+def _phase_of(meta: dict) -> str | None:
+    return ((meta.get("extra") or {}).get("phase") or {}).get("name")
 
 
 def _model_fields(config: dict) -> dict:
@@ -127,6 +149,7 @@ def average_checkpoints(
     output: str,
     iterations: list[int] | None = None,
     top_k: int | None = None,
+    phase: str | None = None,
     overwrite: bool = False,
     trust_checkpoint: bool = False,
     progress: bool = True,
@@ -138,7 +161,7 @@ def average_checkpoints(
     root = os.path.abspath(mcore_dir)
     if not os.path.isdir(root):
         raise CheckpointError(f"{mcore_dir}: --mcore-dir is not a directory")
-    chosen = pick_iterations(root, iterations, top_k)
+    chosen = pick_iterations(root, iterations, top_k, phase, log)
     inputs = []
     for it, meta in chosen:
         ckpt_dir = resolve_checkpoint_dir(root, it)

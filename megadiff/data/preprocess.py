@@ -104,9 +104,10 @@ _EOD: int | None = None
 
 
 def load_tokenizer(tokenizer_dir: str):
+    """The HF tokenizer of TOKENIZER_DIR, never running (or offering to run) code from that dir."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
+    return AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
 
 
 def _init_worker(tokenizer_dir: str, eod: int | None) -> None:

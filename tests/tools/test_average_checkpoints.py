@@ -48,6 +48,9 @@ def test_average_of_the_two_best_equals_the_mean_of_their_hf_exports(single_run)
     assert r["exit"] == 0 and r["averaged"] == [20, 30]  # valid_loss 1.0 and 2.0; 10 had 3.0
     assert r["tensors"] > 20 and r["max_rel_vs_mean_of_exports"] <= 1e-6, r
     assert r["init_from_mcore_equals_export"]
+    # with a block schedule: the best two span two phases (noted); --phase ranks one phase's only
+    assert r["top2"] == [20, 30] and "phases bd32, full" in r["top2_note"][0]
+    assert r["top2_bd32"] == [30, 10]
 
 
 @pytest.mark.repeat  # stack-independent (DCP reads, the converters' writer); the light stack skips it

@@ -30,6 +30,7 @@ install_import_hook()
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from checkpoint_converters.average import average_checkpoints, pick_iterations  # noqa: E402
 from checkpoint_converters.hf_to_mcore import convert_hf_to_mcore  # noqa: E402
 from checkpoint_converters.mcore_to_hf import convert_mcore_to_hf  # noqa: E402
 from megadiff.checkpoint.format import read_meta, resolve_checkpoint_dir, write_json_atomic  # noqa: E402
@@ -147,8 +148,6 @@ def average(root: str, config_path: str) -> dict:
         ["--mcore-dir", runs, "--top-k", "2", "--output", avg_dir + "_x", "--no-progress"]
     )
     try:
-        from checkpoint_converters.average import average_checkpoints
-
         average_checkpoints(runs, avg_dir + "_x", iterations=[20, 40], **QUIET)
     except UserError as e:
         out["other_config_error"] = str(e)
@@ -167,6 +166,15 @@ def average(root: str, config_path: str) -> dict:
     started = gather_hf_state(trainer.chunks, trainer.model_cfg)
     out["init_from_mcore_equals_export"] = all(torch.equal(t, mean.get(n)) for n, t in started.items())
     trainer.close()
+    for it, name in ((10, "bd32"), (20, "full"), (30, "bd32")):  # as a block schedule records them
+        path = resolve_checkpoint_dir(runs, it)
+        meta = read_meta(path)
+        meta["extra"]["phase"] = {"name": name}
+        write_json_atomic(os.path.join(path, "megadiff.json"), meta)
+    notes = []
+    out["top2"] = [it for it, _ in pick_iterations(runs, top_k=2, log=notes.append)]
+    out["top2_note"] = notes
+    out["top2_bd32"] = [it for it, _ in pick_iterations(runs, top_k=2, phase="bd32", log=notes.append)]
     return out
 
 
