@@ -52,6 +52,8 @@ def parity(base_cfg, layout, hf_dir):
         grads = gather_hf_state(
             trainer.chunks, trainer.model_cfg, value=lambda p: getattr(p, "main_grad", torch.zeros_like(p))
         )
+        if torch.distributed.get_rank() != 0:
+            continue  # every rank gathered the same gradients; one computes the reference and writes
         noised = step < 2  # NOISE's steps
         std = 0.5
         mode, block = REFERENCE_DIFFUSION[step]  # written out here, not taken from the trainer's phases
