@@ -35,10 +35,12 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## continued pretraining"
 
 
-def corpus(path: Path, docs: int) -> list[str]:
+def corpus(path: Path, docs: int, problems_per_doc: int) -> list[str]:
+    """`docs` documents of `problems_per_doc` synthetic word problems each (~50 tokens a problem)."""
     from megadiff.data.synthetic import arithmetic_problems
 
-    texts = [r["question"] + "\n" + r["answer"] for r in arithmetic_problems(docs, seed=0)]
+    problems = [r["question"] + "\n" + r["answer"] for r in arithmetic_problems(docs * problems_per_doc, seed=0)]
+    texts = ["\n\n".join(problems[i : i + problems_per_doc]) for i in range(0, len(problems), problems_per_doc)]
     with open(path, "w") as f:
         for text in texts:
             f.write(json.dumps({"text": text}) + "\n")
@@ -51,7 +53,7 @@ def preprocessing(root: Path, hf: str, texts: list[str]) -> dict:
 
     tokenizer = load_tokenizer(hf)
     start = time.perf_counter()
-    tokens = sum(len(encode_text(t, tokenizer)) + 1 for t in texts)
+    tokens = sum(len(encode_text(t, tokenizer)) + 1 for t in texts)  # + EOD
     plain = tokens / (time.perf_counter() - start)
     out = {"plain_loop_tokens_per_s": plain, "tokens": tokens}
     for workers in (1, 2):
@@ -94,7 +96,10 @@ def data_side(root: Path, hf: str, seq_len: int, rows: int, repeats: int) -> dic
     for _ in range(2):
         pt.append(seconds_per_batch(pretrain))
         st.append(seconds_per_batch(sft))
-    return {"pretraining_s": min(pt), "sft_s": min(st), "sft_documents_per_row": len(samples) / len(sft.plans)}
+    rows_of = pretrain.global_batch(0, 0)["doc_ids"]
+    pretrain_docs = sum(len(set(row.tolist())) for row in rows_of) / len(rows_of)
+    return {"pretraining_s": min(pt), "sft_s": min(st), "sft_documents_per_row": len(samples) / len(sft.plans),
+            "pretraining_documents_per_row": pretrain_docs}  # fmt: skip
 
 
 def phase_steps(root: Path, hidden: int, seq_len: int, steps: int) -> dict:
@@ -128,15 +133,18 @@ def phase_steps(root: Path, hidden: int, seq_len: int, steps: int) -> dict:
     init_distributed()
     trainer = Trainer(load_config(str(cfg)))
     times: dict[str, list[float]] = {"bd32": [], "full": []}
+    flops: dict[str, float] = {}
     for _ in range(2 * steps):
         phase = trainer.phase.name
         start = time.perf_counter()
-        trainer.train_step()
+        result = trainer.train_step()
         times[phase].append(time.perf_counter() - start)
+        flops[phase] = result.flops  # model FLOPs (megadiff.training.throughput): the same every step of a phase
     trainer.close()
     warm = 2  # each phase's first steps compile its shapes
     bd, full = statistics.median(times["bd32"][warm:]), statistics.median(times["full"][warm:])
-    return {"bd_step_s": bd, "full_step_s": full, "hidden": hidden, "seq_len": seq_len}
+    return {"bd_step_s": bd, "full_step_s": full, "hidden": hidden, "seq_len": seq_len,
+            "flops_ratio": flops["full"] / flops["bd32"]}  # fmt: skip
 
 
 def results_table(args, pre: dict, data: dict, phases: list[dict]) -> str:
@@ -146,12 +154,13 @@ def results_table(args, pre: dict, data: dict, phases: list[dict]) -> str:
     lines = [
         SECTION,
         "",
-        f"`python benchmarks/continued_pretraining.py --docs {args.docs} --hidden {args.hidden}` ({time.strftime('%Y-%m-%d')}; "
+        f"`python benchmarks/continued_pretraining.py --docs {args.docs} --problems-per-doc {args.problems_per_doc} --hidden {args.hidden}` ({time.strftime('%Y-%m-%d')}; "
         f"{machine}, shared with other sessions; torch {torch.__version__} CPU, fp32). Each ratio against a "
         "baseline of the same process and corpus (the tiny tokenizer, synthetic arithmetic documents).",
         "",
-        f"1. Preprocessing {pre['tokens']} tokens ({args.docs} documents, EOD included), reading the jsonl and "
-        "writing PREFIX.bin/.idx, against a loop that only tokenizes the same texts in this process:",
+        f"1. Preprocessing {pre['tokens']:,} tokens ({args.docs} documents of {args.problems_per_doc} word problems, "
+        "EOD included), reading the jsonl and writing PREFIX.bin/.idx, worker start-up included, against a loop "
+        "that only tokenizes the same texts in this process:",
         "",
         "| | tokens/s | tokens/s per worker | / plain loop |",
         "|---|---:|---:|---:|",
@@ -165,19 +174,20 @@ def results_table(args, pre: dict, data: dict, phases: list[dict]) -> str:
         "| path | s per global batch | / SFT |",
         "|---|---:|---:|",
         f"| SFT: packed chat rows ({data['sft_documents_per_row']:.1f} samples per row) | {data['sft_s']:.4f} | 1.00 |",
-        f"| pretraining: GPTDataset samples -> rows of documents | {data['pretraining_s']:.4f} | "
+        f"| pretraining: GPTDataset samples -> rows of documents ({data['pretraining_documents_per_row']:.1f} "
+        f"documents per row) | {data['pretraining_s']:.4f} | "
         f"{data['pretraining_s'] / data['sft_s']:.2f} |",
         "",
         "3. Step cost of a `full` phase against a block-diffusion phase (bd32) of one schedule, trainer in one "
         "process (2-layer model, global batch 4, micro-batch 2; median step after 2 warm-up steps per phase):",
         "",
-        "| model | S | bd32 step s | full step s | full / bd |",
-        "|---|---:|---:|---:|---:|",
+        "| model | S | bd32 step s | full step s | full / bd (time) | full / bd (model FLOPs) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for r in phases:
         lines.append(
             f"| hidden {r['hidden']} | {r['seq_len']} | {r['bd_step_s']:.3f} | {r['full_step_s']:.3f} | "
-            f"{r['full_step_s'] / r['bd_step_s']:.2f} |"
+            f"{r['full_step_s'] / r['bd_step_s']:.2f} | {r['flops_ratio']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -194,6 +204,7 @@ def write_results(text: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--docs", type=int, default=20000)
+    p.add_argument("--problems-per-doc", type=int, default=20, help="document length (~50 tokens a problem)")
     p.add_argument("--hidden", type=int, default=256, help="hidden size of the larger model of part 3")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--rows", type=int, default=8)
@@ -206,7 +217,7 @@ def main(argv=None) -> int:
         from megadiff.hf.tiny import write_tiny_model_dir
 
         hf = write_tiny_model_dir(str(root / "tiny_hf"), seed=0)
-        texts = corpus(root / "corpus.jsonl", args.docs)
+        texts = corpus(root / "corpus.jsonl", args.docs, args.problems_per_doc)
         pre = preprocessing(root, hf, texts)
         print("preprocessing", pre, flush=True)
         data = data_side(root, hf, args.seq_len, args.rows, repeats=12)
