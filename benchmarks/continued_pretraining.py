@@ -189,7 +189,20 @@ def results_table(args, pre: dict, data: dict, phases: list[dict]) -> str:
             f"| hidden {r['hidden']} | {r['seq_len']} | {r['bd_step_s']:.3f} | {r['full_step_s']:.3f} | "
             f"{r['full_step_s'] / r['bd_step_s']:.2f} | {r['flops_ratio']:.2f} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + NOTES
+
+
+NOTES = """
+What the numbers say. (1) One worker costs ~10% over the bare tokenizer (reading, the EOD, the
+builder's writes); two workers on these 2 shared cores reach 1.1x the single-process loop, as the main
+process (IPC, writes) takes a core too; with more cores the workers scale until the writer saturates.
+(2) Pretraining rows cost the SFT path's data time: cutting GPTDataset samples into documents is cheap
+next to the noise and the masks both paths build. (3) A `full` step costs 0.3-0.4x of a block-diffusion
+step here, below the ~0.5x of the token count, because the CPU's dense attention computes every one of
+the (2S)^2 query-key pairs of [x_t ; x_0] and masks them afterwards, while the model FLOPs column counts
+only the visible ones (megadiff.training.throughput; the x_t-only head costs the same in both, hence
+0.6-0.7). On a GPU the flex backend skips masked blocks, so the time ratio moves toward the FLOPs ratio.
+"""
 
 
 def write_results(text: str) -> None:

@@ -45,12 +45,14 @@ def test_resume_inside_phase_2_gives_the_uninterrupted_losses_at_dp_2_and_1(cpt_
     run_torchrun(1, WORKER, [*args, "--layouts", "1,1,1", "--out", tmp_path / "dp1.json"])
     r = json.loads((tmp_path / "dp2.json").read_text())
     straight = [tuple(s) for s in r["straight"]]
-    assert [p for _, p, _ in straight] == ["bd1"] * 3 + ["bd4"] * 2 + ["full"]
-    assert [tuple(s) for s in r["resumed"]] == straight  # bit-exact, phases included
+    assert [p for _, p, _, _ in straight] == ["bd1"] * 3 + ["bd4"] * 2 + ["full"]
+    # warmup-stable-decay: 1 warmup step, flat, then the last 2 of 6 decay linearly to min_lr = 0
+    assert [lr for *_, lr in straight] == pytest.approx([1e-3, 1e-3, 1e-3, 1e-3, 5e-4, 0.0])
+    assert [tuple(s) for s in r["resumed"]] == straight  # bit-exact: losses, phases, learning rates
     assert r["valid_resumed"] == r["valid_straight"] and None not in r["valid_straight"].values()
     r1 = json.loads((tmp_path / "dp1.json").read_text())
     other = [tuple(s) for s in r1["resumed_other_dp"]]  # steps 4..6 at DP=1
-    assert [(s, p) for s, p, _ in other] == [(s, p) for s, p, _ in straight[3:]]
-    for (_, _, a), (_, _, b) in zip(other, straight[3:], strict=True):
+    assert [(s, p, lr) for s, p, _, lr in other] == [(s, p, lr) for s, p, _, lr in straight[3:]]
+    for (_, _, a, _), (_, _, b, _) in zip(other, straight[3:], strict=True):
         assert abs(a - b) <= REL_TOL * abs(b), (other, straight)
     assert abs(r1["valid_other_dp"]["6"] - r["valid_straight"]["6"]) <= REL_TOL * r["valid_straight"]["6"]

@@ -93,7 +93,7 @@ def resume(base_cfg, layouts, work):
         return load_config(base_cfg, layout + common + [f"checkpoint.save_dir={save_dir}"])
 
     def steps_of(results):
-        return [(r.step, r.phase, r.loss) for r in results]
+        return [(r.step, r.phase, r.loss, r.lr) for r in results]
 
     if len(layouts) == 1 and os.path.isdir(os.path.join(work, "other_dp")):  # the second launch
         other_dir = os.path.join(work, "other_dp")
