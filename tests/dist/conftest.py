@@ -49,7 +49,7 @@ def cpt_run_dir(tiny_run_dir, tmp_path_factory):
         "train: {steps: 6, global_batch_size: 4, micro_batch_size: 1, lr: 1.0e-3, lr_schedule: wsd, "
         "warmup_steps: 1, lr_decay_steps: 2}\n"
         "diffusion: {loss_weight: inverse_t, normalize: answer_tokens, t_low: 0.05, t_high: 1.0, block_schedule: "
-        "[{steps: 3, block_size: 1}, {steps: 2, block_size: 4}, {steps: 1, mode: full}]}\n"
+        "[{steps: 2, block_size: 1}, {steps: 3, block_size: 4}, {steps: 1, mode: full}]}\n"
         "logging: {progress_bar: false}\n"
     )
     return root

@@ -5,10 +5,10 @@
     0 (packed documents, every token a target) against the reference model computing the same loss on
     the same noised batch with the same embedding noise. Writes {layout: {phase: {loss_rel, grad_rel,
     min_documents_per_row, all_targets, noised}}}.
---check resume: a straight 6-step run; a run stopped and saved after step 3 (inside phase 2) and
-    resumed in a new Trainer, whose step-3 checkpoint is also copied to WORK/other_dp. Launched
+--check resume: a straight 6-step run; a run stopped and saved after step 4 (inside phase 2) and
+    resumed in a new Trainer, whose step-4 checkpoint is also copied to WORK/other_dp. Launched
     again (one layout) with WORK/other_dp there: that checkpoint resumed at this launch's DP size.
-    Writes the runs' (step, phase, loss) and the valid_loss each recorded at steps 3 and 6.
+    Writes the runs' (step, phase, loss, lr) and their valid_loss (logged, or recorded by the saves).
 """
 
 import argparse
@@ -82,40 +82,45 @@ def parity(base_cfg, layout, hf_dir):
     return result
 
 
-def recorded_valid_losses(save_dir):
-    return {it: read_meta(resolve_checkpoint_dir(save_dir, it))["extra"].get("valid_loss") for it in (3, 6)}
+def recorded_valid_losses(save_dir, iterations):
+    return {it: read_meta(resolve_checkpoint_dir(save_dir, it))["extra"].get("valid_loss") for it in iterations}
+
+
+def logged_valid_losses(metrics_file):
+    with open(metrics_file) as f:
+        return {r["step"]: r["valid_loss"] for r in map(json.loads, f) if "valid_loss" in r}
 
 
 def resume(base_cfg, layouts, work):
-    common = QUIET + ["checkpoint.save_interval=3", "train.eval_interval=3", "train.eval_iters=1"]
+    """Phases bd1 (steps 1-2), bd4 (3-5), full (6); the stopped run saves after step 4."""
+    common = QUIET + ["checkpoint.save_interval=4", "train.eval_interval=2", "train.eval_iters=1"]
 
-    def config(save_dir, layout):
-        return load_config(base_cfg, layout + common + [f"checkpoint.save_dir={save_dir}"])
+    def config(name, layout, save=True):
+        where = [f"checkpoint.save_dir={os.path.join(work, name)}"] if save else []
+        return load_config(base_cfg, layout + common + where + [f"logging.metrics_file={work}/{name}.jsonl"])
 
     def steps_of(results):
         return [(r.step, r.phase, r.loss, r.lr) for r in results]
 
+    rank0 = torch.distributed.get_rank() == 0
     if len(layouts) == 1 and os.path.isdir(os.path.join(work, "other_dp")):  # the second launch
-        other_dir = os.path.join(work, "other_dp")
-        return {
-            "resumed_other_dp": steps_of(Trainer(config(other_dir, layouts[0])).run()),
-            "valid_other_dp": recorded_valid_losses(other_dir),
-        }
-    straight_dir, stopped_dir = os.path.join(work, "straight"), os.path.join(work, "stopped")
-    out = {"straight": steps_of(Trainer(config(straight_dir, layouts[0])).run())}
-    out["valid_straight"] = recorded_valid_losses(straight_dir)
-
-    stopped = Trainer(config(stopped_dir, layouts[0]))
-    first = [stopped.train_step() for _ in range(3)]
-    stopped.save()  # step 3: inside phase 2 (steps 3..5)
+        out = {"resumed_other_dp": steps_of(Trainer(config("other_dp", layouts[0])).run())}
+        out["valid_other_dp"] = logged_valid_losses(f"{work}/other_dp.jsonl") if rank0 else None
+        return out
+    out = {"straight": steps_of(Trainer(config("straight", layouts[0], save=False)).run())}
+    out["valid_straight"] = logged_valid_losses(f"{work}/straight.jsonl") if rank0 else None
+    stopped = Trainer(config("stopped", layouts[0]))
+    first = [stopped.train_step() for _ in range(4)]
+    stopped.save()  # after step 4: inside phase 2 (steps 3..5)
     stopped.close()
-    if torch.distributed.get_rank() == 0:  # the same checkpoint, for a second launch at another DP size
+    stopped_dir = os.path.join(work, "stopped")
+    if rank0:  # the same checkpoint, for a second launch at another DP size
         other_dir = os.path.join(work, "other_dp")
         os.makedirs(other_dir)
-        shutil.copytree(os.path.join(stopped_dir, "iter_0000003"), os.path.join(other_dir, "iter_0000003"))
+        shutil.copytree(os.path.join(stopped_dir, "iter_0000004"), os.path.join(other_dir, "iter_0000004"))
         shutil.copy(os.path.join(stopped_dir, "latest_checkpointed_iteration.txt"), other_dir)
-    out["resumed"] = steps_of(first) + steps_of(Trainer(config(stopped_dir, layouts[0])).run())
-    out["valid_resumed"] = recorded_valid_losses(stopped_dir)
+    out["resumed"] = steps_of(first) + steps_of(Trainer(config("stopped", layouts[0])).run())
+    out["valid_resumed"] = recorded_valid_losses(stopped_dir, (4, 6))
     return out
 
 

@@ -36,8 +36,10 @@ from checkpoint_converters.mcore_to_hf import convert_mcore_to_hf  # noqa: E402
 from megadiff.checkpoint.format import read_meta, resolve_checkpoint_dir, write_json_atomic  # noqa: E402
 from megadiff.errors import UserError  # noqa: E402
 from megadiff.hf.checkpoint_reader import HFCheckpointReader  # noqa: E402
+from megadiff.hf.reference import build_reference_model, save_reference_model  # noqa: E402
 from megadiff.hf.tiny import write_tiny_model_dir  # noqa: E402
 from megadiff.models.llada2.hf_mapping import gather_hf_state  # noqa: E402
+from megadiff.models.llada2.presets import preset  # noqa: E402
 from megadiff.training.config import load_config  # noqa: E402
 from megadiff.training.loop import Trainer  # noqa: E402
 from tools.average_checkpoints import main as average_main  # noqa: E402
@@ -122,7 +124,8 @@ def checkpoint_root(root: str) -> str:
         (30, 3, 2.0, {}),
         (40, 4, 0.5, {"intermediate_size": 96}),
     ):
-        hf = write_tiny_model_dir(os.path.join(root, f"hf{seed}"), seed=seed, **overrides)
+        hf = os.path.join(root, f"hf{seed}")  # weights and config.json only: no tokenizer to train
+        save_reference_model(build_reference_model(preset("tiny", **overrides), seed=seed), hf)
         single = convert_hf_to_mcore(hf, os.path.join(root, f"single{seed}"), **QUIET)
         target = os.path.join(runs, f"iter_{it:07d}")
         shutil.copytree(single, target)
