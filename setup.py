@@ -19,6 +19,7 @@ CONSOLE_SCRIPTS = {
     "megadiff-demo": "demo",
     "megadiff-preprocess-data": "preprocess_data",
     "megadiff-average-checkpoints": "average_checkpoints",
+    "megadiff-lm-eval": "lm_eval",
 }
 
 setup(
@@ -52,6 +53,8 @@ setup(
         # LoRA adapters as Hugging Face PEFT adapters (exclude_modules needs 0.14; tested: 0.21.2 on
         # both stacks). Only the export tests and the PEFT reference of the LoRA tests import it.
         "peft": ["peft>=0.14"],
+        # lm-evaluation-harness (megadiff.evaluation, tools/lm_eval.py); tested: 0.4.13 on both stacks.
+        "eval": ["lm-eval>=0.4.13,<0.5"],
         "dev": [
             "pytest",
             "pytest-timeout",
@@ -61,6 +64,7 @@ setup(
             "matplotlib",
             "tensorboard",
             "peft>=0.14",
+            "lm-eval>=0.4.13,<0.5",
         ],
     },
 )

@@ -46,11 +46,31 @@ def auto_map_modules(*configs: dict) -> list[str]:
     return sorted(modules)
 
 
+_RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.([A-Za-z_][A-Za-z0-9_]*)\s+import", re.M)
+
+
+def with_relative_imports(template: str, modules: list[str]) -> list[str]:
+    """`modules` and, transitively, the same-directory modules they import (`from .sampler import`),
+    as transformers loads them: a modeling file without its companions does not load."""
+    found, todo = set(), list(modules)
+    while todo:
+        name = todo.pop()
+        path = os.path.join(template, name)
+        if name in found or not os.path.isfile(path):
+            continue
+        found.add(name)
+        with open(path, encoding="utf-8", errors="replace") as f:
+            todo += [m + ".py" for m in _RELATIVE_IMPORT.findall(f.read())]
+    return sorted(found)
+
+
 def copy_template_files(template: str, dst: str, config: dict) -> tuple[list[str], list[str]]:
     """Copy the allow-listed files of `template` and the remote-code modules that the output
-    `config`'s (or the template tokenizer's) auto_map names. Returns (copied, left out)."""
+    `config`'s (or the template tokenizer's) auto_map names, with the modules they import from
+    beside them. Returns (copied, left out)."""
     tokenizer_config = read_json_or_none(os.path.join(template, "tokenizer_config.json"))
-    wanted = set(TEMPLATE_FILES) | set(auto_map_modules(config, tokenizer_config or {}))
+    modules = with_relative_imports(template, auto_map_modules(config, tokenizer_config or {}))
+    wanted = set(TEMPLATE_FILES) | set(modules)
     copied, left_out = [], []
     for name in sorted(os.listdir(template)):
         path = os.path.join(template, name)

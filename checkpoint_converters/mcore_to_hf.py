@@ -23,6 +23,7 @@ from collections.abc import Callable, Container, Iterator, Sequence
 import torch
 
 from megadiff.checkpoint.bytecopy.byte_spans import FileTable, Spans
+from megadiff.checkpoint.format import TRAINING_RECORD, training_record
 from megadiff.checkpoint.hf_source import recorded_source_dir
 from megadiff.checkpoint.hf_tensors import (
     DEFAULT_BUDGET,
@@ -33,7 +34,7 @@ from megadiff.checkpoint.hf_tensors import (
     plan_hf_output,
 )
 from megadiff.errors import CheckpointError
-from megadiff.hf.remote_code import REMOTE_CODE_FILES, remote_code_dir
+from megadiff.hf.remote_code import REMOTE_CODE_FILES, remote_code_source
 from megadiff.lora.merge import add_delta
 from megadiff.models.llada2.hf_experts import MERGED, SPLIT
 from megadiff.models.llada2.hf_mapping import hf_from_full_mcore
@@ -105,7 +106,7 @@ def _same_as_megadiff_code(path: str) -> bool:
     name = os.path.basename(path)
     if name not in REMOTE_CODE_FILES:
         return False
-    with open(path, "rb") as a, open(os.path.join(remote_code_dir(), name), "rb") as b:
+    with open(path, "rb") as a, open(remote_code_source(name), "rb") as b:
         return a.read() == b.read()
 
 
@@ -180,6 +181,8 @@ def convert_mcore_to_hf(
             copied, left_out = copy_template_files(template, staging, config) if template else ([], [])
             megadiff_code = ensure_remote_code(staging, config)
             write_json(os.path.join(staging, "config.json"), config)
+            if training_record(src.meta):  # how megadiff trained it (read by generate's editing check)
+                write_json(os.path.join(staging, TRAINING_RECORD), training_record(src.meta))
             if "generation_config.json" not in copied:
                 write_json(os.path.join(staging, "generation_config.json"), _generation_config(config))
     finally:

@@ -24,7 +24,7 @@ from megadiff.checkpoint.format import (
     staging_path,
 )
 from megadiff.errors import CheckpointError
-from megadiff.hf.remote_code import AUTO_MAP, REMOTE_CODE_FILES, remote_code_dir
+from megadiff.hf.remote_code import AUTO_MAP, REMOTE_CODE_FILES, remote_code_source
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".distcp")
 
@@ -125,7 +125,7 @@ def ensure_remote_code(out_dir: str, config: dict) -> list[str]:
     if model_entries and all(os.path.isfile(os.path.join(out_dir, m + ".py")) for m in modules):
         return []
     for name in REMOTE_CODE_FILES:
-        shutil.copyfile(os.path.join(remote_code_dir(), name), os.path.join(out_dir, name))
+        shutil.copyfile(remote_code_source(name), os.path.join(out_dir, name))
     config["auto_map"] = {k: v for k, v in auto_map.items() if not (k == "AutoConfig" or k.startswith("AutoModel"))}
     config["auto_map"].update(AUTO_MAP)
     return list(REMOTE_CODE_FILES)

@@ -16,6 +16,22 @@ class UserError(ValueError):
     """Bad input; the message names where it is and what to do (see the module docstring)."""
 
 
+ERROR_FILE_ENV = "MEGADIFF_ERROR_FILE"
+
+
+def note_error_line(line: str) -> None:
+    """Append a worker's one-line error to $MEGADIFF_ERROR_FILE, where a launcher asked for it
+    (examples/pretrain_llada2_sft.sh repeats the first one after torchrun's traceback)."""
+    path = os.environ.get(ERROR_FILE_ENV)
+    if not path:
+        return
+    try:
+        with open(path, "a") as f:  # O_APPEND: lines from several ranks do not interleave
+            f.write(line.replace("\n", " ") + "\n")
+    except OSError:
+        pass  # the error itself is on stderr already
+
+
 def user_error_exit(error) -> int:
     """Print `error` as one line on stderr and return USER_ERROR_EXIT (for `return` or SystemExit).
 
@@ -24,9 +40,12 @@ def user_error_exit(error) -> int:
     rank = int(os.environ.get("RANK", "0"))
     torch = sys.modules.get("torch")  # never import torch just to print an error
     if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        print(f"error (rank {rank}): {error}", file=sys.stderr, flush=True)
-    elif rank == 0:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        line = f"error (rank {rank}): {error}"
+    else:
+        line = f"error: {error}"
+    if rank == 0 or line.startswith("error ("):
+        print(line, file=sys.stderr, flush=True)
+    note_error_line(line)  # every rank: torchrun may stop rank 0 before it gets there
     return USER_ERROR_EXIT
 
 

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from megadiff.data.preference import read_preference_rows
 from tests.dist.launch import worker_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +43,7 @@ def test_short_demo_runs_every_stage_and_summary_matches_log(tmp_path):
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert summary["steps"] == 6 == metrics[-1]["step"]
     assert summary["final_loss"] == metrics[-1]["loss"] and summary["first_loss"] == metrics[0]["loss"]
-    assert f"step 6 loss {metrics[-1]['loss']:.4f}" in (out / "train.log").read_text()
+    assert f"step 6/6 loss {metrics[-1]['loss']:.4f}" in (out / "train.log").read_text()
     for when in ("before", "after"):
         assert (
             summary[f"accuracy_{when}"] == json.loads((out / f"eval_{when}" / "summary.json").read_text())["accuracy"]
@@ -51,6 +52,7 @@ def test_short_demo_runs_every_stage_and_summary_matches_log(tmp_path):
     assert commands == [
         "make_tiny_model.py",
         "make_synthetic_data.py",
+        "make_synthetic_data.py",  # the preference pairs of examples/configs/tiny_dpo.yaml
         "build_gsm8k_dataset.py",
         "convert_hf_to_mcore.py",
         "eval_gsm8k.py",
@@ -68,3 +70,5 @@ def test_short_demo_runs_every_stage_and_summary_matches_log(tmp_path):
     assert json.loads((out / "tiny_hf" / "config.json").read_text())["num_hidden_layers"] == 2
     assert (out / "loss.png").stat().st_size > 1000
     assert (out / "trained_hf" / "config.json").is_file()
+    # the README's DPO command reads these pairs: valid preference rows, as many as the demo wrote
+    assert read_preference_rows(out / "data" / "pairs.jsonl")[1]["rows_kept"] == 256

@@ -31,11 +31,23 @@ def parse_args(argv=None):
     )
     p.add_argument("--input-ids", required=True, help="JSON file: list of lists of token ids")
     p.add_argument("--position-ids", help="JSON file: list of lists, same shape (default 0..n-1)")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--ep", type=int, default=1)
-    p.add_argument("--etp", type=int, default=None, help="expert TP (default: --tp without EP, else 1)")
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per PP rank")
+    p.add_argument("--tp", "--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--ep", "--expert-model-parallel-size", type=int, default=1)
+    p.add_argument(
+        "--etp",
+        "--expert-tensor-parallel-size",
+        type=int,
+        default=None,
+        help="expert TP (default: --tp without EP, else 1)",
+    )
+    p.add_argument("--pp", "--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument(
+        "--vpp",
+        "--virtual-pipeline-model-parallel-size",
+        type=int,
+        default=None,
+        help="virtual pipeline chunks per PP rank",
+    )
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |Δ| allowed (fp32)")
     p.add_argument("--save-logits", help="write megadiff's fp32 logits [batch, seq, vocab] here (rank 0)")
     return p.parse_args(argv)
@@ -61,6 +73,9 @@ def main(argv=None):
     from megadiff.platform import install_import_hook
 
     install_import_hook()  # first, before anything imports megatron-core
+    from megadiff.platform.rank_output import warnings_from_rank0_only
+
+    warnings_from_rank0_only()  # a torchrun tool: third-party warnings once, from rank 0
     args = parse_args(argv)
     try:
         return compare(args)

@@ -33,11 +33,23 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf-dir", required=True, help="HF LLaDA2 dir: config.json + safetensors (+ index)")
     p.add_argument("--output", required=True, help="checkpoint root to create (holds iter_0000000/)")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--ep", type=int, default=1)
-    p.add_argument("--etp", type=int, default=None, help="expert TP (default: --tp without EP, else 1)")
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per PP rank")
+    p.add_argument("--tp", "--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--ep", "--expert-model-parallel-size", type=int, default=1)
+    p.add_argument(
+        "--etp",
+        "--expert-tensor-parallel-size",
+        type=int,
+        default=None,
+        help="expert TP (default: --tp without EP, else 1)",
+    )
+    p.add_argument("--pp", "--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument(
+        "--vpp",
+        "--virtual-pipeline-model-parallel-size",
+        type=int,
+        default=None,
+        help="virtual pipeline chunks per PP rank",
+    )
     p.add_argument(
         "--dtype",
         choices=["bf16", "fp16", "fp32"],

@@ -2,7 +2,8 @@
 """megadiff end to end on a built-in tiny LLaDA2, CPU only, nothing downloaded (`make demo`).
 
   1. tiny LLaDA2 HF dir (tokenizer, chat template, config, remote code, random weights)
-  2. synthetic GSM8K-style task -> train/test jsonl (messages and question/answer forms)
+  2. synthetic GSM8K-style task -> train/test jsonl (messages and question/answer forms), and
+     preference pairs for the DPO example (data/pairs.jsonl, examples/configs/tiny_dpo.yaml)
   3. HF -> megatron checkpoint
   4. accuracy of the untrained model
   5. block-diffusion SFT with packing, 2 CPU processes at EP=2 (examples/pretrain_llada2_sft.sh)
@@ -16,6 +17,7 @@ Every step prints its command line, so it can be copied for a real model.
 import argparse
 import json
 import os
+import re
 import resource
 import shlex
 import subprocess
@@ -25,6 +27,24 @@ import time
 LAUNCHER = "examples/pretrain_llada2_sft.sh"
 PY = sys.executable
 CHAT_PROMPT = "Ann has 2 cups and gets 3 more. How many cups does Ann have?"
+SFT_CONFIG = "examples/configs/tiny_bd_sft.yaml"
+DPO_PAIRS = 256  # preference pairs for examples/configs/tiny_dpo.yaml (README, "Preference tuning")
+# Python's warnings.formatwarning: `file:line: SomeWarning: message`, then (indented) the source line.
+WARNING_LINE = re.compile(r"^\S.*:\d+: \w*Warning: ")
+
+
+def without_warnings(lines):
+    """A command's output lines without third-party warnings: each warning's first line and the
+    indented source lines Python prints under it (`  warnings.warn(`), so no fragment is left."""
+    in_warning = False
+    for line in lines:
+        if WARNING_LINE.match(line):
+            in_warning = True
+            continue
+        if in_warning and line[:1] in (" ", "\t") and line.strip():
+            continue
+        in_warning = False
+        yield line
 
 
 def checkout_dir() -> str:
@@ -58,9 +78,7 @@ def run(cmd, env=None, log=None, stages=None):
         bufsize=1,
     )
     lines = []
-    for line in proc.stdout:
-        if "warn" in line.lower() and ("Warning" in line or "warnings.warn" in line):
-            continue  # third-party deprecation noise
+    for line in without_warnings(proc.stdout):  # third-party deprecation noise
         sys.stdout.write(line)
         lines.append(line)
     if proc.wait() != 0:
@@ -77,6 +95,13 @@ def run(cmd, env=None, log=None, stages=None):
             }
         )
     return "".join(lines)
+
+
+def config_warmup_steps() -> int:
+    import yaml
+
+    with open(os.path.join(checkout_dir(), SFT_CONFIG)) as f:
+        return int(yaml.safe_load(f)["train"].get("warmup_steps", 0))
 
 
 def accuracy_of(eval_dir):
@@ -129,6 +154,9 @@ def main(argv=None):
     run_stage([PY, "tools/make_tiny_model.py", "--output", hf, "--layers", "2"])
     print("== 2. a synthetic GSM8K-style task", flush=True)
     run_stage([PY, "tools/make_synthetic_data.py", "--output", f"{data}/gsm8k_synthetic.jsonl", "--rows", args.rows])
+    run_stage(  # preference pairs for the README's DPO example (examples/configs/tiny_dpo.yaml)
+        [PY, "tools/make_synthetic_data.py", "--preference", "--output", f"{data}/pairs.jsonl", "--rows", DPO_PAIRS]
+    )
     run_stage(
         [
             PY,
@@ -151,11 +179,12 @@ def main(argv=None):
     run_stage(
         [
             LAUNCHER,
-            "examples/configs/tiny_bd_sft.yaml",
+            SFT_CONFIG,
             f"model.hf_dir={hf}",
             f"model.init_from_mcore={mcore_init}",
             f"data.train_files={data}/train.jsonl",
             f"train.steps={args.steps}",
+            f"train.warmup_steps={min(args.steps, config_warmup_steps())}",  # a short --steps run keeps warmup <= steps
             f"checkpoint.save_dir={ckpt}",
             f"logging.metrics_file={metrics}",
             "logging.progress_bar=false",

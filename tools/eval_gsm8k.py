@@ -24,6 +24,7 @@ from megadiff.inference.cli import (
     command_line,
     decoding_options,
     load_for_decoding,
+    untrained_editing_warning,
 )
 
 
@@ -51,6 +52,9 @@ def main(argv=None) -> int:
         if args.limit is not None and args.limit <= 0:
             raise ValueError(f"--limit must be a positive integer, got {args.limit}")
         options = decoding_options(args)
+        warning = untrained_editing_warning(args, options)  # editing asked of a model not trained for it
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
         rows = read_gsm8k_rows(args.data)[: args.limit]
         golds = []
         for row in rows:

@@ -22,6 +22,7 @@ from megadiff.inference.cli import (
     command_line,
     decoding_options,
     load_for_decoding,
+    untrained_editing_warning,
 )
 
 
@@ -161,6 +162,9 @@ def main(argv=None) -> int:
     print(command_line("tools/generate.py", parser, args), flush=True)
     try:
         options = decoding_options(args)
+        warning = untrained_editing_warning(args, options)  # editing asked of a model not trained for it
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
         model, tokenizer, mask_id, eos_id = load_for_decoding(args, need_tokenizer=not args.input_ids)
         print(
             f"model: {args.model} ({sum(p.numel() for p in model.parameters()):,} parameters, "

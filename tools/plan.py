@@ -4,11 +4,12 @@ optimizer state, activations, buffers) of every TP/EP/ETP/PP/VPP/DP layout, the 
 ranked by a first-order step-time model, each with the command line that runs it.
 
   tools/plan.py --preset llada2-mini --gpus-per-node 8 --gpu-memory-gb 80 --seq-len 4096
-  tools/plan.py examples/configs/llada2_flash_bd_sft.yaml --nodes 4 [section.key=value ...]
+  tools/plan.py examples/configs/llada2_flash_bd_sft.yaml --preset llada2-flash --nodes 4 [section.key=value ...]
 
 With a training YAML, the model (model.hf_dir's config.json, or --preset), sequence length,
 batch sizes, mode, dtype and backend come from it; flags given explicitly win. Assumptions of
-the model: docs/planner.md.
+the model: docs/planner.md. When no layout fits, the nearest single changes that make one fit
+(more nodes, recompute, a smaller micro-batch) are printed with their flags.
 """
 
 import argparse
@@ -28,7 +29,9 @@ def parse_args(argv):
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU, GB (80 for an H100)")
-    p.add_argument("--seq-len", type=int, help="tokens per packed row S (block diffusion feeds 2S); default 4096")
+    p.add_argument(
+        "--seq-len", "--seq-length", type=int, help="tokens per packed row S (block diffusion feeds 2S); default 4096"
+    )
     p.add_argument("--micro-batch-size", type=int)
     p.add_argument("--global-batch-size", type=int)
     p.add_argument("--mode", choices=["bd", "full"])
@@ -122,6 +125,10 @@ def main(argv=None) -> int:
         else:
             print(f"this config's layout {config_layout} does not fit {hw.world} GPUs")
     print(table(plans, config_name, args.top, hw.memory_bytes / 2**30))
+    if not any(p.reason is None for p in plans):
+        from megadiff.planner.suggest import describe_changes, nearest_fitting_changes
+
+        print(describe_changes(nearest_fitting_changes(model, hw, shape), hw, config_layout))
     return 0
 
 

@@ -367,6 +367,21 @@ def resolve_checkpoint_dir(root_or_iter_dir: str, iteration: int | None = None) 
     return dirs[available[-1]]
 
 
+# Written beside an HF export of a megadiff checkpoint: how megadiff trained the weights (the
+# diffusion section and objective of the run; no paths), e.g. whether the edit stream was on.
+TRAINING_RECORD = "megadiff_training.json"
+
+
+def training_record(meta: dict) -> dict | None:
+    """The TRAINING_RECORD of a checkpoint's megadiff.json, or None for one megadiff did not train
+    (a converted HF model)."""
+    cfg = (meta.get("extra") or {}).get("training_config")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("diffusion"), dict):
+        return None
+    objective = (cfg.get("train") or {}).get("objective", "sft")
+    return {"iteration": meta.get("iteration"), "objective": objective, "diffusion": cfg["diffusion"]}
+
+
 def read_meta(path: str) -> dict:
     """megadiff.json of a checkpoint: `path` is a ROOT (latest complete iteration), an iteration
     dir, or the megadiff.json file itself."""

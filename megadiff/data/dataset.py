@@ -49,6 +49,22 @@ def check_batch_split(global_batch_size: int, micro_batch_size: int, dp_size: in
         )
 
 
+def too_little_data(what: str, total: int, unit: str, dropped: dict, global_batch_size: int) -> DataError:
+    """The error for data that fills fewer than one global batch: when samples were dropped for
+    their length, that (not the batch size) is the cause to name."""
+    reasons = [f"{n} {why}" for why, n in dropped.items() if n]
+    if not reasons:
+        return DataError(
+            f"{what} are fewer than global_batch_size={global_batch_size}; lower the global batch size or add data"
+        )
+    lost = sum(dropped.values())
+    head = f"all {total} {unit} were dropped" if lost == total else f"{lost} of {total} {unit} were dropped"
+    return DataError(
+        f"{head} for their length ({', '.join(reasons)}), leaving {what}, fewer than global_batch_size="
+        f"{global_batch_size}; raise data.max_seq_len (or shorten the prompts)"
+    )
+
+
 class SFTDataset:
     """Packed SFT rows served as micro-batches for one data-parallel rank (see module docstring)."""
 
@@ -79,9 +95,16 @@ class SFTDataset:
         self.accumulation_steps = global_batch_size // (micro_batch_size * dp_size)
         self.plans, self.stats = plan_packed_rows(samples, max_seq_len, mode, truncation)
         if len(self.plans) < global_batch_size:
-            raise DataError(
-                f"{len(self.plans)} packed rows of {max_seq_len} tokens are fewer than global_batch_size="
-                f"{global_batch_size}; lower the global batch size or add data"
+            dropped = {
+                "whose prompt alone fills a row": self.stats["dropped_prompt_too_long"],
+                "longer than a row (data.truncation=drop)": self.stats["dropped_too_long"],
+            }
+            raise too_little_data(
+                f"{len(self.plans)} packed rows of {max_seq_len} tokens",
+                len(samples),
+                "samples",
+                dropped,
+                global_batch_size,
             )
         self.epoch = 0
         self.consumed_rows = 0

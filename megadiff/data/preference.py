@@ -24,31 +24,20 @@ from pathlib import Path
 
 import torch
 
-from megadiff.data.dataset import SFTDataset, check_batch_split
+from megadiff.data.dataset import SFTDataset, check_batch_split, too_little_data
 from megadiff.data.packing import PACK, build_row, collate_rows
-from megadiff.data.rows import DataError, read_valid_rows
+from megadiff.data.rows import ROLES, SKIP_HINT, DataError, messages_problem, read_valid_rows
 from megadiff.data.tokenize import encode_chat_prompt, encode_text
 
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
 
 
 def _messages_problem(value, field: str, *, responses: bool) -> str | None:
-    if not isinstance(value, list):
-        return f"field '{field}' is a {type(value).__name__}, expected a string or a list of messages"
-    if not value:
-        return f"field '{field}' is empty"
-    for i, message in enumerate(value):
-        if not isinstance(message, dict):
-            return f"{field}[{i}] is a {type(message).__name__}, expected an object with 'role' and 'content'"
-        role, content = message.get("role"), message.get("content")
-        allowed = ("assistant",) if responses else ("system", "user", "assistant")
-        if role not in allowed:
-            return f"{field}[{i}].role is {role!r}, expected {' or '.join(allowed)}"
-        if not isinstance(content, str):
-            return f"{field}[{i}].content is {type(content).__name__}, expected str"
-    if not responses and value[-1]["role"] == "assistant":
+    roles = ("assistant",) if responses else ROLES
+    problem = messages_problem(value, field, roles, expected="a string or a list of messages")
+    if problem is None and not responses and value[-1]["role"] == "assistant":
         return f"the last message of '{field}' is the assistant's; the prompt must end with a user (or system) turn"
-    return None
+    return problem
 
 
 def preference_row_problem(row) -> str | None:
@@ -57,6 +46,8 @@ def preference_row_problem(row) -> str | None:
         return f"row is a {type(row).__name__}, expected a JSON object with 'prompt', 'chosen' and 'rejected'"
     for field in PREFERENCE_FIELDS:
         if field not in row:
+            if field == "prompt" and any(k in row for k in ("messages", "conversations", "completion")):
+                return "this is an SFT row, not a preference pair; DPO needs TRL's 'prompt', 'chosen' and 'rejected'"
             return f"missing field '{field}'"
     kinds = {type(row[f]) for f in PREFERENCE_FIELDS}
     if len(kinds) > 1:
@@ -94,7 +85,7 @@ def read_preference_rows(
         _preference_row,
         skip_bad_rows,
         kind="preference",
-        skip_hint="set data.skip_bad_rows=true to skip such rows",
+        skip_hint=SKIP_HINT,
     )
 
 
@@ -193,9 +184,17 @@ class PreferenceDataset(SFTDataset):
     ):
         check_batch_split(global_batch_size, micro_batch_size, dp_size, dp_rank)
         fitted = [fit_pair(p, max_seq_len, truncation) for p in pairs]
-        self.pairs = [p for p in fitted if p is not None]
-        self.stats = {"pairs": len(pairs), "dropped_too_long": len(pairs) - len(self.pairs)}
-        self.stats["truncated"] = sum(f is not None and f is not p for f, p in zip(fitted, pairs, strict=True))
+        # A pair whose two responses are the same tokens (often once cut to half a row) prefers
+        # nothing: its logistic only adds noise. Dropped and counted.
+        identical = [f is not None and f[0] == f[1] for f in fitted]
+        self.pairs = [f for f, same in zip(fitted, identical, strict=True) if f is not None and not same]
+        too_long = sum(f is None for f in fitted)
+        self.stats = {
+            "pairs": len(pairs),
+            "dropped_too_long": too_long,
+            "dropped_identical_pairs": sum(identical),
+            "truncated": sum(f is not None and f is not p for f, p in zip(fitted, pairs, strict=True)),
+        }
         self.samples = _PairSamples(self.pairs, mc_samples)
         self.mc_samples = mc_samples
         self.max_seq_len, self.pad_id, self.mode = max_seq_len, pad_id, PACK
@@ -204,9 +203,19 @@ class PreferenceDataset(SFTDataset):
         self.accumulation_steps = global_batch_size // (micro_batch_size * dp_size)
         self.plans = list(range(len(self.pairs)))  # one "plan" per pair: what SFTDataset shuffles
         if len(self.plans) < global_batch_size:
-            raise DataError(
-                f"{len(self.plans)} preference pairs that fit max_seq_len={max_seq_len} are fewer than "
-                f"global_batch_size={global_batch_size}; lower the global batch size or add data"
+            why_long = (
+                "too long for a row (data.truncation=drop)" if truncation == "drop" else "whose prompt fills half a row"
+            )
+            dropped = {
+                why_long: too_long,
+                "whose chosen and rejected are the same tokens after truncation": sum(identical),
+            }
+            raise too_little_data(
+                f"{len(self.plans)} preference pairs of max_seq_len={max_seq_len}",
+                len(pairs),
+                "pairs",
+                dropped,
+                global_batch_size,
             )
         self.epoch, self.consumed_rows = 0, 0
         self._order_cache = None

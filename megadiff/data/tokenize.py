@@ -7,9 +7,12 @@ tokens are what gets noised and trained. The answer ends with EOS (`<|endoftext|
 
 from __future__ import annotations
 
+import json
+import weakref
 from collections.abc import Sequence
 from functools import lru_cache
 
+from jinja2.exceptions import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -44,26 +47,66 @@ def prompt_text(messages: Sequence[dict], tokenizer) -> str:
     return _render(messages[:-1], tokenizer)
 
 
+class ChatTemplateError(DataError):
+    """The tokenizer's chat template fails to render (a syntax error, its own raise_exception, or an
+    attempt to leave Jinja's sandbox); the message names the tokenizer."""
+
+
 def _render(context: Sequence[dict], tokenizer) -> str:
     template = chat_template_of(tokenizer)
-    if context:
-        return tokenizer.apply_chat_template(
-            list(context), chat_template=template, add_generation_prompt=True, tokenize=False
-        )
-    # transformers refuses an empty conversation; an assistant-only row still has a generation prompt.
-    return _compiled_template(template).render(messages=[], add_generation_prompt=True)
+    try:
+        if context:
+            return tokenizer.apply_chat_template(
+                list(context), chat_template=template, add_generation_prompt=True, tokenize=False
+            )
+        # transformers refuses an empty conversation; an assistant-only row still has a generation prompt.
+        return _compiled_template(template).render(messages=[], add_generation_prompt=True)
+    except (TemplateError, OverflowError, RecursionError) as e:  # SecurityError (sandbox), syntax, its
+        # own raise_exception, the sandbox's range limit, endless recursion
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ChatTemplateError(
+            f"the chat template of tokenizer {name} failed: {type(e).__name__}: {str(e).rstrip('.')}; fix or replace the "
+            "tokenizer's chat_template"
+        ) from None
 
 
 def special_token_strings(tokenizer) -> tuple[str, ...]:
-    """Every special token's text (`<|mask|>`, `<role>`, ...): what must not be parsed out of content."""
+    """Every added token's text, special or not (`<|mask|>`; LLaDA2's `<role>` is an added token
+    that is not marked special): what must not be parsed out of content."""
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    return tuple(sorted({t.content for t in added.values() if t.special} | set(tokenizer.all_special_tokens)))
+    return tuple(sorted({t.content for t in added.values()} | set(tokenizer.all_special_tokens)))
+
+
+_PLAIN_BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _plain_text_backend(tokenizer):
+    """The fast tokenizer's backend without its added tokens (special or not), so text is spelled
+    with the model vocabulary only; None for a tokenizer without a backend (slow tokenizers)."""
+    if tokenizer not in _PLAIN_BACKENDS:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            spec = json.loads(backend.to_str())
+            spec["added_tokens"] = []
+            backend = type(backend).from_str(json.dumps(spec))
+        _PLAIN_BACKENDS[tokenizer] = backend
+    return _PLAIN_BACKENDS[tokenizer]
 
 
 def encode_text(text: str, tokenizer) -> list[int]:
-    """Ids of `text` as plain text: a special-token string inside it (`<|mask|>`) is spelled with
-    ordinary tokens, so message content can never inject a mask or a role marker."""
-    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    """Ids of `text` as plain text: an added-token string inside it (`<|mask|>`, `<role>`) is spelled
+    with ordinary tokens, so message content can never inject a mask or a role marker."""
+    backend = _plain_text_backend(tokenizer)
+    if backend is not None:
+        return list(backend.encode(text, add_special_tokens=False).ids)
+    ids = list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+    added = {i for i in (getattr(tokenizer, "added_tokens_decoder", {}) or {})}
+    if added.intersection(ids):  # split_special_tokens spares non-special added tokens
+        raise ValueError(
+            f"the text holds added-token strings ({', '.join(s for s in special_token_strings(tokenizer) if s in text)}) "
+            "that this (slow) tokenizer cannot spell as plain text; remove them or use the fast tokenizer"
+        )
+    return ids
 
 
 # Stand-ins for the contents while the template is rendered: private-use code points that no text

@@ -8,7 +8,9 @@ batched (`_routed_experts_batched`: tokens sorted by expert, one grouped matmul 
 no host sync per expert) so that a 16B model is usable on a GPU; a test holds the two equal.
 
 Self-contained (imports only torch and transformers) so it can be copied next to a checkpoint as the
-`auto_map` remote code.
+`auto_map` remote code. Its `generate()` (the LLaDA2 model card's) runs megadiff's block sampler,
+`sampler.py` + `editing.py`, which megadiff writes beside this file in every model dir it makes
+(they import only torch): the same tokens as tools/generate.py.
 
 Masks: `attention_mask` is boolean (or 0/1) with True = the query MAY attend the key, shaped
 [batch, q, k] or [batch, 1, q, k]; None means full bidirectional attention. A 2-D [batch, k] mask
@@ -16,13 +18,14 @@ is a key padding mask. Positions: `position_ids` [batch, q] drive RoPE directly,
 inputs whose two halves both use positions 0..L-1 work.
 """
 
+import importlib
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 
 from .configuration_llada2_moe import LLaDA2MoeConfig
 
@@ -349,7 +352,10 @@ class LLaDA2MoeModel(LLaDA2MoePreTrainedModel):
         return self.norm(hidden), (presents if use_cache else None)
 
 
-class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
+class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel, GenerationMixin):
+    """The LM. GenerationMixin (as in the released remote code) gives the generation_config and the
+    hooks that PEFT's PeftModelForCausalLM wraps; `generate` itself is LLaDA2's block decoding."""
+
     _tied_weights_keys = []
 
     def __init__(self, config: LLaDA2MoeConfig):
@@ -384,3 +390,96 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
         hidden, presents = self.model(input_ids, position_ids, attention_mask, past_key_values, use_cache)
         logits = self.lm_head(hidden)
         return LLaDA2MoeOutput(logits=logits, past_key_values=presents)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        temperature: float = 0.0,
+        block_length: int = 32,
+        steps: int = 32,
+        gen_length: int = 2048,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        eos_early_stop: bool = False,
+        minimal_topk: int = 1,
+        threshold: float = 0.95,
+        eos_id: int | None = None,
+        mask_id: int | None = None,
+        editing_threshold: float | None = None,
+        max_post_steps: int | None = None,
+        num_to_transfer: int | None = None,
+        attention_mask: torch.Tensor | None = None,
+        seed: int = 0,
+        use_cache: bool = True,
+        **unused,
+    ) -> torch.LongTensor:
+        """LLaDA2's block-wise diffusion decoding, with the model card's arguments (LLaDA2.1's
+        editing_threshold, max_post_steps and num_to_transfer too): the generated ids after each
+        prompt, up to and including the first EOS, as a [batch, longest] tensor padded with EOS.
+
+        The rule is megadiff's sampler, so the tokens are tools/generate.py's for the same settings
+        (temperature 0 is argmax; see sampler.py for its fixes of the card's code). eos_id / mask_id
+        default to config.json's eos_token_id / mask_token_id, else the card's 156892 / 156895; the
+        editing arguments default to generation_config.json's (editing is off unless it sets
+        editing_threshold). Rows of `inputs` may be left- or right-padded: `attention_mask` (0 at
+        padding, as a tokenizer returns it) removes the padding. `seed` seeds sampling (temperature > 0)."""
+        decoding_options, block_generate = _block_sampler()
+        if inputs is None:
+            raise ValueError("generate() needs `inputs`: the prompt token ids, [batch, length]")
+        if isinstance(inputs, torch.Tensor):
+            rows = inputs.reshape(-1, inputs.shape[-1]).tolist()
+        else:  # a list of ids, or a list of such lists (rows may differ in length)
+            rows = [list(r) for r in inputs] if inputs and isinstance(inputs[0], (list, tuple)) else [list(inputs)]
+        if attention_mask is not None:
+            keep = torch.as_tensor(attention_mask).reshape(len(rows), -1).bool().tolist()
+            rows = [[t for t, k in zip(row, mask, strict=True) if k] for row, mask in zip(rows, keep, strict=True)]
+        eos_id = _first_set(eos_id, getattr(self.config, "eos_token_id", None), 156892)
+        eos_id = eos_id[0] if isinstance(eos_id, (list, tuple)) else eos_id
+        mask_id = _first_set(mask_id, getattr(self.config, "mask_token_id", None), 156895)
+        editing = {"editing_threshold": editing_threshold, "max_post_steps": max_post_steps}
+        editing["num_to_transfer"] = num_to_transfer
+        saved = getattr(self, "generation_config", None)
+        for name, value in editing.items():
+            if value is None and getattr(saved, name, None) is not None:
+                editing[name] = getattr(saved, name)
+        editing = {name: value for name, value in editing.items() if value is not None}
+        options = decoding_options(
+            gen_length=gen_length,
+            block_length=block_length,
+            steps=steps,
+            threshold=threshold,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            minimal_topk=minimal_topk,
+            eos_early_stop=eos_early_stop,
+            use_cache=use_cache,
+            seed=seed,
+            **editing,
+        )
+        result = block_generate(self, rows, options, int(mask_id), int(eos_id))
+        longest = max(len(tokens) for tokens in result.tokens)
+        out = torch.full((len(rows), longest), int(eos_id), dtype=torch.long, device=self.device)
+        for row, tokens in enumerate(result.tokens):
+            out[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        return out
+
+
+def _first_set(*values):
+    return next(v for v in values if v is not None)
+
+
+def _block_sampler():
+    """(DecodingOptions, generate) of megadiff's block sampler: `sampler.py` beside this file (a
+    model dir megadiff wrote), or, where this file is part of megadiff itself, megadiff.inference's
+    (imported by name: remote code must not import megadiff, which the model's users may not have)."""
+    try:
+        # editing.py is sampler.py's import; naming it here too makes transformers 4.x copy it
+        # (it copies the modeling file's own relative imports, not theirs)
+        from .editing import EditRule  # noqa: F401
+        from .sampler import DecodingOptions, generate
+    except ImportError:
+        module = importlib.import_module("megadiff.inference.sampler")
+        DecodingOptions, generate = module.DecodingOptions, module.generate
+    return DecodingOptions, generate

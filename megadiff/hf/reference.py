@@ -8,14 +8,12 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from megadiff.hf.checkpoint_reader import HFCheckpointReader, check_tensors_match, read_hf_config
-from megadiff.hf.remote_code import AUTO_MAP, REMOTE_CODE_FILES
+from megadiff.hf.remote_code import AUTO_MAP, REMOTE_CODE_FILES, remote_code_source
 from megadiff.models.llada2.config import LLaDA2ModelConfig
 from megadiff.models.llada2.hf_mapping import expected_hf_shapes
 
 from .configuration_llada2_moe import LLaDA2MoeConfig
 from .modeling_llada2_moe import LLaDA2MoeModelLM
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def register_with_transformers() -> None:
@@ -80,11 +78,11 @@ def write_hf_config(cfg: dict, out_dir: str) -> None:
 
 
 def copy_remote_code(out_dir: str, source_dir: str | None = None) -> None:
-    """Copy configuration/modeling files next to the weights (from source_dir if it has them)."""
+    """Copy the remote-code files (REMOTE_CODE_FILES) next to the weights (from source_dir if it has them)."""
     for name in REMOTE_CODE_FILES:
         src = os.path.join(source_dir, name) if source_dir else None
         if not src or not os.path.isfile(src):
-            src = os.path.join(HERE, name)
+            src = remote_code_source(name)
         shutil.copyfile(src, os.path.join(out_dir, name))
 
 

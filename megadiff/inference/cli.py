@@ -8,10 +8,13 @@ import json
 import os
 import shlex
 
+from megadiff.checkpoint.format import TRAINING_RECORD, read_meta, resolve_checkpoint_dir, training_record
+
 from .loading import (
     check_device,
     check_model_dir,
     default_device,
+    is_mcore_checkpoint,
     load_model,
     load_tokenizer,
     parse_dtype,
@@ -128,6 +131,44 @@ def generation_config_editing(model_dir: str) -> dict:
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}; fix the field or override it on the command line") from None
     return fields
+
+
+def edit_training(model_dir: str, iteration: int | None = None) -> tuple[bool | None, str]:
+    """(was the model trained for token editing?, the record that says so). True: its
+    generation_config.json sets editing_threshold (its makers decode with editing: LLaDA2.1) or
+    megadiff trained it with diffusion.edit_ratio > 0; False: a megadiff record shows edit_ratio 0;
+    None: no record either way (e.g. a LLaDA2.0 download)."""
+    if generation_config_editing(model_dir).get("editing_threshold") is not None:
+        return True, f"{model_dir}/generation_config.json sets editing_threshold"
+    record, where = None, os.path.join(model_dir, TRAINING_RECORD)
+    try:
+        if is_mcore_checkpoint(model_dir):
+            ckpt = resolve_checkpoint_dir(model_dir, iteration)
+            where = os.path.join(ckpt, "megadiff.json")
+            record = (training_record(read_meta(ckpt)) or {}).get("diffusion")
+        elif os.path.isfile(where):
+            with open(where) as f:
+                record = json.load(f).get("diffusion")
+    except (OSError, ValueError, AttributeError):  # an unreadable record is no record
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("edit_ratio"), (int, float)):
+        return None, f"no generation_config.json editing_threshold and no megadiff training record ({where})"
+    return record["edit_ratio"] > 0, f"{where}: diffusion.edit_ratio={record['edit_ratio']}"
+
+
+def untrained_editing_warning(args: argparse.Namespace, options: DecodingOptions) -> str | None:
+    """A warning line when the command line turns editing on for a model whose records do not show
+    edit (T2T) training: an untrained model's confident re-writes damage answers."""
+    if options.editing_threshold is None or args.editing_threshold in (None, "off"):
+        return None  # editing off, or on by the model dir's own generation_config.json
+    trained, evidence = edit_training(args.model, getattr(args, "iteration", None))
+    if trained:
+        return None
+    return (
+        f"warning: --editing-threshold {args.editing_threshold} on a model not trained for token editing "
+        f"({evidence}); its edits can turn right answers wrong. LLaDA2.1 models and megadiff runs with "
+        "diffusion.edit_ratio > 0 are trained for it"
+    )
 
 
 def decoding_options(args: argparse.Namespace) -> DecodingOptions:

@@ -40,14 +40,17 @@ so a row's tokens do not depend on which other rows share its batch.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from megadiff.seeding import stable_seed
-
 from .editing import CardRule, EditRule
+
+# This module and editing.py are also remote code: megadiff writes them beside the models it makes,
+# where the model's `generate()` runs them (megadiff.hf.modeling_llada2_moe). So they import only
+# torch, the standard library and each other, never megadiff.
 
 
 @dataclass(frozen=True)
@@ -262,9 +265,15 @@ def generate(
     return result
 
 
+def row_seed(seed: int, row_id: int) -> int:
+    """megadiff.seeding.stable_seed(seed, row_id), written out (see the imports; a test holds them equal)."""
+    text = f"{int(seed)}:{int(row_id)}".encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+
+
 def _row_generator(seed: int, row_id: int, device) -> torch.Generator:
     generator = torch.Generator(device=device)
-    generator.manual_seed(stable_seed(seed, row_id))
+    generator.manual_seed(row_seed(seed, row_id))
     return generator
 
 

@@ -172,10 +172,9 @@ def to_peft(
     adapter_config = dict(
         _PEFT_DEFAULTS,
         peft_type="LORA",
-        # None: PeftModelForCausalLM (CAUSAL_LM) needs prepare_inputs_for_generation, which
-        # megadiff's remote code (a plain PreTrainedModel) does not have; the plain PeftModel works
-        # on it and on the official remote code alike.
-        task_type=None,
+        # CAUSAL_LM: PeftModel.from_pretrained returns a PeftModelForCausalLM, whose generate() is
+        # the model's (block decoding, in megadiff's remote code and the released one alike).
+        task_type="CAUSAL_LM",
         r=rank,
         lora_alpha=lora_cfg["alpha"],
         lora_dropout=lora_cfg.get("dropout", 0.0),

@@ -10,6 +10,9 @@ Linux; elsewhere nothing changes):
 - spawn/forkserver: the child's `python -c` command line starts with the same prctl call.
 The kernel sends the signal when the *thread* that created the child ends, so children created from
 any thread but the main one are left alone.
+
+`kill_process_tree` ends a command and everything it started, for watchdogs (tests' torchrun
+launches, `make gpu-check`'s phase budgets).
 """
 
 import ctypes
@@ -71,3 +74,42 @@ def make_children_die_with_parent() -> None:
         return cmd
 
     spawn.get_command_line = get_command_line
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, theirs, ...), from /proc (Linux; elsewhere [])."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # the name may hold spaces and ')'
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL `pid`, its process group and every descendant, also those in sessions of their own
+    (torchrun starts each worker in a new session: killing torchrun's group leaves them running)."""
+    tree = descendants(pid)  # before anyone dies: orphans lose their link to `pid`
+    for target in [pid, *tree]:
+        try:
+            os.kill(target, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

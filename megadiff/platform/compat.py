@@ -473,6 +473,51 @@ def _check_rng_tracker():
     )
 
 
+def _l2_norm_on_device(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """megatron-core's `multi_tensor_l2norm` interface, computed on the tensors' device:
+    (the 2-norm of every tensor of `tensor_lists` together, as a [1] fp32 tensor, None)."""
+    import torch
+
+    tensors = [t for tensor_list in tensor_lists for t in tensor_list]
+    norms = torch._foreach_norm(tensors)  # one fused kernel per group on CUDA; per tensor on CPU
+    return torch.linalg.vector_norm(torch.stack(norms)).reshape(1).float(), None
+
+
+def grad_norm_on_device_without_apex() -> None:
+    """Without Transformer Engine and apex, megatron-core's gradient clipping falls back to
+    `local_multi_tensor_l2_norm`, which builds `torch.tensor([norm, ...])` of every gradient's
+    norm and `float()`s the result: one host read per gradient tensor and one more (each a wait for
+    the GPU on CUDA), all in the optimizer step. The same norm computed on the device leaves
+    `get_grad_norm_fp32`'s one `.item()` as the step's only read. Same values: per-tensor
+    2-norms, then the 2-norm of those (on the CPU, bit for bit)."""
+    from megatron.core import utils as mcore_utils
+    from megatron.core.optimizer import clip_grads
+
+    if clip_grads.l2_norm_impl is mcore_utils.local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = _l2_norm_on_device
+
+
+@_workaround(
+    "grad_norm_on_device_without_apex",
+    "megatron.core.optimizer.clip_grads.l2_norm_impl (a module global, megatron.core.utils."
+    "local_multi_tensor_l2_norm without TE and apex) called through multi_tensor_applier(op, "
+    "noop_flag, [grads], False) by get_grad_norm_fp32",
+    "nothing (0.16.1 and 0.19.2 alike)",
+)
+def _check_grad_norm_fallback():
+    import torch
+    from megatron.core import utils as mcore_utils
+    from megatron.core.optimizer import clip_grads
+
+    _require(hasattr(clip_grads, "l2_norm_impl"), "clip_grads.l2_norm_impl is gone")
+    _require(hasattr(mcore_utils, "local_multi_tensor_l2_norm"), "utils.local_multi_tensor_l2_norm is gone")
+    _require("l2_norm_impl" in _global_names(clip_grads.get_grad_norm_fp32), "get_grad_norm_fp32 no longer uses it")
+    grads = [torch.arange(6.0).view(2, 3), torch.ones(4)]
+    ours, _ = _l2_norm_on_device(2048, None, [grads], False)
+    _require(ours.shape == (1,) and ours.dtype == torch.float32, f"norm {tuple(ours.shape)} {ours.dtype}")
+    _require(torch.equal(ours, torch.tensor([float(torch.cat([g.flatten() for g in grads]).norm())])), "wrong norm")
+
+
 _GPTMODEL_DEPRECATION = "GPTModel IS DEPRECATED"
 
 

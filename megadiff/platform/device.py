@@ -49,6 +49,12 @@ def run_device() -> torch.device:
     return torch.device("cpu")
 
 
+def synchronize() -> None:
+    """Wait for the work queued on the run device (CUDA); on the CPU there is nothing to wait for."""
+    if uses_cuda():
+        torch.cuda.synchronize()
+
+
 def distributed_backend() -> str:
     return "nccl" if uses_cuda() else "gloo"
 
@@ -59,9 +65,16 @@ def default_params_dtype() -> torch.dtype:
 
 
 def to_run_device(value):
-    """`value` with every tensor (also inside dicts, lists, tuples and BlockMasks) on the run device."""
+    """`value` with every tensor (also inside dicts, lists, tuples and BlockMasks) on the run device.
+
+    Host tensors are copied with non_blocking=True: a blocking copy to CUDA synchronises the
+    stream afterwards, so the host would wait for every kernel queued before it (the previous
+    step's optimizer, at the start of a step). From pageable memory the copy is staged before the
+    call returns, so the host tensor may be reused at once."""
     device = run_device()
-    if isinstance(value, (torch.Tensor, BlockMask)):
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, BlockMask):
         return value.to(device)
     if isinstance(value, dict):
         return {k: to_run_device(v) for k, v in value.items()}

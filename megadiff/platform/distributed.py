@@ -64,7 +64,11 @@ def initialize_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
 
 
 def is_rank0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    """Rank 0 of the process group, or before it exists, of torchrun's RANK (every rank runs the
+    same start-up, which rank 0 alone should report)."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
 
 
 def print_rank0(*args, **kwargs) -> None:

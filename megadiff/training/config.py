@@ -177,7 +177,8 @@ class CheckpointSection:
 
 @dataclass
 class LoggingSection:
-    log_interval: int = setting(1, "steps between log lines", min=1)
+    log_interval: int = setting(1, "steps between log lines; the host reads losses and counts once per interval", min=1)
+    timers: bool = setting(False, "time data / fwd-bwd / opt of each step (synchronises the GPU at each phase)")
     progress_bar: bool = setting(
         True, "a progress bar on a terminal; otherwise (a log file) one line every log_interval steps"
     )
@@ -390,25 +391,89 @@ def _set(cfg: TrainingConfig, section: str, key: str, value, where: str) -> None
     setattr(target, key, value)
 
 
+# ---- reading YAML: every key once, each with its line ----------------------------------------------
+
+
+def _mapping_lines(loader: yaml.SafeLoader, node, path: str, seen: set, inside: str = "") -> dict:
+    """{key: line} of a mapping node; a key given twice in any mapping at or below it (PyYAML keeps
+    the last one silently) raises TrainingConfigError naming both lines. `inside`: the dotted name
+    of the mapping, for the message."""
+    if id(node) in seen or not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+        return {}
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _mapping_lines(loader, item, path, seen, inside)
+        return {}
+    lines = {}
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *defaults` merges on purpose: its keys may be overridden
+        key = loader.construct_object(key_node)
+        name = f"{inside}.{key}" if inside else f"section '{key}'"
+        _mapping_lines(loader, value_node, path, seen, f"{inside}.{key}" if inside else str(key))
+        line = key_node.start_mark.line + 1
+        if key in lines:
+            raise TrainingConfigError(
+                f"{path}:{line}: {name} is given twice ({_where_both(lines[key], line)}); YAML would keep only "
+                "the last, silently: remove one"
+            )
+        lines[key] = line
+    return lines
+
+
+def _where_both(first: int, second: int) -> str:
+    return f"both on line {first}" if first == second else f"lines {first} and {second}"
+
+
+def read_yaml_config(path: str) -> tuple[dict, dict]:
+    """(data, lines) of a YAML config: lines maps a section to its line and (section, key) to the
+    line of that key, for messages. Duplicate keys anywhere are refused (see _mapping_lines)."""
+    try:
+        with open(path) as f:
+            loader = yaml.SafeLoader(f)
+            try:
+                node = loader.get_single_node()
+                lines = _section_lines(loader, node, path) if node is not None else {}
+                # after the checks: constructing flattens `<<` merges into the nodes
+                data = loader.construct_document(node) if node is not None else {}
+            finally:
+                loader.dispose()
+    except OSError as e:
+        raise TrainingConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise TrainingConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    return (data if data is not None else {}), lines
+
+
+def _section_lines(loader, node, path: str) -> dict:
+    lines = dict(_mapping_lines(loader, node, path, set()))
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and isinstance(value_node, yaml.MappingNode):
+                section = loader.construct_object(key_node)
+                for key, line in _mapping_lines(loader, value_node, path, set(), str(section)).items():
+                    lines[(section, key)] = line
+    return lines
+
+
 def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainingConfig:
     cfg = TrainingConfig()
+    given = {}  # "section.key" -> where it was set (file:line or the override), for check_switches
     if path:
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise TrainingConfigError(f"{path}: cannot read config ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise TrainingConfigError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        data, lines = read_yaml_config(path)
         if not isinstance(data, dict):
             raise TrainingConfigError(f"{path}: top level must be a mapping of sections")
         for section, values in data.items():
             if not isinstance(values, dict):
-                raise TrainingConfigError(f"{path}: section '{section}' must be a mapping")
+                where = f"{path}:{lines[section]}" if section in lines else path
+                raise TrainingConfigError(f"{where}: section '{section}' must be a mapping")
             for key, value in values.items():
-                _set(cfg, section, key, value, path)
+                where = f"{path}:{lines[(section, key)]}" if (section, key) in lines else path
+                _set(cfg, section, key, value, where)
+                given[f"{section}.{key}"] = where
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise TrainingConfigError(f"override '{item}': expected section.key=value, e.g. train.lr=2e-5")
@@ -419,7 +484,9 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainingC
         except yaml.YAMLError:
             raise TrainingConfigError(f"override '{item}': the value is not valid YAML; quote it") from None
         _set(cfg, section, key, value, f"override '{item}'")
+        given[dotted] = f"override '{item}'"
     validate(cfg)
+    check_switches(cfg, given)
     return cfg
 
 
@@ -453,6 +520,16 @@ def validate(cfg: TrainingConfig) -> None:
     if cfg.lora.enabled and cfg.perf.fp8 != "off":
         raise TrainingConfigError(
             "lora.enabled=true builds megatron-core's local spec (torch linears), which has no FP8: set perf.fp8=off"
+        )
+    if cfg.train.warmup_steps > cfg.train.steps:
+        raise TrainingConfigError(
+            f"train.warmup_steps={cfg.train.warmup_steps} is more than train.steps={cfg.train.steps}: the run "
+            "would end before the learning rate reaches train.lr; lower the warmup or raise the steps"
+        )
+    if (d.mode == "block_diffusion" or cfg.data.pad_answers_to_block) and d.block_size > cfg.data.max_seq_len:
+        raise TrainingConfigError(
+            f"diffusion.block_size={d.block_size} is more than data.max_seq_len={cfg.data.max_seq_len}: no block "
+            "fits in a row (answers are padded to whole blocks); lower the block size or raise the row length"
         )
     parallel_layout(cfg)  # raises naming the parallel.* key
 
@@ -518,6 +595,40 @@ def check_data_schedule_and_validation(cfg: TrainingConfig) -> None:
                 f"train.eval_interval={train.eval_interval} needs validation data: set data.valid_files "
                 f"(SFT rows, as data.train_files) or train.eval_interval=0"
             )
+
+
+# Options that act only while a switch is on: (option prefix, is the switch on?, the switch, how to turn it on).
+SWITCHES = (
+    ("lora.", lambda c: c.lora.enabled, "lora.enabled", "lora.enabled=true"),
+    ("dpo.", lambda c: c.train.objective == "dpo", "train.objective", "train.objective=dpo"),
+    ("diffusion.edit_weight", lambda c: c.diffusion.edit_ratio > 0, "diffusion.edit_ratio", "diffusion.edit_ratio > 0"),
+    ("perf.fp8_recipe", lambda c: c.perf.fp8 != "off", "perf.fp8", "perf.fp8=e4m3 or hybrid"),
+    (
+        "logging.wandb_mode",
+        lambda c: bool(c.logging.wandb_project),
+        "logging.wandb_project",
+        "logging.wandb_project=NAME",
+    ),
+)
+
+
+def check_switches(cfg: TrainingConfig, given: dict) -> None:
+    """Refuse an option set (in the YAML or an override, `given`: key -> where) while the switch it
+    depends on is off by default: `lora.rank=8` without `lora.enabled=true` would train a full
+    fine-tune without a word. A switch turned off explicitly is a decision (a template that keeps a
+    disabled section), so its options are then accepted."""
+    for prefix, is_on, switch, turn_on in SWITCHES:
+        if is_on(cfg) or switch in given:
+            continue
+        for key, where in given.items():
+            if key.startswith(prefix) and key != switch:
+                section, name = switch.split(".")
+                now = getattr(getattr(cfg, section), name)
+                now = {None: "null", False: "false"}.get(now, now) if not isinstance(now, float) else now
+                raise TrainingConfigError(
+                    f"{where}: {key} is set but {switch}={now} (the default), so it would have "
+                    f"no effect: set {turn_on}, or remove {key}"
+                )
 
 
 # ---- the layout, named as the user wrote it -------------------------------------------------------

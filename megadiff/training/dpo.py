@@ -34,6 +34,7 @@ from megadiff.data.preference import PreferenceDataset, read_preference_rows, to
 from megadiff.models.llada2.schedule import forward_backward
 from megadiff.platform.device import run_device
 from megadiff.training.setup import build_model_with_initial_weights
+from megadiff.training.step_metrics import global_sums, sum_in_order
 
 METRICS = ("loss", "chosen_elbo", "rejected_elbo", "reward_margin", "accuracy")
 
@@ -66,11 +67,11 @@ def build_preference_dataset(cfg, tokenizer, pairs, stats, dp_size: int, dp_rank
 def elbo_estimates(logits: torch.Tensor, batch: dict, mc_samples: int) -> torch.Tensor:
     """[2P] ELBO estimates of the micro-batch's P pairs (chosen at 2j, rejected at 2j + 1) from
     vocab-parallel logits [rows, S_in, V/tp] (only the x_t half is read)."""
-    targets, masked = batch["targets"], batch["masked"]
-    selected = logits[:, : targets.shape[1]][masked].float()
-    ce = vocab_parallel_cross_entropy(selected.clone(), targets[masked])
-    weighted = ce / batch["t"][masked].float()  # the linear schedule's -α'/(1-α) = 1/t
-    slots = batch["response_slot"][masked]
+    at = batch.get("masked_at") or torch.nonzero(batch["masked"], as_tuple=True)  # x_t half (host-built)
+    selected = logits[at].float()
+    ce = vocab_parallel_cross_entropy(selected.clone(), batch["targets"][at])
+    weighted = ce / batch["t"][at].float()  # the linear schedule's -α'/(1-α) = 1/t
+    slots = batch["response_slot"][at]
     sums = torch.zeros(2 * batch["pair_ids"].numel(), dtype=weighted.dtype, device=weighted.device)
     return -sums.index_add(0, slots, weighted) / mc_samples
 
@@ -138,8 +139,8 @@ class DPOObjective:
         trainer.log(f"dpo: precomputed reference ELBOs of {len(self.stored)} (epoch, pair) entries")
 
     def _store(self, batch: dict, elbo: torch.Tensor) -> None:
-        epoch = int(batch["epoch"][0])
-        for j, pair in enumerate(batch["pair_ids"].tolist()):
+        epoch, pairs = batch["pair_keys"]
+        for j, pair in enumerate(pairs):
             self.stored[(epoch, pair)] = elbo[2 * j : 2 * j + 2].clone()
 
     def reference_elbos(self, micro: list[dict]) -> list[torch.Tensor] | None:
@@ -151,17 +152,24 @@ class DPOObjective:
             return None
         out = []
         for batch in micro:
-            epoch = int(batch["epoch"][0])
-            missing = [p for p in batch["pair_ids"].tolist() if (epoch, p) not in self.stored]
+            epoch, pairs = batch["pair_keys"]  # host ints: looking them up reads nothing from the device
+            missing = [p for p in pairs if (epoch, p) not in self.stored]
             if missing:
                 raise RuntimeError(f"dpo: no precomputed reference ELBO for epoch {epoch} pairs {missing[:5]}")
-            out.append(torch.cat([self.stored[(epoch, p)] for p in batch["pair_ids"].tolist()]))
+            out.append(torch.cat([self.stored[(epoch, p)] for p in pairs]))
         return out
 
     def forward_backward_step(self, micro: list[dict]) -> tuple[float, int, dict]:
-        """Loss of the global batch, its gradients in the DDP grad buffers, real tokens, metrics."""
+        """Loss of the global batch, its gradients in the DDP grad buffers, real tokens, metrics
+        (read to the host; the trainer's step keeps them on the device: device_forward_backward)."""
+        values = self.device_forward_backward(micro)
+        metrics = {k: float(v) for k, v in values.items() if k in METRICS}
+        return metrics["loss"], int(values["tokens"]), metrics
+
+    def device_forward_backward(self, micro: list[dict]) -> dict[str, torch.Tensor]:
+        """Forward/backward of the global batch; returns the step's METRICS and `tokens` (real
+        tokens of the global batch) as 0-dim tensors on the run device, summed over every rank."""
         trainer = self.trainer
-        device = run_device()
         references = self.reference_elbos(micro)
         if references is not None:
             for batch, reference in zip(micro, references, strict=True):
@@ -180,17 +188,12 @@ class DPOObjective:
                 "reward_margin": margin.detach().sum() / pairs,
                 "accuracy": (margin.detach() > 0).sum().to(loss.dtype) / pairs,
             }
-            return loss, torch.zeros((), dtype=torch.int, device=device), sums
+            return loss, torch.zeros((), dtype=torch.int, device=loss.device), sums
 
         for chunk in trainer.chunks:
             chunk.train()
             chunk.zero_grad_buffer()
         trainer.optimizer.zero_grad()
         outputs = forward_backward(trainer.chunks, micro, loss_fn)
-        totals = torch.tensor([sum(float(o[k]) for o in outputs) for k in METRICS], dtype=torch.double, device=device)
-        torch.distributed.all_reduce(totals, group=ps.get_data_parallel_group())
-        torch.distributed.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())  # last stage has them
-        tokens = torch.tensor(sum(int((b["sample_ids"] >= 0).sum()) for b in micro), device=device)
-        torch.distributed.all_reduce(tokens, group=ps.get_data_parallel_group())
-        metrics = dict(zip(METRICS, totals.tolist(), strict=True))
-        return metrics["loss"], int(tokens), metrics
+        totals = [sum_in_order([o[k] for o in outputs]) for k in METRICS]
+        return global_sums(dict(zip(METRICS, totals, strict=True)), micro)

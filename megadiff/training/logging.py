@@ -6,11 +6,14 @@ MFU against the GPU's peak, the time split into data / forward-backward / optimi
 maximum allocated and reserved CUDA memory (None in the files and "n/a" on the console on CPU).
 
 On a terminal the progress is a tqdm bar; when stdout is not a terminal (a log file, CI) the
-progress is one plain line every logging.log_interval steps instead of thousands of '\\r' frames.
+progress is one plain line every logging.log_interval steps instead of thousands of '\\r' frames,
+which says what the bar would: `step i/N`, the time since the first step of this run began and
+the ETA at the mean step time so far (`elapsed 0:01:05 ETA 0:09:40`).
 """
 
 import json
 import sys
+import time
 
 import torch
 from tqdm import tqdm
@@ -32,8 +35,10 @@ def cuda_memory_gib() -> tuple[float | None, float | None]:
 
 class MetricsLogger:
     def __init__(self, cfg, total_steps: int, initial_step: int = 0, world_size: int = 1,
-                 peak_tflops: float | None = None, stream=None):  # fmt: skip
+                 peak_tflops: float | None = None, stream=None, clock=time.monotonic):  # fmt: skip
         self.cfg = cfg.logging
+        self.total_steps, self.initial_step, self.clock = total_steps, initial_step, clock
+        self.started = None  # when the first step of this run began (set by the first log)
         self.enabled = is_rank0()
         self.stream = stream if stream is not None else sys.stdout
         self.world_size, self.peak_tflops = world_size, peak_tflops
@@ -94,9 +99,18 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.set_postfix_str(console_fields(record, short=True))
             self.bar.update(1)
-        elif result.step % self.cfg.log_interval == 0:
-            extra_text = "".join(f" {k} {v:.4f}" for k, v in extra.items())
-            print(f"step {result.step} {console_fields(record)}{extra_text}", file=self.stream, flush=True)
+        else:
+            now = self.clock()
+            if self.started is None:
+                self.started = now - seconds  # the first step began `seconds` ago
+            if result.step % self.cfg.log_interval == 0:
+                extra_text = "".join(f" {k} {v:.4f}" for k, v in extra.items())
+                print(
+                    f"step {result.step}/{self.total_steps} {console_fields(record)}{extra_text} "
+                    f"{self.progress(result.step, now - self.started)}",
+                    file=self.stream,
+                    flush=True,
+                )
         if self.metrics is not None:
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
@@ -123,6 +137,12 @@ class MetricsLogger:
             self.tb.add_scalar("valid/loss", loss, step)
         if self.wandb is not None:
             self.wandb.log({"valid_loss": loss}, step=step)
+
+    def progress(self, step: int, elapsed: float) -> str:
+        """'elapsed H:MM:SS ETA H:MM:SS' after `step`, `elapsed` seconds into this run."""
+        done = step - self.initial_step
+        eta = elapsed / done * (self.total_steps - step) if done > 0 else 0.0
+        return f"elapsed {clock_text(elapsed)} ETA {clock_text(eta)}"
 
     def close(self) -> None:
         if self.bar is not None:
@@ -155,3 +175,9 @@ def console_fields(r: dict, short: bool = False) -> str:
             parts.append("data/fwd-bwd/opt {:.3f}/{:.3f}/{:.3f}s".format(*split))
         parts.append(f"mem alloc/reserved {num(r['max_allocated_gib'], '.1f')}/{num(r['max_reserved_gib'], '.1f')} GiB")
     return " ".join(parts)
+
+
+def clock_text(seconds: float) -> str:
+    """H:MM:SS (as tqdm and Megatron-LM's logs write durations)."""
+    seconds = max(0, round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -6,13 +6,14 @@ for step in steps:
     forward/backward through megatron-core's pipeline schedule
     skip the step if the loss is NaN/Inf, else clip + AdamW step + LR schedule
     log, checkpoint (every N steps, at the end, on SIGTERM)
+
+The host reads two values per step (whether the loss is finite, to skip or step; the gradient norm,
+which megatron-core's optimizer reads to clip); losses, token counts and FLOPs stay on the device
+until the log interval reads them (megadiff.training.step_metrics).
 """
 
-import math
 import os
 import signal
-import time
-from dataclasses import dataclass, field
 
 import torch
 from megatron.core import parallel_state as ps
@@ -26,8 +27,8 @@ from megadiff.lora.adapter_checkpoint import adapter_meta, adapter_sharded_state
 from megadiff.models.llada2 import LLaDA2ModelConfig
 from megadiff.models.llada2.model import set_xt_only_logits
 from megadiff.models.llada2.schedule import forward_backward
-from megadiff.platform import init_distributed, initialize_parallel, print_rank0
-from megadiff.platform.device import default_params_dtype, run_device, to_run_device, uses_cuda
+from megadiff.platform import compat, init_distributed, initialize_parallel, print_rank0
+from megadiff.platform.device import default_params_dtype, to_run_device
 from megadiff.platform.kernels import probe_environment
 from megadiff.training import dpo as dpo_objective
 from megadiff.training.batch import loss_denominator, prepare_micro_batch
@@ -61,24 +62,19 @@ from megadiff.training.setup import (
     load_tokenizer_and_mask_id,
     peft_adapters_for_run,
 )
-from megadiff.training.throughput import peak_tflops, step_flops
+from megadiff.training.step_metrics import (
+    LogInterval,
+    PendingStep,
+    PhaseTimer,
+    StepResult,
+    global_sums,
+    read_steps,
+    sum_in_order,
+)
+from megadiff.training.throughput import model_flops, peak_tflops, token_counts
 from megadiff.training.validation import Validator, build_valid_dataset, read_valid_samples
 
-
-@dataclass
-class StepResult:
-    step: int
-    loss: float
-    lr: float
-    grad_norm: float | None
-    tokens: int
-    skipped: bool
-    metrics: dict = field(default_factory=dict)  # objective-specific (DPO: ELBOs, margin, accuracy)
-    flops: float = 0.0  # model FLOPs of the global batch (megadiff.training.throughput)
-    data_s: float | None = None  # time split of the step: batches, forward-backward, optimizer
-    fwd_bwd_s: float | None = None
-    optimizer_s: float | None = None
-    phase: str | None = None  # the block-schedule phase of the step ("bd4", "full"; megadiff.training.phases)
+__all__ = ["NonFiniteLossError", "StepResult", "Trainer", "train"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -104,6 +100,7 @@ def params_dtype(cfg: TrainingConfig) -> torch.dtype:
 
 def build_optimizer(cfg: TrainingConfig, chunks, dtype):
     t = cfg.train
+    compat.grad_norm_on_device_without_apex()  # no host read per gradient tensor without apex
     opt_config = optimizer_config(cfg, dtype)
     optimizer = get_megatron_optimizer(opt_config, chunks)
     scheduler = OptimizerParamScheduler(
@@ -287,10 +284,11 @@ class Trainer:
     def prepare_micro_batches(
         self, data_iter, diffusion=None, seed: int | None = None, step: int | None = -1
     ) -> list[dict]:
-        """One step's micro-batches from `data_iter`, noised on the host, then moved to the run
-        device (inputs, masks, targets; BlockMasks are built there). `diffusion`: default the current
-        phase's; `seed`: of the noise (default train.seed); `step`: whose embedding noise to add
-        (-1: the current step's, None: none)."""
+        """One step's micro-batches from `data_iter`, noised on the host, with what the step counts
+        of them computed there too (loss denominator, real tokens, FLOPs: reading them on the run
+        device would wait for it), then moved to the run device (inputs, masks, targets; BlockMasks
+        are built there). `diffusion`: default the current phase's; `seed`: of the noise (default
+        train.seed); `step`: whose embedding noise to add (-1: the current step's, None: none)."""
         d = diffusion or self.diffusion
         seed = self.cfg.train.seed if seed is None else seed
         step = self.step if step == -1 else step
@@ -305,6 +303,14 @@ class Trainer:
                 prepared["embedding_noise"] = embedding_noise(
                     prepared, raw, self.model_cfg.hidden_size, noise["std"], seed, step
                 )
+            if "pair_ids" in raw:  # the precomputed DPO reference is looked up by these, on the host
+                prepared["pair_keys"] = (int(raw["epoch"][0]), raw["pair_ids"].tolist())
+            prepared["loss_denominator"] = loss_denominator(prepared, d.normalize)
+            real, pairs = (
+                int(n) for n in token_counts(prepared["doc_ids"], prepared["sample_ids"], d.mode, d.block_size)
+            )
+            prepared["real_tokens"] = real
+            prepared["flops"] = model_flops(self.model_cfg, real, pairs, d.mode, self.cfg.perf.xt_only_logits)
             prepared = to_run_device(prepared)
             if not dense:
                 # flex attention imports TorchDynamo (seconds); only the flex backend pays that
@@ -321,86 +327,70 @@ class Trainer:
 
     def forward_backward_step(self, micro: list[dict]):
         """Loss of the global batch (all DP ranks) and its gradients in the DDP grad buffers.
-        Returns (loss, real tokens of the global batch)."""
+        Returns (loss, real tokens of the global batch), read to the host (the trainer's own step
+        keeps them on the device: device_forward_backward)."""
+        values = self.device_forward_backward(micro)
+        return float(values["loss"]), int(values["tokens"])
 
+    def device_forward_backward(self, micro: list[dict]) -> dict[str, torch.Tensor]:
+        """Forward/backward of the global batch; returns its loss, real tokens and FLOPs as 0-dim
+        tensors on the run device, summed over every rank (step_metrics.global_sums)."""
         d = self.diffusion
         set_xt_only_logits(self.chunks, d.mode == BLOCK_DIFFUSION)  # a full phase feeds x_t only
-        device = run_device()  # every tensor a collective gets lives here (NCCL takes CUDA only)
-        denominator = torch.stack([loss_denominator(b, d.normalize) for b in micro]).sum()
+        denominator = torch.stack([b["loss_denominator"] for b in micro]).sum()
         torch.distributed.all_reduce(denominator, group=ps.get_data_parallel_group())
-        scale = 1.0 / float(denominator) if denominator > 0 else 0.0
-        real_tokens = sum(int((b["sample_ids"] >= 0).sum()) for b in micro)
+        # 1 / denominator in float64, rounded to the loss's float32 (as a Python float would be)
+        scale = torch.where(denominator > 0, 1.0 / denominator, 0.0).float()
 
         def loss_fn(batch, output):
             sums = diffusion_loss_sums(output, batch, d)
             loss = (sums["numerator"] + d.confidence_beta * sums["cap_numerator"]) * scale
             # num_tokens 0: the loss is already divided by the global denominator, so
             # finalize_model_grads must not rescale; DP gradients are summed.
-            return loss, torch.zeros((), dtype=torch.int, device=device), {"loss": loss.detach().clone()}
+            return loss, torch.zeros((), dtype=torch.int, device=loss.device), {"loss": loss.detach().clone()}
 
         for chunk in self.chunks:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = forward_backward(self.chunks, micro, loss_fn)
-        loss = torch.tensor(sum(float(o["loss"]) for o in outputs), dtype=torch.double, device=device)
-        torch.distributed.all_reduce(loss, group=ps.get_data_parallel_group())
-        torch.distributed.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())  # only the last stage has it
-        loss = float(loss)
-        tokens = torch.tensor(real_tokens, device=device)
-        torch.distributed.all_reduce(tokens, group=ps.get_data_parallel_group())
-        return loss, int(tokens)
+        return global_sums({"loss": sum_in_order([o["loss"] for o in outputs])}, micro)
 
     def train_step(self) -> StepResult:
-        def now():
-            if uses_cuda():
-                torch.cuda.synchronize()  # kernels are asynchronous; time what they did
-            return time.perf_counter()
+        """One step, its values read at once (tests, benchmarks); run() reads them once per log
+        interval instead."""
+        return read_steps([self.step_on_device()])[0]
 
-        d, phase = self.diffusion, self.phase.name
-        t0 = now()
+    def step_on_device(self) -> PendingStep:
+        """One optimizer step (or a skipped one); its loss, tokens and FLOPs stay on the device.
+        The host reads whether the loss is finite (every rank agrees: it is all-reduced)."""
+        phase = self.phase.name  # the block-schedule phase of this step
+        timer = PhaseTimer(self.cfg.logging.timers)
         micro = self._micro_batches()
-        xt_only = self.cfg.perf.xt_only_logits
-        flops = torch.tensor(step_flops(self.model_cfg, micro, d.mode, d.block_size, xt_only), dtype=torch.double)
-        flops = flops.to(run_device())
-        torch.distributed.all_reduce(flops, group=ps.get_data_parallel_group())
-        t1 = now()
-        metrics = {}
+        timer.lap("data_s")
         if self.objective is not None:
-            loss, tokens, metrics = self.objective.forward_backward_step(micro)
+            values, metric_names = self.objective.device_forward_backward(micro), dpo_objective.METRICS
         else:
-            loss, tokens = self.forward_backward_step(micro)
-        t2 = now()
+            values, metric_names = self.device_forward_backward(micro), ()
+        timer.lap("fwd_bwd_s")
         self.step += 1
-        times = dict(flops=float(flops), data_s=t1 - t0, fwd_bwd_s=t2 - t1)
-        if not math.isfinite(loss):
+        if not bool(torch.isfinite(values["loss"])):  # the step's one read of its own
             self.nonfinite_in_a_row += 1
             self.skipped_steps += 1
+            loss = float(values["loss"])
             self.log(f"step {self.step}: loss is {loss}; step skipped ({self.nonfinite_in_a_row} in a row)")
             if self.nonfinite_in_a_row >= self.cfg.train.max_consecutive_nonfinite:
                 raise NonFiniteLossError(
                     f"{self.nonfinite_in_a_row} consecutive steps with a non-finite loss; stopping "
                     f"(train.max_consecutive_nonfinite={self.cfg.train.max_consecutive_nonfinite})"
                 )
-            return StepResult(
-                self.step, loss, self._lr(), None, tokens, True, metrics, **times, optimizer_s=0.0, phase=phase
-            )
+            timer.lap("optimizer_s", seconds=0.0)
+            return PendingStep(self.step, self._lr(), None, True, values, metric_names, timer.times, phase)
         self.nonfinite_in_a_row = 0
-        _, grad_norm, _ = self.optimizer.step()
+        _, grad_norm, _ = self.optimizer.step()  # megatron-core reads the gradient norm to clip
         self.scheduler.step(increment=1)
-        optimizer_s = now() - t2
-        return StepResult(
-            self.step,
-            loss,
-            self._lr(),
-            grad_norm,
-            tokens,
-            False,
-            metrics,
-            **times,
-            optimizer_s=optimizer_s,
-            phase=phase,
-        )
+        timer.lap("optimizer_s")
+        return PendingStep(self.step, self._lr(), grad_norm, False, values, metric_names, timer.times, phase)
 
     def _lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -452,16 +442,20 @@ class Trainer:
             peak_tflops=peak_tflops(self.env.gpu_name, precision) if self.env.on_cuda else None,
         )
         self._logger = logger
+        interval = LogInterval(logger, results, self.step + 1, cfg.train.steps, cfg.logging.log_interval)
         try:
             while self.step < cfg.train.steps:
-                start = time.perf_counter()
-                result = self.train_step()
-                results.append(result)
-                logger.log(result, time.perf_counter() - start)
+                try:
+                    interval.add(self.step_on_device())
+                except NonFiniteLossError:
+                    interval.log()
+                    raise
                 if self.validator is not None and self.validator.due(self.step):
+                    interval.log()  # the step's line before its validation line (validation reads anyway)
                     self.validate()
                 ck = cfg.checkpoint
                 if sigterm.received:
+                    interval.log()
                     self.log(f"SIGTERM at step {self.step}: saving a checkpoint and exiting")
                     self._save_unless_saved()
                     break

@@ -12,11 +12,17 @@ is only known after every forward of the step).
 Editing stream (batch["edited"], diffusion.edit_weight): edit_weight * CE against the original token
 at the corrupted positions joins the numerator (divided by the answer length with
 normalize="sequence"); the denominator stays the M2T one (megadiff.diffusion.loss).
+
+No host reads: the masked / edited positions and the answer lengths come with the batch
+(megadiff.training.batch.loss_positions, computed on the host where the batch is built), so the
+loss gathers with index tensors of known size instead of boolean masks.
 """
 
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+from megadiff.training.batch import per_document_sum
 
 
 class _VocabParallelEntropy(torch.autograd.Function):
@@ -59,15 +65,16 @@ def _vocab_parallel_entropy_and_correct(logits: torch.Tensor, targets: torch.Ten
     return entropy, target_logit >= global_max
 
 
-def _answer_lengths(batch: dict, selected: torch.Tensor) -> torch.Tensor:
-    """[n]: the answer length (loss_mask tokens) of the document of each selected position."""
-    doc = batch["doc_ids"]
-    answer_len = {}
-    for r, c in zip(*[x.tolist() for x in torch.nonzero(batch["loss_mask"], as_tuple=True)], strict=True):
-        key = (r, int(doc[r, c]))
-        answer_len[key] = answer_len.get(key, 0) + 1
-    rows, cols = torch.nonzero(selected, as_tuple=True)
-    return torch.tensor([answer_len[(r, int(doc[r, c]))] for r, c in zip(rows.tolist(), cols.tolist(), strict=True)])
+def _positions(batch: dict, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of batch[name]'s True positions; from batch[name + "_at"] when the batch
+    brings them (prepare_micro_batch does), else computed here: a host wait on a GPU."""
+    return batch.get(f"{name}_at") or torch.nonzero(batch[name], as_tuple=True)
+
+
+def _answer_length(batch: dict) -> torch.Tensor:
+    if "answer_length" in batch:
+        return batch["answer_length"]
+    return per_document_sum(batch["loss_mask"], batch["doc_ids"])
 
 
 def diffusion_loss_sums(logits: torch.Tensor, batch: dict, diffusion) -> dict:
@@ -77,22 +84,23 @@ def diffusion_loss_sums(logits: torch.Tensor, batch: dict, diffusion) -> dict:
     logits: [B, S_in, V/tp] from the model; only the first S (the x_t half) is used (S_in is S,
     2S, or S plus sequence-parallel padding with the x_t-only head)."""
     targets, masked = batch["targets"], batch["masked"]
-    x_t_logits = logits[:, : targets.shape[1]]
-    selected = x_t_logits[masked].float()  # [n, V/tp]
-    chosen = targets[masked]
+    at = _positions(batch, "masked")  # columns < S: the x_t half
+    selected = logits[at].float()  # [n, V/tp]
+    chosen = targets[at]
     ce = vocab_parallel_cross_entropy(selected.clone(), chosen)
     weight = torch.ones_like(ce)
     if diffusion.loss_weight == "inverse_t":
-        weight = 1.0 / batch["t"][masked].float()
+        weight = 1.0 / batch["t"][at].float()
     if diffusion.normalize == "sequence":
-        weight = weight / _answer_lengths(batch, masked).to(weight)
+        weight = weight / _answer_length(batch)[at].to(weight)
     numerator = (weight * ce).sum()
-    edited = batch.get("edited")
-    if edited is not None and bool(edited.any()):
-        edit_ce = vocab_parallel_cross_entropy(x_t_logits[edited].float().clone(), targets[edited])
-        if diffusion.normalize == "sequence":
-            edit_ce = edit_ce / _answer_lengths(batch, edited).to(edit_ce)
-        numerator = numerator + diffusion.edit_weight * edit_ce.sum()
+    if batch.get("edited") is not None:
+        edited_at = _positions(batch, "edited")
+        if edited_at[0].numel():  # a size: known on the host
+            edit_ce = vocab_parallel_cross_entropy(logits[edited_at].float().clone(), targets[edited_at])
+            if diffusion.normalize == "sequence":
+                edit_ce = edit_ce / _answer_length(batch)[edited_at].to(edit_ce)
+            numerator = numerator + diffusion.edit_weight * edit_ce.sum()
     out = {"numerator": numerator, "ce_sum": ce.detach().sum(), "masked_tokens": masked.sum()}
     if diffusion.confidence_beta:
         entropy, correct = _vocab_parallel_entropy_and_correct(selected, chosen)

@@ -142,7 +142,9 @@ def build_model_and_load(
     chunks = build_model_with_initial_weights(cfg, model_cfg, hf_config, layout, dtype, log, attention_backend)
     if cfg.lora.enabled:
         add_lora_adapters(cfg, chunks, log, initial_adapters)
-    return wrap_ddp(chunks, ddp_config=ddp_config(cfg))  # megatron-core DDP buckets only trainable params
+    # megatron-core DDP buckets only trainable params; the trainer's losses are already divided by
+    # the step's global denominator (their loss functions return 0 tokens)
+    return wrap_ddp(chunks, ddp_config=ddp_config(cfg), divide_by_tokens=False)
 
 
 def add_lora_adapters(cfg: TrainingConfig, chunks, log, initial_adapters: dict | None = None) -> None:

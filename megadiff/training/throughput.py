@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megadiff.training.batch import document_starts, per_document_sum
+
 # Dense (no sparsity) peak TFLOP/s per GPU, from the vendors' data sheets (SXM parts).
 PEAK_TFLOPS = {
     "B200": {"bf16": 2250.0, "fp8": 4500.0},
@@ -53,18 +55,6 @@ def active_params(model_cfg) -> ActiveParams:
     return ActiveParams(body=body, head=h * m.vocab_size)
 
 
-def _documents(doc_ids: torch.Tensor, sample_ids: torch.Tensor) -> list[int]:
-    """Lengths of the real documents of a [B, S] micro-batch (padding has sample id < 0)."""
-    lengths = []
-    for row_docs, row_samples in zip(doc_ids.tolist(), sample_ids.tolist(), strict=True):
-        counts: dict[int, int] = {}
-        for doc, sample in zip(row_docs, row_samples, strict=True):
-            if sample >= 0:
-                counts[doc] = counts.get(doc, 0) + 1
-        lengths.extend(counts.values())
-    return lengths
-
-
 def visible_pairs(doc_lengths: list[int], mode: str, block_size: int) -> int:
     """(query, key) pairs attention computes: full = L^2 per document; block diffusion over
     [x_t ; x_0] with blocks n_1..n_m: x_t->x_t sum n_i^2, x_t->x_0 sum n_i * (n_1+..+n_{i-1}),
@@ -82,16 +72,41 @@ def visible_pairs(doc_lengths: list[int], mode: str, block_size: int) -> int:
     return total
 
 
-def step_flops(model_cfg, micro_batches: list[dict], mode: str, block_size: int, xt_only_head: bool) -> float:
-    """Model FLOPs of one rank's micro-batches (see the module docstring)."""
+def token_counts(doc_ids: torch.Tensor, sample_ids: torch.Tensor, mode: str, block_size: int):
+    """(real tokens, visible pairs) of a [B, S] micro-batch, as 0-dim long tensors on its device.
+
+    Vectorised, without a host read: a document is a run of one doc id within a row (packing
+    lays documents out contiguously); its real tokens are those with a sample id >= 0. A real
+    token at offset p of a document of length L sees L keys (full attention), or in block
+    diffusion 2 * min((p // block + 1) * block, L): its x_t query sees the blocks up to its own
+    end e, its x_0 query sees x_0 up to e (visible_pairs' sum, counted per token)."""
+    real = sample_ids >= 0
+    _, start_col = document_starts(doc_ids)
+    lengths = per_document_sum(real, doc_ids)
+    before = real.long().cumsum(dim=1) - real.long()  # real tokens before this one in the row
+    offset = before - before.gather(1, start_col)  # ... within its document
+    if mode == "full":
+        seen = lengths
+    else:
+        block_end = torch.minimum((offset // block_size + 1) * block_size, lengths)
+        seen = 2 * block_end
+    return real.sum(), torch.where(real, seen, torch.zeros_like(seen)).sum()
+
+
+def model_flops(model_cfg, real_tokens: int, pairs: int, mode: str, xt_only_head: bool) -> float:
+    """Model FLOPs of `real_tokens` real tokens whose attention sees `pairs` (query, key) pairs."""
     params = active_params(model_cfg)
     attention_per_pair = 12 * model_cfg.num_attention_heads * model_cfg.head_dim * model_cfg.num_hidden_layers
-    flops = 0
+    body_tokens = real_tokens * (2 if mode == "block_diffusion" else 1)
+    head_tokens = real_tokens if xt_only_head or mode != "block_diffusion" else body_tokens
+    return float(6 * params.body * body_tokens + 6 * params.head * head_tokens + attention_per_pair * pairs)
+
+
+def step_flops(model_cfg, micro_batches: list[dict], mode: str, block_size: int, xt_only_head: bool) -> float:
+    """Model FLOPs of one rank's micro-batches (see the module docstring). Reads the counts: call
+    it on the host copy of a batch (the trainer counts each micro-batch there, before moving it)."""
+    total = 0.0
     for batch in micro_batches:
-        lengths = _documents(batch["doc_ids"].cpu(), batch["sample_ids"].cpu())
-        real = sum(lengths)
-        body_tokens = real * (2 if mode == "block_diffusion" else 1)
-        head_tokens = real if xt_only_head or mode != "block_diffusion" else body_tokens
-        flops += 6 * params.body * body_tokens + 6 * params.head * head_tokens
-        flops += attention_per_pair * visible_pairs(lengths, mode, block_size)
-    return float(flops)
+        real, pairs = (int(n) for n in token_counts(batch["doc_ids"], batch["sample_ids"], mode, block_size))
+        total += model_flops(model_cfg, real, pairs, mode, xt_only_head)
+    return total

@@ -160,7 +160,10 @@ def test_recorded_source_dir_of_unrelated_files_exports_none_of_them(ck, tiny_hf
     files = set(os.listdir(out))
     assert not files & (set(HOSTILE_FILES) | {"tokenizer.json"}), files
     assert any("is not used: its config.json differs" in line for line in lines), lines
-    assert "remote code: megadiff's own configuration_llada2_moe.py, modeling_llada2_moe.py" in lines
+    assert (
+        "remote code: megadiff's own configuration_llada2_moe.py, modeling_llada2_moe.py, sampler.py, editing.py"
+        in lines
+    )
 
 
 def test_recorded_source_dir_with_a_matching_config_gives_only_allow_listed_files(ck, tiny_hf, tmp_path):
@@ -194,14 +197,17 @@ def test_named_template_copies_the_allow_list_and_the_auto_map_modules(ck, tiny_
         "chat_template.jinja",
         "configuration_llada2_moe.py",
         "modeling_llada2_moe.py",
+        "sampler.py",  # the modules modeling_llada2_moe.py imports from beside it (its generate())
+        "editing.py",
         "tokenizer.json",
         "tokenizer_config.json",
         "special_tokens_map.json",
     } | ({"generation_config.json"} & set(os.listdir(tiny_hf)))
     assert set(names) == expected, names
-    assert set(os.listdir(out)) - {"config.json", "generation_config.json"} == expected | {
-        n for n in os.listdir(out) if n.endswith((".safetensors", ".index.json"))
-    } - {"generation_config.json"}
+    weights = {n for n in os.listdir(out) if n.endswith((".safetensors", ".index.json"))}
+    assert set(os.listdir(out)) - {"config.json", "generation_config.json"} == (expected | weights) - {
+        "generation_config.json"
+    }
     assert (
         f"remote code from {template}, not megadiff's own: modeling_llada2_moe.py; trust_remote_code=True runs "
         "it, so check it before loading the model" in lines

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from megadiff.data.rows import DataError, read_sft_rows
+from megadiff.data.rows import ACCEPTED_FORMATS, DataError, read_sft_rows
 
 GOOD = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
 
@@ -23,8 +23,8 @@ def write_parquet(path, rows):
     "bad_line, reason",
     [
         ('{"messages": [', "invalid JSON (Expecting value at column 15)"),
-        ("[1, 2]", "row is a list, expected a JSON object with a 'messages' field"),
-        ({"conversation": []}, "missing field 'messages'"),
+        ("[1, 2]", f"row is a list, expected a JSON object: {ACCEPTED_FORMATS}"),
+        ({"conversation": []}, f"no SFT fields (the row has 'conversation'); accepted: {ACCEPTED_FORMATS}"),
         ({"messages": "hi"}, "field 'messages' is a str, expected a list"),
         ({"messages": []}, "field 'messages' is empty"),
         ({"messages": ["hi"]}, "messages[0] is a str, expected an object with 'role' and 'content'"),
@@ -51,7 +51,7 @@ def test_malformed_jsonl_row_raises_file_line_reason(tmp_path, bad_line, reason)
     path = write_jsonl(tmp_path / "train.jsonl", [GOOD, GOOD, bad_line, GOOD])
     with pytest.raises(DataError) as err:
         read_sft_rows(path)
-    assert str(err.value) == f"{path}:3: {reason} (pass skip_bad_rows=True to skip such rows)"
+    assert str(err.value) == f"{path}:3: {reason} (set data.skip_bad_rows=true to skip such rows)"
 
 
 def test_malformed_parquet_row_reports_one_based_row_number(tmp_path):
@@ -63,7 +63,7 @@ def test_malformed_parquet_row_reports_one_based_row_number(tmp_path):
 
 def test_parquet_without_messages_column_reports_missing_field(tmp_path):
     path = write_parquet(tmp_path / "train.parquet", [{"text": "hello"}])
-    with pytest.raises(DataError, match=rf"^{path}:1: missing field 'messages'"):
+    with pytest.raises(DataError, match=rf"^{path}:1: no SFT fields \(the row has 'text'\); accepted: "):
         read_sft_rows(path)
 
 

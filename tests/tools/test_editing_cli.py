@@ -68,3 +68,5 @@ def test_generate_cli_decodes_with_editing_and_reports_edits(tmp_path):
     expected = generate(model, [encode_prompt("Hi", tokenizer)], options, mask_id, tokenizer.eos_token_id)
     assert json.loads(out.read_text())["generated_ids"] == expected.tokens[0]
     assert f"edits: {expected.num_edits}," in proc.stdout and expected.num_edits > 0
+    # the tiny model's records show no edit training: the flag decodes as asked, with a warning
+    assert "warning: --editing-threshold 0.0 on a model not trained for token editing" in proc.stderr

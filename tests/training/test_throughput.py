@@ -13,7 +13,7 @@ from megadiff.models.llada2 import LLaDA2ModelConfig
 from megadiff.training.config import load_config
 from megadiff.training.logging import MetricsLogger
 from megadiff.training.loop import StepResult
-from megadiff.training.throughput import active_params, peak_tflops, step_flops, visible_pairs
+from megadiff.training.throughput import active_params, peak_tflops, step_flops, token_counts, visible_pairs
 
 # hidden 8, 2 heads of 4, 1 kv head, layer 0 dense (ffn 16), layer 1 MoE (4 experts of 4, top-2, 1 shared)
 TINY = LLaDA2ModelConfig(
@@ -92,7 +92,7 @@ def test_non_tty_progress_is_one_line_every_log_interval(tmp_path):
     out = stream.getvalue()
     assert "\r" not in out
     lines = out.splitlines()
-    assert [line.split()[1] for line in lines] == ["5", "10", "15", "20"]
+    assert [line.split()[1] for line in lines] == ["5/20", "10/20", "15/20", "20/20"]
     assert "TFLOP/s/GPU 200.0" in lines[-1] and "MFU 200.0%" in lines[-1]
     assert "data/fwd-bwd/opt 0.100/0.300/0.100s" in lines[-1] and "mem alloc/reserved n/a/n/a GiB" in lines[-1]
     records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
@@ -100,3 +100,36 @@ def test_non_tty_progress_is_one_line_every_log_interval(tmp_path):
     assert records[-1]["tokens_per_s_avg"] == 2000  # the first (compiling) step is left out
     assert records[-1]["tflops_per_gpu"] == 2e14 / 2 / 0.5 / 1e12 == 200.0
     assert records[-1]["mfu"] == 2.0 and records[-1]["max_allocated_gib"] is None
+
+
+def python_counts(doc_ids, sample_ids, mode, block):
+    """The counts as the trainer once computed them: a loop over every token on the host."""
+    lengths = []
+    for row_docs, row_samples in zip(doc_ids.tolist(), sample_ids.tolist(), strict=True):
+        counts: dict[int, int] = {}
+        for doc, sample in zip(row_docs, row_samples, strict=True):
+            if sample >= 0:
+                counts[doc] = counts.get(doc, 0) + 1
+        lengths.extend(counts.values())
+    return sum(lengths), visible_pairs(lengths, mode, block)
+
+
+@pytest.mark.parametrize("mode", ["full", "block_diffusion"])
+def test_vectorised_token_counts_equal_the_per_token_loop(mode):
+    """Random packed rows (documents of 1-20 tokens, pack-mode fill with sample id -1): real tokens
+    and visible pairs, block sizes 1-9."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        rows, seq = 3, 48
+        doc_ids, sample_ids = torch.zeros(rows, seq, dtype=torch.long), torch.full((rows, seq), -1)
+        for r in range(rows):
+            col, doc = 0, 0
+            while col < seq:
+                n = min(int(torch.randint(1, 21, (), generator=g)), seq - col)
+                doc_ids[r, col : col + n] = doc
+                if torch.rand((), generator=g) > 0.2:  # a real document (else fill)
+                    sample_ids[r, col : col + n] = trial * 100 + r * 10 + doc
+                col, doc = col + n, doc + 1
+        block = int(torch.randint(1, 10, (), generator=g))
+        real, pairs = token_counts(doc_ids, sample_ids, mode, block)
+        assert (int(real), int(pairs)) == python_counts(doc_ids, sample_ids, mode, block), (trial, block)

@@ -68,7 +68,7 @@ def test_good_values_of_optional_and_union_fields_load():
 def test_yaml_values_are_typed_like_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model: {hf_dir: m, mask_token_id: abc}\ndata: {train_files: d.jsonl}\n")
-    with pytest.raises(TrainingConfigError, match=f"{path}: model.mask_token_id must be an integer or null"):
+    with pytest.raises(TrainingConfigError, match=f"{path}:1: model.mask_token_id must be an integer or null"):
         load_config(str(path))
 
 

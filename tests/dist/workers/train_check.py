@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from megadiff.diffusion.loss import masked_diffusion_loss  # noqa: E402
 from megadiff.hf import load_reference_model  # noqa: E402
 from megadiff.models.llada2.hf_mapping import gather_hf_state  # noqa: E402
-from megadiff.training.batch import prepare_micro_batch  # noqa: E402
+from megadiff.training.batch import loss_positions, prepare_micro_batch  # noqa: E402
 from megadiff.training.config import load_config  # noqa: E402
 from megadiff.training.loop import Trainer  # noqa: E402
 
@@ -148,15 +148,18 @@ def loss_terms(layout_overrides):
         )
         (ref["numerator"] + 2.0 * ref["cap_numerator"]).backward()
         rank = ps.get_tensor_model_parallel_rank()
-        part = logits.chunk(tp, dim=-1)[rank].clone().requires_grad_(True)
         batch = dict(targets=targets, masked=masked, t=t, loss_mask=loss_mask, doc_ids=doc_ids)
-        ours = diffusion_loss_sums(part, batch, d)
-        (ours["numerator"] + 2.0 * ours["cap_numerator"]).backward()
-        assert int(ours["correct_tokens"]) == int(ref["cap_denominator"]) > 0
-        for key in ("numerator", "cap_numerator"):
-            worst = max(worst, abs(float(ours[key]) - float(ref[key])) / abs(float(ref[key])))
-        want = full.grad.chunk(tp, dim=-1)[rank]
-        worst = max(worst, float((part.grad - want).abs().max() / want.abs().max()))
+        # the positions the loss gathers: computed by the loss, or brought by the batch (the trainer's)
+        with_positions = {**batch, **loss_positions({**batch, "edited": torch.zeros_like(masked)})}
+        for variant in (batch, with_positions):
+            part = logits.chunk(tp, dim=-1)[rank].clone().requires_grad_(True)
+            ours = diffusion_loss_sums(part, variant, d)
+            (ours["numerator"] + 2.0 * ours["cap_numerator"]).backward()
+            assert int(ours["correct_tokens"]) == int(ref["cap_denominator"]) > 0
+            for key in ("numerator", "cap_numerator"):
+                worst = max(worst, abs(float(ours[key]) - float(ref[key])) / abs(float(ref[key])))
+            want = full.grad.chunk(tp, dim=-1)[rank]
+            worst = max(worst, float((part.grad - want).abs().max() / want.abs().max()))
     return {"rel_err": worst}
 
 

@@ -1,0 +1,2 @@
+"""Model code shared by every family: megatron-core parameter slots and HF mapping objects, the
+GPTModel builder, layer specs, attention, and plain-PyTorch reference building blocks."""
