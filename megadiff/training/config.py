@@ -548,8 +548,8 @@ def check_data_schedule_and_validation(cfg: TrainingConfig) -> None:
     ]
     if not sources:
         raise TrainingConfigError(
-            "data.train_files (SFT rows: .jsonl/.parquet files or a directory) or data.blend (indexed datasets) "
-            "is required"
+            "data.train_files is required (SFT rows: .jsonl/.parquet files or a directory), or data.blend "
+            "(indexed datasets) for continued pretraining"
         )
     if len(sources) > 1:
         raise TrainingConfigError(f"{sources[0]} and {sources[1]} are exclusive: a run trains on one data source")
