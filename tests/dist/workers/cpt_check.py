@@ -93,16 +93,16 @@ def logged_valid_losses(metrics_file):
 
 def resume(base_cfg, layouts, work):
     """Phases bd1 (steps 1-2), bd4 (3-5), full (6); the stopped run saves after step 4."""
-    common = QUIET + ["checkpoint.save_interval=4", "train.eval_interval=2", "train.eval_iters=1"]
+    common = QUIET + ["train.eval_interval=2", "train.eval_iters=1"]
 
     def config(name, layout, save=True):
-        where = [f"checkpoint.save_dir={os.path.join(work, name)}"] if save else []
+        where = [f"checkpoint.save_dir={os.path.join(work, name)}", "checkpoint.save_interval=4"] if save else []
         return load_config(base_cfg, layout + common + where + [f"logging.metrics_file={work}/{name}.jsonl"])
 
     def steps_of(results):
         return [(r.step, r.phase, r.loss, r.lr) for r in results]
 
-    rank0 = torch.distributed.get_rank() == 0
+    rank0 = os.environ.get("RANK", "0") == "0"  # the process group starts with the first Trainer
     if len(layouts) == 1 and os.path.isdir(os.path.join(work, "other_dp")):  # the second launch
         out = {"resumed_other_dp": steps_of(Trainer(config("other_dp", layouts[0])).run())}
         out["valid_other_dp"] = logged_valid_losses(f"{work}/other_dp.jsonl") if rank0 else None
