@@ -74,7 +74,7 @@ def parse_args(argv=None):
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="a training-config override applied to every variant (repeatable), e.g. perf.moe_grouped_gemm=false",
+        help="a training-config override applied to every variant (repeatable), e.g. perf.moe_experts=sequential",
     )
     p.add_argument("--no-reference", action="store_true", help="skip the plain-PyTorch reference model")
     p.add_argument("--out", help="write the results as JSON here")
@@ -142,7 +142,10 @@ def run_variant(cfg, args, tcfg, spec, precision, backend, env) -> dict:
     if precision == "fp8":
         overrides.update(fp8="e4m3", fp8_recipe="tensorwise")
     chunks = build_model(cfg, ParallelLayout(), dtype, use_te=spec == "te", attention_backend=backend,
-                         xt_only_logits=True, calculate_per_token_loss=True, **overrides)  # fmt: skip
+                         xt_only_logits=True, moe_experts=tcfg.perf.moe_experts, calculate_per_token_loss=True,
+                         **overrides)  # fmt: skip
+    # the routed-experts module actually built (perf.moe_experts resolved): what the variant measures
+    experts = sorted({type(m).__name__ for c in chunks for n, m in c.named_modules() if n.endswith("mlp.experts")})
     chunks = wrap_ddp(chunks, ddp_config=ddp_config(tcfg), divide_by_tokens=False)
     optimizer = get_megatron_optimizer(optimizer_config(tcfg, dtype), chunks)
     batch = make_batch(cfg.vocab_size, args, backend)
@@ -182,6 +185,7 @@ def run_variant(cfg, args, tcfg, spec, precision, backend, env) -> dict:
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if uses_cuda() else None,
         "step_s": seconds,
         "window": [window_start, time.time()],
+        "experts": experts,
     }
 
 

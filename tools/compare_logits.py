@@ -48,6 +48,14 @@ def parse_args(argv=None):
         default=None,
         help="virtual pipeline chunks per PP rank",
     )
+    p.add_argument(
+        "--moe-experts",
+        default="auto",
+        choices=["auto", "te", "grouped", "sequential"],
+        help="routed experts: te (Transformer Engine), grouped (torch._grouped_mm), sequential (one GEMM per "
+        "expert); auto = te where megatron-core can use TE, else grouped where it runs, else sequential "
+        "(default: %(default)s; as the trainer's perf.moe_experts)",
+    )
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |Δ| allowed (fp32)")
     p.add_argument("--save-logits", help="write megadiff's fp32 logits [batch, seq, vocab] here (rank 0)")
     return p.parse_args(argv)
@@ -98,7 +106,7 @@ def compare(args) -> int:
     from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout
     from megadiff.models.llada2.hf_mapping import load_hf_into_model
     from megadiff.models.llada2.logits import full_logits
-    from megadiff.models.llada2.model import build_model
+    from megadiff.models.llada2.model import build_model, routed_experts
     from megadiff.platform import init_distributed, initialize_parallel, print_rank0
 
     cfg_dict = read_hf_config(args.hf_dir)
@@ -109,11 +117,14 @@ def compare(args) -> int:
         raise UserError(f"{args.input_ids}: token ids must be in [0, {cfg.vocab_size})")
 
     init_distributed()
+    # a ConfigError (a UserError) names --moe-experts: one line, exit 2
+    experts = routed_experts(cfg, layout, torch.float32, args.moe_experts, key="--moe-experts")
     initialize_parallel(layout)
     print_rank0(f"compare_logits: {args.hf_dir} at {layout} ({torch.distributed.get_world_size()} ranks)")
+    print_rank0(f"routed experts: {experts.backend} ({experts.reason})")
     rank0 = torch.distributed.get_rank() == 0
     reference = load_reference_model(args.hf_dir) if rank0 else None
-    chunks = build_model(cfg, layout)
+    chunks = build_model(cfg, layout, moe_experts=experts.backend)
     if args.mcore_dir:
         from megadiff.checkpoint import load_model_weights
 

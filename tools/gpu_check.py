@@ -443,7 +443,8 @@ def benchmark_summary(results: dict) -> dict:
     for name, variant in results.get("variants", {}).items():
         if "step_s" in variant:
             util = variant.get("gpu_utilisation_pct") or {}
-            summary[name] = {"step_s": variant["step_s"], "mfu": variant.get("mfu"), "gpu_util_mean": util.get("mean")}
+            summary[name] = {"step_s": variant["step_s"], "mfu": variant.get("mfu"), "gpu_util_mean": util.get("mean"),
+                             "experts": variant.get("experts")}  # fmt: skip
     steps = {name.rsplit("/", 1)[-1]: v["step_s"] for name, v in summary.items()}
     if all(e in steps for e in EXPERTS):
         summary["sequential_over_grouped_step_time"] = steps["sequential"] / steps["grouped"]

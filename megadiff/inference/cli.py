@@ -11,6 +11,7 @@ import shlex
 from megadiff.checkpoint.format import TRAINING_RECORD, read_meta, resolve_checkpoint_dir, training_record
 
 from .loading import (
+    MOE_EXPERTS,
     check_device,
     check_model_dir,
     default_device,
@@ -37,6 +38,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
         help="weights dtype; auto = bfloat16 on GPU, float32 on CPU",
+    )
+    parser.add_argument(
+        "--moe-experts",
+        default="auto",
+        choices=MOE_EXPERTS,
+        help="routed experts: grouped (torch._grouped_mm over the stacked experts), sequential (one expert "
+        "at a time); auto = batched (grouped where it runs, else a gathered matmul); te is training-only "
+        "(default: %(default)s)",
     )
     parser.add_argument("--mask-id", type=int, default=None, help="mask token id (default: <|mask|> of the tokenizer)")
     parser.add_argument("--eos-id", type=int, default=None, help="EOS token id (default: config.json eos_token_id)")
@@ -216,6 +225,7 @@ def load_for_decoding(args: argparse.Namespace, need_tokenizer: bool = True):
         device=args.device,
         iteration=args.iteration,
         trust_checkpoint=args.trust_checkpoint,
+        moe_experts=args.moe_experts,
     )
     mask_id, eos_id = special_token_ids(model, tokenizer, args.mask_id, args.eos_id)
     return model, tokenizer, mask_id, eos_id

@@ -21,8 +21,10 @@ from megadiff.hf.reference import build_reference_model, load_reference_model
 from megadiff.hf.tokenizer import MASK_TOKEN, TOKENIZER_FILES, mask_token_id
 from megadiff.models.llada2.hf_experts import SPLIT
 from megadiff.platform.device import run_device
+from megadiff.platform.kernels import grouped_mm_supported
 
 MCORE_MARKERS = ("latest_checkpointed_iteration.txt", "megadiff.json")
+MOE_EXPERTS = ("auto", "te", "grouped", "sequential")  # the trainer's perf.moe_experts choices
 
 
 def is_mcore_checkpoint(path: str) -> bool:
@@ -45,16 +47,41 @@ def load_model(
     device: str = "cpu",
     iteration: int | None = None,
     trust_checkpoint: bool = False,
+    moe_experts: str = "auto",
 ):
     """The LLaDA2 reference model (eval mode) from an HF dir or an mcore checkpoint dir. An mcore
     checkpoint is read without running code from its pickles unless `trust_checkpoint`
-    (megadiff.checkpoint.untrusted)."""
+    (megadiff.checkpoint.untrusted). `moe_experts`: how its routed experts run (`batched_experts`)."""
     check_model_dir(path)
+    batched = batched_experts(moe_experts, device, dtype)  # before any weight is read
     if is_mcore_checkpoint(path):
         model = load_reference_from_mcore(path, iteration=iteration, dtype=dtype, trust_checkpoint=trust_checkpoint)
     else:
         model = load_reference_model(path, dtype=dtype)
+    for _, block in model.moe_blocks():
+        block.batched_experts = batched
     return model.to(device).eval()
+
+
+def batched_experts(moe_experts: str, device: str, dtype: torch.dtype) -> bool:
+    """The reference model's `batched_experts` for the trainer-style choice `moe_experts` (decoding runs
+    without gradients): grouped = batched on torch._grouped_mm, refused where it does not run;
+    auto = batched (torch._grouped_mm, or a gathered bmm where it does not run; no host sync either
+    way); sequential = one expert at a time; te does not exist outside megatron-core."""
+    flag = "--moe-experts"
+    if moe_experts not in MOE_EXPERTS:
+        raise ValueError(f"{flag} {moe_experts}: choose one of {', '.join(MOE_EXPERTS)}")
+    if moe_experts == "te":
+        raise ValueError(
+            f"{flag} te: decoding runs the plain-PyTorch reference model, which has no Transformer Engine "
+            f"experts; use auto, grouped or sequential"
+        )
+    if moe_experts == "grouped" and not grouped_mm_supported(dtype, torch.device(device)):
+        raise ValueError(
+            f"{flag} grouped: torch._grouped_mm (torch {torch.__version__}) does not run on {device} in "
+            f"{str(dtype).removeprefix('torch.')}; use auto or sequential"
+        )
+    return moe_experts != "sequential"
 
 
 def load_reference_from_mcore(

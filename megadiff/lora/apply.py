@@ -10,7 +10,9 @@ adapters. `init="kaiming"`: A ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's default, kaim
 a=sqrt(5)), B = 0; `init="gaussian"`: A ~ N(0, 1/r), B = 0 (PEFT's "gaussian").
 
 Only the local spec's torch linears (ColumnParallelLinear / RowParallelLinear, SequentialMLP experts)
-can be adapted: Transformer Engine's layernorm-fused linears and grouped-GEMM experts are refused.
+can be adapted: Transformer Engine's layernorm-fused linears and grouped-GEMM experts are refused,
+and so are routed experts built as grouped experts (TorchGroupedMLP, perf.moe_experts=grouped),
+whose forward multiplies the experts' weights without calling their linears.
 """
 
 import hashlib
@@ -22,6 +24,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 from megadiff.errors import UserError
+from megadiff.models.common.grouped_experts import TorchGroupedMLP
 
 from .adapters import LoRAColumnParallel, LoRARowParallel, _LoRAMixin, lora_class, shard
 
@@ -92,6 +95,12 @@ def _targets(model, target_modules, experts: bool):
                 f"lora: {name} is a {type(module).__name__}; LoRA adapts only megatron-core's local-spec "
                 f"linears (ColumnParallelLinear / RowParallelLinear, SequentialMLP experts), not Transformer "
                 f"Engine's fused or grouped ones: run without Transformer Engine for LoRA"
+            )
+        if m["expert"] is not None and isinstance(model.decoder.layers[int(m["layer"])].mlp.experts, TorchGroupedMLP):
+            raise LoRAConfigError(
+                f"lora.experts=true: {name} belongs to grouped experts (perf.moe_experts=grouped), whose "
+                f"forward does not call the experts' linears, so an adapter there would be skipped; set "
+                f"perf.moe_experts=sequential (or auto) or lora.experts=false"
             )
         layer = model.decoder.layers[int(m["layer"])].layer_number - 1  # layer_number is 1-based
         path = m["path"]

@@ -16,6 +16,9 @@ never when it is CUDA, so GPU runs use megatron-core untouched. What is redirect
 - `moe_utils.te_general_gemm` is referenced but undefined without Transformer Engine (0.16.1;
   compat.define_te_general_gemm_without_te, which model building also calls on CUDA).
 - gloo's `all_to_all_single` needs split sizes as lists, the alltoall dispatcher passes tensors.
+- gloo's `all_gather` / `reduce_scatter` take only equal-sized pieces; under expert parallelism
+  with expert-TP > 1 the alltoall dispatcher gathers (and, in backward, reduce-scatters) a different
+  number of tokens per expert-TP rank. Uneven calls are padded to the largest piece and sliced.
 """
 
 import contextlib
@@ -123,6 +126,37 @@ def _patch_all_to_all():
     dist.all_to_all_single = all_to_all_single
 
 
+def _patch_uneven_gather_and_scatter():
+    dist = torch.distributed
+    all_gather, reduce_scatter = dist.all_gather, dist.reduce_scatter
+
+    def padded(t: torch.Tensor, rows: int) -> torch.Tensor:
+        return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])]) if t.shape[0] < rows else t
+
+    @functools.wraps(all_gather)
+    def uneven_all_gather(tensor_list, tensor, group=None, async_op=False):
+        if async_op or all(t.shape == tensor.shape for t in tensor_list):
+            return all_gather(tensor_list, tensor, group=group, async_op=async_op)
+        rows = max(t.shape[0] for t in tensor_list)
+        pieces = [tensor.new_empty(rows, *tensor.shape[1:]) for _ in tensor_list]
+        all_gather(pieces, padded(tensor.contiguous(), rows), group=group)
+        for out, piece in zip(tensor_list, pieces, strict=True):
+            out.copy_(piece[: out.shape[0]])
+        return None
+
+    @functools.wraps(reduce_scatter)
+    def uneven_reduce_scatter(output, input_list, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        if async_op or all(t.shape == output.shape for t in input_list):
+            return reduce_scatter(output, input_list, op=op, group=group, async_op=async_op)
+        rows = max(t.shape[0] for t in input_list)
+        stacked = torch.stack([padded(t, rows) for t in input_list])  # every rank's piece, summed everywhere
+        dist.all_reduce(stacked, op=op, group=group)
+        output.copy_(stacked[dist.get_rank(group)][: output.shape[0]])
+        return None
+
+    dist.all_gather, dist.reduce_scatter = uneven_all_gather, uneven_reduce_scatter
+
+
 def enable_cpu_support() -> None:
     """Idempotent. Refuses to run where CUDA is the run device: GPU runs keep megatron-core untouched."""
     global _ENABLED
@@ -137,6 +171,7 @@ def enable_cpu_support() -> None:
     compat.use_cpu_rng_in_tracker()
     compat.define_te_general_gemm_without_te()
     _patch_all_to_all()
+    _patch_uneven_gather_and_scatter()
     _CudaToCpuMode().__enter__()  # stays active for the life of the process
     _ENABLED = True
 

@@ -12,6 +12,10 @@ node (no TE, no apex) builds a working model, and nothing meant for CPU runs lea
 - `bias_activation_fusion` / `bias_dropout_fusion`: megatron-core's own jit-fused torch code;
   on for CUDA, off on the CPU (fp32 tests compare with the unfused reference).
 - `persist_layer_norm` (apex's persistent LayerNorm) does not apply to LLaDA2's RMSNorm: off.
+- `torch._grouped_mm` (megadiff's grouped experts without TE, a private torch op): whether it runs,
+  and gives the right numbers, on the run device in a dtype is probed once per process on a tiny
+  problem (`grouped_mm_supported`). It ran on the CPU in fp32 and bf16 with torch 2.11 and 2.13
+  here; on CUDA it depends on the GPU, the dtype and the build, so the kernel itself is asked.
 """
 
 import dataclasses
@@ -60,8 +64,58 @@ def deepep_available() -> bool:
 
 
 def grouped_gemm_available() -> bool:
-    """The `grouped_gemm` package behind megatron-core's legacy GroupedMLP (the local spec's grouped GEMM)."""
+    """The `grouped_gemm` package behind megatron-core's legacy GroupedMLP (reported, not used)."""
     return _imports("grouped_gemm")
+
+
+GROUPED_MM_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}  # model.dtype name -> torch dtype name
+
+
+def grouped_mm_dtypes(device=None) -> tuple[str, ...]:
+    """The model.dtype names ("bf16", "fp32") torch._grouped_mm runs in on `device` (default: the run device)."""
+    return tuple(name for name in GROUPED_MM_DTYPES if grouped_mm_supported(name, device))
+
+
+def grouped_mm_supported(dtype, device=None) -> bool:
+    """torch._grouped_mm runs on `device` (default: the run device) in `dtype` and matches a plain
+    per-group matmul there, in the three forms grouped experts use (forward, input and weight
+    gradients), on groups of uneven size with an empty one. Probed once per (device, dtype)."""
+    from megadiff.platform.device import run_device
+
+    name = GROUPED_MM_DTYPES.get(dtype) or str(dtype).removeprefix("torch.")  # "bf16" or torch.bfloat16
+    return _grouped_mm_probe(str(device or run_device()), name)
+
+
+@functools.cache
+def _grouped_mm_probe(device: str, dtype_name: str) -> bool:
+    import torch
+
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    dtype = getattr(torch, dtype_name)
+    g = torch.Generator().manual_seed(0)
+    counts = [5, 0, 19]  # uneven groups (offsets not multiples of 8) and an expert without tokens
+    x = torch.randn(sum(counts), 16, generator=g).to(dtype)
+    w = torch.randn(len(counts), 32, 16, generator=g).to(dtype)  # [experts, out, in], as nn.Linear
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
+    try:
+        on = dict(device=torch.device(device))
+        xd, wd, od = x.to(**on), w.to(**on), offsets.to(**on)
+        y = torch._grouped_mm(xd, wd.transpose(-2, -1), offs=od)  # forward: [tokens, out]
+        dx = torch._grouped_mm(y, wd, offs=od)  # input gradient: [tokens, in]
+        dw = torch._grouped_mm(y.t(), xd, offs=od)  # weight gradient: [experts, out, in]
+        y, dx, dw = y.float().cpu(), dx.float().cpu(), dw.float().cpu()
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):  # no kernel for this device / dtype
+        return False
+    xs, ys = x.float().split(counts), y.split(counts)
+    want_y = torch.cat([xe @ we.t() for xe, we in zip(xs, w.float(), strict=True)])
+    want_dx = torch.cat([ye @ we for ye, we in zip(ys, w.float(), strict=True)])
+    # an empty group's weight gradient is not compared: callers zero it (B200 kernels leave garbage)
+    used = [e for e, n in enumerate(counts) if n]
+    want_dw = torch.stack([ys[e].t() @ xs[e] for e in used])
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    pairs = ((y, want_y), (dx, want_dx), (dw[used], want_dw))
+    return all(torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max())) for got, want in pairs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +129,7 @@ class Environment:
     te: bool = False  # megatron-core can use Transformer Engine
     deepep: bool = False
     apex_wgrad: bool = False
-    grouped_gemm: bool = False
+    grouped_mm_dtypes: tuple[str, ...] = ()  # model.dtype names torch._grouped_mm runs in on the run device
 
 
 def probe_environment() -> Environment:
@@ -83,7 +137,7 @@ def probe_environment() -> Environment:
     from megadiff.platform.device import run_device, uses_cuda
 
     if not uses_cuda():
-        return Environment(on_cuda=False, grouped_gemm=grouped_gemm_available())
+        return Environment(on_cuda=False, grouped_mm_dtypes=grouped_mm_dtypes())
     import torch
 
     device = run_device()
@@ -96,7 +150,7 @@ def probe_environment() -> Environment:
         te=megatron_has_te(),
         deepep=deepep_available(),
         apex_wgrad=apex_fused_wgrad_available(),
-        grouped_gemm=grouped_gemm_available(),
+        grouped_mm_dtypes=grouped_mm_dtypes(),
     )
 
 
@@ -121,4 +175,5 @@ def kernel_report() -> dict:
         "apex_fused_wgrad": apex_fused_wgrad_available(),
         "deep_ep_importable": deepep_available(),
         "grouped_gemm_importable": grouped_gemm_available(),
+        "torch_grouped_mm_dtypes": list(grouped_mm_dtypes()),
     }

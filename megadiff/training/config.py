@@ -203,7 +203,12 @@ class PerfSection:
     fp8_recipe: Literal["tensorwise", "delayed", "blockwise", "mxfp8"] = setting(
         "tensorwise", "FP8 scaling recipe (mxfp8: Blackwell only; blockwise: Hopper or newer)"
     )
-    moe_grouped_gemm: bool | None = setting(None, "grouped-GEMM experts; default: on with Transformer Engine")
+    moe_experts: Literal["auto", "te", "grouped", "sequential"] = setting(
+        "auto",
+        "routed experts: te (Transformer Engine's grouped GEMM), grouped (torch._grouped_mm, no TE), "
+        "sequential (one GEMM per expert); auto = te where megatron-core can use TE, else grouped where "
+        "torch._grouped_mm runs, else sequential (replaces perf.moe_grouped_gemm)",
+    )
     moe_token_dispatcher_type: Literal["alltoall", "allgather", "flex"] = setting(
         "alltoall", "MoE token dispatcher (flex = DeepEP, needs deep_ep)"
     )
@@ -352,7 +357,16 @@ def bounds_problem(value, bounds: dict) -> str | None:
     return "must be " + bounds_text(bounds)
 
 
+# Keys that were replaced: a config that still sets one is told what to write instead.
+REPLACED_KEYS = {
+    "perf.moe_grouped_gemm": "was replaced by perf.moe_experts (auto | te | grouped | sequential): true meant "
+    "te (Transformer Engine) or the grouped_gemm package, now te or grouped (torch._grouped_mm); false meant sequential",
+}
+
+
 def _set(cfg: TrainingConfig, section: str, key: str, value, where: str) -> None:
+    if f"{section}.{key}" in REPLACED_KEYS:
+        raise TrainingConfigError(f"{where}: {section}.{key} {REPLACED_KEYS[f'{section}.{key}']}")
     sections = {f.name for f in dataclasses.fields(TrainingConfig)}
     if section not in sections:
         hint = difflib.get_close_matches(section, sections, 1)
@@ -507,10 +521,15 @@ def validate(cfg: TrainingConfig) -> None:
             "train.objective=dpo has its own ELBO loss and row layout: set diffusion.complementary_masks=false, "
             "diffusion.confidence_beta=0 and data.mode=pack"
         )
-    if cfg.lora.enabled and cfg.lora.experts and cfg.perf.moe_grouped_gemm:
+    if cfg.lora.enabled and cfg.lora.experts and cfg.perf.moe_experts in ("te", "grouped"):
         raise TrainingConfigError(
-            "lora.experts=true adapts each routed expert's own linears, which grouped-GEMM experts do not have: "
-            "set perf.moe_grouped_gemm=false (or lora.experts=false)"
+            f"lora.experts=true adapts each routed expert's own linears, which perf.moe_experts="
+            f"{cfg.perf.moe_experts} experts do not call: set perf.moe_experts=sequential (or auto, or lora.experts=false)"
+        )
+    if cfg.lora.enabled and cfg.perf.moe_experts == "te":
+        raise TrainingConfigError(
+            "lora.enabled=true builds megatron-core's local spec (torch linears), which has no Transformer "
+            "Engine experts: set perf.moe_experts=grouped, sequential or auto"
         )
     if cfg.lora.init_from_peft and not cfg.lora.enabled:
         raise TrainingConfigError(

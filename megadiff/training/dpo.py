@@ -103,6 +103,7 @@ class DPOObjective:
                 trainer.dtype,
                 trainer.log,
                 trainer.attention.backend,
+                moe_experts=trainer.experts.backend,
             )
             for chunk in chunks:
                 chunk.requires_grad_(False)

@@ -50,7 +50,7 @@ from megadiff.training.loss import diffusion_loss_sums
 from megadiff.training.mcore_configs import optimizer_config
 from megadiff.training.memory_check import check_memory_forecast
 from megadiff.training.optimizer_memory import optimizer_state_bytes
-from megadiff.training.perf_preflight import check_perf, choose_attention_backend
+from megadiff.training.perf_preflight import check_perf, choose_attention_backend, choose_moe_experts
 from megadiff.training.phases import BLOCK_DIFFUSION, phase_at, phase_diffusion, run_phases
 from megadiff.training.preflight import check_outputs
 from megadiff.training.pretraining import build_pretraining_data, check_pretraining_data, is_pretraining
@@ -143,6 +143,9 @@ class Trainer:
         self.log(f"attention: {self.attention.backend} ({self.attention.reason})")
         if self.attention.warning:
             self.log(f"warning: {self.attention.warning}")
+        expert_ffn = self.model_cfg.moe_intermediate_size // self.layout.etp
+        self.experts = choose_moe_experts(cfg, self.env, self.model_cfg.hidden_size, expert_ffn, params_dtype(cfg))
+        self.log(f"routed experts: {self.experts.backend} ({self.experts.reason})")
         # The forecast runs before anything is loaded: a layout that cannot fit stops here.
         check_memory_forecast(cfg, self.model_cfg, self.layout, params_dtype(cfg), self.log)
         # Cheap checks first: tokenizer and every data row are validated before the model is built.
@@ -193,6 +196,7 @@ class Trainer:
             self.log,
             self.attention.backend,
             initial_adapters=initial_adapters,
+            moe_experts=self.experts.backend,
         )
         self.optimizer, self.scheduler = build_optimizer(cfg, self.chunks, self.dtype)
         self.log(

@@ -18,7 +18,8 @@ from megadiff.training.config import TrainingConfig
 
 def transformer_overrides(cfg: TrainingConfig) -> dict:
     """TransformerConfig fields set by cfg.perf; a field left at None (auto) is not overridden, so
-    the model builder's default applies (grouped GEMM with TE, apex's wgrad fusion where it imports)."""
+    the model builder's default applies (apex's wgrad fusion where it imports). perf.moe_experts is
+    not a TransformerConfig field: the model builder turns it into a spec (and moe_grouped_gemm)."""
     p = cfg.perf
     out = dict(
         moe_token_dispatcher_type=p.moe_token_dispatcher_type,
@@ -33,8 +34,6 @@ def transformer_overrides(cfg: TrainingConfig) -> dict:
         if p.moe_token_dispatcher_type != "allgather":
             # TE's FP8 GEMMs need every expert's token count padded to a multiple of 16/32.
             out["moe_router_padding_for_quantization"] = True
-    if p.moe_grouped_gemm is not None:
-        out["moe_grouped_gemm"] = p.moe_grouped_gemm
     if p.gradient_accumulation_fusion is not None:
         out["gradient_accumulation_fusion"] = p.gradient_accumulation_fusion
     if p.recompute_granularity != "none":

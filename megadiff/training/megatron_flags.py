@@ -50,6 +50,8 @@ INSTEAD = {
     "data-path": "set data.train_files (a .jsonl/.parquet file, a list of them or a directory)",
     "num-layers-per-virtual-pipeline-stage": "set parallel.vpp (model chunks per pipeline rank)",
     "tokenizer-type": "the tokenizer is model.hf_dir's (or model.tokenizer_dir)",
+    "moe-grouped-gemm": "set perf.moe_experts (auto | te | grouped | sequential); the default auto takes Transformer "
+    "Engine's grouped GEMM where it runs, else torch._grouped_mm",
 }
 for _shape in ("num-layers", "hidden-size", "ffn-hidden-size", "num-attention-heads", "num-query-groups",
                "max-position-embeddings", "num-experts", "moe-router-topk", "vocab-size"):  # fmt: skip

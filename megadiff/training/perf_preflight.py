@@ -6,6 +6,9 @@ says what the run device and this process can use, so tests can ask "on an A100 
 CPU machine. megatron-core would otherwise fail much later (inside the model build, or at the
 first forward on the GPU) with an assertion that does not name the config key.
 
+`choose_moe_experts(cfg, env, ...)` resolves `perf.moe_experts: auto` (TE's grouped experts, else
+torch._grouped_mm, else one GEMM per expert) and refuses a choice this run cannot have.
+
 `choose_attention_backend(cfg, env, ...)` resolves `model.attention_backend: auto` and prices dense
 masks: dense attention (megatron-core's local DotProductAttention, and TE's unfused path, which is
 what TE takes for an arbitrary mask) materialises [b, h/tp, S_in, S_in] scores and keeps the
@@ -14,7 +17,11 @@ softmax for backward in every layer of the stage.
 
 from dataclasses import dataclass
 
-from megadiff.platform.kernels import Environment
+import torch
+
+from megadiff.errors import ConfigError
+from megadiff.models.common.grouped_experts import ExpertsChoice, choose_experts, grouped_problem
+from megadiff.platform.kernels import GROUPED_MM_DTYPES, Environment
 from megadiff.training.config import TrainingConfig, TrainingConfigError
 from megadiff.training.phases import uses_block_diffusion
 
@@ -72,13 +79,6 @@ def check_perf(cfg: TrainingConfig, env: Environment, layers_per_stage: int | No
                 "megatron-core takes this fused kernel from Transformer Engine, which it cannot import here",
                 f"set perf.{name}=false or install transformer_engine",
             )
-    if p.moe_grouped_gemm and not env.te and not env.grouped_gemm:
-        _fail(
-            "perf.moe_grouped_gemm=true",
-            "without Transformer Engine megatron-core's grouped GEMM "
-            "(legacy GroupedMLP) needs the grouped_gemm package, and neither imports here",
-            "set perf.moe_grouped_gemm=false (one GEMM per expert) or install transformer_engine",
-        )
     if p.gradient_accumulation_fusion:
         if not env.on_cuda:
             _fail(
@@ -173,18 +173,50 @@ def _check_recompute(cfg: TrainingConfig, per_stage: int | None) -> None:
                 f"is more than the {per_stage} layers of a pipeline stage",
                 f"use at most {per_stage}",
             )
-    if g == "selective" and "moe_act" in (p.recompute_modules or []) and p.moe_grouped_gemm is False:
-        _fail(
-            "perf.recompute_modules=[moe_act]",
-            "megatron-core recomputes the expert activation only with grouped GEMM",
-            "set perf.moe_grouped_gemm=true or drop moe_act",
-        )
 
 
 def recomputes_core_attention(cfg: TrainingConfig) -> bool:
     p = cfg.perf
     modules = p.recompute_modules if p.recompute_modules is not None else ["core_attn"]  # mcore's default
     return p.recompute_granularity == "full" or (p.recompute_granularity == "selective" and "core_attn" in modules)
+
+
+# ---- routed experts -------------------------------------------------------------------------------
+
+
+def choose_moe_experts(
+    cfg: TrainingConfig, env: Environment, hidden_size: int, expert_ffn_per_rank: int, dtype: torch.dtype
+) -> ExpertsChoice:
+    """The routed experts of this run (perf.moe_experts resolved on `env`). TE's grouped experts need
+    the TE spec, which LoRA runs do not build; grouped experts (torch._grouped_mm) need the kernel in
+    the run's dtype and rows of whole multiples of 16 bytes, and call no per-expert linear, so not
+    with LoRA on routed experts (auto then picks sequential). megatron-core recomputes the expert
+    activation (`moe_act`) only in TE's grouped experts, and FP8 experts are TE's."""
+    p = cfg.perf
+    te = env.on_cuda and env.te and not cfg.lora.enabled
+    if cfg.lora.enabled and cfg.lora.experts:
+        why_not = "lora.experts=true adapts each routed expert's own linears, which grouped experts do not call"
+    else:
+        runs = any(GROUPED_MM_DTYPES[n] == str(dtype).removeprefix("torch.") for n in env.grouped_mm_dtypes)
+        why_not = grouped_problem(dtype, hidden_size, expert_ffn_per_rank, runs=runs)
+    try:
+        choice = choose_experts(p.moe_experts, te, why_not, key="perf.moe_experts")
+    except ConfigError as e:
+        raise TrainingConfigError(str(e)) from None
+    if p.fp8 != "off" and choice.backend != "te":
+        _fail(
+            f"perf.fp8={p.fp8}",
+            f"FP8 experts are Transformer Engine's, and this run's are {choice.backend} ({choice.reason})",
+            "use perf.moe_experts=te (or auto) with FP8, or perf.fp8=off",
+        )
+    if p.recompute_granularity == "selective" and "moe_act" in (p.recompute_modules or []) and choice.backend != "te":
+        _fail(
+            "perf.recompute_modules=[moe_act]",
+            f"megatron-core recomputes the expert activation only in Transformer Engine's grouped experts, "
+            f"and this run's are {choice.backend} ({choice.reason})",
+            "drop moe_act (or use perf.moe_experts=te on a GPU with Transformer Engine)",
+        )
+    return choice
 
 
 # ---- attention backend ---------------------------------------------------------------------------

@@ -134,12 +134,16 @@ def build_model_and_load(
     log,
     attention_backend: str | None = None,
     initial_adapters: dict | None = None,
+    moe_experts: str | None = None,
 ):
     """Model chunks for this rank with their initial weights, wrapped in megatron-core DDP.
     attention_backend: the resolved one (perf_preflight.choose_attention_backend); default: the
     config's, which must then not be auto. initial_adapters: a LoRA run's starting adapters (full
-    adapter state, peft_adapters_for_run) instead of freshly drawn ones."""
-    chunks = build_model_with_initial_weights(cfg, model_cfg, hf_config, layout, dtype, log, attention_backend)
+    adapter state, peft_adapters_for_run) instead of freshly drawn ones. moe_experts: the resolved
+    routed experts (perf_preflight.choose_moe_experts); default: the config's perf.moe_experts."""
+    chunks = build_model_with_initial_weights(
+        cfg, model_cfg, hf_config, layout, dtype, log, attention_backend, moe_experts=moe_experts
+    )
     if cfg.lora.enabled:
         add_lora_adapters(cfg, chunks, log, initial_adapters)
     # megatron-core DDP buckets only trainable params; the trainer's losses are already divided by
@@ -173,7 +177,14 @@ def peft_adapters_for_run(cfg: TrainingConfig, hf_config: dict, log) -> dict | N
 
 
 def build_model_with_initial_weights(
-    cfg: TrainingConfig, model_cfg, hf_config: dict, layout, dtype, log, attention_backend: str | None = None
+    cfg: TrainingConfig,
+    model_cfg,
+    hf_config: dict,
+    layout,
+    dtype,
+    log,
+    attention_backend: str | None = None,
+    moe_experts: str | None = None,
 ):
     """Model chunks for this rank holding the run's starting weights (hf_dir or init_from_mcore)."""
     chunks = build_model(
@@ -183,6 +194,7 @@ def build_model_with_initial_weights(
         use_te=False if cfg.lora.enabled else None,  # LoRA adapts the local spec's torch linears only
         attention_backend=attention_backend or cfg.model.attention_backend,
         xt_only_logits=cfg.perf.xt_only_logits and uses_block_diffusion(cfg),
+        moe_experts=moe_experts or cfg.perf.moe_experts,
         calculate_per_token_loss=True,
         **transformer_overrides(cfg),
     )

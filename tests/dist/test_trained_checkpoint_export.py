@@ -1,7 +1,9 @@
 """A checkpoint written by the trainer converts to HF, and the reference model loaded from that
 directory reproduces the trainer's logits (compare_logits --mcore-dir, max |Δ| <= 1e-4). The same
 checkpoint re-keyed to Transformer Engine names (what a TE trainer writes) exports to the same bytes
-and, loaded at the local spec, gives the same logits."""
+and, loaded at the local spec, gives the same logits. The trainer runs grouped experts (auto on the
+CPU); compare_logits loads its checkpoint into megatron-core's SequentialMLP, then into grouped
+experts: the checkpoint does not depend on perf.moe_experts."""
 
 import json
 import subprocess
@@ -19,7 +21,7 @@ from tests.dist.launch import REPO, run_torchrun
 @pytest.mark.slow
 def test_trainer_checkpoint_exports_to_hf_with_same_logits(tiny_run_dir, tmp_path):
     ckpt, out = tmp_path / "ckpt", tmp_path / "hf_out"
-    run_torchrun(
+    train_log = run_torchrun(
         2,
         "tools/train.py",
         [tiny_run_dir / "cfg.yaml", "train.steps=2", "parallel.tp=2", f"checkpoint.save_dir={ckpt}"],
@@ -35,9 +37,11 @@ def test_trainer_checkpoint_exports_to_hf_with_same_logits(tiny_run_dir, tmp_pat
     log = run_torchrun(
         2,
         "tools/compare_logits.py",
-        ["--hf-dir", out, "--mcore-dir", ckpt, "--tp", "2", "--input-ids", ids, "--tolerance", "1e-4"],
+        ["--hf-dir", out, "--mcore-dir", ckpt, "--tp", "2", "--input-ids", ids, "--tolerance", "1e-4"]
+        + ["--moe-experts", "sequential"],
     )
-    assert "PASS" in log
+    assert "routed experts: grouped (auto" in train_log
+    assert "routed experts: sequential (--moe-experts=sequential)" in log and "PASS" in log
     te_ckpt, te_out = tmp_path / "ckpt_te", tmp_path / "hf_out_te"
     rekey_checkpoint_to_te(ckpt, te_ckpt)
     subprocess.run(
@@ -52,9 +56,10 @@ def test_trainer_checkpoint_exports_to_hf_with_same_logits(tiny_run_dir, tmp_pat
     log = run_torchrun(
         2,
         "tools/compare_logits.py",
-        ["--hf-dir", te_out, "--mcore-dir", te_ckpt, "--tp", "2", "--input-ids", ids, "--tolerance", "1e-4"],
+        ["--hf-dir", te_out, "--mcore-dir", te_ckpt, "--tp", "2", "--input-ids", ids, "--tolerance", "1e-4"]
+        + ["--moe-experts", "grouped"],
     )
-    assert "PASS" in log
+    assert "routed experts: grouped (--moe-experts=grouped)" in log and "PASS" in log
     trained = dict(HFCheckpointReader(str(out)).items())
     initial = dict(HFCheckpointReader(str(tiny_run_dir / "hf")).items())
     assert trained.keys() == initial.keys()

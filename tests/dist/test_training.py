@@ -49,13 +49,18 @@ def assert_step_matches_reference(results):
 @pytest.mark.repeat
 @pytest.mark.dist
 def test_bd_and_full_step_match_reference_single_process(tiny_run_dir):
-    assert_step_matches_reference(run_check(tiny_run_dir, 1, "step_parity", "1,1,1"))
+    results = run_check(tiny_run_dir, 1, "step_parity", "1,1,1")
+    assert_step_matches_reference(results)
+    assert results["1,1,1"]["full"]["experts"] == "grouped"  # perf.moe_experts=auto on the CPU
 
 
 @pytest.mark.dist
 @pytest.mark.slow
 def test_bd_and_full_step_match_reference_at_tp2_ep2_pp2(tiny_run_dir):
-    assert_step_matches_reference(run_check(tiny_run_dir, 4, "step_parity", "2,2,2"))
+    """With grouped experts (torch._grouped_mm); the edit-stream test runs (2,2,2) with sequential ones."""
+    results = run_check(tiny_run_dir, 4, "step_parity", "2,2,2", "perf.moe_experts=grouped")
+    assert_step_matches_reference(results)
+    assert {r["experts"] for modes in results.values() for r in modes.values()} == {"grouped"}
 
 
 @pytest.mark.dist
@@ -111,10 +116,17 @@ def test_tiny_model_memorises_small_sft_set(tiny_run_dir):
 def test_edit_stream_step_matches_reference_at_1_1_1_and_2_2_2(tiny_run_dir):
     """LLaDA2.1 editing stream on (edit_ratio 0.3, weight 0.5), both modes, one launch for both layouts."""
     results = run_check(
-        tiny_run_dir, 4, "step_parity", "1,1,1;2,2,2", "diffusion.edit_ratio=0.3", "diffusion.edit_weight=0.5"
+        tiny_run_dir,
+        4,
+        "step_parity",
+        "1,1,1;2,2,2",
+        "diffusion.edit_ratio=0.3",
+        "diffusion.edit_weight=0.5",
+        "perf.moe_experts=sequential",  # megatron-core's SequentialMLP (auto picks grouped on the CPU)
     )
     assert set(results) == {"1,1,1", "2,2,2"}
     assert_step_matches_reference(results)
+    assert {r["experts"] for modes in results.values() for r in modes.values()} == {"sequential"}
     assert all(r["edited_tokens"] > 0 for modes in results.values() for r in modes.values())
 
 

@@ -131,3 +131,18 @@ def test_chat_session_prompt_holds_every_earlier_turn(model_dir):
     _, prompt_ids, _ = session.reply("Hello")
     assert tokenizer.decode(prompt_ids).startswith("<role>SYSTEM</role>Be brief.<|role_end|><role>HUMAN</role>Hello")
     assert session.turns == 1
+
+
+def test_moe_experts_choice_sets_how_the_reference_runs_its_experts(model_dir):
+    """grouped / auto: batched (torch._grouped_mm) experts; sequential: the per-expert loop; the
+    two decode the same logits. te (megatron-core only) is refused naming the flag."""
+    ids = torch.arange(40)[None]
+    logits = {}
+    for choice, batched in (("sequential", False), ("grouped", True), ("auto", True)):
+        model = load_model(model_dir, moe_experts=choice)
+        assert all(block.batched_experts is batched for _, block in model.moe_blocks()), choice
+        with torch.no_grad():
+            logits[choice] = model(ids).logits
+    assert torch.allclose(logits["grouped"], logits["sequential"], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="--moe-experts te: decoding runs the plain-PyTorch reference model"):
+        load_model(model_dir, moe_experts="te")

@@ -73,8 +73,11 @@ def test_bad_lora_settings_name_the_field(override, message):
 
 
 def test_lora_with_grouped_gemm_experts_or_fp8_is_refused_naming_the_keys():
-    with pytest.raises(TrainingConfigError, match="perf.moe_grouped_gemm=false"):
-        load_config(None, BASE + ["lora.enabled=true", "lora.experts=true", "perf.moe_grouped_gemm=true"])
+    for experts in ("grouped", "te"):
+        with pytest.raises(TrainingConfigError, match=f"lora.experts=true.*perf.moe_experts={experts}.*sequential"):
+            load_config(None, BASE + ["lora.enabled=true", "lora.experts=true", f"perf.moe_experts={experts}"])
+    with pytest.raises(TrainingConfigError, match="lora.enabled=true.*no Transformer Engine experts.*perf.moe_experts"):
+        load_config(None, BASE + ["lora.enabled=true", "perf.moe_experts=te"])
     with pytest.raises(TrainingConfigError, match="perf.fp8=off"):
         load_config(None, BASE + ["lora.enabled=true", "perf.fp8=e4m3"])
 

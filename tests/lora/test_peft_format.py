@@ -2,7 +2,7 @@
 
 The oracle: the plain-PyTorch reference model with W + alpha/r * B @ A merged in (computed in
 megatron's layout, mapped to HF by the parameter table) must give the logits of the same reference
-with the exported PEFT adapter loaded by `peft` (fp32, max |diff| <= 1e-5)."""
+with the exported PEFT adapter loaded by `peft` (fp32, max |diff| / max |logit| <= 1e-5)."""
 
 import json
 import os
@@ -24,7 +24,7 @@ from megadiff.lora.peft_format import (
     to_peft,
     write_peft_adapter,
 )
-from tests.lora.peft_reference import merged_reference, peft_reference, random_full_adapter
+from tests.lora.peft_reference import merged_reference, peft_reference, random_full_adapter, rel_err
 
 ALL = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 LORA = dict(rank=4, alpha=8.0, dropout=0.0, target_modules=ALL, experts=False, init="kaiming", seed=0)
@@ -54,7 +54,7 @@ def test_peft_adapter_on_the_reference_equals_the_merged_weights(tiny, tmp_path,
     merged = logits(merged_reference(hf_dir, full, lora, hf_config))
     base = logits(merged_reference(hf_dir, full, dict(lora, target_modules=[]), hf_config))
     assert (merged - base).abs().max() > 0.1  # the adapters change the output a lot
-    assert (with_peft - merged).abs().max() <= TOL
+    assert rel_err(merged, with_peft) <= TOL
     experts_in_file = [k for k in state if ".mlp.experts." in k]
     assert bool(experts_in_file) == experts
 

@@ -25,6 +25,7 @@ def test_gpu_step_tiny_mode_runs_on_cpu(tmp_path):
     results = json.loads(out.read_text())
     local = results["variants"]["local/fp32/dense"]
     assert local["tokens_per_s"] > 0 and local["tflops_per_gpu"] > 0 and local["vs_reference"] > 0
+    assert local["experts"] == ["TorchGroupedMLP"]  # perf.moe_experts=auto on the CPU: torch._grouped_mm runs
     assert local["mfu"] is None and local["peak_memory_gib"] is None  # no peak / CUDA memory on the CPU
     assert results["reference"]["tokens_per_s"] > 0
     assert "skipped" in results["variants"]["te/fp8/dense"]

@@ -47,6 +47,7 @@ def test_megatron_flags_become_the_key_they_mean_with_a_note(flag, override):
     [
         (["--load", "ckpt"], r"--load: megadiff has no such setting; .* model\.init_from_mcore=DIR"),
         (["--fp16"], r"--fp16: .* model\.dtype=bf16"),
+        (["--moe-grouped-gemm"], r"--moe-grouped-gemm: .* perf\.moe_experts \(auto \| te \| grouped \| sequential\)"),
         (["--num-layers", "4"], r"--num-layers: .* config\.json"),
         (["--seq-len", "4"], r"unknown flag --seq-len: .* did you mean data\.max_seq_len\?"),
         (["--lr"], r"--lr needs a value \(train\.lr=\.\.\.\)"),

@@ -23,7 +23,7 @@ H100 = Environment(
     te=True,
     deepep=True,
     apex_wgrad=True,
-    grouped_gemm=True,
+    grouped_mm_dtypes=("bf16", "fp32"),
 )
 CPU = Environment(on_cuda=False)
 
@@ -70,11 +70,6 @@ REFUSED = {
         dict(moe_router_fusion=True),
         CPU,
         "perf.moe_router_fusion=true: .*Transformer Engine",
-    ),
-    "grouped_gemm_without_te_or_package": (
-        dict(moe_grouped_gemm=True),
-        dataclasses.replace(H100, te=False, grouped_gemm=False),
-        "perf.moe_grouped_gemm=true: .*grouped_gemm package.*perf.moe_grouped_gemm=false",
     ),
     "wgrad_fusion_on_cpu": (dict(gradient_accumulation_fusion=True), CPU, "CUDA kernel.*on the CPU"),
     "wgrad_fusion_without_apex": (
@@ -139,11 +134,6 @@ REFUSED = {
         H100,
         "more than the 4 layers of a pipeline stage",
     ),
-    "moe_act_recompute_without_grouped_gemm": (
-        dict(recompute_granularity="selective", recompute_modules=["moe_act"], moe_grouped_gemm=False),
-        H100,
-        "only with grouped GEMM",
-    ),
 }
 
 
@@ -159,7 +149,7 @@ def test_everything_on_at_once_is_accepted_on_an_h100():
     cfg = cfg_with(
         fp8="e4m3",
         fp8_recipe="blockwise",
-        moe_grouped_gemm=True,
+        moe_experts="te",
         moe_token_dispatcher_type="flex",
         moe_permute_fusion=True,
         moe_router_fusion=True,
@@ -193,7 +183,6 @@ def tiny_model():
 def test_accepted_fields_reach_megatron_cores_transformer_config():
     cfg = cfg_with(
         moe_token_dispatcher_type="allgather",
-        moe_grouped_gemm=False,
         recompute_granularity="full",
         recompute_method="block",
         recompute_num_layers=1,
@@ -203,7 +192,7 @@ def test_accepted_fields_reach_megatron_cores_transformer_config():
     tc = to_transformer_config(tiny_model(), ParallelLayout(), **transformer_overrides(cfg))
     assert tc.moe_token_dispatcher_type == "allgather"
     assert tc.recompute_granularity == "full" and tc.recompute_method == "block" and tc.recompute_num_layers == 1
-    assert tc.cross_entropy_loss_fusion is True and tc.moe_grouped_gemm is False
+    assert tc.cross_entropy_loss_fusion is True and tc.moe_grouped_gemm is False  # the model builder sets it
     assert tc.gradient_accumulation_fusion is False and tc.fp8 is None
 
     selective = cfg_with(recompute_granularity="selective", recompute_modules=["mlp", "layernorm"])
@@ -213,7 +202,7 @@ def test_accepted_fields_reach_megatron_cores_transformer_config():
 
     defaults = to_transformer_config(tiny_model(), ParallelLayout(), **transformer_overrides(TrainingConfig()))
     assert defaults.recompute_granularity is None and defaults.moe_token_dispatcher_type == "alltoall"
-    assert defaults.moe_grouped_gemm is False  # auto: grouped GEMM with TE only (no TE on the CPU)
+    assert "moe_grouped_gemm" not in transformer_overrides(TrainingConfig())  # build_model's moe_experts decides
 
 
 def test_fp8_and_moe_fusions_are_passed_under_megatron_cores_names():
@@ -227,11 +216,10 @@ def test_fp8_and_moe_fusions_are_passed_under_megatron_cores_names():
         moe_permute_fusion=True,
         moe_router_fusion=True,
         moe_token_dispatcher_type="flex",
-        moe_grouped_gemm=True,
     )
     overrides = transformer_overrides(cfg)
     assert overrides["fp8"] == "hybrid" and overrides["fp8_recipe"] == "delayed"
-    assert overrides["moe_permute_fusion"] and overrides["moe_router_fusion"] and overrides["moe_grouped_gemm"]
+    assert overrides["moe_permute_fusion"] and overrides["moe_router_fusion"]
     assert overrides["moe_token_dispatcher_type"] == "flex" and overrides["moe_flex_dispatcher_backend"] == "deepep"
     assert overrides["moe_router_padding_for_quantization"] is True
     fields = {f.name for f in dataclasses.fields(TransformerConfig)}

@@ -19,6 +19,7 @@ from megadiff.models.llada2.model import _keep_first_half, forward_chunk, mcore_
 from megadiff.platform import compat
 from megadiff.platform.device import run_device
 
+from .grouped_experts import choose_experts, grouped_problem, with_grouped_experts
 from .spec import transformer_engine_usable
 
 __all__ = ["ATTENTION_BACKENDS", "build_gpt_chunks", "forward_chunk", "mcore_attention_mask", "mcore_position_ids"]
@@ -34,13 +35,16 @@ def build_gpt_chunks(
     use_te: bool | None = None,
     attention_backend: str = "dense",
     xt_only_logits: bool = False,
+    moe_experts: str = "auto",
     **config_overrides,
 ):
     """One GPTModel per virtual-pipeline chunk held by this rank (a list of one without VPP).
 
     attention_backend: "dense" = the spec's core attention with dense bool masks; "flex" =
     FlexCoreAttention, whose masks are BlockMasks. xt_only_logits: inputs are [x_t ; x_0] and only
-    x_t's logits are wanted. Process groups must already exist for `layout`."""
+    x_t's logits are wanted. moe_experts: routed experts of MoE layers, "te" (TEGroupedMLP), "grouped"
+    (TorchGroupedMLP on torch._grouped_mm), "sequential" (SequentialMLP) or "auto"
+    (megadiff.models.common.grouped_experts). Process groups must already exist for `layout`."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
@@ -56,6 +60,14 @@ def build_gpt_chunks(
     config = family.transformer_config(
         model_cfg, layout, params_dtype, use_te=use_te, on_cpu=on_cpu, **config_overrides
     )
+    experts = None
+    if config.num_moe_experts:  # the expert shape is the family's TransformerConfig's
+        why_not = grouped_problem(params_dtype, config.hidden_size, config.moe_ffn_hidden_size // layout.etp)
+        experts = choose_experts(moe_experts, use_te, why_not, key="moe_experts").backend
+        config_overrides["moe_grouped_gemm"] = experts == "te"
+        config = family.transformer_config(
+            model_cfg, layout, params_dtype, use_te=use_te, on_cpu=on_cpu, **config_overrides
+        )
     core_attention = None
     if attention_backend == "flex":
         from .attention import FlexCoreAttention, check_flex_supported  # compiles flex at import
@@ -65,9 +77,12 @@ def build_gpt_chunks(
     chunks = []
     for vp in range(layout.vpp or 1):
         vp_stage = vp if layout.vpp else None
+        spec = family.layer_spec(model_cfg, config, use_te, vp_stage, core_attention)
+        if experts == "grouped":
+            spec = with_grouped_experts(spec)
         model = GPTModel(
             config=config,
-            transformer_layer_spec=family.layer_spec(model_cfg, config, use_te, vp_stage, core_attention),
+            transformer_layer_spec=spec,
             max_sequence_length=model_cfg.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),

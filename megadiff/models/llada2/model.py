@@ -22,6 +22,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region
 from torch.nn.attention.flex_attention import BlockMask
 
+from megadiff.models.common.grouped_experts import choose_experts, grouped_problem
 from megadiff.platform import compat
 from megadiff.platform.device import run_device
 
@@ -38,6 +39,7 @@ def build_model(
     use_te: bool | None = None,
     attention_backend: str = "dense",
     xt_only_logits: bool = False,
+    moe_experts: str = "auto",
     **config_overrides,
 ) -> list[GPTModel]:
     """One GPTModel per virtual-pipeline chunk held by this rank (a list of one without VPP).
@@ -45,11 +47,15 @@ def build_model(
     attention_backend: "dense" = the spec's core attention with dense bool masks; "flex" =
     FlexCoreAttention, whose masks are BlockMasks (megadiff.diffusion.block_mask).
     xt_only_logits: inputs are [x_t ; x_0] and only x_t's logits are wanted (module docstring).
+    moe_experts: routed experts, "te" (TEGroupedMLP), "grouped" (TorchGroupedMLP on
+    torch._grouped_mm), "sequential" (SequentialMLP) or "auto" (megadiff.models.common.grouped_experts).
     Process groups must already be initialised for `layout` (platform.initialize_parallel)."""
     if attention_backend not in ATTENTION_BACKENDS:
         raise ConfigError(f"attention_backend={attention_backend!r}; choose one of {ATTENTION_BACKENDS}")
     if use_te is None:
         use_te = transformer_engine_usable()
+    experts = routed_experts(model_cfg, layout, params_dtype, moe_experts, use_te).backend
+    config_overrides["moe_grouped_gemm"] = experts == "te"
     compat.define_te_general_gemm_without_te()  # the router reads it, on CPU and CUDA without TE
     compat.silence_gptmodel_deprecation()
     device = run_device()
@@ -70,7 +76,9 @@ def build_model(
         vp_stage = vp if layout.vpp else None
         model = GPTModel(
             config=config,
-            transformer_layer_spec=llada2_block_spec(config, use_te, vp_stage=vp_stage, core_attention=core_attention),
+            transformer_layer_spec=llada2_block_spec(
+                config, use_te, vp_stage=vp_stage, core_attention=core_attention, experts=experts
+            ),
             vocab_size=model_cfg.vocab_size,
             max_sequence_length=model_cfg.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -106,6 +114,23 @@ def _unwrapped(chunk) -> GPTModel:
     while not isinstance(chunk, GPTModel):  # megatron-core DDP / Float16Module wrap it as .module
         chunk = chunk.module
     return chunk
+
+
+def routed_experts(
+    model_cfg: LLaDA2ModelConfig,
+    layout: ParallelLayout,
+    dtype,
+    requested: str,
+    use_te: bool | None = None,
+    key: str = "moe_experts",
+):
+    """The routed experts `build_model` gives this model (an ExpertsChoice): `requested` resolved for
+    this process (TE with the TE spec, default where megatron-core can use it; torch._grouped_mm
+    where it runs on the run device in `dtype`). Tools call it first, to log the choice and have
+    errors name their own flag (`key`)."""
+    use_te = transformer_engine_usable() if use_te is None else use_te
+    why_not = grouped_problem(dtype, model_cfg.hidden_size, model_cfg.moe_intermediate_size // layout.etp)
+    return choose_experts(requested, use_te, why_not, key=key)
 
 
 def _keep_first_half(module, args, sequence_parallel: bool, tp: int):

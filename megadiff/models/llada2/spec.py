@@ -6,7 +6,9 @@
 - Without Transformer Engine, norms are `SequenceParallelRMSNorm` (torch RMSNorm whose weight is
   marked `sequence_parallel`); megatron-core's torch norm wrapper refuses sequence parallelism,
   which TP>1 with MoE requires.
-With TE and CUDA, the TE spec (fused norm+linear, grouped-GEMM experts) is used as is.
+- Routed experts: `experts="grouped"` swaps megatron-core's SequentialMLP for TorchGroupedMLP
+  (megadiff.models.common.grouped_experts: the same parameters, torch._grouped_mm in forward).
+With TE and CUDA, the TE spec (fused norm+linear, TE grouped-GEMM experts) is used otherwise as is.
 """
 
 import dataclasses
@@ -18,6 +20,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
+from megadiff.models.common.grouped_experts import with_grouped_experts
 from megadiff.platform.kernels import transformer_engine_usable as usable
 
 
@@ -56,9 +59,11 @@ def _swap(spec, use_te: bool, core_attention=None):
     return spec
 
 
-def llada2_block_spec(config, use_te: bool, vp_stage=None, core_attention=None):
+def llada2_block_spec(config, use_te: bool, vp_stage=None, core_attention=None, experts: str = "sequential"):
     """The decoder block spec (dense layer 0, MoE after) for this pipeline stage / chunk.
     `core_attention`: a module class replacing every self-attention's core attention (None: the
-    spec's own, DotProductAttention / TEDotProductAttention)."""
+    spec's own, DotProductAttention / TEDotProductAttention). `experts`: "te" / "sequential" (the
+    spec's own, as config.moe_grouped_gemm says) or "grouped" (TorchGroupedMLP)."""
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage)
-    return _swap(spec, use_te, core_attention)
+    spec = _swap(spec, use_te, core_attention)
+    return with_grouped_experts(spec) if experts == "grouped" else spec

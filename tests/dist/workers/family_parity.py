@@ -126,6 +126,8 @@ def gradient_error(chunks, ref, fam, cfg, ids, variant):
 def run_layout(fam, cfg, ref, layout, grads: bool, roundtrip: bool):
     initialize_parallel(layout)
     chunks = build_gpt_chunks(fam, cfg, layout, calculate_per_token_loss=True)
+    experts = {type(m).__name__ for c in chunks for n, m in c.named_modules() if n.endswith("mlp.experts")}
+    assert experts <= {"TorchGroupedMLP"}, experts  # moe_experts=auto on the CPU (dense LLaDA has none)
     hf_state = {k: v for k, v in ref.state_dict().items()}
     load_hf_into_model(chunks, lambda name: hf_state[name], fam.mapping, cfg)
     result = {}

@@ -139,7 +139,11 @@ def reference_rows(ref, ids, pos, allowed) -> list[torch.Tensor]:
     """The reference's logits row by row (megatron-core micro-batches are single rows)."""
     with torch.no_grad():
         return [
-            ref(ids[i : i + 1], pos[i : i + 1], None if allowed is None else allowed[i : i + 1]).logits[0]
+            ref(
+                input_ids=ids[i : i + 1],
+                position_ids=pos[i : i + 1],
+                attention_mask=None if allowed is None else allowed[i : i + 1],
+            ).logits[0]
             for i in range(B)
         ]
 
@@ -204,7 +208,8 @@ def gradient_errors(chunks, refs: dict, adapters, lora_cfg, cfg, ids, pos, allow
     weights = torch.randn(B, S, cfg.vocab_size, generator=torch.Generator().manual_seed(11))
     for ref in refs.values():
         ref.zero_grad()
-        ((ref(ids, pos, allowed).logits * weights).sum() / B).backward()
+        logits = ref(input_ids=ids, position_ids=pos, attention_mask=allowed).logits
+        ((logits * weights).sum() / B).backward()
     weighted_loss_backward(chunks, cfg, ids, pos, allowed, weights)
     got = full_adapter_state(chunks, value=lambda p: p.main_grad)
     return {
@@ -249,7 +254,9 @@ def train_steps(chunks, cfg, ids, variant, steps=5) -> dict:
 def lora_model(layout, experts, ref_sd, cfg, adapters=None, ddp=None):
     """Model chunks with the base weights, adapted, holding `adapters` (if given), in DDP `ddp`."""
     initialize_parallel(layout)
-    chunks = build_model(cfg, layout, calculate_per_token_loss=True)
+    # adapters on routed experts need megatron-core's SequentialMLP (grouped experts skip them)
+    moe_experts = "sequential" if experts else "auto"
+    chunks = build_model(cfg, layout, moe_experts=moe_experts, calculate_per_token_loss=True)
     load_hf_into_model(chunks, lambda name: ref_sd[name], cfg)
     apply_lora(chunks, **lora_settings(experts))
     if adapters is not None:
@@ -389,7 +396,11 @@ def sft_reference_loss(trainer, ref) -> float:
     batch = prepare_micro_batch(trainer.dataset.global_batch(0, 0), d, trainer.mask_id, trainer.cfg.train.seed)
     logits = torch.cat(
         [
-            ref(batch["input_ids"][i : i + 1], batch["position_ids"][i : i + 1], batch["allowed"][i : i + 1]).logits
+            ref(
+                input_ids=batch["input_ids"][i : i + 1],
+                position_ids=batch["position_ids"][i : i + 1],
+                attention_mask=batch["allowed"][i : i + 1],
+            ).logits
             for i in range(batch["input_ids"].shape[0])
         ]
     )

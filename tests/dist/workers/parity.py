@@ -17,6 +17,7 @@ from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region  # noqa: E402
 
 from megadiff.hf import build_reference_model  # noqa: E402
+from megadiff.models.common.grouped_experts import TorchGroupedMLP  # noqa: E402
 from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset  # noqa: E402
 from megadiff.models.llada2.hf_mapping import gather_hf_state, load_hf_into_model  # noqa: E402
 from megadiff.models.llada2.model import build_model  # noqa: E402
@@ -28,10 +29,12 @@ B, S = 2, 16
 
 
 def parse_layouts(text):
+    """'tp,ep,pp[,vpp][/experts];...' -> [(ParallelLayout, moe_experts)]; experts default: auto."""
     layouts = []
     for item in filter(None, text.split(";")):
-        tp, ep, pp, *vpp = (int(x) for x in item.split(","))
-        layouts.append(ParallelLayout(tp=tp, ep=ep, pp=pp, vpp=vpp[0] if vpp else None))
+        sizes, _, experts = item.partition("/")
+        tp, ep, pp, *vpp = (int(x) for x in sizes.split(","))
+        layouts.append((ParallelLayout(tp=tp, ep=ep, pp=pp, vpp=vpp[0] if vpp else None), experts or "auto"))
     return layouts
 
 
@@ -77,15 +80,16 @@ def attach_router_hooks(chunks, store):
             router.register_forward_hook(hook)
 
 
-def run_layout(layout, ref_sd, ref, cfg, cfg_dict, check_grads):
+def run_layout(layout, experts, ref_sd, ref, cfg, cfg_dict, check_grads):
     initialize_parallel(layout)
-    chunks = build_model(cfg, layout, calculate_per_token_loss=True)
+    chunks = build_model(cfg, layout, moe_experts=experts, calculate_per_token_loss=True)
+    moe = [layer.mlp.experts for c in chunks for layer in c.decoder.layers if hasattr(layer.mlp, "experts")]
     load_hf_into_model(chunks, lambda name: ref_sd[name], cfg)
     if check_grads:
         chunks = wrap_ddp(chunks)
     ids, variants = make_inputs(cfg.vocab_size)
     tp_rank = ps.get_tensor_model_parallel_rank()
-    result = {}
+    result = {"grouped_experts": float(all(isinstance(m, TorchGroupedMLP) for m in moe))}
     for name, pos, allowed in variants:
         routes = {}
         if name == "plain":
@@ -184,16 +188,17 @@ def main():
     ref_sd = ref.state_dict()
     grad_layouts = set(parse_layouts(args.grad_layouts))
     results = {}
-    for layout in parse_layouts(args.layouts):
-        local = run_layout(layout, ref_sd, ref, cfg, cfg_dict, layout in grad_layouts)
+    for layout, experts in parse_layouts(args.layouts):
+        local = run_layout(layout, experts, ref_sd, ref, cfg, cfg_dict, (layout, experts) in grad_layouts)
         reduced = {}
         for key, value in sorted(local.items()):
             t = torch.tensor(float(value))
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
             reduced[key] = float(t)
-        results[str(layout)] = reduced
+        key = str(layout) + ("" if experts == "auto" else f"/{experts}")
+        results[key] = reduced
         if torch.distributed.get_rank() == 0:
-            print(layout, reduced, flush=True)
+            print(key, reduced, flush=True)
     if torch.distributed.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -90,7 +90,8 @@ LORA_RANK = 4
 def run_case(model_cfg, layout, dtype, distributed, lora=False):
     cfg = TrainingConfig()
     cfg.parallel.use_distributed_optimizer = distributed
-    chunks = build_model(model_cfg, layout, dtype, use_te=False if lora else None)
+    experts = "sequential" if lora else "auto"  # LoRA on routed experts needs SequentialMLP
+    chunks = build_model(model_cfg, layout, dtype, use_te=False if lora else None, moe_experts=experts)
     if lora:
         apply_lora(chunks, LORA_RANK, 8.0, 0.0, TARGET_MODULES, True, "kaiming", 0)
     chunks = wrap_ddp(chunks, use_distributed_optimizer=distributed)

@@ -103,6 +103,7 @@ def step_parity(base_cfg, overrides, hf_dir):
             "loss_rel": abs(loss - ref_loss) / abs(ref_loss),
             "grad_rel": grad_rel,
             "edited_tokens": edited,
+            "experts": trainer.experts.backend,
         }
     return result
 
