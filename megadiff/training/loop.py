@@ -203,8 +203,8 @@ class Trainer:
             f"optimizer: {optimizer_state_bytes(self.optimizer) / 2**20:.1f} MiB of parameters and Adam state on rank 0"
         )
         self._data_iter = iter(self.dataset)
+        self.step = 0  # before the objective: DPO's precomputed reference prepares batches (self.phase)
         self.objective = dpo_objective.DPOObjective(self) if dpo else None  # None: diffusion SFT
-        self.step = 0
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
         self.saved_step = None  # the step the newest checkpoint of save_dir holds
