@@ -190,5 +190,15 @@ def average_checkpoints(
     label = f"the mean of {len(inputs)} checkpoints"
     io_mode = resolve_io(io_mode, log)
     return write_mcore_checkpoint(
-        source, output, ParallelLayout(), first.dtype, extra, progress, log, io_mode, first.spec, label=label
+        source,
+        output,
+        ParallelLayout(),
+        first.dtype,
+        extra,
+        progress,
+        log,
+        io_mode,
+        first.spec,
+        label=label,
+        overwrite=overwrite,
     )

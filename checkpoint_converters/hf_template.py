@@ -14,6 +14,7 @@ import re
 import shutil
 
 from megadiff.checkpoint.hf_source import read_json_or_none
+from megadiff.files.inside import check_links_inside
 
 TEMPLATE_FILES = (
     "tokenizer.json",
@@ -67,7 +68,8 @@ def with_relative_imports(template: str, modules: list[str]) -> list[str]:
 def copy_template_files(template: str, dst: str, config: dict) -> tuple[list[str], list[str]]:
     """Copy the allow-listed files of `template` and the remote-code modules that the output
     `config`'s (or the template tokenizer's) auto_map names, with the modules they import from
-    beside them. Returns (copied, left out)."""
+    beside them, none of them a link out of `template`. Returns (copied, left out)."""
+    check_links_inside(template, "template directory")
     tokenizer_config = read_json_or_none(os.path.join(template, "tokenizer_config.json"))
     modules = with_relative_imports(template, auto_map_modules(config, tokenizer_config or {}))
     wanted = set(TEMPLATE_FILES) | set(modules)

@@ -35,6 +35,7 @@ from megadiff.checkpoint.bytecopy.byte_spans import FileTable, RowAddresses
 from megadiff.checkpoint.bytecopy.span_copy import SpanCopier
 from megadiff.checkpoint.format import DTYPES, dtype_name, new_nonce, remove_tree
 from megadiff.errors import CheckpointError
+from megadiff.files.disk_space import disk_full_error
 from megadiff.hf.checkpoint_reader import HFCheckpointReader, check_tensors_match, read_hf_config
 from megadiff.hf.ling import mtp_tensor_names
 from megadiff.models.llada2.config import ConfigError, LLaDA2ModelConfig, ParallelLayout
@@ -188,7 +189,9 @@ def convert_hf_to_mcore(
     output = check_output_dir(output, overwrite, inputs=[source.hf_dir])
     params_dtype = DTYPES[dtype_name(dtype)] if dtype else source.dtype
     extra = {"converted_from": "hf", "hf_expert_format": source.expert_format, "requested_layout": vars(layout)}
-    return write_mcore_checkpoint(source, output, layout, params_dtype, extra, progress, log, io_mode, spec)
+    return write_mcore_checkpoint(
+        source, output, layout, params_dtype, extra, progress, log, io_mode, spec, overwrite=overwrite
+    )
 
 
 def write_mcore_checkpoint(
@@ -202,11 +205,13 @@ def write_mcore_checkpoint(
     io_mode: str = "plain",
     spec: str = "local",
     label: str | None = None,
+    overwrite: bool = False,
 ) -> str:
     """Write OUTPUT/iter_0000000 (+ tracker) from the HF tensors `source` gives (an HF dir, or
     anything with its reader's `get(name)`: checkpoint averaging); `extra` goes to megadiff.json.
     `io_mode` is resolved already; OUTPUT was checked (check_output_dir); `label` names the source
-    in the log (default: source.hf_dir). Returns the iteration dir."""
+    in the log (default: source.hf_dir); `overwrite`: an existing OUTPUT is replaced (else the name is
+    claimed atomically: output_dir.publish). Returns the iteration dir."""
     plain = io_mode == "plain"
     if torch.cuda.is_available():
         raise RuntimeError("convert_hf_to_mcore runs on CPU: start it with CUDA_VISIBLE_DEVICES= (the CLI does)")
@@ -281,10 +286,13 @@ def write_mcore_checkpoint(
         materialize, peek = _materializer(source, chunks, params_dtype, plain)
         final = save_checkpoint_lazily(staging_root, 0, sharded, meta, materialize, on_tensor, copier, peek, plain)
         if rank == 0:
-            publish(staging_root, output)
-    except BaseException:
+            publish(staging_root, output, overwrite)
+    except BaseException as e:
         if rank == 0:
             remove_tree(staging_root)
+        full = disk_full_error(output, e)  # the file, the disk and its free space, not a traceback
+        if full is not None:
+            raise full from e
         raise
     finally:
         if bar is not None:

@@ -18,6 +18,7 @@ import torch
 
 from megadiff.checkpoint import format as fmt
 from megadiff.errors import CheckpointError
+from megadiff.files.outputs import overlap
 from megadiff.hf.checkpoint_reader import HFCheckpointReader, read_hf_config
 from megadiff.lora.adapter_checkpoint import read_lora_checkpoint
 from megadiff.lora.base_record import record_at
@@ -27,7 +28,7 @@ from megadiff.models.llada2.hf_experts import MERGED, detect_expert_format
 
 from .hf_template import copy_template_files
 from .mcore_to_hf import convert_mcore_to_hf, with_deltas
-from .output_dir import check_output_dir, ensure_remote_code, staged_output, write_json
+from .output_dir import check_output_dir, foreign_code_note, staged_output, write_output_config
 from .safetensors_stream import DTYPE_CODES, parse_size, write_sharded_safetensors_plain
 
 _DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
@@ -69,12 +70,13 @@ def merge_into_hf_dir(
     output = check_output_dir(output, overwrite, inputs=[base_dir, template], log=log)
     entries = [(n, reader.shape(n), _DTYPES[reader.dtype_str(n)]) for n in names]
     values = with_deltas(((name, reader.get(name)) for name in names), deltas)
-    with staged_output(output) as staging:
+    with staged_output(output, overwrite=overwrite) as staging:
         write_sharded_safetensors_plain(staging, entries, parse_size(max_shard_size), values)
         config = read_hf_config(base_dir)
         copied, _ = copy_template_files(template, staging, config)
-        ensure_remote_code(staging, config)
-        write_json(os.path.join(staging, "config.json"), config)
+        dropped, _ = write_output_config(staging, config)
+    if dropped:
+        log(foreign_code_note(dropped))
     log(
         f"merged {len(deltas)} adapted tensors into a copy of {base_dir}; from {template}: {', '.join(copied) or 'none'}"
     )
@@ -103,6 +105,12 @@ def export_lora_checkpoint(
         f"base {lora.base_dir} ({lora.base_kind})"
     )
     if peft_adapter:
+        for source in (fmt.resolve_checkpoint_dir(ckpt, iteration), lora.base_dir):
+            if overlap(peft_adapter, source):
+                raise CheckpointError(
+                    f"{os.path.abspath(peft_adapter)}: --peft-adapter {overlap(peft_adapter, source)} the input "
+                    f"{source}; an export never writes over or into its inputs, so choose another directory"
+                )
         state, adapter_config = to_peft(lora.adapters, lora.lora_config, hf_config, lora.base_dir)
         base = record_at(lora.base_kind, lora.base_dir)  # checked against the recorded one by the reader
         out = write_peft_adapter(peft_adapter, state, adapter_config, base=base.to_dict())

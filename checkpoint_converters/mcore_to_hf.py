@@ -41,7 +41,7 @@ from megadiff.models.llada2.hf_mapping import hf_from_full_mcore
 
 from .hf_template import copy_template_files
 from .io_paths import resolve_io
-from .output_dir import check_output_dir, ensure_remote_code, staged_output, write_json
+from .output_dir import check_output_dir, foreign_code_note, staged_output, write_json, write_output_config
 from .report import data_phase_line
 from .safetensors_stream import parse_size, write_sharded_safetensors, write_sharded_safetensors_plain
 
@@ -168,7 +168,7 @@ def convert_mcore_to_hf(
         )
     started = time.perf_counter()
     try:
-        with staged_output(output) as staging:
+        with staged_output(output, overwrite=overwrite) as staging:
             on_value = bar.update if bar else None
             deltas = deltas or {}
             if plain:
@@ -179,8 +179,7 @@ def convert_mcore_to_hf(
                 writer = write_sharded_safetensors(staging, entries, max_shard_size, values, on_value, io_mode)
             config = _output_config(src, weights_dtype)
             copied, left_out = copy_template_files(template, staging, config) if template else ([], [])
-            megadiff_code = ensure_remote_code(staging, config)
-            write_json(os.path.join(staging, "config.json"), config)
+            dropped, megadiff_code = write_output_config(staging, config)
             if training_record(src.meta):  # how megadiff trained it (read by generate's editing check)
                 write_json(os.path.join(staging, TRAINING_RECORD), training_record(src.meta))
             if "generation_config.json" not in copied:
@@ -205,5 +204,7 @@ def convert_mcore_to_hf(
         )
     if megadiff_code:
         log(f"remote code: megadiff's own {', '.join(megadiff_code)}")
+    if dropped:
+        log(foreign_code_note(dropped))
     log(data_phase_line(writer.total_size, time.perf_counter() - started, copier=writer.copier))
     return output

@@ -31,7 +31,13 @@ from megadiff.models.llada2.hf_experts import (
 )
 
 from .hf_direct import DirectHFReader
-from .output_dir import check_output_dir, copy_non_weight_files, staged_output
+from .output_dir import (
+    check_output_dir,
+    copy_non_weight_files,
+    drop_foreign_code_files,
+    foreign_code_note,
+    staged_output,
+)
 from .report import data_phase_line
 from .safetensors_stream import parse_size, write_sharded_safetensors
 
@@ -119,15 +125,18 @@ def convert_expert_layout(
         )
     started = time.perf_counter()
     try:
-        with staged_output(output_path) as staging:
+        with staged_output(output_path, overwrite=overwrite) as staging:
             writer = write_sharded_safetensors(
                 staging, entries, max_shard_size, tensors(), bar.update if bar else None, io_mode
             )
             copied = copy_non_weight_files(input_path, staging)
+            dropped, _ = drop_foreign_code_files(staging)
     finally:
         if bar is not None:
             bar.close()
     log(f"copied {', '.join(copied) or 'no other files'}")
+    if dropped:
+        log(foreign_code_note(dropped))
     log(data_phase_line(writer.total_size, time.perf_counter() - started, copier=writer.copier))
     return output_path
 

@@ -1,10 +1,17 @@
 """Output directories that appear only when complete, and the non-weight files of an HF dir.
 
 Every converter writes into `OUT.tmp-<nonce>` next to OUT and renames it to OUT at the end. An
-exception or Ctrl-C removes the staging dir; a hard kill leaves a `.tmp-` dir that neither HF loaders
-(pointed at OUT) nor `latest_iteration` pick up, and that the next conversion to OUT deletes once
-its writer (recorded in the nonce) is dead. `--overwrite` replaces OUT with
+exception or Ctrl-C removes the staging dir (a full disk is then reported as such, naming the file,
+the disk and its free space: megadiff.files.disk_space); a hard kill leaves a `.tmp-` dir that
+neither HF loaders (pointed at OUT) nor `latest_iteration` pick up, and that the next conversion to
+OUT deletes once its writer (recorded in the nonce) is dead. Without `--overwrite` the final rename
+claims OUT atomically (`rename_no_replace`): of two conversions racing to one OUT, the second to
+finish fails instead of replacing the first one's output. `--overwrite` replaces OUT with
 `megadiff.checkpoint.format.replace_dir`: at every moment OUT is the old or the new output.
+
+An output never overlaps an input (megadiff.files.outputs), files copied from an input dir never
+come from outside it (megadiff.files.inside), and a config written out names no remote code of
+another repository (`drop_foreign_code`).
 """
 
 import contextlib
@@ -19,11 +26,15 @@ from megadiff.checkpoint.format import (
     fsync_dir,
     owner_is_dead,
     remove_tree,
+    rename_no_replace,
     replace_dir,
     restore_interrupted_replace,
     staging_path,
 )
 from megadiff.errors import CheckpointError
+from megadiff.files.disk_space import disk_full_error
+from megadiff.files.inside import check_links_inside
+from megadiff.files.outputs import overlap
 from megadiff.hf.remote_code import AUTO_MAP, REMOTE_CODE_FILES, remote_code_source
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".distcp")
@@ -61,10 +72,12 @@ def check_output_dir(
     Leftovers of interrupted conversions to OUT are cleaned first (`clean_stale_leftovers`)."""
     output = os.path.abspath(output)
     for src in inputs:
-        src = os.path.realpath(src)
-        real = os.path.realpath(output)
-        if real == src or real.startswith(src + os.sep) or src.startswith(real + os.sep):
-            raise CheckpointError(f"{output}: output overlaps the input {src}; choose another output directory")
+        how = overlap(output, src)
+        if how:
+            raise CheckpointError(
+                f"{output}: output overlaps the input {os.path.realpath(src)} (it {how} it); a conversion never "
+                f"writes over or into its input, so choose another output directory"
+            )
     if os.environ.get("RANK", "0") == "0":  # one cleaner per conversion (ranks of one torchrun share OUT)
         clean_stale_leftovers(output, log)
     if os.path.exists(output) and not overwrite:
@@ -79,23 +92,40 @@ def check_output_dir(
     return output
 
 
-def publish(staging: str, output: str) -> None:
-    """Put a finished staging dir at `output`, atomically replacing an existing one (--overwrite)."""
+def publish(staging: str, output: str, overwrite: bool = True) -> None:
+    """Put a finished staging dir at `output`: atomically replacing an existing one (`overwrite`),
+    or claiming the name atomically (else; CheckpointError when another conversion wrote `output`
+    meanwhile: this one's staging dir is deleted, the other's output kept)."""
     fsync_dir(staging)
-    replace_dir(staging, output)
+    if overwrite:
+        replace_dir(staging, output)
+        return
+    try:
+        rename_no_replace(staging, output)
+    except FileExistsError:
+        remove_tree(staging)
+        raise CheckpointError(
+            f"{output}: another conversion wrote it while this one ran; its output is kept and this one's "
+            f"discarded (pass --overwrite to replace it)"
+        ) from None
+    fsync_dir(os.path.dirname(os.path.abspath(output)))
 
 
 @contextlib.contextmanager
-def staged_output(output: str, nonce: str | None = None) -> Iterator[str]:
-    """Yield a fresh staging dir next to `output`; publish it on success, delete it on failure."""
+def staged_output(output: str, nonce: str | None = None, overwrite: bool = True) -> Iterator[str]:
+    """Yield a fresh staging dir next to `output`; publish it on success (`publish`), delete it on
+    failure (a full disk raises NoSpaceError, after the deletion)."""
     staging = staging_path(output, nonce)
     os.makedirs(staging)
     try:
         yield staging
-    except BaseException:
+    except BaseException as e:
         remove_tree(staging)
+        full = disk_full_error(output, e)
+        if full is not None:
+            raise full from e
         raise
-    publish(staging, output)
+    publish(staging, output, overwrite)
 
 
 def is_weight_file(name: str) -> bool:
@@ -104,7 +134,9 @@ def is_weight_file(name: str) -> bool:
 
 def copy_non_weight_files(src: str, dst: str, skip: Sequence[str] = ()) -> list[str]:
     """Copy the top-level regular files of `src` that are not weights or weight indexes (config,
-    tokenizer, remote code, generation config, README, ...). Returns the names copied."""
+    tokenizer, remote code, generation config, README, ...), none of them a link out of `src`.
+    Returns the names copied."""
+    check_links_inside(src, "input directory")
     copied = []
     for name in sorted(os.listdir(src)):
         path = os.path.join(src, name)
@@ -129,6 +161,74 @@ def ensure_remote_code(out_dir: str, config: dict) -> list[str]:
     config["auto_map"] = {k: v for k, v in auto_map.items() if not (k == "AutoConfig" or k.startswith("AutoModel"))}
     config["auto_map"].update(AUTO_MAP)
     return list(REMOTE_CODE_FILES)
+
+
+def _refs(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def drop_foreign_code(config: dict) -> list[str]:
+    """Remove from `config['auto_map']` (in place) every entry naming code in another repository
+    (`org/repo--module.Class`): `from_pretrained(..., trust_remote_code=True)` on the output would
+    download and run that repository's code, which nobody looked at. Returns the entries dropped,
+    as `Key -> reference`."""
+    auto_map = config.get("auto_map")
+    if not isinstance(auto_map, dict):
+        return []
+    dropped = []
+    for key, value in list(auto_map.items()):
+        if any(isinstance(ref, str) and "--" in ref for ref in _refs(value)):
+            dropped.append(f"{key} -> {', '.join(str(r) for r in _refs(value) if r)}")
+            del auto_map[key]
+    return dropped
+
+
+def _is_model_entry(key: str) -> bool:
+    return key == "AutoConfig" or key.startswith("AutoModel")
+
+
+def drop_foreign_code_files(
+    staging: str, names=("config.json", "tokenizer_config.json")
+) -> tuple[list[str], list[str]]:
+    """`drop_foreign_code` on the JSON files `names` of an HF output dir being written, rewriting
+    only those it changes; a config.json whose model classes lost their entry gets megadiff's own
+    remote code (`ensure_remote_code`). Returns (entries dropped, as `file: Key -> reference`;
+    megadiff remote-code files written)."""
+    dropped, megadiff_code = [], []
+    for name in names:
+        path = os.path.join(staging, name)
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            continue
+        gone = drop_foreign_code(data) if isinstance(data, dict) else []
+        if not gone:
+            continue
+        if name == "config.json" and any(_is_model_entry(d.split(" -> ")[0]) for d in gone):
+            megadiff_code = ensure_remote_code(staging, data)
+        write_json(path, data)
+        dropped += [f"{name}: {d}" for d in gone]
+    return dropped, megadiff_code
+
+
+def write_output_config(staging: str, config: dict) -> tuple[list[str], list[str]]:
+    """Write `staging/config.json` of an HF output dir from `config`: auto_map entries naming
+    another repository's code dropped (`drop_foreign_code`, also from the tokenizer_config.json
+    already in `staging`), megadiff's own remote code for the model classes whose modules are
+    missing (`ensure_remote_code`). Returns (entries dropped; megadiff remote-code files written)."""
+    dropped = [f"config.json: {d}" for d in drop_foreign_code(config)]
+    megadiff_code = ensure_remote_code(staging, config)
+    write_json(os.path.join(staging, "config.json"), config)
+    return dropped + drop_foreign_code_files(staging, ["tokenizer_config.json"])[0], megadiff_code
+
+
+def foreign_code_note(dropped: list[str]) -> str:
+    """The export report's line for `write_output_config`'s dropped entries."""
+    return (
+        f"dropped auto_map entries naming code of another repository (trust_remote_code=True would download and "
+        f"run it): {'; '.join(dropped)}"
+    )
 
 
 def write_json(path: str, obj) -> None:

@@ -35,6 +35,8 @@ class RunsPython:
 def _iteration_dir(path: str) -> str:
     from megadiff.checkpoint.format import resolve_checkpoint_dir
 
+    if os.path.isfile(os.path.join(path, ".metadata")):
+        return path  # a dir holding a .metadata (e.g. one a link in a checkpoint points at)
     return resolve_checkpoint_dir(path)
 
 
@@ -104,4 +106,49 @@ def point_data_outside(ckpt: str, target: str) -> None:
     metadata = _load_metadata(ckpt_dir)
     info = next(iter(metadata.storage_data.values()))
     info.relative_path = os.path.relpath(target, ckpt_dir)
+    _save_metadata(ckpt_dir, metadata)
+
+
+# ---- a small torch_dist checkpoint without megatron-core, and hostile edits of it -----------------
+
+
+def small_checkpoint(root: str, tensors: dict | None = None) -> str:
+    """ROOT/iter_0000000 as megatron-core 0.16 lays it out (DCP `.metadata` + `__0_0.distcp`,
+    metadata.json naming a torch common backend, common.pt, megadiff.json), written by torch DCP in
+    this process: for the checks that read files, not models. Returns the iteration dir."""
+    import json
+
+    import torch.distributed.checkpoint as dcp
+
+    from megadiff.checkpoint.format import build_meta, iteration_dir_name
+
+    it_dir = os.path.join(root, iteration_dir_name(0))
+    os.makedirs(it_dir)
+    tensors = tensors or {"decoder.final_layernorm.weight": torch.arange(64, dtype=torch.float32)}
+    dcp.save(tensors, checkpoint_id=it_dir, no_dist=True)
+    torch.save({}, os.path.join(it_dir, "common.pt"))
+    with open(os.path.join(it_dir, "metadata.json"), "w") as f:
+        json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch"}, f)
+    meta = build_meta(0, {"hf_config": {"model_type": "llada2_moe"}, "layout": {"tp": 1}, "dtype": "fp32"}, 1)
+    with open(os.path.join(it_dir, "megadiff.json"), "w") as f:
+        json.dump(meta, f)
+    with open(os.path.join(root, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write("0\n")
+    return it_dir
+
+
+def move_outside_and_link(path: str, outside: str) -> str:
+    """`path` moved to `outside` and replaced by a link to it (a received tarball can hold such links)."""
+    shutil.move(path, outside)
+    os.symlink(outside, path)
+    return outside
+
+
+def claim_larger_chunks(ckpt_dir: str, key: str, factor: int) -> None:
+    """The metadata says `key` is `factor` times longer than what is stored (a crafted allocation)."""
+    metadata = _load_metadata(ckpt_dir)
+    item = metadata.state_dict_metadata[key]
+    item.size = torch.Size([item.size[0] * factor, *item.size[1:]])
+    for chunk in item.chunks:
+        chunk.sizes = torch.Size([chunk.sizes[0] * factor, *chunk.sizes[1:]])
     _save_metadata(ckpt_dir, metadata)

@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def write_jsonl(path: str, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    from megadiff.files.outputs import open_output
+
+    with open_output(path, label="--output-dir") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
@@ -41,7 +43,14 @@ def main(argv=None) -> int:
 
     print(command_line("tools/build_gsm8k_dataset.py", parser, args), flush=True)
 
+    from megadiff.files.outputs import check_output_directory, refuse_overlaps
+
+    outputs = [("--output-dir", os.path.join(args.output_dir, name)) for name in ("train.jsonl", "test.jsonl")]
     try:
+        inputs = [("--input", path) for path in args.input]
+        check_output_directory(args.output_dir, "--output-dir")
+        refuse_overlaps([("--output-dir", args.output_dir)], inputs, contains_ok=True)
+        refuse_overlaps(outputs, inputs)  # never over (or into) the rows it reads
         rows = read_gsm8k_rows(args.input)
         train, test = split_rows(rows, args.test_fraction, args.seed)
     except (OSError, ValueError) as e:

@@ -115,6 +115,15 @@ def compare(args) -> int:
     cfg.validate_layout(layout)
     if max(max(r) for r in ids_rows) >= cfg.vocab_size or min(min(r) for r in ids_rows) < 0:
         raise UserError(f"{args.input_ids}: token ids must be in [0, {cfg.vocab_size})")
+    if args.save_logits:
+        from megadiff.files.outputs import check_output_file, refuse_overlaps
+
+        inputs = [("--hf-dir", args.hf_dir), ("--mcore-dir", args.mcore_dir), ("--input-ids", args.input_ids)]
+        refuse_overlaps([("--save-logits", args.save_logits)], inputs + [("--position-ids", args.position_ids)])
+        check_output_file(args.save_logits, "--save-logits")
+    from megadiff.training.setup import check_weights_fit
+
+    check_weights_fit(args.hf_dir, cfg_dict, args.mcore_dir, args.trust_checkpoint)  # before any model is built
 
     init_distributed()
     # a ConfigError (a UserError) names --moe-experts: one line, exit 2

@@ -23,7 +23,8 @@ from megadiff.inference.cli import (
     add_model_arguments,
     command_line,
     decoding_options,
-    load_for_decoding,
+    load_decoding_model,
+    prepare_decoding,
     untrained_editing_warning,
 )
 
@@ -45,9 +46,12 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     print(command_line("tools/eval_gsm8k.py", parser, args), flush=True)
+    from megadiff.files.outputs import check_output_directory, check_output_file, open_output, refuse_overlaps
     from megadiff.inference import decode_tokens, encode_prompt, generate
     from megadiff.inference.gsm8k import answers_match, extract_answer, gold_answer, read_gsm8k_rows
 
+    samples_path = os.path.join(args.output_dir, "samples.jsonl")
+    summary_path = os.path.join(args.output_dir, "summary.json")
     try:
         if args.limit is not None and args.limit <= 0:
             raise ValueError(f"--limit must be a positive integer, got {args.limit}")
@@ -62,12 +66,24 @@ def main(argv=None) -> int:
                 golds.append(gold_answer(row["answer"]))
             except ValueError as e:
                 raise ValueError(f"{row['source']}: {e}") from None
-        model, tokenizer, mask_id, eos_id = load_for_decoding(args)
+        # Everything that can be wrong with the inputs and the outputs is found before the weights load.
+        inputs = prepare_decoding(args)
+        named_inputs = [("--model", args.model)] + [("--data", d) for d in args.data]
+        named_inputs += [("--tokenizer", path) for path in inputs.paths]
+        check_output_directory(args.output_dir, "--output-dir")
+        refuse_overlaps([("--output-dir", args.output_dir)], named_inputs, contains_ok=True)
+        refuse_overlaps([("--output-dir", samples_path), ("--output-dir", summary_path)], named_inputs)
+        if os.path.isdir(args.output_dir):
+            for path in (samples_path, summary_path):
+                check_output_file(path, "--output-dir")
+        tokenizer, mask_id, eos_id = inputs.tokenizer, inputs.mask_id, inputs.eos_id
+        prompts = [encode_prompt(row["question"], tokenizer) for row in rows]
+        inputs.check_prompts(prompts, options, "questions")
+        model = load_decoding_model(args)
     except (OSError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    prompts = [encode_prompt(row["question"], tokenizer) for row in rows]
     # Similar lengths start in the same block and decode together; row ids keep sampling order-free.
     order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
     os.makedirs(args.output_dir, exist_ok=True)
@@ -98,8 +114,7 @@ def main(argv=None) -> int:
         print(f"[{done}/{len(rows)}] accuracy so far {correct / done:.4f}", flush=True)
     seconds = time.perf_counter() - start
 
-    samples_path = os.path.join(args.output_dir, "samples.jsonl")
-    with open(samples_path, "w") as f:
+    with open_output(samples_path, label="--output-dir") as f:
         for sample in samples:
             f.write(json.dumps(sample) + "\n")
     correct = sum(s["correct"] for s in samples)
@@ -120,8 +135,7 @@ def main(argv=None) -> int:
         "seconds": seconds,
         "command": command_line("tools/eval_gsm8k.py", parser, args),
     }
-    summary_path = os.path.join(args.output_dir, "summary.json")
-    with open(summary_path, "w") as f:
+    with open_output(summary_path, label="--output-dir") as f:
         json.dump(summary, f, indent=2)
     print(
         f"tokens per forward pass: {summary['tokens_per_forward']:.2f}, edits: {edits}, tokens/s: {summary['tokens_per_second']:.1f}"

@@ -21,7 +21,8 @@ from megadiff.inference.cli import (
     add_model_arguments,
     command_line,
     decoding_options,
-    load_for_decoding,
+    load_decoding_model,
+    prepare_decoding,
     untrained_editing_warning,
 )
 
@@ -72,14 +73,20 @@ def report_speed(num_tokens: int, forwards: int, seconds: float, edits: int = 0)
     )
 
 
-def run_prompts(args, model, tokenizer, mask_id, eos_id, options, out) -> None:
-    from megadiff.inference import decode_tokens, encode_prompt, generate
+def read_prompts(args, tokenizer) -> tuple[list[str] | None, list[list[int]]]:
+    """(texts or None, token ids) of the --prompt / --input-ids prompts (none for --chat)."""
+    from megadiff.inference import encode_prompt
 
     if args.input_ids:
-        texts, prompts = None, read_input_ids(args.input_ids)
-    else:
-        texts = args.prompt
-        prompts = [encode_prompt(t, tokenizer, raw=args.raw) for t in texts]
+        return None, read_input_ids(args.input_ids)
+    if args.chat:
+        return None, []
+    return args.prompt, [encode_prompt(t, tokenizer, raw=args.raw) for t in args.prompt]
+
+
+def run_prompts(args, model, tokenizer, mask_id, eos_id, options, out, texts, prompts) -> None:
+    from megadiff.inference import decode_tokens, generate
+
     num_tokens = forwards = edits = 0
     start = time.perf_counter()
     for first in range(0, len(prompts), args.batch_size):
@@ -108,7 +115,7 @@ def run_prompts(args, model, tokenizer, mask_id, eos_id, options, out) -> None:
     report_speed(num_tokens, forwards, time.perf_counter() - start, edits)
 
 
-def run_chat(args, model, tokenizer, mask_id, eos_id, options, out) -> None:
+def run_chat(args, model, tokenizer, mask_id, eos_id, options, out, texts=None, prompts=None) -> None:
     from megadiff.inference import ChatSession
 
     session = ChatSession(model, tokenizer, options, mask_id, eos_id, system=args.system)
@@ -160,20 +167,34 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     print(command_line("tools/generate.py", parser, args), flush=True)
+    from megadiff.files.outputs import check_output_file, open_output, refuse_overlaps
+
     try:
         options = decoding_options(args)
+        # Everything that can be wrong with the inputs and the output is found before the weights load.
+        inputs = prepare_decoding(args, need_tokenizer=not args.input_ids)
         warning = untrained_editing_warning(args, options)  # editing asked of a model not trained for it
         if warning:
             print(warning, file=sys.stderr, flush=True)
-        model, tokenizer, mask_id, eos_id = load_for_decoding(args, need_tokenizer=not args.input_ids)
+        named_inputs = [("--model", args.model), ("--input-ids", args.input_ids)]
+        named_inputs += [("--tokenizer", path) for path in inputs.paths]
+        if args.output:
+            refuse_overlaps([("--output", args.output)], named_inputs)
+            check_output_file(args.output, "--output")
+        texts, prompts = read_prompts(args, inputs.tokenizer)
+        if prompts:  # --chat checks each turn as it comes (the sampler)
+            inputs.check_prompts(prompts, options, args.input_ids or "--prompt")
+        model = load_decoding_model(args)
+        tokenizer, mask_id, eos_id = inputs.tokenizer, inputs.mask_id, inputs.eos_id
         print(
             f"model: {args.model} ({sum(p.numel() for p in model.parameters()):,} parameters, "
             f"{args.device}), mask_id {mask_id}, eos_id {eos_id}",
             flush=True,
         )
-        out = open(args.output, "w") if args.output else None
+        out = open_output(args.output, label="--output") if args.output else None
         try:
-            (run_chat if args.chat else run_prompts)(args, model, tokenizer, mask_id, eos_id, options, out)
+            run = run_chat if args.chat else run_prompts
+            run(args, model, tokenizer, mask_id, eos_id, options, out, texts, prompts)
         finally:
             if out:
                 out.close()

@@ -255,11 +255,12 @@ def load_checkpoint(root_or_iter_dir: str, sharded_state_dict: dict, iteration: 
     pickle megatron-core would unpickle is vetted first (untrusted.vet_checkpoint)."""
     from megatron.core import dist_checkpointing
 
-    from .untrusted import vet_checkpoint
+    from .untrusted import check_common_state, vet_checkpoint
 
     ckpt_dir = resolve_checkpoint_dir(root_or_iter_dir, iteration)
     meta = read_meta(ckpt_dir)
     vet_checkpoint(ckpt_dir, trust)
+    check_common_state(ckpt_dir)
     sharded_state_dict = match_checkpoint_spec(ckpt_dir, sharded_state_dict, meta.get("hf_config"), trust)
     missing = missing_sharded_keys(ckpt_dir, sharded_state_dict, trust)
     if missing:
@@ -278,7 +279,7 @@ def load_model_weights(
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.dict_utils import extract_matching_values
 
-    from .untrusted import vet_checkpoint
+    from .untrusted import check_common_state, vet_checkpoint
 
     ckpt_dir = resolve_checkpoint_dir(root_or_iter_dir, iteration)
     meta = read_meta(ckpt_dir)
@@ -286,6 +287,7 @@ def load_model_weights(
     if adapter_only:  # its model part is only adapters: say so, not "tensor ... is not in the checkpoint"
         raise adapter_only
     vet_checkpoint(ckpt_dir, trust)
+    check_common_state(ckpt_dir)
     sharded = match_checkpoint_spec(ckpt_dir, model_sharded_state_dict(chunks), meta.get("hf_config"), trust)
     missing = set(missing_sharded_keys(ckpt_dir, sharded, trust))
     if missing and strict:

@@ -36,6 +36,7 @@ from dataclasses import asdict, is_dataclass
 import torch
 
 from megadiff.errors import CheckpointError
+from megadiff.files.inside import check_links_inside
 
 FORMAT_NAME = "megadiff-mcore-checkpoint"
 FORMAT_VERSION = 1
@@ -172,9 +173,10 @@ def build_meta(iteration: int, meta: dict, world_size: int) -> dict:
 
 def write_text_atomic(path: str, text: str, step: str = "file") -> None:
     """Write to `path.tmp-*`, fsync, rename: readers see the old file or the new one, never half.
-    `step` names the crash points (`<step>-written`, `<step>-renamed`)."""
+    The temporary file is new (O_EXCL) and the rename replaces a link at `path` rather than writing
+    through it. `step` names the crash points (`<step>-written`, `<step>-renamed`)."""
     tmp = f"{path}{STAGING_MARK}{new_nonce()}"
-    with open(tmp, "w") as f:
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -322,7 +324,8 @@ def read_tracker(root: str) -> int | None:
 
 def resolve_checkpoint_dir(root_or_iter_dir: str, iteration: int | None = None) -> str:
     """The complete iteration dir meant by a checkpoint ROOT (latest, or `iteration`) or by an
-    iteration dir itself. Raises CheckpointError saying what is there instead."""
+    iteration dir itself, once no link in it leads outside it. Raises CheckpointError saying what
+    is there instead."""
     path = os.path.abspath(root_or_iter_dir)
     if not os.path.exists(path) and interrupted_replace_copy(path):
         path = interrupted_replace_copy(path)  # a replace of PATH was interrupted: its old copy
@@ -330,6 +333,9 @@ def resolve_checkpoint_dir(root_or_iter_dir: str, iteration: int | None = None) 
         raise CheckpointError(f"{path}: checkpoint directory not found")
     if STAGING_MARK in os.path.basename(path):
         raise CheckpointError(f"{path}: a staging directory of an unfinished save, not a checkpoint")
+    # Before any file in it is read: no link in the tree leads outside it (a received checkpoint
+    # cannot make a reader read, copy or unpickle a file elsewhere: megadiff.files.inside).
+    check_links_inside(path, "checkpoint directory")
     name = os.path.basename(path).split(BACKUP_MARK)[0]
     if os.path.isfile(os.path.join(path, META_NAME)) or ITER_NAME.match(name):
         if not is_complete_iteration_dir(path):
@@ -354,6 +360,12 @@ def resolve_checkpoint_dir(root_or_iter_dir: str, iteration: int | None = None) 
             )
         return dirs[iteration]
     if not available:
+        if os.path.isfile(os.path.join(path, "config.json")) and not iteration_dirs(path):
+            raise CheckpointError(
+                f"{path}: a Hugging Face model directory (config.json), not a megadiff megatron checkpoint; pass "
+                f"it as --hf-dir (tools/convert_hf_to_mcore.py converts it to a megatron checkpoint; in training: "
+                f"model.hf_dir)"
+            )
         raise CheckpointError(
             f"{path}: no complete checkpoint (looked for iter_XXXXXXX/{META_NAME}); "
             f"a save interrupted before it finished leaves none"
@@ -429,6 +441,31 @@ def _exchange(a: str, b: str) -> bool:
 
 
 USE_RENAME_EXCHANGE = True  # tests switch it off to exercise the two-rename fallback
+
+
+def rename_no_replace(new: str, final: str) -> None:
+    """Rename `new` to `final` unless `final` exists: one atomic step on Linux (renameat2
+    RENAME_NOREPLACE), so of two writers racing for one name exactly one wins; elsewhere a check
+    and a rename (a dir is never renamed onto a non-empty one). FileExistsError when taken."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        renameat2 = None
+    if renameat2 is not None:
+        at_fdcwd, rename_noreplace = -100, 1
+        if renameat2(at_fdcwd, os.fsencode(new), at_fdcwd, os.fsencode(final), rename_noreplace) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), final)
+    if os.path.lexists(final):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), final)
+    try:
+        os.rename(new, final)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), final) from None
+        raise
 
 
 def replace_dir(new: str, final: str) -> None:

@@ -57,26 +57,36 @@ def inspect_mcore_input(
     meta = read_meta(ckpt_dir)
     config = meta.get("hf_config")
     if not isinstance(config, dict):
-        raise CheckpointError(f"{ckpt_dir}/megadiff.json: 'hf_config' missing")
+        raise CheckpointError(f"{ckpt_dir}/megadiff.json: 'hf_config' missing or not a JSON object")
     model = LLaDA2ModelConfig.from_hf_dict(config, source=f"{ckpt_dir}/megadiff.json:hf_config")
     reader = DistCheckpointReader(ckpt_dir, trust=trust_checkpoint, plain=plain)
+    spec = check_stored_shapes(
+        ckpt_dir, {k: reader.shape(k) for k in reader.keys()}, config, meta, "the recorded config"
+    )
+    dtype = DTYPES.get(meta.get("dtype"))
+    return McoreInput(ckpt_dir, meta, config, model, reader, units_for(config, spec), dtype, spec)
+
+
+def check_stored_shapes(ckpt_dir: str, stored: dict, config: dict, meta: dict, config_name: str) -> str:
+    """Raise CheckpointError unless the checkpoint's tensors (`stored`: key -> global shape, from
+    its metadata: nothing read) hold every tensor a LLaDA2 model of `config` has, with the shapes it
+    implies; `config_name` says whose config that is. Returns the spec ("local" / "te") they are
+    stored under."""
     try:
-        spec = checkpoint_spec(reader.keys(), config, meta.get("spec"))
+        spec = checkpoint_spec(stored.keys(), config, meta.get("spec"))
     except KeyError as e:
         raise CheckpointError(
             f"{ckpt_dir}: tensor '{e.args[0]}' is not in the checkpoint (nor its name under the other "
-            f"megatron-core spec); it does not hold a LLaDA2 model with the recorded config"
+            f"megatron-core spec); it does not hold a LLaDA2 model with {config_name}"
         ) from None
-    units = units_for(config, spec)
-    for unit in units:
+    for unit in units_for(config, spec):
         want = stored_shape(unit, config)
-        if reader.shape(unit.key) != want:
+        if tuple(stored[unit.key]) != tuple(want):
             raise CheckpointError(
-                f"{ckpt_dir}: tensor '{unit.key}' has global shape {list(reader.shape(unit.key))}, the "
-                f"recorded config implies {list(want)}"
+                f"{ckpt_dir}: tensor '{unit.key}' has global shape {list(stored[unit.key])}, "
+                f"{config_name} implies {list(want)}"
             )
-    dtype = DTYPES.get(meta.get("dtype"))
-    return McoreInput(ckpt_dir, meta, config, model, reader, units, dtype, spec)
+    return spec
 
 
 # ---- the output plan: every HF tensor as a box of a stored tensor, in output order ---------------

@@ -4,6 +4,8 @@ The lock is an `flock` on that file, held for the life of the run. The kernel dr
 holder dies however it dies (SIGKILL included), so a lock left by a dead run never blocks: the file
 stays behind and is simply locked again. The file holds the holder's pid, host and start time,
 which the refusal quotes. (On NFS, flock is a lease the server drops when the client is gone.)
+A lock file that is a link, or has a second name, is refused rather than written through: a
+save_dir received from someone else could point it at any file of the user's.
 """
 
 import datetime
@@ -13,6 +15,7 @@ import os
 import socket
 
 from megadiff.errors import CheckpointError
+from megadiff.files.outputs import OutputPathError, open_no_follow
 
 LOCK_NAME = ".megadiff.lock"
 
@@ -31,7 +34,10 @@ class SaveDirLock:
 
     def acquire(self) -> "SaveDirLock":
         """Take the lock or raise SaveDirInUseError naming the holder. The dir must exist."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link or a second name planted in the save_dir (megadiff.files.outputs)
+            fd = open_no_follow(self.path, os.O_RDWR | os.O_CREAT, "the lock file")
+        except OutputPathError as e:
+            raise CheckpointError(f"{self.save_dir}: {e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

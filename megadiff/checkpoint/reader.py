@@ -55,8 +55,10 @@ class _Boxes(torch.Tensor):
 class DistCheckpointReader:
     """Tensor keys, global shapes, dtypes and values of a megatron-core torch_dist checkpoint dir.
 
-    The constructor checks that every data file the metadata refers to exists and is long enough,
-    so a truncated or missing `.distcp` file is reported before any conversion starts. Unless
+    The constructor checks that every data file the metadata refers to lies inside the checkpoint
+    dir, exists and is long enough, and that no tensor claims more bytes than its record holds
+    (untrusted.check_data_files), so a truncated or missing `.distcp` file, or a link out of the
+    dir, is reported before any conversion starts. Unless
     `trust`, `.metadata` is unpickled with an allow-list and a checkpoint whose byte items hold
     more than tensors is refused (megadiff.checkpoint.untrusted); only tensors are ever read, with
     torch's weights-only unpickler.
@@ -83,17 +85,8 @@ class DistCheckpointReader:
         # Items written as plain torch.save records (what megatron-core and torch write by default)
         # are read directly; anything with stream transforms goes through torch DCP's reader.
         self._direct = not plain and all(not getattr(i, "transform_descriptors", None) for i in self._storage.values())
-        needed: dict[str, int] = {}
-        for info in self._storage.values():
-            end = info.offset + info.length
-            needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
-        for name, end in sorted(needed.items()):
-            path = os.path.join(ckpt_dir, name)
-            if not os.path.isfile(path):
-                raise CheckpointError(f"{path}: data file listed in {DCP_METADATA_NAME} is missing")
-            size = os.path.getsize(path)
-            if size < end:
-                raise CheckpointError(f"{path}: truncated ({size} bytes, the metadata needs {end})")
+        # read_metadata checked every data file: inside the dir, present, long enough, not claiming
+        # more bytes than stored (untrusted.check_data_files)
         vet_checkpoint(ckpt_dir, trust, metadata, extra_state_is_loaded=False)  # byte items: no code
 
     def keys(self) -> list[str]:

@@ -13,25 +13,53 @@ import torch
 from safetensors import safe_open
 
 from megadiff.errors import CheckpointError
+from megadiff.files.inside import check_links_inside, file_inside
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
-def read_json(path: str) -> dict:
+MCORE_MARKERS = ("megadiff.json", "latest_checkpointed_iteration.txt")  # megadiff.checkpoint.format's
+
+
+def read_json(path: str, kind: type = dict) -> dict:
+    """The JSON file at `path`, which must hold a `kind` (a JSON object by default)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: file not found")
     try:
         with open(path) as f:
-            return json.load(f)
+            data = json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not a JSON file ({type(e).__name__})") from None
+    if not isinstance(data, kind):
+        raise CheckpointError(
+            f"{path}: holds a JSON {type(data).__name__}, expected a JSON {'object' if kind is dict else kind.__name__}"
+        )
+    return data
+
+
+def _megatron_checkpoint_error(hf_dir: str) -> CheckpointError | None:
+    """The error for a megadiff megatron checkpoint given where an HF dir is expected."""
+    names = os.listdir(hf_dir)
+    if any(n in MCORE_MARKERS or n.startswith("iter_") for n in names):
+        return CheckpointError(
+            f"{hf_dir}: a megadiff megatron checkpoint, not a Hugging Face model directory (no config.json); pass "
+            f"it as --mcore-dir (tools/convert_mcore_to_hf.py exports it as an HF dir; in training: "
+            f"model.init_from_mcore, with model.hf_dir the HF dir it came from)"
+        )
+    return None
 
 
 def read_hf_config(hf_dir: str) -> dict:
+    """config.json of an HF model dir, which must be a JSON object inside the dir."""
     if not os.path.isdir(hf_dir):
         raise CheckpointError(f"{hf_dir}: model directory not found")
-    return read_json(os.path.join(hf_dir, "config.json"))
+    path = file_inside(hf_dir, "config.json", "config.json")
+    if not os.path.isfile(path) and _megatron_checkpoint_error(hf_dir):
+        raise _megatron_checkpoint_error(hf_dir)
+    return read_json(path)
 
 
 class HFCheckpointReader:
@@ -43,21 +71,27 @@ class HFCheckpointReader:
         self.hf_dir = hf_dir
         self._file_of: dict[str, str] = {}
         self._handles: dict[str, object] = {}
+        check_links_inside(hf_dir, "model directory")  # no shard, index or config read from elsewhere
         index_path = os.path.join(hf_dir, INDEX_NAME)
         single_path = os.path.join(hf_dir, SINGLE_NAME)
         if os.path.isfile(index_path):
             weight_map = read_json(index_path).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index_path}: no 'weight_map' entries")
+            if not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index_path}: 'weight_map' values must be shard file names")
             for shard in sorted(set(weight_map.values())):
-                if not os.path.isfile(os.path.join(hf_dir, shard)):
+                path = file_inside(hf_dir, shard, f"shard listed in {INDEX_NAME}")
+                if not os.path.isfile(path):
                     raise CheckpointError(f"{index_path}: shard '{shard}' is listed but missing")
             self._file_of = dict(weight_map)
         elif os.path.isfile(single_path):
             for name in self._open(SINGLE_NAME).keys():
                 self._file_of[name] = SINGLE_NAME
         else:
-            raise CheckpointError(f"{hf_dir}: neither {INDEX_NAME} nor {SINGLE_NAME} found")
+            raise _megatron_checkpoint_error(hf_dir) or CheckpointError(
+                f"{hf_dir}: neither {INDEX_NAME} nor {SINGLE_NAME} found"
+            )
         for shard in sorted(set(self._file_of.values())):
             present = set(self._open(shard).keys())
             listed = {n for n, f in self._file_of.items() if f == shard}

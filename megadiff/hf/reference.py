@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from megadiff.hf.checkpoint_reader import HFCheckpointReader, check_tensors_match, read_hf_config
 from megadiff.hf.remote_code import AUTO_MAP, REMOTE_CODE_FILES, remote_code_source
 from megadiff.models.llada2.config import LLaDA2ModelConfig
+from megadiff.models.llada2.hf_experts import SPLIT, detect_expert_format, expected_shapes, split_tensor_getter
 from megadiff.models.llada2.hf_mapping import expected_hf_shapes
 
 from .configuration_llada2_moe import LLaDA2MoeConfig
@@ -47,15 +48,19 @@ def build_reference_model(cfg: dict, seed: int | None = None, dtype=torch.float3
 
 
 def load_reference_model(hf_dir: str, dtype=torch.float32) -> LLaDA2MoeModelLM:
-    """Load config.json + safetensors strictly: a missing, extra or misshapen tensor is an error."""
+    """Load config.json + safetensors strictly: a missing, extra or misshapen tensor is an error.
+    Routed experts may be split (released checkpoints) or merged (dFactory's training layout, what
+    `moe_convertor --mode merge` writes): a merged tensor is read one expert slice at a time."""
     cfg = read_hf_config(hf_dir)
     LLaDA2ModelConfig.from_hf_dict(cfg, source=os.path.join(hf_dir, "config.json"))
     reader = HFCheckpointReader(hf_dir)
-    check_tensors_match(reader, expected_hf_shapes(cfg))
+    expert_format = detect_expert_format(reader.names(), hf_dir)
+    check_tensors_match(reader, expected_shapes(cfg, expert_format or SPLIT))
     with torch.device("meta"):
         model = build_reference_model(cfg)
     model = model.to_empty(device="cpu")
-    state = {name: reader.get(name).to(dtype) for name in reader.names()}
+    get = split_tensor_getter(reader, expert_format)
+    state = {name: get(name).to(dtype) for name in expected_hf_shapes(cfg)}
     for name, buf in model.named_buffers():
         if name.endswith("inv_freq"):
             state[name] = buf  # recomputed below

@@ -17,9 +17,10 @@ import json
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast
 
 from megadiff.errors import UserError
+from megadiff.files.inside import check_links_inside, file_inside
 
 # The files of a tokenizer directory; a directory with none of them holds no tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -116,6 +117,49 @@ def build_tiny_tokenizer(out_dir: str | Path) -> PreTrainedTokenizerFast:
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special_map_file, indent=2) + "\n")
 
     return PreTrainedTokenizerFast.from_pretrained(str(out_dir))
+
+
+def load_local_tokenizer(tokenizer_dir: str):
+    """The tokenizer of a local dir, without ever running (or offering to run) Python code from it.
+
+    transformers loads a tokenizer whose tokenizer_config.json / config.json names its own code
+    (`auto_map`) by importing that code when `trust_remote_code=True`, and otherwise asks `Do you
+    wish to run the custom code? [y/N]` on stdin, where a `y` runs it. megadiff passes
+    `trust_remote_code=False` (no question, no code) and `local_files_only=True` (a name that is not
+    a local dir is never looked up on the hub), reads no file that a link leads outside the dir to,
+    and refuses such a tokenizer with one line (TokenizerError)."""
+    check_links_inside(tokenizer_dir, "tokenizer directory")
+    try:
+        return AutoTokenizer.from_pretrained(
+            tokenizer_dir, config=_plain_config(tokenizer_dir), trust_remote_code=False, local_files_only=True
+        )
+    except ValueError as e:
+        if "trust_remote_code" not in str(e) and "custom code" not in str(e):
+            raise
+        raise TokenizerError(
+            f"{tokenizer_dir}: its tokenizer needs Python code from the model directory (an auto_map entry in "
+            f"tokenizer_config.json or config.json); megadiff never runs code from a model directory. Use a "
+            f'tokenizer that transformers loads by itself (tokenizer.json with "tokenizer_class": '
+            f'"PreTrainedTokenizerFast" in tokenizer_config.json)'
+        ) from None
+
+
+def _plain_config(tokenizer_dir: str) -> PretrainedConfig | None:
+    """An empty config for AutoTokenizer when tokenizer_config.json names the tokenizer class, so
+    that config.json is not read at all; None (AutoTokenizer reads config.json, without its code)
+    when the class must come from there.
+
+    Given no config, AutoTokenizer (transformers 5) loads config.json through AutoConfig first; a
+    released LLaDA2 config.json names its own configuration code (auto_map), so AutoConfig asks `Do
+    you wish to run the custom code?` unless told not to and, told not to, warns that `llada2_moe` is
+    an unknown model type."""
+    path = file_inside(tokenizer_dir, "tokenizer_config.json", "tokenizer_config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            names_class = isinstance(json.load(f).get("tokenizer_class"), str)
+    except (OSError, ValueError, AttributeError):
+        return None  # no (usable) tokenizer_config.json: AutoTokenizer says what is wrong
+    return PretrainedConfig() if names_class else None
 
 
 def mask_token_id(tokenizer, override: int | None = None) -> int:

@@ -4,6 +4,7 @@ flags, turning them into library objects, and echoing the full command a run is 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -18,10 +19,11 @@ from .loading import (
     is_mcore_checkpoint,
     load_model,
     load_tokenizer,
+    model_config,
     parse_dtype,
     special_token_ids,
 )
-from .sampler import DecodingOptions
+from .sampler import DecodingOptions, check_positions, check_token_ids
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -208,18 +210,50 @@ def decoding_options(args: argparse.Namespace) -> DecodingOptions:
     )
 
 
-def load_for_decoding(args: argparse.Namespace, need_tokenizer: bool = True):
-    """(model, tokenizer or None, mask_id, eos_id) from the model flags. Without need_tokenizer a
-    missing tokenizer is allowed when --mask-id is given."""
+@dataclasses.dataclass
+class DecodingInputs:
+    """What decoding needs besides the weights, known before they are loaded: the model's HF
+    config (vocabulary size, position range), the tokenizer (None without one), the special ids."""
+
+    config: dict
+    tokenizer: object
+    mask_id: int
+    eos_id: int
+
+    @property
+    def paths(self) -> list[str]:
+        """Where the tokenizer was read from (an input no output may overwrite)."""
+        return [self.tokenizer.name_or_path] if getattr(self.tokenizer, "name_or_path", None) else []
+
+    def check_prompts(self, prompts, options: DecodingOptions, where: str = "prompts") -> None:
+        """Token ids inside the vocabulary, no mask token, and positions that fit: before any weight
+        is loaded (the sampler checks the same again)."""
+        try:
+            check_token_ids(self.config["vocab_size"], self.mask_id, self.eos_id, prompts)
+            check_positions(self.config.get("max_position_embeddings"), prompts, options)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+
+def prepare_decoding(args: argparse.Namespace, need_tokenizer: bool = True) -> DecodingInputs:
+    """Device, model dir, config, tokenizer and special ids from the model flags, without loading
+    any weight. Without need_tokenizer a missing tokenizer is allowed when --mask-id is given."""
     check_device(args.device)
     check_model_dir(args.model)  # before the tokenizer, so a wrong --model is reported as such
+    config = model_config(args.model, args.iteration)
     try:
         tokenizer = load_tokenizer(args.model, args.tokenizer, args.iteration)
     except FileNotFoundError:
         if need_tokenizer or args.mask_id is None:
             raise
         tokenizer = None
-    model = load_model(
+    mask_id, eos_id = special_token_ids(config, tokenizer, args.mask_id, args.eos_id)
+    return DecodingInputs(config, tokenizer, mask_id, eos_id)
+
+
+def load_decoding_model(args: argparse.Namespace):
+    """The model of the model flags, in eval mode on --device (the expensive step: last)."""
+    return load_model(
         args.model,
         dtype=parse_dtype(args.dtype, args.device),
         device=args.device,
@@ -227,8 +261,13 @@ def load_for_decoding(args: argparse.Namespace, need_tokenizer: bool = True):
         trust_checkpoint=args.trust_checkpoint,
         moe_experts=args.moe_experts,
     )
-    mask_id, eos_id = special_token_ids(model, tokenizer, args.mask_id, args.eos_id)
-    return model, tokenizer, mask_id, eos_id
+
+
+def load_for_decoding(args: argparse.Namespace, need_tokenizer: bool = True):
+    """(model, tokenizer or None, mask_id, eos_id) from the model flags (`prepare_decoding`, then
+    `load_decoding_model`)."""
+    inputs = prepare_decoding(args, need_tokenizer)
+    return load_decoding_model(args), inputs.tokenizer, inputs.mask_id, inputs.eos_id
 
 
 def command_line(prog: str, parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:

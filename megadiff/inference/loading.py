@@ -11,14 +11,14 @@ from __future__ import annotations
 import os
 
 import torch
-from transformers import AutoTokenizer
 
 from megadiff.checkpoint.format import read_meta, resolve_checkpoint_dir
 from megadiff.checkpoint.hf_source import recorded_source_dir
 from megadiff.checkpoint.hf_tensors import inspect_mcore_input, iter_hf_tensors, plan_hf_output
 from megadiff.errors import CheckpointError
+from megadiff.hf.checkpoint_reader import read_hf_config
 from megadiff.hf.reference import build_reference_model, load_reference_model
-from megadiff.hf.tokenizer import MASK_TOKEN, TOKENIZER_FILES, mask_token_id
+from megadiff.hf.tokenizer import MASK_TOKEN, TOKENIZER_FILES, load_local_tokenizer, mask_token_id
 from megadiff.models.llada2.hf_experts import SPLIT
 from megadiff.platform.device import run_device
 from megadiff.platform.kernels import grouped_mm_supported
@@ -39,6 +39,19 @@ def check_model_dir(path: str) -> None:
             f"{path}: model directory not found (expected a Hugging Face LLaDA2 dir with config.json "
             f"or a megadiff megatron-core checkpoint dir)"
         )
+
+
+def model_config(path: str, iteration: int | None = None) -> dict:
+    """The HF config of the model in `path` (config.json of an HF dir, the config recorded in a
+    megadiff checkpoint), read without loading any weight: what the prompts are checked against."""
+    check_model_dir(path)
+    if not is_mcore_checkpoint(path):
+        return read_hf_config(path)
+    ckpt_dir = resolve_checkpoint_dir(path, iteration)
+    config = read_meta(ckpt_dir).get("hf_config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{ckpt_dir}/megadiff.json: 'hf_config' missing")
+    return config
 
 
 def load_model(
@@ -122,22 +135,26 @@ def load_tokenizer(model_path: str, tokenizer_path: str | None = None, iteration
             note = "" if source else f" ({why})"
     for path in candidates:
         if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
-            return AutoTokenizer.from_pretrained(path)
+            return load_local_tokenizer(path)  # never runs code from the dir
     hint = "" if tokenizer_path else "; pass --tokenizer DIR"
     raise FileNotFoundError(f"{' or '.join(candidates)}: no tokenizer files ({', '.join(TOKENIZER_FILES)}){note}{hint}")
 
 
 def special_token_ids(model, tokenizer, mask_id: int | None = None, eos_id: int | None = None) -> tuple[int, int]:
     """(mask_id, eos_id): overrides first, else `<|mask|>` from the tokenizer and eos from the config
-    (falling back to the tokenizer's eos)."""
+    (falling back to the tokenizer's eos). `model`: the model, or its HF config dict (`model_config`:
+    the ids are known before the weights are loaded)."""
     if mask_id is None:
-        mask_id = getattr(model.config, "mask_token_id", None)  # recorded where the tokenizer has none (Ling-2.0 start)
+        # recorded where the tokenizer has none (Ling-2.0 start)
+        mask_id = (
+            model.get("mask_token_id") if isinstance(model, dict) else getattr(model.config, "mask_token_id", None)
+        )
         if tokenizer is not None and (mask_id is None or MASK_TOKEN in tokenizer.get_vocab()):
             mask_id = mask_token_id(tokenizer)
         if mask_id is None:
             raise ValueError("no tokenizer to read the <|mask|> id from; pass the mask token id explicitly")
     if eos_id is None:
-        eos_id = getattr(model.config, "eos_token_id", None)
+        eos_id = model.get("eos_token_id") if isinstance(model, dict) else getattr(model.config, "eos_token_id", None)
         if isinstance(eos_id, (list, tuple)):
             eos_id = eos_id[0] if eos_id else None
         if eos_id is None and tokenizer is not None:

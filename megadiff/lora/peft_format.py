@@ -26,8 +26,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from megadiff.checkpoint.format import fsync_dir, remove_tree, replace_dir, staging_path
+from megadiff.checkpoint.format import fsync_dir, remove_tree, rename_no_replace, staging_path
 from megadiff.errors import UserError
+from megadiff.files.disk_space import disk_full_error
 from megadiff.models.llada2.config import LLaDA2ModelConfig
 from megadiff.models.llada2.hf_mapping import full_mcore_from_hf, hf_from_full_mcore, hf_names, rule_for
 
@@ -279,9 +280,17 @@ def write_peft_adapter(
             f.flush()
             os.fsync(f.fileno())
         fsync_dir(staging)
-        replace_dir(staging, out_dir)
-    except BaseException:
+        rename_no_replace(staging, out_dir)  # claims the name: a concurrent export to it fails here
+    except FileExistsError:
         remove_tree(staging)
+        raise PeftAdapterError(
+            f"{out_dir}: another export wrote it while this one ran; this one's was discarded"
+        ) from None
+    except BaseException as e:
+        remove_tree(staging)
+        full = disk_full_error(out_dir, e)
+        if full is not None:
+            raise full from e
         raise
     return out_dir
 

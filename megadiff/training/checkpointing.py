@@ -9,6 +9,7 @@ checkpoint, and never overwrites a damaged iteration.
 """
 
 import os
+import re
 import shutil
 from collections.abc import Callable
 
@@ -156,10 +157,15 @@ def initialise_optimizer_state(optimizer) -> None:
             init_optimizer_states_with_dummy_values(opt)
 
 
+# Optimizer-state keys: `optimizer.…`, or `chained_N.optimizer.…` when megatron-core chains one optimizer per
+# parameter group (dense and expert parameters of a MoE model: ChainedOptimizer's prefix).
+OPTIMIZER_KEY = re.compile(r"^(chained_\d+\.)?optimizer")
+
+
 def check_optimizer_layout(ckpt_dir: str, sharded_state_dict, layout, trust: bool = False) -> None:
     """Raise a CheckpointError naming both layouts and the way out when the checkpoint's optimizer
     state cannot be resumed at `layout` (dp_reshardable state resumes only at the saving layout)."""
-    missing = [k for k in missing_sharded_keys(ckpt_dir, sharded_state_dict, trust) if k.startswith("optimizer")]
+    missing = [k for k in missing_sharded_keys(ckpt_dir, sharded_state_dict, trust) if OPTIMIZER_KEY.match(k)]
     if not missing:
         return  # anything else missing is reported by load_checkpoint
     meta = fmt.read_meta(ckpt_dir)

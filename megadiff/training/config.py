@@ -173,6 +173,11 @@ class CheckpointSection:
     trust_checkpoint: bool = setting(
         False, "resume / init_from_mcore without vetting the checkpoint's pickles (only for checkpoints you made)"
     )
+    allow_new_data: bool = setting(
+        False,
+        "resume with other data (data.train_files, or settings that change its rows or their order) than the "
+        "checkpoint was saved with: the new data is read from its beginning (megadiff.training.resume_config)",
+    )
 
 
 @dataclass

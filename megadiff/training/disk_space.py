@@ -6,19 +6,15 @@ cannot fit before writing anything, and turns a failed write on a (then) full di
 left on DEVICE (needed ~N GB)".
 """
 
-import errno
-import os
 import shutil
 
 import torch
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, is_main_replica
 
-from megadiff.errors import CheckpointError
+from megadiff.files.disk_space import NoSpaceError, filesystem_of, human_bytes, is_disk_full
 
-
-class NoSpaceError(CheckpointError):
-    """The checkpoint does not fit on the save_dir's filesystem."""
+__all__ = ["NoSpaceError", "checkpoint_bytes", "no_space_error"]
 
 
 def checkpoint_bytes(sharded_state_dict) -> int:
@@ -35,39 +31,6 @@ def checkpoint_bytes(sharded_state_dict) -> int:
     return int(total)
 
 
-def filesystem_of(path: str) -> tuple[str, str]:
-    """(device, mount point) holding `path` (device from /proc/mounts; the mount point elsewhere)."""
-    mount = os.path.realpath(path)
-    while not os.path.exists(mount):
-        mount = os.path.dirname(mount)
-    while not os.path.ismount(mount):
-        mount = os.path.dirname(mount)
-    device = mount
-    try:
-        with open("/proc/mounts") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 1 and fields[1].replace("\\040", " ") == mount:
-                    device = fields[0]  # the last mount on a point is the visible one
-    except OSError:
-        pass
-    return device, mount
-
-
-def _human(n: float) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
-
-
-def _is_enospc(error: BaseException) -> bool:
-    while error is not None:
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-            return True
-        if "unexpected pos" in str(error) or "No space left" in str(error):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
 def no_space_error(save_dir: str, needed: int, error: BaseException | None = None) -> NoSpaceError | None:
     """The error to raise when a checkpoint of `needed` bytes does not fit in `save_dir` (None
     when it fits). Without `error`: the check before a save (rank 0 decides, collective). With the
@@ -79,11 +42,11 @@ def no_space_error(save_dir: str, needed: int, error: BaseException | None = Non
             torch.distributed.broadcast_object_list(verdict, src=0)
         if not verdict[0]:
             return None
-    elif not (_is_enospc(error) or free < needed):
+    elif not (is_disk_full(error) or free < needed):
         return None
     device, mount = filesystem_of(save_dir)
     return NoSpaceError(
         f"no space left on {device} (mounted at {mount}) for the checkpoint in {save_dir}: needed "
-        f"~{_human(needed)}, {_human(free)} free; free some space (a smaller checkpoint.keep_last deletes "
+        f"~{human_bytes(needed)}, {human_bytes(free)} free; free some space (a smaller checkpoint.keep_last deletes "
         f"older iterations) or set checkpoint.save_dir on a larger disk"
     )

@@ -18,6 +18,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from megadiff.files.outputs import open_output
 from megadiff.platform import is_rank0
 
 SCALARS = (
@@ -49,7 +50,7 @@ class MetricsLogger:
         if self.cfg.progress_bar and self.stream.isatty():
             self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True, file=self.stream)
         if self.cfg.metrics_file:
-            self.metrics = open(self.cfg.metrics_file, "a")
+            self.metrics = open_output(self.cfg.metrics_file, append=True, label="logging.metrics_file")
         if self.cfg.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter  # optional (dev extra); only runs that log to it
 

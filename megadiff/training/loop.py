@@ -54,10 +54,12 @@ from megadiff.training.perf_preflight import check_perf, choose_attention_backen
 from megadiff.training.phases import BLOCK_DIFFUSION, phase_at, phase_diffusion, run_phases
 from megadiff.training.preflight import check_outputs
 from megadiff.training.pretraining import build_pretraining_data, check_pretraining_data, is_pretraining
+from megadiff.training.resume_config import compare_with_checkpoint
 from megadiff.training.setup import (
     build_dataset,
     build_model_and_load,
     check_config_fits_model,
+    check_initial_weights_fit,
     load_samples,
     load_tokenizer_and_mask_id,
     peft_adapters_for_run,
@@ -133,6 +135,7 @@ class Trainer:
         self.hf_config = read_hf_config(cfg.model.hf_dir)
         self.model_cfg = LLaDA2ModelConfig.from_hf_dict(self.hf_config, os.path.join(cfg.model.hf_dir, "config.json"))
         check_config_fits_model(cfg, self.model_cfg, self.layout)
+        check_initial_weights_fit(cfg, self.hf_config)  # shapes from headers / metadata, nothing allocated
         # Speed options that cannot work here are refused now, not inside the model build.
         self.env = probe_environment()
         stage_layers = self.model_cfg.num_hidden_layers // self.layout.pp
@@ -162,16 +165,19 @@ class Trainer:
         valid_rows = read_valid_samples(cfg, self.tokenizer, self.mask_id)  # data.valid_files
         initial_adapters = peft_adapters_for_run(cfg, self.hf_config, self.log)  # lora.init_from_peft
         # Rank 0 locks, repairs and inspects save_dir before the others can join the process group.
-        self._save_dir_lock, resume_from, lora_base = None, None, None
+        self._save_dir_lock, resume_from, lora_base, new_data = None, None, None, False
         self.lora_base = None  # a LoRA run with a save_dir: the base its adapter-only checkpoints record
         if cfg.checkpoint.save_dir and int(os.environ.get("RANK", "0")) == 0:
             self._save_dir_lock, resume_from = claim_save_dir(cfg.checkpoint.save_dir, cfg.checkpoint.resume, self.log)
             lora_base = lora_base_for_run(cfg, resume_from)  # checks what it resumes; no weight read yet
+            if resume_from is not None:  # this config against the checkpoint's: refused, or which value applies
+                ckpt_dir = resolve_checkpoint_dir(cfg.checkpoint.save_dir, resume_from)
+                new_data = compare_with_checkpoint(cfg, ckpt_dir, self.hf_config, self.log).new_data
         init_distributed()
         if cfg.checkpoint.save_dir:
-            box = [resume_from, lora_base]
+            box = [resume_from, lora_base, new_data]
             torch.distributed.broadcast_object_list(box, src=0)
-            resume_from, self.lora_base = box
+            resume_from, self.lora_base, new_data = box
         initialize_parallel(self.layout, seed=cfg.train.seed)
         self.dp_size, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         if pretraining:
@@ -210,7 +216,7 @@ class Trainer:
         self.saved_step = None  # the step the newest checkpoint of save_dir holds
         self._logger = None  # the run's MetricsLogger while run() runs (validation logs to it)
         if resume_from is not None:
-            self._resume(resume_from)
+            self._resume(resume_from, new_data)
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
@@ -260,7 +266,10 @@ class Trainer:
         self.log(f"saved checkpoint {path}")
         return path
 
-    def _resume(self, iteration: int):
+    def _resume(self, iteration: int, new_data: bool = False):
+        """Load iteration `iteration` of save_dir. The LR schedule takes this run's config values
+        from the resumed step on (compared and reported by resume_config); `new_data`: the data
+        position is not restored (checkpoint.allow_new_data with changed data)."""
         root = self.cfg.checkpoint.save_dir
         initialise_optimizer_state(self.optimizer)
         trust = self.cfg.checkpoint.trust_checkpoint
@@ -272,8 +281,10 @@ class Trainer:
             apply_model_state(self.chunks, state, adapters_only=self.lora_base is not None)
             self.optimizer.load_state_dict(state["optimizer"])
         restore_adam_steps(self.optimizer, state["optimizer"])
+        self.scheduler.override_opt_param_scheduler = True  # this run's lr, warmup, steps...; the saved step
         self.scheduler.load_state_dict(state["scheduler"])
-        self.dataset.load_state_dict(state["data"])
+        if not new_data:
+            self.dataset.load_state_dict(state["data"])
         self.step = int(state["trainer"]["step"])
         self.skipped_steps = int(state["trainer"]["skipped_steps"])
         torch.set_rng_state(state["rng"]["torch"])

@@ -3,21 +3,23 @@
 import math
 import os
 
-from transformers import AutoTokenizer
-
+from megadiff.checkpoint import format as fmt
 from megadiff.checkpoint import load_model_weights
+from megadiff.checkpoint.hf_tensors import check_stored_shapes
+from megadiff.checkpoint.untrusted import read_dcp_metadata
 from megadiff.data.dataset import SFTDataset
 from megadiff.data.rows import read_sft_rows
 from megadiff.data.tokenize import pad_answers_to_block, tokenize_rows
 from megadiff.hf.checkpoint_reader import HFCheckpointReader, check_tensors_match
 from megadiff.hf.ling import mtp_tensor_names
-from megadiff.hf.tokenizer import TOKENIZER_FILES, TokenizerError, mask_token_id
+from megadiff.hf.tokenizer import TOKENIZER_FILES, TokenizerError, load_local_tokenizer, mask_token_id
 from megadiff.lora.apply import apply_lora
 from megadiff.lora.base_record import base_of_run
 from megadiff.lora.init_from_peft import adapter_for_run
 from megadiff.lora.state import load_full_adapter_state
 from megadiff.models.llada2.config import ConfigError
-from megadiff.models.llada2.hf_mapping import expected_hf_shapes, load_hf_into_model
+from megadiff.models.llada2.hf_experts import SPLIT, detect_expert_format, expected_shapes, split_tensor_getter
+from megadiff.models.llada2.hf_mapping import load_hf_into_model
 from megadiff.models.llada2.model import build_model
 from megadiff.training.config import TrainingConfig, TrainingConfigError, config_spelling
 from megadiff.training.ddp import wrap_ddp
@@ -40,6 +42,36 @@ def check_config_fits_model(cfg: TrainingConfig, model_cfg, layout) -> None:
             f"{model_cfg.max_position_embeddings} of {model_cfg.source}; the model has no positions beyond "
             f"that, so lower data.max_seq_len"
         )
+
+
+def check_initial_weights_fit(cfg: TrainingConfig, hf_config: dict) -> None:
+    """The run's starting weights (model.init_from_mcore, else model.hf_dir's) fit model.hf_dir's
+    config.json (`check_weights_fit`)."""
+    check_weights_fit(cfg.model.hf_dir, hf_config, cfg.model.init_from_mcore, cfg.checkpoint.trust_checkpoint)
+
+
+def check_weights_fit(hf_dir: str, hf_config: dict, mcore_dir: str | None = None, trust: bool = False) -> None:
+    """Before anything is allocated: the weights (the megatron checkpoint `mcore_dir`, else
+    `hf_dir`'s safetensors) hold every tensor `hf_config` (hf_dir's config.json) implies, with its
+    shape, read from the safetensors headers / the checkpoint's metadata. A config.json describing a
+    far larger model than the weights is refused here, not after a model was built for it."""
+    config_name = f"{os.path.join(hf_dir, 'config.json')}"
+    if not mcore_dir:
+        reader = HFCheckpointReader(hf_dir)
+        unused = mtp_tensor_names(hf_config, reader.names())  # an autoregressive Ling-2.0's MTP layers
+        check_tensors_match(
+            reader, expected_shapes(hf_config, detect_expert_format(reader.names()) or SPLIT), ignore=unused
+        )
+        return
+    if not os.path.exists(mcore_dir):
+        return  # reported where the run loads it, with what it was for (a LoRA run's base: its record)
+    ckpt_dir = fmt.resolve_checkpoint_dir(mcore_dir)
+    meta = fmt.read_meta(ckpt_dir)
+    if meta.get("lora"):
+        return  # adapters only: the loader says so (format.adapter_only_error)
+    metadata = read_dcp_metadata(ckpt_dir, trust)
+    stored = {k: tuple(v.size) for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
+    check_stored_shapes(ckpt_dir, stored, hf_config, meta, config_name)
 
 
 def check_layout_fits_processes(layout, world: int) -> None:
@@ -67,7 +99,9 @@ def load_tokenizer_and_mask_id(cfg: TrainingConfig, model_cfg):
             f"is there; point {key} at the model's tokenizer"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        tokenizer = load_local_tokenizer(tokenizer_dir)  # never runs code from the dir
+    except TokenizerError:
+        raise
     except Exception as e:  # transformers raises several types for a missing/broken tokenizer
         reason = " ".join(str(e).split())  # one line: transformers' messages span several
         raise TokenizerError(f"{tokenizer_dir}: cannot load the tokenizer ({reason})") from None
@@ -202,13 +236,12 @@ def build_model_with_initial_weights(
         load_model_weights(cfg.model.init_from_mcore, chunks, trust=cfg.checkpoint.trust_checkpoint)
         log(f"initial weights: megatron checkpoint {cfg.model.init_from_mcore}")
     else:
-        reader = HFCheckpointReader(cfg.model.hf_dir)
+        reader = HFCheckpointReader(cfg.model.hf_dir)  # shapes checked before the build (check_initial_weights_fit)
         unused = mtp_tensor_names(hf_config, reader.names())  # an autoregressive Ling-2.0's MTP layers
-        check_tensors_match(reader, expected_hf_shapes(hf_config), ignore=unused)
         if unused:
             log(
                 f"{len(unused)} multi-token-prediction tensors of {cfg.model.hf_dir} are not used (diffusion has no MTP)"
             )
-        load_hf_into_model(chunks, reader.get, model_cfg)
+        load_hf_into_model(chunks, split_tensor_getter(reader, detect_expert_format(reader.names())), model_cfg)
         log(f"initial weights: HF {os.path.abspath(cfg.model.hf_dir)}")
     return chunks

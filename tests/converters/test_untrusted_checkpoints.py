@@ -212,3 +212,42 @@ def test_named_template_copies_the_allow_list_and_the_auto_map_modules(ck, tiny_
         f"remote code from {template}, not megadiff's own: modeling_llada2_moe.py; trust_remote_code=True runs "
         "it, so check it before loading the model" in lines
     )
+
+
+def test_export_and_sampler_refuse_a_link_out_of_the_checkpoint_even_trusted(ck, tmp_path, capsys):
+    """A `.metadata` linked to a file elsewhere (here: one with a payload) is not even opened."""
+    marker = tmp_path / "MARKER"
+    os.makedirs(tmp_path / "elsewhere")
+    hostile.move_outside_and_link(
+        os.path.join(ck, "iter_0000000", ".metadata"), str(tmp_path / "elsewhere" / ".metadata")
+    )
+    hostile.plant_in_metadata(str(tmp_path / "elsewhere"), str(marker))
+    assert export_cli(ck, tmp_path / "hf", "--trust-checkpoint") == 2
+    assert (
+        f".metadata: a link in the checkpoint directory resolves to {tmp_path / 'elsewhere'}" in capsys.readouterr().err
+    )
+    generate = load_tool("generate")
+    assert generate.main(["--model", ck, "--prompt", "hi", "--device", "cpu", "--trust-checkpoint"]) == 2
+    assert "a link in the checkpoint directory resolves to" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "hf").exists()
+
+
+def test_export_drops_auto_map_entries_naming_another_repositorys_code(ck, tiny_hf, tmp_path):
+    """The recorded config names another repository's code for one Auto class while the template
+    has the modules of the others: the entry is dropped and named, not kept."""
+    meta_path = os.path.join(ck, "iter_0000000", "megadiff.json")
+    meta = json.load(open(meta_path))
+    meta["hf_config"]["auto_map"] = {
+        "AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig",
+        "AutoModel": "modeling_llada2_moe.LLaDA2MoeModelLM",
+        "AutoModelForCausalLM": "evil-org/tools--modeling_llada2_moe.LLaDA2MoeModelLM",
+    }
+    json.dump(meta, open(meta_path, "w"))
+    lines = []
+    out = convert_mcore_to_hf(ck, str(tmp_path / "hf"), hf_template=tiny_hf, progress=False, log=lines.append)
+    assert "evil-org" not in open(os.path.join(out, "config.json")).read()
+    assert any(
+        line.startswith("dropped auto_map entries naming code of another repository")
+        and "config.json: AutoModelForCausalLM -> evil-org/tools--modeling_llada2_moe.LLaDA2MoeModelLM" in line
+        for line in lines
+    ), lines

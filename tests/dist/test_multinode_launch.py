@@ -93,6 +93,9 @@ def test_two_single_node_runs_on_one_machine_both_finish(tiny_run_dir):
     runs = [start(config, run_settings(m), GPUS_PER_NODE="1") for m in metrics]
     for rc, stdout, stderr in finish(*runs):
         assert rc == 0, stdout[-3000:] + stderr[-3000:]
+        # config.json names LLaDA2's remote code (auto_map), as a released model dir's does: the
+        # trainer neither offers to run it nor warns of an unknown model type (issue 25, breach 5).
+        assert "custom code" not in stdout + stderr and "model of type" not in stdout + stderr, stderr[-3000:]
     assert [len(losses(m)) for m in metrics] == [2, 2] and losses(metrics[0]) == losses(metrics[1])
 
 

@@ -3,7 +3,8 @@ directory reproduces the trainer's logits (compare_logits --mcore-dir, max |Δ| 
 checkpoint re-keyed to Transformer Engine names (what a TE trainer writes) exports to the same bytes
 and, loaded at the local spec, gives the same logits. The trainer runs grouped experts (auto on the
 CPU); compare_logits loads its checkpoint into megatron-core's SequentialMLP, then into grouped
-experts: the checkpoint does not depend on perf.moe_experts."""
+experts: the checkpoint does not depend on perf.moe_experts. Its optimizer state, saved at EP=1, is
+refused at EP=2 with both layouts named."""
 
 import json
 import subprocess
@@ -19,6 +20,7 @@ from tests.dist.launch import REPO, run_torchrun
 
 @pytest.mark.dist
 @pytest.mark.slow
+@pytest.mark.repeat  # stack (b) reads trainer checkpoints in test_resume and converts in tests/converters
 def test_trainer_checkpoint_exports_to_hf_with_same_logits(tiny_run_dir, tmp_path):
     ckpt, out = tmp_path / "ckpt", tmp_path / "hf_out"
     train_log = run_torchrun(
@@ -26,6 +28,21 @@ def test_trainer_checkpoint_exports_to_hf_with_same_logits(tiny_run_dir, tmp_pat
         "tools/train.py",
         [tiny_run_dir / "cfg.yaml", "train.steps=2", "parallel.tp=2", f"checkpoint.save_dir={ckpt}"],
     )
+    # Its optimizer state, saved at EP=1, cannot follow to EP=2 (dp_reshardable): the error names both
+    # layouts. The missing keys are all `chained_N.optimizer...` (dense and expert optimizers), which the
+    # layout check used to skip, leaving a generic missing-tensor error.
+    with pytest.raises(AssertionError, match=r"saved at layout \(tp=2, ep=1, .*this run's layout \(tp=2, ep=2, "):
+        run_torchrun(
+            2,
+            "tools/train.py",
+            [
+                tiny_run_dir / "cfg.yaml",
+                "train.steps=3",
+                "parallel.tp=2",
+                "parallel.ep=2",
+                f"checkpoint.save_dir={ckpt}",
+            ],
+        )
     subprocess.run(
         [sys.executable, "tools/convert_mcore_to_hf.py", "--mcore-dir", str(ckpt), "--output", str(out)],
         cwd=REPO,

@@ -48,3 +48,12 @@ def test_resume_and_init_from_mcore_refuse_planted_code_and_trust_loads_it(tiny_
         assert "_extra_state" in refused["result"] and "it names exec" in refused["result"], refused
         assert not refused["marker"]
         assert trusted == {"result": "loaded", "marker": True}, trusted
+    # A resume takes the run's LR from the resumed step on; other data only with allow_new_data (then
+    # from its beginning); a checkpoint without common.pt is named before megatron-core reads it.
+    assert report["resume_lr"]["result"] == "loaded" and report["resume_lr"]["max_lr"] == 3e-3, report["resume_lr"]
+    assert report["resume_same"]["max_lr"] == 1e-3 and report["resume_same"]["consumed_rows"] > 0
+    refused = report["resume_new_data"]["result"]
+    assert refused.startswith("refused: cannot resume") and "checkpoint.allow_new_data=true" in refused, refused
+    assert report["resume_new_data_allowed"]["result"] == "loaded"
+    assert report["resume_new_data_allowed"]["consumed_rows"] == 0
+    assert "common.pt: missing; megatron-core's metadata.json says" in report["resume_no_common"]["result"]

@@ -147,6 +147,7 @@ def losses(path):
 
 
 @pytest.mark.slow
+@pytest.mark.repeat  # stack (b) saves and loads adapter checkpoints in test_lora and the reader test below
 def test_lora_run_saves_only_adapters_and_resumes_bit_exactly(tiny_run_dir, tmp_path):
     base = tmp_path / "base"  # a megatron base (model.init_from_mcore), as a LoRA run on a converted model has
     rc, out = run("tools/convert_hf_to_mcore.py", "--hf-dir", tiny_run_dir / "hf", "--output", base)

@@ -3,10 +3,12 @@ stops the run before it trains, a full disk is named, and child processes die wi
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,17 +130,6 @@ def test_failed_write_on_a_full_disk_is_named(tmp_path, monkeypatch):
     assert no_space_error(str(tmp_path), 10, error=ValueError("something else")) is None
 
 
-@pytest.fixture
-def tiny_filesystem(tmp_path):
-    """A 1 MB tmpfs (needs root, as in the CI container); skipped where mount is not allowed."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    yield mount
-    subprocess.run(["umount", str(mount)])
-
-
 def test_torch_short_write_on_a_really_full_disk_is_named(tiny_filesystem):
     with pytest.raises(RuntimeError, match="unexpected pos") as raised:
         torch.save(torch.zeros(2**20), tiny_filesystem / "x.pt")
@@ -204,6 +195,7 @@ def alive(pid):
 
 
 @pytest.mark.slow
+@pytest.mark.repeat  # process-group handling of the OS, not of the installed versions
 def test_children_die_with_a_killed_parent(tmp_path, hook="on"):  # hook="off": all 3 stay behind
     script = tmp_path / "parent.py"
     script.write_text(CHILDREN)
@@ -225,3 +217,138 @@ def test_log_interval_zero_is_refused_when_the_config_loads(tiny_run_dir):
     # was a ZeroDivisionError after step 1; the typed config refuses it before anything exists
     with pytest.raises(TrainingConfigError, match=r"logging.log_interval must be >= 1, got 0"):
         load_config(str(tiny_run_dir / "cfg.yaml"), ["logging.log_interval=0"])
+
+
+# ---- files the trainer writes into a save_dir it may have received; outputs vs inputs -------------
+
+
+def test_a_lock_file_that_is_a_link_or_a_second_name_is_refused_not_written_through(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    for plant in (os.symlink, os.link):
+        save_dir = tmp_path / plant.__name__
+        save_dir.mkdir()
+        plant(victim, save_dir / ".megadiff.lock")
+        with pytest.raises(CheckpointError, match=r"\.megadiff\.lock (is a symbolic link|has other hard links)"):
+            SaveDirLock(str(save_dir)).acquire()
+    assert victim.read_text() == "precious"
+
+
+def test_the_tracker_and_metrics_file_never_write_through_a_link(tiny_run_dir, tmp_path):
+    from megadiff.checkpoint.format import write_text_atomic
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    tracker = tmp_path / "latest_checkpointed_iteration.txt"
+    os.symlink(victim, tracker)
+    write_text_atomic(str(tracker), "7\n")  # replaces the link, not its target
+    assert victim.read_text() == "precious" and tracker.read_text() == "7\n" and not tracker.is_symlink()
+    os.symlink(victim, tmp_path / "metrics.jsonl")
+    cfg = load_config(str(tiny_run_dir / "cfg.yaml"), [f"logging.metrics_file={tmp_path / 'metrics.jsonl'}"])
+    with pytest.raises(TrainingConfigError, match=r"logging.metrics_file=.*metrics.jsonl is a symbolic link"):
+        Trainer(cfg)
+    assert victim.read_text() == "precious"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["logging.metrics_file={data}/metrics.jsonl"], r"logging.metrics_file .*metrics.jsonl is inside the input "),
+        (
+            ["data.train_files={train}", "logging.metrics_file={train}"],
+            r"logging.metrics_file .*train.jsonl is the input data.train_files",
+        ),
+        (["checkpoint.save_dir={hf}"], r"checkpoint.save_dir .*hf is the input model.hf_dir"),
+        (
+            ["model.init_from_mcore={tmp}/ck/iter_0000000", "checkpoint.save_dir={tmp}/ck"],
+            r"checkpoint.save_dir .*ck contains the input model.init_from_mcore",
+        ),
+    ],
+    ids=["metrics_in_data_dir", "metrics_is_data", "save_dir_is_model", "save_dir_holds_init"],
+)
+def test_a_run_whose_output_is_one_of_its_inputs_stops_before_anything_is_built(
+    tiny_run_dir, tmp_path, overrides, message
+):
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copyfile(tiny_run_dir / "train.jsonl", data / "train.jsonl")
+    values = dict(data=data, train=data / "train.jsonl", hf=tiny_run_dir / "hf", tmp=tmp_path)
+    overrides = [f"data.train_files={data}"] + [o.format(**values) for o in overrides]
+    with pytest.raises(TrainingConfigError, match=message):
+        Trainer(load_config(str(tiny_run_dir / "cfg.yaml"), overrides))
+    assert sorted(os.listdir(data)) == ["train.jsonl"] and not torch.distributed.is_initialized()
+
+
+def test_a_config_json_of_a_larger_model_than_the_weights_stops_before_anything_is_built(
+    tiny_run_dir, tmp_path, monkeypatch
+):
+    import megadiff.training.setup as setup
+
+    hf = shutil.copytree(tiny_run_dir / "hf", tmp_path / "hf")
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps(dict(config, hidden_size=8192, intermediate_size=65536)))
+    monkeypatch.setattr(setup, "build_model", lambda *a, **k: pytest.fail("the model was built before the check"))
+    with pytest.raises(
+        CheckpointError, match=r"model.safetensors: tensor '.*' has shape \[\d+, 64\], config.json implies"
+    ):
+        Trainer(load_config(str(tiny_run_dir / "cfg.yaml"), [f"model.hf_dir={hf}"]))
+    assert not torch.distributed.is_initialized()
+
+
+def checkpoint_of_run(save_dir, cfg):
+    """A (fake) checkpoint of `cfg`'s run at iteration 4, recording its config as the trainer does."""
+    path = save_dir / "iter_0000004"
+    path.mkdir(parents=True)
+    (path / "metadata.json").write_text("{}")
+    hf_config = json.loads((Path(cfg.model.hf_dir) / "config.json").read_text())
+    meta = {"hf_config": hf_config, "layout": {"tp": 1}, "dtype": "fp32", "extra": {"training_config": cfg.to_dict()}}
+    (path / META_NAME).write_text(json.dumps(build_meta(4, meta, 1)))
+    (save_dir / "latest_checkpointed_iteration.txt").write_text("4\n")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["data.train_files={memorise}"],
+            r"data.train_files changed \('.*train.jsonl' -> '.*memorise.jsonl'\); the checkpoint's data position "
+            r"belongs to the data it was saved with. Set checkpoint.allow_new_data=true",
+        ),
+        (["train.seed=7"], r"train.seed changed \(42 -> 7\).*checkpoint.allow_new_data=true"),
+        (["train.adam_beta2=0.9"], r"train.adam_beta2 changed \(0.95 -> 0.9\): the restored optimizer state carries"),
+    ],
+    ids=["data_files", "seed", "adam_beta2"],
+)
+def test_a_resume_with_a_change_that_cannot_take_effect_stops_before_anything_is_built(
+    tiny_run_dir, tmp_path, overrides, message
+):
+    save_dir = tmp_path / "ckpt"
+    base = [f"checkpoint.save_dir={save_dir}"]
+    checkpoint_of_run(save_dir, load_config(str(tiny_run_dir / "cfg.yaml"), base))
+    changed = [o.format(memorise=tiny_run_dir / "memorise.jsonl") for o in overrides]
+    with pytest.raises(CheckpointError, match=rf"cannot resume .*iter_0000004 with this config: {message}"):
+        Trainer(load_config(str(tiny_run_dir / "cfg.yaml"), base + changed))
+    assert not torch.distributed.is_initialized()
+
+
+def test_resume_notes_say_which_values_apply(tiny_run_dir, tmp_path):
+    from megadiff.training.resume_config import compare_with_checkpoint
+
+    save_dir = tmp_path / "ckpt"
+    base = [f"checkpoint.save_dir={save_dir}"]
+    checkpoint_of_run(save_dir, load_config(str(tiny_run_dir / "cfg.yaml"), base))
+    hf_config = json.loads((tiny_run_dir / "hf" / "config.json").read_text())
+    changes = ["train.lr=2e-3", f"data.train_files={tiny_run_dir / 'memorise.jsonl'}", "checkpoint.allow_new_data=true"]
+    lines = []
+    cfg = load_config(str(tiny_run_dir / "cfg.yaml"), base + changes + ["logging.log_interval=5"])
+    plan = compare_with_checkpoint(cfg, str(save_dir / "iter_0000004"), hf_config, lines.append)
+    assert plan.new_data
+    assert lines == [
+        f"resume: data.train_files changed ('{tiny_run_dir / 'train.jsonl'}' -> '{tiny_run_dir / 'memorise.jsonl'}'); "
+        "checkpoint.allow_new_data=true: the new data is read from its beginning, weights, optimizer and LR "
+        "schedule resume",
+        "resume: train.lr changed (0.001 -> 0.002): this run's value applies from the resumed step on (the LR schedule)",
+    ]
+    other = dict(hf_config, num_hidden_layers=hf_config["num_hidden_layers"] + 2)
+    with pytest.raises(CheckpointError, match=r"it holds another model \(num_hidden_layers=4 in the checkpoint, 6 in"):
+        compare_with_checkpoint(cfg, str(save_dir / "iter_0000004"), other, lines.append)

@@ -226,7 +226,8 @@ class _DirectOutput(OutputFile):
 
     def _raise_writer_error(self) -> None:
         if self._error is not None:
-            raise OSError(f"{self.path}: writing failed: {self._error}") from self._error
+            code = getattr(self._error, "errno", None)  # kept, with the file, for the caller (a full disk)
+            raise OSError(code, f"{self.path}: writing failed: {self._error}", self.path) from self._error
 
     def _hand_off(self, length: int) -> None:
         self._raise_writer_error()

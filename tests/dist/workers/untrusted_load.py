@@ -1,5 +1,8 @@
 """torchrun worker (1 process): train resume and model.init_from_mcore refuse a checkpoint with
 code planted in its pickles without running it, and load it with checkpoint.trust_checkpoint.
+Then what a resume takes from its checkpoint and what from its config (resume_config): a new LR
+applies, new data is refused unless checkpoint.allow_new_data (then read from its beginning), and a
+checkpoint whose common.pt is gone is named before megatron-core reads it.
 
 Trains one step to get a trainer-made checkpoint, plants payloads in copies of it and of the
 converter-made checkpoint --converted, and builds a Trainer on each. Writes {case: outcome}.
@@ -61,6 +64,31 @@ def main():
             )
             report[f"{use}_{name}"] = outcome(args.config, base, marker)
             report[f"{use}_{name}_trusted"] = outcome(args.config, base + ["checkpoint.trust_checkpoint=true"], marker)
+    resumed = []  # the trainers that loaded, for what they resumed with
+    memorise = os.path.join(os.path.dirname(args.config), "memorise.jsonl")
+    resume_cases = {
+        "resume_same": [],
+        "resume_lr": ["train.lr=3e-3"],
+        "resume_new_data": [f"data.train_files={memorise}"],
+        "resume_new_data_allowed": [f"data.train_files={memorise}", "checkpoint.allow_new_data=true"],
+        "resume_no_common": [],
+    }
+    for case, overrides in resume_cases.items():
+        ckpt = hostile.copy_checkpoint(trained, os.path.join(w, case))
+        if case == "resume_no_common":
+            os.remove(os.path.join(ckpt, "iter_0000001", "common.pt"))
+        try:
+            resumed.append(
+                Trainer(load_config(args.config, [f"checkpoint.save_dir={ckpt}", "train.steps=2", *overrides]))
+            )
+            trainer = resumed[-1]
+            report[case] = {
+                "result": "loaded",
+                "max_lr": trainer.scheduler.max_lr,
+                "consumed_rows": trainer.dataset.state_dict()["consumed_rows"],
+            }
+        except CheckpointError as e:
+            report[case] = {"result": f"refused: {e}"}
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     torch.distributed.destroy_process_group()
