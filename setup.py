@@ -17,6 +17,8 @@ CONSOLE_SCRIPTS = {
     "megadiff-make-tiny-model": "make_tiny_model",
     "megadiff-make-synthetic-data": "make_synthetic_data",
     "megadiff-demo": "demo",
+    "megadiff-preprocess-data": "preprocess_data",
+    "megadiff-average-checkpoints": "average_checkpoints",
     "megadiff-lm-eval": "lm_eval",
 }
 

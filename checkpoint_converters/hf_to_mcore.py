@@ -37,6 +37,7 @@ from megadiff.checkpoint.format import DTYPES, dtype_name, layout_dict, new_nonc
 from megadiff.errors import CheckpointError
 from megadiff.files.disk_space import disk_full_error
 from megadiff.hf.checkpoint_reader import HFCheckpointReader, check_tensors_match, read_hf_config
+from megadiff.hf.ling import mtp_tensor_names
 from megadiff.models.llada2.config import ConfigError, LLaDA2ModelConfig, ParallelLayout
 from megadiff.models.llada2.hf_experts import (
     SPLIT,
@@ -74,7 +75,10 @@ def inspect_hf_input(hf_dir: str, log: Callable[[str], None] = print, plain: boo
     # both validate index, missing shards, unreadable / truncated files
     reader = HFCheckpointReader(hf_dir) if plain else DirectHFReader(hf_dir)
     fmt = detect_expert_format(reader.names(), hf_dir)
-    check_tensors_match(reader, expected_shapes(config, fmt or SPLIT))
+    unused = mtp_tensor_names(config, reader.names())  # an autoregressive Ling-2.0's MTP layers
+    check_tensors_match(reader, expected_shapes(config, fmt or SPLIT), ignore=unused)
+    if unused:
+        log(f"note: {len(unused)} multi-token-prediction tensors of {hf_dir} are left out (num_nextn_predict_layers)")
     weight_dtype = None
     for name in reader.names():
         code = reader.dtype_str(name)
@@ -184,6 +188,31 @@ def convert_hf_to_mcore(
     source.model.validate_layout(layout)
     output = check_output_dir(output, overwrite, inputs=[source.hf_dir])
     params_dtype = DTYPES[dtype_name(dtype)] if dtype else source.dtype
+    extra = {"converted_from": "hf", "hf_expert_format": source.expert_format, "requested_layout": layout_dict(layout)}
+    return write_mcore_checkpoint(
+        source, output, layout, params_dtype, extra, progress, log, io_mode, spec, overwrite=overwrite
+    )
+
+
+def write_mcore_checkpoint(
+    source: HFInput,
+    output: str,
+    layout: ParallelLayout,
+    params_dtype: torch.dtype,
+    extra: dict,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    io_mode: str = "plain",
+    spec: str = "local",
+    label: str | None = None,
+    overwrite: bool = False,
+) -> str:
+    """Write OUTPUT/iter_0000000 (+ tracker) from the HF tensors `source` gives (an HF dir, or
+    anything with its reader's `get(name)`: checkpoint averaging); `extra` goes to megadiff.json.
+    `io_mode` is resolved already; OUTPUT was checked (check_output_dir); `label` names the source
+    in the log (default: source.hf_dir); `overwrite`: an existing OUTPUT is replaced (else the name is
+    claimed atomically: output_dir.publish). Returns the iteration dir."""
+    plain = io_mode == "plain"
     if torch.cuda.is_available():
         raise RuntimeError("convert_hf_to_mcore runs on CPU: start it with CUDA_VISIBLE_DEVICES= (the CLI does)")
 
@@ -210,7 +239,8 @@ def convert_hf_to_mcore(
     initialize_parallel(save_layout)
     if rank == 0:
         log(
-            f"converting {source.hf_dir} ({source.expert_format or 'no'} experts, {source.dtype}) -> "
+            f"converting {label or source.hf_dir} ({source.expert_format or 'no'} experts, "
+            f"{source.dtype}) -> "
             f"{output} as {dtype_name(params_dtype)}, {spec} spec names, at layout {save_layout} on {world} "
             f"process(es), --io {io_mode}"
         )
@@ -234,11 +264,7 @@ def convert_hf_to_mcore(
         "layout": save_layout,
         "dtype": params_dtype,
         "spec": spec,
-        "extra": {
-            "converted_from": "hf",
-            "hf_expert_format": source.expert_format,
-            "requested_layout": layout_dict(layout),
-        },
+        "extra": extra,
     }
     bar = None
     if progress and rank == 0:

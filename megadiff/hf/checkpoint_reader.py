@@ -189,9 +189,12 @@ SAFETENSORS_DTYPE_BYTES = {
 }
 
 
-def check_tensors_match(reader: HFCheckpointReader, expected: dict[str, tuple[int, ...]]) -> None:
-    """Raise naming the first missing, unexpected or wrongly shaped tensor."""
-    names = set(reader.names())
+def check_tensors_match(
+    reader: HFCheckpointReader, expected: dict[str, tuple[int, ...]], ignore: frozenset[str] = frozenset()
+) -> None:
+    """Raise naming the first missing, unexpected or wrongly shaped tensor (`ignore`: names that
+    may be there and are not read, e.g. a Ling-2.0 model's multi-token-prediction layers)."""
+    names = set(reader.names()) - set(ignore)
     missing = sorted(set(expected) - names)
     if missing:
         raise CheckpointError(f"{reader.hf_dir}: tensor '{missing[0]}' is missing ({len(missing)} missing in all)")

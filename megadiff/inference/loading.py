@@ -18,7 +18,7 @@ from megadiff.checkpoint.hf_tensors import inspect_mcore_input, iter_hf_tensors,
 from megadiff.errors import CheckpointError
 from megadiff.hf.checkpoint_reader import read_hf_config
 from megadiff.hf.reference import build_reference_model, load_reference_model
-from megadiff.hf.tokenizer import TOKENIZER_FILES, load_local_tokenizer, mask_token_id
+from megadiff.hf.tokenizer import MASK_TOKEN, TOKENIZER_FILES, load_local_tokenizer, mask_token_id
 from megadiff.models.llada2.hf_experts import SPLIT
 from megadiff.platform.device import run_device
 from megadiff.platform.kernels import grouped_mm_supported
@@ -145,9 +145,14 @@ def special_token_ids(model, tokenizer, mask_id: int | None = None, eos_id: int 
     (falling back to the tokenizer's eos). `model`: the model, or its HF config dict (`model_config`:
     the ids are known before the weights are loaded)."""
     if mask_id is None:
-        if tokenizer is None:
+        # recorded where the tokenizer has none (Ling-2.0 start)
+        mask_id = (
+            model.get("mask_token_id") if isinstance(model, dict) else getattr(model.config, "mask_token_id", None)
+        )
+        if tokenizer is not None and (mask_id is None or MASK_TOKEN in tokenizer.get_vocab()):
+            mask_id = mask_token_id(tokenizer)
+        if mask_id is None:
             raise ValueError("no tokenizer to read the <|mask|> id from; pass the mask token id explicitly")
-        mask_id = mask_token_id(tokenizer)
     if eos_id is None:
         eos_id = model.get("eos_token_id") if isinstance(model, dict) else getattr(model.config, "eos_token_id", None)
         if isinstance(eos_id, (list, tuple)):

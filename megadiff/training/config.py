@@ -19,8 +19,10 @@ from typing import Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from megadiff.data.indexed import parse_blend, parse_split
 from megadiff.errors import ConfigError, UserError
 from megadiff.platform.parallel_layout import ParallelLayout, sequence_multiple
+from megadiff.training.phases import schedule_phases
 
 # `Optional[int]` and `int | None` are two spellings of one type with different origins.
 _UNION_TYPES = (Union, UnionType)
@@ -62,6 +64,17 @@ class DataSection:
     truncation: Literal["truncate", "drop"] = setting("truncate", "what to do with samples longer than max_seq_len")
     skip_bad_rows: bool = setting(False, "skip (and count) malformed rows instead of stopping at the first")
     pad_answers_to_block: bool = setting(True, "EOS after each answer up to a multiple of diffusion.block_size")
+    # -- continued pretraining on Megatron indexed data (megadiff.data.pretrain), and validation rows --
+    blend: list[float | str] | None = setting(
+        None,
+        "indexed datasets: [PREFIX, ...] or [W1, PREFIX1, W2, PREFIX2, ...] (Megatron --data-path); not with train_files",
+    )
+    split: str = setting("98,2,0", "train,valid,test shares of each blended dataset (Megatron --split)")
+    mock: bool = setting(False, "megatron-core's mock GPT samples instead of data files (smoke runs)")
+    index_cache_dir: str | None = setting(
+        None, "where megatron-core caches the blend's sample indices; default: SAVE_DIR-index-cache beside save_dir"
+    )
+    valid_files: str | list[str] | None = setting(None, "SFT validation rows (.jsonl/.parquet, list or directory)")
 
 
 @dataclass
@@ -71,7 +84,9 @@ class TrainSection:
     micro_batch_size: int = setting(1, "rows per forward/backward on one data-parallel rank", min=1)
     lr: float = setting(1e-5, "peak learning rate", min=0.0)
     min_lr: float = setting(0.0, "learning rate at the end of the cosine decay", min=0.0)
-    lr_schedule: Literal["cosine", "constant"] = setting("cosine", "decay after warmup")
+    lr_schedule: Literal["cosine", "constant", "wsd"] = setting(
+        "cosine", "decay after warmup; wsd: warmup-stable-decay (flat, then lr_decay_steps of decay to min_lr)"
+    )
     warmup_steps: int = setting(0, "linear warmup from 0 to lr", min=0)
     weight_decay: float = setting(0.1, "AdamW weight decay", min=0.0)
     adam_beta1: float = setting(0.9, "AdamW beta1", min=0.0, lt=1.0)
@@ -86,6 +101,13 @@ class TrainSection:
     objective: Literal["sft", "dpo"] = setting(
         "sft", "sft (chat rows) or dpo (preference pairs; see the dpo section; batch sizes count pairs)"
     )
+    # -- warmup-stable-decay and validation (Megatron's --lr-wsd-decay-*, --eval-interval / --eval-iters) --
+    lr_decay_steps: int | None = setting(None, "wsd: the last steps, in which the LR decays to min_lr", min=1)
+    lr_wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = setting(
+        "linear", "wsd: shape of the final decay"
+    )
+    eval_interval: int = setting(0, "steps between validations (also before each save and at the end); 0 = none", min=0)
+    eval_iters: int = setting(10, "global batches per validation: the same samples, noised the same, each time", min=1)
 
 
 @dataclass
@@ -125,6 +147,13 @@ class DiffusionSection:
     )
     edit_weight: float = setting(
         1.0, "weight of the loss that predicts the original token at the replaced positions", min=0.0
+    )
+    # -- LLaDA2.0 continued pretraining (megadiff.training.phases, megadiff.training.embedding_noise) --
+    block_schedule: list[dict] | None = setting(
+        None, "phases in order, each {steps: N, block_size: B} or {steps: N, mode: full}; replaces mode and block_size"
+    )
+    mask_embedding_noise: dict | None = setting(
+        None, "{std: S, steps: N}: Gaussian noise of std S on the embeddings of masked positions in the first N steps"
     )
 
 
@@ -279,9 +308,11 @@ def describe_type(tp) -> str:
         return "one of " + ", ".join(map(str, args))
     if origin is list and get_origin(args[0]) is Literal:
         return "a list of " + ", ".join(map(str, get_args(args[0])))
+    if origin is list and get_origin(args[0]) in _UNION_TYPES:  # list[float | str]: "a list of numbers or strings"
+        return "a list of " + " or ".join(describe_type(a).removeprefix("a ") + "s" for a in get_args(args[0]))
     if origin is list:
         return f"a list of {describe_type(args[0]).removeprefix('a ')}s"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}[tp]
 
 
 class _WrongType(Exception):
@@ -488,8 +519,7 @@ def validate(cfg: TrainingConfig) -> None:
     """Checks that involve several fields (each field's type and range were checked when set)."""
     if not cfg.model.hf_dir:
         raise TrainingConfigError("model.hf_dir is required (config.json and tokenizer of the model)")
-    if not cfg.data.train_files:
-        raise TrainingConfigError("data.train_files is required (.jsonl/.parquet files or a directory)")
+    check_data_schedule_and_validation(cfg)
     d = cfg.diffusion
     if not 0.0 < d.t_low <= d.t_high <= 1.0:
         raise TrainingConfigError(f"diffusion: need 0 < t_low <= t_high <= 1, got {d.t_low}, {d.t_high}")
@@ -533,6 +563,69 @@ def validate(cfg: TrainingConfig) -> None:
         )
     check_context_parallel(cfg)
     parallel_layout(cfg)  # raises naming the parallel.* key
+
+
+# ---- continued pretraining: data source, block schedule, LR decay, validation ---------------------
+
+
+def check_data_schedule_and_validation(cfg: TrainingConfig) -> None:
+    """The data source (SFT rows, indexed datasets or mock samples, exactly one), the block schedule,
+    the embedding noise, warmup-stable-decay and validation, each refused naming its key."""
+    data, train, d = cfg.data, cfg.train, cfg.diffusion
+    sources = [
+        k
+        for k, v in (("data.train_files", data.train_files), ("data.blend", data.blend), ("data.mock", data.mock))
+        if v
+    ]
+    if not sources:
+        raise TrainingConfigError(
+            "data.train_files is required (SFT rows: .jsonl/.parquet files or a directory), or data.blend "
+            "(indexed datasets) for continued pretraining"
+        )
+    if len(sources) > 1:
+        raise TrainingConfigError(f"{sources[0]} and {sources[1]} are exclusive: a run trains on one data source")
+    pretraining = bool(data.blend or data.mock)
+    if train.objective == "dpo" and (pretraining or d.block_schedule or train.eval_interval):
+        raise TrainingConfigError(
+            "train.objective=dpo trains on preference pairs (data.train_files) at one diffusion.mode, without "
+            "validation: unset data.blend / data.mock, diffusion.block_schedule and train.eval_interval"
+        )
+    try:
+        if data.blend:
+            parse_blend(data.blend)
+        valid_share = parse_split(data.split)[1]
+        if d.block_schedule is not None:
+            schedule_phases(d.block_schedule, data.max_seq_len, train.steps)
+    except ValueError as e:
+        raise TrainingConfigError(str(e)) from None
+    noise = d.mask_embedding_noise
+    if noise is not None:
+        std, steps = noise.get("std"), noise.get("steps")
+        if set(noise) != {"std", "steps"} or not isinstance(std, (int, float)) or isinstance(std, bool) or not std >= 0:
+            raise TrainingConfigError(f"diffusion.mask_embedding_noise={noise!r}: expected {{std: S >= 0, steps: N}}")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise TrainingConfigError(f"diffusion.mask_embedding_noise.steps must be an integer >= 0, got {steps!r}")
+    if train.lr_schedule == "wsd":
+        if train.lr_decay_steps is None:
+            raise TrainingConfigError("train.lr_schedule=wsd needs train.lr_decay_steps (the steps of the final decay)")
+        if train.lr_decay_steps > train.steps - train.warmup_steps:
+            raise TrainingConfigError(
+                f"train.lr_decay_steps={train.lr_decay_steps} does not fit after train.warmup_steps="
+                f"{train.warmup_steps} in train.steps={train.steps}"
+            )
+    elif train.lr_decay_steps is not None:
+        raise TrainingConfigError(f"train.lr_decay_steps is set but train.lr_schedule={train.lr_schedule}; set wsd")
+    if train.eval_interval:
+        if pretraining and not valid_share:
+            raise TrainingConfigError(
+                f"train.eval_interval={train.eval_interval} needs validation data, but data.split={data.split!r} "
+                f"gives the blend no valid share; use e.g. data.split=98,2,0 (or train.eval_interval=0)"
+            )
+        if not pretraining and not data.valid_files:
+            raise TrainingConfigError(
+                f"train.eval_interval={train.eval_interval} needs validation data: set data.valid_files "
+                f"(SFT rows, as data.train_files) or train.eval_interval=0"
+            )
 
 
 # Options that act only while a switch is on: (option prefix, is the switch on?, the switch, how to turn it on).

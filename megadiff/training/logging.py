@@ -87,6 +87,8 @@ class MetricsLogger:
             "max_reserved_gib": reserved,
             "skipped": result.skipped,
         }
+        if getattr(result, "phase", None):  # diffusion.block_schedule's phase of the step
+            record["phase"] = result.phase
         record.update({k: v for k, v in getattr(result, "metrics", {}).items() if k not in record})  # DPO's margin
         return record
 
@@ -120,6 +122,23 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if v is not None}, step=result.step)
 
+    def log_validation(self, step: int, loss: float, phase: str | None = None) -> None:
+        """One validation result (megadiff.training.validation) to every sink, as `valid_loss`."""
+        if not self.enabled:
+            return
+        line = f"validation at step {step}" + (f" (phase {phase})" if phase else "") + f": valid_loss {loss:.4f}"
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+        if self.metrics is not None:
+            self.metrics.write(json.dumps({"step": step, "valid_loss": loss, "phase": phase}) + "\n")
+            self.metrics.flush()
+        if self.tb is not None:
+            self.tb.add_scalar("valid/loss", loss, step)
+        if self.wandb is not None:
+            self.wandb.log({"valid_loss": loss}, step=step)
+
     def progress(self, step: int, elapsed: float) -> str:
         """'elapsed H:MM:SS ETA H:MM:SS' after `step`, `elapsed` seconds into this run."""
         done = step - self.initial_step
@@ -141,7 +160,8 @@ def console_fields(r: dict, short: bool = False) -> str:
     def num(value, fmt):
         return "n/a" if value is None else format(value, fmt)
 
-    parts = [
+    parts = [f"phase {r['phase']}"] if r.get("phase") else []
+    parts += [
         f"loss {r['loss']:.4f}",
         f"lr {r['lr']:.2e}",
         f"gnorm {num(r['grad_norm'], '.3f')}",

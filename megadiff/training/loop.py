@@ -22,8 +22,10 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megadiff.checkpoint import load_checkpoint, model_sharded_state_dict, resolve_checkpoint_dir, save_checkpoint
 from megadiff.hf.checkpoint_reader import read_hf_config
+from megadiff.hf.ling import as_llada2_config
 from megadiff.lora.adapter_checkpoint import adapter_meta, adapter_sharded_state_dict
 from megadiff.models.llada2 import LLaDA2ModelConfig
+from megadiff.models.llada2.model import set_xt_only_logits
 from megadiff.models.llada2.schedule import forward_backward
 from megadiff.platform import compat, init_distributed, initialize_parallel, print_rank0
 from megadiff.platform.device import default_params_dtype, to_run_device
@@ -43,13 +45,16 @@ from megadiff.training.checkpointing import (
 from megadiff.training.config import TrainingConfig, parallel_layout
 from megadiff.training.context_parallel import loss_denominator_share, split_micro_batch
 from megadiff.training.disk_space import checkpoint_bytes, no_space_error
+from megadiff.training.embedding_noise import embedding_noise, noise_active
 from megadiff.training.logging import MetricsLogger
 from megadiff.training.loss import diffusion_loss_sums
 from megadiff.training.mcore_configs import optimizer_config
 from megadiff.training.memory_check import check_memory_forecast
 from megadiff.training.optimizer_memory import optimizer_state_bytes
 from megadiff.training.perf_preflight import check_perf, choose_attention_backend, choose_moe_experts
+from megadiff.training.phases import BLOCK_DIFFUSION, phase_at, phase_diffusion, run_phases
 from megadiff.training.preflight import check_outputs
+from megadiff.training.pretraining import build_pretraining_data, check_pretraining_data, is_pretraining
 from megadiff.training.resume_config import compare_with_checkpoint
 from megadiff.training.setup import (
     build_dataset,
@@ -70,6 +75,7 @@ from megadiff.training.step_metrics import (
     sum_in_order,
 )
 from megadiff.training.throughput import model_flops, peak_tflops, token_counts
+from megadiff.training.validation import Validator, build_valid_dataset, read_valid_samples
 
 __all__ = ["NonFiniteLossError", "StepResult", "Trainer", "train"]
 
@@ -107,7 +113,9 @@ def build_optimizer(cfg: TrainingConfig, chunks, dtype):
         min_lr=t.min_lr,
         lr_warmup_steps=t.warmup_steps,
         lr_decay_steps=max(t.steps, t.warmup_steps + 1),
-        lr_decay_style=t.lr_schedule,
+        lr_decay_style="WSD" if t.lr_schedule == "wsd" else t.lr_schedule,
+        wsd_decay_steps=t.lr_decay_steps,  # wsd: megatron-core's warmup-stable-decay
+        lr_wsd_decay_style=t.lr_wsd_decay_style,
         start_wd=t.weight_decay,
         end_wd=t.weight_decay,
         wd_incr_steps=t.steps,
@@ -150,7 +158,12 @@ class Trainer:
         read_rows, make_dataset = load_samples, build_dataset
         if dpo:
             read_rows, make_dataset = dpo_objective.load_pairs, dpo_objective.build_preference_dataset
-        samples, row_stats = read_rows(cfg, self.tokenizer, self.mask_id)
+        pretraining = is_pretraining(cfg)  # data.blend / data.mock: megatron-core indexed datasets
+        if pretraining:
+            samples, row_stats = check_pretraining_data(cfg, self.tokenizer, self.model_cfg.vocab_size, self.log)
+        else:
+            samples, row_stats = read_rows(cfg, self.tokenizer, self.mask_id)
+        valid_rows = read_valid_samples(cfg, self.tokenizer, self.mask_id)  # data.valid_files
         initial_adapters = peft_adapters_for_run(cfg, self.hf_config, self.log)  # lora.init_from_peft
         # Rank 0 locks, repairs and inspects save_dir before the others can join the process group.
         self._save_dir_lock, resume_from, lora_base, new_data = None, None, None, False
@@ -169,8 +182,18 @@ class Trainer:
         initialize_parallel(self.layout, seed=cfg.train.seed)
         self.dp_size, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.cp_size, self.cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
-        self.dataset, data_stats = make_dataset(cfg, self.tokenizer, samples, row_stats, self.dp_size, self.dp_rank)
+        if pretraining:
+            vocab = self.model_cfg.vocab_size
+            self.dataset, valid_data, data_stats = build_pretraining_data(
+                cfg, self.tokenizer, vocab, self.dp_size, self.dp_rank
+            )
+            data_stats.update(row_stats)
+        else:
+            self.dataset, data_stats = make_dataset(cfg, self.tokenizer, samples, row_stats, self.dp_size, self.dp_rank)
+            valid_data = build_valid_dataset(cfg, self.tokenizer, valid_rows, self.dp_size, self.dp_rank)
         self.log(f"data: {data_stats}")
+        self.phases = run_phases(cfg)  # diffusion.block_schedule, or one phase
+        self.validator = Validator(self, valid_data) if valid_data is not None else None
         self.dtype = params_dtype(cfg)
         self.chunks = build_model_and_load(
             cfg,
@@ -188,11 +211,12 @@ class Trainer:
             f"optimizer: {optimizer_state_bytes(self.optimizer) / 2**20:.1f} MiB of parameters and Adam state on rank 0"
         )
         self._data_iter = iter(self.dataset)
+        self.step = 0  # before the objective: DPO's precomputed reference prepares batches (self.phase)
         self.objective = dpo_objective.DPOObjective(self) if dpo else None  # None: diffusion SFT
-        self.step = 0
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
         self.saved_step = None  # the step the newest checkpoint of save_dir holds
+        self._logger = None  # the run's MetricsLogger while run() runs (validation logs to it)
         if resume_from is not None:
             self._resume(resume_from, new_data)
 
@@ -216,12 +240,14 @@ class Trainer:
 
     def save(self) -> str:
         ck = self.cfg.checkpoint
+        if self.validator is not None and (self.validator.last or (None,))[0] != self.step:
+            self.validate()  # megadiff.json records the valid_loss of the weights it holds
         meta = {
-            "hf_config": self.hf_config,
+            "hf_config": as_llada2_config(self.hf_config, self.mask_id),  # a Ling-2.0 start becomes LLaDA2
             "hf_source_dir": os.path.abspath(self.cfg.model.hf_dir),
             "layout": vars(self.layout),
             "dtype": str(self.dtype).replace("torch.", ""),
-            "extra": {"training_config": self.cfg.to_dict(), "step": self.step},
+            "extra": {"training_config": self.cfg.to_dict(), "step": self.step, **self._phase_and_validation()},
         }
         if self.lora_base is not None:
             meta["lora"] = adapter_meta(lora_settings(self.cfg), self.lora_base)
@@ -272,18 +298,28 @@ class Trainer:
     def _micro_batches(self) -> list[dict]:
         return self.prepare_micro_batches(self._data_iter)
 
-    def prepare_micro_batches(self, data_iter) -> list[dict]:
+    def prepare_micro_batches(
+        self, data_iter, diffusion=None, seed: int | None = None, step: int | None = -1
+    ) -> list[dict]:
         """One step's micro-batches from `data_iter`, noised on the host, with what the step counts
         of them computed there too (loss denominator, real tokens, FLOPs: reading them on the run
         device would wait for it), then moved to the run device (inputs, masks, targets; BlockMasks
-        are built there)."""
-        d = self.cfg.diffusion
+        are built there). `diffusion`: default the current phase's; `seed`: of the noise (default
+        train.seed); `step`: whose embedding noise to add (-1: the current step's, None: none)."""
+        d = diffusion or self.diffusion
+        seed = self.cfg.train.seed if seed is None else seed
+        step = self.step if step == -1 else step
         dense = self.attention.backend == "dense"
         batches = []
         for _ in range(self.dataset.accumulation_steps):
             raw = next(data_iter)
-            prepared = prepare_micro_batch(raw, d, self.mask_id, self.cfg.train.seed, with_dense_mask=dense)
+            prepared = prepare_micro_batch(raw, d, self.mask_id, seed, with_dense_mask=dense)
             prepared.update({k: raw[k] for k in ("response_slot", "pair_ids", "epoch") if k in raw})  # DPO pairs
+            if step is not None and noise_active(d, step):  # diffusion.mask_embedding_noise
+                noise = d.mask_embedding_noise
+                prepared["embedding_noise"] = embedding_noise(
+                    prepared, raw, self.model_cfg.hidden_size, noise["std"], seed, step
+                )
             if "pair_ids" in raw:  # the precomputed DPO reference is looked up by these, on the host
                 prepared["pair_keys"] = (int(raw["epoch"][0]), raw["pair_ids"].tolist())
             real, pairs = (
@@ -317,7 +353,8 @@ class Trainer:
     def device_forward_backward(self, micro: list[dict]) -> dict[str, torch.Tensor]:
         """Forward/backward of the global batch; returns its loss, real tokens and FLOPs as 0-dim
         tensors on the run device, summed over every rank (step_metrics.global_sums)."""
-        d = self.cfg.diffusion
+        d = self.diffusion
+        set_xt_only_logits(self.chunks, d.mode == BLOCK_DIFFUSION)  # a full phase feeds x_t only
         # Loss sums of DP ranks and of the CP ranks that split each row add up (context_parallel.py):
         # each micro-batch's "loss_denominator" is this rank's share.
         denominator = torch.stack([b["loss_denominator"] for b in micro]).sum()
@@ -347,6 +384,7 @@ class Trainer:
     def step_on_device(self) -> PendingStep:
         """One optimizer step (or a skipped one); its loss, tokens and FLOPs stay on the device.
         The host reads whether the loss is finite (every rank agrees: it is all-reduced)."""
+        phase = self.phase.name  # the block-schedule phase of this step
         timer = PhaseTimer(self.cfg.logging.timers)
         micro = self._micro_batches()
         timer.lap("data_s")
@@ -367,15 +405,47 @@ class Trainer:
                     f"(train.max_consecutive_nonfinite={self.cfg.train.max_consecutive_nonfinite})"
                 )
             timer.lap("optimizer_s", seconds=0.0)
-            return PendingStep(self.step, self._lr(), None, True, values, metric_names, timer.times)
+            return PendingStep(self.step, self._lr(), None, True, values, metric_names, timer.times, phase)
         self.nonfinite_in_a_row = 0
         _, grad_norm, _ = self.optimizer.step()  # megatron-core reads the gradient norm to clip
         self.scheduler.step(increment=1)
         timer.lap("optimizer_s")
-        return PendingStep(self.step, self._lr(), grad_norm, False, values, metric_names, timer.times)
+        return PendingStep(self.step, self._lr(), grad_norm, False, values, metric_names, timer.times, phase)
 
     def _lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    # ---- block schedule and validation (megadiff.training.phases, megadiff.training.validation) ---
+
+    @property
+    def phase(self):
+        """The phase of the step about to run (of the last one once the run is over)."""
+        return phase_at(self.phases, min(self.step, self.cfg.train.steps - 1))
+
+    @property
+    def diffusion(self):
+        """The diffusion section as the current phase trains it (its mode and block size)."""
+        return phase_diffusion(self.cfg.diffusion, self.phase)
+
+    def validate(self) -> float:
+        """The validation loss now, at the phase of the last step trained; logged and remembered."""
+        phase = phase_at(self.phases, max(self.step - 1, 0))
+        d = phase_diffusion(self.cfg.diffusion, phase)
+        set_xt_only_logits(self.chunks, d.mode == BLOCK_DIFFUSION)
+        loss = self.validator.measure(d)
+        self.validator.last = (self.step, loss, phase.name)
+        if self._logger is not None:
+            self._logger.log_validation(self.step, loss, phase.name)
+        else:
+            self.log(f"validation at step {self.step} (phase {phase.name}): valid_loss {loss:.4f}")
+        return loss
+
+    def _phase_and_validation(self) -> dict:
+        """What megadiff.json records about the schedule and validation at this step."""
+        out = {"phase": phase_at(self.phases, max(self.step - 1, 0)).record()}
+        if self.validator is not None and self.validator.last and self.validator.last[0] == self.step:
+            out["valid_loss"] = self.validator.last[1]
+        return out
 
     # ---- the run -------------------------------------------------------------------------------
 
@@ -391,6 +461,7 @@ class Trainer:
             world_size=torch.distributed.get_world_size(),
             peak_tflops=peak_tflops(self.env.gpu_name, precision) if self.env.on_cuda else None,
         )
+        self._logger = logger
         interval = LogInterval(logger, results, self.step + 1, cfg.train.steps, cfg.logging.log_interval)
         try:
             while self.step < cfg.train.steps:
@@ -399,6 +470,9 @@ class Trainer:
                 except NonFiniteLossError:
                     interval.log()
                     raise
+                if self.validator is not None and self.validator.due(self.step):
+                    interval.log()  # the step's line before its validation line (validation reads anyway)
+                    self.validate()
                 ck = cfg.checkpoint
                 if sigterm.received:
                     interval.log()
@@ -415,6 +489,7 @@ class Trainer:
             else:
                 self._save_unless_saved()  # a relaunch of a finished run trains nothing and saves nothing
         finally:
+            self._logger = None
             logger.close()
             self.close()
         return results

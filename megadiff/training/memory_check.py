@@ -15,6 +15,7 @@ from megadiff.planner import GiB, Hardware, RunShape, forecast
 from megadiff.planner.memory import data_parallel_size
 from megadiff.platform.device import run_device
 from megadiff.training.config import TrainingConfig
+from megadiff.training.phases import uses_block_diffusion
 
 
 class MemoryForecastError(UserError):
@@ -37,7 +38,7 @@ def run_shape(cfg: TrainingConfig, dtype: torch.dtype | str | None = None) -> Ru
         seq_len=cfg.data.max_seq_len,
         micro_batch_size=cfg.train.micro_batch_size,
         global_batch_size=cfg.train.global_batch_size,
-        mode="bd" if cfg.diffusion.mode == "block_diffusion" else "full",
+        mode="bd" if uses_block_diffusion(cfg) else "full",  # a block schedule: its widest phase
         dtype=dtype,
         attention_backend=cfg.model.attention_backend,
         recompute=recompute if recompute in ("none", "selective", "full") else "none",

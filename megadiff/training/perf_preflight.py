@@ -23,6 +23,7 @@ from megadiff.errors import ConfigError
 from megadiff.models.common.grouped_experts import ExpertsChoice, choose_experts, grouped_problem
 from megadiff.platform.kernels import GROUPED_MM_DTYPES, Environment
 from megadiff.training.config import TrainingConfig, TrainingConfigError
+from megadiff.training.phases import uses_block_diffusion
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper / Blackwell have FP8 tensor cores
 FP8_RECIPE_MIN_CAPABILITY = {"mxfp8": (10, 0), "blockwise": (9, 0)}
@@ -247,8 +248,8 @@ def choose_attention_backend(
     unpacked full attention (no mask at all); dense too when core attention is recomputed; always
     flex with context parallelism (parallel.cp > 1).
     Dense on CUDA warns above 1 GiB of saved scores and is refused above half the GPU's memory."""
-    requested, d = cfg.model.attention_backend, cfg.diffusion
-    bd = d.mode == "block_diffusion"
+    requested = cfg.model.attention_backend
+    bd = uses_block_diffusion(cfg)  # any block-diffusion phase of diffusion.block_schedule
     if requested != "auto":
         backend, reason = requested, "model.attention_backend=" + requested
     elif cfg.parallel.cp > 1:

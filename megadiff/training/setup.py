@@ -11,6 +11,7 @@ from megadiff.data.dataset import SFTDataset
 from megadiff.data.rows import read_sft_rows
 from megadiff.data.tokenize import pad_answers_to_block, tokenize_rows
 from megadiff.hf.checkpoint_reader import HFCheckpointReader, check_tensors_match
+from megadiff.hf.ling import mtp_tensor_names
 from megadiff.hf.tokenizer import TOKENIZER_FILES, TokenizerError, load_local_tokenizer, mask_token_id
 from megadiff.lora.apply import apply_lora
 from megadiff.lora.base_record import base_of_run
@@ -23,6 +24,7 @@ from megadiff.models.llada2.model import build_model
 from megadiff.training.config import TrainingConfig, TrainingConfigError, config_spelling
 from megadiff.training.ddp import wrap_ddp
 from megadiff.training.mcore_configs import ddp_config, transformer_overrides
+from megadiff.training.phases import uses_block_diffusion
 
 
 def check_config_fits_model(cfg: TrainingConfig, model_cfg, layout) -> None:
@@ -56,7 +58,10 @@ def check_weights_fit(hf_dir: str, hf_config: dict, mcore_dir: str | None = None
     config_name = f"{os.path.join(hf_dir, 'config.json')}"
     if not mcore_dir:
         reader = HFCheckpointReader(hf_dir)
-        check_tensors_match(reader, expected_shapes(hf_config, detect_expert_format(reader.names()) or SPLIT))
+        unused = mtp_tensor_names(hf_config, reader.names())  # an autoregressive Ling-2.0's MTP layers
+        check_tensors_match(
+            reader, expected_shapes(hf_config, detect_expert_format(reader.names()) or SPLIT), ignore=unused
+        )
         return
     if not os.path.exists(mcore_dir):
         return  # reported where the run loads it, with what it was for (a LoRA run's base: its record)
@@ -101,7 +106,19 @@ def load_tokenizer_and_mask_id(cfg: TrainingConfig, model_cfg):
     except Exception as e:  # transformers raises several types for a missing/broken tokenizer
         reason = " ".join(str(e).split())  # one line: transformers' messages span several
         raise TokenizerError(f"{tokenizer_dir}: cannot load the tokenizer ({reason})") from None
-    mask_id = mask_token_id(tokenizer, cfg.model.mask_token_id)
+    try:
+        mask_id = mask_token_id(tokenizer, cfg.model.mask_token_id)
+    except TokenizerError:  # an autoregressive model's tokenizer (Ling-2.0) has no diffusion mask token
+        raise TokenizerError(
+            f"{tokenizer_dir}: the tokenizer has no '<|mask|>' token (an autoregressive model's, e.g. Ling-2.0); "
+            f"set model.mask_token_id to the token id that diffusion is to use as its mask (an unused or reserved "
+            f"token of the vocabulary)"
+        ) from None
+    if mask_id in (tokenizer.eos_token_id, tokenizer.pad_token_id):
+        raise TokenizerError(
+            f"model.mask_token_id={mask_id} is the tokenizer's EOS / pad token, which the data holds; choose "
+            f"another id for the diffusion mask"
+        )
     if not 0 <= mask_id < model_cfg.vocab_size:
         raise TokenizerError(
             f"mask token id {mask_id} is outside the model vocabulary ({model_cfg.vocab_size} "
@@ -211,7 +228,7 @@ def build_model_with_initial_weights(
         dtype,
         use_te=False if cfg.lora.enabled else None,  # LoRA adapts the local spec's torch linears only
         attention_backend=attention_backend or cfg.model.attention_backend,
-        xt_only_logits=cfg.perf.xt_only_logits and cfg.diffusion.mode == "block_diffusion",
+        xt_only_logits=cfg.perf.xt_only_logits and uses_block_diffusion(cfg),
         moe_experts=moe_experts or cfg.perf.moe_experts,
         calculate_per_token_loss=True,
         **transformer_overrides(cfg),
@@ -221,6 +238,11 @@ def build_model_with_initial_weights(
         log(f"initial weights: megatron checkpoint {cfg.model.init_from_mcore}")
     else:
         reader = HFCheckpointReader(cfg.model.hf_dir)  # shapes checked before the build (check_initial_weights_fit)
+        unused = mtp_tensor_names(hf_config, reader.names())  # an autoregressive Ling-2.0's MTP layers
+        if unused:
+            log(
+                f"{len(unused)} multi-token-prediction tensors of {cfg.model.hf_dir} are not used (diffusion has no MTP)"
+            )
         load_hf_into_model(chunks, split_tensor_getter(reader, detect_expert_format(reader.names())), model_cfg)
         log(f"initial weights: HF {os.path.abspath(cfg.model.hf_dir)}")
     return chunks

@@ -30,6 +30,7 @@ class StepResult:
     data_s: float | None = None  # time split of the step (logging.timers): batches, forward-backward, optimizer
     fwd_bwd_s: float | None = None
     optimizer_s: float | None = None
+    phase: str | None = None  # the block-schedule phase of the step ("bd4", "full"; megadiff.training.phases)
 
 
 @dataclass
@@ -44,6 +45,7 @@ class PendingStep:
     values: dict[str, torch.Tensor]
     metric_names: tuple[str, ...] = ()
     times: dict[str, float] = field(default_factory=dict)
+    phase: str | None = None
 
 
 def read_steps(pending: list[PendingStep]) -> list[StepResult]:
@@ -65,6 +67,7 @@ def read_steps(pending: list[PendingStep]) -> list[StepResult]:
                 skipped=p.skipped,
                 metrics={name: values[name] for name in p.metric_names},
                 flops=values["flops"],
+                phase=p.phase,
                 **p.times,
             )
         )

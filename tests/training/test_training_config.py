@@ -58,4 +58,4 @@ def test_example_configs_load_and_fit_their_model(path):
     p = cfg.parallel
     layout = ParallelLayout(tp=p.tp, ep=p.ep, etp=p.etp, pp=p.pp, vpp=p.vpp)
     LLaDA2ModelConfig.from_hf_dict(preset(name)).validate_layout(layout)  # raises if it does not fit
-    assert cfg.model.hf_dir and cfg.data.train_files and cfg.train.steps >= 1
+    assert cfg.model.hf_dir and (cfg.data.train_files or cfg.data.blend) and cfg.train.steps >= 1

@@ -98,6 +98,7 @@ def build_model(
         )
         if xt_only_logits and model.post_process:
             tp = parallel_state.get_tensor_model_parallel_world_size()
+            model.decoder.final_layernorm.xt_only = True  # set_xt_only_logits switches it per phase
             model.decoder.final_layernorm.register_forward_pre_hook(
                 partial(_keep_first_half, sequence_parallel=config.sequence_parallel, tp=tp)
             )
@@ -105,6 +106,21 @@ def build_model(
             model.cuda(device)
         chunks.append(model)
     return chunks
+
+
+def set_xt_only_logits(chunks, enabled: bool) -> None:
+    """Switch the x_t-only output layer of a model built with xt_only_logits=True on (inputs
+    [x_t ; x_0]) or off (inputs x_t alone: a full-attention phase of a block schedule)."""
+    for chunk in chunks:
+        inner = _unwrapped(chunk)
+        if inner.post_process and hasattr(inner.decoder.final_layernorm, "xt_only"):
+            inner.decoder.final_layernorm.xt_only = enabled
+
+
+def _unwrapped(chunk) -> GPTModel:
+    while not isinstance(chunk, GPTModel):  # megatron-core DDP / Float16Module wrap it as .module
+        chunk = chunk.module
+    return chunk
 
 
 def routed_experts(
@@ -126,6 +142,8 @@ def routed_experts(
 
 def _keep_first_half(module, args, sequence_parallel: bool, tp: int):
     """Forward pre-hook of the final norm: hidden [2S(/tp), b, h] -> the x_t half [S(/tp), b, h]."""
+    if not module.xt_only:
+        return None
     hidden, *rest = args
     if sequence_parallel:
         # backward of this gather is a split: the gradient below is the same on every TP rank
@@ -154,13 +172,25 @@ def mcore_attention_mask(allowed: torch.Tensor | None) -> torch.Tensor | None:
     return ~allowed.bool()
 
 
-def forward_chunk(model: GPTModel, input_ids, position_ids, allowed=None):
+def forward_chunk(model: GPTModel, input_ids, position_ids, allowed=None, embedding_noise=None):
     """Run one chunk: returns vocab-parallel logits [b, s, V/tp] on the last stage, else hidden.
 
     allowed: a megadiff bool mask (True = may attend; dense backend), a BlockMask (flex
-    backend, passed through as is), or None (full attention)."""
+    backend, passed through as is), or None (full attention). embedding_noise: [b, s, h] added to
+    the embedding output on the first stage (diffusion.mask_embedding_noise), or None."""
+    positions = mcore_position_ids(position_ids)
+    decoder_input = None
+    inner = _unwrapped(model)
+    if embedding_noise is not None and inner.pre_process:
+        decoder_input = inner.embedding(input_ids=input_ids, position_ids=positions)  # [s(/tp), b, h]
+        noise = embedding_noise.transpose(0, 1).to(decoder_input.dtype)
+        if inner.config.sequence_parallel:  # the embedding output is this TP rank's slice of the sequence
+            tp = parallel_state.get_tensor_model_parallel_world_size()
+            noise = noise.chunk(tp)[parallel_state.get_tensor_model_parallel_rank()]
+        decoder_input = decoder_input + noise
     return model(
         input_ids=input_ids,
-        position_ids=mcore_position_ids(position_ids),
+        position_ids=positions,
         attention_mask=allowed if isinstance(allowed, BlockMask) else mcore_attention_mask(allowed),
+        decoder_input=decoder_input,
     )

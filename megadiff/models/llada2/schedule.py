@@ -21,7 +21,9 @@ LossFn = Callable[[dict, torch.Tensor], tuple]
 
 def _forward_step(loss_fn: LossFn, data_iterator, model):
     batch = next(data_iterator)
-    output = forward_chunk(model, batch["input_ids"], batch["position_ids"], batch.get("allowed"))
+    output = forward_chunk(
+        model, batch["input_ids"], batch["position_ids"], batch.get("allowed"), batch.get("embedding_noise")
+    )
     return output, partial(loss_fn, batch)
 
 

@@ -36,17 +36,26 @@ def parse_layouts(text):
     return out
 
 
-def reference_loss_and_grads(trainer, hf_dir):
+def reference_loss_and_grads(trainer, hf_dir, diffusion=None, embedding_noise=None):
+    """The reference's loss and gradients on the trainer's global batch 0; `diffusion`: the phase's
+    section (default the config's); `embedding_noise(batch, raw)`: [B, S_in, H] added to the
+    reference's embedding output (diffusion.mask_embedding_noise), or None."""
     cfg = trainer.cfg
-    d = cfg.diffusion
+    d = diffusion or cfg.diffusion
     ref = load_reference_model(hf_dir)
-    batch = prepare_micro_batch(trainer.dataset.global_batch(0, 0), d, trainer.mask_id, cfg.train.seed)
-    logits = torch.cat(
-        [
+    raw = trainer.dataset.global_batch(0, 0)
+    batch = prepare_micro_batch(raw, d, trainer.mask_id, cfg.train.seed)
+    noise = embedding_noise(batch, raw) if embedding_noise is not None else None
+    row_noise = []
+    if noise is not None:
+        ref.model.word_embeddings.register_forward_hook(lambda module, args, out: out + row_noise[0])
+    logits = []
+    for i in range(batch["input_ids"].shape[0]):
+        row_noise[:] = [noise[i : i + 1]] if noise is not None else []
+        logits.append(
             ref(batch["input_ids"][i : i + 1], batch["position_ids"][i : i + 1], batch["allowed"][i : i + 1]).logits
-            for i in range(batch["input_ids"].shape[0])
-        ]
-    )
+        )
+    logits = torch.cat(logits)
     _, stats = masked_diffusion_loss(
         logits[:, : batch["targets"].shape[1]],
         batch["targets"],
