@@ -44,6 +44,7 @@ from megadiff.training.checkpointing import (
 )
 from megadiff.training.config import TrainingConfig, parallel_layout
 from megadiff.training.context_parallel import loss_denominator_share, split_micro_batch
+from megadiff.training.data_fingerprint import data_fingerprints
 from megadiff.training.disk_space import checkpoint_bytes, no_space_error
 from megadiff.training.embedding_noise import embedding_noise, noise_active
 from megadiff.training.logging import MetricsLogger
@@ -163,6 +164,8 @@ class Trainer:
             samples, row_stats = check_pretraining_data(cfg, self.tokenizer, self.model_cfg.vocab_size, self.log)
         else:
             samples, row_stats = read_rows(cfg, self.tokenizer, self.mask_id)
+        # What each save records about the data just read, for a resume to compare (resume_config).
+        self.data_files = None if pretraining else data_fingerprints(cfg.data.train_files)
         valid_rows = read_valid_samples(cfg, self.tokenizer, self.mask_id)  # data.valid_files
         initial_adapters = peft_adapters_for_run(cfg, self.hf_config, self.log)  # lora.init_from_peft
         # Rank 0 locks, repairs and inspects save_dir before the others can join the process group.
@@ -247,7 +250,12 @@ class Trainer:
             "hf_source_dir": os.path.abspath(self.cfg.model.hf_dir),
             "layout": vars(self.layout),
             "dtype": str(self.dtype).replace("torch.", ""),
-            "extra": {"training_config": self.cfg.to_dict(), "step": self.step, **self._phase_and_validation()},
+            "extra": {
+                "training_config": self.cfg.to_dict(),
+                "data_files": self.data_files,
+                "step": self.step,
+                **self._phase_and_validation(),
+            },
         }
         if self.lora_base is not None:
             meta["lora"] = adapter_meta(lora_settings(self.cfg), self.lora_base)

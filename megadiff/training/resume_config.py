@@ -8,8 +8,10 @@ built, and for each changed key either refuses it or says which value applies:
 - refused, since the change cannot take effect: the model (config.json of model.hf_dir describing
   another model than the checkpoint's), the Adam hyper-parameters (the restored optimizer state
   carries the saved ones), the objective (sft / dpo);
-- refused unless `checkpoint.allow_new_data=true`: the data (its files, and everything that
-  changes the rows or their order, which makes the saved data position point elsewhere); with it,
+- refused unless `checkpoint.allow_new_data=true`: the data (its files, compared by realpath, and
+  their content as the checkpoint's `extra.data_files` recorded it (megadiff.training.data_fingerprint;
+  a checkpoint written before that record is compared by path only); and everything that changes
+  the rows or their order, which makes the saved data position point elsewhere); with it,
   the new data is read from its beginning and everything else resumes;
 - this run's value applies (one line each), from the resumed step on: the LR schedule
   (megatron-core's override_opt_param_scheduler), batch sizes, diffusion and DPO settings, clipping.
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from megadiff.checkpoint import format as fmt
 from megadiff.errors import CheckpointError
 from megadiff.models.llada2.config import LLaDA2ModelConfig
+from megadiff.training.data_fingerprint import data_change, data_fingerprints
 
 # Keys that change the rows, or their order, behind the saved data position.
 DATA_KEYS = (
@@ -83,8 +86,8 @@ def _same(key: str, saved, now) -> bool:
     if saved == now:
         return True
     if key in ("data.train_files", "model.tokenizer_dir") and saved is not None and now is not None:
-        paths = [[os.path.abspath(p) for p in (v if isinstance(v, list) else [v])] for v in (saved, now)]
-        return paths[0] == paths[1]  # the same files spelled another way
+        paths = [[os.path.realpath(p) for p in (v if isinstance(v, list) else [v])] for v in (saved, now)]
+        return paths[0] == paths[1]  # the same files spelled another way, or reached through a link
     return False
 
 
@@ -132,10 +135,15 @@ def compare_with_checkpoint(cfg, ckpt_dir: str, hf_config: dict, log) -> ResumeP
             f"from these weights (model.init_from_mcore={ckpt_dir} with an empty checkpoint.save_dir: fresh "
             f"optimizer and schedule)"
         )
-    data = sorted(k for k in changed if k in DATA_KEYS)
+    data = [show(k) for k in sorted(k for k in changed if k in DATA_KEYS)]
+    saved_files = (meta.get("extra") or {}).get("data_files")
+    if "data.train_files" not in changed and isinstance(saved_files, list):  # else paths only (older checkpoint)
+        content = data_change(saved_files, data_fingerprints(cfg.data.train_files) or [])
+        if content:
+            data.append(f"data.train_files: {content}")
     if data and not cfg.checkpoint.allow_new_data:
         raise CheckpointError(
-            f"cannot resume {ckpt_dir} with this config: {', '.join(show(k) for k in data)}; the checkpoint's "
+            f"cannot resume {ckpt_dir} with this config: {', '.join(data)}; the checkpoint's "
             f"data position belongs to the data it was saved with. Set checkpoint.allow_new_data=true to train "
             f"on the new data from its beginning (weights, optimizer and LR schedule resume), or use the saved "
             f"values"
@@ -143,7 +151,7 @@ def compare_with_checkpoint(cfg, ckpt_dir: str, hf_config: dict, log) -> ResumeP
     if data:
         plan.new_data = True
         plan.notes.append(
-            f"resume: {', '.join(show(k) for k in data)}; checkpoint.allow_new_data=true: the new data is read "
+            f"resume: {', '.join(data)}; checkpoint.allow_new_data=true: the new data is read "
             f"from its beginning, weights, optimizer and LR schedule resume"
         )
     for key in sorted(changed):

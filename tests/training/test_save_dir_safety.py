@@ -3,6 +3,7 @@ stops the run before it trains, a full disk is named, and child processes die wi
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -295,13 +296,15 @@ def test_a_config_json_of_a_larger_model_than_the_weights_stops_before_anything_
     assert not torch.distributed.is_initialized()
 
 
-def checkpoint_of_run(save_dir, cfg):
-    """A (fake) checkpoint of `cfg`'s run at iteration 4, recording its config as the trainer does."""
+def checkpoint_of_run(save_dir, cfg, data_files=None):
+    """A (fake) checkpoint of `cfg`'s run at iteration 4, recording its config (and `data_files`, the
+    data fingerprints: None as before they were recorded) as the trainer does."""
     path = save_dir / "iter_0000004"
     path.mkdir(parents=True)
     (path / "metadata.json").write_text("{}")
     hf_config = json.loads((Path(cfg.model.hf_dir) / "config.json").read_text())
-    meta = {"hf_config": hf_config, "layout": {"tp": 1}, "dtype": "fp32", "extra": {"training_config": cfg.to_dict()}}
+    extra = {"training_config": cfg.to_dict(), **({"data_files": data_files} if data_files is not None else {})}
+    meta = {"hf_config": hf_config, "layout": {"tp": 1}, "dtype": "fp32", "extra": extra}
     (path / META_NAME).write_text(json.dumps(build_meta(4, meta, 1)))
     (save_dir / "latest_checkpointed_iteration.txt").write_text("4\n")
 
@@ -352,3 +355,46 @@ def test_resume_notes_say_which_values_apply(tiny_run_dir, tmp_path):
     other = dict(hf_config, num_hidden_layers=hf_config["num_hidden_layers"] + 2)
     with pytest.raises(CheckpointError, match=r"it holds another model \(num_hidden_layers=4 in the checkpoint, 6 in"):
         compare_with_checkpoint(cfg, str(save_dir / "iter_0000004"), other, lines.append)
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["fingerprinted", "older_checkpoint"])
+def test_resume_compares_the_data_files_content_and_realpath_not_their_spelling(tiny_run_dir, tmp_path, recorded):
+    """Edited at the same path: refused unless allow_new_data (a checkpoint written before the
+    fingerprints resumes as before, by path); the same file through a link: the same data."""
+    from megadiff.training.data_fingerprint import data_fingerprints
+    from megadiff.training.resume_config import compare_with_checkpoint
+
+    data, link, save_dir = tmp_path / "train.jsonl", tmp_path / "link.jsonl", tmp_path / "ckpt"
+    shutil.copyfile(tiny_run_dir / "train.jsonl", data)
+    os.symlink(data, link)
+    cfg_yaml, hf_config = str(tiny_run_dir / "cfg.yaml"), json.loads((tiny_run_dir / "hf" / "config.json").read_text())
+    base = [f"checkpoint.save_dir={save_dir}"]
+    checkpoint_of_run(
+        save_dir,
+        load_config(cfg_yaml, base + [f"data.train_files={data}"]),
+        data_fingerprints(str(data)) if recorded else None,
+    )
+    ckpt, lines = str(save_dir / "iter_0000004"), []
+
+    def compare(*overrides):
+        return compare_with_checkpoint(load_config(cfg_yaml, base + list(overrides)), ckpt, hf_config, lines.append)
+
+    assert not compare(f"data.train_files={link}").new_data and lines == []  # the same file reached by a link
+    text = data.read_text()
+    edits = {"appended": text + text.splitlines(keepends=True)[0], "same size": text.replace("1", "2", 1)}
+    for how, edited in edits.items():
+        data.write_text(edited)
+        if not recorded:
+            assert not compare(f"data.train_files={data}").new_data and lines == [], how  # paths only, as before
+            continue
+        size = f"size {len(text)} -> {len(edited)} bytes" if how == "appended" else "same size, other content"
+        changed = f"data.train_files: {data} changed since the checkpoint ({size})"
+        with pytest.raises(
+            CheckpointError, match=rf"with this config: {re.escape(changed)}; .*checkpoint.allow_new_data=true"
+        ):
+            compare(f"data.train_files={link}")
+        assert compare(f"data.train_files={link}", "checkpoint.allow_new_data=true").new_data, how
+        assert (
+            lines.pop() == f"resume: {changed}; checkpoint.allow_new_data=true: the new data is read from its "
+            "beginning, weights, optimizer and LR schedule resume"
+        )
