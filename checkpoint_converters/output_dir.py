@@ -168,28 +168,49 @@ def _refs(value) -> list:
 
 
 def drop_foreign_code(config: dict) -> list[str]:
-    """Remove from `config['auto_map']` (in place) every entry naming code in another repository
-    (`org/repo--module.Class`): `from_pretrained(..., trust_remote_code=True)` on the output would
-    download and run that repository's code, which nobody looked at. Returns the entries dropped,
-    as `Key -> reference`."""
-    auto_map = config.get("auto_map")
-    if not isinstance(auto_map, dict):
-        return []
+    """Remove from `config` (in place) every entry of a field that transformers resolves to dynamic
+    code (`get_class_from_dynamic_module`) that names code in another repository
+    (`org/repo--module.Class`): `auto_map` (the Auto classes of config.json, tokenizer_config.json,
+    preprocessor_config.json, processor_config.json, ...) and `custom_pipelines[task]["impl"]`
+    (config.json; `pipeline()`). With `trust_remote_code=True` the output would download and run
+    that repository's code, which nobody looked at. Returns the entries dropped, as
+    `Key -> reference` (`custom_pipelines.TASK.impl -> reference` for a pipeline)."""
     dropped = []
-    for key, value in list(auto_map.items()):
-        if any(isinstance(ref, str) and "--" in ref for ref in _refs(value)):
+    auto_map = config.get("auto_map")
+    for key, value in list(auto_map.items()) if isinstance(auto_map, dict) else []:
+        if any(_foreign(ref) for ref in _refs(value)):
             dropped.append(f"{key} -> {', '.join(str(r) for r in _refs(value) if r)}")
             del auto_map[key]
+    pipelines = config.get("custom_pipelines")
+    for task, info in list(pipelines.items()) if isinstance(pipelines, dict) else []:
+        impl = info.get("impl") if isinstance(info, dict) else None
+        if _foreign(impl):
+            dropped.append(f"custom_pipelines.{task}.impl -> {impl}")
+            del pipelines[task]  # a pipeline entry without its impl is refused by transformers
     return dropped
+
+
+def _foreign(ref) -> bool:
+    """A class reference to code of another repository (`org/repo--module.Class`)."""
+    return isinstance(ref, str) and "--" in ref
 
 
 def _is_model_entry(key: str) -> bool:
     return key == "AutoConfig" or key.startswith("AutoModel")
 
 
-def drop_foreign_code_files(
-    staging: str, names=("config.json", "tokenizer_config.json")
-) -> tuple[list[str], list[str]]:
+# The JSON files of an HF dir whose `auto_map` (and config.json's custom_pipelines) transformers
+# resolves to dynamic code: the config, the tokenizer, the processor / image / feature / video processor.
+CODE_NAMING_FILES = (
+    "config.json",
+    "tokenizer_config.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+)
+
+
+def drop_foreign_code_files(staging: str, names=CODE_NAMING_FILES) -> tuple[list[str], list[str]]:
     """`drop_foreign_code` on the JSON files `names` of an HF output dir being written, rewriting
     only those it changes; a config.json whose model classes lost their entry gets megadiff's own
     remote code (`ensure_remote_code`). Returns (entries dropped, as `file: Key -> reference`;
@@ -213,21 +234,22 @@ def drop_foreign_code_files(
 
 
 def write_output_config(staging: str, config: dict) -> tuple[list[str], list[str]]:
-    """Write `staging/config.json` of an HF output dir from `config`: auto_map entries naming
-    another repository's code dropped (`drop_foreign_code`, also from the tokenizer_config.json
-    already in `staging`), megadiff's own remote code for the model classes whose modules are
+    """Write `staging/config.json` of an HF output dir from `config`: auto_map and custom_pipelines
+    entries naming another repository's code dropped (`drop_foreign_code`, also from the
+    tokenizer/processor configs already in `staging`), megadiff's own remote code for the model classes whose modules are
     missing (`ensure_remote_code`). Returns (entries dropped; megadiff remote-code files written)."""
     dropped = [f"config.json: {d}" for d in drop_foreign_code(config)]
     megadiff_code = ensure_remote_code(staging, config)
     write_json(os.path.join(staging, "config.json"), config)
-    return dropped + drop_foreign_code_files(staging, ["tokenizer_config.json"])[0], megadiff_code
+    others = [n for n in CODE_NAMING_FILES if n != "config.json"]
+    return dropped + drop_foreign_code_files(staging, others)[0], megadiff_code
 
 
 def foreign_code_note(dropped: list[str]) -> str:
     """The export report's line for `write_output_config`'s dropped entries."""
     return (
-        f"dropped auto_map entries naming code of another repository (trust_remote_code=True would download and "
-        f"run it): {'; '.join(dropped)}"
+        f"dropped auto_map / custom_pipelines entries naming code of another repository (trust_remote_code=True "
+        f"would download and run it): {'; '.join(dropped)}"
     )
 
 

