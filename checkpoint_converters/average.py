@@ -170,7 +170,7 @@ def average_checkpoints(
             raise lora
         inputs.append(inspect_mcore_input(root, it, trust_checkpoint, plain=True))
     check_same_model(inputs)
-    output = check_output_dir(output, overwrite, inputs=[root])
+    output = check_output_dir(output, overwrite, inputs=[root], kind="mcore")
     scores = [(meta.get("extra") or {}).get("valid_loss") for _, meta in chosen]
     shown = ", ".join(
         f"{it}" + (f" (valid_loss {loss:.4f})" if loss is not None else "")

@@ -186,7 +186,7 @@ def convert_hf_to_mcore(
         raise ConfigError(f"spec {spec!r}: expected 'local' or 'te' (megatron-core layer spec whose names to write)")
     source = inspect_hf_input(hf_dir, log, plain)
     source.model.validate_layout(layout)
-    output = check_output_dir(output, overwrite, inputs=[source.hf_dir])
+    output = check_output_dir(output, overwrite, inputs=[source.hf_dir], kind="mcore")
     params_dtype = DTYPES[dtype_name(dtype)] if dtype else source.dtype
     extra = {"converted_from": "hf", "hf_expert_format": source.expert_format, "requested_layout": layout_dict(layout)}
     return write_mcore_checkpoint(

@@ -67,7 +67,7 @@ def merge_into_hf_dir(
     template = hf_template or base_dir
     if not os.path.isdir(template):
         raise CheckpointError(f"{template}: --hf-template directory not found")
-    output = check_output_dir(output, overwrite, inputs=[base_dir, template], log=log)
+    output = check_output_dir(output, overwrite, inputs=[base_dir, template], log=log, kind="hf")
     entries = [(n, reader.shape(n), _DTYPES[reader.dtype_str(n)]) for n in names]
     values = with_deltas(((name, reader.get(name)) for name in names), deltas)
     with staged_output(output, overwrite=overwrite) as staging:

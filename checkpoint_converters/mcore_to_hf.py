@@ -142,7 +142,7 @@ def convert_mcore_to_hf(
     if template is None:
         log(f"note: {why}; using megadiff's remote code and no tokenizer (--hf-template DIR takes them from DIR)")
     inputs = [src.ckpt_dir] + ([template] if template else [])
-    output = check_output_dir(output, overwrite, inputs=inputs)
+    output = check_output_dir(output, overwrite, inputs=inputs, kind="hf")
     items = plan_hf_output(src, MERGED if merged_experts else SPLIT)
     unknown = sorted(set(deltas or ()) - {i.name for i in items})
     if unknown:

@@ -79,7 +79,7 @@ def convert_expert_layout(
         raise CheckpointError(f"{input_path}: experts are already {fmt}; --mode {mode} needs {want_in} input")
     check_tensors_match(reader, expected_shapes(config, fmt))
     max_shard_size = parse_size(max_shard_size)
-    output_path = check_output_dir(output_path, overwrite, inputs=[input_path])
+    output_path = check_output_dir(output_path, overwrite, inputs=[input_path], kind="hf")
     experts = model.num_experts
 
     def source_dtype(name: str) -> torch.dtype:

@@ -7,7 +7,9 @@ neither HF loaders (pointed at OUT) nor `latest_iteration` pick up, and that the
 OUT deletes once its writer (recorded in the nonce) is dead. Without `--overwrite` the final rename
 claims OUT atomically (`rename_no_replace`): of two conversions racing to one OUT, the second to
 finish fails instead of replacing the first one's output. `--overwrite` replaces OUT with
-`megadiff.checkpoint.format.replace_dir`: at every moment OUT is the old or the new output.
+`megadiff.checkpoint.format.replace_dir`: at every moment OUT is the old or the new output. It
+replaces only an empty dir or an earlier output of the same kind (`output_kind`): a mistyped
+`--output` naming a dir of the user's files is refused, not deleted.
 
 An output never overlaps an input (megadiff.files.outputs), files copied from an input dir never
 come from outside it (megadiff.files.inside), and a config written out names no remote code of
@@ -22,7 +24,9 @@ from collections.abc import Callable, Iterator, Sequence
 
 from megadiff.checkpoint.format import (
     BACKUP_MARK,
+    ITER_NAME,
     STAGING_MARK,
+    TRACKER_NAME,
     fsync_dir,
     owner_is_dead,
     remove_tree,
@@ -65,11 +69,44 @@ def clean_stale_leftovers(output: str, log: Callable[[str], None] = print) -> li
     return removed
 
 
+# What each kind of output dir looks like; `--overwrite` replaces nothing else.
+OUTPUT_KINDS = {
+    "mcore": "megatron checkpoint directory (latest_checkpointed_iteration.txt or iter_*)",
+    "hf": "Hugging Face model directory (config.json and weights)",
+}
+
+
+def output_kind(path: str) -> str | None:
+    """'mcore' or 'hf' when the dir `path` looks like that kind of output (see OUTPUT_KINDS), else None."""
+    names = os.listdir(path)
+    if TRACKER_NAME in names or any(ITER_NAME.match(n) for n in names):
+        return "mcore"
+    if "config.json" in names and any(is_weight_file(n) for n in names):
+        return "hf"
+    return None
+
+
+def check_replaceable(output: str, kind: str) -> None:
+    """--overwrite of an existing dir OUT: refuse unless it is empty or an earlier `kind` output
+    (a dir of the user's files behind a mistyped --output would be deleted), naming what is in it."""
+    names = sorted(os.listdir(output))
+    found = output_kind(output) if names else kind
+    if found == kind:
+        return
+    what = f"a {OUTPUT_KINDS[found]}" if found else "neither"
+    more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+    raise CheckpointError(
+        f"{output}: --overwrite replaces only an empty directory or an earlier {OUTPUT_KINDS[kind]}, and this is "
+        f"{what}: {names[0]}{more} is in the way; choose another output directory, or empty it yourself"
+    )
+
+
 def check_output_dir(
-    output: str, overwrite: bool, inputs: Sequence[str] = (), log: Callable[[str], None] = print
+    output: str, overwrite: bool, inputs: Sequence[str] = (), log: Callable[[str], None] = print, *, kind: str
 ) -> str:
-    """Refuse an existing OUT without --overwrite, and an OUT that is (or contains) an input.
-    Leftovers of interrupted conversions to OUT are cleaned first (`clean_stale_leftovers`)."""
+    """Refuse an existing OUT without --overwrite (with it, one that is not empty or an earlier
+    `kind` output: `check_replaceable`), and an OUT that is (or contains) an input. Leftovers of
+    interrupted conversions to OUT are cleaned first (`clean_stale_leftovers`)."""
     output = os.path.abspath(output)
     for src in inputs:
         how = overlap(output, src)
@@ -84,6 +121,8 @@ def check_output_dir(
         raise CheckpointError(f"{output}: already exists; pass --overwrite to replace it")
     if os.path.exists(output) and not os.path.isdir(output):
         raise CheckpointError(f"{output}: exists and is not a directory")
+    if os.path.isdir(output):
+        check_replaceable(output, kind)
     parent = os.path.dirname(output)
     if not os.path.isdir(parent):
         raise CheckpointError(f"{parent}: parent directory of the output does not exist")

@@ -10,10 +10,12 @@ import sys
 import pytest
 import torch
 
+from checkpoint_converters.average import average_checkpoints
 from checkpoint_converters.hf_direct import DirectHFReader
 from checkpoint_converters.hf_to_mcore import convert_hf_to_mcore
 from checkpoint_converters.mcore_to_hf import convert_mcore_to_hf
 from checkpoint_converters.moe import convert_expert_layout
+from checkpoint_converters.output_dir import OUTPUT_KINDS
 from checkpoint_converters.safetensors_stream import ShardedSafetensorsWriter
 from megadiff.checkpoint import latest_iteration
 from megadiff.errors import CheckpointError
@@ -142,8 +144,45 @@ def test_output_that_exists_is_refused_without_overwrite(tiny_hf, tiny_hf_merged
     with pytest.raises(CheckpointError, match="already exists; pass --overwrite"):
         convert_expert_layout(tiny_hf, str(out), "merge", **QUIET)
     assert os.listdir(out) == ["keep"]
-    convert_expert_layout(tiny_hf_merged, str(out), "split", overwrite=True, **QUIET)
-    assert "keep" not in os.listdir(out) and "model.safetensors.index.json" in os.listdir(out)
+
+
+@pytest.mark.parametrize("tool", ["convert_hf_to_mcore", "convert_mcore_to_hf", "moe_convertor", "average"])
+def test_overwrite_replaces_only_an_empty_dir_or_an_earlier_output_of_its_kind(
+    single_process_run, tiny_hf, tiny_hf_merged, tmp_path, tool
+):
+    """--overwrite naming a dir of the user's files, or an output of the other kind, is refused in
+    one line naming a file in the way, before any work, and nothing in it is touched."""
+    ck = single_process_run["ck111"]
+    run, kind = {
+        "convert_hf_to_mcore": (lambda out: convert_hf_to_mcore(tiny_hf, out, overwrite=True, **QUIET), "mcore"),
+        "convert_mcore_to_hf": (lambda out: convert_mcore_to_hf(ck, out, overwrite=True, **QUIET), "hf"),
+        "moe_convertor": (
+            lambda out: convert_expert_layout(tiny_hf_merged, out, "split", overwrite=True, **QUIET),
+            "hf",
+        ),
+        "average": (lambda out: average_checkpoints(ck, out, iterations=[0], overwrite=True, **QUIET), "mcore"),
+    }[tool]
+    other = {"mcore": ["config.json", "model.safetensors"], "hf": ["latest_checkpointed_iteration.txt"]}[kind]
+    for names, this in (
+        (["thesis.tex", "notes"], "neither"),
+        (other, "a " + OUTPUT_KINDS["hf" if kind == "mcore" else "mcore"]),
+    ):
+        user = tmp_path / names[0].replace(".", "_")
+        user.mkdir()
+        for name in names:
+            (user / name).write_text("precious")
+        with pytest.raises(CheckpointError) as refused:
+            run(str(user))
+        assert str(refused.value) == (
+            f"{user}: --overwrite replaces only an empty directory or an earlier {OUTPUT_KINDS[kind]}, and this is "
+            f"{this}: {sorted(names)[0]}{' (and 1 more)' if len(names) > 1 else ''} is in the way; choose another "
+            f"output directory, or empty it yourself"
+        )
+        assert sorted(os.listdir(user)) == sorted(names) and all((user / n).read_text() == "precious" for n in names)
+    if tool == "moe_convertor":  # an empty dir is replaced (an earlier output: test_checkpoint_replace)
+        (tmp_path / "empty").mkdir()
+        run(str(tmp_path / "empty"))
+        assert "model.safetensors.index.json" in os.listdir(tmp_path / "empty")
 
 
 def test_output_inside_the_input_is_refused(tiny_hf):

@@ -171,7 +171,7 @@ def test_overwrite_killed_at_any_step_keeps_old_or_new_output(tmp_path, monkeypa
     publish(converted(out, "old"), out)
     assert killed_at(step, lambda: publish(converted(out, "new"), out))
     assert loaded_copy(resolve_checkpoint_dir(out)) in ("old", "new")  # readable at once
-    check_output_dir(out, overwrite=True, log=quiet)  # the next conversion restores and cleans
+    check_output_dir(out, overwrite=True, log=quiet, kind="mcore")  # the next conversion restores and cleans
     assert loaded_copy(resolve_checkpoint_dir(out)) in ("old", "new")
     assert os.listdir(tmp_path) == ["out"]
 
