@@ -137,7 +137,6 @@ class Trainer:
         self.hf_config = read_hf_config(cfg.model.hf_dir)
         self.model_cfg = LLaDA2ModelConfig.from_hf_dict(self.hf_config, os.path.join(cfg.model.hf_dir, "config.json"))
         check_config_fits_model(cfg, self.model_cfg, self.layout)
-        check_initial_weights_fit(cfg, self.hf_config)  # shapes from headers / metadata, nothing allocated
         # Speed options that cannot work here are refused now, not inside the model build.
         self.env = probe_environment()
         stage_layers = self.model_cfg.num_hidden_layers // self.layout.pp
@@ -153,6 +152,7 @@ class Trainer:
         self.log(f"routed experts: {self.experts.backend} ({self.experts.reason})")
         # The forecast runs before anything is loaded: a layout that cannot fit stops here.
         check_memory_forecast(cfg, self.model_cfg, self.layout, params_dtype(cfg), self.log)
+        check_initial_weights_fit(cfg, self.hf_config)  # shapes from headers / metadata, nothing allocated
         # Cheap checks first: tokenizer and every data row are validated before the model is built.
         self.tokenizer, self.mask_id = load_tokenizer_and_mask_id(cfg, self.model_cfg)
         dpo = cfg.train.objective == "dpo"
@@ -392,7 +392,9 @@ class Trainer:
     def step_on_device(self) -> PendingStep:
         """One optimizer step (or a skipped one); its loss, tokens and FLOPs stay on the device.
         The host reads whether the loss is finite (every rank agrees: it is all-reduced)."""
-        phase = self.phase.name  # the block-schedule phase of this step
+        # the block-schedule phase of this step; a run without a schedule has one phase, and its
+        # step lines and metrics stay as they were (no 'phase' field)
+        phase = self.phase.name if self.cfg.diffusion.block_schedule else None
         timer = PhaseTimer(self.cfg.logging.timers)
         micro = self._micro_batches()
         timer.lap("data_s")

@@ -43,6 +43,7 @@ def lora_run_dir(tiny_run_dir):
 
 @pytest.mark.dist
 @pytest.mark.slow
+@pytest.mark.repeat  # stack (b) trains LoRA at EP=2 and checks its exports in tests/converters/test_lora_export.py
 def test_lora_matches_merged_reference_at_every_layout_and_through_the_trainer(lora_run_dir):
     out = lora_run_dir / "lora.json"
     ckpt = lora_run_dir / "lora_adapter_ckpt"
