@@ -64,6 +64,7 @@ def test_bd_and_full_step_match_reference_at_tp2_ep2_pp2(tiny_run_dir):
 
 
 @pytest.mark.dist
+@pytest.mark.repeat  # the (2,2,2) step parity runs vocab-parallel loss on both stacks
 def test_vocab_parallel_loss_and_cap_match_reference_at_tp2(tiny_run_dir):
     results = run_check(tiny_run_dir, 2, "loss_terms", "1,1,1;2,1,1")
     assert set(results) == {"1,1,1", "2,1,1"}
@@ -132,6 +133,7 @@ def test_edit_stream_step_matches_reference_at_1_1_1_and_2_2_2(tiny_run_dir):
 
 @pytest.mark.dist
 @pytest.mark.slow
+@pytest.mark.repeat  # flex on this stack: tests/models/test_flex_attention.py; the masks are megadiff's own
 def test_flex_attention_and_complementary_masks_step_matches_reference(tiny_run_dir):
     assert_step_matches_reference(
         run_check(

@@ -16,6 +16,7 @@ LAYOUTS = "1,1,1;2,1,1;1,1,2"
 
 
 @pytest.mark.dist
+@pytest.mark.repeat  # megadiff's own output-layer slicing; the step parity tests use it on both stacks
 def test_xt_only_output_layer_matches_full_output_layer(tmp_path):
     out = tmp_path / "r.json"
     run_torchrun(2, WORKER, ["--layouts", LAYOUTS, "--out", out])
