@@ -390,6 +390,30 @@ def restore_adam_steps(optimizer, loaded_optimizer_state) -> None:
                 value["step"] = torch.tensor(step)
 
 
+def align_saved_schedule_values(optimizer, loaded_optimizer_state) -> None:
+    """Give the checkpoint's param groups this run's `max_lr` / `min_lr` before they are loaded.
+
+    megatron-core 0.19's distributed optimizer pairs each current param group with a saved one by a
+    tuple of group settings that includes `max_lr` and `min_lr` (0.16 pairs them by position), so a
+    resume that changes `train.lr` / `train.min_lr` failed with a KeyError of that tuple. The values
+    are the LR schedule's, which a resumed run takes from its own config anyway (the scheduler is
+    overridden), so the saved ones are replaced only where every current group of an optimizer
+    shares one value (megadiff sets no per-group learning rates)."""
+    optimizers = getattr(optimizer, "chained_optimizers", [optimizer])
+    states = (
+        [loaded_optimizer_state] if len(optimizers) == 1 else [v for _, v in sorted(loaded_optimizer_state.items())]
+    )
+    for opt, state in zip(optimizers, states, strict=True):
+        for key in ("max_lr", "min_lr"):
+            current = {g.get(key) for g in opt.optimizer.param_groups}
+            if len(current) != 1:
+                continue
+            value = current.pop()
+            for group in state["optimizer"]["param_groups"]:
+                if key in group:
+                    group[key] = value
+
+
 @_workaround(
     "optimizer_state_init_and_adam_steps",
     "DistributedOptimizer._init_optimizer_states_with_dummy_values() (no arguments); torch Adam keeps "

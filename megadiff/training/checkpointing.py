@@ -22,8 +22,12 @@ from megadiff.errors import CheckpointError
 from megadiff.lora.adapter_checkpoint import check_resume, load_adapter_state
 from megadiff.lora.base_record import base_of_run
 
-# Version-dependent optimizer workarounds live in compat; the trainer imports restore_adam_steps from here.
-from megadiff.platform.compat import init_optimizer_states_with_dummy_values, restore_adam_steps  # noqa: F401
+# Version-dependent optimizer workarounds live in compat; the trainer imports them from here.
+from megadiff.platform.compat import (  # noqa: F401
+    align_saved_schedule_values,
+    init_optimizer_states_with_dummy_values,
+    restore_adam_steps,
+)
 
 
 def claim_save_dir(save_dir: str, resume: bool, log: Callable[[str], None]) -> tuple[SaveDirLock, int | None]:

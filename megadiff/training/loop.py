@@ -33,6 +33,7 @@ from megadiff.platform.kernels import probe_environment
 from megadiff.training import dpo as dpo_objective
 from megadiff.training.batch import prepare_micro_batch
 from megadiff.training.checkpointing import (
+    align_saved_schedule_values,
     apply_model_state,
     check_optimizer_layout,
     claim_save_dir,
@@ -287,6 +288,7 @@ class Trainer:
         check_optimizer_layout(resolve_checkpoint_dir(root, iteration), sharded, self.layout, trust=trust)
         state, _ = load_checkpoint(root, sharded, iteration=iteration, trust=trust)
 
+        align_saved_schedule_values(self.optimizer, state["optimizer"])  # a changed train.lr (mcore 0.19)
         with torch.no_grad():  # fp32 main params are views of the model's leaf params
             apply_model_state(self.chunks, state, adapters_only=self.lora_base is not None)
             self.optimizer.load_state_dict(state["optimizer"])
