@@ -112,8 +112,8 @@ def run_child(cfg):
     from megadiff.diffusion.block_mask import block_mask_for
     from megadiff.diffusion.masks import block_diffusion_mask
     from megadiff.models.common.attention import FlexCoreAttention
+    from megadiff.models.common.gpt import mcore_attention_mask
     from megadiff.models.llada2.config import ParallelLayout
-    from megadiff.models.llada2.model import mcore_attention_mask
     from megadiff.platform import init_distributed, initialize_parallel
     from megadiff.platform.cpu_flex_attention import cpu_flex_is_compiled
 

@@ -147,9 +147,9 @@ def child(seq_len: int, layers: int, repeats: int) -> None:
     from megadiff.diffusion.masks import visible_keys_per_query
     from megadiff.models.common.attention import FlexCoreAttention
     from megadiff.models.common.context_parallel import visible_pairs_per_rank
+    from megadiff.models.common.schedule import forward_backward
     from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset
     from megadiff.models.llada2.model import build_model
-    from megadiff.models.llada2.schedule import forward_backward
     from megadiff.planner.memory import RunShape, activation_bytes_per_layer
     from megadiff.platform import init_distributed, initialize_parallel
     from megadiff.training.batch import prepare_micro_batch

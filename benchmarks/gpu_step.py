@@ -36,9 +36,9 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megadiff.diffusion.block_mask import block_mask_for
 from megadiff.diffusion.masks import block_diffusion_mask
 from megadiff.hf import build_reference_model
+from megadiff.models.common.schedule import forward_backward
 from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset
 from megadiff.models.llada2.model import build_model
-from megadiff.models.llada2.schedule import forward_backward
 from megadiff.platform import init_distributed, initialize_parallel
 from megadiff.platform.device import run_device, uses_cuda
 from megadiff.platform.kernels import megatron_has_te, probe_environment

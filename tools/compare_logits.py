@@ -110,10 +110,11 @@ def compare(args) -> int:
 
     from megadiff.hf import load_reference_model
     from megadiff.hf.checkpoint_reader import read_hf_config
+    from megadiff.models.common.gpt import routed_experts
+    from megadiff.models.common.logits import full_logits
     from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout
     from megadiff.models.llada2.hf_mapping import load_hf_into_model
-    from megadiff.models.llada2.logits import full_logits
-    from megadiff.models.llada2.model import build_model, routed_experts
+    from megadiff.models.llada2.model import build_model
     from megadiff.platform import init_distributed, initialize_parallel, print_rank0
 
     cfg_dict = read_hf_config(args.hf_dir)

@@ -83,7 +83,7 @@ def training_spec_here() -> str:
         env.pop("CUDA_VISIBLE_DEVICES")
     else:
         env["CUDA_VISIBLE_DEVICES"] = _CUDA_VISIBLE_DEVICES
-    code = "from megadiff.models.llada2.spec import transformer_engine_usable as u; print('te' if u() else 'local')"
+    code = "from megadiff.models.common.spec import transformer_engine_usable as u; print('te' if u() else 'local')"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
     return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() in ("te", "local") else "local"

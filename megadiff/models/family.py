@@ -116,6 +116,15 @@ class ModelFamily:
     sampler: SamplerDefaults
     presets: dict = field(default_factory=dict)
 
+    def build_model(self, model_cfg, layout, **kwargs):
+        """This family's megatron-core GPTModel chunks for the current rank (one per virtual
+        pipeline chunk): megadiff.models.common.gpt.build_gpt_chunks, whose keyword arguments
+        (params_dtype, use_te, attention_backend, xt_only_logits, moe_experts, TransformerConfig
+        overrides) it takes."""
+        from megadiff.models.common.gpt import build_gpt_chunks  # megatron-core: only to build
+
+        return build_gpt_chunks(self, model_cfg, layout, **kwargs)
+
     def preset(self, name: str, **overrides) -> dict:
         """A copy of preset `name`'s HF config fields, with overrides applied."""
         if name not in self.presets:

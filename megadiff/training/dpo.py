@@ -31,7 +31,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 from megadiff.data.preference import PreferenceDataset, read_preference_rows, tokenize_pairs
-from megadiff.models.llada2.schedule import forward_backward
+from megadiff.models.common.schedule import forward_backward
 from megadiff.platform.device import run_device
 from megadiff.training.setup import build_model_with_initial_weights
 from megadiff.training.step_metrics import global_sums, sum_in_order

@@ -24,9 +24,9 @@ from megadiff.checkpoint import load_checkpoint, model_sharded_state_dict, resol
 from megadiff.hf.checkpoint_reader import read_hf_config
 from megadiff.hf.ling import as_llada2_config
 from megadiff.lora.adapter_checkpoint import adapter_meta, adapter_sharded_state_dict
+from megadiff.models.common.gpt import set_xt_only_logits
+from megadiff.models.common.schedule import forward_backward
 from megadiff.models.llada2 import LLaDA2ModelConfig
-from megadiff.models.llada2.model import set_xt_only_logits
-from megadiff.models.llada2.schedule import forward_backward
 from megadiff.platform import compat, init_distributed, initialize_parallel, print_rank0
 from megadiff.platform.device import default_params_dtype, to_run_device
 from megadiff.platform.kernels import probe_environment

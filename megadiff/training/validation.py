@@ -17,7 +17,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 from megadiff.data.rows import DataError
-from megadiff.models.llada2.schedule import forward_backward
+from megadiff.models.common.schedule import forward_backward
 from megadiff.platform.device import run_device
 from megadiff.seeding import stable_seed
 from megadiff.training.batch import loss_denominator

@@ -88,7 +88,7 @@ def test_cpu_support_refuses_to_patch_when_cuda_is_present():
 
 @pytest.mark.gpu
 def test_transformer_engine_spec_is_chosen_whenever_megatron_core_can_use_te():
-    from megadiff.models.llada2.spec import transformer_engine_usable
+    from megadiff.models.common.spec import transformer_engine_usable
     from megadiff.platform.kernels import megatron_has_te
 
     if not megatron_has_te():

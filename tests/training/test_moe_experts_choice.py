@@ -102,8 +102,8 @@ def test_the_replaced_key_names_its_successor_and_lora_on_grouped_experts_names_
 
 def test_tools_resolve_the_same_choice_naming_their_flag():
     from megadiff.errors import ConfigError
+    from megadiff.models.common.gpt import routed_experts
     from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset
-    from megadiff.models.llada2.model import routed_experts
 
     tiny = LLaDA2ModelConfig.from_hf_dict(preset("tiny"))
     assert routed_experts(tiny, ParallelLayout(), torch.float32, "auto", key="--moe-experts").backend == "grouped"

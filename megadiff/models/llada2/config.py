@@ -69,6 +69,14 @@ class LLaDA2ModelConfig:
     source: str = "config.json"
 
     @property
+    def ffn_hidden_size(self) -> int:  # the family-config name (megadiff.models.family) of dense layers' FFN
+        return self.intermediate_size
+
+    @property
+    def moe_ffn_hidden_size(self) -> int:  # ... and of one routed expert's FFN
+        return self.moe_intermediate_size
+
+    @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
 

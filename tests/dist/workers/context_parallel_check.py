@@ -33,8 +33,8 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from megadiff.diffusion.block_mask import block_mask_for
 from megadiff.hf import load_reference_model
 from megadiff.models.common.context_parallel import zigzag_positions
+from megadiff.models.common.schedule import forward_backward
 from megadiff.models.llada2.hf_mapping import gather_hf_state
-from megadiff.models.llada2.schedule import forward_backward
 from megadiff.platform import init_distributed
 from megadiff.training.batch import prepare_micro_batch
 from megadiff.training.config import load_config

@@ -130,9 +130,9 @@ def main():
     from megadiff.checkpoint import load_model_weights
     from megadiff.hf.checkpoint_reader import read_hf_config
     from megadiff.hf.reference import load_reference_model
+    from megadiff.models.common.logits import full_logits
     from megadiff.models.llada2 import LLaDA2ModelConfig
     from megadiff.models.llada2.hf_mapping import gather_hf_state
-    from megadiff.models.llada2.logits import full_logits
     from megadiff.models.llada2.model import build_model
     from megadiff.platform import init_distributed, initialize_parallel
 

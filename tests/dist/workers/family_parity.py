@@ -22,7 +22,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 
 from megadiff.models.common.gpt import build_gpt_chunks  # noqa: E402
 from megadiff.models.common.hf_weights import gather_hf_state, load_hf_into_model  # noqa: E402
-from megadiff.models.llada2.schedule import forward_backward  # noqa: E402
+from megadiff.models.common.schedule import forward_backward  # noqa: E402
 from megadiff.models.registry import family  # noqa: E402
 from megadiff.platform import init_distributed, initialize_parallel  # noqa: E402
 from megadiff.platform.parallel_layout import ParallelLayout  # noqa: E402

@@ -29,10 +29,11 @@ from megadiff.diffusion.block_mask import block_mask_for  # noqa: E402
 from megadiff.diffusion.masks import block_diffusion_mask, full_attention_mask  # noqa: E402
 from megadiff.hf import build_reference_model  # noqa: E402
 from megadiff.models.common.attention import FlexCoreAttention  # noqa: E402
+from megadiff.models.common.gpt import mcore_attention_mask  # noqa: E402
+from megadiff.models.common.schedule import forward_backward  # noqa: E402
 from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset  # noqa: E402
 from megadiff.models.llada2.hf_mapping import load_hf_into_model  # noqa: E402
-from megadiff.models.llada2.model import build_model, mcore_attention_mask  # noqa: E402
-from megadiff.models.llada2.schedule import forward_backward  # noqa: E402
+from megadiff.models.llada2.model import build_model  # noqa: E402
 from megadiff.platform import init_distributed, initialize_parallel  # noqa: E402
 from megadiff.platform.cpu_flex_attention import cpu_flex_is_compiled  # noqa: E402
 from megadiff.training.ddp import wrap_ddp  # noqa: E402

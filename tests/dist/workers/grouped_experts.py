@@ -27,10 +27,11 @@ from megadiff.errors import ConfigError  # noqa: E402
 from megadiff.hf import build_reference_model  # noqa: E402
 from megadiff.lora.adapters import LoRAColumnParallel, lora_class  # noqa: E402
 from megadiff.lora.apply import LoRAConfigError, apply_lora  # noqa: E402
+from megadiff.models.common.gpt import forward_chunk  # noqa: E402
+from megadiff.models.common.schedule import forward_backward  # noqa: E402
 from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset  # noqa: E402
 from megadiff.models.llada2.hf_mapping import gather_hf_state, load_hf_into_model  # noqa: E402
-from megadiff.models.llada2.model import build_model, forward_chunk  # noqa: E402
-from megadiff.models.llada2.schedule import forward_backward  # noqa: E402
+from megadiff.models.llada2.model import build_model  # noqa: E402
 from megadiff.platform import init_distributed, initialize_parallel  # noqa: E402
 from megadiff.training.ddp import wrap_ddp  # noqa: E402
 

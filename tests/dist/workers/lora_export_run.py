@@ -24,7 +24,7 @@ install_import_hook()  # first, before anything imports megatron-core
 
 import torch  # noqa: E402
 
-from megadiff.models.llada2.logits import full_logits  # noqa: E402
+from megadiff.models.common.logits import full_logits  # noqa: E402
 from megadiff.training.config import load_config  # noqa: E402
 from megadiff.training.loop import Trainer  # noqa: E402
 from tests.dist.launch import REPO  # noqa: E402

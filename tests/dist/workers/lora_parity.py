@@ -46,6 +46,7 @@ from megadiff.hf.checkpoint_reader import read_hf_config  # noqa: E402
 from megadiff.lora.apply import apply_lora  # noqa: E402
 from megadiff.lora.peft_format import PEFT_PREFIX, adapted_modules, hf_modules, to_peft, write_peft_adapter  # noqa: E402
 from megadiff.lora.state import full_adapter_state, load_full_adapter_state  # noqa: E402
+from megadiff.models.common.schedule import forward_backward  # noqa: E402
 from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout  # noqa: E402
 from megadiff.models.llada2.hf_mapping import (  # noqa: E402
     full_mcore_from_hf,
@@ -54,7 +55,6 @@ from megadiff.models.llada2.hf_mapping import (  # noqa: E402
     rule_for,
 )
 from megadiff.models.llada2.model import build_model  # noqa: E402
-from megadiff.models.llada2.schedule import forward_backward  # noqa: E402
 from megadiff.platform import init_distributed, initialize_parallel  # noqa: E402
 from megadiff.training.batch import prepare_micro_batch  # noqa: E402
 from megadiff.training.config import TrainingConfig, load_config  # noqa: E402

@@ -18,10 +18,10 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 
 from megadiff.hf import build_reference_model  # noqa: E402
 from megadiff.models.common.grouped_experts import TorchGroupedMLP  # noqa: E402
+from megadiff.models.common.schedule import forward_backward  # noqa: E402
 from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset  # noqa: E402
 from megadiff.models.llada2.hf_mapping import gather_hf_state, load_hf_into_model  # noqa: E402
 from megadiff.models.llada2.model import build_model  # noqa: E402
-from megadiff.models.llada2.schedule import forward_backward  # noqa: E402
 from megadiff.platform import init_distributed, initialize_parallel  # noqa: E402
 from megadiff.training.ddp import wrap_ddp  # noqa: E402
 

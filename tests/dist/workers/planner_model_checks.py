@@ -20,8 +20,9 @@ import torch
 
 from megadiff.diffusion.block_mask import block_mask_for
 from megadiff.diffusion.masks import block_diffusion_mask
+from megadiff.models.common.gpt import forward_chunk
 from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset
-from megadiff.models.llada2.model import build_model, forward_chunk
+from megadiff.models.llada2.model import build_model
 from megadiff.planner.memory import RunShape, activation_bytes_per_layer
 from megadiff.platform import init_distributed, initialize_parallel
 

@@ -21,10 +21,10 @@ from megatron.core import parallel_state as ps
 
 from megadiff.diffusion.masks import block_diffusion_mask
 from megadiff.hf import build_reference_model
+from megadiff.models.common.schedule import forward_backward
 from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset
 from megadiff.models.llada2.hf_mapping import load_hf_into_model
 from megadiff.models.llada2.model import build_model
-from megadiff.models.llada2.schedule import forward_backward
 from megadiff.platform import init_distributed, initialize_parallel
 from megadiff.training.config import DiffusionSection
 from megadiff.training.ddp import wrap_ddp

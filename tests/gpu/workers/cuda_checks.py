@@ -22,9 +22,9 @@ import torch  # noqa: E402
 
 from megadiff.diffusion.loss import masked_diffusion_loss  # noqa: E402
 from megadiff.hf import build_reference_model  # noqa: E402
+from megadiff.models.common.logits import full_logits  # noqa: E402
 from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout, preset  # noqa: E402
 from megadiff.models.llada2.hf_mapping import load_hf_into_model  # noqa: E402
-from megadiff.models.llada2.logits import full_logits  # noqa: E402
 from megadiff.models.llada2.model import build_model  # noqa: E402
 from megadiff.platform import init_distributed, initialize_parallel, run_device  # noqa: E402
 
@@ -96,7 +96,7 @@ def flex_errors():
     from megadiff.diffusion.block_mask import block_mask_for
     from megadiff.diffusion.masks import block_diffusion_mask, full_attention_mask
     from megadiff.models.common.attention import FlexCoreAttention
-    from megadiff.models.llada2.model import mcore_attention_mask
+    from megadiff.models.common.gpt import mcore_attention_mask
 
     device = run_device()
     heads, groups, dim, b, length = 4, 2, 64, 2, 320

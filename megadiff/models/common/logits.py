@@ -9,9 +9,10 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-from megadiff.models.common.context_parallel import local_query_mask_mod, sequence_multiple, zigzag_positions
-from megadiff.models.llada2.schedule import forward_backward
 from megadiff.platform.device import run_device, to_run_device
+
+from .context_parallel import local_query_mask_mod, sequence_multiple, zigzag_positions
+from .schedule import forward_backward
 
 
 def pad_for_sequence_parallel(input_ids, position_ids, allowed, tp: int):

@@ -13,7 +13,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from .model import forward_chunk
+from .gpt import forward_chunk
 
 # loss_fn(micro_batch, output) -> (loss_sum, num_tokens, {name: tensor})
 LossFn = Callable[[dict, torch.Tensor], tuple]
