@@ -53,7 +53,7 @@ RULES = ("threshold", "low_confidence")
 REMASKING = ("low_confidence", "random")
 
 # This module and editing.py are also remote code: megadiff writes them beside the models it makes,
-# where the model's `generate()` runs them (megadiff.hf.modeling_llada2_moe). So they import only
+# where the model's `generate()` runs them (megadiff.models.llada2.modeling_llada2_moe). So they import only
 # torch, the standard library and each other, never megadiff.
 
 
