@@ -56,8 +56,8 @@ from megadiff.training.optimizer_memory import optimizer_state_bytes
 from megadiff.training.perf_preflight import check_perf, choose_attention_backend, choose_moe_experts
 from megadiff.training.phases import BLOCK_DIFFUSION, phase_at, phase_diffusion, run_phases
 from megadiff.training.preflight import check_outputs
-from megadiff.training.recipe import apply_family_recipe, describe_recipe
 from megadiff.training.pretraining import build_pretraining_data, check_pretraining_data, is_pretraining
+from megadiff.training.recipe import apply_family_recipe, describe_recipe
 from megadiff.training.resume_config import compare_with_checkpoint
 from megadiff.training.setup import (
     build_dataset,
