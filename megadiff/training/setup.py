@@ -11,8 +11,8 @@ from megadiff.data.dataset import SFTDataset
 from megadiff.data.rows import read_sft_rows
 from megadiff.data.tokenize import pad_answers_to_block, tokenize_rows
 from megadiff.errors import ConfigError
-from megadiff.hf.checkpoint_reader import HFCheckpointReader, check_tensors_match, read_hf_config
-from megadiff.hf.tokenizer import TOKENIZER_FILES, TokenizerError, load_local_tokenizer, mask_token_id
+from megadiff.hf.checkpoint_reader import HFCheckpointReader, check_tensors_match
+from megadiff.hf.tokenizer import MASK_TOKEN, TOKENIZER_FILES, TokenizerError, load_local_tokenizer, mask_token_id
 from megadiff.lora.apply import apply_lora
 from megadiff.lora.base_record import base_of_run
 from megadiff.lora.init_from_peft import adapter_for_run
@@ -90,10 +90,8 @@ def check_layout_fits_processes(layout, world: int) -> None:
 
 def load_tokenizer_and_mask_id(cfg: TrainingConfig, model_cfg, family=None):
     """The run's tokenizer and diffusion mask id: model.mask_token_id, else the id of the model
-    family's mask token (TokenizerFacts.mask_token; `family` default: model.hf_dir's)."""
-    if family is None:
-        family = family_for_config(read_hf_config(cfg.model.hf_dir), os.path.join(cfg.model.hf_dir, "config.json"))
-    mask_token = family.tokenizer.mask_token
+    family's mask token (TokenizerFacts.mask_token; no `family`: `<|mask|>`, LLaDA2's)."""
+    mask_token = family.tokenizer.mask_token if family is not None else MASK_TOKEN
     tokenizer_dir = cfg.model.tokenizer_dir or cfg.model.hf_dir
     key = "model.tokenizer_dir" if cfg.model.tokenizer_dir else "model.hf_dir"
     if not any(os.path.isfile(os.path.join(tokenizer_dir, f)) for f in TOKENIZER_FILES):
@@ -213,6 +211,11 @@ def peft_adapters_for_run(cfg: TrainingConfig, hf_config: dict, log) -> dict | N
     return full
 
 
+def build_model(family, model_cfg, layout, **kwargs):
+    """This rank's model chunks of `family` (ModelFamily.build_model's arguments)."""
+    return family.build_model(model_cfg, layout, **kwargs)
+
+
 def build_model_with_initial_weights(
     cfg: TrainingConfig,
     model_cfg,
@@ -225,7 +228,8 @@ def build_model_with_initial_weights(
 ):
     """Model chunks for this rank holding the run's starting weights (hf_dir or init_from_mcore)."""
     family = family_for_config(hf_config, os.path.join(cfg.model.hf_dir, "config.json"))
-    chunks = family.build_model(
+    chunks = build_model(
+        family,
         model_cfg,
         layout,
         params_dtype=dtype,
