@@ -1,5 +1,8 @@
 #!/usr/bin/env python3
-"""Compare megadiff's LLaDA2 (any TP/EP/PP/VPP/CP layout) with the plain-PyTorch reference.
+"""Compare megadiff's model (any family, any TP/EP/PP/VPP/CP layout) with its plain-PyTorch reference.
+
+The family (LLaDA2, LLaDA, LLaDA-MoE, ...) comes from config.json's model_type; the megatron model is
+built and loaded through the family's mapping objects, the reference is the family's own with HF names.
 
 Run under torchrun, one process per rank of the layout, e.g.
   torchrun --nproc-per-node 4 tools/compare_logits.py --hf-dir MODEL --tp 2 --ep 2 \
@@ -21,7 +24,7 @@ from megadiff.errors import UserError, user_error_exit  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hf-dir", required=True, help="HF LLaDA2 directory (config.json + safetensors): the reference")
+    p.add_argument("--hf-dir", required=True, help="HF model directory (config.json + safetensors): the reference")
     p.add_argument("--mcore-dir", help="megatron checkpoint to test instead of the HF weights (converted or trained)")
     p.add_argument("--iteration", type=int, help="checkpoint iteration (default: latest complete)")
     p.add_argument(
@@ -108,17 +111,14 @@ def compare(args) -> int:
         raise UserError(f"{args.position_ids}: rows must have the same lengths as {args.input_ids}")
     import torch
 
-    from megadiff.hf import load_reference_model
-    from megadiff.hf.checkpoint_reader import read_hf_config
-    from megadiff.models.common.gpt import routed_experts
-    from megadiff.models.common.logits import full_logits
-    from megadiff.models.llada2 import LLaDA2ModelConfig, ParallelLayout
-    from megadiff.models.llada2.hf_mapping import load_hf_into_model
-    from megadiff.models.llada2.model import build_model
-    from megadiff.platform import init_distributed, initialize_parallel, print_rank0
+    from megadiff.hf.checkpoint_reader import HFCheckpointReader, check_tensors_match, read_hf_config
+    from megadiff.models.registry import family_for_config
+    from megadiff.platform.parallel_layout import ParallelLayout
 
     cfg_dict = read_hf_config(args.hf_dir)
-    cfg = LLaDA2ModelConfig.from_hf_dict(cfg_dict, source=os.path.join(args.hf_dir, "config.json"))
+    source = os.path.join(args.hf_dir, "config.json")
+    family = family_for_config(cfg_dict, source)
+    cfg = family.config_from_hf(cfg_dict, source)
     layout = ParallelLayout(tp=args.tp, ep=args.ep, etp=args.etp, pp=args.pp, vpp=args.vpp, cp=args.cp)
     cfg.validate_layout(layout)
     if max(max(r) for r in ids_rows) >= cfg.vocab_size or min(min(r) for r in ids_rows) < 0:
@@ -129,20 +129,37 @@ def compare(args) -> int:
         inputs = [("--hf-dir", args.hf_dir), ("--mcore-dir", args.mcore_dir), ("--input-ids", args.input_ids)]
         refuse_overlaps([("--save-logits", args.save_logits)], inputs + [("--position-ids", args.position_ids)])
         check_output_file(args.save_logits, "--save-logits")
-    from megadiff.training.setup import check_weights_fit
+    # before any model is built: the weights hold every tensor config.json implies, with its shape
+    reader = HFCheckpointReader(args.hf_dir)
+    check_tensors_match(reader, family.mapping.expected_hf_shapes(cfg))  # the reference's weights
+    if args.mcore_dir:
+        from megadiff.training.setup import check_weights_fit
 
-    check_weights_fit(args.hf_dir, cfg_dict, args.mcore_dir, args.trust_checkpoint)  # before any model is built
+        check_weights_fit(args.hf_dir, cfg_dict, args.mcore_dir, args.trust_checkpoint)
 
+    from megadiff.models.common.gpt import routed_experts  # megatron-core: after the input checks
+    from megadiff.models.common.hf_weights import load_hf_into_model
+    from megadiff.models.common.logits import full_logits
+    from megadiff.platform import init_distributed, initialize_parallel, print_rank0
+
+    owns_group = not torch.distributed.is_initialized()  # a caller's process group stays up
     init_distributed()
-    # a ConfigError (a UserError) names --moe-experts: one line, exit 2
-    experts = routed_experts(cfg, layout, torch.float32, args.moe_experts, key="--moe-experts")
+    experts = None
+    if cfg.num_experts:  # a ConfigError (a UserError) names --moe-experts: one line, exit 2
+        experts = routed_experts(cfg, layout, torch.float32, args.moe_experts, key="--moe-experts")
     initialize_parallel(layout)
-    print_rank0(f"compare_logits: {args.hf_dir} at {layout} ({torch.distributed.get_world_size()} ranks)")
-    print_rank0(f"routed experts: {experts.backend} ({experts.reason})")
+    print_rank0(
+        f"compare_logits: {family.name} model {args.hf_dir} at {layout} ({torch.distributed.get_world_size()} ranks)"
+    )
+    if experts is not None:
+        print_rank0(f"routed experts: {experts.backend} ({experts.reason})")
     rank0 = torch.distributed.get_rank() == 0
-    reference = load_reference_model(args.hf_dir) if rank0 else None
-    chunks = build_model(
-        cfg, layout, attention_backend="flex" if layout.cp > 1 else "dense", moe_experts=experts.backend
+    reference = load_reference(family, cfg_dict, reader) if rank0 else None
+    chunks = family.build_model(
+        cfg,
+        layout,
+        attention_backend="flex" if layout.cp > 1 else "dense",
+        moe_experts=experts.backend if experts is not None else "auto",
     )
     if args.mcore_dir:
         from megadiff.checkpoint import load_model_weights
@@ -150,10 +167,7 @@ def compare(args) -> int:
         load_model_weights(args.mcore_dir, chunks, iteration=args.iteration, trust=args.trust_checkpoint)
         print_rank0(f"loaded megatron checkpoint {args.mcore_dir}")
     else:
-        from megadiff.hf.checkpoint_reader import HFCheckpointReader
-
-        reader = HFCheckpointReader(args.hf_dir)
-        load_hf_into_model(chunks, reader.get, cfg)
+        load_hf_into_model(chunks, reader.get, family.mapping, cfg)
 
     worst, outputs = 0.0, []
     for i, (ids, pos) in enumerate(zip(ids_rows, pos_rows, strict=True)):
@@ -162,7 +176,7 @@ def compare(args) -> int:
         if not rank0:
             continue
         with torch.no_grad():
-            ref = reference(ids_t, pos_t).logits.float()
+            ref = reference(ids_t, position_ids=pos_t).logits.float()
         diff = float((ours - ref).abs().max())
         worst = max(worst, diff)
         outputs.append(ours[0])
@@ -179,8 +193,24 @@ def compare(args) -> int:
         print_rank0(f"logits written to {args.save_logits}")
     print_rank0(f"{'PASS' if ok else 'FAIL'}: max |Δ| = {worst:.3e} (tolerance {args.tolerance:g})")
     torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    if owns_group:
+        torch.distributed.destroy_process_group()
     return 0 if ok else 1
+
+
+def load_reference(family, cfg_dict: dict, reader):
+    """The family's fp32 reference model with the HF dir's weights (names and shapes were checked
+    against the family's mapping table before: they are exactly the reference's state dict)."""
+    import torch
+
+    model = family.build_reference(cfg_dict)
+    state = model.state_dict()  # parameters and persistent buffers, sharing storage with the model
+    if set(state) != set(reader.names()):
+        raise UserError(f"{reader.hf_dir}: the {family.name} reference's tensors differ from the mapping table's")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            tensor.copy_(reader.get(name))
+    return model.float().eval()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The plain-PyTorch LLaDA2 reference model (HF weight names), its loading and saving.
+"""The plain-PyTorch LLaDA2 reference model (HF weight names; megadiff.models.llada2), its loading and saving.
 
 The names below are imported on first use: the reference model needs transformers (~2 s of
 imports), which `megadiff.hf.checkpoint_reader` and `megadiff.hf.remote_code` (used by tools that
@@ -16,7 +16,7 @@ def __getattr__(name):
     if name in _REFERENCE:
         return getattr(importlib.import_module(".reference", __name__), name)
     if name in _MODEL:
-        return getattr(importlib.import_module("." + _MODEL[name], __name__), name)
+        return getattr(importlib.import_module("megadiff.models.llada2." + _MODEL[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -10,11 +10,11 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from megadiff.hf.checkpoint_reader import HFCheckpointReader, check_tensors_match, read_hf_config
 from megadiff.hf.remote_code import AUTO_MAP, REMOTE_CODE_FILES, remote_code_source
 from megadiff.models.llada2.config import LLaDA2ModelConfig
+from megadiff.models.llada2.configuration_llada2_moe import LLaDA2MoeConfig
 from megadiff.models.llada2.hf_experts import SPLIT, detect_expert_format, expected_shapes, split_tensor_getter
 from megadiff.models.llada2.hf_mapping import expected_hf_shapes
-
-from .configuration_llada2_moe import LLaDA2MoeConfig
-from .modeling_llada2_moe import LLaDA2MoeModelLM
+from megadiff.models.llada2.modeling_llada2_moe import LLaDA2MoeModelLM
+from megadiff.models.llada2.reference import build_reference_model
 
 
 def register_with_transformers() -> None:
@@ -25,26 +25,6 @@ def register_with_transformers() -> None:
         AutoModelForCausalLM.register(LLaDA2MoeConfig, LLaDA2MoeModelLM)
     except ValueError:  # already registered in this process
         pass
-
-
-def build_reference_model(cfg: dict, seed: int | None = None, dtype=torch.float32) -> LLaDA2MoeModelLM:
-    """A reference model from config fields. With `seed`, every weight is random and non-trivial:
-    norms away from 1 and non-zero expert biases, so a test that ignores them fails."""
-    config = LLaDA2MoeConfig(**{k: v for k, v in cfg.items() if k != "model_type"})
-    if seed is not None:
-        torch.manual_seed(seed)
-    model = LLaDA2MoeModelLM(config).to(dtype).eval()
-    if seed is not None:
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "layernorm" in name or name.endswith("norm.weight"):
-                    p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-                else:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.5 / p.shape[-1] ** 0.5)
-            for _, block in model.moe_blocks():
-                block.gate.expert_bias.copy_(0.05 * torch.randn(block.gate.expert_bias.shape, generator=g))
-    return model
 
 
 def load_reference_model(hf_dir: str, dtype=torch.float32) -> LLaDA2MoeModelLM:

@@ -9,7 +9,12 @@ import os
 # The model's config and modeling files, and the decoding modules its `generate()` imports from
 # beside it (megadiff.inference's sampler and rules, which import nothing of megadiff).
 REMOTE_CODE_FILES = ("configuration_llada2_moe.py", "modeling_llada2_moe.py", "sampler.py", "editing.py")
-_SOURCE_PACKAGE = {"sampler.py": "inference", "editing.py": "inference"}
+_SOURCE_PACKAGE = {
+    "configuration_llada2_moe.py": "models/llada2",
+    "modeling_llada2_moe.py": "models/llada2",
+    "sampler.py": "inference",
+    "editing.py": "inference",
+}
 AUTO_MAP = {
     "AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig",
     "AutoModel": "modeling_llada2_moe.LLaDA2MoeModelLM",
@@ -17,13 +22,7 @@ AUTO_MAP = {
 }
 
 
-def remote_code_dir() -> str:
-    """megadiff/hf, where the model's remote-code files live."""
-    return os.path.dirname(os.path.abspath(__file__))
-
-
 def remote_code_source(name: str) -> str:
     """The path of megadiff's own file for remote-code file `name` (one of REMOTE_CODE_FILES)."""
-    package = _SOURCE_PACKAGE.get(name)
-    here = remote_code_dir()
-    return os.path.join(os.path.dirname(here), package, name) if package else os.path.join(here, name)
+    megadiff_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(megadiff_dir, _SOURCE_PACKAGE[name], name)

@@ -1,8 +1,8 @@
 """The LLaDA2 family (LLaDA2.0 / 2.1 mini and flash; BailingMoeV2 / Ling-2.0 architecture).
 
-Wraps what megadiff.models.llada2 already has: config (config.py), layer spec (spec.py), mapping
-objects (mapping.py), and the reference model, which lives in megadiff.hf because it is also the
-remote code written next to LLaDA2 checkpoints.
+Wraps what megadiff.models.llada2 has: config (config.py), layer spec (spec.py), mapping objects
+(mapping.py), and the reference model (reference.py over modeling_llada2_moe.py, which is also the
+remote code written next to LLaDA2 checkpoints).
 """
 
 from megadiff.models.family import DiffusionRecipe, ModelFamily, SamplerDefaults, TokenizerFacts
@@ -73,9 +73,7 @@ def gpt_model_args(cfg: LLaDA2ModelConfig) -> dict:
 
 
 def build_reference(cfg: dict, seed: int | None = None):
-    # The reference is megadiff's LLaDA2 remote code (megadiff.hf), one layer up; issue 28 phase 2
-    # moves it into this folder (.importlinter has the matching ignore_imports line until then).
-    from megadiff.hf.reference import build_reference_model
+    from .reference import build_reference_model  # transformers: only when a reference is built
 
     return build_reference_model(cfg, seed=seed)
 

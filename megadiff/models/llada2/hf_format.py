@@ -9,10 +9,14 @@
 
 from megadiff.models.family import HFFormat
 
+from . import hf_experts
 from .hf_experts import SPLIT, detect_expert_format, expected_shapes, split_tensor_getter
 
 
 class LLaDA2HFFormat(HFFormat):
+    experts = hf_experts  # converters: split / merged expert layouts (tools/moe_convertor.py)
+    remote_code = True  # megadiff.hf's LLaDA2 remote code
+
     def unused_tensors(self, hf_config: dict, names) -> frozenset[str]:
         extra_layers = hf_config.get("num_nextn_predict_layers") or 0
         if not isinstance(extra_layers, int) or isinstance(extra_layers, bool) or extra_layers <= 0:
