@@ -29,7 +29,9 @@ def test_a_tiny_model_of_the_family_the_trainer_accepts(tmp_path, name, capsys):
     _, mask_id = load_tokenizer_and_mask_id(cfg, model_cfg, fam)
     assert tokenizer.convert_ids_to_tokens(mask_id) == facts.mask_token and config["mask_token_id"] == mask_id
     assert tokenizer.eos_token == facts.eos_token and config["eos_token_id"] == tokenizer.eos_token_id
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "1+1?"}], tokenize=False, add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "1+1?"}], tokenize=False, add_generation_prompt=True
+    )
     assert facts.end_of_turn in chat and "1+1?" in chat
     assert len(tokenizer) <= model_cfg.vocab_size
 
@@ -48,7 +50,10 @@ def test_block_diffusion_on_a_tiny_llada_stops_before_anything_is_built(tmp_path
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--family", "qwen3"], "--family qwen3: unknown model family 'qwen3'; known families: llada, llada2, lladamoe"),
+        (
+            ["--family", "qwen3"],
+            "--family qwen3: unknown model family 'qwen3'; known families: llada, llada2, lladamoe",
+        ),
         (["--family", "llada", "--layers", "2"], "--layers: applies to --family llada2 only"),
     ],
 )

@@ -24,7 +24,9 @@ def test_unset_fields_come_from_the_family_recipe(name):
 
 
 def test_what_the_config_sets_wins_over_the_recipe():
-    cfg = load_config(None, ["model.hf_dir=x", "data.train_files=x", "diffusion.t_low=0.2", "diffusion.loss_weight=none"])
+    cfg = load_config(
+        None, ["model.hf_dir=x", "data.train_files=x", "diffusion.t_low=0.2", "diffusion.loss_weight=none"]
+    )
     apply_family_recipe(cfg, family("llada"))
     assert section(cfg) == dict(LLADA_RECIPE, t_low=0.2, loss_weight="none")
 
@@ -56,10 +58,15 @@ def test_block_diffusion_is_refused_for_a_full_attention_family(overrides, field
     cfg = load_config(None, ["model.hf_dir=x", "data.train_files=x", "train.steps=5", *overrides])
     with pytest.raises(TrainingConfigError, match=rf"^{field}: block diffusion .* set diffusion.mode=full"):
         apply_family_recipe(cfg, family("llada"))
-    apply_family_recipe(load_config(None, ["model.hf_dir=x", "data.train_files=x", "train.steps=5", *overrides]), family("llada2"))
+    apply_family_recipe(
+        load_config(None, ["model.hf_dir=x", "data.train_files=x", "train.steps=5", *overrides]), family("llada2")
+    )
 
 
 def test_a_full_attention_schedule_is_accepted():
-    cfg = load_config(None, ["model.hf_dir=x", "data.train_files=x", "train.steps=5", "diffusion.block_schedule=[{steps: 5, mode: full}]"])
+    cfg = load_config(
+        None,
+        ["model.hf_dir=x", "data.train_files=x", "train.steps=5", "diffusion.block_schedule=[{steps: 5, mode: full}]"],
+    )
     apply_family_recipe(cfg, family("llada"))
     assert cfg.diffusion.loss_weight == "inverse_t"
