@@ -1,6 +1,10 @@
-"""tools/compare_logits.py for every model family, in one 2-process launch: the family comes from
-config.json, the megatron model from the family's mapping objects, the reference is the family's
-own (tiny LLaDA2, LLaDA and LLaDA-MoE dirs; fp32, max |logit difference| <= 1e-4)."""
+"""tools/compare_logits.py and LoRA for every model family, in one 2-process launch.
+
+compare_logits: the family comes from config.json, the megatron model from the family's mapping
+objects, the reference is the family's own (tiny LLaDA2, LLaDA and LLaDA-MoE dirs; fp32, max
+|logit difference| <= 1e-4). LoRA on the megatron model of LLaDA (TP=2 + SP) and LLaDA-MoE (EP=2
+with routed-expert adapters; TP=2) equals the family reference with the adapters merged (logits
+<= 1e-4), and the adapters gathered back from the layout are the ones loaded, bit for bit."""
 
 import json
 
@@ -8,8 +12,8 @@ import pytest
 
 from tests.dist.launch import run_torchrun
 
-WORKER = "tests/dist/workers/compare_logits_runs.py"
-TOL = "1e-4"
+WORKER = "tests/dist/workers/family_tools.py"
+TOL, LOGIT_TOL = "1e-4", 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +28,7 @@ def family_dirs(tmp_path_factory):
 
 
 @pytest.mark.dist
-def test_compare_logits_passes_for_every_family_and_layout(tiny_run_dir, family_dirs, tmp_path):
+def test_compare_logits_and_lora_for_every_family_and_layout(tiny_run_dir, family_dirs, tmp_path):
     ids = tmp_path / "ids.json"
     ids.write_text(json.dumps([[5, 17, 33, 2, 99, 400, 7, 1, 3], list(range(40, 56))]))
     common = f"--input-ids {ids} --tolerance {TOL}"
@@ -37,14 +41,24 @@ def test_compare_logits_passes_for_every_family_and_layout(tiny_run_dir, family_
         f"--hf-dir {moe} --tp 2 --ep 2 --etp 1 {common}",
         f"--hf-dir {moe} --pp 2 {common}",
     ]
-    out, listed = tmp_path / "codes.json", tmp_path / "runs.json"
+    lora_jobs = [
+        dict(hf_dir=str(llada), tp=2, ep=1, pp=1, experts=False),
+        dict(hf_dir=str(moe), tp=1, ep=2, pp=1, experts=True),
+        dict(hf_dir=str(moe), tp=2, ep=1, pp=1, experts=False),
+    ]
+    out, listed, jobs = tmp_path / "out.json", tmp_path / "runs.json", tmp_path / "lora_jobs.json"
     listed.write_text(json.dumps(runs))
-    log = run_torchrun(2, WORKER, ["--runs", listed, "--out", out])
-    codes = json.loads(out.read_text())
-    assert codes == {run: 0 for run in runs}, log[-3000:]
+    jobs.write_text(json.dumps(lora_jobs))
+    log = run_torchrun(2, WORKER, ["--runs", listed, "--lora-jobs", jobs, "--out", out])
+    results = json.loads(out.read_text())
+    assert results["codes"] == {run: 0 for run in runs}, log[-3000:]
     for name in ("llada2", "llada", "lladamoe"):
         assert f"compare_logits: {name} model" in log, log[-3000:]
     assert log.count("PASS: max |Δ|") == len(runs), log[-3000:]
+    assert len(results["lora"]) == len(lora_jobs)
+    for job, r in results["lora"].items():
+        assert r["logits"] <= LOGIT_TOL and r["adapters_not_exact"] == 0.0, (job, r)
+        assert r["adapters_effect"] > 0.1, (job, r)  # the adapters change the output a lot
 
 
 def test_compare_logits_names_the_known_model_types_for_an_unknown_one(tmp_path, capsys):
