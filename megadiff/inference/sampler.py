@@ -41,12 +41,16 @@ so a row's tokens do not depend on which other rows share its batch.
 from __future__ import annotations
 
 import hashlib
+import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .editing import CardRule, EditRule
+
+RULES = ("threshold", "low_confidence")
+REMASKING = ("low_confidence", "random")
 
 # This module and editing.py are also remote code: megadiff writes them beside the models it makes,
 # where the model's `generate()` runs them (megadiff.models.llada2.modeling_llada2_moe). So they import only
@@ -59,7 +63,7 @@ class DecodingOptions:
 
     gen_length: int = 256
     block_length: int = 32
-    steps: int = 32
+    steps: int = 32  # "threshold": iterations per block; "low_confidence": over the whole answer
     threshold: float = 0.95
     temperature: float = 0.0
     top_k: int | None = None  # None or 0: off
@@ -72,6 +76,10 @@ class DecodingOptions:
     editing_threshold: float | None = None
     max_post_steps: int = 16
     num_to_transfer: int = 1
+    # "threshold": the rule above (LLaDA2); "low_confidence": LLaDA's generate.py (low_confidence.py),
+    # whose `remasking` is "low_confidence" (commit the most probable) or "random"
+    rule: str = "threshold"
+    remasking: str = "low_confidence"
 
     def __post_init__(self):
         for name in ("gen_length", "block_length", "steps", "minimal_topk"):
@@ -92,11 +100,34 @@ class DecodingOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
+        if self.remasking not in REMASKING:
+            raise ValueError(f"remasking must be one of {', '.join(REMASKING)}, got {self.remasking!r}")
+        if self.rule == "low_confidence":
+            self._check_low_confidence()
         if self.gen_length // self.minimal_topk < 1:
             raise ValueError(
                 f"minimal_topk={self.minimal_topk} > gen_length={self.gen_length} leaves no decoding "
                 f"steps (steps = min(steps, gen_length // minimal_topk)); lower minimal_topk"
             )
+
+    def _check_low_confidence(self) -> None:
+        """LLaDA's generate.py asserts both divisions; its rule has no filters and no editing."""
+        if self.gen_length % self.block_length:
+            raise ValueError(
+                f"gen_length={self.gen_length} is not a multiple of block_length={self.block_length} "
+                f"(the low_confidence rule cuts the answer into whole blocks)"
+            )
+        num_blocks = self.gen_length // self.block_length
+        if self.steps % num_blocks:
+            raise ValueError(
+                f"steps={self.steps} is not a multiple of the {num_blocks} blocks (gen_length / block_length): "
+                f"the low_confidence rule gives every block steps / blocks iterations"
+            )
+        for name in ("top_k", "top_p", "editing_threshold"):
+            if getattr(self, name) not in (None, 0, 1.0):
+                raise ValueError(f"{name} is not part of the low_confidence rule; leave it unset")
 
     @property
     def effective_steps(self) -> int:
@@ -201,11 +232,15 @@ def check_positions(max_positions: int | None, prompts: Sequence[Sequence[int]],
     if max_positions is None:
         return
     for i, prompt in enumerate(prompts):
-        fed = -(-(len(prompt) + options.gen_length) // options.block_length) * options.block_length
+        fed = len(prompt) + options.gen_length
+        padded = ""
+        if options.rule == "threshold":  # the canvas is padded to whole blocks
+            fed = -(-fed // options.block_length) * options.block_length
+            padded = f", padded to whole blocks of {options.block_length},"
         if fed > max_positions:
             raise ValueError(
-                f"prompts[{i}] has {len(prompt)} tokens; with gen_length={options.gen_length}, padded to "
-                f"whole blocks of {options.block_length}, that is {fed} positions, beyond the model's "
+                f"prompts[{i}] has {len(prompt)} tokens; with gen_length={options.gen_length}{padded} "
+                f"that is {fed} positions, beyond the model's "
                 f"max_position_embeddings={max_positions}; shorten the prompt or lower gen_length"
             )
 
@@ -220,7 +255,8 @@ def generate(
     row_ids: Sequence[int] | None = None,
     drafts: Sequence[Sequence[int]] | None = None,
 ) -> GenerationResult:
-    """Decode every prompt (a list of token ids) with the block-wise rule; see the module docstring.
+    """Decode every prompt (a list of token ids) with the block-wise rule; see the module docstring
+    (options.rule "low_confidence": LLaDA's rule instead, low_confidence.py).
 
     model: called as model(input_ids, position_ids=, attention_mask=, past_key_values=, use_cache=)
     -> .logits, .past_key_values (the reference LLaDA2MoeModelLM). row_ids name the rows for
@@ -230,8 +266,9 @@ def generate(
     draft-and-edit may also re-write them (re-decoding a corrupted or earlier answer).
     """
     prompts = [[int(t) for t in p] for p in prompts]
-    check_token_ids(model.config.vocab_size, mask_id, eos_id, prompts)
-    check_positions(getattr(model.config, "max_position_embeddings", None), prompts, options)
+    config = model_config_of(model)
+    check_token_ids(config.vocab_size, mask_id, eos_id, prompts)
+    check_positions(getattr(config, "max_position_embeddings", None), prompts, options)
     row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
     if len(row_ids) != len(prompts):
         raise ValueError(f"row_ids has {len(row_ids)} entries for {len(prompts)} prompts")
@@ -239,12 +276,33 @@ def generate(
     if len(drafts) != len(prompts):
         raise ValueError(f"drafts has {len(drafts)} entries for {len(prompts)} prompts")
     for i, draft in enumerate(drafts):
-        if len(draft) > options.gen_length or any(not 0 <= t < model.config.vocab_size for t in draft):
+        if len(draft) > options.gen_length or any(not 0 <= t < config.vocab_size for t in draft):
             raise ValueError(f"drafts[{i}] must be at most gen_length={options.gen_length} ids in the vocabulary")
     device = next(model.parameters()).device
     generators = [_row_generator(options.seed, r, device) for r in row_ids]
     result = GenerationResult(tokens=[[] for _ in prompts], forward_passes=[0] * len(prompts), model_calls=0)
     groups: dict[int, list[int]] = {}
+    if options.rule == "low_confidence":  # LLaDA's generate.py: rows of one prompt length decode together
+        # Imported by name, not `from .low_confidence import`: transformers and hf_template copy a remote
+        # file's static sibling imports into LLaDA2 dirs, whose generate() never uses this rule.
+        decode_group = importlib.import_module(".low_confidence", __package__).decode_group
+        for i, prompt in enumerate(prompts):
+            groups.setdefault(len(prompt), []).append(i)
+        for length in sorted(groups):
+            rows = groups[length]
+            decode_group(
+                model,
+                [prompts[i] for i in rows],
+                [drafts[i] for i in rows],
+                options,
+                mask_id,
+                eos_id,
+                [generators[i] for i in rows],
+                rows,
+                result,
+                device,
+            )
+        return result
     for i, prompt in enumerate(prompts):
         groups.setdefault(len(prompt) // options.block_length, []).append(i)
     for start_block in sorted(groups):
@@ -263,6 +321,13 @@ def generate(
             device,
         )
     return result
+
+
+def model_config_of(model):
+    """The model's config (vocab_size, max_position_embeddings): `config` of the HF-style LLaDA2
+    reference, `cfg` of the other families' references (megadiff.models.<family>.reference)."""
+    config = getattr(model, "config", None)
+    return config if config is not None else model.cfg
 
 
 def row_seed(seed: int, row_id: int) -> int:
