@@ -28,6 +28,9 @@ def family_dirs(tmp_path_factory):
 
 
 @pytest.mark.dist
+# stack-independent wiring: the models' numerics at these layouts run on both stacks in
+# tests/dist/test_family_parity.py, LoRA's megatron modules in tests/converters/test_lora_export.py
+@pytest.mark.repeat
 def test_compare_logits_and_lora_for_every_family_and_layout(tiny_run_dir, family_dirs, tmp_path):
     ids = tmp_path / "ids.json"
     ids.write_text(json.dumps([[5, 17, 33, 2, 99, 400, 7, 1, 3], list(range(40, 56))]))
