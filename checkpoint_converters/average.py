@@ -21,11 +21,9 @@ from collections.abc import Callable
 import torch
 
 from megadiff.checkpoint.format import adapter_only_error, complete_iteration_dirs, read_meta, resolve_checkpoint_dir
-from megadiff.checkpoint.hf_tensors import McoreInput, inspect_mcore_input, plan_hf_output
+from megadiff.checkpoint.hf_tensors import SPLIT, McoreInput, inspect_mcore_input, plan_hf_output, regrouped
 from megadiff.errors import CheckpointError, UserError
-from megadiff.models.llada2.config import ParallelLayout
-from megadiff.models.llada2.hf_experts import SPLIT
-from megadiff.models.llada2.hf_mapping import hf_from_full_mcore
+from megadiff.platform.parallel_layout import ParallelLayout
 
 from .hf_to_mcore import HFInput, write_mcore_checkpoint
 from .io_paths import resolve_io
@@ -137,7 +135,7 @@ class MeanOfCheckpoints:
             item = plan[name]
             tensor = src.reader.read(item.key, item.offsets, item.sizes)
             if item.regroup is not None:
-                tensor = hf_from_full_mcore(item.regroup.rule, tensor.reshape(item.regroup.full_shape), src.model)[0]
+                tensor = regrouped(item, tensor, src.model)
             tensor = tensor.reshape(item.shape).to(torch.float32)
             total = tensor if total is None else total.add_(tensor)
             self.read += tensor.numel()
@@ -179,7 +177,9 @@ def average_checkpoints(
     log(f"averaging {len(inputs)} checkpoint(s) of {root}: iterations {shown}")
     first = inputs[0]
     mean = MeanOfCheckpoints(inputs)
-    source = HFInput(first.meta.get("hf_source_dir") or root, first.config, first.model, mean, SPLIT, first.dtype)
+    source = HFInput(
+        first.meta.get("hf_source_dir") or root, first.config, first.model, mean, SPLIT, first.dtype, first.family
+    )
     extra = {
         "averaged_from": [
             {"checkpoint": src.ckpt_dir, "iteration": it, "valid_loss": loss}

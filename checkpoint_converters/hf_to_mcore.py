@@ -1,4 +1,9 @@
-"""HF LLaDA2 directory (split or merged experts) -> megadiff megatron checkpoint (iteration 0).
+"""HF directory of any model family -> megadiff megatron checkpoint (iteration 0).
+
+The family comes from config.json's model_type (megadiff.models.registry); its mapping table
+(megadiff.models.common.mapping) names the HF tensors and owns their transform and TP/EP split.
+LLaDA2 dirs may hold their routed experts split or merged (dFactory), read through the family's
+`hf_format.experts`.
 
 Everything about the input is checked first (config fields, layout divisibility, index and shard
 files, tensor names / shapes / dtypes) without megatron-core. Then the model is built on the meta
@@ -34,18 +39,12 @@ import torch
 from megadiff.checkpoint.bytecopy.byte_spans import FileTable, RowAddresses
 from megadiff.checkpoint.bytecopy.span_copy import SpanCopier
 from megadiff.checkpoint.format import DTYPES, dtype_name, layout_dict, new_nonce, remove_tree
-from megadiff.errors import CheckpointError
+from megadiff.errors import CheckpointError, ConfigError
 from megadiff.files.disk_space import disk_full_error
 from megadiff.hf.checkpoint_reader import HFCheckpointReader, check_tensors_match, read_hf_config
 from megadiff.hf.ling import mtp_tensor_names
-from megadiff.models.llada2.config import ConfigError, LLaDA2ModelConfig, ParallelLayout
-from megadiff.models.llada2.hf_experts import (
-    SPLIT,
-    detect_expert_format,
-    expected_shapes,
-    split_tensor_getter,
-    stored_location,
-)
+from megadiff.models.registry import family_for_config
+from megadiff.platform.parallel_layout import ParallelLayout
 
 from .hf_direct import DirectHFReader
 from .io_paths import resolve_io
@@ -60,23 +59,45 @@ _CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32
 class HFInput:
     hf_dir: str
     config: dict
-    model: LLaDA2ModelConfig
+    model: object  # the family's validated config
     reader: HFCheckpointReader  # DirectHFReader for the byte-copy engine
-    expert_format: str | None  # "split", "merged" or None (no routed experts)
+    expert_format: str | None  # "split", "merged" (LLaDA2) or None (no routed experts, or one layout)
     dtype: torch.dtype  # the dtype of the weight matrices
+    family: object = None  # megadiff.models.family.ModelFamily (default: from `config`)
+
+    def __post_init__(self):
+        if self.family is None:
+            self.family = family_for_config(self.config, os.path.join(self.hf_dir, "config.json"))
+
+    def get_hf(self) -> Callable[[str], torch.Tensor]:
+        """get(HF name of the mapping table) -> tensor, whatever expert layout the dir has."""
+        experts = self.family.hf_format.experts
+        return experts.split_tensor_getter(self.reader, self.expert_format) if experts else self.reader.get
+
+    def stored_location(self, name: str) -> tuple[str, int | None]:
+        """Where HF tensor `name` is stored: (stored name, index along its dim 0 or None)."""
+        experts = self.family.hf_format.experts
+        return experts.stored_location(name, self.expert_format) if experts else (name, None)
 
 
 def inspect_hf_input(hf_dir: str, log: Callable[[str], None] = print, plain: bool = False) -> HFInput:
-    """Validate an HF LLaDA2 dir without loading any tensor; every error names the file / tensor /
-    field (CheckpointError or ConfigError). `plain`: the reader reads with safe_open."""
+    """Validate an HF dir of any family without loading any tensor; every error names the file /
+    tensor / field (CheckpointError or ConfigError). `plain`: the reader reads with safe_open."""
     hf_dir = os.path.abspath(hf_dir)
     config = read_hf_config(hf_dir)
-    model = LLaDA2ModelConfig.from_hf_dict(config, source=os.path.join(hf_dir, "config.json"))
+    source = os.path.join(hf_dir, "config.json")
+    family = family_for_config(config, source)
+    model = family.config_from_hf(config, source=source)
     # both validate index, missing shards, unreadable / truncated files
     reader = HFCheckpointReader(hf_dir) if plain else DirectHFReader(hf_dir)
-    fmt = detect_expert_format(reader.names(), hf_dir)
+    experts = family.hf_format.experts
+    if experts is not None:
+        fmt = experts.detect_expert_format(reader.names(), hf_dir)
+        expected = experts.expected_shapes(config, fmt or experts.SPLIT)
+    else:
+        fmt, expected = None, family.mapping.expected_hf_shapes(model)
     unused = mtp_tensor_names(config, reader.names())  # an autoregressive Ling-2.0's MTP layers
-    check_tensors_match(reader, expected_shapes(config, fmt or SPLIT), ignore=unused)
+    check_tensors_match(reader, expected, ignore=unused)
     if unused:
         log(f"note: {len(unused)} multi-token-prediction tensors of {hf_dir} are left out (num_nextn_predict_layers)")
     weight_dtype = None
@@ -85,7 +106,7 @@ def inspect_hf_input(hf_dir: str, log: Callable[[str], None] = print, plain: boo
         if code not in WEIGHT_DTYPES:
             raise CheckpointError(
                 f"{os.path.join(hf_dir, reader.file_of(name))}: tensor '{name}' has dtype {code}; "
-                f"LLaDA2 weights are {'/'.join(WEIGHT_DTYPES)}"
+                f"{family.name} weights are {'/'.join(WEIGHT_DTYPES)}"
             )
         if name.endswith("expert_bias"):
             continue  # the router bias is kept in fp32 whatever the weights are
@@ -100,7 +121,7 @@ def inspect_hf_input(hf_dir: str, log: Callable[[str], None] = print, plain: boo
     declared = _CONFIG_DTYPES.get(str(config.get("torch_dtype") or config.get("dtype") or ""))
     if declared is not None and declared != dtype:
         log(f"note: {hf_dir}/config.json declares {declared} but the weights are {dtype}; using the weights' dtype")
-    return HFInput(hf_dir, config, model, reader, fmt, dtype)
+    return HFInput(hf_dir, config, model, reader, fmt, dtype, family)
 
 
 def _materializer(source: HFInput, chunks, params_dtype: torch.dtype, plain: bool = False):
@@ -111,25 +132,27 @@ def _materializer(source: HFInput, chunks, params_dtype: torch.dtype, plain: boo
     from megatron.core import parallel_state as ps
 
     from megadiff.checkpoint.dist import model_state_keys, unwrap_model
-    from megadiff.models.llada2.hf_mapping import COLS, full_mcore_from_hf, global_name, hf_names, rule_for, shard
+    from megadiff.models.common.hf_weights import global_name
+    from megadiff.models.common.mcore_params import COLS
 
-    get_hf = split_tensor_getter(source.reader, source.expert_format)
+    table = source.family.mapping
+    get_hf = source.get_hf()
     files = FileTable()
 
     def hf_rows(name: str):
-        return source.reader.row_addresses(files, *stored_location(name, source.expert_format))
+        return source.reader.row_addresses(files, *source.stored_location(name))
 
-    def as_rows(rule, names, rank, size) -> "RowAddresses | None":
+    def as_rows(mapping, names, rank, size) -> "RowAddresses | None":
         if plain:
             return None  # every tensor read (safe_open) and written as a tensor
-        if rule.split == COLS and size > 1:
+        if mapping.param.split == COLS and size > 1:
             return None  # a column split cuts every row
         parts = [hf_rows(n) for n in names]
         if any(p is None for p in parts):
             return None  # a vector (norm, router bias): small, read it
         if any(p[1] != parts[0][1] or p[2] != params_dtype for p in parts):
             return None  # mixed row widths or a dtype change: compute on the data
-        addresses = shard(rule, full_mcore_from_hf(rule, [p[0] for p in parts], source.model), rank, size)
+        addresses = mapping.shard(mapping.to_mcore([p[0] for p in parts], source.model), rank, size)
         columns = parts[0][1] // torch.empty((), dtype=params_dtype).element_size()
         return RowAddresses(addresses.reshape(-1), parts[0][1], (addresses.shape[0], columns), params_dtype, files)
 
@@ -143,21 +166,21 @@ def _materializer(source: HFInput, chunks, params_dtype: torch.dtype, plain: boo
     def locate(path: str):
         state_key, local_name = path.split(".", 1)
         name = global_name(modules[state_key], local_name, ep_rank, source.model.num_experts // ep)
-        rule, index = rule_for(name)
-        return rule, hf_names(rule, index), ranks[rule.expert]
+        mapping, index = table.for_mcore_name(name)
+        return mapping, mapping.hf_names(index), ranks[mapping.expert]
 
     def peek(path: str) -> "RowAddresses | None":
         """The rows of the entry at `path` when they can be copied as they are; reads nothing."""
-        rule, names, (rank, size) = locate(path)
-        return as_rows(rule, names, rank, size)
+        mapping, names, (rank, size) = locate(path)
+        return as_rows(mapping, names, rank, size)
 
     def materialize(path: str) -> "torch.Tensor | RowAddresses":
-        rule, names, (rank, size) = locate(path)
-        rows = as_rows(rule, names, rank, size)
+        mapping, names, (rank, size) = locate(path)
+        rows = as_rows(mapping, names, rank, size)
         if rows is not None:
             return rows
-        full = full_mcore_from_hf(rule, [get_hf(n) for n in names], source.model)
-        return shard(rule, full, rank, size)
+        full = mapping.to_mcore([get_hf(n) for n in names], source.model)
+        return mapping.shard(full, rank, size)
 
     return materialize, peek
 
@@ -222,7 +245,6 @@ def write_mcore_checkpoint(
         rename_sharded_keys,
         save_checkpoint_lazily,
     )
-    from megadiff.models.llada2.model import build_model
     from megadiff.platform import init_distributed, initialize_parallel
 
     with warnings.catch_warnings():
@@ -245,19 +267,17 @@ def write_mcore_checkpoint(
             f"process(es), --io {io_mode}"
         )
     with torch.device("meta"):
-        chunks = build_model(
+        chunks = source.family.build_model(
             source.model,
             save_layout,
-            params_dtype,
+            params_dtype=params_dtype,
             use_te=False,
             perform_initialization=False,
             use_cpu_initialization=True,
         )
     sharded = model_sharded_state_dict(chunks)
     if spec == "te":
-        from megadiff.models.llada2.checkpoint_keys import other_spec_keys
-
-        rename_sharded_keys(sharded, other_spec_keys(source.config))
+        rename_sharded_keys(sharded, source.family.mapping.other_spec_keys(source.model))
     meta = {
         "hf_config": source.config,
         "hf_source_dir": source.hf_dir,

@@ -20,7 +20,7 @@ APIs fails the compat checks, and "auto" then takes the plain path instead of wr
 
 from collections.abc import Callable
 
-IO_CHOICES = ("auto", "plain", "direct", "page-cache")
+IO_CHOICES = ("plain", "fast", "direct", "page-cache", "auto")
 IO_HELP = (
     "how tensors are read and written: plain = safetensors' safe_open/save_file and torch DCP's "
     "public save/load (one tensor, or one output shard, in memory; one checkpoint file per tensor); "
@@ -48,7 +48,7 @@ def resolve_io(io_mode: str, log: Callable[[str], None] = print) -> str:
     """'plain', 'direct' or 'page-cache' for a requested `io_mode` (one of IO_CHOICES)."""
     if io_mode not in IO_CHOICES:
         raise ValueError(f"io mode must be one of {', '.join(IO_CHOICES)}, not {io_mode!r}")
-    if io_mode != "auto":
+    if io_mode not in ("auto", "fast"):
         return io_mode
     problem = engine_problem()
     if problem is not None:

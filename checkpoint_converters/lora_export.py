@@ -24,7 +24,7 @@ from megadiff.lora.adapter_checkpoint import read_lora_checkpoint
 from megadiff.lora.base_record import record_at
 from megadiff.lora.merge import hf_deltas
 from megadiff.lora.peft_format import to_peft, write_peft_adapter
-from megadiff.models.llada2.hf_experts import MERGED, detect_expert_format
+from megadiff.models.registry import family_for_config
 
 from .hf_template import copy_template_files
 from .mcore_to_hf import convert_mcore_to_hf, with_deltas
@@ -131,7 +131,9 @@ def export_lora_checkpoint(
         )
     if merged_experts:
         raise CheckpointError(f"{lora.base_dir}: --merged-experts is for megatron bases; an HF base keeps its layout")
-    base_format = detect_expert_format(HFCheckpointReader(lora.base_dir).names(), lora.base_dir)
-    deltas = hf_deltas(lora.adapters, lora.lora_config, hf_config, merged_experts=base_format == MERGED)
+    experts = family_for_config(hf_config, lora.base_dir).hf_format.experts
+    names = HFCheckpointReader(lora.base_dir).names()
+    base_merged = experts is not None and experts.detect_expert_format(names, lora.base_dir) == experts.MERGED
+    deltas = hf_deltas(lora.adapters, lora.lora_config, hf_config, merged_experts=base_merged)
     keep = {k: v for k, v in convert_kwargs.items() if k in ("max_shard_size", "overwrite", "hf_template")}
     return merge_into_hf_dir(lora.base_dir, output, deltas, log=log, **keep)

@@ -27,17 +27,18 @@ from megadiff.checkpoint.format import TRAINING_RECORD, training_record
 from megadiff.checkpoint.hf_source import recorded_source_dir
 from megadiff.checkpoint.hf_tensors import (
     DEFAULT_BUDGET,
+    MERGED,
+    SPLIT,
     HFItem,
     McoreInput,
     inspect_mcore_input,
     iter_hf_tensors,
     plan_hf_output,
+    regrouped,
 )
 from megadiff.errors import CheckpointError
 from megadiff.hf.remote_code import REMOTE_CODE_FILES, remote_code_source
 from megadiff.lora.merge import add_delta
-from megadiff.models.llada2.hf_experts import MERGED, SPLIT
-from megadiff.models.llada2.hf_mapping import hf_from_full_mcore
 
 from .hf_template import copy_template_files
 from .io_paths import resolve_io
@@ -58,7 +59,7 @@ def item_spans(src: McoreInput, files: FileTable, item: HFItem) -> Spans | None:
         return None
     addresses, row_bytes = found
     if item.regroup is not None:
-        addresses = hf_from_full_mcore(item.regroup.rule, addresses.reshape(-1, 1), src.model)[0]
+        addresses = regrouped(item, addresses, src.model)
     return files.spans(addresses, row_bytes, item.shape, item.dtype)
 
 

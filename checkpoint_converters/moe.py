@@ -17,18 +17,7 @@ import torch
 from megadiff.checkpoint.bytecopy.byte_spans import Spans, concat_spans
 from megadiff.errors import CheckpointError
 from megadiff.hf.checkpoint_reader import SAFETENSORS_DTYPES, HFCheckpointReader, check_tensors_match, read_hf_config
-from megadiff.models.llada2.config import LLaDA2ModelConfig
-from megadiff.models.llada2.hf_experts import (
-    MERGED,
-    PROJS,
-    SPLIT,
-    detect_expert_format,
-    expected_shapes,
-    merged_name,
-    parse_merged_name,
-    parse_split_name,
-    split_name,
-)
+from megadiff.models.registry import family_for_config
 
 from .hf_direct import DirectHFReader
 from .output_dir import (
@@ -41,6 +30,7 @@ from .output_dir import (
 from .report import data_phase_line
 from .safetensors_stream import parse_size, write_sharded_safetensors
 
+SPLIT, MERGED = "split", "merged"
 MODES = {"merge": (SPLIT, MERGED), "split": (MERGED, SPLIT)}
 
 
@@ -70,43 +60,50 @@ def convert_expert_layout(
     want_in, want_out = MODES[mode]
     input_path = os.path.abspath(input_path)
     config = read_hf_config(input_path)
-    model = LLaDA2ModelConfig.from_hf_dict(config, source=os.path.join(input_path, "config.json"))
+    source = os.path.join(input_path, "config.json")
+    family = family_for_config(config, source)
+    model = family.config_from_hf(config, source=source)
+    layouts = family.hf_format.experts  # the expert-layout functions (LLaDA2: hf_experts)
+    if layouts is None:
+        raise CheckpointError(f"{input_path}: {family.name} checkpoints have one expert layout; nothing to {mode}")
     reader = DirectHFReader(input_path)
-    fmt = detect_expert_format(reader.names(), input_path)
+    fmt = layouts.detect_expert_format(reader.names(), input_path)
     if fmt is None:
         raise CheckpointError(f"{input_path}: no routed-expert tensors; nothing to {mode}")
     if fmt != want_in:
         raise CheckpointError(f"{input_path}: experts are already {fmt}; --mode {mode} needs {want_in} input")
-    check_tensors_match(reader, expected_shapes(config, fmt))
+    check_tensors_match(reader, layouts.expected_shapes(config, fmt))
     max_shard_size = parse_size(max_shard_size)
     output_path = check_output_dir(output_path, overwrite, inputs=[input_path], kind="hf")
     experts = model.num_experts
 
     def source_dtype(name: str) -> torch.dtype:
-        parsed = parse_merged_name(name) if want_out == MERGED else parse_split_name(name)
+        parsed = layouts.parse_merged_name(name) if want_out == MERGED else layouts.parse_split_name(name)
         if parsed is None:
             return _dtype(reader, name)
         if want_out == SPLIT:
-            return _dtype(reader, merged_name(parsed[0], parsed[2]))
+            return _dtype(reader, layouts.merged_name(parsed[0], parsed[2]))
         layer, proj = parsed
-        dtypes = {_dtype(reader, split_name(layer, e, proj)) for e in range(experts)}
+        dtypes = {_dtype(reader, layouts.split_name(layer, e, proj)) for e in range(experts)}
         if len(dtypes) > 1:
             raise CheckpointError(f"{input_path}: experts of layer {layer} {proj} have different dtypes {dtypes}")
         return dtypes.pop()
 
-    entries = [(n, tuple(s), source_dtype(n)) for n, s in expected_shapes(config, want_out).items()]
+    entries = [(n, tuple(s), source_dtype(n)) for n, s in layouts.expected_shapes(config, want_out).items()]
 
     def tensors() -> Iterator[tuple[str, Spans]]:
         for name, shape, dtype in entries:
-            if want_out == MERGED and parse_merged_name(name):
-                layer, proj = parse_merged_name(name)
+            if want_out == MERGED and layouts.parse_merged_name(name):
+                layer, proj = layouts.parse_merged_name(name)
                 yield (
                     name,
-                    concat_spans([reader.spans(split_name(layer, e, proj)) for e in range(experts)], shape, dtype),
+                    concat_spans(
+                        [reader.spans(layouts.split_name(layer, e, proj)) for e in range(experts)], shape, dtype
+                    ),
                 )
-            elif want_out == SPLIT and parse_split_name(name):
-                layer, e, proj = parse_split_name(name)
-                yield name, reader.spans(merged_name(layer, proj), e)
+            elif want_out == SPLIT and layouts.parse_split_name(name):
+                layer, e, proj = layouts.parse_split_name(name)
+                yield name, reader.spans(layouts.merged_name(layer, proj), e)
             else:
                 yield name, reader.spans(name)
 
@@ -141,4 +138,4 @@ def convert_expert_layout(
     return output_path
 
 
-__all__ = ["MODES", "PROJS", "convert_expert_layout"]
+__all__ = ["MODES", "convert_expert_layout"]

@@ -40,6 +40,7 @@ from megadiff.files.disk_space import disk_full_error
 from megadiff.files.inside import check_links_inside
 from megadiff.files.outputs import overlap
 from megadiff.hf.remote_code import AUTO_MAP, REMOTE_CODE_FILES, remote_code_source
+from megadiff.models.registry import family_for_config
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".distcp")
 
@@ -189,7 +190,10 @@ def copy_non_weight_files(src: str, dst: str, skip: Sequence[str] = ()) -> list[
 def ensure_remote_code(out_dir: str, config: dict) -> list[str]:
     """Make the model classes of `config['auto_map']` loadable from `out_dir`: when a module they
     name is missing (or there is no auto_map), use megadiff's own LLaDA2 remote code for them (other
-    entries, e.g. a tokenizer's, are kept). Returns the files copied."""
+    entries, e.g. a tokenizer's, are kept). Returns the files copied. A family megadiff has no
+    remote code for (LLaDA, LLaDA-MoE: their code comes with the template) gets none."""
+    if not family_for_config(config, os.path.join(out_dir, "config.json")).hf_format.remote_code:
+        return []
     auto_map = config.get("auto_map") if isinstance(config.get("auto_map"), dict) else {}
     model_entries = [v for k, v in auto_map.items() if k == "AutoConfig" or k.startswith("AutoModel")]
     modules = {str(v).split("--")[-1].rsplit(".", 1)[0] for v in model_entries if isinstance(v, str)}

@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from checkpoint_converters.hf_to_mcore import convert_hf_to_mcore
     from megadiff.errors import UserError, user_error_exit
-    from megadiff.models.llada2.config import ParallelLayout
+    from megadiff.platform.parallel_layout import ParallelLayout
 
     rank0 = os.environ.get("RANK", "0") == "0"
     log = print if rank0 else (lambda *a, **k: None)

@@ -1,10 +1,12 @@
-"""A megadiff megatron-core checkpoint read as HF LLaDA2 tensors, a few at a time.
+"""A megadiff megatron-core checkpoint read as HF tensors of its model family, a few at a time.
 
 Reads with torch DCP alone (megadiff.checkpoint.reader.DistCheckpointReader): no megatron-core, no
 process group, plain single process. `inspect_mcore_input` checks a checkpoint against its recorded
 config before anything is read; `plan_hf_output` lists every HF tensor as a box of a stored tensor,
 in output order; `iter_hf_tensors` reads them in groups bounded by a byte budget. The sampler's
-loader and the mcore -> HF converter both read checkpoints this way.
+loader and the mcore -> HF converter both read checkpoints this way. The family comes from the
+recorded HF config (megadiff.models.registry); its mapping table (megadiff.models.common.mapping)
+names the tensors, their stored keys and shapes, and the transforms between the two.
 """
 
 from collections.abc import Callable, Iterator, Sequence
@@ -13,15 +15,49 @@ from dataclasses import dataclass
 import torch
 
 from megadiff.errors import CheckpointError
-from megadiff.models.llada2.checkpoint_keys import Unit, checkpoint_spec, stored_shape, units_for
-from megadiff.models.llada2.config import LLaDA2ModelConfig
-from megadiff.models.llada2.hf_experts import MERGED, PROJS, SPLIT, merged_name
-from megadiff.models.llada2.hf_mapping import hf_from_full_mcore
+from megadiff.models.common.mapping import Instance, Mapping
+from megadiff.models.registry import family_for_config
 
 from .format import DTYPES, read_meta, resolve_checkpoint_dir
 from .reader import DistCheckpointReader
 
 DEFAULT_BUDGET = 256 * 2**20
+SPLIT, MERGED = "split", "merged"  # routed experts one tensor each, or dFactory's stacked layout (LLaDA2)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One mapping instance of a config (its HF tensors) and the checkpoint key it is stored under."""
+
+    mapping: Mapping
+    layer: int | None
+    expert: int | None
+    hf: tuple[str, ...]
+    hf_shapes: tuple[tuple[int, ...], ...]
+    key: str
+    full_shape: tuple[int, ...]  # the full megatron-core tensor (one expert's, for experts)
+
+
+def units_for(family, model, spec: str) -> list[Unit]:
+    """Every mapping instance of `model` (a family's validated config), in output order."""
+    return [_unit(inst, spec) for inst in family.mapping.instances(model)]
+
+
+def _unit(inst: Instance, spec: str) -> Unit:
+    return Unit(
+        inst.mapping, inst.layer, inst.expert, inst.hf, inst.hf_shapes, inst.checkpoint_key(spec), inst.full_shape
+    )
+
+
+def stored_shape(unit: Unit, model) -> tuple[int, ...]:
+    """Global shape of the checkpoint tensor holding `unit` (experts stacked on a leading axis)."""
+    return ((model.num_experts,) + unit.full_shape) if unit.expert is not None else unit.full_shape
+
+
+def model_of(config: dict, source: str):
+    """(family, validated config) of a recorded HF config."""
+    family = family_for_config(config, source)
+    return family, family.config_from_hf(config, source=source)
 
 
 @dataclass
@@ -29,16 +65,17 @@ class McoreInput:
     ckpt_dir: str
     meta: dict
     config: dict
-    model: LLaDA2ModelConfig
+    model: object  # the family's validated config
     reader: DistCheckpointReader
     units: list[Unit]
     dtype: torch.dtype | None  # the checkpoint's parameter dtype (megadiff.json)
     spec: str = "local"  # whose tensor keys the checkpoint holds: "local" or "te"
+    family: object = None  # megadiff.models.family.ModelFamily
 
     def hf_dtype(self, hf_name: str, stored: torch.dtype) -> torch.dtype:
         """HF tensors take the checkpoint's parameter dtype (megatron-core may keep norms in fp32
         inside a bf16 model; LLaDA2 HF checkpoints are uniformly bf16); the router bias stays as
-        stored (fp32, as LLaDA2 ships it)."""
+        stored (fp32, as LLaDA2 and LLaDA-MoE ship it)."""
         if self.dtype is None or hf_name.endswith("expert_bias"):
             return stored
         return self.dtype
@@ -58,29 +95,30 @@ def inspect_mcore_input(
     config = meta.get("hf_config")
     if not isinstance(config, dict):
         raise CheckpointError(f"{ckpt_dir}/megadiff.json: 'hf_config' missing or not a JSON object")
-    model = LLaDA2ModelConfig.from_hf_dict(config, source=f"{ckpt_dir}/megadiff.json:hf_config")
+    family, model = model_of(config, f"{ckpt_dir}/megadiff.json:hf_config")
     reader = DistCheckpointReader(ckpt_dir, trust=trust_checkpoint, plain=plain)
     spec = check_stored_shapes(
         ckpt_dir, {k: reader.shape(k) for k in reader.keys()}, config, meta, "the recorded config"
     )
     dtype = DTYPES.get(meta.get("dtype"))
-    return McoreInput(ckpt_dir, meta, config, model, reader, units_for(config, spec), dtype, spec)
+    return McoreInput(ckpt_dir, meta, config, model, reader, units_for(family, model, spec), dtype, spec, family)
 
 
 def check_stored_shapes(ckpt_dir: str, stored: dict, config: dict, meta: dict, config_name: str) -> str:
     """Raise CheckpointError unless the checkpoint's tensors (`stored`: key -> global shape, from
-    its metadata: nothing read) hold every tensor a LLaDA2 model of `config` has, with the shapes it
-    implies; `config_name` says whose config that is. Returns the spec ("local" / "te") they are
-    stored under."""
+    its metadata: nothing read) hold every tensor a model of `config` (an HF config dict; its family
+    from model_type) has, with the shapes it implies; `config_name` says whose config that is.
+    Returns the spec ("local" / "te") they are stored under."""
+    family, model = model_of(config, f"{ckpt_dir}: {config_name}")
     try:
-        spec = checkpoint_spec(stored.keys(), config, meta.get("spec"))
+        spec = family.mapping.checkpoint_spec(stored.keys(), model, meta.get("spec"))
     except KeyError as e:
         raise CheckpointError(
             f"{ckpt_dir}: tensor '{e.args[0]}' is not in the checkpoint (nor its name under the other "
-            f"megatron-core spec); it does not hold a LLaDA2 model with {config_name}"
+            f"megatron-core spec); it does not hold a {family.name} model with {config_name}"
         ) from None
-    for unit in units_for(config, spec):
-        want = stored_shape(unit, config)
+    for unit in units_for(family, model, spec):
+        want = stored_shape(unit, model)
         if tuple(stored[unit.key]) != tuple(want):
             raise CheckpointError(
                 f"{ckpt_dir}: tensor '{unit.key}' has global shape {list(stored[unit.key])}, "
@@ -95,7 +133,8 @@ def check_stored_shapes(ckpt_dir: str, stored: dict, config: dict, meta: dict, c
 @dataclass(frozen=True)
 class HFItem:
     """One output tensor: its HF name / shape / dtype and the box of a stored tensor it comes from
-    (`regroup` for the fused QKV, whose HF row order differs from megatron-core's)."""
+    (`regroup` for QKV, whose HF row order differs from megatron-core's: the item is part `part` of
+    `regroup.mapping.to_hf` of the whole stored tensor)."""
 
     name: str
     shape: tuple[int, ...]
@@ -104,6 +143,7 @@ class HFItem:
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
     regroup: Unit | None = None
+    part: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -113,23 +153,33 @@ class HFItem:
         return n * torch.empty((), dtype=self.dtype).element_size()
 
 
+def regrouped(item: HFItem, stored, model):
+    """The HF tensor of a `regroup` item from its whole stored tensor (or from that tensor's row
+    addresses shaped [rows, 1]: megadiff.checkpoint.bytecopy)."""
+    rows = stored.reshape(item.regroup.full_shape[0], -1)
+    return item.regroup.mapping.to_hf(rows, model)[item.part]
+
+
 def _unit_items(src: McoreInput, unit: Unit) -> list[HFItem]:
     """A unit's HF tensors as boxes: 'copy' = the whole tensor, 'concat' (gated fc1) = consecutive
-    row blocks [gate; up], 'qkv' = the whole tensor, regrouped after reading. Routed experts add
-    their index on the stored tensor's leading axis."""
+    row blocks [gate; up], 'qkv' / 'qkv_split' = the whole tensor, regrouped after reading (one item
+    per HF tensor). Routed experts add their index on the stored tensor's leading axis."""
     lead, lead_size = ((unit.expert,), (1,)) if unit.expert is not None else ((), ())
-    if unit.rule.transform == "qkv":
+    if unit.mapping.transform in ("qkv", "qkv_split"):
         zeros = (0,) * len(unit.full_shape)
+        stored_dtype = src.reader.dtype(unit.key)
         return [
             HFItem(
-                unit.hf[0],
-                unit.hf_shapes[0],
-                src.hf_dtype(unit.hf[0], src.reader.dtype(unit.key)),
+                name,
+                shape,
+                src.hf_dtype(name, stored_dtype),
                 unit.key,
                 lead + zeros,
                 lead_size + unit.full_shape,
                 regroup=unit,
+                part=part,
             )
+            for part, (name, shape) in enumerate(zip(unit.hf, unit.hf_shapes, strict=True))
         ]
     items, row = [], 0
     for name, shape in zip(unit.hf, unit.hf_shapes, strict=True):
@@ -150,8 +200,8 @@ def _unit_items(src: McoreInput, unit: Unit) -> list[HFItem]:
 
 def _merged_items(src: McoreInput, layer: int, units: list[Unit]) -> list[HFItem]:
     """dFactory's [E, Fm, H] gate / up (row blocks of every expert's fc1) and [E, H, Fm] down."""
-    fc1 = next(u for u in units if u.rule.transform == "concat" and u.expert == 0)
-    fc2 = next(u for u in units if u.rule.transform != "concat" and u.expert == 0)
+    fc1 = next(u for u in units if u.mapping.transform == "concat" and u.expert == 0)
+    fc2 = next(u for u in units if u.mapping.transform != "concat" and u.expert == 0)
     experts, (two_f, hidden) = src.config["num_experts"], fc1.full_shape
     f = two_f // 2
     boxes = {
@@ -160,16 +210,19 @@ def _merged_items(src: McoreInput, layer: int, units: list[Unit]) -> list[HFItem
         "down_proj": (fc2.key, (0, 0, 0), (experts,) + fc2.full_shape),
     }
     items = []
-    for proj in PROJS:
+    experts_layout = src.family.hf_format.experts
+    for proj in experts_layout.PROJS:
         key, offsets, sizes = boxes[proj]
-        name = merged_name(layer, proj)
+        name = experts_layout.merged_name(layer, proj)
         items.append(HFItem(name, sizes, src.hf_dtype(name, src.reader.dtype(key)), key, offsets, sizes))
     return items
 
 
 def plan_hf_output(src: McoreInput, expert_format: str = SPLIT) -> list[HFItem]:
     """Output order: embedding, each layer's tensors (routed experts in order, or stacked when
-    `expert_format` is merged), final norm, lm_head. Known before anything is read."""
+    `expert_format` is merged: LLaDA2 only), final norm, lm_head. Known before anything is read."""
+    if expert_format == MERGED and src.family.hf_format.experts is None:
+        raise CheckpointError(f"{src.ckpt_dir}: {src.family.name} HF checkpoints have no merged-expert layout")
     items: list[HFItem] = []
     merged_done = set()
     for unit in src.units:
@@ -199,10 +252,13 @@ def iter_hf_tensors(
             group.append(item)
             size += item.nbytes
             continue
-        tensors = src.reader.read_many([(i.key, i.offsets, i.sizes) for i in group]) if group else []
+        boxes = list(dict.fromkeys((i.key, i.offsets, i.sizes) for i in group))  # q, k, v share one box
+        read = dict(zip(boxes, src.reader.read_many(boxes), strict=True)) if boxes else {}
+        tensors = [read[(i.key, i.offsets, i.sizes)] for i in group]
+        read = None
         for i, tensor in zip(group, tensors, strict=True):
             if i.regroup is not None:
-                tensor = hf_from_full_mcore(i.regroup.rule, tensor.reshape(i.regroup.full_shape), src.model)[0]
+                tensor = regrouped(i, tensor, src.model)
             yield i.name, tensor.reshape(i.shape).to(i.dtype)
         tensors = None
         group, size = [], 0

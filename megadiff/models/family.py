@@ -98,6 +98,32 @@ class SamplerDefaults:
     source: str = ""
 
 
+class HFFormat:
+    """How a family's HF dirs store its tensors, for code that reads them (the trainer). This
+    default: every tensor under its mapping table's HF name, nothing else needed. A family whose
+    dirs come in other layouts (LLaDA2: dFactory's merged experts; Ling-2.0's unused MTP layers)
+    sets `ModelFamily.hf_format` to a subclass."""
+
+    def unused_tensors(self, hf_config: dict, names) -> frozenset[str]:
+        """Tensors among `names` a dir may hold that the model does not use (loaders skip them)."""
+        return frozenset()
+
+    def expected_shapes(self, family, hf_config: dict, names, where: str) -> dict[str, tuple[int, ...]]:
+        """Every tensor name and shape a dir `where` holding `names` must have for `hf_config`."""
+        return family.mapping.expected_hf_shapes(family.config_from_hf(hf_config, where))
+
+    def tensor_getter(self, reader, where: str) -> Callable:
+        """get(HF name of the mapping table) -> tensor, from `reader` (megadiff.hf.checkpoint_reader
+        .HFCheckpointReader)."""
+        return reader.get
+
+    # For the converters (i28w3): LLaDA2's expert-layout functions (split / dFactory's merged:
+    # megadiff.models.llada2.hf_experts), or None when a family's dirs have one layout; and whether
+    # megadiff ships the family's remote code (written into exported HF dirs without a template).
+    experts = None
+    remote_code = False
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     """One model family (module docstring)."""
@@ -115,6 +141,7 @@ class ModelFamily:
     recipe: DiffusionRecipe
     sampler: SamplerDefaults
     presets: dict = field(default_factory=dict)
+    hf_format: HFFormat = HFFormat()  # how HF dirs store the tensors (HFFormat)
 
     def build_model(self, model_cfg, layout, **kwargs):
         """This family's megatron-core GPTModel chunks for the current rank (one per virtual

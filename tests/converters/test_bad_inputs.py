@@ -115,7 +115,10 @@ def test_integer_or_mixed_dtype_tensors(tiny_hf, tmp_path):
 
 def test_unsupported_model_type(tiny_hf, tmp_path):
     bad = make_hf(tiny_hf, str(tmp_path / "hf"), config={"model_type": "llama"})
-    expect_refusal(bad, tmp_path, "model_type: 'llama' is not a LLaDA2 model", error=ConfigError)
+    # the model registry (issue 28): an unknown model_type lists the known ones
+    expect_refusal(
+        bad, tmp_path, "model_type: 'llama' is not a model megadiff knows; known model types: ", error=ConfigError
+    )
 
 
 def test_missing_config_field(tiny_hf, tmp_path):

@@ -19,5 +19,5 @@ def test_auto_falls_back_to_plain_when_a_check_fails(monkeypatch):
         "note: the byte-copy engine does not fit this torch (torch_dcp_writer_internals: _write_item is gone); "
         "using --io plain"
     ]
-    with pytest.raises(ValueError, match="io mode must be one of auto, plain, direct, page-cache, not 'fast'"):
-        io_paths.resolve_io("fast")
+    with pytest.raises(ValueError, match="io mode must be one of plain, fast, direct, page-cache, auto, not 'turbo'"):
+        io_paths.resolve_io("turbo")

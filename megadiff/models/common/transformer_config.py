@@ -62,6 +62,10 @@ def gpt_transformer_config(
         bf16=bf16,
         autocast_dtype=params_dtype if bf16 else None,
         init_method_std=0.02,
+        # Checkpoint keys per layer (decoder.layers.N.*), as the mapping tables name them, for
+        # every family: megatron-core otherwise stacks the layers of an all-dense model into one
+        # tensor per weight (a dense LLaDA), which the converters and LLaDA2's checkpoints do not.
+        hetereogenous_dist_checkpoint=True,
         use_cpu_initialization=on_cpu,
         **fused_kernel_flags(on_cuda=not on_cpu),
     )

@@ -8,6 +8,7 @@ remote code written next to LLaDA2 checkpoints).
 from megadiff.models.family import DiffusionRecipe, ModelFamily, SamplerDefaults, TokenizerFacts
 
 from .config import LLaDA2ModelConfig, to_transformer_config
+from .hf_format import HF_FORMAT
 from .mapping import TABLE
 from .presets import PRESETS
 
@@ -91,4 +92,5 @@ FAMILY = ModelFamily(
     recipe=RECIPE,
     sampler=SAMPLER,
     presets=PRESETS,
+    hf_format=HF_FORMAT,
 )
