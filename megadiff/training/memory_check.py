@@ -68,11 +68,7 @@ def check_memory_forecast(cfg: TrainingConfig, model_cfg, layout, dtype, log) ->
     hw = Hardware(gpus_per_node=world, nodes=1, gpu_memory_gb=(memory or 0) / 1e9)
     if memory is None:  # a CPU run has neither a CUDA context nor NCCL buffers
         hw = Hardware(gpus_per_node=world, context_gib=0.0)
-    try:
-        split = forecast(model_cfg, layout, hw, run_shape(cfg, dtype))
-    except AttributeError as e:  # a model family whose config the planner cannot size (yet)
-        log(f"warning: no memory forecast: the planner cannot size the model of {model_cfg.source} ({e})")
-        return
+    split = forecast(model_cfg, layout, hw, run_shape(cfg, dtype))
     g = split.as_gib()
     log(
         f"memory forecast per GPU at {layout} (dp={data_parallel_size(layout, world)}): {g['total']:.2f} GiB = weights "

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megadiff.models.registry import family_of
 from megadiff.training.batch import document_starts, per_document_sum
 
 # Dense (no sparsity) peak TFLOP/s per GPU, from the vendors' data sheets (SXM parts).
@@ -51,7 +52,7 @@ def active_params(model_cfg, table=None) -> ActiveParams:
     """Matmul parameters per token, from the model family's mapping table `table` (default: that
     of the registered family whose config class `model_cfg` is): every 2-D tensor of the decoder
     (norms, biases are not matmuls), the routed experts scaled by top-k / E."""
-    table = table if table is not None else _family_of(model_cfg).mapping
+    table = table if table is not None else family_of(model_cfg).mapping
     body = routed = 0
     for inst in table.instances(model_cfg):
         if inst.mapping.mcore in _NOT_BODY:
@@ -64,15 +65,6 @@ def active_params(model_cfg, table=None) -> ActiveParams:
     if routed:
         body += routed * model_cfg.num_experts_per_tok // model_cfg.num_experts
     return ActiveParams(body=body, head=model_cfg.hidden_size * model_cfg.vocab_size)
-
-
-def _family_of(model_cfg):
-    from megadiff.models.registry import families
-
-    for family in families().values():
-        if isinstance(model_cfg, getattr(family.config_from_hf, "__self__", ())):
-            return family
-    raise TypeError(f"{type(model_cfg).__name__} is not the config of a registered model family")
 
 
 def visible_pairs(doc_lengths: list[int], mode: str, block_size: int) -> int:
