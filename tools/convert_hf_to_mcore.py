@@ -57,7 +57,7 @@ def parse_args(argv=None):
         help="parameter dtype in the checkpoint (default: the HF weights' dtype)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    p.add_argument("--io", choices=IO_CHOICES, default="auto", help=IO_HELP)
+    p.add_argument("--io", choices=IO_CHOICES, default="plain", help=IO_HELP)
     p.add_argument(
         "--spec",
         choices=["local", "te"],

@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--merged-experts", action="store_true", help="write dFactory's merged-expert layout")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    p.add_argument("--io", choices=IO_CHOICES, default="auto", help=IO_HELP)
+    p.add_argument("--io", choices=IO_CHOICES, default="plain", help=IO_HELP)
     p.add_argument(
         "--trust-checkpoint",
         action="store_true",

@@ -6,8 +6,8 @@
 
 merge: model.layers.i.mlp.experts.e.{gate,up,down}_proj.weight -> model.layers.i.mlp.experts.{gate,up,down}_proj
 ([E, Fm, H] / [E, H, Fm]); split: the reverse. Other tensors and files (config, tokenizer, remote
-code) are copied unchanged. Every tensor is copied file to file in the kernel (nothing is read into
-memory); the output appears only when complete (built in OUT.tmp-<nonce>, then renamed).
+code) are copied unchanged. --io fast copies every tensor file to file in the kernel (nothing is read
+into memory); the output appears only when complete (built in OUT.tmp-<nonce>, then renamed).
 """
 
 import argparse
@@ -27,10 +27,12 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output-path")
     p.add_argument(
         "--io",
-        choices=["direct", "page-cache"],
-        default="direct",
-        help="how weight bytes are copied: direct = O_DIRECT reads and writes, bypassing the page "
-        "cache (default; falls back per file where refused), page-cache = copy_file_range",
+        choices=["plain", "fast", "direct", "page-cache"],
+        default="plain",
+        help="how weight bytes are moved: plain (default) = tensors read with safe_open and written "
+        "with ordinary writes; fast = direct = the byte-copy engine with O_DIRECT reads and writes, "
+        "bypassing the page cache (falls back per file where refused); page-cache = the engine with "
+        "copy_file_range",
     )
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
