@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evaluate a LLaDA2 model on GSM8K-format rows with block-wise diffusion decoding.
+"""Evaluate a diffusion LLM (LLaDA2, LLaDA, LLaDA-MoE) on GSM8K-format rows with its family's sampler.
 
   .venv/bin/python tools/eval_gsm8k.py --model DIR --data test.jsonl --output-dir eval/ [--limit 100]
 
@@ -21,6 +21,7 @@ import time
 from megadiff.inference.cli import (
     add_decoding_arguments,
     add_model_arguments,
+    apply_family_defaults,
     command_line,
     decoding_options,
     load_decoding_model,
@@ -45,6 +46,7 @@ def main(argv=None) -> int:
     install_import_hook()  # first, before anything imports megatron-core
     parser = build_parser()
     args = parser.parse_args(argv)
+    apply_family_defaults(args)  # sampler flags left unset: the model family's (echoed below)
     print(command_line("tools/eval_gsm8k.py", parser, args), flush=True)
     from megadiff.files.outputs import check_output_directory, check_output_file, open_output, refuse_overlaps
     from megadiff.inference import decode_tokens, encode_prompt, generate

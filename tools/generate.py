@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""Generate text with a LLaDA2 model by block-wise diffusion decoding (megadiff.inference).
+"""Generate text with a diffusion LLM (LLaDA2, LLaDA, LLaDA-MoE) by block-wise decoding (megadiff.inference).
 
   .venv/bin/python tools/generate.py --model DIR --prompt "What is 2 + 2?" [--output out.jsonl]
   .venv/bin/python tools/generate.py --model DIR --input-ids prompts.json      # [ids...] or [[ids...], ...]
   .venv/bin/python tools/generate.py --model DIR --chat                        # multi-turn, reads stdin
 
-DIR is a Hugging Face LLaDA2 dir or a megadiff megatron-core checkpoint dir. Text prompts are wrapped
-in the chat template unless --raw. Prints tokens per forward pass and tokens/s.
+DIR is a Hugging Face model dir or a megadiff megatron-core checkpoint dir; its config.json names the
+model family, whose sampler is the default (LLaDA2: the model card's threshold rule; LLaDA and
+LLaDA-MoE: LLaDA's generate.py, low-confidence remasking). Text prompts are wrapped in the chat template
+unless --raw. Prints tokens per forward pass and tokens/s.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 from megadiff.inference.cli import (
     add_decoding_arguments,
     add_model_arguments,
+    apply_family_defaults,
     command_line,
     decoding_options,
     load_decoding_model,
@@ -166,6 +169,7 @@ def main(argv=None) -> int:
     install_import_hook()  # first, before anything imports megatron-core
     parser = build_parser()
     args = parser.parse_args(argv)
+    apply_family_defaults(args)  # sampler flags left unset: the model family's (echoed below)
     print(command_line("tools/generate.py", parser, args), flush=True)
     from megadiff.files.outputs import check_output_file, open_output, refuse_overlaps
 

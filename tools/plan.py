@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Plan a LLaDA2 diffusion SFT run before renting the cluster: per-GPU memory (weights, gradients,
+"""Plan a diffusion SFT run (any model family: LLaDA2, LLaDA, LLaDA-MoE) before renting the cluster: per-GPU memory (weights, gradients,
 optimizer state, activations, buffers) of every TP/CP/EP/ETP/PP/VPP/DP layout, the ones that fit
 ranked by a first-order step-time model, each with the command line that runs it. Without a YAML
 or --recompute, each layout also tries activation recompute (what flex attention allows) when it
 does not fit without.
 
   tools/plan.py --preset llada2-mini --gpus-per-node 8 --gpu-memory-gb 80 --seq-len 4096
+  tools/plan.py --preset llada-8b --mode full --seq-len 4096
+  tools/plan.py --hf-dir /models/LLaDA-MoE-7B-A1B-Instruct --mode full
   tools/plan.py examples/configs/llada2_flash_bd_sft.yaml --preset llada2-flash --nodes 4 [section.key=value ...]
 
 With a training YAML, the model (model.hf_dir's config.json, or --preset), sequence length,
@@ -27,7 +29,11 @@ def parse_args(argv):
     p.add_argument("config", nargs="?", help="training YAML (optional)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides of the YAML")
     p.add_argument("--hf-dir", help="HF model dir (its config.json)")
-    p.add_argument("--preset", choices=["llada2-mini", "llada2-flash", "tiny"], help="a named model shape")
+    p.add_argument(
+        "--preset",
+        choices=sorted(named_presets()),
+        help="a named model shape (a family's preset; `tiny` is LLaDA2's, the other families' are FAMILY-tiny)",
+    )
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory per GPU, GB (80 for an H100)")
@@ -56,19 +62,39 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def named_presets() -> dict:
+    """--preset name -> (family, preset): every family's presets under their own names; a name
+    several families share (`tiny`) is the first registered family's (LLaDA2), the others'
+    are FAMILY-NAME."""
+    from megadiff.models.registry import families
+
+    out = {}
+    for family in families().values():
+        for name in family.presets:
+            out[name if name not in out else f"{family.name}-{name}"] = (family, name)
+    return out
+
+
 def read_model(hf_dir: str | None, preset_name: str | None):
-    from megadiff.models.llada2 import ConfigError, LLaDA2ModelConfig, preset
+    """(family, validated config, name) of any family's model, from a preset or an HF dir's config.json."""
+    from megadiff.errors import ConfigError
+    from megadiff.models.registry import family_for_config
 
     if preset_name:
-        return LLaDA2ModelConfig.from_hf_dict(preset(preset_name), f"preset {preset_name}"), preset_name
+        family, name = named_presets()[preset_name]
+        return family, family.config_from_hf(family.preset(name), f"preset {preset_name}"), preset_name
     path = os.path.join(hf_dir, "config.json")
     try:
         with open(path) as f:
-            return LLaDA2ModelConfig.from_hf_dict(json.load(f), path), hf_dir
+            cfg = json.load(f)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the model config ({e.strerror}); pass --hf-dir or --preset") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: the model config must be a JSON object")
+    family = family_for_config(cfg, path)
+    return family, family.config_from_hf(cfg, path), hf_dir
 
 
 def main(argv=None) -> int:
@@ -91,7 +117,9 @@ def main(argv=None) -> int:
             hf_dir = hf_dir or cfg.model.hf_dir
         if not (hf_dir or args.preset):
             raise UserError("no model: pass --preset NAME or --hf-dir DIR (or a YAML whose model.hf_dir exists)")
-        model, model_name = read_model(hf_dir, args.preset)
+        family, model, model_name = read_model(hf_dir, args.preset)
+        if not args.config:  # without a YAML, the family's own recipe (LLaDA: full-attention diffusion)
+            shape = replace(shape, mode="full" if family.recipe.mode == "full" else "bd")
         flags = dict(
             seq_len=args.seq_len,
             micro_batch_size=args.micro_batch_size,

@@ -1,4 +1,11 @@
-"""Build, load and save the plain-PyTorch reference model (HF names) used as megadiff's oracle."""
+"""Build, load and save the plain-PyTorch reference model (HF names) of any model family: megadiff's
+oracle, and the model the sampler runs.
+
+The family comes from config.json's `model_type` (megadiff.models.registry); the model, its tensor
+names and the layouts its HF dirs come in from the family object (`build_reference`, `mapping`,
+`hf_format`). LLaDA2 dirs also carry megadiff's remote code (write_hf_config, copy_remote_code,
+save_reference_model), whose classes are registered with transformers' Auto classes on import.
+"""
 
 import json
 import os
@@ -7,18 +14,16 @@ import shutil
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from megadiff.errors import CheckpointError
 from megadiff.hf.checkpoint_reader import HFCheckpointReader, check_tensors_match, read_hf_config
 from megadiff.hf.remote_code import AUTO_MAP, REMOTE_CODE_FILES, remote_code_source
-from megadiff.models.llada2.config import LLaDA2ModelConfig
-from megadiff.models.llada2.configuration_llada2_moe import LLaDA2MoeConfig
-from megadiff.models.llada2.hf_experts import SPLIT, detect_expert_format, expected_shapes, split_tensor_getter
-from megadiff.models.llada2.hf_mapping import expected_hf_shapes
-from megadiff.models.llada2.modeling_llada2_moe import LLaDA2MoeModelLM
-from megadiff.models.llada2.reference import build_reference_model
+from megadiff.models.registry import family, family_for_config
 
 
 def register_with_transformers() -> None:
     """Let AutoConfig / AutoModel / AutoModelForCausalLM load llada2_moe dirs without remote code."""
+    from megadiff.hf import LLaDA2MoeConfig, LLaDA2MoeModelLM  # LLaDA2's remote code (megadiff.hf.__getattr__)
+
     try:
         AutoConfig.register("llada2_moe", LLaDA2MoeConfig)
         AutoModel.register(LLaDA2MoeConfig, LLaDA2MoeModelLM)
@@ -27,30 +32,99 @@ def register_with_transformers() -> None:
         pass
 
 
-def load_reference_model(hf_dir: str, dtype=torch.float32) -> LLaDA2MoeModelLM:
-    """Load config.json + safetensors strictly: a missing, extra or misshapen tensor is an error.
-    Routed experts may be split (released checkpoints) or merged (dFactory's training layout, what
-    `moe_convertor --mode merge` writes): a merged tensor is read one expert slice at a time."""
-    cfg = read_hf_config(hf_dir)
-    LLaDA2ModelConfig.from_hf_dict(cfg, source=os.path.join(hf_dir, "config.json"))
-    reader = HFCheckpointReader(hf_dir)
-    expert_format = detect_expert_format(reader.names(), hf_dir)
-    check_tensors_match(reader, expected_shapes(cfg, expert_format or SPLIT))
-    with torch.device("meta"):
-        model = build_reference_model(cfg)
-    model = model.to_empty(device="cpu")
-    get = split_tensor_getter(reader, expert_format)
-    state = {name: get(name).to(dtype) for name in expected_hf_shapes(cfg)}
-    for name, buf in model.named_buffers():
-        if name.endswith("inv_freq"):
-            state[name] = buf  # recomputed below
-    model.load_state_dict(state, strict=False)
+def family_of(cfg: dict, source: str = "config.json"):
+    """The model family of HF config fields `cfg` (registry.family_for_config); fields without a
+    `model_type` are LLaDA2's, as every config was before there were families."""
+    return family_for_config(cfg, source) if "model_type" in cfg else family("llada2")
+
+
+def build_reference_model(cfg: dict, seed: int | None = None, dtype=torch.float32):
+    """The reference model of HF config fields `cfg`, of its family (eval mode). With `seed`, every
+    weight is random and non-trivial (norms away from 1, expert biases non-zero), so a test that
+    ignores one fails. `model.hf_config` is a copy of `cfg` (what the sampler's tools read the
+    family and the special token ids from)."""
+    model = family_of(cfg).build_reference(cfg, seed=seed).to(dtype).eval()
+    model.hf_config = dict(cfg)
+    return model
+
+
+class _MappingFormat:
+    """A family's HF dirs hold every tensor under its mapping table's HF name (the meaning of
+    ModelFamily.hf_format's default; used where a family has no hf_format)."""
+
+    def unused_tensors(self, hf_config: dict, names) -> frozenset[str]:
+        return frozenset()
+
+    def expected_shapes(self, family, hf_config: dict, names, where: str) -> dict[str, tuple[int, ...]]:
+        return family.mapping.expected_hf_shapes(family.config_from_hf(hf_config, where))
+
+    def tensor_getter(self, reader, where: str):
+        return reader.get
+
+
+class _LLaDA2ExpertsFormat(_MappingFormat):
+    """LLaDA2's routed experts split or merged (models/llada2/hf_experts.py), for a ModelFamily
+    without an hf_format field (it is being added by issue 28 phase 2; reached by name, since
+    generic code imports no family module)."""
+
+    def __init__(self):
+        import importlib
+
+        self.experts = importlib.import_module("megadiff.models.llada2.hf_experts")
+
+    def expected_shapes(self, family, hf_config, names, where):
+        return self.experts.expected_shapes(hf_config, self.experts.detect_expert_format(names, where) or "split")
+
+    def tensor_getter(self, reader, where):
+        return self.experts.split_tensor_getter(reader, self.experts.detect_expert_format(reader.names(), where))
+
+
+def hf_format(model_family):
+    """How `model_family`'s HF dirs store their tensors (ModelFamily.hf_format, else one tensor per
+    mapping-table name)."""
+    fmt = getattr(model_family, "hf_format", None)
+    if fmt is None and model_family.name == "llada2":
+        return _LLaDA2ExpertsFormat()
+    return fmt or _MappingFormat()
+
+
+def materialize(model, state: dict, where: str):
+    """Fill a reference model built on the meta device with `state` (HF name -> tensor); RoPE
+    tables that are not stored (LLaDA2's inv_freq) are recomputed. Raise naming `where` when a
+    tensor is not one of the model's or one of the model's is left unloaded."""
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise CheckpointError(f"{where}: '{result.unexpected_keys[0]}' is not a reference model parameter")
     for module in model.modules():
         if hasattr(module, "inv_freq"):
-            module.inv_freq.copy_(type(module)(model.config).inv_freq)
-    for _, block in model.moe_blocks():  # the router bias always stays fp32
-        block.gate.expert_bias.data = block.gate.expert_bias.data.float()
-    return model.to(dtype).eval() if dtype != torch.float32 else model.eval()
+            module.inv_freq = type(module)(model.config).inv_freq
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{where}: reference tensor '{left[0]}' was not loaded ({len(left)} in all)")
+    return model
+
+
+def load_reference_model(hf_dir: str, dtype=torch.float32):
+    """The reference model of the HF dir `hf_dir` (eval mode), of the family its config.json names.
+    Loaded strictly: a missing, extra or misshapen tensor is an error, found before any is read.
+    The family's dir layouts are read through its hf_format (LLaDA2: routed experts split, as
+    released, or merged, dFactory's training layout, read one expert slice at a time)."""
+    source = os.path.join(hf_dir, "config.json")
+    cfg = read_hf_config(hf_dir)
+    model_family = family_of(cfg, source)
+    model_cfg = model_family.config_from_hf(cfg, source)  # refuses what the family does not support
+    reader = HFCheckpointReader(hf_dir)
+    fmt = hf_format(model_family)
+    names = reader.names()
+    expected = fmt.expected_shapes(model_family, cfg, names, hf_dir)
+    check_tensors_match(reader, expected, ignore=fmt.unused_tensors(cfg, names))
+    with torch.device("meta"):
+        model = build_reference_model(cfg)
+    get = fmt.tensor_getter(reader, hf_dir)
+    # copies: a tensor read from a safetensors file may sit at any byte offset, and kernels on unaligned
+    # memory can round differently (the loaded model must compute exactly what the saved one did)
+    state = {name: get(name).to(dtype, copy=True) for name in model_family.mapping.expected_hf_shapes(model_cfg)}
+    return materialize(model, state, hf_dir).to(dtype).eval()
 
 
 def write_hf_config(cfg: dict, out_dir: str) -> None:
@@ -71,7 +145,7 @@ def copy_remote_code(out_dir: str, source_dir: str | None = None) -> None:
         shutil.copyfile(src, os.path.join(out_dir, name))
 
 
-def save_reference_model(model: LLaDA2MoeModelLM, out_dir: str, max_shard_size: str = "5GB") -> None:
+def save_reference_model(model, out_dir: str, max_shard_size: str = "5GB") -> None:
     """save_pretrained (safetensors, sharded when large) + config.json with auto_map + remote code."""
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)

@@ -10,6 +10,7 @@ import os
 import shlex
 
 from megadiff.checkpoint.format import TRAINING_RECORD, read_meta, resolve_checkpoint_dir, training_record
+from megadiff.hf.reference import family_of
 
 from .loading import (
     MOE_EXPERTS,
@@ -23,12 +24,14 @@ from .loading import (
     parse_dtype,
     special_token_ids,
 )
-from .sampler import DecodingOptions, check_positions, check_token_ids
+from .sampler import REMASKING, RULES, DecodingOptions, check_positions, check_token_ids
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", required=True, help="Hugging Face LLaDA2 dir, or a megadiff megatron-core checkpoint dir"
+        "--model",
+        required=True,
+        help="Hugging Face model dir (LLaDA2, LLaDA, LLaDA-MoE), or a megadiff megatron-core checkpoint dir",
     )
     parser.add_argument(
         "--iteration", type=int, default=None, help="mcore checkpoint iteration to load (default: the latest)"
@@ -49,7 +52,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "at a time); auto = batched (grouped where it runs, else a gathered matmul); te is training-only "
         "(default: %(default)s)",
     )
-    parser.add_argument("--mask-id", type=int, default=None, help="mask token id (default: <|mask|> of the tokenizer)")
+    parser.add_argument(
+        "--mask-id",
+        type=int,
+        default=None,
+        help="mask token id (default: the model family's mask token in the tokenizer, e.g. <|mask|>)",
+    )
     parser.add_argument("--eos-id", type=int, default=None, help="EOS token id (default: config.json eos_token_id)")
     parser.add_argument(
         "--trust-checkpoint",
@@ -61,16 +69,33 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_decoding_arguments(parser: argparse.ArgumentParser, batch_size: int = 1) -> None:
     d = DecodingOptions()
+    family = " (default: the model family's sampler defaults; LLaDA2: %s)"
     parser.add_argument(
-        "--gen-length", type=int, default=d.gen_length, help="tokens to generate (default: %(default)s)"
+        "--rule",
+        choices=RULES,
+        default=None,
+        help="threshold: LLaDA2's block rule (blocks from position 0, block-causal, KV cache); low_confidence: "
+        "LLaDA's generate.py (blocks after the prompt, full attention)" + family % d.rule,
     )
-    parser.add_argument("--block-length", type=int, default=d.block_length, help="default: %(default)s")
-    parser.add_argument("--steps", type=int, default=d.steps, help="iterations per block (default: %(default)s)")
+    parser.add_argument("--gen-length", type=int, default=None, help="tokens to generate" + family % d.gen_length)
+    parser.add_argument("--block-length", type=int, default=None, help="block size" + family % d.block_length)
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="iterations per block (threshold rule) or over the whole answer (low_confidence rule)" + family % d.steps,
+    )
     parser.add_argument(
         "--threshold",
         type=float,
-        default=d.threshold,
-        help="commit every prediction above this confidence (default: %(default)s)",
+        default=None,
+        help="threshold rule: commit every prediction above this confidence" + family % d.threshold,
+    )
+    parser.add_argument(
+        "--remasking",
+        choices=REMASKING,
+        default=d.remasking,
+        help="low_confidence rule: commit the most probable predictions, or random ones (default: %(default)s)",
     )
     parser.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (default: %(default)s)")
     parser.add_argument("--top-k", type=int, default=d.top_k, help="default: off")
@@ -182,6 +207,26 @@ def untrained_editing_warning(args: argparse.Namespace, options: DecodingOptions
     )
 
 
+SAMPLER_FLAGS = ("rule", "gen_length", "block_length", "steps", "threshold")  # their defaults: the family's
+
+
+def apply_family_defaults(args: argparse.Namespace) -> str | None:
+    """Fill the sampler flags left unset (SAMPLER_FLAGS) with the defaults of the model's family
+    (ModelFamily.sampler: LLaDA2's threshold rule, LLaDA / LLaDA-MoE's low_confidence rule, their
+    lengths); return the family's name. When the model's config cannot be read yet, the flags stay
+    unset (DecodingOptions' defaults apply) and the error is reported where the model is loaded."""
+    try:
+        config = model_config(args.model, getattr(args, "iteration", None))
+        family = family_of(config, os.path.join(args.model, "config.json"))
+    except (OSError, ValueError):  # ConfigError and CheckpointError are ValueErrors
+        return None
+    sampler = family.sampler
+    for name in SAMPLER_FLAGS:
+        if getattr(args, name, None) is None and getattr(sampler, name, None) is not None:
+            setattr(args, name, getattr(sampler, name))
+    return family.name
+
+
 def decoding_options(args: argparse.Namespace) -> DecodingOptions:
     """DecodingOptions from parsed flags (ValueError names the bad one, in its library spelling).
     The editing fields come from the flags, else the model dir's generation_config.json, else the
@@ -194,12 +239,12 @@ def decoding_options(args: argparse.Namespace) -> DecodingOptions:
             editing[name] = getattr(args, name)
     if editing.get("editing_threshold") == "off":
         editing["editing_threshold"] = None
+    defaults = DecodingOptions()
+    given = {name: getattr(args, name, None) for name in SAMPLER_FLAGS}
     return DecodingOptions(
         **editing,
-        gen_length=args.gen_length,
-        block_length=args.block_length,
-        steps=args.steps,
-        threshold=args.threshold,
+        **{name: getattr(defaults, name) if value is None else value for name, value in given.items()},
+        remasking=args.remasking,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,

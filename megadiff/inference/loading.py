@@ -17,9 +17,8 @@ from megadiff.checkpoint.hf_source import recorded_source_dir
 from megadiff.checkpoint.hf_tensors import inspect_mcore_input, iter_hf_tensors, plan_hf_output
 from megadiff.errors import CheckpointError
 from megadiff.hf.checkpoint_reader import read_hf_config
-from megadiff.hf.reference import build_reference_model, load_reference_model
-from megadiff.hf.tokenizer import MASK_TOKEN, TOKENIZER_FILES, load_local_tokenizer, mask_token_id
-from megadiff.models.llada2.hf_experts import SPLIT
+from megadiff.hf.reference import build_reference_model, family_of, load_reference_model, materialize
+from megadiff.hf.tokenizer import TOKENIZER_FILES, load_local_tokenizer
 from megadiff.platform.device import run_device
 from megadiff.platform.kernels import grouped_mm_supported
 
@@ -36,7 +35,7 @@ def check_model_dir(path: str) -> None:
     """Raise FileNotFoundError naming `path` when it is not a directory."""
     if not os.path.isdir(path):
         raise FileNotFoundError(
-            f"{path}: model directory not found (expected a Hugging Face LLaDA2 dir with config.json "
+            f"{path}: model directory not found (expected a Hugging Face model dir with config.json "
             f"or a megadiff megatron-core checkpoint dir)"
         )
 
@@ -62,17 +61,19 @@ def load_model(
     trust_checkpoint: bool = False,
     moe_experts: str = "auto",
 ):
-    """The LLaDA2 reference model (eval mode) from an HF dir or an mcore checkpoint dir. An mcore
-    checkpoint is read without running code from its pickles unless `trust_checkpoint`
-    (megadiff.checkpoint.untrusted). `moe_experts`: how its routed experts run (`batched_experts`)."""
+    """The reference model (eval mode) of the model family that config.json names, from an HF dir or
+    an mcore checkpoint dir; `model.hf_config` is that config (build_reference_model). An mcore checkpoint is read without
+    running code from its pickles unless `trust_checkpoint` (megadiff.checkpoint.untrusted).
+    `moe_experts`: how LLaDA2's routed experts run (`batched_experts`)."""
     check_model_dir(path)
     batched = batched_experts(moe_experts, device, dtype)  # before any weight is read
     if is_mcore_checkpoint(path):
         model = load_reference_from_mcore(path, iteration=iteration, dtype=dtype, trust_checkpoint=trust_checkpoint)
     else:
         model = load_reference_model(path, dtype=dtype)
-    for _, block in model.moe_blocks():
-        block.batched_experts = batched
+    for _, block in model.moe_blocks() if hasattr(model, "moe_blocks") else ():
+        if hasattr(block, "batched_experts"):  # LLaDA2's reference; the others have one expert loop
+            block.batched_experts = batched
     return model.to(device).eval()
 
 
@@ -100,23 +101,14 @@ def batched_experts(moe_experts: str, device: str, dtype: torch.dtype) -> bool:
 def load_reference_from_mcore(
     ckpt_dir: str, iteration: int | None = None, dtype: torch.dtype = torch.float32, trust_checkpoint: bool = False
 ):
-    """The plain-PyTorch reference model (LLaDA2MoeModelLM, eval mode) from a megadiff checkpoint
-    ROOT (latest complete iteration, or `iteration`) or iteration dir, in this process: no torchrun,
-    no process group. Same dtype handling as `megadiff.hf.reference.load_reference_model`."""
+    """The plain-PyTorch reference model of the checkpoint's family (eval mode) from a megadiff
+    checkpoint ROOT (latest complete iteration, or `iteration`) or iteration dir, in this process: no
+    torchrun, no process group. Same dtype handling as `megadiff.hf.reference.load_reference_model`."""
     src = inspect_mcore_input(ckpt_dir, iteration, trust_checkpoint)
     with torch.device("meta"):
         model = build_reference_model(src.config)
-    state = {name: tensor.to(dtype) for name, tensor in iter_hf_tensors(src, plan_hf_output(src, SPLIT))}
-    result = model.load_state_dict(state, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise CheckpointError(f"{src.ckpt_dir}: '{result.unexpected_keys[0]}' is not a reference model parameter")
-    for module in model.modules():
-        if hasattr(module, "inv_freq"):
-            module.inv_freq = type(module)(model.config).inv_freq
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:
-        raise CheckpointError(f"{src.ckpt_dir}: reference tensor '{left[0]}' was not loaded ({len(left)} in all)")
-    return model.to(dtype).eval()
+    state = {name: tensor.to(dtype) for name, tensor in iter_hf_tensors(src, plan_hf_output(src))}
+    return materialize(model, state, src.ckpt_dir).to(dtype).eval()
 
 
 def load_tokenizer(model_path: str, tokenizer_path: str | None = None, iteration: int | None = None):
@@ -141,20 +133,28 @@ def load_tokenizer(model_path: str, tokenizer_path: str | None = None, iteration
 
 
 def special_token_ids(model, tokenizer, mask_id: int | None = None, eos_id: int | None = None) -> tuple[int, int]:
-    """(mask_id, eos_id): overrides first, else `<|mask|>` from the tokenizer and eos from the config
-    (falling back to the tokenizer's eos). `model`: the model, or its HF config dict (`model_config`:
-    the ids are known before the weights are loaded)."""
+    """(mask_id, eos_id): overrides first, else the mask token of the model family's tokenizer facts
+    (LLaDA2 `<|mask|>`, LLaDA `<|mdm_mask|>`) from the tokenizer, else config.json's mask_token_id,
+    else the family's released id; eos from the config, else the tokenizer's. `model`: the model
+    (`load_model`'s), or its HF config dict (`model_config`: the ids are known before the weights are
+    loaded)."""
+    config = model if isinstance(model, dict) else hf_config_of(model)
+    facts = family_of(config).tokenizer
     if mask_id is None:
-        # recorded where the tokenizer has none (Ling-2.0 start)
-        mask_id = (
-            model.get("mask_token_id") if isinstance(model, dict) else getattr(model.config, "mask_token_id", None)
-        )
-        if tokenizer is not None and (mask_id is None or MASK_TOKEN in tokenizer.get_vocab()):
-            mask_id = mask_token_id(tokenizer)
+        mask_id = config.get("mask_token_id")  # recorded where the tokenizer has none (Ling-2.0 start)
+        vocab = tokenizer.get_vocab() if tokenizer is not None else {}
+        if facts.mask_token in vocab:
+            mask_id = vocab[facts.mask_token]
         if mask_id is None:
-            raise ValueError("no tokenizer to read the <|mask|> id from; pass the mask token id explicitly")
+            mask_id = facts.mask_token_id
+        if mask_id is None:
+            where = f"tokenizer {getattr(tokenizer, 'name_or_path', '')}" if tokenizer is not None else "no tokenizer"
+            raise ValueError(
+                f"{where}: no {facts.mask_token!r} token, and config.json has no mask_token_id; "
+                f"pass the mask token id explicitly"
+            )
     if eos_id is None:
-        eos_id = model.get("eos_token_id") if isinstance(model, dict) else getattr(model.config, "eos_token_id", None)
+        eos_id = config.get("eos_token_id")
         if isinstance(eos_id, (list, tuple)):
             eos_id = eos_id[0] if eos_id else None
         if eos_id is None and tokenizer is not None:
@@ -162,6 +162,18 @@ def special_token_ids(model, tokenizer, mask_id: int | None = None, eos_id: int 
         if eos_id is None:
             raise ValueError("neither config.json nor the tokenizer names an eos token; pass the eos id explicitly")
     return int(mask_id), int(eos_id)
+
+
+def hf_config_of(model) -> dict:
+    """The HF config dict of a reference model: what `load_model` recorded, else the config's own
+    (LLaDA2's transformers config; the families' `to_hf_dict`)."""
+    recorded = getattr(model, "hf_config", None)
+    if isinstance(recorded, dict):
+        return recorded
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        return config.to_dict()
+    return model.cfg.to_hf_dict()
 
 
 def check_device(device: str) -> None:

@@ -1,4 +1,4 @@
-"""LoRA adapters on megadiff's megatron-core LLaDA2 model (issue 16).
+"""LoRA adapters on megadiff's megatron-core models, any family (issue 16; families: issue 28).
 
 - `adapters`: the low-rank branch of one column- or row-parallel linear, split like its base.
 - `apply`: wrap the targeted linears of model chunks, freeze everything else, initialise.

@@ -1,4 +1,4 @@
-"""Put LoRA adapters on the targeted linears of LLaDA2 model chunks and freeze everything else.
+"""Put LoRA adapters on the targeted linears of model chunks (any family) and freeze everything else.
 
 Targets are megatron-core module names: `linear_qkv`, `linear_proj` (attention), `linear_fc1`,
 `linear_fc2` (the dense layer's MLP and the shared experts; routed experts only with

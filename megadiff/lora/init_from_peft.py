@@ -48,7 +48,7 @@ def adapter_for_run(adapter_dir: str, lora_cfg: dict, hf_config, run_base: BaseR
     naming the field that does not match, before any weight is loaded into the model."""
     where = f"{FIELD}={adapter_dir}"
     state, adapter_config = read_peft_adapter(adapter_dir)
-    saved = lora_config_from_peft(adapter_config, state, os.path.join(adapter_dir, CONFIG_NAME))
+    saved = lora_config_from_peft(adapter_config, state, hf_config, os.path.join(adapter_dir, CONFIG_NAME))
     for key, peft_key in MATCHING:
         have, want = saved[key], lora_cfg[key]
         if key == "target_modules":

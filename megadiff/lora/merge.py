@@ -1,7 +1,7 @@
 """LoRA adapters merged into HF weights: W + alpha/r * B @ A, as per-tensor deltas in HF names.
 
 The delta of an adapted base weight is computed in megatron's layout (B's rows are megatron's) and
-mapped to HF by the parameter table's row of that weight, like the weight itself; the transform
+mapped to HF by the family's mapping object of that weight, like the weight itself; the transform
 only moves rows, so hf(W + delta) = hf(W) + hf(delta). A converter adds each delta to its HF tensor
 in fp64 and rounds once to the tensor's dtype.
 """
@@ -10,8 +10,7 @@ from collections.abc import Mapping
 
 import torch
 
-from megadiff.models.llada2.hf_experts import PROJS, merged_name, split_name
-from megadiff.models.llada2.hf_mapping import hf_from_full_mcore
+from megadiff.models.registry import family_of
 
 from .peft_format import adapted_modules, hf_modules, model_config
 
@@ -21,29 +20,34 @@ class HFDeltas(Mapping):
     streams tensors one at a time, and the deltas of all routed experts of a 100B model are as
     large as the model. A delta is computed in fp64 (B @ A, scaled), so the merged weight is the
     exact W + alpha/r * B @ A rounded once to the weight's dtype. `merged_experts`: routed experts'
-    deltas stacked [E, ...] under dFactory's merged names, as that layout stores the weights."""
+    deltas stacked [E, ...] under dFactory's merged names, as that layout stores the weights (a family
+    with such a layout names it: `ModelFamily.hf_format.experts`, LLaDA2's)."""
 
     def __init__(self, full: dict[str, torch.Tensor], lora_cfg: dict, hf_config, merged_experts: bool = False):
         self._full, self._cfg = full, model_config(hf_config)
         self._scale = lora_cfg["alpha"] / lora_cfg["rank"]
         self._sources: dict[str, list[tuple[str, int]]] = {}  # HF name -> (adapted module, output index) parts
         for path in adapted_modules(lora_cfg, self._cfg):
-            for index, name in enumerate(hf_modules(path)[1]):
+            for index, name in enumerate(hf_modules(path, self._cfg)[1]):
                 self._sources[name + ".weight"] = [(path, index)]
         if merged_experts and lora_cfg.get("experts"):
-            cfg = self._cfg
-            for layer in range(cfg.first_k_dense_replace, cfg.num_hidden_layers):
-                for proj in PROJS:
-                    names = [split_name(layer, e, proj) for e in range(cfg.num_experts)]
+            cfg, family = self._cfg, family_of(self._cfg)
+            layout = family.hf_format.experts
+            if layout is None:
+                raise ValueError(f"{family.name} checkpoints have no merged-expert layout")
+            for layer in (i for i, moe in enumerate(cfg.moe_layer_pattern) if moe):
+                for proj in layout.PROJS:
+                    names = [layout.split_name(layer, e, proj) for e in range(cfg.num_experts)]
                     if names[0] in self._sources:
-                        self._sources[merged_name(layer, proj)] = [self._sources.pop(n)[0] for n in names]
+                        self._sources[layout.merged_name(layer, proj)] = [self._sources.pop(n)[0] for n in names]
         self._last: tuple[str, list[torch.Tensor]] | None = None  # fc1 yields gate and up: computed once
 
     def _module_deltas(self, path: str) -> list[torch.Tensor]:
         if self._last is None or self._last[0] != path:
             a = self._full[path + ".lora_A.weight"].double()
             b = self._full[path + ".lora_B.weight"].double()
-            self._last = (path, hf_from_full_mcore(hf_modules(path)[0], self._scale * (b @ a), self._cfg))
+            mapping = hf_modules(path, self._cfg)[0]
+            self._last = (path, mapping.to_hf(self._scale * (b @ a), self._cfg))
         return self._last[1]
 
     def __getitem__(self, name: str) -> torch.Tensor:

@@ -5,14 +5,19 @@ The full adapter state (the contract between megadiff's LoRA modules): whole ten
 path under the local spec, B's rows in megatron's row layout of the base weight. A PEFT adapter holds
 `base_model.model.<hf module>.lora_{A,B}.weight` for the HF model, whose rows are HF's.
 
-Each adapter is converted by the parameter table's row of its base weight (`hf_from_full_mcore`):
-that transform only moves rows (QKV regrouped from per-KV-group to [all q | all k | all v]; fc1's
-[gate; up] split in two), so it maps B like the base weight, and A (the input side) is unchanged;
-fc1's gate_proj and up_proj share the one A. Hence hf(W + a/r B A) = hf(W) + a/r hf(B) A.
+Any model family: the family (from the HF config) gives the mapping object of each base weight
+(megadiff.models.common.mapping), and the HF modules a megatron target is made of are the ones its
+mapping objects name (LLaDA2: query_key_value, dense, gate_proj/up_proj, down_proj; LLaDA: q_proj,
+k_proj, v_proj, attn_out, ff_proj/up_proj, ff_out; LLaDA-MoE: q/k/v_proj, o_proj, gate/up_proj,
+down_proj). Each adapter is converted by its base weight's mapping object (`to_hf`): that transform
+only moves rows (QKV regrouped from per-KV-group to [all q | all k | all v], or to separate q, k and
+v; fc1's [gate; up] split in two), so it maps B like the base weight, and A (the input side) is
+unchanged; the HF modules of one megatron linear (q/k/v, gate/up) share the one A. Hence
+hf(W + a/r B A) = hf(W) + a/r hf(B) A.
 
-The other way, an adapter whose gate_proj and up_proj have different A is refused: it is not one
-fused fc1 adapter of rank r (a rank-2r block adapter would represent it, but not at the configured
-rank, and would no longer export back to the same file).
+The other way, an adapter whose q/k/v (or gate_proj and up_proj) have different A is refused: it is
+not one fused adapter of rank r (a block adapter of a higher rank would represent it, but not at the
+configured rank, and would no longer export back to the same file).
 
 `to_peft` / `from_peft` work on dicts; `write_peft_adapter` / `read_peft_adapter` on a directory
 (adapter_config.json + adapter_model.safetensors, as `PeftModel.from_pretrained` reads it).
@@ -29,18 +34,18 @@ from safetensors.torch import load_file, save_file
 from megadiff.checkpoint.format import fsync_dir, remove_tree, rename_no_replace, staging_path
 from megadiff.errors import UserError
 from megadiff.files.disk_space import disk_full_error
-from megadiff.models.llada2.config import LLaDA2ModelConfig
-from megadiff.models.llada2.hf_mapping import full_mcore_from_hf, hf_from_full_mcore, hf_names, rule_for
+from megadiff.models.common import mcore_params as P
+from megadiff.models.registry import family_for_config, family_of
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 BASE_METADATA_KEY = "megadiff_base"  # safetensors metadata: the base record of megadiff's exports (JSON)
-HF_TARGETS = {  # megatron target module -> the HF leaf modules its base weight is made of
-    "linear_qkv": ("query_key_value",),
-    "linear_proj": ("dense",),
-    "linear_fc1": ("gate_proj", "up_proj"),
-    "linear_fc2": ("down_proj",),
+TARGET_PARAMS = {  # megatron target module -> its base weights (attention; dense MLP, shared, routed experts)
+    "linear_qkv": (P.LINEAR_QKV,),
+    "linear_proj": (P.LINEAR_PROJ,),
+    "linear_fc1": (P.DENSE_FC1, P.SHARED_FC1, P.EXPERT_FC1),
+    "linear_fc2": (P.DENSE_FC2, P.SHARED_FC2, P.EXPERT_FC2),
 }
 ATTENTION_TARGETS = ("linear_qkv", "linear_proj")
 # HF modules of routed experts: excluded from PEFT's leaf-name matching unless experts are adapted
@@ -65,11 +70,22 @@ class PeftAdapterError(UserError):
     """A PEFT adapter (dict or directory) that does not fit the model or megadiff's LoRA."""
 
 
-def model_config(hf_config) -> LLaDA2ModelConfig:
-    """The validated model config of an HF config.json dict (or an already validated config)."""
-    if isinstance(hf_config, LLaDA2ModelConfig):
-        return hf_config
-    return LLaDA2ModelConfig.from_hf_dict(dict(hf_config))
+def model_config(hf_config):
+    """The validated model config of an HF config.json dict (or an already validated config), of
+    the family its model_type names."""
+    if isinstance(hf_config, dict):
+        return family_for_config(hf_config).config_from_hf(dict(hf_config))
+    return hf_config
+
+
+def hf_targets(family) -> dict[str, tuple[str, ...]]:
+    """megatron target module -> the HF leaf module names its base weights are made of, in the
+    family's mapping table (e.g. LLaDA's linear_qkv -> q_proj, k_proj, v_proj)."""
+    out = {}
+    for target, params in TARGET_PARAMS.items():
+        leaves = [name.rsplit(".", 2)[-2] for m in family.mapping if m.param in params for name in m.hf]
+        out[target] = tuple(dict.fromkeys(leaves))
+    return out
 
 
 def adapted_modules(lora_cfg: dict, hf_config) -> list[str]:
@@ -78,33 +94,57 @@ def adapted_modules(lora_cfg: dict, hf_config) -> list[str]:
     with `experts`, every routed expert."""
     cfg = model_config(hf_config)
     targets = list(lora_cfg["target_modules"])
-    unknown = sorted(set(targets) - set(HF_TARGETS))
+    unknown = sorted(set(targets) - set(TARGET_PARAMS))
     if unknown:
-        raise PeftAdapterError(f"lora.target_modules: unknown module(s) {unknown}; choose from {list(HF_TARGETS)}")
+        raise PeftAdapterError(f"lora.target_modules: unknown module(s) {unknown}; choose from {list(TARGET_PARAMS)}")
+    shared = {i.layer for i in family_of(cfg).mapping.instances(cfg) if i.mapping.param is P.SHARED_FC1}
     paths = []
     for layer in range(cfg.num_hidden_layers):
         prefix = f"decoder.layers.{layer}."
         for target in targets:
             if target in ATTENTION_TARGETS:
                 paths.append(prefix + "self_attention." + target)
-            elif layer < cfg.first_k_dense_replace:
+            elif not cfg.moe_layer_pattern[layer]:
                 paths.append(prefix + "mlp." + target)
             else:
-                if cfg.num_shared_experts:
+                if layer in shared:
                     paths.append(prefix + "mlp.shared_experts." + target)
                 if lora_cfg.get("experts"):
                     paths += [prefix + f"mlp.experts.local_experts.{e}.{target}" for e in range(cfg.num_experts)]
     return paths
 
 
-def hf_modules(path: str) -> tuple:
-    """(table row, HF module names) of a megatron-core module path: fc1 gives [gate_proj, up_proj]."""
-    rule, index = rule_for(path + ".weight")
-    return rule, [name[: -len(".weight")] for name in hf_names(rule, index)]
+def hf_modules(path: str, hf_config) -> tuple:
+    """(mapping object, HF module names) of a megatron-core module path: fc1 gives [gate, up]
+    (LLaDA2: gate_proj, up_proj), a separate-QKV family's linear_qkv gives [q, k, v]."""
+    mapping, index = family_of(model_config(hf_config)).mapping.for_mcore_name(path + ".weight")
+    return mapping, [name[: -len(".weight")] for name in mapping.hf_names(index)]
 
 
-def peft_target_modules(lora_cfg: dict) -> list[str]:
-    return sorted({hf for target in lora_cfg["target_modules"] for hf in HF_TARGETS[target]})
+def peft_target_modules(lora_cfg: dict, hf_config) -> list[str]:
+    targets = hf_targets(family_of(model_config(hf_config)))
+    return sorted({hf for target in lora_cfg["target_modules"] for hf in targets[target]})
+
+
+def peft_exclude_modules(lora_cfg: dict, cfg) -> str | None:
+    """PEFT's exclude_modules (a regex): the routed experts unless they are adapted, and any other
+    module whose leaf name is a target's but that megadiff does not adapt (LLaDA's output layer
+    `model.transformer.ff_out` shares its name with the MLP's ff_out)."""
+    family = family_of(cfg)
+    leaves = set(peft_target_modules(lora_cfg, cfg))
+    adapted = {n for path in adapted_modules(lora_cfg, cfg) for n in hf_modules(path, cfg)[1]}
+    others = sorted(
+        {
+            module
+            for inst in family.mapping.instances(cfg)
+            if inst.expert is None
+            for module in (n[: -len(".weight")] for n in inst.hf)
+            if module.rsplit(".", 1)[-1] in leaves and module not in adapted
+        }
+    )
+    routed = [] if lora_cfg.get("experts") or not cfg.num_experts else [ROUTED_EXPERTS_REGEX]
+    parts = routed + [re.escape(m) for m in others]
+    return None if not parts else parts[0] if len(parts) == 1 else "|".join(f"(?:{p})" for p in parts)
 
 
 def _check_keys(found, expected, what: str) -> None:
@@ -133,22 +173,20 @@ def _check_pair(name: str, a: torch.Tensor, b: torch.Tensor, rank: int, shape, w
         raise PeftAdapterError(f"{what}: {name}.lora_B.weight has shape {list(b.shape)}, expected {[out, rank]}")
 
 
-def _base_shapes(cfg: LLaDA2ModelConfig, paths) -> dict[str, tuple[int, int]]:
+def _hf_shapes(cfg, path: str) -> list[tuple[int, ...]]:
+    """[out, in] of each HF weight an adapted megatron-core linear is made of."""
+    family = family_of(cfg)
+    mapping, _ = family.mapping.for_mcore_name(path + ".weight")
+    dims = family.mapping.dims(cfg)
+    return [tuple(dims[d] for d in shape) for shape in mapping.shapes]
+
+
+def _base_shapes(cfg, paths) -> dict[str, tuple[int, int]]:
     """[out, in] of each adapted base weight, in megatron's (whole-tensor) layout."""
-    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
-    shapes = {}
-    for path in paths:
-        leaf = path.rsplit(".", 1)[-1]
-        if leaf == "linear_qkv":
-            shapes[path] = (qkv, cfg.hidden_size)
-        elif leaf == "linear_proj":
-            shapes[path] = (cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim)
-        else:
-            ffn = cfg.intermediate_size if ".mlp.linear_fc" in path else cfg.moe_intermediate_size
-            if ".shared_experts." in path:
-                ffn = cfg.moe_intermediate_size * cfg.num_shared_experts
-            shapes[path] = (2 * ffn, cfg.hidden_size) if leaf == "linear_fc1" else (cfg.hidden_size, ffn)
-    return shapes
+    family = family_of(cfg)
+    return {
+        path: family.mapping.for_mcore_name(path + ".weight")[0].full_shape(_hf_shapes(cfg, path)) for path in paths
+    }
 
 
 def to_peft(
@@ -165,8 +203,8 @@ def to_peft(
     for path in paths:
         a, b = full[path + ".lora_A.weight"], full[path + ".lora_B.weight"]
         _check_pair(path, a, b, rank, shapes[path], "full adapter state")
-        rule, names = hf_modules(path)
-        for name, b_hf in zip(names, hf_from_full_mcore(rule, b, cfg), strict=True):
+        mapping, names = hf_modules(path, cfg)
+        for name, b_hf in zip(names, mapping.to_hf(b, cfg), strict=True):
             # own storage per tensor: safetensors refuses shared tensors, fc1's A goes to two modules
             state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.detach().clone().contiguous()
             state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b_hf.detach().clone().contiguous()
@@ -179,8 +217,8 @@ def to_peft(
         r=rank,
         lora_alpha=lora_cfg["alpha"],
         lora_dropout=lora_cfg.get("dropout", 0.0),
-        target_modules=peft_target_modules(lora_cfg),
-        exclude_modules=None if lora_cfg.get("experts") else ROUTED_EXPERTS_REGEX,
+        target_modules=peft_target_modules(lora_cfg, cfg),
+        exclude_modules=peft_exclude_modules(lora_cfg, cfg),
         init_lora_weights=True,
         inference_mode=True,
         base_model_name_or_path=base_model_name_or_path,
@@ -188,8 +226,9 @@ def to_peft(
     return state, adapter_config
 
 
-def lora_config_from_peft(adapter_config: dict, state_keys, what: str = CONFIG_NAME) -> dict:
-    """megadiff's lora fields (rank, alpha, dropout, target_modules, experts) of a PEFT adapter_config.
+def lora_config_from_peft(adapter_config: dict, state_keys, hf_config, what: str = CONFIG_NAME) -> dict:
+    """megadiff's lora fields (rank, alpha, dropout, target_modules, experts) of a PEFT adapter_config
+    for the model `hf_config` (HF config dict or validated config: its family names the HF modules).
     `init` and `seed` (how fresh adapters start) have no PEFT counterpart and are left out."""
 
     def fail(field, why):
@@ -206,16 +245,24 @@ def lora_config_from_peft(adapter_config: dict, state_keys, what: str = CONFIG_N
         fail("r", f"must be a positive integer, got {rank!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         fail("lora_alpha", f"must be a number, got {alpha!r}")
-    hf_targets = adapter_config.get("target_modules")
-    if isinstance(hf_targets, str):
-        fail("target_modules", "a regex is not supported; list the HF module names (e.g. ['query_key_value'])")
-    hf_targets = set(hf_targets or ())
-    known = {hf for names in HF_TARGETS.values() for hf in names}
-    if not hf_targets or hf_targets - known:
-        fail("target_modules", f"{sorted(hf_targets)}: each must be one of {sorted(known)}")
-    if ("gate_proj" in hf_targets) != ("up_proj" in hf_targets):
-        fail("target_modules", "gate_proj and up_proj must be adapted together (megatron fuses them into linear_fc1)")
-    targets = [t for t, names in HF_TARGETS.items() if names[0] in hf_targets]
+    by_target = hf_targets(family_of(model_config(hf_config)))
+    wanted = adapter_config.get("target_modules")
+    if isinstance(wanted, str):
+        fail(
+            "target_modules",
+            f"a regex is not supported; list the HF module names (e.g. {list(by_target['linear_qkv'])})",
+        )
+    wanted = set(wanted or ())
+    known = {hf for names in by_target.values() for hf in names}
+    if not wanted or wanted - known:
+        fail("target_modules", f"{sorted(wanted)}: each must be one of {sorted(known)}")
+    for target, names in by_target.items():
+        if len(names) > 1 and 0 < len(wanted & set(names)) < len(names):
+            fail(
+                "target_modules",
+                f"{' and '.join(names)} must be adapted together (megatron fuses them into {target})",
+            )
+    targets = [t for t, names in by_target.items() if names[0] in wanted]
     experts = any(re.fullmatch(ROUTED_EXPERTS_REGEX, k[len(PEFT_PREFIX) :]) for k in state_keys)
     return dict(
         rank=rank,
@@ -231,26 +278,25 @@ def from_peft(
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """(full adapter state, lora fields) of a PEFT adapter: the inverse of `to_peft`."""
     cfg = model_config(hf_config)
-    lora_cfg = lora_config_from_peft(adapter_config, state, what)
+    lora_cfg = lora_config_from_peft(adapter_config, state, cfg, what)
     paths = adapted_modules(lora_cfg, cfg)
-    modules = {path: hf_modules(path) for path in paths}
+    modules = {path: hf_modules(path, cfg) for path in paths}
     expected = [f"{PEFT_PREFIX}{n}.lora_{ab}.weight" for _, names in modules.values() for n in names for ab in "AB"]
     _check_keys(state, expected, what)
-    shapes = _base_shapes(cfg, paths)
     full = {}
-    for path, (rule, names) in modules.items():
+    for path, (mapping, names) in modules.items():
         a_list = [state[f"{PEFT_PREFIX}{n}.lora_A.weight"] for n in names]
         b_list = [state[f"{PEFT_PREFIX}{n}.lora_B.weight"] for n in names]
-        out, inp = shapes[path]
-        for name, a, b in zip(names, a_list, b_list, strict=True):  # fc1: each HF module has half the rows
-            _check_pair(PEFT_PREFIX + name, a, b, lora_cfg["rank"], (out // len(names), inp), what)
+        for name, a, b, shape in zip(names, a_list, b_list, _hf_shapes(cfg, path), strict=True):
+            _check_pair(PEFT_PREFIX + name, a, b, lora_cfg["rank"], shape, what)  # each HF module's rows
         if any(not torch.equal(a, a_list[0]) for a in a_list[1:]):
+            target = path.rsplit(".", 1)[-1]
             raise PeftAdapterError(
-                f"{what}: {names[0]} and {names[1]} have different lora_A: megatron fuses them into one "
-                f"linear_fc1 adapter, which needs one shared A (train them with a shared A, or leave them out)"
+                f"{what}: {' and '.join(names)} have different lora_A: megatron fuses them into one "
+                f"{target} adapter, which needs one shared A (train them with a shared A, or leave them out)"
             )
         full[path + ".lora_A.weight"] = a_list[0].clone()
-        full[path + ".lora_B.weight"] = full_mcore_from_hf(rule, b_list, cfg).clone()
+        full[path + ".lora_B.weight"] = mapping.to_mcore(b_list, cfg).clone()
     return full, lora_cfg
 
 

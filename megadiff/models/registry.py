@@ -70,3 +70,12 @@ def family_for_config(cfg: dict, source: str = "config.json"):
         if candidate is not by_type[model_type] and any(a in candidate.architectures for a in architectures):
             return candidate
     return by_type[model_type]
+
+
+def family_of(model_cfg):
+    """The family whose validated config `model_cfg` is (a family's `config_from_hf` is its
+    config class's constructor from HF fields; configs do not carry their family)."""
+    for candidate in _families().values():
+        if isinstance(model_cfg, getattr(candidate.config_from_hf, "__self__", ())):
+            return candidate
+    raise ConfigError(f"{type(model_cfg).__name__} is not the config of a registered model family")

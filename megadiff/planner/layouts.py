@@ -22,8 +22,8 @@ Step time (a ranking, not a promise; assumptions in `Hardware` and docs/planner.
 
 from dataclasses import asdict, dataclass, field, replace
 
-from megadiff.models.llada2.config import ConfigError, LLaDA2ModelConfig, ParallelLayout
-from megadiff.platform.parallel_layout import sequence_multiple
+from megadiff.errors import ConfigError
+from megadiff.platform.parallel_layout import ParallelLayout, sequence_multiple
 
 from .memory import (
     GiB,
@@ -35,6 +35,7 @@ from .memory import (
     group_sizes,
     microbatches_per_step,
 )
+from .model_shape import model_shape
 from .params import active_params, rank_parameters, total_params
 
 
@@ -89,7 +90,7 @@ def _divisors(n: int, limit: int) -> list[int]:
     return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
 
 
-def candidate_layouts(model: LLaDA2ModelConfig, world: int) -> list[ParallelLayout]:
+def candidate_layouts(model, world: int) -> list[ParallelLayout]:
     """tp, cp, ep, etp, pp, vpp combinations whose group sizes multiply into `world` (model
     divisibility is checked later, so those layouts are reported with the reason)."""
     out = []
@@ -105,17 +106,18 @@ def candidate_layouts(model: LLaDA2ModelConfig, world: int) -> list[ParallelLayo
     return out
 
 
-def step_time(model: LLaDA2ModelConfig, layout: ParallelLayout, hw: Hardware, shape: RunShape) -> dict:
+def step_time(model, layout: ParallelLayout, hw: Hardware, shape: RunShape) -> dict:
     """Seconds per optimizer step by part (see the module docstring)."""
     world, (dp, edp) = hw.world, group_sizes(layout, hw.world)  # gradient groups (dp*cp, edp)
-    s, b, h, a = shape.tokens, shape.micro_batch_size, model.hidden_size, shape.act_bytes
+    m = model_shape(model)
+    s, b, h, a = shape.tokens, shape.micro_batch_size, m.hidden, shape.act_bytes
     cp = layout.cp
     rows = shape.global_batch_size
     tokens = rows * s
-    embed = 2 * model.vocab_size * h
-    matmul_active = active_params(model) - embed + model.vocab_size * h  # the lm head is a matmul
+    embed = 2 * m.vocab * h
+    matmul_active = active_params(model) - embed + m.vocab * h  # the lm head is a matmul
     visible = 1.0 if shape.attention_backend == "dense" else (0.25 if shape.mode == "bd" else 1.0)
-    attn = 4 * s * model.num_attention_heads * model.head_dim * model.num_hidden_layers * visible  # per token, fwd
+    attn = 4 * s * m.heads * m.head_dim * m.layers * visible  # per token, fwd
     flops = 3 * (2 * matmul_active + attn) * tokens
     if shape.recompute == "full":
         flops *= 4 / 3
@@ -127,19 +129,19 @@ def step_time(model: LLaDA2ModelConfig, layout: ParallelLayout, hw: Hardware, sh
         return (hw.intra_node_gbps if span <= hw.gpus_per_node else hw.inter_node_gbps) * 1e9
 
     micro = microbatches_per_step(layout, world, shape)
-    layers_here = model.num_hidden_layers // layout.pp
-    moe_here = (model.num_hidden_layers - model.first_k_dense_replace) / layout.pp
+    layers_here = m.layers // layout.pp
+    moe_here = m.moe_layers / layout.pp
     tp_comm = 0.0
     if layout.tp > 1:
         volume = 8 * layers_here * micro * b * s / cp * h * a * (layout.tp - 1) / layout.tp
         tp_comm = volume / bandwidth(layout.tp)
     cp_comm = 0.0
     if cp > 1:
-        kv = b * s * 2 * model.num_key_value_heads * model.head_dim / layout.tp * a  # the whole row's K and V
+        kv = b * s * 2 * m.kv_heads * m.head_dim / layout.tp * a  # the whole row's K and V
         cp_comm = 2 * layers_here * micro * kv * (cp - 1) / cp / bandwidth(layout.tp * cp)
     ep_comm = 0.0
     if layout.ep > 1:
-        volume = 4 * moe_here * micro * model.num_experts_per_tok * b * s / (layout.tp * cp) * h * a
+        volume = 4 * moe_here * micro * m.top_k * b * s / (layout.tp * cp) * h * a
         ep_comm = volume * (layout.ep - 1) / layout.ep / bandwidth(layout.etp * layout.ep)
         if "moe" in recomputed_modules(shape):  # dispatch and combine run again in the recompute
             ep_comm *= 1.5
@@ -168,16 +170,14 @@ def recomputed_modules(shape: RunShape) -> set[str]:
     return set(shape.recompute_modules) if shape.recompute == "selective" else set()
 
 
-def recomputed_forward_flops(model: LLaDA2ModelConfig, shape: RunShape, attn: float) -> float:
+def recomputed_forward_flops(model, shape: RunShape, attn: float) -> float:
     """Forward FLOPs per token that selective recompute runs again (`attn`: the attention core's)."""
-    modules, h = recomputed_modules(shape), model.hidden_size
-    dense_layers = model.first_k_dense_replace
-    moe_layers = model.num_hidden_layers - dense_layers
-    per_moe = h * model.num_experts + (model.num_experts_per_tok + model.num_shared_experts) * 3 * h * (
-        model.moe_intermediate_size
-    )
+    m = model_shape(model)
+    modules, h = recomputed_modules(shape), m.hidden
+    dense_layers, moe_layers = m.dense_layers, m.moe_layers
+    per_moe = h * m.experts + 3 * h * (m.top_k * m.expert_ffn + m.shared_ffn)
     flops = attn if "core_attn" in modules else 0.0
-    flops += 2 * 3 * h * model.intermediate_size * dense_layers if "mlp" in modules else 0.0
+    flops += 2 * 3 * h * m.ffn * dense_layers if "mlp" in modules else 0.0
     flops += 2 * per_moe * moe_layers if "moe" in modules else 0.0
     return flops
 
@@ -186,7 +186,7 @@ def recomputes_core_attention(shape: RunShape) -> bool:
     return shape.recompute == "full" or "core_attn" in recomputed_modules(shape)
 
 
-def why_not_runnable(model: LLaDA2ModelConfig, layout: ParallelLayout, hw: Hardware, shape: RunShape, dp: int):
+def why_not_runnable(model, layout: ParallelLayout, hw: Hardware, shape: RunShape, dp: int):
     """The reason megadiff refuses this layout before memory matters, or None."""
     try:
         model.validate_layout(layout)
@@ -216,7 +216,7 @@ def why_not_runnable(model: LLaDA2ModelConfig, layout: ParallelLayout, hw: Hardw
 AUTO_RECOMPUTE = (("none", ()), ("selective", ("mlp", "moe")), ("full", ()))
 
 
-def plan_layouts(model: LLaDA2ModelConfig, hw: Hardware, shape: RunShape, layouts=None, distributed=(True, False)):
+def plan_layouts(model, hw: Hardware, shape: RunShape, layouts=None, distributed=(True, False)):
     """All plans, feasible ones first (fastest first), then the rest with their reasons.
     shape.recompute == "auto": per layout the first of AUTO_RECOMPUTE that runs and fits (the plan
     names it; a layout that fits with none names the smallest attempt in its reason)."""
@@ -259,5 +259,5 @@ def _plan(model, hw: Hardware, shape: RunShape, layout: ParallelLayout, dp: int,
     return best
 
 
-def model_summary(model: LLaDA2ModelConfig) -> dict:
+def model_summary(model) -> dict:
     return {"total_params": total_params(model), "active_params": active_params(model)}

@@ -24,8 +24,9 @@ import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from megadiff.models.llada2.config import LLaDA2ModelConfig, ParallelLayout
+from megadiff.platform.parallel_layout import ParallelLayout
 
+from .model_shape import model_shape
 from .params import LORA_TARGETS, ParamTensor, chunk_layers, rank_parameters
 
 GiB = 1024**3
@@ -149,7 +150,7 @@ def buffer_shard(params: tuple[ParamTensor, ...], group: int, distributed: bool,
 
 
 def state_bytes(
-    model: LLaDA2ModelConfig,
+    model,
     layout: ParallelLayout,
     world: int,
     shape: RunShape,
@@ -189,14 +190,14 @@ def state_bytes(
 # ---- activations ---------------------------------------------------------------------------------
 
 
-def activation_bytes_per_layer(model: LLaDA2ModelConfig, layout: ParallelLayout, shape: RunShape, moe: bool) -> dict:
+def activation_bytes_per_layer(model, layout: ParallelLayout, shape: RunShape, moe: bool) -> dict:
     """Bytes saved for backward by one transformer layer for one micro-batch on one rank, by part.
 
     Tokens per rank t = b * s / (tp * cp) (context parallelism splits the sequence over cp, sequence
     parallelism shards everything outside attention by tp; inside, heads are split by tp). Per
     token, in elements of the activation dtype a:
     - each RMSNorm: its input, the normalised input, the scaled output (3h) + fp32 rstd;
-    - attention: qkv output (nq+2nkv)d/tp, q/k-norm inputs and outputs, RoPE cos/sin, and
+    - attention: qkv output (nq+2nkv)d/tp, q/k-norm inputs and outputs (if the model has QK-norm), RoPE cos/sin,
       dense: q, GQA-expanded k and v (3 nq d/tp) + softmax probabilities nq/tp * s (fp32 softmax
       and its bf16 copy with bf16) + the bool mask (b s^2, once per micro-batch, not per layer);
       flex: q, k, v, output and fp32 log-sum-exp (nq/tp); with cp > 1, k and v are the whole
@@ -209,14 +210,16 @@ def activation_bytes_per_layer(model: LLaDA2ModelConfig, layout: ParallelLayout,
     modules (megatron-core's recompute_modules): core_attn the attention core's, mlp / moe the dense
     MLP's / the whole MoE layer's (its input h is kept), shared_experts the shared expert's.
     fp8 saves linear inputs in 1 byte (first order: half of the non-attention terms)."""
-    h, d, tp, a = model.hidden_size, model.head_dim, layout.tp, shape.act_bytes
-    nq, nkv = model.num_attention_heads, model.num_key_value_heads
+    m = model_shape(model)
+    h, d, tp, a = m.hidden, m.head_dim, layout.tp, shape.act_bytes
+    nq, nkv = m.heads, m.kv_heads
     b, s, cp = shape.micro_batch_size, shape.tokens, layout.cp
     t = b * s / (tp * cp)
     if shape.recompute == "full":
         return {"layer_input": t * h * a}
     norm = 3 * h * a + 4
-    qk = ((nq + 2 * nkv) * d + 2 * (nq + nkv) * d) / tp * a + (nq + nkv) / tp * 4 + 2 * model.rotary_dim * a
+    qk_norm = 2 * (nq + nkv) * d if m.qk_norm else 0  # the norms' inputs and outputs, and fp32 rstd
+    qk = ((nq + 2 * nkv) * d + qk_norm) / tp * a + (nq + nkv) / tp * 4 * m.qk_norm + 2 * m.rotary_dim * a
     if shape.attention_backend == "dense":
         core = 3 * nq * d / tp * a + nq / tp * s * (a + (4 if a == 2 else 0))
     else:
@@ -226,12 +229,12 @@ def activation_bytes_per_layer(model: LLaDA2ModelConfig, layout: ParallelLayout,
         core = 0.0
     parts = {"attention": t * (norm + qk + nq * d / tp * a), "core_attention": t * core}
     if not moe:
-        mlp = norm + (h * a if "mlp" in recomputed else 5 * model.intermediate_size / tp * a)
+        mlp = norm + (h * a if "mlp" in recomputed else 5 * m.ffn / tp * a)
     elif "moe" in recomputed:
         mlp = norm + h * a
     else:
-        k, e, fm = model.num_experts_per_tok, model.num_experts, model.moe_intermediate_size
-        fs = fm * model.num_shared_experts
+        k, e, fm = m.top_k, m.experts, m.expert_ffn
+        fs = m.shared_ffn
         etp = layout.etp
         router = 2 * e * 4 + k * 8 * 2 + e
         routed = k * (h + 5 * fm / etp) * a * etp  # tokens gathered over etp, hidden split by etp
@@ -260,9 +263,7 @@ def microbatches_per_step(layout: ParallelLayout, world: int, shape: RunShape) -
     return max(1, shape.global_batch_size // (dp * shape.micro_batch_size))
 
 
-def activation_bytes(
-    model: LLaDA2ModelConfig, layout: ParallelLayout, world: int, shape: RunShape, pp_rank: int
-) -> dict:
+def activation_bytes(model, layout: ParallelLayout, world: int, shape: RunShape, pp_rank: int) -> dict:
     """Peak activation bytes of pipeline rank `pp_rank`: its layers x micro-batches in flight,
     the dense mask, the embedding output, and (last stage) logits + the loss's fp32 copy."""
     m = microbatches_per_step(layout, world, shape)
@@ -272,22 +273,21 @@ def activation_bytes(
     layers = [i for vp in range(layout.vpp or 1) for i in chunk_layers(model, layout, pp_rank, vp)]
     per_layer = 0.0
     for i in layers:
-        per_layer += sum(activation_bytes_per_layer(model, layout, shape, i >= model.first_k_dense_replace).values())
+        per_layer += sum(activation_bytes_per_layer(model, layout, shape, model_shape(model).is_moe(i)).values())
     b, s, a, tp = shape.micro_batch_size, shape.tokens, shape.act_bytes, layout.tp
     local = s / layout.cp  # this rank's tokens of a row (context parallelism splits it)
     out = {"layers": per_layer * flight}  # per_layer: all of this rank's layers, one micro-batch
     if shape.attention_backend == "dense":
         out["dense_mask"] = b * s * s * flight  # bool [b, 1, s, s], shared by the layers of a micro-batch
-    out["embedding"] = b * local * model.hidden_size / tp * a * flight if pp_rank == 0 else 0
+    out["embedding"] = b * local * model_shape(model).hidden / tp * a * flight if pp_rank == 0 else 0
     if pp_rank == layout.pp - 1:
         loss_tokens = shape.seq_len / layout.cp  # logits of x_t only enter the loss
-        out["logits"] = b * local * model.vocab_size / tp * a + 2 * b * loss_tokens * model.vocab_size / tp * 4
+        v = model_shape(model).vocab
+        out["logits"] = b * local * v / tp * a + 2 * b * loss_tokens * v / tp * 4
     return out
 
 
-def forecast(
-    model: LLaDA2ModelConfig, layout: ParallelLayout, hw: Hardware, shape: RunShape, pp_rank: int | None = None
-) -> MemorySplit:
+def forecast(model, layout: ParallelLayout, hw: Hardware, shape: RunShape, pp_rank: int | None = None) -> MemorySplit:
     """The memory of the fullest rank (or of `pp_rank`): the worst pipeline stage, and within it
     the data-parallel rank with the largest optimizer shard."""
     world = hw.world
@@ -299,7 +299,8 @@ def forecast(
         split = state_bytes(model, layout, world, shape, r)  # rank 0 of the DP group holds the most
         acts = activation_bytes(model, layout, world, shape, r)
         split.activations = int(sum(acts.values()))
-        model_buffers = 2 * model.num_experts * 4 * (model.num_hidden_layers - model.first_k_dense_replace) // layout.pp
+        m = model_shape(model)  # the routers' fp32 expert bias and token counts
+        model_buffers = 2 * m.experts * 4 * m.moe_layers // layout.pp if m.expert_bias else 0
         base = split.weights + split.grads + split.optimizer + split.activations + model_buffers
         split.buffers = int(model_buffers + hw.context_gib * GiB + hw.fragmentation * base)
         split.detail = {"activations": {k: round(v / GiB, 3) for k, v in acts.items()}, "pp_rank": r}

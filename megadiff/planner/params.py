@@ -10,12 +10,16 @@ Sizes per rank: column- and row-parallel linears are split by tp (experts by etp
 router are replicated, the embedding and the output layer are split over the vocabulary. Routed
 experts are split over ep (E/ep local experts); megatron-core treats them as expert-parallel
 parameters (own gradient buffer, sharded over the expert-data-parallel group) only when ep > 1.
+
+`model` is any family's validated config (megadiff.models.family); .model_shape reads its sizes.
 """
 
 from dataclasses import dataclass
 from functools import lru_cache
 
-from megadiff.models.llada2.config import LLaDA2ModelConfig, ParallelLayout
+from megadiff.platform.parallel_layout import ParallelLayout
+
+from .model_shape import model_shape
 
 
 @dataclass(frozen=True)
@@ -26,7 +30,7 @@ class ParamTensor:
     trainable: bool = True  # False: frozen base weight under LoRA (no gradient, no optimizer state)
 
 
-def chunk_layers(model: LLaDA2ModelConfig, layout: ParallelLayout, pp_rank: int, vp: int = 0) -> range:
+def chunk_layers(model, layout: ParallelLayout, pp_rank: int, vp: int = 0) -> range:
     """Global layer numbers (0-based) of virtual chunk `vp` on pipeline rank `pp_rank`
     (megatron-core's even split: chunk vp holds the vp-th slice of every rank's share)."""
     vpp = layout.vpp or 1
@@ -35,15 +39,15 @@ def chunk_layers(model: LLaDA2ModelConfig, layout: ParallelLayout, pp_rank: int,
     return range(start, start + per_chunk)
 
 
-def _attention(model, layout, prefix):
-    h, d, tp = model.hidden_size, model.head_dim, layout.tp
-    nq, nkv = model.num_attention_heads, model.num_key_value_heads
+def _attention(m, layout, prefix):
+    h, d, tp = m.hidden, m.head_dim, layout.tp
+    nq, nkv = m.heads, m.kv_heads
     out = [
         ParamTensor(f"{prefix}.input_layernorm.weight", h),
         ParamTensor(f"{prefix}.self_attention.linear_proj.weight", h * nq * d // tp),
         ParamTensor(f"{prefix}.self_attention.linear_qkv.weight", (nq + 2 * nkv) * d // tp * h),
     ]
-    if model.use_qk_norm:
+    if m.qk_norm:
         out += [
             ParamTensor(f"{prefix}.self_attention.q_layernorm.weight", d),
             ParamTensor(f"{prefix}.self_attention.k_layernorm.weight", d),
@@ -51,22 +55,22 @@ def _attention(model, layout, prefix):
     return out + [ParamTensor(f"{prefix}.pre_mlp_layernorm.weight", h)]
 
 
-def _mlp(model, layout, prefix, layer):
-    h, tp = model.hidden_size, layout.tp
-    if layer < model.first_k_dense_replace:
-        i = model.intermediate_size
+def _mlp(m, layout, prefix, layer):
+    h, tp = m.hidden, layout.tp
+    if not m.is_moe(layer):
+        i = m.ffn
         return [
             ParamTensor(f"{prefix}.mlp.linear_fc1.weight", 2 * i // tp * h),
             ParamTensor(f"{prefix}.mlp.linear_fc2.weight", h * i // tp),
         ]
-    fm, etp = model.moe_intermediate_size, layout.etp
-    out = [ParamTensor(f"{prefix}.mlp.router.weight", model.num_experts * h)]
-    for e in range(model.num_experts // layout.ep):
+    fm, etp = m.expert_ffn, layout.etp
+    out = [ParamTensor(f"{prefix}.mlp.router.weight", m.experts * h)]
+    for e in range(m.experts // layout.ep):
         out += [
             ParamTensor(f"{prefix}.mlp.experts.local_experts.{e}.linear_fc1.weight", 2 * fm // etp * h, expert=True),
             ParamTensor(f"{prefix}.mlp.experts.local_experts.{e}.linear_fc2.weight", h * fm // etp, expert=True),
         ]
-    fs = fm * model.num_shared_experts
+    fs = m.shared_ffn
     if fs:
         out += [
             ParamTensor(f"{prefix}.mlp.shared_experts.linear_fc1.weight", 2 * fs // tp * h),
@@ -78,17 +82,17 @@ def _mlp(model, layout, prefix, layer):
 LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")  # megatron names (the lora section's)
 
 
-def _lora(model, layout, base: list[ParamTensor], rank: int, targets, experts: bool) -> list[ParamTensor]:
+def _lora(m, layout, base: list[ParamTensor], rank: int, targets, experts: bool) -> list[ParamTensor]:
     """LoRA adapters A [r, in] and B [out, r] on the `targets` linears of the attention, the dense
     layer's MLP and the shared expert, and with `experts` on every routed expert; the router stays
     frozen. Split as megatron-core splits the base linear (Megatron-Bridge's rule): column-parallel
     base: A replicated, B [out/tp, r]; row-parallel base: A [r, in/tp], B replicated; routed experts
     split by etp instead of tp and held by their EP rank (expert-parallel parameters)."""
-    h, d = model.hidden_size, model.head_dim
-    nq, nkv = model.num_attention_heads, model.num_key_value_heads
+    h, d = m.hidden, m.head_dim
+    nq, nkv = m.heads, m.kv_heads
     ffn = {  # module holding linear_fc1/linear_fc2 -> its intermediate size
-        "mlp": model.intermediate_size,
-        "mlp.shared_experts": model.moe_intermediate_size * model.num_shared_experts,
+        "mlp": m.ffn,
+        "mlp.shared_experts": m.shared_ffn,
     }
     out = []
     for p in base:
@@ -105,7 +109,7 @@ def _lora(model, layout, base: list[ParamTensor], rank: int, targets, experts: b
             n_in, n_out, column = nq * d, h, False
         else:
             kind = next((k for k in ffn if owner.endswith("." + k)), None)
-            size = model.moe_intermediate_size if routed else ffn.get(kind)
+            size = m.expert_ffn if routed else ffn.get(kind)
             if size is None:
                 continue
             n_in, n_out, column = (h, 2 * size, True) if leaf == "linear_fc1" else (size, h, False)
@@ -120,7 +124,7 @@ def _lora(model, layout, base: list[ParamTensor], rank: int, targets, experts: b
 
 @lru_cache(maxsize=4096)  # the planner asks for the same rank many times (memory, step time, dp ranks)
 def rank_parameters(
-    model: LLaDA2ModelConfig,
+    model,
     layout: ParallelLayout,
     pp_rank: int,
     vp: int = 0,
@@ -133,27 +137,29 @@ def rank_parameters(
     vpp = layout.vpp or 1
     first = pp_rank == 0 and vp == 0
     last = pp_rank == layout.pp - 1 and vp == vpp - 1
-    v, h, tp = model.vocab_size, model.hidden_size, layout.tp
+    m = model_shape(model)
+    v, h, tp = m.vocab, m.hidden, layout.tp
     out = [ParamTensor("embedding.word_embeddings.weight", v // tp * h)] if first else []
     for layer in chunk_layers(model, layout, pp_rank, vp):
         prefix = f"decoder.layers.{layer}"
-        out += _attention(model, layout, prefix) + _mlp(model, layout, prefix, layer)
+        out += _attention(m, layout, prefix) + _mlp(m, layout, prefix, layer)
     if last:
         out += [ParamTensor("decoder.final_layernorm.weight", h), ParamTensor("output_layer.weight", v // tp * h)]
     if lora_rank:
-        adapters = _lora(model, layout, out, lora_rank, lora_targets, lora_experts)
+        adapters = _lora(m, layout, out, lora_rank, lora_targets, lora_experts)
         out = [ParamTensor(p.name, p.numel, p.expert, trainable=False) for p in out] + adapters
     return tuple(out)
 
 
-def total_params(model: LLaDA2ModelConfig) -> int:
+def total_params(model) -> int:
     """Every parameter of the model (one copy: the layout (1, 1, 1))."""
     return sum(p.numel for p in rank_parameters(model, ParallelLayout(), 0))
 
 
-def active_params(model: LLaDA2ModelConfig) -> int:
+def active_params(model) -> int:
     """Parameters one token passes through: everything but the routed experts, plus top-k of E of them."""
     params = rank_parameters(model, ParallelLayout(), 0)
     routed = sum(p.numel for p in params if p.expert)
     dense = sum(p.numel for p in params if not p.expert)
-    return dense + routed * model.num_experts_per_tok // model.num_experts
+    m = model_shape(model)
+    return dense + (routed * m.top_k // m.experts if m.experts else 0)

@@ -9,8 +9,6 @@ fastest layout that then fits.
 
 from dataclasses import dataclass, replace
 
-from megadiff.models.llada2.config import LLaDA2ModelConfig
-
 from .layouts import Plan, plan_layouts
 from .memory import Hardware, RunShape
 
@@ -29,7 +27,7 @@ def _fitting(model, hw, shape) -> list[Plan]:
     return [p for p in plan_layouts(model, hw, shape) if p.reason is None]
 
 
-def nearest_fitting_changes(model: LLaDA2ModelConfig, hw: Hardware, shape: RunShape) -> list[Change]:
+def nearest_fitting_changes(model, hw: Hardware, shape: RunShape) -> list[Change]:
     """The single changes (module docstring) with which at least one layout fits; [] when none does."""
     changes = []
     nodes = hw.nodes * 2

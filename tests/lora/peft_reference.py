@@ -1,16 +1,16 @@
-"""The oracle side of LoRA tests: megadiff's plain-PyTorch reference model (HF names) carrying
-adapters two independent ways, and random adapters to put on it.
+"""The oracle side of LoRA tests: a model family's plain-PyTorch reference model (HF names)
+carrying adapters two independent ways, and random adapters to put on it.
 
 - `merged_reference`: the reference with W + alpha/r * B @ A merged into its weights, computed in
-  megatron's layout and mapped to HF by the parameter table (no PEFT, no megadiff LoRA code).
+  megatron's layout and mapped to HF by the family's mapping objects (no PEFT, no megadiff LoRA code).
 - `peft_reference`: the reference with a PEFT adapter loaded by `peft` itself (its LoraModel).
 """
 
 import torch
 
-from megadiff.hf.reference import load_reference_model
+from megadiff.hf.checkpoint_reader import HFCheckpointReader, read_hf_config
 from megadiff.lora.peft_format import adapted_modules, hf_modules, model_config
-from megadiff.models.llada2.hf_mapping import full_mcore_from_hf, hf_from_full_mcore
+from megadiff.models.registry import family_for_config
 
 
 def random_full_adapter(lora_cfg: dict, hf_config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -28,33 +28,44 @@ def random_full_adapter(lora_cfg: dict, hf_config: dict, seed: int = 0) -> dict[
 
 def load_shapes(hf_config: dict) -> dict[str, tuple[int, int]]:
     """[out, in] of every adaptable megatron-core linear, from the reference model's own weights."""
-    from megadiff.hf.reference import build_reference_model
-
     cfg = model_config(hf_config)
     with torch.device("meta"):
-        model = build_reference_model(hf_config)
+        model = family_for_config(hf_config).build_reference(hf_config)
     weights = dict(model.named_parameters())
     every = dict(target_modules=["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"], experts=True)
     shapes = {}
     for path in adapted_modules(every, cfg):
-        rule, names = hf_modules(path)
-        full = full_mcore_from_hf(rule, [weights[n + ".weight"] for n in names], cfg)
+        mapping, names = hf_modules(path, cfg)
+        full = mapping.to_mcore([weights[n + ".weight"] for n in names], cfg)
         shapes[path] = tuple(full.shape)
     return shapes
+
+
+def load_reference(hf_dir: str):
+    """The family's fp32 reference model with the weights of `hf_dir` (every tensor, strictly)."""
+    hf_config = read_hf_config(hf_dir)
+    model = family_for_config(hf_config, hf_dir).build_reference(hf_config)
+    reader = HFCheckpointReader(hf_dir)
+    state = model.state_dict()
+    assert set(state) == set(reader.names()), sorted(set(state) ^ set(reader.names()))[:4]
+    with torch.no_grad():
+        for name, tensor in state.items():
+            tensor.copy_(reader.get(name))
+    return model.float().eval()
 
 
 def merged_reference(hf_dir: str, full: dict[str, torch.Tensor], lora_cfg: dict, hf_config: dict):
     """The reference model from `hf_dir` with every adapter merged: W + alpha/r * B @ A."""
     cfg = model_config(hf_config)
-    model = load_reference_model(hf_dir)
+    model = load_reference(hf_dir)
     params = dict(model.named_parameters())
     scale = lora_cfg["alpha"] / lora_cfg["rank"]
     with torch.no_grad():
         for path in adapted_modules(lora_cfg, cfg):
-            rule, names = hf_modules(path)
-            w = full_mcore_from_hf(rule, [params[n + ".weight"] for n in names], cfg)
+            mapping, names = hf_modules(path, cfg)
+            w = mapping.to_mcore([params[n + ".weight"] for n in names], cfg)
             merged = w + scale * full[path + ".lora_B.weight"] @ full[path + ".lora_A.weight"]
-            for name, tensor in zip(names, hf_from_full_mcore(rule, merged, cfg), strict=True):
+            for name, tensor in zip(names, mapping.to_hf(merged, cfg), strict=True):
                 params[name + ".weight"].copy_(tensor)
     return model
 
@@ -62,12 +73,16 @@ def merged_reference(hf_dir: str, full: dict[str, torch.Tensor], lora_cfg: dict,
 def peft_reference(hf_dir: str, adapter_dir: str):
     """The reference model from `hf_dir` with the PEFT adapter in `adapter_dir`, loaded by peft.
     The model is used as a user would (the remote code's default expert path). Checks that peft put an adapter on exactly the modules the
-    adapter file has, so nothing is skipped or added silently."""
-    from peft import PeftModel
+    adapter file has, so nothing is skipped or added silently. A family whose reference is a plain
+    torch module (no HF generation API) gets a task-less PeftModel, the same LoRA layers."""
+    from peft import PeftConfig, PeftModel
     from safetensors import safe_open
 
-    model = load_reference_model(hf_dir)
-    peft_model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    model = load_reference(hf_dir)
+    config = PeftConfig.from_pretrained(adapter_dir)
+    if not hasattr(model, "prepare_inputs_for_generation"):
+        config.task_type = None  # PeftModelForCausalLM needs HF's generation API
+    peft_model = PeftModel.from_pretrained(model, adapter_dir, config=config).eval()
     with safe_open(f"{adapter_dir}/adapter_model.safetensors", "pt") as f:
         in_file = {k[len("base_model.model.") : -len(".lora_A.weight")] for k in f.keys() if ".lora_A." in k}
     adapted = {

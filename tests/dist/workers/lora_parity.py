@@ -182,7 +182,7 @@ def peft_adapter_grads(peft_model, adapters: dict, lora_cfg: dict, cfg) -> dict:
     grads = {n.replace(".default", ""): p.grad for n, p in peft_model.named_parameters() if ".lora_" in n}
     full = {}
     for path in adapted_modules(lora_cfg, cfg):
-        rule, names = hf_modules(path)
+        rule, names = hf_modules(path, cfg)
         a = [grads[f"{PEFT_PREFIX}{n}.lora_A.weight"] for n in names]
         b = [grads[f"{PEFT_PREFIX}{n}.lora_B.weight"] for n in names]
         shape_a, shape_b = adapters[path + ".lora_A.weight"].shape, adapters[path + ".lora_B.weight"].shape
