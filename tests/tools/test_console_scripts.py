@@ -29,7 +29,7 @@ def main_module(tool: str) -> str:
     with open(os.path.join(REPO, "tools", tool + ".py")) as f:
         tree = ast.parse(f.read())
     for node in tree.body:
-        if isinstance(node, ast.ImportFrom) and [a.name for a in node.names] == ["main"]:
+        if isinstance(node, ast.ImportFrom) and "main" in [a.name for a in node.names]:
             return node.module
     return "tools." + tool
 
