@@ -11,12 +11,12 @@ as a child process exactly as a user would (CLI, interpreter start-up and import
               fsync too); also, as a reference row, a user-space copy (bytes read into fresh
               tensors and written back)
   hf->mcore   tools/convert_hf_to_mcore.py (one process, layout (1,1,1)); the byte-copy engine with
-              direct I/O (the default, --io auto), again with --io page-cache (copy_file_range),
-              and the plain path (--io plain: safe_open + torch DCP's own writer)
-  mcore->hf   tools/convert_mcore_to_hf.py (of a checkpoint converted beforehand), the engine and
-              --io plain (torch DCP's load + safetensors' save_file)
-  merge       tools/moe_convertor.py --mode merge
-  split       tools/moe_convertor.py --mode split (of a merged checkpoint made beforehand)
+              direct I/O (--io fast), again with --io page-cache (copy_file_range), and the plain
+              path (--io plain, the default: safe_open + torch DCP's own writer)
+  mcore->hf   tools/convert_mcore_to_hf.py (of a checkpoint converted beforehand), the engine
+              (--io fast) and --io plain (torch DCP's load + tensors appended to the shards)
+  merge       tools/moe_convertor.py --mode merge --io fast
+  split       tools/moe_convertor.py --mode split --io fast (of a merged checkpoint made beforehand)
 
 --repeat rounds; in each, every command runs right after its own baseline copy, both from the
 same state: previous output deleted, `sync`, and the page cache dropped (--cache cold, the default
@@ -263,6 +263,8 @@ def main(argv=None):
                 d("hf"),
                 "--output",
                 d("mcore"),
+                "--io",
+                "fast",
                 "--no-progress",
             ],
             "hf->mcore page-cache": [
@@ -294,6 +296,8 @@ def main(argv=None):
                 d("mcore_in"),
                 "--output",
                 d("hf2"),
+                "--io",
+                "fast",
                 "--no-progress",
             ],
             "mcore->hf plain": [
@@ -316,6 +320,8 @@ def main(argv=None):
                 d("merged"),
                 "--mode",
                 "merge",
+                "--io",
+                "fast",
                 "--no-progress",
             ],
             "split": [
@@ -327,6 +333,8 @@ def main(argv=None):
                 d("split"),
                 "--mode",
                 "split",
+                "--io",
+                "fast",
                 "--no-progress",
             ],
         }
@@ -346,7 +354,8 @@ def main(argv=None):
             if not runs:
                 raise SystemExit(f"--only {args.only}: no such run")
         # mcore->hf and split read inputs made once here, never the output of the command before them
-        _run_once([py, "tools/convert_hf_to_mcore.py", "--hf-dir", d("hf"), "--output", d("mcore_in"), "--no-progress"])
+        prepare = [py, "tools/convert_hf_to_mcore.py", "--hf-dir", d("hf"), "--output", d("mcore_in"), "--io", "fast"]
+        _run_once(prepare + ["--no-progress"])
         if "split" in runs:
             _run_once(
                 [

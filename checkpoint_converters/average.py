@@ -152,7 +152,7 @@ def average_checkpoints(
     trust_checkpoint: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
-    io_mode: str = "auto",
+    io_mode: str = "plain",
 ) -> str:
     """Write the average (module docstring) of iterations of checkpoint root MCORE_DIR to OUTPUT;
     returns OUTPUT's iteration dir."""

@@ -193,13 +193,13 @@ def convert_hf_to_mcore(
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
-    io_mode: str = "auto",
+    io_mode: str = "plain",
     spec: str = "local",
 ) -> str:
     """Write OUTPUT/iter_0000000 (+ tracker) from an HF dir; returns the iteration dir.
 
     Single process, or collective under torchrun (world size fitting `layout`). `dtype` is
-    'bf16' / 'fp16' / 'fp32' (default: the HF weights' dtype); `io_mode`: 'auto', 'plain',
+    'bf16' / 'fp16' / 'fp32' (default: the HF weights' dtype); `io_mode`: 'plain' (default), 'fast', 'auto',
     'direct' or 'page-cache' (io_paths); `spec`: 'local' or 'te' names (see the module
     docstring). Runs on CPU (set CUDA_VISIBLE_DEVICES= ; the CLI does)."""
     layout = layout or ParallelLayout()

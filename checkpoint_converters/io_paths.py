@@ -1,32 +1,31 @@
 """Which I/O path a converter takes (the tools' `--io`).
 
-- "plain": tensors read with safetensors' `safe_open` / torch DCP's `load`, written with torch DCP's
-  `FileSystemWriter` / safetensors' `save_file`. Public APIs only; memory one tensor (hf->mcore)
-  or one output shard (mcore->hf); a dist checkpoint written this way has one file per tensor.
-- "direct" / "page-cache": the byte-copy engine (megadiff.checkpoint.bytecopy): bytes that need no
-  computing are copied file to file, with O_DIRECT and read-ahead threads or with
-  copy_file_range; the torch.save records are written and parsed by hand through private torch
-  DCP APIs. Memory one tensor; one dist-checkpoint file per rank, as megatron-core writes.
-- "auto" (the default): the engine ("direct") where the checks of the private torch APIs it
-  relies on pass on the installed stack (megadiff.platform.compat), else "plain", with a note.
+- "plain" (the default): tensors read with safetensors' `safe_open` / torch DCP's `load`, written
+  with torch DCP's `FileSystemWriter` (megatron checkpoints) or appended to safetensors shards
+  with ordinary writes (safetensors_stream.PlainFiles). Public APIs and file formats only; memory
+  one tensor (or one read group); a dist checkpoint written this way has one file per tensor.
+- "fast": the byte-copy engine (megadiff.checkpoint.bytecopy): bytes that need no computing are
+  copied file to file with O_DIRECT and read-ahead threads ("direct"), or with copy_file_range
+  ("page-cache"); the torch.save records are written and parsed by hand through private torch
+  DCP APIs; one dist-checkpoint file per rank, as megatron-core writes. "fast" is "direct" where
+  the checks of those private APIs pass on the installed stack (megadiff.platform.compat), else
+  "plain", with a note. "auto" is the earlier name of "fast".
 
-Why "auto" and not "plain" by default: both paths are bit-equal on both tested stacks (torch
-2.13 + megatron-core 0.16.1, torch 2.11 + megatron-core 0.19.2; tests/converters compare every
-round trip through both), the private torch APIs the engine uses are the same in both releases,
-and the plain path's one file per tensor (tens of thousands for LLaDA2-flash) and slower copies
-(benchmarks/RESULTS.md, convert) make it the worse default. A torch release that changes those
-APIs fails the compat checks, and "auto" then takes the plain path instead of writing bad bytes.
+Why "plain" by default although the engine is faster (benchmarks/RESULTS.md, convert: mcore->hf
+about 2x, hf->mcore about 1.3x wall on the 2-core VM): the plain path depends on nothing private,
+and both paths are bit-equal on both tested stacks (tests/converters compare every round trip
+through both), so the engine is a choice for large checkpoints, not a requirement.
 """
 
 from collections.abc import Callable
 
 IO_CHOICES = ("plain", "fast", "direct", "page-cache", "auto")
 IO_HELP = (
-    "how tensors are read and written: plain = safetensors' safe_open/save_file and torch DCP's "
-    "public save/load (one tensor, or one output shard, in memory; one checkpoint file per tensor); "
-    "direct = the byte-copy engine with O_DIRECT reads and writes, bypassing the page cache (falls "
-    "back per file where refused); page-cache = the engine with copy_file_range; auto (default) = "
-    "direct where the engine's checks of private torch APIs pass on this stack, else plain"
+    "how tensors are read and written: plain (default) = safetensors' safe_open, torch DCP's public "
+    "save/load and ordinary file writes (one tensor in memory; one checkpoint file per tensor); fast = the "
+    "byte-copy engine (bytes that need no computing copied file to file, O_DIRECT) where its checks of "
+    "private torch APIs pass on this stack, else plain; direct / page-cache = the engine with O_DIRECT / "
+    "copy_file_range; auto = fast"
 )
 ENGINE_WORKAROUNDS = ("torch_dcp_writer_internals", "torch_save_record_layout")
 
@@ -45,7 +44,8 @@ def engine_problem() -> str | None:
 
 
 def resolve_io(io_mode: str, log: Callable[[str], None] = print) -> str:
-    """'plain', 'direct' or 'page-cache' for a requested `io_mode` (one of IO_CHOICES)."""
+    """'plain', 'direct' or 'page-cache' for a requested `io_mode` (one of IO_CHOICES; "fast" and
+    "auto": the engine where its checks pass)."""
     if io_mode not in IO_CHOICES:
         raise ValueError(f"io mode must be one of {', '.join(IO_CHOICES)}, not {io_mode!r}")
     if io_mode not in ("auto", "fast"):

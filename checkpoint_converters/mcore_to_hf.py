@@ -1,4 +1,4 @@
-"""megadiff megatron checkpoint (converted or trained, any layout) -> HF LLaDA2 tensors / directory.
+"""megadiff megatron checkpoint (converted or trained, any layout) -> HF directory of its model family.
 
 Reads with torch DCP alone (megadiff.checkpoint.hf_tensors): no megatron-core, no process group,
 plain single process. An HF tensor whose bytes are stored rows in some order (the same dtype,
@@ -6,8 +6,9 @@ the last dim not split over TP: every tensor of a checkpoint saved at TP=1) is c
 by megadiff.checkpoint.bytecopy without being read. Others are read a few at a time (a layer's
 non-expert weights, a slab of experts bounded by `budget_bytes`) and written progressively, so
 memory stays bounded by the largest tensor plus the budget whatever the model size. Optimizer state
-and other keys in a training checkpoint are ignored. With `io_mode="plain"` every tensor is read
-with torch DCP's public `load` and each shard written by safetensors' `save_file` (io_paths).
+and other keys in a training checkpoint are ignored. That is `io_mode="fast"`; with "plain" (the
+default) every tensor is read with torch DCP's public `load` and its bytes appended to its shard
+(safetensors_stream.PlainFiles): the same bounded memory, public APIs only (io_paths).
 
 - `convert_mcore_to_hf`: a complete HF dir (shards + index, config.json, generation_config.json,
   tokenizer and remote code from a template, allow-listed files only: hf_template.py) that `AutoModelForCausalLM.from_pretrained(...,
@@ -44,7 +45,7 @@ from .hf_template import copy_template_files
 from .io_paths import resolve_io
 from .output_dir import check_output_dir, foreign_code_note, staged_output, write_json, write_output_config
 from .report import data_phase_line
-from .safetensors_stream import parse_size, write_sharded_safetensors, write_sharded_safetensors_plain
+from .safetensors_stream import parse_size, write_sharded_safetensors
 
 _CONFIG_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
@@ -122,7 +123,7 @@ def convert_mcore_to_hf(
     progress: bool = True,
     budget_bytes: int = DEFAULT_BUDGET,
     log: Callable[[str], None] = print,
-    io_mode: str = "auto",
+    io_mode: str = "plain",
     trust_checkpoint: bool = False,
     deltas: dict | None = None,
 ) -> str:
@@ -130,7 +131,7 @@ def convert_mcore_to_hf(
     an iteration dir. Tokenizer, generation config, chat template and remote code come from
     `hf_template` (default: the checkpoint's recorded hf_source_dir when its config.json matches
     the checkpoint's; else megadiff's own remote code), allow-listed files only (hf_template.py).
-    `io_mode`: 'auto', 'plain', 'direct' or 'page-cache' (io_paths). `deltas`: {HF name: tensor}
+    `io_mode`: 'plain' (default), 'fast', 'direct', 'page-cache' or 'auto' (io_paths). `deltas`: {HF name: tensor}
     added to those weights (a LoRA checkpoint's merged adapters: megadiff.lora.merge.hf_deltas).
     Returns OUTPUT."""
     io_mode = resolve_io(io_mode, log)
@@ -174,10 +175,9 @@ def convert_mcore_to_hf(
             deltas = deltas or {}
             if plain:
                 values = with_deltas(iter_hf_tensors(src, items, budget_bytes), deltas)
-                writer = write_sharded_safetensors_plain(staging, entries, max_shard_size, values, on_value)
             else:
                 values = with_deltas(iter_hf_tensors_or_spans(src, items, budget_bytes, read=deltas), deltas)
-                writer = write_sharded_safetensors(staging, entries, max_shard_size, values, on_value, io_mode)
+            writer = write_sharded_safetensors(staging, entries, max_shard_size, values, on_value, io_mode)
             config = _output_config(src, weights_dtype)
             copied, left_out = copy_template_files(template, staging, config) if template else ([], [])
             dropped, megadiff_code = write_output_config(staging, config)
@@ -207,5 +207,6 @@ def convert_mcore_to_hf(
         log(f"remote code: megadiff's own {', '.join(megadiff_code)}")
     if dropped:
         log(foreign_code_note(dropped))
-    log(data_phase_line(writer.total_size, time.perf_counter() - started, copier=writer.copier))
+    copier = None if plain else writer.copier
+    log(data_phase_line(writer.total_size, time.perf_counter() - started, copier=copier))
     return output

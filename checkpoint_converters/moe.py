@@ -4,8 +4,11 @@ merge: model.layers.i.mlp.experts.e.{gate,up,down}_proj.weight (one tensor per e
        -> model.layers.i.mlp.experts.{gate,up,down}_proj (experts stacked on dim 0)
 split: the reverse. Every other tensor is copied unchanged (name, dtype, bytes), and so are the
 non-weight files (config, tokenizer, remote code, generation config). Every output tensor is input
-bytes in another order, so nothing is read into memory: each is described as byte ranges of the
-input files and copied file to file in the kernel (byte_spans), at the speed of a file copy.
+bytes in another order: with `--io plain` (the default) each is read with safe_open (a merged
+tensor stacked from its experts: memory one merged tensor) and written with ordinary writes; with
+`--io fast` nothing is read into memory: each is described as byte ranges of the input files and
+copied file to file in the kernel (byte_spans), at the speed of a file copy. LLaDA2 only (the
+family's `hf_format.experts`); other families' checkpoints have one expert layout.
 """
 
 import os
@@ -51,10 +54,13 @@ def convert_expert_layout(
     overwrite: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
-    io_mode: str = "direct",
+    io_mode: str = "plain",
 ) -> str:
     """Write OUTPUT with the experts of INPUT merged (mode='merge') or split (mode='split');
-    `io_mode`: how weight bytes are copied ('direct' or 'page-cache', see span_copy)."""
+    `io_mode`: 'plain' (tensors read with safe_open, a merged tensor stacked in memory, written
+    with ordinary writes) or how the byte-copy engine copies ('fast' = 'direct', or 'page-cache',
+    see span_copy)."""
+    io_mode = "direct" if io_mode == "fast" else io_mode
     if mode not in MODES:
         raise ValueError(f"--mode {mode!r}: choose merge or split")
     want_in, want_out = MODES[mode]
@@ -66,7 +72,8 @@ def convert_expert_layout(
     layouts = family.hf_format.experts  # the expert-layout functions (LLaDA2: hf_experts)
     if layouts is None:
         raise CheckpointError(f"{input_path}: {family.name} checkpoints have one expert layout; nothing to {mode}")
-    reader = DirectHFReader(input_path)
+    plain = io_mode == "plain"
+    reader = HFCheckpointReader(input_path) if plain else DirectHFReader(input_path)
     fmt = layouts.detect_expert_format(reader.names(), input_path)
     if fmt is None:
         raise CheckpointError(f"{input_path}: no routed-expert tensors; nothing to {mode}")
@@ -90,6 +97,17 @@ def convert_expert_layout(
         return dtypes.pop()
 
     entries = [(n, tuple(s), source_dtype(n)) for n, s in layouts.expected_shapes(config, want_out).items()]
+
+    def plain_tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, _, _ in entries:
+            if want_out == MERGED and layouts.parse_merged_name(name):
+                layer, proj = layouts.parse_merged_name(name)
+                yield name, torch.stack([reader.get(layouts.split_name(layer, e, proj)) for e in range(experts)])
+            elif want_out == SPLIT and layouts.parse_split_name(name):
+                layer, e, proj = layouts.parse_split_name(name)
+                yield name, reader.get_index(layouts.merged_name(layer, proj), e)
+            else:
+                yield name, reader.get(name)
 
     def tensors() -> Iterator[tuple[str, Spans]]:
         for name, shape, dtype in entries:
@@ -124,7 +142,12 @@ def convert_expert_layout(
     try:
         with staged_output(output_path, overwrite=overwrite) as staging:
             writer = write_sharded_safetensors(
-                staging, entries, max_shard_size, tensors(), bar.update if bar else None, io_mode
+                staging,
+                entries,
+                max_shard_size,
+                plain_tensors() if plain else tensors(),
+                bar.update if bar else None,
+                io_mode,
             )
             copied = copy_non_weight_files(input_path, staging)
             dropped, _ = drop_foreign_code_files(staging)
@@ -134,7 +157,7 @@ def convert_expert_layout(
     log(f"copied {', '.join(copied) or 'no other files'}")
     if dropped:
         log(foreign_code_note(dropped))
-    log(data_phase_line(writer.total_size, time.perf_counter() - started, copier=writer.copier))
+    log(data_phase_line(writer.total_size, time.perf_counter() - started, copier=None if plain else writer.copier))
     return output_path
 
 

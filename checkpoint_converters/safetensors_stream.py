@@ -6,10 +6,12 @@ header is written first, and tensor bytes are appended as they are produced, so 
 tensor. Output: `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`, as HF writes
 them (the files are ordinary safetensors: `safe_open` and `from_pretrained` read them).
 
-Two writers, the same shards (names, shapes, dtypes, bytes, index; tests compare them):
-`write_sharded_safetensors` (fast: header first, tensors appended, `Spans` copied file to file by
-megadiff.checkpoint.bytecopy, memory one tensor) and `write_sharded_safetensors_plain`
-(safetensors' own `save_file` per shard: memory one shard, public API only; `--io plain`).
+One writer (`ShardedSafetensorsWriter`), two ways of moving bytes, the same shards (names, shapes,
+dtypes, bytes, index; tests compare them): `PlainFiles` (`--io plain`, the default: ordinary
+buffered file writes of each tensor's bytes; nothing but the safetensors file format) and the
+byte-copy engine's `SpanCopier` (`--io fast`: also takes `Spans`, bytes already in files, copied
+file to file by megadiff.checkpoint.bytecopy with O_DIRECT or copy_file_range). Memory holds one
+tensor either way (safetensors' `save_file` would hold a whole shard: 5 GB by default).
 """
 
 import json
@@ -19,7 +21,6 @@ import struct
 from collections.abc import Callable, Sequence
 
 import torch
-from safetensors.torch import save_file
 
 from megadiff.checkpoint.bytecopy.byte_spans import Spans, with_read_ahead
 from megadiff.checkpoint.bytecopy.span_copy import SpanCopier
@@ -92,9 +93,46 @@ def shard_file_name(k: int, n: int) -> str:
     return f"model-{k:05d}-of-{n:05d}.safetensors"
 
 
+class _PlainOutput:
+    """An output file written front to back with ordinary writes; fsync'd on close."""
+
+    def __init__(self, path: str):
+        self.path, self._f = path, open(path, "wb")
+
+    def write(self, data) -> int:
+        return self._f.write(data)
+
+    def copy(self, spans) -> int:
+        raise TypeError(f"{self.path}: the plain writer copies no byte ranges; give it tensors")
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+
+    def abort(self) -> None:
+        self._f.close()
+
+
+class PlainFiles:
+    """The plain way of writing output files (`--io plain`): `create(path)` -> a file taking
+    `write(bytes)`; no byte ranges, no statistics (data_phase_line prints none)."""
+
+    def create(self, path: str) -> _PlainOutput:
+        return _PlainOutput(path)
+
+    def read_ahead(self, spans) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class ShardedSafetensorsWriter:
     """Call `write(name, value)` in exactly the order of `entries`, then `close()`. A value is a
-    tensor, or `Spans` (bytes already in files: copied by `copier`, never made a tensor)."""
+    tensor, or `Spans` (bytes already in files: copied by `copier`, a SpanCopier, never made a
+    tensor). `copier`: how files are written; default `PlainFiles()` (tensors only)."""
 
     def __init__(
         self,
@@ -102,7 +140,7 @@ class ShardedSafetensorsWriter:
         entries: Sequence[Entry],
         max_shard_size,
         metadata: dict[str, str] | None = None,
-        copier: SpanCopier | None = None,
+        copier: "SpanCopier | PlainFiles | None" = None,
     ):
         names = [e[0] for e in entries]
         if len(set(names)) != len(names):
@@ -119,7 +157,7 @@ class ShardedSafetensorsWriter:
         self._file = None
         self._file_index = -1
         self.total_size = sum(_nbytes(s, d) for _, s, d in entries)
-        self.copier = copier or SpanCopier()
+        self.copier = copier or PlainFiles()
 
     def _open(self, index: int) -> None:
         header: dict[str, dict] = {"__metadata__": self.metadata}
@@ -198,11 +236,13 @@ def write_sharded_safetensors(
 ) -> ShardedSafetensorsWriter:
     """Write `values` ((name, tensor or Spans) pairs in the order of `entries`) as shards + index,
     the byte ranges of coming `Spans` requested from the disk ahead of their copy. `on_value(nbytes)`
-    after each (progress); `io_mode`: see span_copy. Returns the closed writer (total_size, copier
-    statistics)."""
-    writer = ShardedSafetensorsWriter(out_dir, entries, max_shard_size, copier=SpanCopier(io_mode))
+    after each (progress); `io_mode`: "plain" (tensors only: `PlainFiles`) or a SpanCopier mode.
+    Returns the closed writer (total_size, copier statistics)."""
+    copier = PlainFiles() if io_mode == "plain" else SpanCopier(io_mode)
+    writer = ShardedSafetensorsWriter(out_dir, entries, max_shard_size, copier=copier)
     try:
-        for name, value in with_read_ahead(values, writer.copier):
+        values = values if io_mode == "plain" else with_read_ahead(values, writer.copier)
+        for name, value in values:
             writer.write(name, value)
             if on_value is not None:
                 on_value(value.nbytes)
@@ -227,32 +267,7 @@ def write_sharded_safetensors_plain(
     values,
     on_value: Callable[[int], None] | None = None,
 ) -> PlainWriteResult:
-    """The same shards and index as `write_sharded_safetensors`, each shard written by
-    safetensors' `save_file` once its tensors are in: memory holds one shard (`max_shard_size`, or
-    the one tensor larger than it). `values`: (name, tensor) pairs in the order of `entries`."""
-    shards = plan_shards(list(entries), parse_size(max_shard_size))
-    files = [shard_file_name(k + 1, len(shards)) for k in range(len(shards))]
-    source = iter(values)
-    weight_map = {}
-    for shard, file in zip(shards, files, strict=True):
-        tensors = {}
-        for want, shape, dtype in shard:
-            name, tensor = next(source, (None, None))
-            if name != want:
-                raise ValueError(f"tensor '{name}' written where the plan expects '{want}'")
-            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-                raise ValueError(f"{name}: got {tensor.dtype} {list(tensor.shape)}, planned {dtype} {list(shape)}")
-            tensors[name] = tensor.detach().contiguous()
-            weight_map[name] = file
-            if on_value is not None:
-                on_value(tensor.nbytes)
-        path = os.path.join(out_dir, file)
-        save_file(tensors, path, metadata={"format": "pt"})
-        del tensors
-        with open(path, "rb") as f:  # on disk before the output is published, as the fast writer does
-            os.fsync(f.fileno())
-    if next(source, None) is not None:
-        raise ValueError("more tensors written than planned")
-    total = sum(_nbytes(s, d) for _, s, d in entries)
-    write_index(out_dir, weight_map, total)
-    return PlainWriteResult(total)
+    """`write_sharded_safetensors` through `PlainFiles`: `values` are (name, tensor) pairs in the
+    order of `entries`; memory holds one tensor, whatever `max_shard_size`."""
+    writer = write_sharded_safetensors(out_dir, entries, max_shard_size, values, on_value, io_mode="plain")
+    return PlainWriteResult(writer.total_size)

@@ -1,149 +1,18 @@
 #!/usr/bin/env python3
-"""Convert a Hugging Face LLaDA2 directory (split- or merged-expert safetensors) into a megadiff
-megatron checkpoint (iteration 0) that tools/train.py and tools/compare_logits.py load at any layout.
+"""Hugging Face dir of any family -> megadiff megatron checkpoint: the `megadiff-convert-hf-to-mcore` console script (setup.py).
+Command line and help: checkpoint_converters.cli.hf_to_mcore (`--help`)."""
 
-  .venv/bin/python tools/convert_hf_to_mcore.py --hf-dir MODEL --output CKPT [--dtype bf16]
-  torchrun --nproc-per-node 4 tools/convert_hf_to_mcore.py --hf-dir MODEL --output CKPT --tp 2 --ep 2 --pp 2
-
-One process writes the checkpoint at layout (1,1,1) (dist_checkpointing reshards it on load; the
-requested layout is still validated and recorded); under torchrun each rank writes its shards of
-the requested layout. Matrices kept in their dtype are copied file to file in the kernel (the
-QKV regroup and gate/up concat done on row addresses); the rest is read and written one tensor at a
-time; the model is never materialised.
---spec te writes Transformer Engine names (what a TE model saves), --spec local megatron-core's
-local-spec names; the default is what tools/train.py would build on this machine (TE where
-megatron-core can use it, else local). Runs on CPU. The output appears only when complete (built in
-CKPT.tmp-<nonce>, then renamed).
-"""
-
-import os
 import sys
 
-_CUDA_VISIBLE_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")  # the machine's, for the --spec default
-os.environ["CUDA_VISIBLE_DEVICES"] = ""  # conversion is data movement: keep megatron-core on its CPU path
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from checkpoint_converters.cli import hf_to_mcore as cli
 
-import argparse  # noqa: E402
-import shlex  # noqa: E402
+cli.hide_gpus()  # before anything starts torch: conversion runs on the CPU
 
-from checkpoint_converters.io_paths import IO_CHOICES, IO_HELP  # noqa: E402
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hf-dir", required=True, help="HF LLaDA2 dir: config.json + safetensors (+ index)")
-    p.add_argument("--output", required=True, help="checkpoint root to create (holds iter_0000000/)")
-    p.add_argument("--tp", "--tensor-model-parallel-size", type=int, default=1)
-    p.add_argument("--ep", "--expert-model-parallel-size", type=int, default=1)
-    p.add_argument(
-        "--etp",
-        "--expert-tensor-parallel-size",
-        type=int,
-        default=None,
-        help="expert TP (default: --tp without EP, else 1)",
-    )
-    p.add_argument("--pp", "--pipeline-model-parallel-size", type=int, default=1)
-    p.add_argument(
-        "--vpp",
-        "--virtual-pipeline-model-parallel-size",
-        type=int,
-        default=None,
-        help="virtual pipeline chunks per PP rank",
-    )
-    p.add_argument(
-        "--dtype",
-        choices=["bf16", "fp16", "fp32"],
-        default=None,
-        help="parameter dtype in the checkpoint (default: the HF weights' dtype)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    p.add_argument("--io", choices=IO_CHOICES, default="auto", help=IO_HELP)
-    p.add_argument(
-        "--spec",
-        choices=["local", "te"],
-        default=None,
-        help="megatron-core layer spec whose tensor names to write (default: the one training "
-        "would use here: te where Transformer Engine is usable, else local)",
-    )
-    p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
-
-
-def training_spec_here() -> str:
-    """The spec tools/train.py would build on this machine. Asked in a child process that sees the
-    machine's GPUs (this one hides them before importing torch); only where Transformer Engine is
-    installed at all, so CPU machines pay nothing."""
-    import importlib.util
-    import subprocess
-
-    if importlib.util.find_spec("transformer_engine") is None:
-        return "local"
-    env = dict(os.environ)
-    if _CUDA_VISIBLE_DEVICES is None:
-        env.pop("CUDA_VISIBLE_DEVICES")
-    else:
-        env["CUDA_VISIBLE_DEVICES"] = _CUDA_VISIBLE_DEVICES
-    code = "from megadiff.models.common.spec import transformer_engine_usable as u; print('te' if u() else 'local')"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True)
-    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() in ("te", "local") else "local"
+parse_args = cli.parse_args
 
 
 def main(argv=None) -> int:
-    from megadiff.platform import install_import_hook
-
-    install_import_hook()  # first, before anything imports megatron-core
-    args = parse_args(argv)
-    from checkpoint_converters.hf_to_mcore import convert_hf_to_mcore
-    from megadiff.errors import UserError, user_error_exit
-    from megadiff.platform.parallel_layout import ParallelLayout
-
-    rank0 = os.environ.get("RANK", "0") == "0"
-    log = print if rank0 else (lambda *a, **k: None)
-    try:
-        layout = ParallelLayout(tp=args.tp, ep=args.ep, etp=args.etp, pp=args.pp, vpp=args.vpp)
-        spec = args.spec or training_spec_here()
-        log(
-            "convert_hf_to_mcore.py "
-            + shlex.join(
-                [
-                    "--hf-dir",
-                    os.path.abspath(args.hf_dir),
-                    "--output",
-                    os.path.abspath(args.output),
-                    "--tp",
-                    str(layout.tp),
-                    "--ep",
-                    str(layout.ep),
-                    "--etp",
-                    str(layout.etp),
-                    "--pp",
-                    str(layout.pp),
-                    *(["--vpp", str(layout.vpp)] if layout.vpp else []),
-                    *(["--dtype", args.dtype] if args.dtype else []),
-                    *(["--overwrite"] if args.overwrite else []),
-                    "--io",
-                    args.io,
-                    "--spec",
-                    spec,
-                ]
-            )
-        )
-        final = convert_hf_to_mcore(
-            args.hf_dir,
-            args.output,
-            layout,
-            args.dtype,
-            args.overwrite,
-            progress=rank0 and not args.no_progress,
-            log=log,
-            io_mode=args.io,
-            spec=spec,
-        )
-    except UserError as e:
-        return user_error_exit(e)
-    log(f"megatron checkpoint written to {final}")
-    return 0
+    return cli.main(argv)
 
 
 if __name__ == "__main__":

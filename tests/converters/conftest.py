@@ -63,7 +63,8 @@ def single_process_run(conv_root, tiny_hf, tiny_hf_merged):
     through the page cache (--io page-cache), and a conversion interrupted by a Ctrl-C. Then the
     Transformer Engine name chain: ck111 (local) -> HF -> te1 (--spec te) -> HF -> te2 (--spec te)
     and -> local2 (--spec local). The runs in PLAIN_TWINS_SINGLE and both exports are repeated
-    with `--io plain` into `<output>-plain` (compared bit for bit in test_roundtrip)."""
+    with `--io plain` into `<output>-plain` (compared bit for bit in test_roundtrip); the others name
+    the byte-copy engine (`--io fast`; the CLI's default is plain)."""
     out = conv_root / "single.json"
     paths = {
         "ck111": str(conv_root / "ck111"),
@@ -82,23 +83,23 @@ def single_process_run(conv_root, tiny_hf, tiny_hf_merged):
         "--out",
         str(out),
         "--run-both",
-        f"--hf-dir {tiny_hf} --output {paths['ck111']}",
+        f"--hf-dir {tiny_hf} --output {paths['ck111']} --io fast",
         "--run-both",
-        f"--hf-dir {tiny_hf_merged} --output {paths['ck111_merged']} --tp 2 --ep 2 --pp 2",
+        f"--hf-dir {tiny_hf_merged} --output {paths['ck111_merged']} --tp 2 --ep 2 --pp 2 --io fast",
         "--run-both",
-        f"--hf-dir {tiny_hf} --output {paths['ck111_to_bf16']} --dtype bf16",
+        f"--hf-dir {tiny_hf} --output {paths['ck111_to_bf16']} --dtype bf16 --io fast",
         "--run",
         f"--hf-dir {tiny_hf} --output {paths['ck111_page_cache']} --io page-cache",
         "--export",
         f"{paths['ck111']}={hf_a}",
         "--run-both",
-        f"--hf-dir {hf_a} --output {paths['te1']} --spec te",
+        f"--hf-dir {hf_a} --output {paths['te1']} --spec te --io fast",
         "--export",
         f"{paths['te1']}={hf_b}",
         "--run",
-        f"--hf-dir {hf_b} --output {paths['te2']} --spec te",
+        f"--hf-dir {hf_b} --output {paths['te2']} --spec te --io fast",
         "--run",
-        f"--hf-dir {hf_b} --output {paths['local2']} --spec local",
+        f"--hf-dir {hf_b} --output {paths['local2']} --spec local --io fast",
         "--interrupt",
         f"{tiny_hf}={paths['interrupted']}",
     ]

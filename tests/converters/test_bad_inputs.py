@@ -226,7 +226,7 @@ def test_interrupted_mcore_to_hf_and_moe_leave_nothing(single_process_run, tiny_
         )
     _interrupt_after(monkeypatch, DirectHFReader, "spans", 20)
     with pytest.raises(KeyboardInterrupt):
-        convert_expert_layout(tiny_hf, str(tmp_path / "merged"), "merge", **QUIET)
+        convert_expert_layout(tiny_hf, str(tmp_path / "merged"), "merge", io_mode="fast", **QUIET)
     assert os.listdir(tmp_path) == []  # no output, no staging dir: nothing an HF loader could pick
 
 

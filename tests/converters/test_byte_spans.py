@@ -164,8 +164,8 @@ def test_merge_and_split_never_read_a_tensor(tiny_hf, tmp_path, monkeypatch, cop
         raise AssertionError("a tensor was read into memory")
 
     monkeypatch.setattr(DirectHFReader, "_read", no_reads)
-    merged = convert_expert_layout(tiny_hf, str(tmp_path / "m"), "merge", **QUIET)
-    split = convert_expert_layout(merged, str(tmp_path / "s"), "split", max_shard_size="200KB", **QUIET)
+    merged = convert_expert_layout(tiny_hf, str(tmp_path / "m"), "merge", io_mode="fast", **QUIET)
+    split = convert_expert_layout(merged, str(tmp_path / "s"), "split", max_shard_size="200KB", io_mode="fast", **QUIET)
     assert_same_checkpoint(tiny_hf, split)
     total = 2 * sum(_bytes_by_rank(tiny_hf))
     assert _how(copied) == ((total, 0) if _direct_io_works(tmp_path) else (0, total))

@@ -29,9 +29,9 @@ LOGIT_TOL = 1e-4
 
 
 def export(ckpt, out, **kwargs):
-    """Export through the default I/O path to OUT and through the plain one to OUT-plain; the two
+    """Export through the byte-copy engine to OUT and through the plain path to OUT-plain; the two
     must be bit-equal. Returns OUT."""
-    fast = convert_mcore_to_hf(ckpt, str(out), **kwargs, **QUIET)
+    fast = convert_mcore_to_hf(ckpt, str(out), io_mode="fast", **kwargs, **QUIET)
     plain = convert_mcore_to_hf(ckpt, f"{out}-plain", io_mode="plain", **kwargs, **QUIET)
     assert_same_hf_output(fast, plain)
     return fast

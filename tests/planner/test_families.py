@@ -105,6 +105,7 @@ def _plan_cli(*args):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
 
 
+@pytest.mark.repeat  # the CLI's wiring (stack-independent); the counts above run on both stacks
 def test_plan_cli_plans_every_family(tmp_path):
     from megadiff.models.common.hf_dir import write_reference_dir
 

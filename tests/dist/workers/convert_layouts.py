@@ -1,7 +1,7 @@
 """torchrun worker for the converter tests: conversions at a layout and cross-layout loading, in one launch.
 
 1. HF -> megatron at the launch's layout (each rank writes its shards) for every `--convert SRC=DST`,
-   through the default I/O path into DST and through the plain one into DST-plain.
+   through the byte-copy engine (io fast) into DST and through the plain path into DST-plain.
 2. With `--save ROOT=CKPT`: a training-like checkpoint (model + optimizer-like + common state) saved
    with `save_checkpoint` at the launch's layout, then read back with `load_checkpoint`.
 3. For every `--load CKPT@tp,ep,pp[,vpp]`: build the model at that layout, `load_model_weights`,
@@ -139,7 +139,7 @@ def main():
     quiet = lambda *a, **k: None  # noqa: E731
     for item in args.convert:
         src, dst = item.split("=")
-        convert_hf_to_mcore(src, dst, parse_layout(args.layout), progress=False, log=quiet)
+        convert_hf_to_mcore(src, dst, parse_layout(args.layout), progress=False, log=quiet, io_mode="fast")
         convert_hf_to_mcore(src, dst + "-plain", parse_layout(args.layout), progress=False, log=quiet, io_mode="plain")
 
     init_distributed()

@@ -4,8 +4,8 @@ interpreter (megatron-core is imported once), plus an interrupted run.
   --run "ARGS..."        one CLI invocation (shell-style argument string); repeatable
   --run-both "ARGS..."   the same, then again with `--io plain` into `<--output>-plain` (the plain
                          I/O path's twin, compared bit for bit by the tests)
-  --export CKPT=OUT      convert_mcore_to_hf of CKPT to OUT (no megatron-core), in order with the
-                         runs, and with io_mode="plain" to OUT-plain
+  --export CKPT=OUT      convert_mcore_to_hf of CKPT to OUT (no megatron-core) with io_mode="fast",
+                         in order with the runs, and with io_mode="plain" to OUT-plain
   --interrupt HF=OUT     a conversion whose 6th tensor read raises KeyboardInterrupt (as Ctrl-C does)
 Writes {"runs": [...], "interrupt": {...}} as JSON to --out; each run records how many weight
 bytes its SpanCopier copied, and how (direct I/O, in the kernel, through a buffer), and how many
@@ -52,7 +52,7 @@ def main():
             from checkpoint_converters.mcore_to_hf import convert_mcore_to_hf
 
             ckpt, out = run.split("=")
-            convert_mcore_to_hf(ckpt, out, progress=False, log=lambda *a: None)
+            convert_mcore_to_hf(ckpt, out, progress=False, log=lambda *a: None, io_mode="fast")
             convert_mcore_to_hf(ckpt, out + "-plain", progress=False, log=lambda *a: None, io_mode="plain")
             continue
         argv = shlex.split(run)
@@ -84,7 +84,7 @@ def main():
 
         DirectHFReader.get = get
         try:
-            cli.main(["--hf-dir", src, "--output", out, "--no-progress"])
+            cli.main(["--hf-dir", src, "--output", out, "--no-progress", "--io", "fast"])
             raised = None
         except BaseException as e:  # torch DCP re-raises a Ctrl-C inside a save as CheckpointException
             raised = type(e).__name__
