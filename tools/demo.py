@@ -12,6 +12,11 @@
   8. OUT/loss.png and OUT/summary.json
 
 Every step prints its command line, so it can be copied for a real model.
+
+--family llada|lladamoe runs the same stages on a tiny model of that family, trained from its HF
+dir with the family's own diffusion recipe (examples/configs/tiny_family_sft.yaml: LLaDA's
+full-attention masked diffusion; the dense LLaDA trains data-parallel instead of at EP=2), with
+the test questions as validation data. --train-only stops after training (stages 1, 2, 5, 8).
 """
 
 import argparse
@@ -28,6 +33,7 @@ LAUNCHER = "examples/pretrain_llada2_sft.sh"
 PY = sys.executable
 CHAT_PROMPT = "Ann has 2 cups and gets 3 more. How many cups does Ann have?"
 SFT_CONFIG = "examples/configs/tiny_bd_sft.yaml"
+FAMILY_SFT_CONFIG = "examples/configs/tiny_family_sft.yaml"  # --family: the family's recipe
 DPO_PAIRS = 256  # preference pairs for examples/configs/tiny_dpo.yaml (README, "Preference tuning")
 # Python's warnings.formatwarning: `file:line: SomeWarning: message`, then (indented) the source line.
 WARNING_LINE = re.compile(r"^\S.*:\d+: \w*Warning: ")
@@ -97,10 +103,10 @@ def run(cmd, env=None, log=None, stages=None):
     return "".join(lines)
 
 
-def config_warmup_steps() -> int:
+def config_warmup_steps(config: str = SFT_CONFIG) -> int:
     import yaml
 
-    with open(os.path.join(checkout_dir(), SFT_CONFIG)) as f:
+    with open(os.path.join(checkout_dir(), config)) as f:
         return int(yaml.safe_load(f)["train"].get("warmup_steps", 0))
 
 
@@ -109,18 +115,18 @@ def accuracy_of(eval_dir):
         return json.load(f)["accuracy"]
 
 
-def plot_losses(metrics_file, png):
+def plot_losses(metrics_file, png, title="tiny LLaDA2, block-diffusion SFT (CPU, EP=2)"):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in open(metrics_file)]
+    records = [r for r in (json.loads(line) for line in open(metrics_file)) if "loss" in r]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel("masked-diffusion loss")
-    ax.set_title("tiny LLaDA2, block-diffusion SFT (CPU, EP=2)")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
@@ -133,7 +139,12 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=600, help="training steps (default: %(default)s)")
     p.add_argument("--rows", type=int, default=2000, help="synthetic problems (default: %(default)s)")
     p.add_argument("--eval-limit", type=int, default=100, help="test questions to score (default: %(default)s)")
+    p.add_argument("--family", default="llada2", help="model family: llada2 (default), llada, lladamoe")
+    p.add_argument("--train-only", action="store_true", help="stop after training (no conversion, scoring, chat)")
     args = p.parse_args(argv)
+    family = args.family
+    if family not in ("llada2", "llada", "lladamoe"):
+        raise SystemExit(f"demo: --family {family}: expected llada2, llada or lladamoe")
     checkout_dir()  # before anything is written
     out = os.path.abspath(args.output)
     if os.path.exists(out):
@@ -150,8 +161,12 @@ def main(argv=None):
     metrics = f"{out}/metrics.jsonl"
     decode = ["--gen-length", "32", "--block-length", "32", "--steps", "32", "--batch-size", "16"]
 
-    print("== 1. a tiny LLaDA2 model directory", flush=True)
-    run_stage([PY, "tools/make_tiny_model.py", "--output", hf, "--layers", "2"])
+    if family == "llada2":
+        print("== 1. a tiny LLaDA2 model directory", flush=True)
+        run_stage([PY, "tools/make_tiny_model.py", "--output", hf, "--layers", "2"])
+    else:
+        print(f"== 1. a tiny {family} model directory", flush=True)
+        run_stage([PY, "tools/make_tiny_model.py", "--family", family, "--output", hf])
     print("== 2. a synthetic GSM8K-style task", flush=True)
     run_stage([PY, "tools/make_synthetic_data.py", "--output", f"{data}/gsm8k_synthetic.jsonl", "--rows", args.rows])
     run_stage(  # preference pairs for the README's DPO example (examples/configs/tiny_dpo.yaml)
@@ -169,22 +184,34 @@ def main(argv=None):
             "0.05",
         ]
     )
-    print("== 3. HF -> megatron checkpoint", flush=True)
-    run_stage([PY, "tools/convert_hf_to_mcore.py", "--hf-dir", hf, "--output", mcore_init, "--ep", "2"])
-    print("== 4. accuracy before training", flush=True)
     eval_args = ["--data", f"{data}/test.jsonl", "--limit", args.eval_limit, *decode]
-    run_stage([PY, "tools/eval_gsm8k.py", "--model", hf, "--output-dir", f"{out}/eval_before", *eval_args])
-    print("== 5. block-diffusion SFT with packing on 2 CPU processes (EP=2)", flush=True)
+    if family == "llada2":
+        print("== 3. HF -> megatron checkpoint", flush=True)
+        run_stage([PY, "tools/convert_hf_to_mcore.py", "--hf-dir", hf, "--output", mcore_init, "--ep", "2"])
+    if not args.train_only:
+        print("== 4. accuracy before training", flush=True)
+        run_stage([PY, "tools/eval_gsm8k.py", "--model", hf, "--output-dir", f"{out}/eval_before", *eval_args])
     train_log = f"{out}/train.log"
+    if family == "llada2":
+        print("== 5. block-diffusion SFT with packing on 2 CPU processes (EP=2)", flush=True)
+        config, start_from = SFT_CONFIG, [f"model.init_from_mcore={mcore_init}"]
+    else:  # from the HF dir, with the family's recipe; the test questions as validation data
+        dense = family == "llada"
+        print(f"== 5. {family} SFT (its recipe) with packing on 2 CPU processes ({'DP=2' if dense else 'EP=2'})")
+        config = FAMILY_SFT_CONFIG
+        start_from = (["parallel.ep=1"] if dense else []) + [
+            f"data.valid_files={data}/test.jsonl",
+            f"train.eval_interval={max(args.steps // 6, 1)}",
+        ]
     run_stage(
         [
             LAUNCHER,
-            SFT_CONFIG,
+            config,
             f"model.hf_dir={hf}",
-            f"model.init_from_mcore={mcore_init}",
+            *start_from,
             f"data.train_files={data}/train.jsonl",
             f"train.steps={args.steps}",
-            f"train.warmup_steps={min(args.steps, config_warmup_steps())}",  # a short --steps run keeps warmup <= steps
+            f"train.warmup_steps={min(args.steps, config_warmup_steps(config))}",  # a short --steps run keeps warmup <= steps
             f"checkpoint.save_dir={ckpt}",
             f"logging.metrics_file={metrics}",
             "logging.progress_bar=false",
@@ -192,6 +219,22 @@ def main(argv=None):
         env={"GPUS_PER_NODE": "2", "PYTHON": PY},
         log=train_log,
     )
+    if args.train_only:
+        records = plot_losses(metrics, f"{out}/loss.png", f"tiny {family} SFT (CPU, 2 processes)")
+        summary = {
+            "family": family,
+            "steps": records[-1]["step"],
+            "first_loss": records[0]["loss"],
+            "final_loss": records[-1]["loss"],
+            "wall_time_s": round(time.time() - start, 1),
+            "stages": stages,
+        }
+        with open(f"{out}/summary.json", "w") as f:
+            json.dump(summary, f, indent=2)
+        print(
+            f"\nloss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f} in {summary['steps']} steps (train only)"
+        )
+        return 0
     print("== 6. megatron checkpoint -> HF", flush=True)
     run_stage([PY, "tools/convert_mcore_to_hf.py", "--mcore-dir", ckpt, "--output", trained])
     print("== 7. accuracy after training, and a chat answer", flush=True)
@@ -211,9 +254,11 @@ def main(argv=None):
     )
 
     print("== 8. loss curve and summary", flush=True)
-    records = plot_losses(metrics, f"{out}/loss.png")
+    title = None if family == "llada2" else f"tiny {family} SFT (CPU, 2 processes)"
+    records = plot_losses(metrics, f"{out}/loss.png", *([title] if title else []))
     answer = json.loads(open(f"{out}/chat.jsonl").readline())
     summary = {
+        **({} if family == "llada2" else {"family": family}),
         "steps": records[-1]["step"],
         "first_loss": records[0]["loss"],
         "final_loss": records[-1]["loss"],
@@ -222,7 +267,7 @@ def main(argv=None):
         "eval_questions": args.eval_limit,
         "chat_prompt": CHAT_PROMPT,
         "chat_answer": answer.get("text"),
-        "layout": {"tp": 1, "ep": 2, "pp": 1, "processes": 2},
+        "layout": {"tp": 1, "ep": 1 if family == "llada" else 2, "pp": 1, "processes": 2},
         "wall_time_s": round(time.time() - start, 1),
         # user + sys of this process and every command: the wall time a quiet machine needs is
         # about this over the cores the commands keep busy (training: 2, the rest: 1)

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Diffusion SFT of a LLaDA2 model on megatron-core. Run under torchrun (see
-examples/pretrain_llada2_sft.sh):
+"""Diffusion SFT of a dLLM on megatron-core: any model family (LLaDA2, LLaDA, LLaDA-MoE; config.json's
+model_type says which, and the family's recipe fills the diffusion keys the config leaves unset).
+Run under torchrun (see examples/pretrain_llada2_sft.sh):
 
   torchrun --nproc-per-node 2 tools/train.py examples/configs/tiny_bd_sft.yaml parallel.tp=2 train.lr=2e-5
 

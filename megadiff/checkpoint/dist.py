@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 from megadiff.errors import CheckpointError
-from megadiff.models.llada2.checkpoint_keys import key_in_other_spec, other_spec_keys
+from megadiff.models.registry import family_for_config
 
 # megatron-core (about 1 s), torch DCP's reader (.untrusted) and writer (.lazy) are imported inside
 # the functions that use them: the path helpers of this package serve tools that need none of them.
@@ -73,9 +73,25 @@ def sharded_state_dict_spec(sharded_state_dict: dict) -> str:
     return "te" if te else "local"
 
 
+def other_spec_keys(hf_config: dict) -> dict[str, str]:
+    """Checkpoint key -> the same tensor's key under the other megatron-core spec, for every tensor
+    the two specs name differently (both directions), from the config's family table."""
+    family = family_for_config(hf_config)
+    return family.mapping.other_spec_keys(family.config_from_hf(hf_config))
+
+
+def key_in_other_spec(key: str, renames: dict[str, str]) -> str | None:
+    """`key` (a model key, or one that embeds it, like an optimizer-state key) under the other spec,
+    from `other_spec_keys(config)`; None when both specs store it under the same key."""
+    at = key.find("decoder.layers.")
+    if at < 0 or key[at:] not in renames:
+        return None
+    return key[:at] + renames[key[at:]]
+
+
 def rename_sharded_keys(sharded_state_dict: dict, renames: dict[str, str]) -> int:
     """Store / request tensors under other keys (in place): `renames` maps a model key to the new one
-    (`megadiff.models.llada2.checkpoint_keys.other_spec_keys`); keys that embed a model key (optimizer
+    (`other_spec_keys`); keys that embed a model key (optimizer
     state) follow it. Returns the number of entries renamed."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory

@@ -10,6 +10,8 @@ block diffusion with block size 1.
   does not have (model.mask_token_id names it).
 """
 
+from megadiff.models.registry import family_for_config
+
 from .remote_code import AUTO_MAP
 
 AUTOREGRESSIVE_MODEL_TYPES = ("bailing_moe_v2", "bailing_moe")
@@ -20,13 +22,9 @@ def is_autoregressive(hf_config: dict) -> bool:
 
 
 def mtp_tensor_names(hf_config: dict, names) -> frozenset[str]:
-    """The multi-token-prediction tensors among `names` (see the module docstring)."""
-    extra_layers = hf_config.get("num_nextn_predict_layers") or 0
-    if not isinstance(extra_layers, int) or isinstance(extra_layers, bool) or extra_layers <= 0:
-        return frozenset()
-    first = hf_config["num_hidden_layers"]
-    prefixes = tuple(f"model.layers.{first + i}." for i in range(extra_layers))
-    return frozenset(n for n in names if n.startswith(prefixes))
+    """The multi-token-prediction tensors among `names` (see the module docstring): what the
+    family's HF format (ModelFamily.hf_format) says a loader leaves out."""
+    return family_for_config(hf_config).hf_format.unused_tensors(hf_config, names)
 
 
 def as_llada2_config(hf_config: dict, mask_token_id: int) -> dict:

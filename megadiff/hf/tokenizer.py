@@ -79,12 +79,19 @@ _TINY_CORPUS = [
 ]
 
 
-def build_tiny_tokenizer(out_dir: str | Path) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(out_dir: str | Path, facts=None) -> PreTrainedTokenizerFast:
     """Train the tiny byte-level BPE, write it to `out_dir` and return it loaded from there.
 
+    `facts` (a model family's megadiff.models.family.TokenizerFacts) names the special tokens
+    (mask, EOS = pad, the rest), and the chat template; default: LLaDA2.0's.
     Returning the tokenizer loaded back from disk (not the in-memory one) means callers always use
     exactly what `AutoTokenizer.from_pretrained(out_dir)` will see.
     """
+    if facts is None:
+        eos, mask, specials, template = EOS_TOKEN, MASK_TOKEN, SPECIAL_TOKENS, LLADA2_CHAT_TEMPLATE
+    else:
+        eos, mask, template = facts.eos_token, facts.mask_token, facts.chat_template
+        specials = tuple(dict.fromkeys((*facts.special_tokens, eos, mask, facts.end_of_turn)))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -100,17 +107,17 @@ def build_tiny_tokenizer(out_dir: str | Path) -> PreTrainedTokenizerFast:
     bpe.train_from_iterator(_TINY_CORPUS, trainer=trainer)
     # Specials are appended after the BPE vocabulary (high ids, as in the real model), so an
     # accidental id 0 is never mistaken for the mask or pad token.
-    bpe.add_special_tokens(list(SPECIAL_TOKENS))
+    bpe.add_special_tokens(list(specials))
     bpe.save(str(out_dir / "tokenizer.json"))
 
-    special_map = {"eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN, "mask_token": MASK_TOKEN}
+    special_map = {"eos_token": eos, "pad_token": eos, "mask_token": mask}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **special_map,
-        "additional_special_tokens": [ROLE_OPEN_TOKEN, ROLE_CLOSE_TOKEN, ROLE_END_TOKEN],
+        "additional_special_tokens": [t for t in specials if t not in (eos, mask)],
         "model_max_length": 32768,
         "clean_up_tokenization_spaces": False,
-        "chat_template": LLADA2_CHAT_TEMPLATE,
+        "chat_template": template,
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     special_map_file = {**special_map, "additional_special_tokens": config["additional_special_tokens"]}
@@ -162,8 +169,9 @@ def _plain_config(tokenizer_dir: str) -> PretrainedConfig | None:
     return PretrainedConfig() if names_class else None
 
 
-def mask_token_id(tokenizer, override: int | None = None) -> int:
-    """Return the id of `<|mask|>` (the diffusion mask), or `override` when given.
+def mask_token_id(tokenizer, override: int | None = None, token: str = MASK_TOKEN) -> int:
+    """Return the id of the diffusion mask `token` (LLaDA2's `<|mask|>`; a model family's
+    TokenizerFacts.mask_token), or `override` when given.
 
     LLaDA2's config.json does not carry the mask id (156895 in the real vocabulary), so it is read
     from the tokenizer; the override exists for tokenizers that spell it differently.
@@ -171,9 +179,9 @@ def mask_token_id(tokenizer, override: int | None = None) -> int:
     if override is not None:
         return int(override)
     vocab = tokenizer.get_vocab()
-    if MASK_TOKEN in vocab:
-        return int(vocab[MASK_TOKEN])
+    if token in vocab:
+        return int(vocab[token])
     raise TokenizerError(
         f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__} has no "
-        f"{MASK_TOKEN!r} token; pass the mask token id explicitly (mask_token_id override)"
+        f"{token!r} token; pass the mask token id explicitly (mask_token_id override)"
     )

@@ -512,6 +512,7 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> TrainingC
         given[dotted] = f"override '{item}'"
     validate(cfg)
     check_switches(cfg, given)
+    cfg.set_by_user = frozenset(given)  # the model family's recipe fills the rest (training.recipe)
     return cfg
 
 

@@ -5,7 +5,7 @@ AR -> diffusion training; it does not publish the scale, so `std` and `steps` ar
 The noise of a row comes from a generator seeded by (seed, step, the row's first sample id, its
 epoch): a row gets the same noise whatever micro-batch, rank or layout it lands in, and the parity
 tests can hand the reference model exactly the same. It is zero except at the masked positions of
-the x_t half. The model adds it to its embedding output (megadiff.models.llada2.model.forward_chunk).
+the x_t half. The model adds it to its embedding output (megadiff.models.common.gpt.forward_chunk).
 """
 
 import torch

@@ -26,7 +26,7 @@ from megadiff.hf.ling import as_llada2_config
 from megadiff.lora.adapter_checkpoint import adapter_meta, adapter_sharded_state_dict
 from megadiff.models.common.gpt import set_xt_only_logits
 from megadiff.models.common.schedule import forward_backward
-from megadiff.models.llada2 import LLaDA2ModelConfig
+from megadiff.models.registry import family_for_config
 from megadiff.platform import compat, init_distributed, initialize_parallel, print_rank0
 from megadiff.platform.device import default_params_dtype, to_run_device
 from megadiff.platform.kernels import probe_environment
@@ -57,6 +57,7 @@ from megadiff.training.perf_preflight import check_perf, choose_attention_backen
 from megadiff.training.phases import BLOCK_DIFFUSION, phase_at, phase_diffusion, run_phases
 from megadiff.training.preflight import check_outputs
 from megadiff.training.pretraining import build_pretraining_data, check_pretraining_data, is_pretraining
+from megadiff.training.recipe import apply_family_recipe, describe_recipe
 from megadiff.training.resume_config import compare_with_checkpoint
 from megadiff.training.setup import (
     build_dataset,
@@ -76,7 +77,7 @@ from megadiff.training.step_metrics import (
     read_steps,
     sum_in_order,
 )
-from megadiff.training.throughput import model_flops, peak_tflops, token_counts
+from megadiff.training.throughput import active_params, model_flops, peak_tflops, token_counts
 from megadiff.training.validation import Validator, build_valid_dataset, read_valid_samples
 
 __all__ = ["NonFiniteLossError", "StepResult", "Trainer", "train"]
@@ -136,7 +137,13 @@ class Trainer:
         check_outputs(cfg)  # every output path writable, before anything is read or built
         self.layout = parallel_layout(cfg)
         self.hf_config = read_hf_config(cfg.model.hf_dir)
-        self.model_cfg = LLaDA2ModelConfig.from_hf_dict(self.hf_config, os.path.join(cfg.model.hf_dir, "config.json"))
+        config_name = os.path.join(cfg.model.hf_dir, "config.json")
+        self.family = family_for_config(self.hf_config, config_name)  # model_type -> its model family
+        self.model_cfg = self.family.config_from_hf(self.hf_config, config_name)
+        self.active_params = active_params(self.model_cfg, self.family.mapping)  # FLOPs per token (MFU)
+        recipe_filled = apply_family_recipe(cfg, self.family)  # diffusion.* the config left unset
+        if recipe_filled:
+            self.log(describe_recipe(cfg, self.family, recipe_filled))
         check_config_fits_model(cfg, self.model_cfg, self.layout)
         # Speed options that cannot work here are refused now, not inside the model build.
         self.env = probe_environment()
@@ -148,14 +155,14 @@ class Trainer:
         self.log(f"attention: {self.attention.backend} ({self.attention.reason})")
         if self.attention.warning:
             self.log(f"warning: {self.attention.warning}")
-        expert_ffn = self.model_cfg.moe_intermediate_size // self.layout.etp
+        expert_ffn = self.model_cfg.moe_ffn_hidden_size // self.layout.etp
         self.experts = choose_moe_experts(cfg, self.env, self.model_cfg.hidden_size, expert_ffn, params_dtype(cfg))
         self.log(f"routed experts: {self.experts.backend} ({self.experts.reason})")
         # The forecast runs before anything is loaded: a layout that cannot fit stops here.
         check_memory_forecast(cfg, self.model_cfg, self.layout, params_dtype(cfg), self.log)
         check_initial_weights_fit(cfg, self.hf_config)  # shapes from headers / metadata, nothing allocated
         # Cheap checks first: tokenizer and every data row are validated before the model is built.
-        self.tokenizer, self.mask_id = load_tokenizer_and_mask_id(cfg, self.model_cfg)
+        self.tokenizer, self.mask_id = load_tokenizer_and_mask_id(cfg, self.model_cfg, self.family)
         dpo = cfg.train.objective == "dpo"
         read_rows, make_dataset = load_samples, build_dataset
         if dpo:
@@ -336,7 +343,9 @@ class Trainer:
                 int(n) for n in token_counts(prepared["doc_ids"], prepared["sample_ids"], d.mode, d.block_size)
             )
             prepared["real_tokens"] = real
-            prepared["flops"] = model_flops(self.model_cfg, real, pairs, d.mode, self.cfg.perf.xt_only_logits)
+            prepared["flops"] = model_flops(
+                self.model_cfg, real, pairs, d.mode, self.cfg.perf.xt_only_logits, self.active_params
+            )
             prepared = split_micro_batch(prepared, d.mode, self.cp_size, self.cp_rank)  # this CP rank's part
             prepared["loss_denominator"] = loss_denominator_share(prepared, d.normalize)
             prepared = to_run_device(prepared)

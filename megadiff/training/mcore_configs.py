@@ -1,7 +1,7 @@
 """megatron-core's own config objects, built from the training config's sections in this one place.
 
 - `transformer_overrides`: what the `perf` section changes in the model's TransformerConfig (the
-  model's own fields come from config.json, `megadiff.models.llada2.config.to_transformer_config`).
+  model's own fields come from config.json, through its family's `ModelFamily.transformer_config`).
 - `ddp_config`: DistributedDataParallelConfig (grad buffers, overlap, buckets).
 - `optimizer_config`: OptimizerConfig (AdamW from `train`, distributed optimizer, CPU offload).
 

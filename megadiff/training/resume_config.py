@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from megadiff.checkpoint import format as fmt
 from megadiff.errors import CheckpointError
-from megadiff.models.llada2.config import LLaDA2ModelConfig
+from megadiff.models.registry import family_for_config
 from megadiff.training.data_fingerprint import data_change, data_fingerprints
 
 # Keys that change the rows, or their order, behind the saved data position.
@@ -94,8 +94,11 @@ def _same(key: str, saved, now) -> bool:
 def _model_difference(saved_hf: dict, now_hf: dict) -> str | None:
     """The first model field on which two config.json dicts differ (None when the same model)."""
     try:
-        saved = dataclasses.asdict(LLaDA2ModelConfig.from_hf_dict(saved_hf))
-        now = dataclasses.asdict(LLaDA2ModelConfig.from_hf_dict(now_hf))
+        saved_family, now_family = family_for_config(saved_hf), family_for_config(now_hf)
+        if saved_family is not now_family:
+            return f"a {saved_family.name} model in the checkpoint, a {now_family.name} model in model.hf_dir's config.json"
+        saved = dataclasses.asdict(saved_family.config_from_hf(saved_hf))
+        now = dataclasses.asdict(now_family.config_from_hf(now_hf))
     except ValueError:
         return None  # a config that does not validate is reported where it is read
     for name in saved:

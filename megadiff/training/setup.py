@@ -10,17 +10,15 @@ from megadiff.checkpoint.untrusted import read_dcp_metadata
 from megadiff.data.dataset import SFTDataset
 from megadiff.data.rows import read_sft_rows
 from megadiff.data.tokenize import pad_answers_to_block, tokenize_rows
+from megadiff.errors import ConfigError
 from megadiff.hf.checkpoint_reader import HFCheckpointReader, check_tensors_match
-from megadiff.hf.ling import mtp_tensor_names
-from megadiff.hf.tokenizer import TOKENIZER_FILES, TokenizerError, load_local_tokenizer, mask_token_id
+from megadiff.hf.tokenizer import MASK_TOKEN, TOKENIZER_FILES, TokenizerError, load_local_tokenizer, mask_token_id
 from megadiff.lora.apply import apply_lora
 from megadiff.lora.base_record import base_of_run
 from megadiff.lora.init_from_peft import adapter_for_run
 from megadiff.lora.state import load_full_adapter_state
-from megadiff.models.llada2.config import ConfigError
-from megadiff.models.llada2.hf_experts import SPLIT, detect_expert_format, expected_shapes, split_tensor_getter
-from megadiff.models.llada2.hf_mapping import load_hf_into_model
-from megadiff.models.llada2.model import build_model
+from megadiff.models.common.hf_weights import load_hf_into_model
+from megadiff.models.registry import family_for_config
 from megadiff.training.config import TrainingConfig, TrainingConfigError, config_spelling
 from megadiff.training.ddp import wrap_ddp
 from megadiff.training.mcore_configs import ddp_config, transformer_overrides
@@ -58,10 +56,10 @@ def check_weights_fit(hf_dir: str, hf_config: dict, mcore_dir: str | None = None
     config_name = f"{os.path.join(hf_dir, 'config.json')}"
     if not mcore_dir:
         reader = HFCheckpointReader(hf_dir)
-        unused = mtp_tensor_names(hf_config, reader.names())  # an autoregressive Ling-2.0's MTP layers
-        check_tensors_match(
-            reader, expected_shapes(hf_config, detect_expert_format(reader.names()) or SPLIT), ignore=unused
-        )
+        family = family_for_config(hf_config, config_name)
+        names = reader.names()
+        unused = family.hf_format.unused_tensors(hf_config, names)  # e.g. an autoregressive Ling-2.0's MTP layers
+        check_tensors_match(reader, family.hf_format.expected_shapes(family, hf_config, names, hf_dir), ignore=unused)
         return
     if not os.path.exists(mcore_dir):
         return  # reported where the run loads it, with what it was for (a LoRA run's base: its record)
@@ -90,8 +88,10 @@ def check_layout_fits_processes(layout, world: int) -> None:
     )
 
 
-def load_tokenizer_and_mask_id(cfg: TrainingConfig, model_cfg):
-
+def load_tokenizer_and_mask_id(cfg: TrainingConfig, model_cfg, family=None):
+    """The run's tokenizer and diffusion mask id: model.mask_token_id, else the id of the model
+    family's mask token (TokenizerFacts.mask_token; no `family`: `<|mask|>`, LLaDA2's)."""
+    mask_token = family.tokenizer.mask_token if family is not None else MASK_TOKEN
     tokenizer_dir = cfg.model.tokenizer_dir or cfg.model.hf_dir
     key = "model.tokenizer_dir" if cfg.model.tokenizer_dir else "model.hf_dir"
     if not any(os.path.isfile(os.path.join(tokenizer_dir, f)) for f in TOKENIZER_FILES):
@@ -107,10 +107,10 @@ def load_tokenizer_and_mask_id(cfg: TrainingConfig, model_cfg):
         reason = " ".join(str(e).split())  # one line: transformers' messages span several
         raise TokenizerError(f"{tokenizer_dir}: cannot load the tokenizer ({reason})") from None
     try:
-        mask_id = mask_token_id(tokenizer, cfg.model.mask_token_id)
+        mask_id = mask_token_id(tokenizer, cfg.model.mask_token_id, mask_token)
     except TokenizerError:  # an autoregressive model's tokenizer (Ling-2.0) has no diffusion mask token
         raise TokenizerError(
-            f"{tokenizer_dir}: the tokenizer has no '<|mask|>' token (an autoregressive model's, e.g. Ling-2.0); "
+            f"{tokenizer_dir}: the tokenizer has no '{mask_token}' token (an autoregressive model's, e.g. Ling-2.0); "
             f"set model.mask_token_id to the token id that diffusion is to use as its mask (an unused or reserved "
             f"token of the vocabulary)"
         ) from None
@@ -211,6 +211,11 @@ def peft_adapters_for_run(cfg: TrainingConfig, hf_config: dict, log) -> dict | N
     return full
 
 
+def build_model(family, model_cfg, layout, **kwargs):
+    """This rank's model chunks of `family` (ModelFamily.build_model's arguments)."""
+    return family.build_model(model_cfg, layout, **kwargs)
+
+
 def build_model_with_initial_weights(
     cfg: TrainingConfig,
     model_cfg,
@@ -222,10 +227,12 @@ def build_model_with_initial_weights(
     moe_experts: str | None = None,
 ):
     """Model chunks for this rank holding the run's starting weights (hf_dir or init_from_mcore)."""
+    family = family_for_config(hf_config, os.path.join(cfg.model.hf_dir, "config.json"))
     chunks = build_model(
+        family,
         model_cfg,
         layout,
-        dtype,
+        params_dtype=dtype,
         use_te=False if cfg.lora.enabled else None,  # LoRA adapts the local spec's torch linears only
         attention_backend=attention_backend or cfg.model.attention_backend,
         xt_only_logits=cfg.perf.xt_only_logits and uses_block_diffusion(cfg),
@@ -238,11 +245,12 @@ def build_model_with_initial_weights(
         log(f"initial weights: megatron checkpoint {cfg.model.init_from_mcore}")
     else:
         reader = HFCheckpointReader(cfg.model.hf_dir)  # shapes checked before the build (check_initial_weights_fit)
-        unused = mtp_tensor_names(hf_config, reader.names())  # an autoregressive Ling-2.0's MTP layers
+        unused = family.hf_format.unused_tensors(hf_config, reader.names())  # an autoregressive Ling-2.0's MTP layers
         if unused:
             log(
                 f"{len(unused)} multi-token-prediction tensors of {cfg.model.hf_dir} are not used (diffusion has no MTP)"
             )
-        load_hf_into_model(chunks, split_tensor_getter(reader, detect_expert_format(reader.names())), model_cfg)
+        get_hf = family.hf_format.tensor_getter(reader, cfg.model.hf_dir)
+        load_hf_into_model(chunks, get_hf, family.mapping, model_cfg)
         log(f"initial weights: HF {os.path.abspath(cfg.model.hf_dir)}")
     return chunks

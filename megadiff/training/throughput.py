@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megadiff.models.registry import family_of
 from megadiff.training.batch import document_starts, per_document_sum
 
 # Dense (no sparsity) peak TFLOP/s per GPU, from the vendors' data sheets (SXM parts).
@@ -43,16 +44,27 @@ class ActiveParams:
     head: int  # LM head
 
 
-def active_params(model_cfg) -> ActiveParams:
-    m = model_cfg
-    h, d = m.hidden_size, m.head_dim
-    attention = h * m.num_attention_heads * d * 2 + h * m.num_key_value_heads * d * 2  # q, o + k, v
-    dense_mlp = 3 * h * m.intermediate_size
-    moe_mlp = h * m.num_experts + (m.num_experts_per_tok + m.num_shared_experts) * 3 * h * m.moe_intermediate_size
-    dense_layers = m.first_k_dense_replace
-    moe_layers = m.num_hidden_layers - dense_layers
-    body = m.num_hidden_layers * attention + dense_layers * dense_mlp + moe_layers * moe_mlp
-    return ActiveParams(body=body, head=h * m.vocab_size)
+# The megatron-core parameters that are not decoder matmuls (the LM head is counted apart).
+_NOT_BODY = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def active_params(model_cfg, table=None) -> ActiveParams:
+    """Matmul parameters per token, from the model family's mapping table `table` (default: that
+    of the registered family whose config class `model_cfg` is): every 2-D tensor of the decoder
+    (norms, biases are not matmuls), the routed experts scaled by top-k / E."""
+    table = table if table is not None else family_of(model_cfg).mapping
+    body = routed = 0
+    for inst in table.instances(model_cfg):
+        if inst.mapping.mcore in _NOT_BODY:
+            continue
+        n = sum(shape[0] * shape[1] for shape in inst.hf_shapes if len(shape) == 2)
+        if inst.expert is None:
+            body += n
+        else:
+            routed += n
+    if routed:
+        body += routed * model_cfg.num_experts_per_tok // model_cfg.num_experts
+    return ActiveParams(body=body, head=model_cfg.hidden_size * model_cfg.vocab_size)
 
 
 def visible_pairs(doc_lengths: list[int], mode: str, block_size: int) -> int:
@@ -93,9 +105,10 @@ def token_counts(doc_ids: torch.Tensor, sample_ids: torch.Tensor, mode: str, blo
     return real.sum(), torch.where(real, seen, torch.zeros_like(seen)).sum()
 
 
-def model_flops(model_cfg, real_tokens: int, pairs: int, mode: str, xt_only_head: bool) -> float:
-    """Model FLOPs of `real_tokens` real tokens whose attention sees `pairs` (query, key) pairs."""
-    params = active_params(model_cfg)
+def model_flops(model_cfg, real_tokens: int, pairs: int, mode: str, xt_only_head: bool, params=None) -> float:
+    """Model FLOPs of `real_tokens` real tokens whose attention sees `pairs` (query, key) pairs
+    (`params`: active_params(model_cfg), computed once by the caller)."""
+    params = params or active_params(model_cfg)
     attention_per_pair = 12 * model_cfg.num_attention_heads * model_cfg.head_dim * model_cfg.num_hidden_layers
     body_tokens = real_tokens * (2 if mode == "block_diffusion" else 1)
     head_tokens = real_tokens if xt_only_head or mode != "block_diffusion" else body_tokens

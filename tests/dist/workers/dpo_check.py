@@ -10,19 +10,24 @@ noised global batch. Writes {case: {"step1_loss", "loss", "ref_loss", "loss_rel"
 import argparse
 import json
 import math
+import os
+import sys
+
+# the repo root: the worker imports shared test code (tests.*) and runs with its own dir as sys.path[0]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
 
 from megadiff.platform import install_import_hook  # noqa: E402
 
 install_import_hook()  # first, before anything imports megatron-core
 
-import torch
-import torch.nn.functional as F
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-from megadiff.hf import load_reference_model
-from megadiff.models.llada2.hf_mapping import gather_hf_state
-from megadiff.training.batch import prepare_micro_batch
-from megadiff.training.config import load_config
-from megadiff.training.loop import Trainer
+from megadiff.models.common.hf_weights import gather_hf_state  # noqa: E402
+from megadiff.training.batch import prepare_micro_batch  # noqa: E402
+from megadiff.training.config import load_config  # noqa: E402
+from megadiff.training.loop import Trainer  # noqa: E402
+from tests.dist.workers.train_check import family_reference  # noqa: E402 (any model family's reference)
 
 
 def plain_elbos(model, batch, pairs: int, mc_samples: int) -> torch.Tensor:
@@ -49,8 +54,8 @@ def plain_dpo_loss_and_grads(trainer, hf_dir, policy_state, epoch, batch_index):
     raw = trainer.dataset.global_batch(epoch, batch_index)
     batch["response_slot"] = raw["response_slot"]
     pairs = raw["pair_ids"].numel()
-    reference = load_reference_model(hf_dir)
-    policy = load_reference_model(hf_dir)
+    reference = family_reference(hf_dir)
+    policy = family_reference(hf_dir)
     with torch.no_grad():
         for name, tensor in policy.state_dict().items():
             if name in policy_state:
@@ -86,10 +91,11 @@ def run_case(base_cfg, hf_dir, case, overrides):
     )
     trainer = Trainer(cfg)
     step1 = trainer.train_step()
-    policy_state = gather_hf_state(trainer.chunks, trainer.model_cfg)
+    table = trainer.family.mapping
+    policy_state = gather_hf_state(trainer.chunks, table, trainer.model_cfg)
     loss, _, metrics = trainer.objective.forward_backward_step(trainer._micro_batches())
     grads = gather_hf_state(
-        trainer.chunks, trainer.model_cfg, value=lambda p: getattr(p, "main_grad", torch.zeros_like(p))
+        trainer.chunks, table, trainer.model_cfg, value=lambda p: getattr(p, "main_grad", torch.zeros_like(p))
     )
     ref_loss, ref_grads = plain_dpo_loss_and_grads(trainer, hf_dir, policy_state, 0, 1)
     grad_rel = max(

@@ -6,6 +6,10 @@
 --check losses: N training steps at each layout; writes {layout: [loss per step]}.
 --check device_audit: one step of each mode/backend under megadiff.platform.device_audit (the
     run device is a pretend second CPU device); writes {layout: {case: [violations]}}.
+--check family_step: step_parity for other model families in one launch (--runs: a JSON list of
+    {name, config, hf_dir, layouts, modes}); the reference is the family's plain model
+    (ModelFamily.build_reference, HF names). Writes {name: {layout: {mode: {...}}}}, each with the
+    run's resolved diffusion section and the number of masked prompt tokens.
 """
 
 import argparse
@@ -19,7 +23,9 @@ import torch  # noqa: E402
 
 from megadiff.diffusion.loss import masked_diffusion_loss  # noqa: E402
 from megadiff.hf import load_reference_model  # noqa: E402
-from megadiff.models.llada2.hf_mapping import gather_hf_state  # noqa: E402
+from megadiff.hf.checkpoint_reader import HFCheckpointReader, read_hf_config  # noqa: E402
+from megadiff.models.common.hf_weights import gather_hf_state  # noqa: E402
+from megadiff.models.registry import family_for_config  # noqa: E402
 from megadiff.training.batch import loss_positions, prepare_micro_batch  # noqa: E402
 from megadiff.training.config import load_config  # noqa: E402
 from megadiff.training.loop import Trainer  # noqa: E402
@@ -42,7 +48,7 @@ def reference_loss_and_grads(trainer, hf_dir, diffusion=None, embedding_noise=No
     reference's embedding output (diffusion.mask_embedding_noise), or None."""
     cfg = trainer.cfg
     d = diffusion or cfg.diffusion
-    ref = load_reference_model(hf_dir)
+    ref = family_reference(hf_dir)
     raw = trainer.dataset.global_batch(0, 0)
     batch = prepare_micro_batch(raw, d, trainer.mask_id, cfg.train.seed)
     noise = embedding_noise(batch, raw) if embedding_noise is not None else None
@@ -75,9 +81,22 @@ def reference_loss_and_grads(trainer, hf_dir, diffusion=None, embedding_noise=No
     return float(loss), grads, int(batch["edited"].sum())
 
 
-def step_parity(base_cfg, overrides, hf_dir):
+def family_reference(hf_dir):
+    """The plain reference model of hf_dir's family with its weights (LLaDA2: megadiff.hf's
+    loader, which also reads dFactory's merged experts; others: build_reference + a strict load)."""
+    hf_config = read_hf_config(hf_dir)
+    family = family_for_config(hf_config)
+    if family.name == "llada2":
+        return load_reference_model(hf_dir)
+    ref = family.build_reference(hf_config)
+    reader = HFCheckpointReader(hf_dir)
+    ref.load_state_dict({name: reader.get(name) for name in reader.names()}, strict=True)
+    return ref.eval()
+
+
+def step_parity(base_cfg, overrides, hf_dir, modes=("block_diffusion", "full")):
     result = {}
-    for mode in ("block_diffusion", "full"):
+    for mode in modes:
         cfg = load_config(
             base_cfg,
             overrides
@@ -91,9 +110,14 @@ def step_parity(base_cfg, overrides, hf_dir):
         trainer = Trainer(cfg)
         loss, _ = trainer.forward_backward_step(trainer._micro_batches())
         grads = gather_hf_state(
-            trainer.chunks, trainer.model_cfg, value=lambda p: getattr(p, "main_grad", torch.zeros_like(p))
+            trainer.chunks,
+            trainer.family.mapping,
+            trainer.model_cfg,
+            value=lambda p: getattr(p, "main_grad", torch.zeros_like(p)),
         )
         ref_loss, ref_grads, edited = reference_loss_and_grads(trainer, hf_dir)
+        raw = trainer.dataset.global_batch(0, 0)
+        batch = prepare_micro_batch(raw, trainer.cfg.diffusion, trainer.mask_id, trainer.cfg.train.seed)
         grad_rel = max(  # the reference runs on the CPU; the trainer on the run device (GPU in tests/gpu)
             float((grads[n].cpu() - g).abs().max() / g.abs().max().clamp_min(1e-12)) for n, g in ref_grads.items()
         )
@@ -104,6 +128,12 @@ def step_parity(base_cfg, overrides, hf_dir):
             "grad_rel": grad_rel,
             "edited_tokens": edited,
             "experts": trainer.experts.backend,
+            "diffusion": {
+                k: getattr(trainer.cfg.diffusion, k) for k in ("mode", "t_low", "t_high", "loss_weight", "normalize")
+            },
+            "masked_tokens": int(batch["masked"].sum()),
+            "masked_prompt_tokens": int((batch["masked"] & ~batch["loss_mask"]).sum()),
+            "grads_compared": len(ref_grads),
         }
     return result
 
@@ -204,13 +234,25 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--config")
     parser.add_argument("--hf-dir")
-    parser.add_argument("--check", choices=["step_parity", "losses", "loss_terms", "device_audit"], required=True)
-    parser.add_argument("--layouts", required=True)
+    parser.add_argument(
+        "--check", choices=["step_parity", "losses", "loss_terms", "device_audit", "family_step"], required=True
+    )
+    parser.add_argument("--layouts")
+    parser.add_argument("--runs", help="family_step: JSON list of {name, config, hf_dir, layouts, modes}")
     parser.add_argument("--out", required=True)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     results = {}
-    for layout in parse_layouts(args.layouts):
+    if args.check == "family_step":
+        for run in json.loads(args.runs):
+            results[run["name"]] = {}
+            for layout in parse_layouts(run["layouts"]):
+                key = ",".join(x.split("=")[1] for x in layout)
+                overrides = list(args.overrides) + layout
+                results[run["name"]][key] = step_parity(run["config"], overrides, run["hf_dir"], run["modes"])
+                if torch.distributed.get_rank() == 0:
+                    print(run["name"], key, results[run["name"]][key], flush=True)
+    for layout in parse_layouts(args.layouts or ""):
         key = ",".join(x.split("=")[1] for x in layout)
         if args.check == "loss_terms":
             results[key] = loss_terms(layout)
