@@ -130,14 +130,19 @@ def compare(args) -> int:
         refuse_overlaps([("--save-logits", args.save_logits)], inputs + [("--position-ids", args.position_ids)])
         check_output_file(args.save_logits, "--save-logits")
     # before any model is built: the weights hold every tensor config.json implies, with its shape
-    reader = HFCheckpointReader(args.hf_dir)
-    check_tensors_match(reader, family.mapping.expected_hf_shapes(cfg))  # the reference's weights
+    # (in any of the family's dir layouts, e.g. LLaDA2's split or merged experts: hf_format)
+    reader, layout_of_dir = HFCheckpointReader(args.hf_dir), family.hf_format
+    names = reader.names()
+    expected = layout_of_dir.expected_shapes(family, cfg_dict, names, args.hf_dir)
+    check_tensors_match(reader, expected, ignore=layout_of_dir.unused_tensors(cfg_dict, names))
     if args.mcore_dir:
         from megadiff.training.setup import check_weights_fit
 
         check_weights_fit(args.hf_dir, cfg_dict, args.mcore_dir, args.trust_checkpoint)
 
-    from megadiff.models.common.gpt import routed_experts  # megatron-core: after the input checks
+    # megatron-core and transformers: after the input checks
+    from megadiff.hf.reference import load_reference_model
+    from megadiff.models.common.gpt import routed_experts
     from megadiff.models.common.hf_weights import load_hf_into_model
     from megadiff.models.common.logits import full_logits
     from megadiff.platform import init_distributed, initialize_parallel, print_rank0
@@ -154,7 +159,7 @@ def compare(args) -> int:
     if experts is not None:
         print_rank0(f"routed experts: {experts.backend} ({experts.reason})")
     rank0 = torch.distributed.get_rank() == 0
-    reference = load_reference(family, cfg_dict, reader) if rank0 else None
+    reference = load_reference_model(args.hf_dir) if rank0 else None  # the family's, fp32
     chunks = family.build_model(
         cfg,
         layout,
@@ -167,7 +172,7 @@ def compare(args) -> int:
         load_model_weights(args.mcore_dir, chunks, iteration=args.iteration, trust=args.trust_checkpoint)
         print_rank0(f"loaded megatron checkpoint {args.mcore_dir}")
     else:
-        load_hf_into_model(chunks, reader.get, family.mapping, cfg)
+        load_hf_into_model(chunks, layout_of_dir.tensor_getter(reader, args.hf_dir), family.mapping, cfg)
 
     worst, outputs = 0.0, []
     for i, (ids, pos) in enumerate(zip(ids_rows, pos_rows, strict=True)):
@@ -196,21 +201,6 @@ def compare(args) -> int:
     if owns_group:
         torch.distributed.destroy_process_group()
     return 0 if ok else 1
-
-
-def load_reference(family, cfg_dict: dict, reader):
-    """The family's fp32 reference model with the HF dir's weights (names and shapes were checked
-    against the family's mapping table before: they are exactly the reference's state dict)."""
-    import torch
-
-    model = family.build_reference(cfg_dict)
-    state = model.state_dict()  # parameters and persistent buffers, sharing storage with the model
-    if set(state) != set(reader.names()):
-        raise UserError(f"{reader.hf_dir}: the {family.name} reference's tensors differ from the mapping table's")
-    with torch.no_grad():
-        for name, tensor in state.items():
-            tensor.copy_(reader.get(name))
-    return model.float().eval()
 
 
 if __name__ == "__main__":

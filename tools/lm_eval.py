@@ -7,8 +7,8 @@
       --apply_chat_template --offline
 
 Every flag of `lm-eval run` works as lm-eval documents it (its help follows). What this adds:
-  --model              defaults to megadiff (DIR: a Hugging Face LLaDA2 dir or a megadiff megatron-core
-                       checkpoint; model args: README "Standard benchmarks")
+  --model              defaults to megadiff (DIR: a Hugging Face model dir of any family, or a megadiff
+                       megatron-core checkpoint; model args: README "Standard benchmarks")
   --output_path        defaults to lm_eval_out (lm-eval's results JSON goes there)
   --device             defaults to cuda:LOCAL_RANK on a GPU machine, else cpu (lm-eval's: cuda:0)
   --offline            HF_DATASETS_OFFLINE=1 and HF_HUB_OFFLINE=1: local task files only, no hub
