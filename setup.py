@@ -13,15 +13,15 @@ CONSOLE_SCRIPTS = {
     "megadiff-convert-mcore-to-hf": "tools.convert_mcore_to_hf",
     "megadiff-moe-convert": "tools.moe_convertor",
     "megadiff-compare-logits": "megadiff.cli.compare_logits",
-    "megadiff-generate": "tools.generate",
-    "megadiff-eval-gsm8k": "tools.eval_gsm8k",
+    "megadiff-generate": "megadiff.cli.generate",
+    "megadiff-eval-gsm8k": "megadiff.cli.eval_gsm8k",
     "megadiff-build-gsm8k-dataset": "megadiff.cli.build_gsm8k_dataset",
     "megadiff-make-tiny-model": "megadiff.cli.make_tiny_model",
     "megadiff-make-synthetic-data": "megadiff.cli.make_synthetic_data",
     "megadiff-demo": "megadiff.cli.demo",
     "megadiff-preprocess-data": "megadiff.cli.preprocess_data",
     "megadiff-average-checkpoints": "tools.average_checkpoints",
-    "megadiff-lm-eval": "tools.lm_eval",
+    "megadiff-lm-eval": "megadiff.cli.lm_eval",
 }
 
 setup(
