@@ -7,7 +7,7 @@ from setuptools import find_packages, setup
 # a script from a checkout. Not installed: tools/gpu_check.py, which runs the repo's tests/gpu and so
 # needs a checkout.
 CONSOLE_SCRIPTS = {
-    "megadiff-train": "tools.train",
+    "megadiff-train": "megadiff.cli.train",
     "megadiff-plan": "megadiff.cli.plan",
     "megadiff-convert-hf-to-mcore": "tools.convert_hf_to_mcore",
     "megadiff-convert-mcore-to-hf": "tools.convert_mcore_to_hf",
@@ -16,9 +16,9 @@ CONSOLE_SCRIPTS = {
     "megadiff-generate": "tools.generate",
     "megadiff-eval-gsm8k": "tools.eval_gsm8k",
     "megadiff-build-gsm8k-dataset": "megadiff.cli.build_gsm8k_dataset",
-    "megadiff-make-tiny-model": "tools.make_tiny_model",
+    "megadiff-make-tiny-model": "megadiff.cli.make_tiny_model",
     "megadiff-make-synthetic-data": "megadiff.cli.make_synthetic_data",
-    "megadiff-demo": "tools.demo",
+    "megadiff-demo": "megadiff.cli.demo",
     "megadiff-preprocess-data": "megadiff.cli.preprocess_data",
     "megadiff-average-checkpoints": "tools.average_checkpoints",
     "megadiff-lm-eval": "tools.lm_eval",
