@@ -2,24 +2,26 @@
 
 from setuptools import find_packages, setup
 
-# One console script per user-facing tool (tools/NAME.py keeps working as a script). Not installed:
-# tools/gpu_check.py, which runs the repo's tests/gpu and so needs a checkout.
+# One console script per user-facing tool: the module whose main() it runs (megadiff.cli.NAME, or the
+# tools/NAME.py script itself for the tools not moved there yet); tools/NAME.py runs the same main() as
+# a script from a checkout. Not installed: tools/gpu_check.py, which runs the repo's tests/gpu and so
+# needs a checkout.
 CONSOLE_SCRIPTS = {
-    "megadiff-train": "train",
-    "megadiff-plan": "plan",
-    "megadiff-convert-hf-to-mcore": "convert_hf_to_mcore",
-    "megadiff-convert-mcore-to-hf": "convert_mcore_to_hf",
-    "megadiff-moe-convert": "moe_convertor",
-    "megadiff-compare-logits": "compare_logits",
-    "megadiff-generate": "generate",
-    "megadiff-eval-gsm8k": "eval_gsm8k",
-    "megadiff-build-gsm8k-dataset": "build_gsm8k_dataset",
-    "megadiff-make-tiny-model": "make_tiny_model",
-    "megadiff-make-synthetic-data": "make_synthetic_data",
-    "megadiff-demo": "demo",
-    "megadiff-preprocess-data": "preprocess_data",
-    "megadiff-average-checkpoints": "average_checkpoints",
-    "megadiff-lm-eval": "lm_eval",
+    "megadiff-train": "megadiff.cli.train",
+    "megadiff-plan": "megadiff.cli.plan",
+    "megadiff-convert-hf-to-mcore": "tools.convert_hf_to_mcore",
+    "megadiff-convert-mcore-to-hf": "tools.convert_mcore_to_hf",
+    "megadiff-moe-convert": "tools.moe_convertor",
+    "megadiff-compare-logits": "megadiff.cli.compare_logits",
+    "megadiff-generate": "megadiff.cli.generate",
+    "megadiff-eval-gsm8k": "megadiff.cli.eval_gsm8k",
+    "megadiff-build-gsm8k-dataset": "megadiff.cli.build_gsm8k_dataset",
+    "megadiff-make-tiny-model": "megadiff.cli.make_tiny_model",
+    "megadiff-make-synthetic-data": "megadiff.cli.make_synthetic_data",
+    "megadiff-demo": "megadiff.cli.demo",
+    "megadiff-preprocess-data": "megadiff.cli.preprocess_data",
+    "megadiff-average-checkpoints": "tools.average_checkpoints",
+    "megadiff-lm-eval": "megadiff.cli.lm_eval",
 }
 
 setup(
@@ -31,7 +33,7 @@ setup(
     packages=find_packages(
         include=["megadiff", "megadiff.*", "checkpoint_converters", "checkpoint_converters.*", "tools"]
     ),
-    entry_points={"console_scripts": [f"{name} = tools.{module}:main" for name, module in CONSOLE_SCRIPTS.items()]},
+    entry_points={"console_scripts": [f"{name} = {module}:main" for name, module in CONSOLE_SCRIPTS.items()]},
     # Tested ranges (README "Versions"; megadiff/platform/compat.py records what each workaround
     # was checked on): stack (a) Python 3.11, torch 2.13, megatron-core 0.16.1, transformers 5.x;
     # stack (b) Python 3.12, torch 2.11, megatron-core 0.19.x, transformers 4.57.6.

@@ -58,12 +58,12 @@ def make_checkpoint(out_dir: str, layers: int) -> dict:
 
     from checkpoint_converters.safetensors_stream import ShardedSafetensorsWriter
     from megadiff.hf.reference import copy_remote_code, write_hf_config
-    from megadiff.models.llada2.hf_experts import expected_shapes
-    from megadiff.models.llada2.presets import preset
+    from megadiff.models.registry import family
 
-    cfg = preset("llada2-mini", num_hidden_layers=layers)
+    llada2 = family("llada2")
+    cfg = llada2.preset("llada2-mini", num_hidden_layers=layers)
     os.makedirs(out_dir)
-    shapes = expected_shapes(cfg, "split")
+    shapes = llada2.mapping.expected_hf_shapes(llada2.config_from_hf(cfg))
     entries = [(n, tuple(s), torch.float32 if n.endswith("expert_bias") else torch.bfloat16) for n, s in shapes.items()]
     writer = ShardedSafetensorsWriter(out_dir, entries, "2GB")
     g = torch.Generator().manual_seed(0)

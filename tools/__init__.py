@@ -1,2 +1,3 @@
-"""megadiff's command-line tools. Each `tools/NAME.py` runs as a script (`python tools/NAME.py`) and
-is also installed as a console script (`megadiff-...`, listed in setup.py) that calls its `main()`."""
+"""megadiff's command-line tools. Each `tools/NAME.py` runs as a script (`python tools/NAME.py`); its
+code lives in a package (megadiff.cli.NAME, checkpoint_converters.cli.NAME) and the installed console
+scripts (`megadiff-...`, listed in setup.py) call the same `main()`."""

@@ -38,6 +38,8 @@ import time
 import xml.etree.ElementTree as ET
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Not a thin console script like the other tools: it runs this checkout's tests on a bare GPU machine, with
+# whatever python has torch + megatron-core and megadiff perhaps not installed, so the checkout goes first.
 sys.path.insert(0, REPO)
 PROMPT = "Ann has 2 cups and gets 3 more. How many cups does Ann have?"
 BUDGETS = {"tests": 200.0, "end_to_end": 150.0, "benchmark": 100.0}  # seconds; with the environment: 465 of 480

@@ -9,7 +9,9 @@ A request is (prompt ids, the task's generation kwargs). Its decoding is the mod
     Hugging Face's generate reads them;
   - until: the text is cut before the first stop string. It applies to the decoded text without special
     tokens (lm-eval's HF model decodes the same way), so the EOS that ends an answer is never text.
-Any other generation kwarg is an error that names it. Requests with the same decoding run together,
+With the low_confidence rule (LLaDA, LLaDA-MoE) the request's length must be whole blocks, and its
+steps are the model args' iterations per block times its blocks. Any other generation kwarg is an
+error that names it. Requests with the same decoding run together,
 batch_size prompts per sampler call (similar prompt lengths together, so they share blocks), with the
 prompt cache on unless the model args turn it off; each request samples from its own seeded generator
 (seed, request index), so its text does not depend on the batch it lands in.
@@ -43,6 +45,11 @@ def request_decoding(base: DecodingOptions, gen_kwargs: dict) -> tuple[DecodingO
     for name in ("max_gen_toks", "max_new_tokens"):  # lm-eval's name; Hugging Face's, which a few tasks use
         if gen_kwargs.get(name) is not None:
             changes["gen_length"] = gen_kwargs[name]
+    if base.rule == "low_confidence" and "gen_length" in changes:
+        # LLaDA's rule decodes whole blocks after the prompt with steps/blocks iterations each: a request's
+        # length keeps the model args' iterations per block
+        per_block = base.steps // (base.gen_length // base.block_length)
+        changes["steps"] = per_block * max(1, changes["gen_length"] // base.block_length)
     if gen_kwargs.get("do_sample"):
         changes["temperature"] = float(gen_kwargs.get("temperature", 1.0))
         changes["top_k"] = gen_kwargs.get("top_k")

@@ -1,4 +1,4 @@
-"""log p(continuation | context) under a LLaDA2 model: a Monte-Carlo estimate of the diffusion ELBO.
+"""log p(continuation | context) under a diffusion LLM: a Monte-Carlo estimate of the diffusion ELBO.
 
 lm-eval's `loglikelihood` asks for log p(y | c). A masked-diffusion model has no left-to-right
 factorisation; LLaDA's evaluation (`eval_llada.py`) estimates the ELBO instead, and so does this module:
@@ -15,7 +15,8 @@ factorisation; LLaDA's evaluation (`eval_llada.py`) estimates the ELBO instead, 
 LLaDA2 is a block-diffusion model (blocks of `block_length`, 32): as in its training, a noised block sees
 the clean tokens of earlier blocks (the [x_t ; x_0] input of megadiff.diffusion.masks.block_diffusion_mask),
 and every block of the continuation is noised with the same t (the block ELBO of the LLaDA2.0 report,
-§5.3). With block_length at least the sequence length this is LLaDA's full-attention estimate.
+§5.3). With block_length at least the sequence length this is LLaDA's full-attention estimate (what the
+lm-eval model uses for families trained with full attention, LLaDA and LLaDA-MoE: no cache is needed).
 
 How it is computed: the clean half (x_0, block-causal) does not depend on the noise, so each request runs
 it once and keeps it as a KV cache; every MC sample then runs only the noised blocks (from the block that
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from megadiff.inference.sampler import model_config_of
 from megadiff.seeding import seeded_generator
 
 LIKELIHOOD_SEED_DOMAIN = 2  # apart from the dataset's shuffle (0) and the training noise (1)
@@ -106,12 +108,14 @@ def estimate_loglikelihoods(
 ) -> list[float]:
     """The ELBO estimate of log p(continuation | context) for each (context ids, continuation ids) pair
     (module docstring). An empty continuation scores 0. `progress(n)` is called as n requests finish.
-    model: the reference LLaDA2MoeModelLM (called like the sampler calls it)."""
+    model: a reference model (called like the sampler calls it; a KV cache only with block_length below the
+    sequence length, which LLaDA2's reference has)."""
     for name, value in (("mc_num", mc_num), ("batch_size", batch_size), ("block_length", block_length)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     pairs = [([int(t) for t in c], [int(t) for t in y]) for c, y in pairs]
-    check_pairs(pairs, model.config.vocab_size, mask_id, getattr(model.config, "max_position_embeddings", None))
+    config = model_config_of(model)
+    check_pairs(pairs, config.vocab_size, mask_id, getattr(config, "max_position_embeddings", None))
     requests = {}
     for i, (context, continuation) in enumerate(pairs):
         if not continuation:
@@ -196,12 +200,9 @@ def _noised_forward(model, group, chunk, cache, block_length: int, mask_id: int,
         allowed = torch.cat([cached[:, None, :] & (key_block[None, None, :] < q_block[:, :, None]), allowed], dim=2)
         index = torch.tensor([j for j, _ in chunk], device=device)
         past = [(k.index_select(0, index), v.index_select(0, index)) for k, v in cache]
+    cached = {} if past is None else dict(past_key_values=past, use_cache=False)  # references without a cache
     logits = model(
-        ids.to(device),
-        position_ids=positions.to(device),
-        attention_mask=allowed.to(device),
-        past_key_values=past,
-        use_cache=False,
+        ids.to(device), position_ids=positions.to(device), attention_mask=allowed.to(device), **cached
     ).logits
     masked = masked.to(device)
     ce = F.cross_entropy(logits[masked].float(), targets.to(device)[masked], reduction="none").double()

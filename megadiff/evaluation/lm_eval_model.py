@@ -18,6 +18,8 @@ This module imports lm-eval; nothing else in megadiff does, so megadiff works wi
 
 from __future__ import annotations
 
+import sys
+
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
@@ -42,6 +44,10 @@ class MegadiffLM(LM):
         loaded = load_for_evaluation(self.args)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.mask_id, self.eos_id, self.options = loaded.mask_id, loaded.eos_id, loaded.options
+        # the ELBO's blocks: LLaDA2 is trained as block diffusion; a family trained with full attention
+        # (recipe mode "full": LLaDA, LLaDA-MoE) scores the whole sequence as one block, as LLaDA's eval does
+        full = loaded.family is not None and loaded.family.recipe.mode == "full"
+        self.likelihood_block_length = sys.maxsize if full else self.options.block_length
         self._device = next(self.model.parameters()).device
 
     @classmethod
@@ -67,7 +73,7 @@ class MegadiffLM(LM):
                 mask_id=self.mask_id,
                 mc_num=self.args.mc_num,
                 batch_size=self.args.batch_size,
-                block_length=self.options.block_length,
+                block_length=self.likelihood_block_length,
                 seed=self.args.seed,
                 progress=bar.update,
             )

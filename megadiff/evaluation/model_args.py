@@ -12,13 +12,15 @@ import os
 from dataclasses import dataclass
 
 from megadiff.errors import UserError
-from megadiff.inference.cli import EDITING_FIELDS, generation_config_editing
+from megadiff.hf.reference import family_of
+from megadiff.inference.cli import EDITING_FIELDS, SAMPLER_FLAGS, generation_config_editing
 from megadiff.inference.loading import (
     check_device,
     default_device,
     is_mcore_checkpoint,
     load_model,
     load_tokenizer,
+    model_config,
     parse_dtype,
     special_token_ids,
 )
@@ -32,6 +34,8 @@ class ModelArgError(UserError):
 # Decoding fields a model arg may set (temperature, top_k and top_p come with each request, from
 # the task's generation_kwargs / --gen_kwargs).
 DECODING_ARGS = (
+    "rule",
+    "remasking",
     "gen_length",
     "block_length",
     "steps",
@@ -48,7 +52,7 @@ class ModelArgs:
     """What `--model_args` may hold. Decoding fields left None take generation_config.json's value
     (editing fields) or DecodingOptions' default."""
 
-    pretrained: str | None = None  # HF LLaDA2 dir or megadiff megatron-core checkpoint dir
+    pretrained: str | None = None  # HF model dir (any family) or megadiff megatron-core checkpoint dir
     tokenizer: str | None = None  # default: the model dir (an mcore checkpoint: its recorded HF source)
     iteration: int | None = None  # mcore checkpoint iteration (default: the latest)
     trust_checkpoint: bool = False  # read an mcore checkpoint's pickles unrestricted (your own only)
@@ -62,6 +66,8 @@ class ModelArgs:
     mc_num: int = 128  # Monte-Carlo samples per loglikelihood request (LLaDA's default)
     check_greedy: bool = False  # compute is_greedy with the sampler (one decode per request)
     seed: int = 0  # likelihood noise and sampling
+    rule: str | None = None  # threshold (LLaDA2) or low_confidence (LLaDA, LLaDA-MoE); default: the family's
+    remasking: str | None = None  # low_confidence rule: low_confidence or random
     gen_length: int | None = None  # tokens to generate when a request sets no max_gen_toks
     block_length: int | None = None
     steps: int | None = None
@@ -108,11 +114,11 @@ def parse_model_args(values: dict) -> ModelArgs:
     args = ModelArgs(**values)
     if args.pretrained is None:
         raise ModelArgError(
-            "model arg pretrained is missing; pass pretrained=DIR (an HF LLaDA2 dir or a megadiff checkpoint)"
+            "model arg pretrained is missing; pass pretrained=DIR (an HF model dir or a megadiff checkpoint)"
         )
     if not os.path.isdir(args.pretrained):
         raise ModelArgError(
-            f"model arg pretrained={args.pretrained}: directory not found (expected a Hugging Face LLaDA2 dir "
+            f"model arg pretrained={args.pretrained}: directory not found (expected a Hugging Face model dir "
             f"or a megadiff megatron-core checkpoint dir)"
         )
     if args.iteration is not None and not is_mcore_checkpoint(args.pretrained):
@@ -123,6 +129,20 @@ def parse_model_args(values: dict) -> ModelArgs:
         raise ModelArgError(f"model arg dtype={args.dtype!r} is not one of auto, float32, bfloat16, float16")
     decoding_options(args)  # the decoding fields' checks, before anything loads
     return args
+
+
+def model_family(pretrained: str, iteration: int | None = None):
+    """The model family of `pretrained` (its config.json / recorded HF config); None when that cannot
+    be read yet (the loader reports why)."""
+    try:
+        return family_of(model_config(pretrained, iteration), os.path.join(pretrained, "config.json"))
+    except (OSError, ValueError):  # ConfigError and CheckpointError are ValueErrors
+        return None
+
+
+def family_sampler(pretrained: str, iteration: int | None = None):
+    family = model_family(pretrained, iteration)
+    return family.sampler if family is not None else None
 
 
 def _int_from_text(name: str, text: str) -> int:
@@ -141,6 +161,10 @@ def decoding_options(args: ModelArgs) -> DecodingOptions:
     for name in DECODING_ARGS:
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
+    sampler = family_sampler(args.pretrained, args.iteration)
+    for name in SAMPLER_FLAGS:  # unset: the model family's sampler defaults (generate.py's rule)
+        if name not in fields and sampler is not None and getattr(sampler, name) is not None:
+            fields[name] = getattr(sampler, name)
     if isinstance(fields.get("editing_threshold"), str):
         if fields["editing_threshold"].lower() != "off":
             raise ModelArgError(
@@ -162,6 +186,7 @@ class LoadedModel:
     mask_id: int
     eos_id: int
     options: DecodingOptions
+    family: object = None  # megadiff.models.family.ModelFamily of the model
 
 
 def load_for_evaluation(args: ModelArgs) -> LoadedModel:
@@ -185,4 +210,5 @@ def load_for_evaluation(args: ModelArgs) -> LoadedModel:
         trust_checkpoint=args.trust_checkpoint,
     )
     mask_id, eos_id = special_token_ids(model, tokenizer)
-    return LoadedModel(model=model, tokenizer=tokenizer, mask_id=mask_id, eos_id=eos_id, options=options)
+    family = family_of(model.hf_config) if isinstance(getattr(model, "hf_config", None), dict) else None
+    return LoadedModel(model=model, tokenizer=tokenizer, mask_id=mask_id, eos_id=eos_id, options=options, family=family)

@@ -48,46 +48,6 @@ def build_reference_model(cfg: dict, seed: int | None = None, dtype=torch.float3
     return model
 
 
-class _MappingFormat:
-    """A family's HF dirs hold every tensor under its mapping table's HF name (the meaning of
-    ModelFamily.hf_format's default; used where a family has no hf_format)."""
-
-    def unused_tensors(self, hf_config: dict, names) -> frozenset[str]:
-        return frozenset()
-
-    def expected_shapes(self, family, hf_config: dict, names, where: str) -> dict[str, tuple[int, ...]]:
-        return family.mapping.expected_hf_shapes(family.config_from_hf(hf_config, where))
-
-    def tensor_getter(self, reader, where: str):
-        return reader.get
-
-
-class _LLaDA2ExpertsFormat(_MappingFormat):
-    """LLaDA2's routed experts split or merged (models/llada2/hf_experts.py), for a ModelFamily
-    without an hf_format field (it is being added by issue 28 phase 2; reached by name, since
-    generic code imports no family module)."""
-
-    def __init__(self):
-        import importlib
-
-        self.experts = importlib.import_module("megadiff.models.llada2.hf_experts")
-
-    def expected_shapes(self, family, hf_config, names, where):
-        return self.experts.expected_shapes(hf_config, self.experts.detect_expert_format(names, where) or "split")
-
-    def tensor_getter(self, reader, where):
-        return self.experts.split_tensor_getter(reader, self.experts.detect_expert_format(reader.names(), where))
-
-
-def hf_format(model_family):
-    """How `model_family`'s HF dirs store their tensors (ModelFamily.hf_format, else one tensor per
-    mapping-table name)."""
-    fmt = getattr(model_family, "hf_format", None)
-    if fmt is None and model_family.name == "llada2":
-        return _LLaDA2ExpertsFormat()
-    return fmt or _MappingFormat()
-
-
 def materialize(model, state: dict, where: str):
     """Fill a reference model built on the meta device with `state` (HF name -> tensor); RoPE
     tables that are not stored (LLaDA2's inv_freq) are recomputed. Raise naming `where` when a
@@ -114,7 +74,7 @@ def load_reference_model(hf_dir: str, dtype=torch.float32):
     model_family = family_of(cfg, source)
     model_cfg = model_family.config_from_hf(cfg, source)  # refuses what the family does not support
     reader = HFCheckpointReader(hf_dir)
-    fmt = hf_format(model_family)
+    fmt = model_family.hf_format
     names = reader.names()
     expected = fmt.expected_shapes(model_family, cfg, names, hf_dir)
     check_tensors_match(reader, expected, ignore=fmt.unused_tensors(cfg, names))

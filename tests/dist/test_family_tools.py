@@ -1,16 +1,18 @@
 """tools/compare_logits.py and LoRA for every model family, in one 2-process launch.
 
 compare_logits: the family comes from config.json, the megatron model from the family's mapping
-objects, the reference is the family's own (tiny LLaDA2, LLaDA and LLaDA-MoE dirs; fp32, max
+objects (or from a megatron checkpoint the converter wrote: --mcore-dir), the reference is the family's own (tiny LLaDA2, LLaDA and LLaDA-MoE dirs; fp32, max
 |logit difference| <= 1e-4). LoRA on the megatron model of LLaDA (TP=2 + SP) and LLaDA-MoE (EP=2
 with routed-expert adapters; TP=2) equals the family reference with the adapters merged (logits
 <= 1e-4), and the adapters gathered back from the layout are the ones loaded, bit for bit."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from tests.dist.launch import run_torchrun
+from tests.dist.launch import REPO, run_torchrun, worker_env
 
 WORKER = "tests/dist/workers/family_tools.py"
 TOL, LOGIT_TOL = "1e-4", 1e-4
@@ -36,6 +38,9 @@ def test_compare_logits_and_lora_for_every_family_and_layout(tiny_run_dir, famil
     ids.write_text(json.dumps([[5, 17, 33, 2, 99, 400, 7, 1, 3], list(range(40, 56))]))
     common = f"--input-ids {ids} --tolerance {TOL}"
     llada, moe = family_dirs / "llada", family_dirs / "lladamoe"
+    mcore = tmp_path / "moe_mcore"  # LLaDA-MoE converted by the tool: compare_logits --mcore-dir
+    convert = [sys.executable, "tools/convert_hf_to_mcore.py", "--hf-dir", str(moe), "--output", str(mcore)]
+    subprocess.run(convert, cwd=REPO, env=worker_env(), check=True, capture_output=True, timeout=300)
     runs = [
         f"--hf-dir {tiny_run_dir / 'hf'} --tp 2 --ep 2 {common}",  # LLaDA2
         f"--hf-dir {llada} --tp 2 {common}",
@@ -43,6 +48,7 @@ def test_compare_logits_and_lora_for_every_family_and_layout(tiny_run_dir, famil
         f"--hf-dir {moe} --ep 2 {common}",
         f"--hf-dir {moe} --tp 2 --ep 2 --etp 1 {common}",
         f"--hf-dir {moe} --pp 2 {common}",
+        f"--hf-dir {moe} --mcore-dir {mcore} --tp 2 --ep 2 --etp 1 {common}",
     ]
     lora_jobs = [
         dict(hf_dir=str(llada), tp=2, ep=1, pp=1, experts=False),

@@ -66,6 +66,7 @@ def test_one_step_matches_family_reference(family_runs):
             assert r["grad_rel"] <= REL_TOL, where
 
 
+@pytest.mark.repeat  # the DPO path is family-agnostic past the model (test_dpo, LLaDA2); stack (b)'s light set skips it
 @pytest.mark.dist
 @pytest.mark.slow
 def test_llada_dpo_matches_plain_reference(family_runs):

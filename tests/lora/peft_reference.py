@@ -8,7 +8,7 @@ carrying adapters two independent ways, and random adapters to put on it.
 
 import torch
 
-from megadiff.hf.checkpoint_reader import HFCheckpointReader, read_hf_config
+from megadiff.hf.reference import load_reference_model
 from megadiff.lora.peft_format import adapted_modules, hf_modules, model_config
 from megadiff.models.registry import family_for_config
 
@@ -43,15 +43,7 @@ def load_shapes(hf_config: dict) -> dict[str, tuple[int, int]]:
 
 def load_reference(hf_dir: str):
     """The family's fp32 reference model with the weights of `hf_dir` (every tensor, strictly)."""
-    hf_config = read_hf_config(hf_dir)
-    model = family_for_config(hf_config, hf_dir).build_reference(hf_config)
-    reader = HFCheckpointReader(hf_dir)
-    state = model.state_dict()
-    assert set(state) == set(reader.names()), sorted(set(state) ^ set(reader.names()))[:4]
-    with torch.no_grad():
-        for name, tensor in state.items():
-            tensor.copy_(reader.get(name))
-    return model.float().eval()
+    return load_reference_model(hf_dir)
 
 
 def merged_reference(hf_dir: str, full: dict[str, torch.Tensor], lora_cfg: dict, hf_config: dict):

@@ -2,7 +2,7 @@
 a bad output path, token id or prompt length before the weights load (a failing loader stands in
 for them: a test that reaches it fails)."""
 
-import importlib.util
+import importlib
 import json
 import os
 import shutil
@@ -10,16 +10,13 @@ import shutil
 import pytest
 
 from megadiff.hf.tiny import write_tiny_model_dir
-from tests.dist.launch import REPO
 
 DECODING = ["--gen-length", "8", "--block-length", "8", "--steps", "2", "--device", "cpu"]
 
 
 def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The code of tools/NAME.py (a thin script over megadiff.cli.NAME), where the tests patch the loader."""
+    return importlib.import_module(f"megadiff.cli.{name}")
 
 
 @pytest.fixture(scope="module")
