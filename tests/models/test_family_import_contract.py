@@ -26,9 +26,7 @@ def _copy_repo(dst: str) -> None:
 
 def _lint_imports(root: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=root)
-    return subprocess.run(
-        [LINT_IMPORTS, "--no-cache"], cwd=root, env=env, capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([LINT_IMPORTS, "--no-cache"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_the_contract_is_in_the_repository_config():
