@@ -35,7 +35,7 @@ SFT_CONFIG = "examples/configs/tiny_bd_sft.yaml"
 FAMILY_SFT_CONFIG = "examples/configs/tiny_family_sft.yaml"  # --family: the family's recipe
 FAMILY_STEPS = 1500
 # --family's default steps: tiny LLaDA scores 97% on the test questions after 1500 (29% after 600),
-# tiny LLaDA-MoE 100% (76% after 600); issue 28 phase 2 report i28w1
+# tiny LLaDA-MoE 100% (76% after 600) on the 2-core CPU VM (README, "Other model families")
 DPO_PAIRS = 256  # preference pairs for examples/configs/tiny_dpo.yaml (README, "Preference tuning")
 # Python's warnings.formatwarning: `file:line: SomeWarning: message`, then (indented) the source line.
 WARNING_LINE = re.compile(r"^\S.*:\d+: \w*Warning: ")

@@ -117,7 +117,7 @@ class HFFormat:
         .HFCheckpointReader)."""
         return reader.get
 
-    # For the converters (i28w3): LLaDA2's expert-layout functions (split / dFactory's merged:
+    # For the converters: LLaDA2's expert-layout functions (split / dFactory's merged:
     # megadiff.models.llada2.hf_experts), or None when a family's dirs have one layout; and whether
     # megadiff ships the family's remote code (written into exported HF dirs without a template).
     experts = None
