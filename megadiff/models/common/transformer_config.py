@@ -53,6 +53,10 @@ def gpt_transformer_config(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
+        # pp = 2 with VPP: the previous and the next stage are the same rank, and batched p2p ops
+        # match its activation and gradient messages in issue order, swapping them in 1F1B steady
+        # state (more micro-batches than pp); the unbatched ops keep the two directions apart.
+        batch_p2p_comm=not (layout.vpp and layout.pp == 2),
         context_parallel_size=layout.cp,  # the sequence split over cp ranks (flex attention only)
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.etp,
