@@ -24,6 +24,7 @@ import os
 import shlex
 
 from checkpoint_converters.io_paths import IO_CHOICES, IO_HELP
+from megadiff.cli.layout_args import add_layout_arguments, layout_from_args
 
 # What CUDA_VISIBLE_DEVICES was before `hide_gpus` (for the --spec default); unset = not hidden yet.
 _MACHINE_CUDA_VISIBLE_DEVICES: "str | None" = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -42,23 +43,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf-dir", required=True, help="HF model dir: config.json + safetensors (+ index)")
     p.add_argument("--output", required=True, help="checkpoint root to create (holds iter_0000000/)")
-    p.add_argument("--tp", "--tensor-model-parallel-size", type=int, default=1)
-    p.add_argument("--ep", "--expert-model-parallel-size", type=int, default=1)
-    p.add_argument(
-        "--etp",
-        "--expert-tensor-parallel-size",
-        type=int,
-        default=None,
-        help="expert TP (default: --tp without EP, else 1)",
-    )
-    p.add_argument("--pp", "--pipeline-model-parallel-size", type=int, default=1)
-    p.add_argument(
-        "--vpp",
-        "--virtual-pipeline-model-parallel-size",
-        type=int,
-        default=None,
-        help="virtual pipeline chunks per PP rank",
-    )
+    add_layout_arguments(p)
     p.add_argument(
         "--dtype",
         choices=["bf16", "fp16", "fp32"],
@@ -99,12 +84,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from checkpoint_converters.hf_to_mcore import convert_hf_to_mcore
     from megadiff.errors import UserError, user_error_exit
-    from megadiff.platform.parallel_layout import ParallelLayout
 
     rank0 = os.environ.get("RANK", "0") == "0"
     log = print if rank0 else (lambda *a, **k: None)
     try:
-        layout = ParallelLayout(tp=args.tp, ep=args.ep, etp=args.etp, pp=args.pp, vpp=args.vpp)
+        layout = layout_from_args(args)
         spec = args.spec or training_spec_here()
         log(
             "convert_hf_to_mcore.py "

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 
+from megadiff.cli.layout_args import add_layout_arguments, layout_from_args
 from megadiff.errors import UserError, user_error_exit
 
 
@@ -31,30 +32,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--input-ids", required=True, help="JSON file: list of lists of token ids")
     p.add_argument("--position-ids", help="JSON file: list of lists, same shape (default 0..n-1)")
-    p.add_argument("--tp", "--tensor-model-parallel-size", type=int, default=1)
-    p.add_argument("--ep", "--expert-model-parallel-size", type=int, default=1)
-    p.add_argument(
-        "--etp",
-        "--expert-tensor-parallel-size",
-        type=int,
-        default=None,
-        help="expert TP (default: --tp without EP, else 1)",
-    )
-    p.add_argument("--pp", "--pipeline-model-parallel-size", type=int, default=1)
-    p.add_argument(
-        "--vpp",
-        "--virtual-pipeline-model-parallel-size",
-        type=int,
-        default=None,
-        help="virtual pipeline chunks per PP rank",
-    )
-    p.add_argument(
-        "--cp",
-        "--context-parallel-size",
-        type=int,
-        default=1,
-        help="context parallel size (the model then attends through flex)",
-    )
+    add_layout_arguments(p, context_parallel=True)
     p.add_argument(
         "--moe-experts",
         default="auto",
@@ -110,13 +88,12 @@ def compare(args) -> int:
 
     from megadiff.hf.checkpoint_reader import HFCheckpointReader, check_tensors_match, read_hf_config
     from megadiff.models.registry import family_for_config
-    from megadiff.platform.parallel_layout import ParallelLayout
 
     cfg_dict = read_hf_config(args.hf_dir)
     source = os.path.join(args.hf_dir, "config.json")
     family = family_for_config(cfg_dict, source)
     cfg = family.config_from_hf(cfg_dict, source)
-    layout = ParallelLayout(tp=args.tp, ep=args.ep, etp=args.etp, pp=args.pp, vpp=args.vpp, cp=args.cp)
+    layout = layout_from_args(args)
     cfg.validate_layout(layout)
     if max(max(r) for r in ids_rows) >= cfg.vocab_size or min(min(r) for r in ids_rows) < 0:
         raise UserError(f"{args.input_ids}: token ids must be in [0, {cfg.vocab_size})")
